@@ -1,0 +1,490 @@
+"""Checkpoints in, checkpoints out.
+
+In: the original single-file layout (`.safetensors`, or `.ckpt` read with `weights_only=True`, so no
+pickled code ever runs), the diffusers folder layout, and our own saved models. The family and the
+architecture come from the tensors' keys and shapes, as ComfyUI does, so variants load without a
+hand-written config. Loading is strict: a missing, unexpected or misshaped key is an error that
+names the keys; only keys known to be harmless (schedule buffers, EMA copies, `position_ids`) are
+dropped, and they are listed in `IGNORED_KEYS`.
+
+Out: one `.safetensors` file in the original layout with our config as JSON in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.autoencoder import AutoencoderConfig
+from models.config import ModelConfig, from_dict, to_dict
+from models.diffusers_layout import (
+    autoencoder_config_from_diffusers,
+    autoencoder_key_map,
+    read_json,
+    schedule_config_from_diffusers,
+    unet_config_from_diffusers,
+    unet_key_map,
+)
+from models.diffusion import NoiseSchedule, ScheduleConfig
+from models.ldm import PREFIXES, LatentDiffusion
+from models.text import CLIPTextConfig, ConditionerConfig
+from models.unet import UNetConfig
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+CONFIG_METADATA_KEY = "ldm_serve_config"
+ZOO_DIR = Path(__file__).parent / "zoo"
+
+#: Keys that original checkpoints carry besides the weights we load, dropped on purpose.
+IGNORED_KEYS = re.compile(
+    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
+    r"|posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2"
+    r"|lvlb_weights|logvar|scale_factor|ddim_\w+|model_ema\..*|loss\..*"
+    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says which file and which keys."""
+
+
+def _shown(keys: list[str], limit: int = 8) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and metadata of one weights file; a clear error for anything unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for bad zips, truncation and pickled code
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint with weights_only=True: truncated, corrupt, "
+            f"or it needs arbitrary code to unpickle, which this loader refuses ({type(err).__name__}: {err})"
+        ) from err
+    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return dict(data), {}
+
+
+def split_parts(sd: StateDict) -> dict[str, StateDict]:
+    """Original single-file keys -> {"unet": ..., "autoencoder": ..., "conditioner": ...} (prefix stripped)."""
+    parts: dict[str, StateDict] = {part: {} for part in PREFIXES}
+    unexpected = []
+    for key, tensor in sd.items():
+        if IGNORED_KEYS.match(key):
+            continue
+        for part, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[part][key[len(prefix) :]] = tensor
+                break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys outside the model's parts: {_shown(sorted(unexpected))}")
+    return parts
+
+
+def ema_unet_weights(sd: StateDict, unet_keys: list[str]) -> StateDict:
+    """The LitEma shadow copy of the UNet (`model_ema.<key without dots>`)."""
+    out = {}
+    for key in unet_keys:
+        ema_key = "model_ema.diffusion_model" + key.replace(".", "")
+        if ema_key not in sd:
+            raise CheckpointError(f"asked for EMA weights, but {ema_key!r} is missing")
+        out[key] = sd[ema_key]
+    return out
+
+
+# --------------------------------------------------------------------------- inferring configs
+
+
+def infer_unet_config(sd: StateDict) -> UNetConfig:
+    """The UNet's architecture from its tensors (keys without `model.diffusion_model.`).
+
+    Levels come from the output side: each of the L levels has num_res_blocks + 1 output blocks and
+    all but one end in an upsampler (a conv, or a ResBlock with `resblock_updown`), so L and
+    num_res_blocks follow from two counts; then input block i >= 1 sits at level (i-1) // (n+1).
+    Head counts are not stored in any tensor; like ComfyUI we take the conventions: 8 heads for
+    spatial transformers, 64-channel heads with a 1024-wide (SD 2) context, 32-channel heads for the
+    legacy attention blocks of the original LDMs.
+    """
+    for key in ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight"):
+        if key not in sd:
+            raise CheckpointError(f"UNet weights lack {key}")
+    model_channels = sd["time_embed.0.weight"].shape[1]
+    outputs = {int(k.split(".")[1]) for k in sd if k.startswith("output_blocks.")}
+    upsamplers = {i for i in outputs for j in (1, 2)
+                  if f"output_blocks.{i}.{j}.conv.weight" in sd or f"output_blocks.{i}.{j}.in_layers.0.weight" in sd}
+    n_levels = len(upsamplers) + 1
+    per_level = len(outputs) // n_levels
+    mult, attention_ds = [], set()
+    for level in range(n_levels):
+        first = 1 + level * per_level
+        mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // model_channels)
+        if any(k.startswith(f"input_blocks.{first}.1.") for k in sd):
+            attention_ds.add(2**level)
+    spatial = any(".transformer_blocks." in k for k in sd)
+    context_dim, heads, head_channels, depth, linear = None, 8, -1, 1, False
+    if spatial:
+        first_st = next(k for k in sd if ".transformer_blocks." in k).split(".transformer_blocks.")[0]
+        to_k = sd[first_st + ".transformer_blocks.0.attn2.to_k.weight"]
+        to_q = sd[first_st + ".transformer_blocks.0.attn2.to_q.weight"]
+        # an unconditional spatial transformer has attn2 = self-attention: to_k as wide as to_q's input
+        context_dim = None if to_k.shape[1] == to_q.shape[1] and to_k.shape[1] != 768 else to_k.shape[1]
+        if context_dim == 1024:
+            heads, head_channels = -1, 64
+        depth = len({k.split(".transformer_blocks.")[1].split(".")[0] for k in sd if k.startswith(first_st + ".")})
+        linear = sd[first_st + ".proj_in.weight"].ndim == 2
+    elif any(k.endswith(".qkv.weight") for k in sd):
+        heads, head_channels = -1, 32
+    first_out = sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
+    return UNetConfig(
+        in_channels=sd["input_blocks.0.0.weight"].shape[1],
+        out_channels=sd["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=tuple(mult),
+        num_res_blocks=per_level - 1,
+        attention_resolutions=tuple(sorted(attention_ds, reverse=True)),
+        num_heads=heads,
+        num_head_channels=head_channels,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        use_spatial_transformer=spatial,
+        use_linear_in_transformer=linear,
+        num_classes=sd["label_emb.0.weight"].shape[0] if "label_emb.0.weight" in sd else None,
+        use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first_out,
+        resblock_updown=any(f"output_blocks.{i}.{j}.in_layers.0.weight" in sd for i in upsamplers for j in (1, 2)),
+    )
+
+
+def infer_autoencoder_config(sd: StateDict) -> AutoencoderConfig:
+    """The autoencoder's architecture from its tensors (keys without `first_stage_model.`)."""
+    try:
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        z_channels = sd["decoder.conv_in.weight"].shape[1]
+        embed_dim = sd["post_quant_conv.weight"].shape[1]
+    except KeyError as err:
+        raise CheckpointError(f"autoencoder weights lack {err.args[0]!r}") from None
+    mult, level = [], 0
+    while f"encoder.down.{level}.block.0.conv1.weight" in sd:
+        mult.append(sd[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch)
+        level += 1
+    blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    resolution = 256
+    attn = tuple(resolution // 2**lv for lv in range(level) if f"encoder.down.{lv}.attn.0.q.weight" in sd)
+    vq = "quantize.embedding.weight" in sd
+    return AutoencoderConfig(
+        kind="vq" if vq else "kl",
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(mult),
+        num_res_blocks=blocks,
+        attn_resolutions=attn,
+        resolution=resolution,
+        z_channels=z_channels,
+        embed_dim=embed_dim,
+        n_embed=sd["quantize.embedding.weight"].shape[0] if vq else 0,
+        mid_attention="encoder.mid.attn_1.q.weight" in sd,
+    )
+
+
+def infer_clip_config(sd: StateDict) -> CLIPTextConfig:
+    """The CLIP text transformer's size (keys without `cond_stage_model.`)."""
+    p = "transformer.text_model."
+    tok = sd[p + "embeddings.token_embedding.weight"]
+    width = tok.shape[1]
+    layers = len({k.split(".")[4] for k in sd if k.startswith(p + "encoder.layers.")})
+    return CLIPTextConfig(
+        vocab_size=tok.shape[0],
+        hidden_size=width,
+        intermediate_size=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_layers=layers,
+        num_heads=width // 64,
+        max_positions=sd[p + "embeddings.position_embedding.weight"].shape[0],
+    )
+
+
+def infer_schedule(sd: StateDict) -> ScheduleConfig:
+    """The training schedule from the stored `betas` buffer, SD v1's when there is none."""
+    if "betas" not in sd:
+        return ScheduleConfig()
+    betas = sd["betas"].double()
+    start, end, n = float(betas[0]), float(betas[-1]), betas.numel()
+    scaled = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    if torch.allclose(betas, scaled, rtol=1e-4, atol=1e-9):
+        return ScheduleConfig(beta_schedule="scaled_linear", beta_start=round(start, 8), beta_end=round(end, 8),
+                              num_train_timesteps=n)
+    plain = torch.linspace(start, end, n, dtype=torch.float64)
+    if torch.allclose(betas, plain, rtol=1e-4, atol=1e-9):
+        return ScheduleConfig(beta_schedule="linear", beta_start=round(start, 8), beta_end=round(end, 8),
+                              num_train_timesteps=n)
+    return ScheduleConfig(beta_schedule="cosine", num_train_timesteps=n)
+
+
+def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
+    """Family and architecture of an original single-file checkpoint, from keys and shapes."""
+    unet_prefix = PREFIXES["unet"]
+    if not any(k.startswith(unet_prefix) for k in sd):
+        hint = ""
+        if any(k.startswith(("down_blocks.", "conv_in.", "time_embedding.")) for k in sd):
+            hint = " (this looks like one diffusers component file: pass the whole diffusers folder)"
+        elif any(k.startswith(("encoder.", "decoder.")) for k in sd):
+            hint = " (this looks like an autoencoder alone, not a whole latent diffusion model)"
+        raise CheckpointError(f"not a latent diffusion checkpoint: no {unet_prefix}* keys{hint}")
+    parts = split_parts(sd)
+    unet = infer_unet_config(parts["unet"])
+    autoencoder = infer_autoencoder_config(parts["autoencoder"])
+    schedule = infer_schedule(sd)
+    clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
+    latent = autoencoder.embed_dim
+    if clip:
+        if unet.context_dim == 1024:
+            raise CheckpointError(
+                "this is a Stable Diffusion 2.x checkpoint (1024-wide context): only SD v1.x and LDM are supported"
+            )
+        clip_config = infer_clip_config(parts["conditioner"])
+        conditioner = ConditionerConfig(kind="clip", clip=clip_config)
+        unet = dataclasses.replace(unet, context_dim=clip_config.hidden_size)
+        if unet.in_channels == latent:
+            return ModelConfig(name=name, family="sd_v1", unet=unet, autoencoder=autoencoder, schedule=schedule,
+                               conditioner=conditioner, conditioning="crossattn", default_size=512)
+        if unet.in_channels == 2 * latent + 1:
+            return ModelConfig(name=name, family="sd_v1_inpainting", unet=unet, autoencoder=autoencoder,
+                               schedule=schedule, conditioner=conditioner, conditioning="hybrid",
+                               concat_input="inpaint", default_size=512)
+        raise CheckpointError(
+            f"SD v1 text encoder with a {unet.in_channels}-channel UNet input: expected {latent} (txt2img) "
+            f"or {2 * latent + 1} (inpainting)"
+        )
+    if not parts["conditioner"] and unet.in_channels == latent + 3:
+        return ModelConfig(name=name, family="ldm_sr", unet=unet, autoencoder=autoencoder, schedule=schedule,
+                           conditioner=None, conditioning="concat", concat_input="lowres",
+                           scale_factor=1.0, default_size=256)
+    raise CheckpointError(
+        "unrecognised latent diffusion family: expected SD v1 (CLIP text encoder, 4- or 9-channel UNet), "
+        f"LDM super-resolution (no text encoder, UNet input = latent + 3), or an ldm-serve file with its config; "
+        f"found UNet input {unet.in_channels}, latent {latent}, conditioner keys {len(parts['conditioner'])}"
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_parts_strict(model: LatentDiffusion, parts: dict[str, StateDict], source: str) -> None:
+    """Load every part with strict key and shape checks, naming every offending key."""
+    problems = []
+    for part in PREFIXES:
+        module = getattr(model, part)
+        given = parts.get(part, {})
+        if module is None:
+            if given:
+                problems.append(f"{part}: the config has none, but the file has {_shown(sorted(given))}")
+            continue
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        misshaped = sorted(
+            f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+            for k in set(given) & set(expected)
+            if given[k].shape != expected[k].shape
+        )
+        prefix = PREFIXES[part]
+        if missing:
+            problems.append(f"missing {part} keys: {_shown([prefix + k for k in missing])}")
+        if unexpected:
+            problems.append(f"unexpected {part} keys: {_shown([prefix + k for k in unexpected])}")
+        if misshaped:
+            problems.append(f"misshaped {part} keys (file vs model): {_shown([prefix + k for k in misshaped])}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    for part in PREFIXES:
+        module = getattr(model, part)
+        if module is not None:
+            module.load_state_dict(parts[part], strict=True, assign=True)
+
+
+def _build(config: ModelConfig, tokenizer_dir: Path | None) -> LatentDiffusion:
+    """The model with weights on the meta device (no random init of 1 B parameters), to be assigned."""
+    with torch.device("meta"):
+        model = LatentDiffusion(config, tokenizer_dir=tokenizer_dir)
+    model.schedule = NoiseSchedule.from_config(config.schedule)
+    return model
+
+
+def _finish(model: LatentDiffusion, device: str | torch.device, dtype: torch.dtype) -> LatentDiffusion:
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:  # a tensor that no file holds (a computed buffer): rebuild the model for real
+        real = LatentDiffusion(model.config, tokenizer_dir=None)
+        real.load_state_dict(model.state_dict(), strict=True)
+        if model.conditioner is not None and real.conditioner is not None:
+            real.conditioner.tokenizer = getattr(model.conditioner, "tokenizer", None)  # type: ignore[assignment]
+        model = real
+    model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_single_file(
+    path: Path,
+    *,
+    tokenizer_dir: Path | None = None,
+    use_ema: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LatentDiffusion:
+    """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
+    sd, metadata = read_state_dict(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config = from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=path.name)
+    else:
+        try:
+            config = infer_model_config(sd, name=path.stem)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    parts = split_parts(sd)
+    if use_ema:
+        parts["unet"] = ema_unet_weights(sd, list(parts["unet"]))
+    model = _build(config, tokenizer_dir)
+    load_parts_strict(model, parts, str(path))
+    log.info("loaded %s (family %s) from %s", config.name, config.family, path)
+    return _finish(model, device, dtype)
+
+
+def _weights_in(folder: Path, stems: tuple[str, ...]) -> Path:
+    for stem in stems:
+        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)} or .bin)")
+
+
+def load_diffusers_folder(
+    folder: Path,
+    *,
+    tokenizer_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LatentDiffusion:
+    """A diffusers StableDiffusionPipeline folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
+    unet_config = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
+    ae_config, scale = autoencoder_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    text_cfg = read_json(folder / "text_encoder" / "config.json")
+    clip = CLIPTextConfig(
+        vocab_size=text_cfg["vocab_size"], hidden_size=text_cfg["hidden_size"],
+        intermediate_size=text_cfg["intermediate_size"], num_layers=text_cfg["num_hidden_layers"],
+        num_heads=text_cfg["num_attention_heads"], max_positions=text_cfg["max_position_embeddings"],
+    )
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    schedule = schedule_config_from_diffusers(read_json(sched_path)) if sched_path.is_file() else ScheduleConfig()
+    latent = ae_config.embed_dim
+    inpainting = unet_config.in_channels == 2 * latent + 1
+    config = ModelConfig(
+        name=folder.name, family="sd_v1_inpainting" if inpainting else "sd_v1", unet=unet_config,
+        autoencoder=ae_config, schedule=schedule, conditioner=ConditionerConfig(kind="clip", clip=clip),
+        conditioning="hybrid" if inpainting else "crossattn", concat_input="inpaint" if inpainting else "none",
+        scale_factor=scale, default_size=512,
+    )
+    tokenizer_dir = tokenizer_dir or (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
+    model = _build(config, tokenizer_dir)
+    parts = {
+        "unet": _from_diffusers(folder / "unet", ("diffusion_pytorch_model",),
+                                unet_key_map(list(model.unet.state_dict()), unet_config)),
+        "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
+                                       autoencoder_key_map(list(model.autoencoder.state_dict()), ae_config),
+                                       squeeze_attention=True),
+        "conditioner": {"transformer." + k: v
+                        for k, v in _read_any(folder / "text_encoder", ("model", "pytorch_model")).items()
+                        if not k.endswith("position_ids")},
+    }
+    load_parts_strict(model, parts, str(folder))
+    return _finish(model, device, dtype)
+
+
+def _read_any(folder: Path, stems: tuple[str, ...]) -> StateDict:
+    sd, _ = read_state_dict(_weights_in(folder, stems))
+    return sd
+
+
+def _from_diffusers(
+    folder: Path, stems: tuple[str, ...], key_map: dict[str, str], *, squeeze_attention: bool = False
+) -> StateDict:
+    """Rename a diffusers component's tensors back to the original keys (strictly)."""
+    sd = _read_any(folder, stems)
+    inverse = {new: old for old, new in key_map.items()}
+    unexpected = sorted(set(sd) - set(inverse))
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected keys {_shown(unexpected)}")
+    out = {}
+    for new, tensor in sd.items():
+        old = inverse[new]
+        if squeeze_attention and ".mid.attn_1." in old and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # diffusers stores the 1x1 conv attention weights as Linear
+        out[old] = tensor
+    return out
+
+
+def load_model(
+    source: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    use_ema: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LatentDiffusion:
+    """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder."""
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    path = Path(source)
+    if not path.exists() and (ZOO_DIR / str(source)).is_dir():
+        path = ZOO_DIR / str(source)
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+            return load_diffusers_folder(path, tokenizer_dir=tok, device=device, dtype=dtype)
+        weights = sorted(path.glob("*.safetensors"))
+        if len(weights) != 1:
+            raise CheckpointError(f"{path}: expected one .safetensors file or a diffusers folder, found {len(weights)}")
+        return load_single_file(weights[0], tokenizer_dir=tok, use_ema=use_ema, device=device, dtype=dtype)
+    if path.is_file():
+        return load_single_file(path, tokenizer_dir=tok, use_ema=use_ema, device=device, dtype=dtype)
+    shipped = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
+    raise CheckpointError(f"{source}: no such file or folder, and not a shipped model (shipped: {shipped})")
+
+
+def save_model(model: LatentDiffusion, path: str | Path) -> Path:
+    """Save in the original single-file layout, fp32 or the model's dtype, config in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.original_state_dict().items()}
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(to_dict(model.config))})
+    return path

@@ -1,0 +1,146 @@
+"""Model configs: YAML in, frozen dataclasses out, unknown keys are errors.
+
+A `ModelConfig` names every part of a Latent Diffusion Model (autoencoder, UNet, conditioner,
+noise schedule) and how they are wired (`conditioning`). Nothing here instantiates classes from
+dotted paths: the YAML holds plain values and the dataclasses say what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from models.autoencoder import AutoencoderConfig
+from models.diffusion import ScheduleConfig
+from models.text import ConditionerConfig
+from models.unet import UNetConfig
+
+Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]
+#: How conditioning reaches the UNet (the original `conditioning_key`):
+#: crossattn = context tokens; concat = spatial inputs stacked on the latent; hybrid = both;
+#: adm = class vector added to the time embedding; none = unconditional.
+Conditioning = Literal["crossattn", "concat", "hybrid", "adm", "none"]
+#: What the extra UNet input channels hold when conditioning is concat or hybrid.
+ConcatInput = Literal["none", "inpaint", "lowres"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a Latent Diffusion Model and run it."""
+
+    name: str
+    family: Family
+    unet: UNetConfig
+    autoencoder: AutoencoderConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    conditioner: ConditionerConfig | None = None
+    conditioning: Conditioning = "crossattn"
+    concat_input: ConcatInput = "none"
+    #: latents are multiplied by this after encoding (1/std of the data's latents; SD v1: 0.18215)
+    scale_factor: float = 0.18215
+    #: default output size in pixels (SD v1: 512)
+    default_size: int = 512
+    description: str = ""
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.autoencoder.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.embed_dim
+
+    def __post_init__(self) -> None:
+        if self.conditioning in ("crossattn", "hybrid") and self.conditioner is None:
+            raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs a conditioner")
+        if self.conditioning in ("concat", "hybrid") and self.concat_input == "none":
+            raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
+        extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3}[self.concat_input]
+        expected = self.latent_channels + extra
+        if self.unet.in_channels != expected:
+            raise ValueError(
+                f"{self.name}: UNet has {self.unet.in_channels} input channels, but a "
+                f"{self.latent_channels}-channel latent with concat_input={self.concat_input!r} needs {expected}"
+            )
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from plain data, checking every key and converting lists to tuples."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {key: _convert(hints[key], value, f"{where}.{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ValueError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The inverse of `from_dict`: plain data for YAML/JSON (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read a model YAML (see models/configs/)."""
+    path = Path(path)
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    return from_dict(ModelConfig, data, where=path.name)
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_config(name: str) -> ModelConfig:
+    """A config shipped in models/configs/ by name, e.g. "sd-v1"."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"no built-in config {name!r}; known: {known}")
+    return load_model_config(path)

@@ -1,0 +1,70 @@
+"""Wrappers that turn the UNet into the epsilon function a sampler walks (STYLE.md #3).
+
+The samplers know nothing of prediction types, conditioning or guidance: `model_eps` converts the
+UNet's output to epsilon, and `guided_eps` adds classifier-free guidance by doubling the batch once
+(unconditional first, as the original code and diffusers do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models.diffusion import NoiseSchedule
+from models.unet import UNet
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What one batch is conditioned on; every tensor has the batch as its first dimension."""
+
+    context: torch.Tensor | None = None  # [N, L, D] cross-attention tokens
+    concat: torch.Tensor | None = None  # [N, C', h, w] stacked on the latent (mask + masked latent, low-res image)
+    class_labels: torch.Tensor | None = None  # [N] long, the "adm" class vector
+
+
+def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
+    """Epsilon from the UNet, whatever it predicts; concat inputs are stacked on the latent here."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+        out = unet(x_in, t, context=cond.context, y=cond.class_labels)
+        if schedule.prediction_type == "v_prediction":
+            out = schedule.eps_from_v(out, x, t)
+        return out
+
+    return eps
+
+
+def guided_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning, uncond: Conditioning,
+               scales: torch.Tensor) -> EpsFn:
+    """Classifier-free guidance: eps_u + s * (eps_c - eps_u) with a scale per item ([N]).
+
+    Items whose scale is exactly 1 get eps_c itself, so an image does not change with the
+    scales of the other requests in its batch. When every scale is 1 the batch is not doubled.
+    """
+    if bool((scales == 1).all()):
+        return model_eps(unet, schedule, cond)
+    both = Conditioning(_stack(uncond.context, cond.context), _stack(uncond.concat, cond.concat),
+                        _stack(uncond.class_labels, cond.class_labels))
+    eps_both = model_eps(unet, schedule, both)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        e_u, e_c = eps_both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        s = scales.to(e_c.dtype).view(-1, *([1] * (e_c.ndim - 1)))
+        return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
+
+    return eps
+
+
+def _stack(uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
+    """[uncond; cond] along the batch, for the doubled CFG batch."""
+    if uncond is None or cond is None:
+        if uncond is not cond:
+            raise ValueError("conditional and unconditional inputs must both be given or both be None")
+        return None
+    return torch.cat([uncond, cond])

@@ -1,0 +1,197 @@
+"""Pipelines: txt2img, img2img, inpainting (two ways) and super-resolution on a LatentDiffusion model.
+
+One batch shares its sampler, steps, size and (for img2img) strength; prompts, negative prompts,
+seeds and guidance scales vary per item. Every item has its own CPU generator seeded with its seed,
+drawn first for the initial latents and then for ancestral noise, so an item's image is the same
+alone or in any batch, and the same as diffusers' StableDiffusionPipeline with that seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.guidance import Conditioning, guided_eps
+from models.images import mask_to_tensor, to_pil, to_tensor
+from models.ldm import LatentDiffusion
+from models.noise import generators_from_seeds, randn_per_item
+from models.samplers import SamplerName, sample, sampling_plan
+
+#: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
+Progress = Callable[[int, int], None]
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What varies per item in a batch."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance_scale: float = 7.5
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one batch shares. width/height None = the model's default size."""
+
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = 20
+    width: int | None = None
+    height: int | None = None
+    karras: bool = False
+    eta: float = 0.0
+    strength: float = 0.75  # img2img (and blended inpainting): 1.0 = start from pure noise
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    #: things the caller should tell the user (e.g. a prompt truncated to the encoder's limit)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """Runs a loaded model; holds no per-request state, so one instance serves every request."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ public tasks
+
+    def txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                progress: Progress | None = None) -> GenerationResult:
+        width, height = self._size(settings)
+        return self._generate(specs, settings, (height, width), progress=progress)
+
+    def img2img(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
+                progress: Progress | None = None) -> GenerationResult:
+        """SDEdit: noise the encoded image to `strength` and denoise it with the prompt."""
+        pixels = self._pixels(images, len(specs))
+        return self._generate(specs, settings, pixels.shape[-2:], init=self._encode(pixels), progress=progress)
+
+    def inpaint(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
+                masks: Sequence[Image.Image], progress: Progress | None = None) -> GenerationResult:
+        """Repaint the white part of each mask; pixels outside it are returned exactly.
+
+        Inpainting checkpoints (9-channel UNet) get the mask and the masked image's latent as concat
+        inputs. Any other text-to-image model is used by blending: after every step the known region is
+        replaced by the image's latent noised to the current level (`strength` 1.0 by default here).
+        """
+        pixels = self._pixels(images, len(specs))
+        mask = mask_to_tensor(masks)
+        if mask.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(pixels.shape[-2:])}")
+        latent_size = tuple(s // self.model.config.downsample_factor for s in pixels.shape[-2:])
+        mask_latent = F.interpolate(mask, size=latent_size)  # nearest, as the original and diffusers
+        device, dtype = self.model.device, self.model.dtype
+        if self.model.config.concat_input == "inpaint":
+            masked = self._encode(pixels * (mask < 0.5))
+            concat = torch.cat([mask_latent.to(device, dtype), masked], dim=1)
+            result = self._generate(specs, settings, pixels.shape[-2:], concat=concat, progress=progress)
+        else:
+            result = self._generate(specs, settings, pixels.shape[-2:], init=self._encode(pixels),
+                                    blend_mask=mask_latent.to(device, dtype), progress=progress)
+        pasted = pixels * (1 - mask) + to_tensor(result.images) * mask
+        result.images = to_pil(pasted)
+        return result
+
+    def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
+                progress: Progress | None = None) -> GenerationResult:
+        """Super-resolution with an LDM-SR style model: the low-res image is a concat input."""
+        if self.model.config.concat_input != "lowres":
+            raise UnsupportedTask(f"model {self.model.config.name!r} is not a super-resolution model")
+        low = self._pixels(images, len(specs))
+        f = self.model.config.downsample_factor
+        size = (low.shape[-2] * f, low.shape[-1] * f)
+        concat = low.to(self.model.device, self.model.dtype)
+        return self._generate(specs, settings, size, concat=concat, progress=progress)
+
+    # ------------------------------------------------------------------ the shared core
+
+    @torch.inference_mode()
+    def _generate(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
+                  init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                  blend_mask: torch.Tensor | None = None, progress: Progress | None = None) -> GenerationResult:
+        if not specs:
+            raise ValueError("a batch needs at least one item")
+        if not 1 <= settings.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be within 1..{MAX_STEPS}, got {settings.steps}")
+        model, config = self.model, self.model.config
+        device, dtype = model.device, model.dtype
+        f = config.downsample_factor
+        shape = (len(specs), config.latent_channels, size[0] // f, size[1] // f)
+        generators = generators_from_seeds([s.seed for s in specs])
+        noise = randn_per_item(shape, generators, device=device, dtype=dtype)
+        plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
+        if init is not None:
+            plan = plan.from_strength(settings.strength)
+        if len(plan.timesteps) == 0:  # strength so small that no step runs: the input is the output
+            assert init is not None
+            return GenerationResult(to_pil(model.decode_latents(init)))
+        # img2img starts from the image noised to the first kept level (diffusers' rule, strength 1.0
+        # included); blended inpainting at strength 1.0 and the concat tasks start from pure noise.
+        from_image = init is not None and (blend_mask is None or settings.strength < 1.0)
+        x = plan.noise(0, init, noise) if from_image and init is not None else noise
+        cond, uncond, warnings = self._conditioning(specs, concat)
+        scales = torch.tensor([s.guidance_scale for s in specs], device=device)
+        eps = guided_eps(model.unet, model.schedule, cond, uncond, scales)
+        total = len(plan.timesteps)
+
+        def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor | None:
+            if progress is not None:
+                progress(i + 1, total)
+            if blend_mask is None or init is None:
+                return None
+            known = init if i + 1 == total else plan.noise(i + 1, init, noise)
+            return known * (1 - blend_mask) + x_next * blend_mask
+
+        latents = sample(settings.sampler, eps, x, plan, generators=generators, eta=settings.eta, callback=on_step)
+        return GenerationResult(to_pil(model.decode_latents(latents)), warnings)
+
+    def _conditioning(self, specs: Sequence[SampleSpec],
+                      concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
+        """Cross-attention context for the prompts and for the negative prompts ("" = unconditional)."""
+        conditioner = self.model.conditioner
+        if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
+            plain = Conditioning(concat=concat)
+            return plain, plain, []
+        n = len(specs)
+        encoded = conditioner.encode([s.prompt for s in specs] + [s.negative_prompt for s in specs])
+        context = encoded.context.to(self.model.device, self.model.dtype)
+        warnings = list(encoded.warnings)
+        cond = Conditioning(context=context[:n], concat=concat)
+        return cond, Conditioning(context=context[n:], concat=concat), warnings
+
+    # ------------------------------------------------------------------ helpers
+
+    def _size(self, settings: RunSettings) -> tuple[int, int]:
+        default = self.model.config.default_size
+        width, height = settings.width or default, settings.height or default
+        f = self.model.config.downsample_factor
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} for this model, got {value}")
+        return width, height
+
+    def _pixels(self, images: Sequence[Image.Image], n: int) -> torch.Tensor:
+        if len(images) != n:
+            raise ValueError(f"need one image per item: {n} items, {len(images)} images")
+        pixels = to_tensor(images)
+        f = self.model.config.downsample_factor
+        if pixels.shape[-1] % f or pixels.shape[-2] % f:
+            raise ValueError(f"image size {pixels.shape[-1]}x{pixels.shape[-2]} is not a multiple of {f}")
+        return pixels
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.encode_images(pixels.to(self.model.device, self.model.dtype))
+
+
+class UnsupportedTask(ValueError):
+    """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""

@@ -1,0 +1,106 @@
+"""`ldm generate`: load a model once, run prompts through the txt2img pipeline, write PNGs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.checkpoints import load_model
+from models.config import builtin_config
+from models.images import encode_png
+from models.ldm import LatentDiffusion
+from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.samplers import SamplerName
+
+log = logging.getLogger(__name__)
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    model: str = "tiny-shapes"
+    seed: int = 0
+    steps: int = 20
+    sampler: SamplerName = "dpmpp_2m"
+    karras: bool = False
+    eta: float = 0.0
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    tokenizer: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    use_ema: bool = False
+
+
+def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """cuda when present (fp16 there), else cpu in fp32; an explicit choice is checked."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    return dev, dt
+
+
+def resolve_model(spec: str, *, tokenizer: Path | None, device: torch.device, dtype: torch.dtype,
+                  use_ema: bool = False) -> LatentDiffusion:
+    """A model by name/path; `random:<config>` builds untrained weights (clearly not a real model)."""
+    if spec.startswith(RANDOM_PREFIX):
+        log.warning("model %s has RANDOM, untrained weights: images will be noise", spec)
+        torch.manual_seed(0)
+        model = LatentDiffusion(builtin_config(spec[len(RANDOM_PREFIX):]), tokenizer_dir=tokenizer)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype)
+
+
+def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
+             out_dir: Path | None = None) -> list[Path]:
+    """One batch of `n` images per prompt; returns the files written.
+
+    With `out_dir`, prompt i is written as NNN.png (NNN-k.png when n > 1) with seed `seed + i`;
+    with `out_file`, the single prompt's images go to that file (stem-k.png when n > 1).
+    """
+    device, dtype = pick_device(options.device, options.dtype)
+    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
+                          use_ema=options.use_ema)
+    pipeline = Pipeline(model)
+    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
+                           height=options.height, karras=options.karras, eta=options.eta)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i, prompt in enumerate(prompts):
+        first_seed = options.seed + i if out_dir is not None else options.seed
+        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance)
+                 for k in range(options.n)]
+        with tqdm(total=options.steps, desc=f"prompt {i}", unit="step", leave=False) as bar:
+
+            def advance(step: int, total: int, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.update(step - bar.n)
+
+            result = pipeline.txt2img(specs, settings, progress=advance)
+        for warning in result.warnings:
+            log.warning("%s", warning)
+        for k, (spec, image) in enumerate(zip(specs, result.images, strict=True)):
+            params = {**asdict(spec), **asdict(settings), "width": image.width, "height": image.height,
+                      "model": options.model}
+            path = _output_path(out_file, out_dir, i, k, options.n)
+            path.write_bytes(encode_png(image, params))
+            written.append(path)
+    return written
+
+
+def _output_path(out_file: Path | None, out_dir: Path | None, i: int, k: int, n: int) -> Path:
+    suffix = f"-{k}" if n > 1 else ""
+    if out_dir is not None:
+        return out_dir / f"{i:03d}{suffix}.png"
+    assert out_file is not None
+    return out_file.with_name(f"{out_file.stem}{suffix}{out_file.suffix or '.png'}") if suffix else out_file
