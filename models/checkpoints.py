@@ -160,7 +160,8 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         context_dim = None if to_k.shape[1] == to_q.shape[1] and to_k.shape[1] != 768 else to_k.shape[1]
         if context_dim == 1024:
             heads, head_channels = -1, 64
-        depth = len({k.split(".transformer_blocks.")[1].split(".")[0] for k in sd if k.startswith(first_st + ".")})
+        blocks = first_st + ".transformer_blocks."
+        depth = len({k[len(blocks):].split(".")[0] for k in sd if k.startswith(blocks)})
         linear = sd[first_st + ".proj_in.weight"].ndim == 2
     elif any(k.endswith(".qkv.weight") for k in sd):
         heads, head_channels = -1, 32
@@ -178,7 +179,7 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         context_dim=context_dim,
         use_spatial_transformer=spatial,
         use_linear_in_transformer=linear,
-        num_classes=sd["label_emb.0.weight"].shape[0] if "label_emb.0.weight" in sd else None,
+        num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None,
         use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first_out,
         resblock_updown=any(f"output_blocks.{i}.{j}.in_layers.0.weight" in sd for i in upsamplers for j in (1, 2)),
     )

@@ -102,7 +102,7 @@ def unet_key_map(keys: list[str], config: UNetConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
-             "label_emb.0.": "class_embedding."}
+             "label_emb.": "class_embedding."}
     for key in keys:
         for old, new in fixed.items():
             if key.startswith(old):

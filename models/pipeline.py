@@ -66,8 +66,7 @@ class Pipeline:
 
     def txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
                 progress: Progress | None = None) -> GenerationResult:
-        width, height = self._size(settings)
-        return self._generate(specs, settings, (height, width), progress=progress)
+        return self._generate(specs, settings, self.size(settings), progress=progress)
 
     def img2img(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
                 progress: Progress | None = None) -> GenerationResult:
@@ -114,10 +113,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the shared core
 
-    @torch.inference_mode()
     def _generate(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
                   init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
                   blend_mask: torch.Tensor | None = None, progress: Progress | None = None) -> GenerationResult:
+        latents, warnings = self.sample_latents(specs, settings, size, init=init, concat=concat,
+                                                blend_mask=blend_mask, progress=progress)
+        with torch.inference_mode():
+            images = self.model.decode_latents(latents)
+        return GenerationResult(to_pil(images), warnings)
+
+    @torch.inference_mode()
+    def sample_latents(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
+                       init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                       blend_mask: torch.Tensor | None = None,
+                       progress: Progress | None = None) -> tuple[torch.Tensor, list[str]]:
+        """The sampling loop of every task: final latents [N, C, h, w] and the caller's warnings.
+
+        `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
+        `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask.
+        """
         if not specs:
             raise ValueError("a batch needs at least one item")
         if not 1 <= settings.steps <= MAX_STEPS:
@@ -131,14 +145,14 @@ class Pipeline:
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:
             plan = plan.from_strength(settings.strength)
+        cond, uncond, warnings = self._conditioning(specs, concat)
         if len(plan.timesteps) == 0:  # strength so small that no step runs: the input is the output
             assert init is not None
-            return GenerationResult(to_pil(model.decode_latents(init)))
+            return init, warnings
         # img2img starts from the image noised to the first kept level (diffusers' rule, strength 1.0
         # included); blended inpainting at strength 1.0 and the concat tasks start from pure noise.
         from_image = init is not None and (blend_mask is None or settings.strength < 1.0)
         x = plan.noise(0, init, noise) if from_image and init is not None else noise
-        cond, uncond, warnings = self._conditioning(specs, concat)
         scales = torch.tensor([s.guidance_scale for s in specs], device=device)
         eps = guided_eps(model.unet, model.schedule, cond, uncond, scales)
         total = len(plan.timesteps)
@@ -152,7 +166,7 @@ class Pipeline:
             return known * (1 - blend_mask) + x_next * blend_mask
 
         latents = sample(settings.sampler, eps, x, plan, generators=generators, eta=settings.eta, callback=on_step)
-        return GenerationResult(to_pil(model.decode_latents(latents)), warnings)
+        return latents, warnings
 
     def _conditioning(self, specs: Sequence[SampleSpec],
                       concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
@@ -170,14 +184,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
 
-    def _size(self, settings: RunSettings) -> tuple[int, int]:
+    def size(self, settings: RunSettings) -> tuple[int, int]:
+        """(height, width) in pixels for a txt2img batch, checked against the model's factor."""
         default = self.model.config.default_size
         width, height = settings.width or default, settings.height or default
         f = self.model.config.downsample_factor
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % f:
                 raise ValueError(f"{name} must be a positive multiple of {f} for this model, got {value}")
-        return width, height
+        return height, width
 
     def _pixels(self, images: Sequence[Image.Image], n: int) -> torch.Tensor:
         if len(images) != n:

@@ -1,78 +1,20 @@
 """Tokenizers: our CLIP BPE against transformers' CLIPTokenizer on a BPE vocabulary trained here, and the
 MiniLM WordPiece wrapper against transformers' BertTokenizer on the packaged tokenizer.json."""
 
-import collections
 import json
 import logging
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.tokenizers import (
-    BOS,
-    EOS,
     BertTokenizer,
     CLIPTokenizer,
-    bytes_to_unicode,
     clean_text,
     minilm_model_dir,
 )
-
-CORPUS = """
-A photograph of an astronaut riding a horse on the moon. A painting of a castle in the mountains at
-sunset, highly detailed, trending on artstation. It's a dog's life; they're happy, we've been there,
-I'm sure you'll see what he'd do. The quick brown fox jumps over the lazy dog. Portrait of a woman
-with red hair, oil on canvas, by a famous painter. A cat sitting on a windowsill watching the rain.
-Numbers like 1999, 2024 and 3.14 appear in prompts too. Café au lait, naïve art, über cool, jalapeño.
-A beautiful landscape with rivers, forests and lakes; photorealistic, 8k, cinematic lighting.
-An old man reading a newspaper in a crowded train station, black and white photography.
-Science fiction city with flying cars and neon lights, cyberpunk style, digital art.
-Watercolor illustration of flowers in a vase; still life; soft colors; morning light.
-"""
-
-
-def train_bpe(text: str, n_merges: int) -> list[tuple[str, str]]:
-    """A tiny BPE trainer in CLIP's format: byte-mapped symbols, `</w>` on a word's last symbol,
-    repeatedly merge the most frequent adjacent pair (ties: the smallest pair, for determinism)."""
-    enc = bytes_to_unicode()
-    words = collections.Counter(re.findall(r"[^\W\d_]+|\d|[^\s\w]+|_+", text.lower()))
-    split = {w: [*[enc[b] for b in w.encode()][:-1], enc[w.encode()[-1]] + "</w>"] for w in words}
-    merges: list[tuple[str, str]] = []
-    while len(merges) < n_merges:
-        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
-        for w, count in words.items():
-            for pair in zip(split[w], split[w][1:], strict=False):
-                pairs[pair] += count
-        if not pairs:
-            break
-        top = max(pairs.values())
-        best = min(p for p, c in pairs.items() if c == top)
-        merges.append(best)
-        for w, symbols in split.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            split[w] = out
-    return merges
-
-
-def write_clip_tokenizer(folder: Path, n_merges: int = 300) -> Path:
-    """vocab.json + merges.txt laid out like CLIP's: bytes, bytes + `</w>`, merges, then the specials."""
-    chars = list(bytes_to_unicode().values())
-    merges = train_bpe(CORPUS, n_merges)
-    tokens = [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges), BOS, EOS]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+from tests.helpers import CORPUS, train_bpe, write_clip_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
