@@ -118,7 +118,6 @@ class SpatialTransformer(nn.Module):
                  context_dim: int | None = None, use_linear: bool = False, dropout: float = 0.0):
         super().__init__()
         inner = heads * dim_head
-        self.use_linear = use_linear
         self.norm = normalization(in_channels, eps=1e-6)
         self.proj_in: nn.Module = (
             nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
@@ -131,22 +130,23 @@ class SpatialTransformer(nn.Module):
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(n, h * w, -1)  # [N, HW, inner]
-        if self.use_linear:
-            x = self.proj_in(x)
+        # [N, C, H, W] -> [N, HW, C]: a free view for channels_last tensors (our CPU default), a copy otherwise
+        x = self.norm(x).permute(0, 2, 3, 1).reshape(n, h * w, c)
+        x = _pointwise(self.proj_in, x)  # [N, HW, inner]
         for block in self.transformer_blocks:
             x = block(x, context)
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()  # [N, inner or C, H, W]
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        x = _pointwise(self.proj_out, x)  # [N, HW, C]
+        return x.view(n, h, w, c).permute(0, 3, 1, 2) + x_in  # [N, C, H, W] with channels_last strides
+
+
+def _pointwise(layer: nn.Module, x: Tensor) -> Tensor:
+    """A 1x1 conv (SD v1's proj_in/proj_out, 4-D weights as in the checkpoints) or a Linear (SD 2),
+    applied to [N, L, C] tokens as one matmul: no im2col, no layout round trip."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(x, layer.weight.flatten(1), layer.bias)
+    return layer(x)
 
 
 def qkv_attention_legacy(qkv: Tensor, heads: int) -> Tensor:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from models.autoencoder import AutoencoderConfig
 from models.config import ModelConfig, from_dict, to_dict
+from models.cpu_inference import is_packed
 from models.diffusers_layout import (
     autoencoder_config_from_diffusers,
     autoencoder_key_map,
@@ -41,6 +44,7 @@ from models.unet import UNetConfig
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
 CONFIG_METADATA_KEY = "ldm_serve_config"
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -81,10 +85,18 @@ def read_state_dict(path: Path) -> tuple[StateDict, dict[str, str]]:
             raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for bad zips, truncation and pickled code
+    except pickle.UnpicklingError as err:  # weights_only met a Python object that is not a tensor or container
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found[1]})" if found else ""
         raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint with weights_only=True: truncated, corrupt, "
-            f"or it needs arbitrary code to unpickle, which this loader refuses ({type(err).__name__}: {err})"
+            f"{path}: refused: the file pickles Python objects{what} besides tensors, and .ckpt files are read "
+            "with torch.load(weights_only=True), which never runs pickled code; re-save its state_dict only, "
+            "or convert it to .safetensors with a tool you trust"
+        ) from err
+    except Exception as err:  # torch raises many types for bad zips and truncation
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({type(err).__name__}: {first_line})"
         ) from err
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
@@ -113,12 +125,17 @@ def split_parts(sd: StateDict) -> dict[str, StateDict]:
 
 def ema_unet_weights(sd: StateDict, unet_keys: list[str]) -> StateDict:
     """The LitEma shadow copy of the UNet (`model_ema.<key without dots>`)."""
-    out = {}
+    if not any(k.startswith("model_ema.diffusion_model") for k in sd):
+        raise CheckpointError("asked for EMA weights, but the file has none (no model_ema.* keys)")
+    out, missing = {}, []
     for key in unet_keys:
         ema_key = "model_ema.diffusion_model" + key.replace(".", "")
         if ema_key not in sd:
-            raise CheckpointError(f"asked for EMA weights, but {ema_key!r} is missing")
-        out[key] = sd[ema_key]
+            missing.append(ema_key)
+        else:
+            out[key] = sd[ema_key]
+    if missing:
+        raise CheckpointError(f"asked for EMA weights, but these are missing: {_shown(missing)}")
     return out
 
 
@@ -126,7 +143,8 @@ def ema_unet_weights(sd: StateDict, unet_keys: list[str]) -> StateDict:
 
 
 def infer_unet_config(sd: StateDict) -> UNetConfig:
-    """The UNet's architecture from its tensors (keys without `model.diffusion_model.`).
+    """The UNet's architecture from its tensors (keys without `model.diffusion_model.`); a KeyError
+    names a key the layout needs and the file lacks.
 
     Levels come from the output side: each of the L levels has num_res_blocks + 1 output blocks and
     all but one end in an upsampler (a conv, or a ResBlock with `resblock_updown`), so L and
@@ -135,9 +153,6 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
     spatial transformers, 64-channel heads with a 1024-wide (SD 2) context, 32-channel heads for the
     legacy attention blocks of the original LDMs.
     """
-    for key in ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight"):
-        if key not in sd:
-            raise CheckpointError(f"UNet weights lack {key}")
     model_channels = sd["time_embed.0.weight"].shape[1]
     outputs = {int(k.split(".")[1]) for k in sd if k.startswith("output_blocks.")}
     upsamplers = {i for i in outputs for j in (1, 2)
@@ -186,17 +201,17 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
 
 
 def infer_autoencoder_config(sd: StateDict) -> AutoencoderConfig:
-    """The autoencoder's architecture from its tensors (keys without `first_stage_model.`)."""
-    try:
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        z_channels = sd["decoder.conv_in.weight"].shape[1]
-        embed_dim = sd["post_quant_conv.weight"].shape[1]
-    except KeyError as err:
-        raise CheckpointError(f"autoencoder weights lack {err.args[0]!r}") from None
+    """The autoencoder's architecture from its tensors (keys without `first_stage_model.`); a KeyError
+    names a key the layout needs and the file lacks."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    z_channels = sd["decoder.conv_in.weight"].shape[1]
+    embed_dim = sd["post_quant_conv.weight"].shape[1]
     mult, level = [], 0
     while f"encoder.down.{level}.block.0.conv1.weight" in sd:
         mult.append(sd[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch)
         level += 1
+    if not mult:
+        raise KeyError("encoder.down.0.block.0.conv1.weight")
     blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     resolution = 256
     attn = tuple(resolution // 2**lv for lv in range(level) if f"encoder.down.{lv}.attn.0.q.weight" in sd)
@@ -228,7 +243,7 @@ def infer_clip_config(sd: StateDict) -> CLIPTextConfig:
         hidden_size=width,
         intermediate_size=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_layers=layers,
-        num_heads=width // 64,
+        num_heads=width // 64 if width % 64 == 0 else 1,  # not stored: CLIP's 64-channel heads
         max_positions=sd[p + "embeddings.position_embedding.weight"].shape[0],
     )
 
@@ -237,7 +252,7 @@ def infer_schedule(sd: StateDict) -> ScheduleConfig:
     """The training schedule from the stored `betas` buffer, SD v1's when there is none."""
     if "betas" not in sd:
         return ScheduleConfig()
-    betas = sd["betas"].double()
+    betas = sd["betas"].double().reshape(-1)
     start, end, n = float(betas[0]), float(betas[-1]), betas.numel()
     scaled = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
     if torch.allclose(betas, scaled, rtol=1e-4, atol=1e-9):
@@ -248,6 +263,21 @@ def infer_schedule(sd: StateDict) -> ScheduleConfig:
         return ScheduleConfig(beta_schedule="linear", beta_start=round(start, 8), beta_end=round(end, 8),
                               num_train_timesteps=n)
     return ScheduleConfig(beta_schedule="cosine", num_train_timesteps=n)
+
+
+def _inferred(part: str, infer: Callable[[StateDict], T], sd: StateDict) -> T:
+    """`infer(sd)`, with the lookups of a key the layout needs turned into an error naming that key."""
+    try:
+        return infer(sd)
+    except KeyError as err:
+        raise CheckpointError(
+            f"missing {part} key {PREFIXES[part]}{err.args[0]}, needed to infer the architecture"
+        ) from None
+    except (IndexError, StopIteration, ZeroDivisionError, ValueError) as err:
+        raise CheckpointError(
+            f"the {part} weights do not have a known layout, so its architecture cannot be inferred "
+            f"({type(err).__name__}: {err})"
+        ) from None
 
 
 def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
@@ -261,8 +291,8 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
             hint = " (this looks like an autoencoder alone, not a whole latent diffusion model)"
         raise CheckpointError(f"not a latent diffusion checkpoint: no {unet_prefix}* keys{hint}")
     parts = split_parts(sd)
-    unet = infer_unet_config(parts["unet"])
-    autoencoder = infer_autoencoder_config(parts["autoencoder"])
+    unet = _inferred("unet", infer_unet_config, parts["unet"])
+    autoencoder = _inferred("autoencoder", infer_autoencoder_config, parts["autoencoder"])
     schedule = infer_schedule(sd)
     clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
     latent = autoencoder.embed_dim
@@ -271,7 +301,7 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
             raise CheckpointError(
                 "this is a Stable Diffusion 2.x checkpoint (1024-wide context): only SD v1.x and LDM are supported"
             )
-        clip_config = infer_clip_config(parts["conditioner"])
+        clip_config = _inferred("conditioner", infer_clip_config, parts["conditioner"])
         conditioner = ConditionerConfig(kind="clip", clip=clip_config)
         unet = dataclasses.replace(unet, context_dim=clip_config.hidden_size)
         if unet.in_channels == latent:
@@ -372,7 +402,10 @@ def load_single_file(
             raise CheckpointError(f"{path}: {err}") from None
     parts = split_parts(sd)
     if use_ema:
-        parts["unet"] = ema_unet_weights(sd, list(parts["unet"]))
+        try:
+            parts["unet"] = ema_unet_weights(sd, list(parts["unet"]))
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     model = _build(config, tokenizer_dir)
     load_parts_strict(model, parts, str(path))
     log.info("loaded %s (family %s) from %s", config.name, config.family, path)
@@ -425,12 +458,17 @@ def load_diffusers_folder(
         "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
                                        autoencoder_key_map(list(model.autoencoder.state_dict()), ae_config),
                                        squeeze_attention=True),
-        "conditioner": {"transformer." + k: v
-                        for k, v in _read_any(folder / "text_encoder", ("model", "pytorch_model")).items()
-                        if not k.endswith("position_ids")},
+        "conditioner": _text_encoder_keys(_read_any(folder / "text_encoder", ("model", "pytorch_model"))),
     }
     load_parts_strict(model, parts, str(folder))
     return _finish(model, device, dtype)
+
+
+def _text_encoder_keys(sd: StateDict) -> StateDict:
+    """HF CLIPTextModel keys -> ours: transformers < 5 saves `text_model.*`, transformers >= 5 drops
+    that level; `position_ids` is a buffer we rebuild."""
+    return {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in sd.items() if not k.endswith("position_ids")}
 
 
 def _read_any(folder: Path, stems: tuple[str, ...]) -> StateDict:
@@ -471,6 +509,8 @@ def load_model(
         path = ZOO_DIR / str(source)
     if path.is_dir():
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+            if use_ema:
+                raise CheckpointError(f"{path}: a diffusers folder holds one set of UNet weights, no EMA copy")
             return load_diffusers_folder(path, tokenizer_dir=tok, device=device, dtype=dtype)
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) != 1:
@@ -484,6 +524,8 @@ def load_model(
 
 def save_model(model: LatentDiffusion, path: str | Path) -> Path:
     """Save in the original single-file layout, fp32 or the model's dtype, config in the metadata."""
+    if is_packed(model):
+        raise ValueError("this model was optimized for CPU inference (prepacked weights): save it before optimizing")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.original_state_dict().items()}

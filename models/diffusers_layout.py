@@ -36,7 +36,9 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     """UNet2DConditionModel's config.json -> UNetConfig (SD v1-style UNets)."""
     channels = list(cfg["block_out_channels"])
     base = channels[0]
-    attention = tuple(2**i for i, kind in enumerate(cfg["down_block_types"]) if kind.startswith("CrossAttn"))
+    # highest ds first, the order of the original configs ([4, 2, 1]) and of shape inference
+    attention = tuple(2**i for i, kind in reversed(list(enumerate(cfg["down_block_types"])))
+                      if kind.startswith("CrossAttn"))
     heads = cfg.get("attention_head_dim", 8)  # diffusers' misnomer: for SD v1 this is the head count
     if isinstance(heads, list):
         heads = heads[0]

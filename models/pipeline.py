@@ -187,7 +187,8 @@ class Pipeline:
     def size(self, settings: RunSettings) -> tuple[int, int]:
         """(height, width) in pixels for a txt2img batch, checked against the model's factor."""
         default = self.model.config.default_size
-        width, height = settings.width or default, settings.height or default
+        width = default if settings.width is None else settings.width  # 0 is an error, not "the default"
+        height = default if settings.height is None else settings.height
         f = self.model.config.downsample_factor
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % f:

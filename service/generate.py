@@ -16,6 +16,7 @@ from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.samplers import SamplerName
+from models.text import CLIPTextConditioner
 
 log = logging.getLogger(__name__)
 RANDOM_PREFIX = "random:"
@@ -70,6 +71,12 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
     device, dtype = pick_device(options.device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
                           use_ema=options.use_ema)
+    if isinstance(model.conditioner, CLIPTextConditioner) and model.conditioner.tokenizer is None:
+        raise ValueError(  # fail before any work, as a usage error rather than a crash mid-run
+            f"model {options.model!r} has a CLIP text encoder but no tokenizer (a single checkpoint file carries "
+            "none): give --tokenizer DIR, a folder with vocab.json and merges.txt such as the `tokenizer/` "
+            "folder of a diffusers SD v1 repository"
+        )
     pipeline = Pipeline(model)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta)

@@ -5,14 +5,19 @@ transformers models are built from our own weights with diffusers' own single-fi
 """
 
 import collections
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from models.autoencoder import AutoencoderConfig
+from models.config import ModelConfig, builtin_config
+from models.ldm import LatentDiffusion
+from models.text import CLIPTextConfig, ConditionerConfig
 from models.tokenizers import BOS, EOS, bytes_to_unicode
 from models.unet import UNetConfig
 
@@ -141,3 +146,128 @@ def diffusers_vae(checkpoint: dict[str, torch.Tensor], vae: AutoencoderConfig) -
         theirs = diffusers.AutoencoderKL(**config)
     theirs.load_state_dict(converted, strict=True, assign=True)
     return theirs.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Toy models and checkpoint files (tests/integration/test_checkpoints.py, test_pipeline.py, tests/e2e).
+
+
+def toy_sd_config(vocab_size: int, *, in_channels: int = 4, clip_width: int = 64,
+                  name: str = "toy-sd") -> ModelConfig:
+    """SD v1 structure at toy width: a 2-level UNet (32, 64 channels, attention at ds 2 and 1, 8 heads), a
+    4-level f=8 KL autoencoder of width 32 and a one-layer CLIP of `clip_width` (64-channel heads). Every
+    value is one that shape inference recovers, so a file of it loads back to this very config.
+    in_channels 9 = the SD inpainting layout (latent + mask + masked-image latent)."""
+    clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=clip_width, intermediate_size=128, num_layers=1,
+                          num_heads=max(1, clip_width // 64))
+    inpainting = in_channels == 9
+    return ModelConfig(
+        name=name, family="sd_v1_inpainting" if inpainting else "sd_v1",
+        unet=UNetConfig(in_channels=in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2, 1), num_heads=8, context_dim=clip_width),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+        conditioner=ConditionerConfig(kind="clip", clip=clip),
+        conditioning="hybrid" if inpainting else "crossattn",
+        concat_input="inpaint" if inpainting else "none",
+        default_size=512,
+    )
+
+
+def toy_sr_config() -> ModelConfig:
+    """models/configs/ldm-sr.yaml (VQ f=4 autoencoder, 6-channel UNet with legacy attention, no text) at toy
+    width; as toy_sd_config, a config that shape inference recovers exactly."""
+    base = builtin_config("ldm-sr")
+    return dataclasses.replace(
+        base, name="toy-sr",
+        unet=dataclasses.replace(base.unet, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                 attention_resolutions=(2,)),
+        autoencoder=dataclasses.replace(base.autoencoder, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, n_embed=64),
+    )
+
+
+def unit_eps(model: LatentDiffusion) -> LatentDiffusion:
+    """Scale the UNet's last conv so that its output has about unit std, like a trained epsilon predictor:
+    random weights predict |eps| ~ 10, and guided sampling then saturates every pixel, which would make
+    "the image changed" and "the images are equal" vacuous."""
+    g = torch.Generator().manual_seed(123)
+    cfg = model.config.unet
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g) if cfg.context_dim else None
+    with torch.no_grad():
+        std = model.unet(x, torch.tensor([500.0, 500.0]), ctx).std()
+        last = model.unet.out[2]
+        assert isinstance(last, torch.nn.Conv2d)
+        last.weight.div_(std)
+        assert last.bias is not None
+        last.bias.div_(std)
+    return model
+
+
+def random_model(config: ModelConfig, seed: int = 0, tokenizer_dir: Path | None = None) -> LatentDiffusion:
+    """A LatentDiffusion of `config` with seeded random weights (UNet output at unit scale), frozen, eval."""
+    model = randomize(LatentDiffusion(config, tokenizer_dir=tokenizer_dir), seed)
+    return unit_eps(model).requires_grad_(False)
+
+
+def original_checkpoint(model: LatentDiffusion) -> dict[str, torch.Tensor]:
+    """The model's weights as an original CompVis file holds them: prefixed keys plus the schedule's `betas`
+    buffer and CLIP's `position_ids`, and no config of ours."""
+    sd = {k: v.detach().clone().contiguous() for k, v in model.original_state_dict().items()}
+    sd["betas"] = model.schedule.betas.float().clone()
+    if model.config.conditioner is not None and model.config.conditioner.kind == "clip":
+        positions = model.config.conditioner.clip.max_positions
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return sd
+
+
+def hf_clip_text_model(checkpoint: dict[str, torch.Tensor], clip: CLIPTextConfig) -> Any:
+    """transformers' CLIPTextModel holding the `cond_stage_model.*` weights of an original-layout checkpoint."""
+    import transformers
+
+    vocab = clip.vocab_size
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads,
+        max_position_embeddings=clip.max_positions, hidden_act="quick_gelu",
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+    )).eval()
+    # transformers >= 5 drops the `text_model.` level of the original key names
+    strip = "cond_stage_model.transformer." + ("" if "text_model.final_layer_norm.weight"
+                                               in text.state_dict() else "text_model.")
+    weights = {k[len(strip):]: v for k, v in checkpoint.items() if k.startswith(strip) and "position_ids" not in k}
+    text.load_state_dict(weights, strict=True)
+    return text
+
+
+def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConfig, tokenizer_dir: Path,
+                          folder: Path) -> Path:
+    """Convert an original-layout SD v1 checkpoint to a diffusers folder with diffusers itself: its
+    single-file converters, transformers' CLIP model and tokenizer, the SD scheduler config, and
+    `StableDiffusion[Inpaint]Pipeline.save_pretrained(folder, safe_serialization=True)`.
+
+    transformers >= 5 writes the tokenizer as tokenizer.json only; vocab.json and merges.txt are copied
+    next to it, as every SD v1 repository on the Hub ships them.
+    """
+    import diffusers
+    import transformers
+
+    assert config.conditioner is not None
+    clip = config.conditioner.clip
+    unet = diffusers_unet({k: v for k, v in checkpoint.items() if k.startswith("model.")}, config.unet)
+    vae = diffusers_vae({k: v for k, v in checkpoint.items() if k.startswith("first_stage_model.")},
+                        config.autoencoder)
+    text = hf_clip_text_model(checkpoint, clip)
+    tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                                           model_max_length=clip.max_positions)
+    scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                                        set_alpha_to_one=False)
+    inpainting = config.unet.in_channels == 9
+    cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / "tokenizer" / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
+    return folder

@@ -1,0 +1,70 @@
+"""Inference on the CPU: convolutions with weights prepacked once for oneDNN, channels_last activations.
+
+PyTorch's eager `mkldnn_convolution` reorders the weight into oneDNN's blocked layout on every call:
+for the 1280-channel 3x3 convs of the SD UNet that is a 59 MB copy per call, ~40 % of the conv's time.
+`prepack_convolutions` does the reorder once (the weight is then held only in the blocked layout, so
+memory does not grow) and calls the same oneDNN kernel, so outputs are bit-identical. A packed model
+is for inference only: it cannot be trained or saved (save before packing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class PackedConv2d(nn.Module):
+    """An `nn.Conv2d` (zeros padding) whose weight lives in oneDNN's blocked layout."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not isinstance(conv.padding, tuple):
+            raise ValueError(f"cannot prepack a conv with padding {conv.padding!r}")
+        self.padding = list(conv.padding)
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        example = [2, conv.in_channels, 16, 16]  # the blocked layout does not depend on the input size
+        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups, example
+        )
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+
+
+def _packable(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size != (1, 1)  # 1x1 convs are applied as matmuls (SpatialTransformer) or are tiny
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+def prepack_convolutions(model: nn.Module) -> int:
+    """Replace every packable Conv2d in `model` by a PackedConv2d, in place; returns how many."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _packable(child):
+                setattr(parent, name, PackedConv2d(child))  # type: ignore[arg-type]
+                count += 1
+    return count
+
+
+def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
+    """channels_last activations and prepacked conv weights, in place (see the module docstring)."""
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    prepack_convolutions(model)
+    return model
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedConv2d) for m in model.modules())

@@ -1,0 +1,155 @@
+"""Service settings: environment (`LDM_*`) over an optional YAML file over defaults.
+
+Nothing is read at import time: `load_settings()` (or `Settings(...)`) reads the environment and the
+YAML file named by `LDM_CONFIG_FILE` when called, so tests and tools build their own settings.
+Every field carries a description; the README's configuration table is generated from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and `ldm serve` can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="LDM_", extra="forbid", frozen=True)
+
+    config_file: Path | None = Field(
+        default=None,
+        description="YAML file of settings (keys are these field names); the environment overrides it.")
+
+    # --- Redis
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis to use, e.g. redis://host:6379/0; unset = start an embedded Redis (one-box mode).")
+    data_dir: Path = Field(
+        default=Path("runs/service"), description="Folder of the embedded Redis's data (append-only file) and log.")
+    embedded_redis_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the embedded Redis on 127.0.0.1; 0 = any free port.")
+    key_prefix: str = Field(
+        default="ldm", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key (ldm:jobs:<model>, ...).")
+    redis_timeout_s: float = Field(
+        default=5.0, gt=0, description="Socket timeout of one Redis command; longer than any blocking read.")
+    redis_connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="Timeout of one connection attempt to Redis.")
+    redis_retries: int = Field(
+        default=3, ge=0, le=10,
+        description="Retries of a Redis operation after a connection error, then 503 / UNAVAILABLE.")
+    redis_backoff_s: float = Field(
+        default=0.1, gt=0, description="First retry delay; doubles with each retry (capped at 2 s).")
+
+    # --- front ends
+    rest_host: str = Field(default="127.0.0.1", description="Address the REST API listens on.")
+    rest_port: int = Field(default=8000, ge=0, le=65535, description="Port of the REST API.")
+    grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server listens on.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="Port of the gRPC server.")
+
+    # --- the queue
+    queue_max_depth: int = Field(
+        default=256, ge=1,
+        description="Accepted, unfinished jobs per model beyond which a submit answers 429 / RESOURCE_EXHAUSTED.")
+    queue_retry_after_s: int = Field(
+        default=2, ge=1, description="Retry-After (seconds) sent with a full-queue answer.")
+    result_ttl_s: int = Field(
+        default=3600, ge=1, description="How long result PNGs, job records and events are kept after a job ends.")
+    idempotency_ttl_s: int = Field(
+        default=86400, ge=1, description="How long an Idempotency-Key keeps answering with the same job.")
+    visibility_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="A claimed job whose worker shows no sign of life (no step, no keep-alive) for this long is "
+        "taken over by another worker.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Deliveries of a job to workers before it fails into the dead-letter stream.")
+    job_deadline_s: float = Field(
+        default=600.0, gt=0,
+        description="A job not started this long after submission fails (deadline exceeded) instead of running; "
+        "also the longest a synchronous endpoint waits.")
+
+    # --- workers
+    max_batch: int = Field(default=8, ge=1, le=256, description="Most jobs a worker claims and batches at once.")
+    max_wait_ms: int = Field(
+        default=20, ge=1, description="Longest a worker blocks waiting for jobs before looking again (milliseconds).")
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as gone.")
+    default_model: str = Field(
+        default="tiny-shapes", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="Model used when a request names none.")
+
+    # --- request limits
+    min_width: int = Field(default=32, ge=8, description="Smallest image width in pixels.")
+    max_width: int = Field(default=1024, ge=8, description="Largest image width in pixels.")
+    min_height: int = Field(default=32, ge=8, description="Smallest image height in pixels.")
+    max_height: int = Field(default=1024, ge=8, description="Largest image height in pixels.")
+    size_multiple: int = Field(
+        default=8, ge=1,
+        description="Width and height must be multiples of this (the autoencoder's downsampling factor).")
+    max_steps: int = Field(default=1000, ge=1, description="Most sampler steps a request may ask for.")
+    max_n: int = Field(default=8, ge=1, description="Most images one request may ask for.")
+    max_guidance_scale: float = Field(default=30.0, ge=0, description="Largest classifier-free guidance scale.")
+    max_prompt_bytes: int = Field(
+        default=2048, ge=1, description="Longest prompt or negative prompt, in UTF-8 bytes.")
+    max_image_bytes: int = Field(
+        default=16 * 2**20, ge=1,
+        description="Largest encoded input image or mask (img2img, inpaint, upscale), in bytes.")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1,
+        description="Largest decoded input image, in pixels (guards against decompression bombs).")
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        """A worker's registry entry lives this long after its last heartbeat."""
+        return 3 * self.heartbeat_interval_s
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("min_width/min_height must not exceed max_width/max_height")
+        if self.max_wait_ms / 1000 >= self.redis_timeout_s:
+            raise ValueError("max_wait_ms must be shorter than redis_timeout_s (a blocking read would time out)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, then `LDM_*` variables, then the YAML file, then defaults."""
+        return init_settings, env_settings, _YamlFileSource(settings_cls)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """The YAML file named by `config_file` (from the arguments or `LDM_CONFIG_FILE`), read when settings are built.
+
+    Unknown keys are errors (the model forbids extras), so a typo in the file does not pass silently.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config_file")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text())
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping of setting names to values")
+        data.pop("config_file", None)
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and the YAML file (`LDM_CONFIG_FILE`), with `overrides` on top."""
+    return Settings(**overrides)
