@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
+# Until the service and a trained model land (issues 3 and 4), `make run` generates one image offline
+# with the random-weight tiny-sd config and prints where it wrote it.
 run: install
-	$(VENV)/bin/ldm serve
+	$(VENV)/bin/ldm generate "a red circle on the left" --model random:tiny-sd --steps 20 -o out.png
 
 lint: install
 	$(VENV)/bin/ruff check models service tests bench

@@ -8,6 +8,8 @@ so the fused CPU/CUDA kernels are used; the math is the original's: softmax(q k^
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers import Linear, batch_invariant_linear
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 and cast back: in fp16 the per-group variance of large
@@ -49,10 +51,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         n, length, _ = x.shape
@@ -69,7 +71,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -82,7 +84,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -120,13 +122,13 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.norm = normalization(in_channels, eps=1e-6)
         self.proj_in: nn.Module = (
-            nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
+            Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         )
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
         )
         self.proj_out = zero_module(
-            nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
+            Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -145,7 +147,7 @@ def _pointwise(layer: nn.Module, x: Tensor) -> Tensor:
     """A 1x1 conv (SD v1's proj_in/proj_out, 4-D weights as in the checkpoints) or a Linear (SD 2),
     applied to [N, L, C] tokens as one matmul: no im2col, no layout round trip."""
     if isinstance(layer, nn.Conv2d):
-        return F.linear(x, layer.weight.flatten(1), layer.bias)
+        return batch_invariant_linear(x, layer.weight.flatten(1), layer.bias)
     return layer(x)
 
 

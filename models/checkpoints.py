@@ -36,7 +36,7 @@ from models.diffusers_layout import (
     unet_config_from_diffusers,
     unet_key_map,
 )
-from models.diffusion import NoiseSchedule, ScheduleConfig
+from models.diffusion import ScheduleConfig
 from models.ldm import PREFIXES, LatentDiffusion
 from models.text import CLIPTextConfig, ConditionerConfig
 from models.unet import UNetConfig
@@ -74,7 +74,7 @@ def read_state_dict(path: Path) -> tuple[StateDict, dict[str, str]]:
     """Tensors and metadata of one weights file; a clear error for anything unreadable."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         try:
             from safetensors import safe_open
 
@@ -366,7 +366,6 @@ def _build(config: ModelConfig, tokenizer_dir: Path | None) -> LatentDiffusion:
     """The model with weights on the meta device (no random init of 1 B parameters), to be assigned."""
     with torch.device("meta"):
         model = LatentDiffusion(config, tokenizer_dir=tokenizer_dir)
-    model.schedule = NoiseSchedule.from_config(config.schedule)
     return model
 
 
@@ -394,7 +393,10 @@ def load_single_file(
     """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
     sd, metadata = read_state_dict(path)
     if CONFIG_METADATA_KEY in metadata:
-        config = from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=path.name)
+        try:
+            config = from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
+        except ValueError as err:  # json.JSONDecodeError included
+            raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
     else:
         try:
             config = infer_model_config(sd, name=path.stem)

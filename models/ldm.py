@@ -37,7 +37,8 @@ class LatentDiffusion(nn.Module):
         self.conditioner = (
             build_conditioner(config.conditioner, tokenizer_dir) if config.conditioner is not None else None
         )
-        self.schedule = NoiseSchedule.from_config(config.schedule)
+        with torch.device("cpu"):  # plain tensors, not parameters: never on the meta device of a lazy build
+            self.schedule = NoiseSchedule.from_config(config.schedule)
 
     @property
     def device(self) -> torch.device:

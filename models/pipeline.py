@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.cpu_inference import optimize_for_cpu_inference
 from models.guidance import Conditioning, guided_eps
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
@@ -59,7 +60,13 @@ class GenerationResult:
 class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
-    def __init__(self, model: LatentDiffusion) -> None:
+    def __init__(self, model: LatentDiffusion, *, optimize: bool = True) -> None:
+        """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
+        models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
+        size, which with models/layers.py makes an image bit-identical alone or in any batch. The
+        model is then inference-only: save it before."""
+        if optimize and model.device.type == "cpu":
+            optimize_for_cpu_inference(model)
         self.model = model
 
     # ------------------------------------------------------------------ public tasks
@@ -80,7 +87,8 @@ class Pipeline:
 
         Inpainting checkpoints (9-channel UNet) get the mask and the masked image's latent as concat
         inputs. Any other text-to-image model is used by blending: after every step the known region is
-        replaced by the image's latent noised to the current level (`strength` 1.0 by default here).
+        replaced by the image's latent noised to the current level; `settings.strength` < 1 starts from
+        the image noised to that strength, 1.0 (diffusers' default for inpainting) from pure noise.
         """
         pixels = self._pixels(images, len(specs))
         mask = mask_to_tensor(masks)
@@ -118,8 +126,8 @@ class Pipeline:
                   blend_mask: torch.Tensor | None = None, progress: Progress | None = None) -> GenerationResult:
         latents, warnings = self.sample_latents(specs, settings, size, init=init, concat=concat,
                                                 blend_mask=blend_mask, progress=progress)
-        with torch.inference_mode():
-            images = self.model.decode_latents(latents)
+        with torch.inference_mode():  # one item at a time: less memory (as diffusers' VAE slicing), same pixels
+            images = torch.cat([self.model.decode_latents(latents[i : i + 1]) for i in range(len(latents))])
         return GenerationResult(to_pil(images), warnings)
 
     @torch.inference_mode()
@@ -137,6 +145,9 @@ class Pipeline:
         if not 1 <= settings.steps <= MAX_STEPS:
             raise ValueError(f"steps must be within 1..{MAX_STEPS}, got {settings.steps}")
         model, config = self.model, self.model.config
+        if config.concat_input != "none" and concat is None:  # else a cryptic conv channel-count error
+            task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale"}
+            raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
         device, dtype = model.device, model.dtype
         f = config.downsample_factor
         shape = (len(specs), config.latent_channels, size[0] // f, size[1] // f)
@@ -153,7 +164,9 @@ class Pipeline:
         # included); blended inpainting at strength 1.0 and the concat tasks start from pure noise.
         from_image = init is not None and (blend_mask is None or settings.strength < 1.0)
         x = plan.noise(0, init, noise) if from_image and init is not None else noise
-        scales = torch.tensor([s.guidance_scale for s in specs], device=device)
+        # guidance needs a prompt to steer by: without one, cond == uncond and doubling the batch is waste
+        text = model.conditioner is not None and config.conditioning in ("crossattn", "hybrid")
+        scales = torch.tensor([s.guidance_scale if text else 1.0 for s in specs], device=device)
         eps = guided_eps(model.unet, model.schedule, cond, uncond, scales)
         total = len(plan.timesteps)
 
@@ -175,12 +188,13 @@ class Pipeline:
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
             plain = Conditioning(concat=concat)
             return plain, plain, []
-        n = len(specs)
-        encoded = conditioner.encode([s.prompt for s in specs] + [s.negative_prompt for s in specs])
-        context = encoded.context.to(self.model.device, self.model.dtype)
-        warnings = list(encoded.warnings)
-        cond = Conditioning(context=context[:n], concat=concat)
-        return cond, Conditioning(context=context[n:], concat=concat), warnings
+        # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
+        positive = conditioner.encode([s.prompt for s in specs])
+        negative = conditioner.encode([s.negative_prompt for s in specs])
+        warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
+        device, dtype = self.model.device, self.model.dtype
+        cond = Conditioning(context=positive.context.to(device, dtype), concat=concat)
+        return cond, Conditioning(context=negative.context.to(device, dtype), concat=concat), warnings
 
     # ------------------------------------------------------------------ helpers
 
@@ -206,7 +220,8 @@ class Pipeline:
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.encode_images(pixels.to(self.model.device, self.model.dtype))
+            pixels = pixels.to(self.model.device, self.model.dtype)
+            return torch.cat([self.model.encode_images(pixels[i : i + 1]) for i in range(len(pixels))])
 
 
 class UnsupportedTask(ValueError):

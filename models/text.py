@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers import Linear
 from models.tokenizers import BertTokenizer, CLIPTokenizer, PromptTokenizer, minilm_model_dir
 
 
@@ -93,8 +94,8 @@ class CLIPAttention(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.heads = config.num_heads
-        self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
-        self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.q_proj, self.k_proj = Linear(width, width), Linear(width, width)
+        self.v_proj, self.out_proj = Linear(width, width), Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N, L, D] -> [N, L, D], causal: token i sees tokens <= i, as in CLIP's training."""
@@ -105,8 +106,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.quick = config.hidden_act == "quick_gelu"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -256,7 +257,7 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.heads = config.num_heads
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.query, self.key, self.value = Linear(d, d), Linear(d, d), Linear(d, d)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         return multihead_attention(self.query(x), self.key(x), self.value(x), self.heads, mask=mask)
@@ -267,7 +268,7 @@ class BertResidualNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
@@ -287,7 +288,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.dense(x))  # exact (erf) GELU, as HF "gelu"
@@ -425,10 +426,10 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(width, width, bias=False)
-        self.to_k = nn.Linear(width, width, bias=False)
-        self.to_v = nn.Linear(width, width, bias=False)
-        self.to_out = nn.Linear(width, width)
+        self.to_q = Linear(width, width, bias=False)
+        self.to_k = Linear(width, width, bias=False)
+        self.to_v = Linear(width, width, bias=False)
+        self.to_out = Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.to_out(multihead_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
@@ -443,7 +444,7 @@ class TransformerBlock(nn.Module):
         self.attn = SelfAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         hidden = mlp_ratio * width
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(Linear(width, hidden), nn.GELU(), Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))

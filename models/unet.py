@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import AttentionBlock, SpatialTransformer, normalization, zero_module
+from models.layers import Linear
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ResBlock(nn.Module):
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+            nn.SiLU(), Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
@@ -174,7 +175,7 @@ class UNet(nn.Module):
         mc = config.model_channels
         self.emb_dim = 4 * mc
         self.time_embed = nn.Sequential(
-            nn.Linear(mc, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim)
+            Linear(mc, self.emb_dim), nn.SiLU(), Linear(self.emb_dim, self.emb_dim)
         )
         self.label_emb = (  # key `label_emb.weight`, as the original's nn.Embedding
             nn.Embedding(config.num_classes, self.emb_dim) if config.num_classes is not None else None

@@ -58,6 +58,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if args.from_file is not None:
         prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.from_file} holds no prompts (one a line)")
         written = generate(prompts, options, out_dir=args.out or Path("out"))
     else:
         written = generate([args.prompt], options, out_file=args.out or Path("out.png"))
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # usage and file errors (a missing file, an -o that is a folder)
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,10 +5,12 @@ transformers models are built from our own weights with diffusers' own single-fi
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -263,7 +265,7 @@ def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConf
                                         num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                                         set_alpha_to_one=False)
     inpainting = config.unet.in_channels == 9
-    cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+    cls: Any = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -271,3 +273,16 @@ def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConf
         if not (folder / "tokenizer" / name).is_file():
             shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
     return folder
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, then restore the count. Toy models gain nothing from threads, and on a
+    busy 2-core machine OpenMP's barriers make 2 threads several times slower than 1 (measured: 74 s vs 12 s
+    for tests/integration/test_checkpoints.py while another process kept both cores busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

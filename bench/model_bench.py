@@ -1,0 +1,276 @@
+"""Model benchmark: our UNet step, VAE decode and a whole 20-step DPM-Solver++ 256x256 generation
+against diffusers, at the real SD-1.5 size on the CPU in fp32, same weights and inputs.
+
+Method (../shared/reference/cpu-baseline.md): one process, both implementations loaded, runs
+interleaved (ours, diffusers, ours, ...) after a warm-up, medians and ratios. Each run records the CPU
+time other processes used meanwhile (from /proc/stat); runs disturbed by more than 5 % of the machine
+are dropped when enough clean ones remain. Peak memory is measured in fresh subprocesses, one per
+implementation, each loading its model and running one whole generation (peak RSS). The UNet's FLOPs
+are counted with the math attention backend (FlopCounterMode misses the fused CPU kernel) and set
+against this machine's measured fp32 matmul peak.
+
+A table goes to stdout; the figures go to bench/results/model_bench.json. Not a test: nothing fails.
+    python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.config import builtin_config  # noqa: E402
+from models.cpu_inference import optimize_for_cpu_inference  # noqa: E402
+from models.ldm import LatentDiffusion  # noqa: E402
+from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
+from models.text import CLIPTextConditioner  # noqa: E402
+from models.tokenizers import CLIPTokenizer  # noqa: E402
+from tests.helpers import diffusers_unet, diffusers_vae, write_clip_tokenizer  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
+                "clip_sample": False, "timestep_spacing": "leading", "prediction_type": "epsilon"}
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- building the twins
+
+
+def build_ours(tokenizer_dir: Path) -> LatentDiffusion:
+    """SD-1.5 shapes with random weights (normal, std 0.02: realistic magnitudes, fast to draw)."""
+    config = builtin_config("sd-v1")
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    assert isinstance(model.conditioner, CLIPTextConditioner)
+    model.conditioner.set_tokenizer(CLIPTokenizer.from_dir(tokenizer_dir))
+    return model.eval().requires_grad_(False)
+
+
+def build_diffusers(ours: LatentDiffusion, tokenizer_dir: Path) -> Any:
+    import diffusers
+    import transformers
+
+    sd = ours.original_state_dict()  # shares storage with `ours`: no second copy of the weights
+    unet = diffusers_unet({k: v for k, v in sd.items() if k.startswith("model.")}, ours.config.unet)
+    vae = diffusers_vae({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, ours.config.autoencoder)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+    strip = "cond_stage_model.transformer." + ("" if "text_model.final_layer_norm.weight"
+                                               in clip.state_dict() else "text_model.")
+    clip.load_state_dict({k[len(strip):]: v for k, v in sd.items() if k.startswith(strip)}, strict=True)
+    tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                                           model_max_length=77)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD_SCHEDULER)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def busy_seconds() -> float:
+    """Machine-wide non-idle CPU seconds so far (all cores)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / HZ
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[[], Any]) -> dict[str, float]:
+    busy, own, start = busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    foreign = max(0.0, (busy_seconds() - busy) - (own_cpu_seconds() - own))
+    return {"wall_s": wall, "foreign_cpu_s": foreign}
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], runs: int) -> dict[str, dict[str, Any]]:
+    """A B A B ... after one warm-up each; medians over the clean runs."""
+    for fn in cases.values():
+        fn()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, fn in cases.items():
+            samples[name].append(timed(fn))
+    out = {}
+    cores = os.cpu_count() or 1
+    for name, runs_ in samples.items():
+        clean = [r["wall_s"] for r in runs_ if r["foreign_cpu_s"] <= 0.05 * cores * r["wall_s"]]
+        used = clean if len(clean) >= max(3, len(runs_) // 2) else [r["wall_s"] for r in runs_]
+        out[name] = {"median_s": statistics.median(used), "runs_s": [round(r["wall_s"], 4) for r in runs_],
+                     "clean_runs": len(clean), "used_runs": len(used)}
+    return out
+
+
+def matmul_peak_gflops(n: int = 4096, runs: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def count_gflop(fn: Callable[[], Any]) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def peak_rss_subprocess(which: str, steps: int, size: int) -> float:
+    """Peak RSS (GiB) of a fresh process that builds one implementation and runs one generation."""
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", which, "--steps", str(steps),
+                          "--size", str(size)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(which: str, steps: int, size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = write_clip_tokenizer(Path(tmp) / "tokenizer")
+        ours = build_ours(tok)
+        with torch.inference_mode():
+            if which == "ours":
+                optimize_for_cpu_inference(ours)
+                Pipeline(ours).txt2img([SampleSpec(PROMPT, seed=0)], RunSettings("dpmpp_2m", steps, size, size))
+            else:
+                pipe = build_diffusers(ours, tok)
+                del ours
+                pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+                     generator=torch.Generator().manual_seed(0))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run(runs: int, steps: int, size: int, quick: bool) -> dict[str, Any]:
+    tmp = tempfile.TemporaryDirectory()
+    tok = write_clip_tokenizer(Path(tmp.name) / "tokenizer")
+    eager = build_ours(tok)
+    pipe = build_diffusers(eager, tok)
+    fast = optimize_for_cpu_inference(copy.deepcopy(eager))
+    latent = size // 8
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, latent, latent, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    z = torch.randn(1, 4, latent, latent, generator=g)
+    results: dict[str, Any] = {}
+    with torch.inference_mode():
+        unet_gflop = count_gflop(lambda: eager.unet(x, t, ctx))
+        vae_gflop = count_gflop(lambda: eager.autoencoder.decode(z))
+        results["unet_step"] = interleaved({
+            "ours": lambda: fast.unet(x, t, ctx),
+            "ours_eager": lambda: eager.unet(x, t, ctx),
+            "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=ctx).sample,
+        }, runs)
+        results["vae_decode"] = interleaved({
+            "ours": lambda: fast.autoencoder.decode(z),
+            "diffusers": lambda: pipe.vae.decode(z).sample,
+        }, runs)
+        if not quick:
+            settings = RunSettings("dpmpp_2m", steps, size, size)
+            results["txt2img"] = interleaved({
+                "ours": lambda: Pipeline(fast).txt2img([SampleSpec(PROMPT, seed=0)], settings),
+                "diffusers": lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=steps,
+                                          guidance_scale=7.5, generator=torch.Generator().manual_seed(0)),
+            }, runs)
+    peak = matmul_peak_gflops()
+    memory = {} if quick else {"ours": peak_rss_subprocess("ours", steps, size),
+                               "diffusers": peak_rss_subprocess("diffusers", steps, size)}
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "diffusers": __import__("diffusers").__version__, "matmul_peak_gflops": round(peak, 1)},
+        "setup": {"size_px": size, "latent": latent, "steps": steps, "runs": runs, "guidance": 7.5,
+                  "unet_batch": 2, "dtype": "fp32", "weights": "random, SD-1.5 shapes"},
+        "flops": {"unet_step_gflop": round(unet_gflop, 1), "vae_decode_gflop": round(vae_gflop, 1)},
+        "results": results,
+        "peak_rss_gib": {k: round(v, 2) for k, v in memory.items()},
+    }
+
+
+def report(data: dict[str, Any]) -> str:
+    res, flops, peak = data["results"], data["flops"], data["machine"]["matmul_peak_gflops"]
+    size = data["setup"]["size_px"]
+    lines = ["| what | ours (s) | diffusers (s) | ours / diffusers | ours GFLOP/s | % of matmul peak |",
+             "|---|---|---|---|---|---|"]
+    names = {"unet_step": f"UNet step, {size // 8}x{size // 8} latent, batch 2 (CFG)",
+             "vae_decode": f"VAE decode to {size} px",
+             "txt2img": f"txt2img {size}x{size}, DPM-Solver++ {data['setup']['steps']} steps, CFG 7.5"}
+    gflop = {"unet_step": flops["unet_step_gflop"], "vae_decode": flops["vae_decode_gflop"]}
+    for key, r in res.items():
+        ours, theirs = r["ours"]["median_s"], r["diffusers"]["median_s"]
+        rate = f"{gflop[key] / ours:.0f}" if key in gflop else ""
+        share = f"{100 * gflop[key] / ours / peak:.0f} %" if key in gflop else ""
+        lines.append(f"| {names[key]} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | {rate} | {share} |")
+    if "ours_eager" in res.get("unet_step", {}):
+        eager = res["unet_step"]["ours_eager"]["median_s"]
+        lines.append(f"| UNet step, ours without CPU optimisations | {eager:.3f} | | "
+                     f"{eager / res['unet_step']['diffusers']['median_s']:.2f} | {gflop['unet_step'] / eager:.0f} | |")
+    if data["peak_rss_gib"]:
+        m = data["peak_rss_gib"]
+        lines.append(f"| peak RSS, one whole generation (GiB) | {m['ours']:.2f} | {m['diffusers']:.2f} | "
+                     f"{m['ours'] / m['diffusers']:.2f} | | |")
+    lines.append(f"\nfp32 matmul peak measured here: {peak:.0f} GFLOP/s (torch.mm 4096^2); "
+                 f"UNet step {flops['unet_step_gflop']} GFLOP, VAE decode {flops['vae_decode_gflop']} GFLOP.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per case after the warm-up (default 5)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps of the whole generation (default 20)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--quick", action="store_true", help="UNet and VAE only, no whole generation or memory")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
+    parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.steps, args.size)
+        return
+    data = run(args.runs, args.steps, args.size, args.quick)
+    table = report(data)
+    print(table)
+    data["table_markdown"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
