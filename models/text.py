@@ -29,6 +29,10 @@ from models.layers import Linear
 from models.tokenizers import BertTokenizer, CLIPTokenizer, PromptTokenizer, minilm_model_dir
 
 
+class MissingTokenizerError(ValueError):
+    """A CLIP model loaded from a single checkpoint file, which carries no tokenizer, asked to encode."""
+
+
 @dataclass(frozen=True)
 class EncodedPrompts:
     """context: [N, L, D] cross-attention context; warnings: one per truncated prompt."""
@@ -210,7 +214,7 @@ class CLIPTextConditioner(nn.Module):
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         if self.tokenizer is None:
-            raise RuntimeError(
+            raise MissingTokenizerError(
                 "the CLIP text encoder has no tokenizer: give a tokenizer folder (`--tokenizer DIR`) holding "
                 "vocab.json and merges.txt, e.g. the `tokenizer/` folder of a diffusers SD v1 repository"
             )

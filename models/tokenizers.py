@@ -86,7 +86,7 @@ def pack(
                 dropped = dropped[:_SNIPPET_CHARS] + "..."
             n_dropped = len(ids) - room
             message = f"prompt {i} truncated to {max_length} tokens: dropped {n_dropped} token(s) {dropped!r}"
-            logger.warning(message)
+            logger.debug(message)  # the caller gets it in TokenizedPrompts.warnings and reports it
             warnings.append(message)
             ids = ids[:room]
         row = [begin, *ids, end]
@@ -169,9 +169,15 @@ class CLIPTokenizer:
 
     @classmethod
     def from_dir(cls, folder: str | Path, *, max_length: int = 77) -> CLIPTokenizer:
-        """Read `vocab.json` + `merges.txt` (first line `#version: ...`) from `folder`."""
+        """Read `vocab.json` + `merges.txt` (first line `#version: ...`) from `folder`, or the same
+        vocabulary and merges from a `tokenizer.json` (what transformers >= 5 writes instead)."""
         folder = Path(folder)
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
+        if missing and (folder / "tokenizer.json").is_file():
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            pairs = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            pad_token = _read_special_token(folder, "pad_token", EOS)
+            return cls(model["vocab"], pairs, max_length=max_length, pad_token=pad_token)
         if missing:
             raise FileNotFoundError(
                 f"CLIP tokenizer folder {folder} lacks {', '.join(missing)}: it needs vocab.json and "

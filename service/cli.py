@@ -21,7 +21,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
     p.add_argument("--from-file", type=Path, help="one prompt a line; OUT is then a folder of NNN.png, "
-                   "line i generated with seed SEED + i")
+                   "line i generated with seed SEED + i (with --n N: NNN-k.png, seed SEED + i*N + k)")
     p.add_argument("--model", default="tiny-shapes",
                    help="a shipped model name, a .safetensors/.ckpt file, a diffusers folder, or "
                    "random:<config> for untrained random weights from models/configs/ (default: %(default)s)")

@@ -84,7 +84,7 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
         out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for i, prompt in enumerate(prompts):
-        first_seed = options.seed + i if out_dir is not None else options.seed
+        first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
         specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance)
                  for k in range(options.n)]
         with tqdm(total=options.steps, desc=f"prompt {i}", unit="step", leave=False) as bar:
@@ -98,7 +98,9 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
             log.warning("%s", warning)
         for k, (spec, image) in enumerate(zip(specs, result.images, strict=True)):
             params = {**asdict(spec), **asdict(settings), "width": image.width, "height": image.height,
+                      "task": "txt2img",
                       "model": options.model}
+            del params["strength"]  # img2img only
             path = _output_path(out_file, out_dir, i, k, options.n)
             path.write_bytes(encode_png(image, params))
             written.append(path)

@@ -24,6 +24,7 @@ from models.checkpoints import CONFIG_METADATA_KEY, CheckpointError, load_model,
 from models.config import ModelConfig
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.text import MissingTokenizerError
 from models.tokenizers import CLIPTokenizer
 from models.unet import UNetConfig
 from tests.helpers import (
@@ -341,7 +342,7 @@ def test_ldm_sr_family_inferred(tmp_path: Path) -> None:
 def test_single_file_without_tokenizer_loads_but_cannot_generate(toy: Toy) -> None:
     model = load_model(toy.path)
     assert_same_weights(model, toy.model)
-    with pytest.raises(RuntimeError, match=r"no tokenizer: give a tokenizer folder \(`--tokenizer DIR`\)"):
+    with pytest.raises(MissingTokenizerError, match=r"no tokenizer: give a tokenizer folder \(`--tokenizer DIR`\)"):
         Pipeline(model).txt2img([SPEC], SETTINGS)
 
 

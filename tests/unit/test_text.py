@@ -17,6 +17,7 @@ from models.text import (
     CLIPTextModel,
     ConditionerConfig,
     MiniLMConditioner,
+    MissingTokenizerError,
     TransformerConditioner,
     TransformerTextConfig,
     build_conditioner,
@@ -131,7 +132,7 @@ def test_clip_loads_checkpoint_keys_with_position_ids() -> None:
 
 def test_clip_conditioner_without_tokenizer_says_what_to_do() -> None:
     cond = CLIPTextConditioner(TINY_CLIP)
-    with pytest.raises(RuntimeError, match=r"--tokenizer DIR.*vocab\.json and merges\.txt"):
+    with pytest.raises(MissingTokenizerError, match=r"--tokenizer DIR.*vocab\.json and merges\.txt"):
         cond.encode(["a cat"])
 
 
