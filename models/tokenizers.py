@@ -175,7 +175,7 @@ class CLIPTokenizer:
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
         if missing and (folder / "tokenizer.json").is_file():
             model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-            pairs = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            pairs = [(a, b) for a, b in (m.split() if isinstance(m, str) else m for m in model["merges"])]
             pad_token = _read_special_token(folder, "pad_token", EOS)
             return cls(model["vocab"], pairs, max_length=max_length, pad_token=pad_token)
         if missing:

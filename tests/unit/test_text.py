@@ -139,7 +139,7 @@ def test_clip_conditioner_without_tokenizer_says_what_to_do() -> None:
 def test_clip_conditioner_encode_and_truncation(caplog: pytest.LogCaptureFixture) -> None:
     cond = CLIPTextConditioner(TINY_CLIP, byte_clip_tokenizer())
     assert not any(p.requires_grad for p in cond.parameters())
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="models.tokenizers"):
         out = cond.encode(["", "a cat", "x" * 100])
     assert out.context.shape == (3, 77, 64) and cond.context_dim == 64
     assert out.warnings == [w for w in out.warnings if w.startswith("prompt 2 truncated to 77 tokens")]
