@@ -52,6 +52,18 @@ def test_clip_matches_transformers(clip_dir: Path) -> None:
     assert ours.vocab_size == len(theirs)
 
 
+def test_clip_reads_a_tokenizer_json_folder(clip_dir: Path, tmp_path: Path) -> None:
+    """transformers >= 5 saves a CLIP tokenizer as tokenizer.json only (no vocab.json / merges.txt)."""
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    HFCLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True).save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert torch.equal(CLIPTokenizer.from_dir(tmp_path).tokenize(PROMPTS).ids,
+                       CLIPTokenizer.from_dir(clip_dir).tokenize(PROMPTS).ids)
+
+
 def test_clip_merges_are_used(clip_dir: Path) -> None:
     tok = CLIPTokenizer.from_dir(clip_dir)
     ids = tok.encode("a photograph of the horse")
