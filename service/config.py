@@ -8,7 +8,7 @@ Every field carries a description; the README's configuration table is generated
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     rest_port: int = Field(default=8000, ge=0, le=65535, description="Port of the REST API.")
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server listens on.")
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="Port of the gRPC server.")
+    grpc_max_message_bytes: int = Field(
+        default=64 * 2**20, ge=4 * 2**20,
+        description="Largest gRPC message the server receives or sends (an Inpaint request carries an image and a "
+        "mask; a Generate answer carries all n PNGs).")
+    grpc_health_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the gRPC health service checks that Redis is reachable.")
+    grpc_shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="On shutdown, how long running gRPC calls may finish before they are aborted.")
+    max_body_bytes: int = Field(
+        default=48 * 2**20, ge=1,
+        description="Largest REST request body in bytes (413 beyond); room for an image and a mask in base64.")
+    sse_keepalive_s: float = Field(
+        default=15.0, gt=0,
+        description="A progress event stream (SSE) quiet for this long sends a keep-alive comment.")
 
     # --- the queue
     queue_max_depth: int = Field(
@@ -78,6 +92,22 @@ class Settings(BaseSettings):
         default=20, ge=1, description="Longest a worker blocks waiting for jobs before looking again (milliseconds).")
     heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as gone.")
+    worker_device: str | None = Field(
+        default=None, description="Device of a worker (cpu, cuda, cuda:1, ...); unset = cuda when present, else cpu.")
+    worker_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="Weights and activations of a worker: auto = fp16 on cuda, fp32 on cpu.")
+    worker_torch_threads: int = Field(
+        default=0, ge=0, description="CPU threads of a worker's torch ops; 0 = PyTorch's default (one per core).")
+    worker_tokenizer_dir: Path | None = Field(
+        default=None,
+        description="Tokenizer folder (vocab.json + merges.txt) for a worker's single-file SD checkpoint, which "
+        "carries none.")
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", description="Address a worker serves its /metrics on (0.0.0.0 to be scraped from "
+        "another host).")
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of a worker's /metrics; 0 = a free port (the worker logs its URL).")
     default_model: str = Field(
         default="tiny-shapes", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
         description="Model used when a request names none.")

@@ -259,6 +259,8 @@ class WorkerInfo(BaseModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9._:@-]{1,128}$")
     models: list[str]
+    tasks: list[Task] = Field(default_factory=list,
+                              description="tasks its model can do (empty = not said: assume any)")
     host: str = ""
     pid: int = 0
     device: str = ""

@@ -1,0 +1,204 @@
+"""Request and response shapes of the REST API (the OpenAPI schema at /docs is built from these).
+
+Native API: a job is a `GenerationRequest` as JSON, with the input image and mask as base64 strings
+(`JobBody`); one JSON shape for every task keeps clients, docs and idempotency fingerprints simple, and the
+33% base64 overhead is small beside generation time. The OpenAI-compatible API takes its own shapes: JSON for
+generations, multipart for edits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
+
+from service.schemas import MAX_SEED, GenerationRequest, Job, Sampler, Task
+
+
+def _from_base64(value: Any) -> Any:
+    """JSON strings are base64 (a data: URL prefix and line breaks allowed); bytes pass as they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.partition(",")[2] if value.startswith("data:") else value
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PydanticCustomError("base64_invalid", "not valid base64: {reason}", {"reason": str(exc)}) from exc
+
+
+def _base64_field(what: str) -> Any:
+    return Field(default=None, exclude=True, repr=False, description=f"{what}, base64 (PNG, JPEG or WebP)")
+
+
+Base64Image = Annotated[
+    bytes | None, BeforeValidator(_from_base64),
+    WithJsonSchema({"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}]}),
+]
+
+
+class JobBody(GenerationRequest):
+    """POST /v1/jobs: a generation request; `image` and `mask` (white = repaint) are base64 strings. For image
+    tasks leave `width` and `height` out: they are the image's size."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "a red circle on the left", "steps": 20, "seed": 7, "width": 64, "height": 64}]})
+
+    image: Base64Image = _base64_field("input image (img2img, inpaint, upscale)")
+    mask: Base64Image = _base64_field("inpainting mask, the image's size; white = repaint")
+
+    def to_request(self, **update: Any) -> GenerationRequest:
+        """The plain request the queue takes, with `update` (decoded images, sizes) applied."""
+        fields = {name: getattr(self, name) for name in GenerationRequest.model_fields}
+        return GenerationRequest.model_validate({**fields, **update})
+
+
+def _only(task: Task, value: Any) -> Any:
+    if value != task.value:
+        raise PydanticCustomError("task_fixed", "this endpoint runs {task} only; submit {value} jobs to POST /v1/jobs",
+                                  {"task": task.value, "value": str(value)[:32]})
+    return value
+
+
+class Txt2ImgBody(JobBody):
+    """POST /v1/txt2img: a txt2img job (task may be left out)."""
+
+    task: Literal[Task.txt2img] = Task.txt2img
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.txt2img, value)
+
+
+class InpaintBody(JobBody):
+    """POST /v1/inpaint: an inpainting job: base64 `image` and `mask` (white = repaint) of one size."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "a blue square", "image": "<base64 PNG>", "mask": "<base64 PNG>", "steps": 20, "seed": 7}]})
+
+    task: Literal[Task.inpaint] = Task.inpaint
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.inpaint, value)
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str = Field(description="server-sent progress events")
+    images: list[str] = Field(description="the result PNGs, once the job has succeeded")
+
+
+class JobView(Job):
+    """A job as the API answers it: its record plus links."""
+
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        base = f"/v1/jobs/{job.id}"
+        links = JobLinks(self=base, events=f"{base}/events", images=[f"{base}/images/{i}" for i in range(job.results)])
+        return cls(**dict(job), links=links)
+
+
+# ------------------------------------------------------------------------------------ OpenAI-compatible shapes
+
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WxH' -> (W, H); None or 'auto' -> (None, None): the model's default size."""
+    if size is None or size == "auto":
+        return None, None
+    match = SIZE.match(size)
+    if not match:
+        raise PydanticCustomError("size_invalid", "size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size}",
+                                  {"size": size[:32]})
+    return int(match[1]), int(match[2])
+
+
+class OpenAIImageParams(BaseModel):
+    """Our parameters beyond OpenAI's, accepted on both endpoints (the openai client sends them via extra_body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="what to draw")
+    model: str | None = Field(default=None, description="one of GET /v1/models; default: the service's default")
+    n: int = Field(default=1, ge=1, description="images to generate")
+    size: str | None = Field(default=None, description="'WIDTHxHEIGHT' or 'auto' (the model's default size)")
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="b64_json: the PNG inline; url: a link to GET /v1/jobs/{id}/images/{i}")
+    output_format: Literal["png"] = Field(default="png", description="only png")
+    user: str | None = Field(default=None, description="accepted and ignored")
+    quality: str | None = Field(default=None, description="accepted and ignored")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="None = random; image i gets seed + i")
+    steps: int = Field(default=20, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
+    sampler: Sampler = "dpmpp_2m"
+    negative_prompt: str = ""
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        parse_size(value)
+        return value
+
+    def request(self, task: Task, **fields: Any) -> GenerationRequest:
+        """The GenerationRequest these parameters ask for."""
+        width, height = parse_size(self.size)
+        values: dict[str, Any] = {
+            "model": self.model, "task": task, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "seed": self.seed, "steps": self.steps, "sampler": self.sampler, "guidance_scale": self.guidance_scale,
+            "n": self.n, "width": width, "height": height}
+        return GenerationRequest(**{**values, **fields})
+
+
+class OpenAIGenerationBody(OpenAIImageParams):
+    """POST /v1/images/generations (JSON)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "a red circle on the left", "size": "64x64", "n": 1, "response_format": "b64_json", "seed": 7}]})
+
+    style: str | None = Field(default=None, description="accepted and ignored")
+
+
+class OpenAIEditForm(OpenAIImageParams):
+    """POST /v1/images/edits (multipart/form-data)."""
+
+    image: UploadFile = Field(description="the image to edit: PNG, JPEG or WebP")
+    mask: UploadFile | None = Field(default=None, description="PNG with an alpha channel, the image's size: "
+                                    "transparent pixels mark the area to edit (default: the image's own transparency)")
+
+    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                   description="how much to change the masked area; default 1")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int = Field(description="Unix time")
+    data: list[OpenAIImage]
+    output_format: Literal["png"] = "png"
+    size: str | None = Field(default=None, description="'WIDTHxHEIGHT' of the images")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ldm-serve"
+    workers: int = Field(description="live workers serving it")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

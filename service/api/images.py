@@ -1,0 +1,181 @@
+"""Safe decoding of client images and masks, shared by the REST and gRPC front ends.
+
+Every input image goes through `decode_image` before it reaches the queue:
+- the encoded bytes are bounded (`max_image_bytes`, 413);
+- only PNG, JPEG and WebP are opened (Pillow is told so: no other decoder ever sees the bytes);
+- the size read from the header is checked *before* any pixel is decoded: within the configured width and
+  height bounds, a multiple of `size_multiple`, and at most `max_image_pixels` (413), so a small file that claims
+  a huge size (a decompression bomb) is refused without allocating its pixels. Pillow's own global guard
+  (`Image.MAX_IMAGE_PIXELS`) stays in place behind ours; we never change that process-wide setting;
+- it is decoded fully (a truncated or corrupt file is a 422 here, not a crash in a worker), converted to RGB
+  (alpha dropped, palettes expanded) and re-encoded as PNG, so the worker only ever sees one format and no
+  metadata from the client.
+
+Masks: ours are white = repaint (`decode_mask`, any mode, read as luminance). OpenAI's are transparent = repaint
+(`decode_openai_mask`, needs an alpha channel): we convert them to ours as 255 - alpha, so a fully transparent
+pixel is white, an opaque one black, and the pipeline's binarisation at 0.5 decides partly transparent ones.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, ImageChops, UnidentifiedImageError
+
+from service.config import Settings
+
+#: the formats Pillow may try on client bytes
+FORMATS = ("PNG", "JPEG", "WEBP")
+_FORMAT_NAMES = "PNG, JPEG or WebP"
+_PNG_LEVEL = 3  # re-encoding: fast, and still compact for photos and masks
+
+
+class ImageError(ValueError):
+    """A client image that cannot be used: `status` 413 (too big) or 422 (anything else), `field` names it."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A checked input: the pixels and the normalised PNG bytes that go on the queue."""
+
+    image: Image.Image
+    png: bytes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def _open(data: bytes, field: str, settings: Settings) -> Image.Image:
+    """Open (header only) and check format, byte size and pixel size; no pixel is decoded here."""
+    if not data:
+        raise ImageError(field, f"{field} is empty")
+    if len(data) > settings.max_image_bytes:
+        raise ImageError(field, f"{field} is {len(data)} bytes; the limit is {settings.max_image_bytes} bytes", 413)
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(field, f"{field} claims too many pixels to decode (decompression bomb?): {exc}", 413) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(field, f"{field} is not a {_FORMAT_NAMES} image") from exc
+    width, height = image.size
+    if width * height > settings.max_image_pixels:
+        raise ImageError(field, f"{field} is {width}x{height} = {width * height} pixels; the limit is "
+                         f"{settings.max_image_pixels} pixels", 413)
+    return image
+
+
+def _check_size(image: Image.Image, field: str, settings: Settings) -> None:
+    (width, height), m = image.size, settings.size_multiple
+    if width % m or height % m:
+        raise ImageError(field, f"{field} is {width}x{height} pixels; width and height must be multiples of {m}")
+    if not (settings.min_width <= width <= settings.max_width and settings.min_height <= height <= settings.max_height):
+        raise ImageError(field, f"{field} is {width}x{height} pixels; width must be between {settings.min_width} "
+                         f"and {settings.max_width} and height between {settings.min_height} and "
+                         f"{settings.max_height}")
+
+
+def _load(image: Image.Image, field: str) -> Image.Image:
+    """Decode every pixel of the first frame; corrupt or truncated data is the client's error."""
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(field, f"{field} has too many pixels to decode: {exc}", 413) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(field, f"{field} could not be decoded (corrupt or truncated {image.format} data: {exc})") \
+            from exc
+    return image
+
+
+def _with_alpha(image: Image.Image) -> Image.Image | None:
+    """The image as RGBA if it carries transparency (an alpha band or a transparent palette entry), else None."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return image.convert("RGBA")
+    return None
+
+
+def _convert(image: Image.Image, mode: str, field: str) -> Image.Image:
+    try:
+        return image.convert(mode)
+    except (ValueError, OSError) as exc:
+        raise ImageError(field, f"{field} has pixel mode {image.mode}, which cannot be converted to {mode}") from exc
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=_PNG_LEVEL)
+    return buf.getvalue()
+
+
+def _rgb(image: Image.Image, field: str) -> Image.Image:
+    rgba = _with_alpha(image)
+    return _convert(rgba if rgba is not None else image, "RGB", field)
+
+
+def _checked_image(data: bytes, field: str, settings: Settings) -> Image.Image:
+    image = _open(data, field, settings)
+    _check_size(image, field, settings)
+    return _load(image, field)
+
+
+def _as_input(image: Image.Image, field: str) -> DecodedImage:
+    rgb = _rgb(image, field)
+    return DecodedImage(rgb, _png(rgb))
+
+
+def decode_image(data: bytes, settings: Settings, *, field: str = "image") -> DecodedImage:
+    """Check and decode an input image; RGB, re-encoded as PNG. Raises ImageError."""
+    return _as_input(_checked_image(data, field, settings), field)
+
+
+def _same_size(mask: Image.Image, image: DecodedImage, field: str) -> None:
+    if mask.size != image.size:
+        raise ImageError(field, f"{field} is {mask.width}x{mask.height} pixels but the image is "
+                         f"{image.size[0]}x{image.size[1]}; they must be the same size")
+
+
+def decode_mask(data: bytes, image: DecodedImage, settings: Settings, *, field: str = "mask") -> DecodedImage:
+    """A mask in our convention (white = repaint; read as luminance, alpha ignored), the image's size; L PNG."""
+    mask = _open(data, field, settings)
+    _same_size(mask, image, field)
+    gray = _convert(_rgb(_load(mask, field), field), "L", field)
+    return DecodedImage(gray, _png(gray))
+
+
+def _transparent_to_white(rgba: Image.Image) -> Image.Image:
+    """OpenAI mask (transparent = edit) -> ours (white = repaint): 255 - alpha."""
+    return ImageChops.invert(rgba.getchannel("A"))
+
+
+def decode_openai_mask(data: bytes, image: DecodedImage, settings: Settings, *, field: str = "mask") -> DecodedImage:
+    """An OpenAI mask (fully transparent pixels = the area to edit; it must have an alpha channel), the image's
+    size, converted to ours (white = repaint)."""
+    mask = _open(data, field, settings)
+    _same_size(mask, image, field)
+    rgba = _with_alpha(_load(mask, field))
+    if rgba is None:
+        raise ImageError(field, f"{field} has no alpha channel (mode {mask.mode}): an OpenAI mask is a PNG whose "
+                         "transparent pixels mark the area to edit")
+    white = _transparent_to_white(rgba)
+    return DecodedImage(white, _png(white))
+
+
+def openai_image_and_mask(image_data: bytes, mask_data: bytes | None,
+                          settings: Settings) -> tuple[DecodedImage, DecodedImage]:
+    """The image and our mask for an OpenAI edit: from `mask_data` when given, else from the image's own
+    transparency (as OpenAI does), which must then exist."""
+    original = _checked_image(image_data, "image", settings)
+    image = _as_input(original, "image")
+    if mask_data is not None:
+        return image, decode_openai_mask(mask_data, image, settings)
+    rgba = _with_alpha(original)
+    white = _transparent_to_white(rgba) if rgba is not None else None
+    if white is None or white.getextrema()[1] == 0:
+        raise ImageError("mask", "mask is required: the image has no transparent pixels to edit; send a mask whose "
+                         "transparent pixels mark the area to edit, or an image with transparent areas")
+    return image, DecodedImage(white, _png(white))

@@ -1,0 +1,92 @@
+"""The REST front end: `create_app(settings)` builds the FastAPI app; `build_server` wraps it in uvicorn.
+
+Nothing connects at import time, nor when the app is built: the job queue (a Redis client) is made in the
+app's lifespan, on the server's event loop, unless the caller hands one in (then the caller closes it).
+
+Routes (one router per resource, service/api/routes/):
+- native jobs:      POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{i}, GET /v1/jobs/{id}/events (SSE),
+                    DELETE /v1/jobs/{id}
+- synchronous:      POST /v1/txt2img, POST /v1/inpaint (answer image/png)
+- OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
+- GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs (schema at /openapi.json)
+Errors and their statuses: service/api/errors.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.api import errors
+from service.api.middleware import BodyLimit, HttpMetrics
+from service.api.routes import health, jobs, models, openai, sync
+from service.config import Settings
+from service.jobs import JobQueue
+from service.metrics import ApiMetrics
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ldm-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+DESCRIPTION = """Latent Diffusion Model image generation.
+
+* **Native API**: submit a job (`POST /v1/jobs`, images as base64 in JSON), follow it (`GET /v1/jobs/{id}`,
+  server-sent events at `/v1/jobs/{id}/events`), fetch its PNGs, cancel it; or call `POST /v1/txt2img` /
+  `POST /v1/inpaint` and get the PNG back directly.
+* **OpenAI-compatible**: `POST /v1/images/generations` and `POST /v1/images/edits` work with the official
+  `openai` client (`base_url="http://host:port/v1"`).
+"""
+
+
+def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None) -> FastAPI:
+    """The app. `queue`: an open JobQueue to use (tests, or one shared with the gRPC server); by default one is
+    made from `settings.redis_url` when the app starts and closed when it stops. `metrics`: the API process's
+    metrics, shared with the gRPC server when both run in one process; by default the app's own."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if queue is not None:
+            app.state.queue = queue
+            yield
+            return
+        app.state.queue = JobQueue(settings)
+        try:
+            yield
+        finally:
+            await app.state.queue.aclose()
+
+    app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics or ApiMetrics()
+    errors.install(app)
+    for router in (jobs.router, sync.router, openai.router, models.router, health.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)
+    return app
+
+
+def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
+                 host: str | None = None, port: int | None = None, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for the app on `rest_host`:`rest_port` (or `host`/`port`); `await server.serve()` or
+    `server.run()`; set `server.should_exit = True` to stop it gracefully."""
+    config = uvicorn.Config(create_app(settings, queue, metrics=metrics), host=host or settings.rest_host,
+                            port=settings.rest_port if port is None else port, log_level=log_level,
+                            timeout_graceful_shutdown=5, proxy_headers=False)
+    return uvicorn.Server(config)
+
+
+def serve(settings: Settings) -> None:
+    """Run the REST API until interrupted (what `ldm api` runs)."""
+    log.info("REST API on http://%s:%d (docs at /docs)", settings.rest_host, settings.rest_port)
+    build_server(settings).run()

@@ -1,0 +1,1 @@
+"""One router per resource: jobs (async), sync, openai, models, health (healthz, readyz, metrics)."""

@@ -1,0 +1,121 @@
+"""Native async jobs: submit, status, result images, progress events (SSE), cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.responses import StreamingResponse
+
+from service.api.bodies import JobBody, JobView
+from service.api.deps import IdempotencyKey, QueueDep, SettingsDep
+from service.api.errors import ApiError
+from service.api.submit import submit_body
+from service.jobs import EVENT_ID, JobNotFound, JobQueue, QueueUnavailable
+from service.schemas import Job, JobEvent, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JobId = Annotated[str, Path(description="the job id (32 hex digits)")]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID.pattern,
+                                           description="resume after this event id")]
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
+SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}, "description": "progress events"}}
+
+
+async def _job(queue: JobQueue, job_id: str) -> Job:
+    job = await queue.get(job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+@router.post("", status_code=202, response_model=JobView, summary="Submit a job")
+async def create_job(body: JobBody, response: Response, queue: QueueDep, settings: SettingsDep,
+                     idempotency_key: IdempotencyKey = None) -> JobView:
+    """Queue a txt2img, img2img, inpaint or upscale job; 202 with the job and its Location. The same
+    Idempotency-Key answers with the same job."""
+    job = await submit_body(queue, settings, body, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobView.of(job)
+
+
+@router.get("/{job_id}", response_model=JobView, summary="A job's status")
+async def get_job(job_id: JobId, queue: QueueDep) -> JobView:
+    return JobView.of(await _job(queue, job_id))
+
+
+@router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG, summary="A result image")
+async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0)], queue: QueueDep, settings: SettingsDep,
+                    ) -> Response:
+    """Result `index` (0-based) of a succeeded job, as PNG with the generation parameters in text chunks."""
+    job = await _job(queue, job_id)
+    if job.status != JobStatus.succeeded:
+        raise ApiError(409, f"job {job_id} is {job.status.value}: images are there once it has succeeded",
+                       code="not_ready")
+    if index >= job.results:
+        raise ApiError(404, f"job {job_id} has {job.results} images (0 to {job.results - 1})", code="no_such_image")
+    png = await queue.result(job_id, index)
+    if png is None:
+        raise ApiError(404, f"image {index} of job {job_id} has expired", code="result_expired")
+    return Response(png, media_type="image/png", headers={
+        "Cache-Control": f"private, max-age={settings.result_ttl_s}, immutable",
+        "Content-Disposition": f'inline; filename="{job_id}-{index}.png"'})
+
+
+@router.delete("/{job_id}", response_model=JobView, summary="Cancel a job",
+               responses={202: {"description": "cancellation asked of the running worker"}})
+async def cancel_job(job_id: JobId, response: Response, queue: QueueDep) -> JobView:
+    """A queued job is cancelled at once (200); a running one stops at its next step (202); a finished one
+    cannot be (409)."""
+    status = await queue.cancel(job_id)
+    if status in (JobStatus.succeeded, JobStatus.failed):
+        raise ApiError(409, f"job {job_id} has already {status.value}", code="already_finished")
+    response.status_code = 202 if status == JobStatus.running else 200
+    return JobView.of(await _job(queue, job_id))
+
+
+def _frame(event: JobEvent) -> str:
+    return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: float) -> AsyncIterator[str]:
+    """SSE frames of the job's events after `after`, until a terminal one; a comment when idle for `keepalive_s`."""
+    yield "retry: 1000\n\n"
+    quiet_since = time.monotonic()
+    try:
+        while True:
+            events = await queue.events(job_id, after, block_ms=int(min(keepalive_s, 5.0) * 1000))
+            for event in events:
+                yield _frame(event)
+                if event.terminal:
+                    return
+            after = events[-1].id if events else after
+            if events:
+                quiet_since = time.monotonic()
+                continue
+            job = await queue.get(job_id)
+            if job is None or job.status.terminal:  # ended (or expired) with its last event already sent
+                for event in await queue.events(job_id, after):  # ... or written just after our read
+                    yield _frame(event)
+                return
+            if time.monotonic() - quiet_since >= keepalive_s:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+    except QueueUnavailable as exc:
+        yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses=SSE, summary="Progress events (SSE)")
+async def job_events(job_id: JobId, queue: QueueDep, settings: SettingsDep,
+                     last_event_id: LastEventId = None,
+                     after: Annotated[str | None, Query(pattern=EVENT_ID.pattern)] = None) -> StreamingResponse:
+    """Server-sent events: `queued`, `started`, `progress` (step/total), ..., then one terminal event
+    (`succeeded`, `failed` or `cancelled`), after which the stream ends. Each event's `id:` is its Redis event
+    id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it."""
+    await _job(queue, job_id)
+    stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,471 @@
+"""The worker process: one device, one model, a loop of schedule -> execute -> update (vLLM's EngineCore.step).
+
+- schedule: take over jobs of workers that went silent (XAUTOCLAIM, every so often), then claim up to
+  `max_batch` new jobs, blocking at most `max_wait_ms`; decode their inputs and group them (`make_batches`).
+- execute: run each batch on the device (`Runner.run`); after every sampler step the jobs' progress goes to the
+  queue, whose answer says which jobs were cancelled (stopped between steps) or taken over by another worker.
+- update: store each job's PNGs and mark it succeeded (`finish`), or `fail` / `cancelled` it; metrics.
+
+A heartbeat thread registers the worker (`WorkerInfo`, with the tasks its model can do) every
+`min(heartbeat_interval_s, visibility_timeout_s / 3)` and keeps every claimed job alive, including those waiting
+behind the batch in hand, so that only a worker that really stopped loses its jobs.
+
+SIGTERM / SIGINT: claim no more, finish the jobs in hand (at most `max_batch` claimed jobs), deregister, exit 0.
+A second signal exits at once (the jobs in hand are taken over by another worker after the visibility timeout).
+
+Cancellation is per job, batches are shared: a cancelled job is marked cancelled at the next step and its images
+are dropped, while the rest of its batch runs on; when every job of a batch is stopped, the batch stops too.
+
+Logs are one line per event with key=value fields (`event=batch_done model=... samples=4 seconds=0.41`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+import torch
+from PIL import Image
+
+from service.config import Settings
+from service.jobs import Claim, QueueError, QueueUnavailable, SyncJobQueue
+from service.metrics import WorkerMetrics, start_metrics_server
+from service.schemas import BatchKey, GenerationRequest, Task, WorkerInfo
+from service.worker.batcher import Batch, Sample, make_batches
+from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback
+
+log = logging.getLogger("service.worker")
+PROCESS_TITLE = "ldm worker"
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
+def kv(event: str, **fields: object) -> str:
+    """A log line of key=value fields; values with spaces or quotes are JSON-quoted."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={json.dumps(text) if _NEEDS_QUOTES.search(text) or not text else text}")
+    return " ".join(parts)
+
+
+@dataclass(eq=False)
+class JobState:
+    """A claimed job in this worker: decoded inputs, its batch key, the PNGs made so far."""
+
+    claim: Claim
+    key: BatchKey
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    pngs: dict[int, bytes] = field(default_factory=dict)
+    started: float | None = None  # monotonic time it started running here
+    done: bool = False  # settled, or taken over by another worker
+
+    @property
+    def id(self) -> str:
+        return self.claim.job.id
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.claim.job.request
+
+
+def _distinct(samples: Sequence[Sample[JobState]]) -> list[JobState]:
+    jobs: list[JobState] = []
+    for s in samples:
+        if not any(s.job is j for j in jobs):
+            jobs.append(s.job)
+    return jobs
+
+
+class Worker:
+    """The loop around one `Runner`; `run()` until `request_stop()`."""
+
+    def __init__(self, settings: Settings, queue: SyncJobQueue, runner: Runner, metrics: WorkerMetrics,
+                 worker_id: str) -> None:
+        self.settings, self.queue, self.runner, self.metrics = settings, queue, runner, metrics
+        self.id = worker_id
+        self.model = runner.name
+        self._stop = threading.Event()
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._held: dict[str, Claim] = {}
+        self._lock = threading.Lock()
+        self._busy = False
+        self._started_at = time.time()
+        self._next_reclaim = 0.0
+        s = settings
+        self.beat_interval_s = min(s.heartbeat_interval_s, s.visibility_timeout_s / 3)
+        self.reclaim_interval_s = max(0.05, min(s.visibility_timeout_s / 2, 10.0))
+
+    # ------------------------------------------------------------------------------------------- life cycle
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), host=socket.gethostname(),
+                          pid=os.getpid(), device=str(self.runner.device), started_at=self._started_at,
+                          busy=self._busy)
+
+    def request_stop(self) -> None:
+        """Claim no more jobs; `run` returns once the jobs in hand are done."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> int:
+        """The loop; returns the exit code (0 after a requested stop)."""
+        self._start_heartbeat()
+        self.metrics.up.set(1)
+        failures = 0
+        try:
+            while not self.stopping:
+                try:
+                    self.step()
+                    failures = 0
+                except QueueUnavailable as exc:
+                    failures += 1
+                    delay = min(10.0, 0.5 * 2 ** min(failures, 5))
+                    log.warning(kv("redis_unavailable", error=exc, retry_in_s=delay))
+                    with self._lock:
+                        self._held.clear()  # their entries stay pending: reclaimed after the visibility timeout
+                    self._stop.wait(delay)
+        finally:
+            self.metrics.up.set(0)
+            self._stop_heartbeat()
+        return 0
+
+    def close(self) -> None:
+        """Leave the registry (best effort: the entry expires anyway)."""
+        try:
+            self.queue.deregister(self.id)
+        except QueueError as exc:
+            log.warning(kv("deregister_failed", error=exc))
+
+    # ------------------------------------------------------------------------------------------- one step
+
+    def step(self) -> int:
+        """schedule -> execute -> update once; the number of jobs taken."""
+        claims = self.schedule()
+        if not claims:
+            return 0
+        self._busy = True
+        try:
+            with self.metrics.busy.busy():
+                jobs = self.prepare(claims)
+                for batch in make_batches(jobs, self.settings.max_batch, request=lambda j: j.request,
+                                          key=lambda j: j.key):
+                    self.execute(batch)
+                for j in jobs:  # never leave a claimed job behind (cannot happen; a net under future changes)
+                    if not j.done:
+                        self._fail(j, JobFailure("internal", f"made {len(j.pngs)} of {j.request.n} images"))
+        finally:
+            self._busy = False
+            self._release(claims)
+        return len(claims)
+
+    def schedule(self) -> list[Claim]:
+        """Jobs of silent workers (every `reclaim_interval_s`), then new ones, up to `max_batch` in all."""
+        s = self.settings
+        reclaimed: list[Claim] = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self.reclaim_interval_s
+            reclaimed = self.queue.reclaim(self.model, self.id, count=s.max_batch)
+            for c in reclaimed:
+                self.metrics.jobs_reclaimed.labels(self.model).inc()
+                log.info(kv("job_reclaimed", job=c.job.id, attempt=c.attempt, previous_worker=c.job.worker))
+        room = s.max_batch - len(reclaimed)
+        fresh = self.queue.claim(self.model, self.id, count=room, block_ms=1 if reclaimed else s.max_wait_ms) \
+            if room > 0 else []
+        claims = reclaimed + fresh
+        with self._lock:
+            self._held.update((c.job.id, c) for c in claims)
+        return claims
+
+    def prepare(self, claims: Sequence[Claim]) -> list[JobState]:
+        """Check each job against the model and decode its inputs; a job that cannot run fails here, alone."""
+        jobs: list[JobState] = []
+        for claim in claims:
+            request = claim.job.request
+            try:
+                self.runner.check(request)
+                image = mask = None
+                if request.task != Task.txt2img:
+                    raw_image, raw_mask = self.queue.inputs(claim.job.id)
+                    image, mask = self.runner.inputs(request, raw_image, raw_mask,
+                                                     max_pixels=self.settings.max_image_pixels)
+                jobs.append(JobState(claim, self.runner.batch_key(request, image), image, mask))
+            except JobFailure as failure:
+                self._fail(JobState(claim, request.batch_key()), failure)
+        return jobs
+
+    def execute(self, batch: Batch[JobState]) -> None:
+        """Start the batch's jobs, run it, store what it made."""
+        live = self._start([s for s in batch.samples if not s.job.done])
+        if not live:
+            return
+        jobs = _distinct(live)
+        inputs = [SampleInput(s.job.request, s.seed, s.job.image, s.job.mask) for s in live]
+        began = time.monotonic()
+        try:
+            pngs = self.runner.run(batch.key, inputs, on_step=self._on_step(live))
+        except JobFailure as failure:
+            for j in jobs:
+                self._fail(j, failure)
+            return
+        except QueueError:
+            raise
+        except Exception as exc:  # a fault of ours or of the device: the batch's jobs fail, the worker lives on
+            log.exception(kv("batch_error", model=self.model, task=batch.key.task.value, error=type(exc).__name__))
+            for j in jobs:
+                self._fail(j, JobFailure("internal", f"{type(exc).__name__}: {exc}"))
+            return
+        seconds = time.monotonic() - began
+        labels = (self.model, batch.key.task.value)
+        self.metrics.batch_size.labels(*labels).observe(len(live))
+        self.metrics.batch_duration.labels(*labels).observe(seconds)
+        log.info(kv("batch_done", model=self.model, task=batch.key.task.value, size=f"{batch.key.width}x"
+                    f"{batch.key.height}", steps=batch.key.steps, jobs=len(jobs), samples=len(live), seconds=seconds))
+        for sample, png in zip(live, pngs, strict=True):
+            if png is not None and not sample.job.done:
+                sample.job.pngs[sample.index] = png
+        for j in jobs:
+            if not j.done and len(j.pngs) == j.request.n:
+                self._finish(j)
+
+    def _start(self, samples: list[Sample[JobState]]) -> list[Sample[JobState]]:
+        """Mark the jobs of `samples` running (those not yet started); the samples whose jobs may run."""
+        fresh = [j for j in _distinct(samples) if j.started is None]
+        if fresh:
+            runnable = {c.job.id for c in self.queue.start([j.claim for j in fresh])}
+            now, mono = time.time(), time.monotonic()
+            for j in fresh:
+                if j.id in runnable:
+                    j.started = mono
+                    self.metrics.job_wait.labels(self.model).observe(max(0.0, now - j.claim.job.created_at.timestamp()))
+                else:  # cancelled while queued (already acknowledged) or taken over by another worker
+                    j.done = True
+                    self._release([j.claim])
+        return [s for s in samples if not s.job.done]
+
+    def _on_step(self, live: list[Sample[JobState]]) -> StepCallback:
+        """Progress to the queue after every step; stop cancelled jobs; raise Cancelled when none is left."""
+        last = [time.monotonic()]
+
+        def on_step(step: int, total: int, indices: Sequence[int]) -> None:
+            now = time.monotonic()
+            if step > 1:  # the first interval holds the batch's setup (text encoding, image encoding)
+                self.metrics.step_time.labels(self.model).observe(now - last[0])
+            last[0] = now
+            jobs = [j for j in _distinct([live[i] for i in indices]) if not j.done]
+            stop = self.queue.progress([j.claim for j in jobs], step, total) if jobs else {}
+            for j in jobs:
+                if stop.get(j.id) == "cancel":
+                    self._cancelled(j, step, total)
+                elif stop.get(j.id) == "lost":
+                    self._lost(j)
+            if all(j.done for j in jobs):
+                raise Cancelled
+
+        return on_step
+
+    # ------------------------------------------------------------------------------------------- update
+
+    def _finish(self, job: JobState) -> None:
+        pngs = [job.pngs[i] for i in range(job.request.n)]
+        if not self.queue.finish(job.claim, pngs):
+            self._lost(job)
+            return
+        task = job.request.task.value
+        self.metrics.images.labels(self.model, task).inc(len(pngs))
+        self._ended(job, "succeeded")
+        log.info(kv("job_succeeded", job=job.id, task=task, images=len(pngs), attempt=job.claim.attempt))
+
+    def _fail(self, job: JobState, failure: JobFailure) -> None:
+        if not self.queue.fail(job.claim, str(failure)):
+            self._lost(job)
+            return
+        self.metrics.job_failures.labels(self.model, failure.reason).inc()
+        self._ended(job, "failed")
+        log.warning(kv("job_failed", job=job.id, task=job.request.task.value, reason=failure.reason,
+                       error=failure.message))
+
+    def _cancelled(self, job: JobState, step: int, total: int) -> None:
+        if not self.queue.cancelled(job.claim):
+            self._lost(job)
+            return
+        self._ended(job, "cancelled")
+        log.info(kv("job_cancelled", job=job.id, step=step, total=total))
+
+    def _lost(self, job: JobState) -> None:
+        job.done = True
+        self._release([job.claim])
+        self.metrics.jobs_lost.labels(self.model).inc()
+        log.warning(kv("job_lost", job=job.id, reason="taken over by another worker"))
+
+    def _ended(self, job: JobState, status: str) -> None:
+        job.done = True
+        self._release([job.claim])
+        self.metrics.jobs_completed.labels(self.model, status).inc()
+        if job.started is not None:
+            self.metrics.job_run.labels(self.model, job.request.task.value).observe(time.monotonic() - job.started)
+
+    def _release(self, claims: Sequence[Claim]) -> None:
+        with self._lock:
+            for c in claims:
+                self._held.pop(c.job.id, None)
+
+    # ------------------------------------------------------------------------------------------- heartbeat
+
+    def _start_heartbeat(self) -> None:
+        self._beat()  # registered before the first claim, so /readyz sees the worker at once
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="ldm-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def _stop_heartbeat(self) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=self.beat_interval_s + 5)
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(self.beat_interval_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        """Heartbeat, and keep the claimed jobs (running or waiting their turn) from being taken over."""
+        try:
+            self.queue.heartbeat(self.info())
+            self.metrics.heartbeats.inc()
+            with self._lock:
+                held = list(self._held.values())
+            if held:
+                self.queue.keepalive(held)
+        except QueueError as exc:
+            log.warning(kv("heartbeat_failed", error=exc))
+
+
+# ----------------------------------------------------------------------------------------------- the process
+
+def default_worker_id() -> str:
+    """host-pid-random: unique across restarts in a container where the pid is always the same."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:80] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def set_process_title(title: str = PROCESS_TITLE) -> str:
+    """Make the process recognisable in `ps`; how it was done. With the optional `setproctitle` package the whole
+    command line is replaced; otherwise, on Linux, the kernel's process name (`ps -o comm`, `ps -e`, `top`,
+    `pgrep` without -f) is set with prctl(PR_SET_NAME), while the command line stays what started the process:
+    `ldm worker ...` when started by the `ldm` command."""
+    try:
+        import setproctitle  # type: ignore[import-not-found]
+
+        setproctitle.setproctitle(title)
+        return "setproctitle"
+    except ImportError:
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(15, title.encode()[:15], 0, 0, 0) == 0:  # 15 = PR_SET_NAME; 15 bytes + NUL
+                return "prctl"
+        except (OSError, AttributeError):
+            pass
+    return "none"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """key=value lines on stderr, unless the caller (the `ldm` command) configured logging already."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                            format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: stop claiming and finish the jobs in hand; a second one: exit now."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+        self.received = 0
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handle)
+            signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+        name = signal.Signals(signum).name
+        if self.received > 1:
+            log.warning(kv("shutdown_now", signal=name))
+            raise SystemExit(128 + signum)
+        log.info(kv("shutdown_requested", signal=name, note="finishing the jobs in hand, claiming no more"))
+        if self.worker is not None:
+            self.worker.request_stop()
+
+
+def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = None, device: str | None = None,
+               model_name: str | None = None) -> int:
+    """Run a worker until SIGTERM/SIGINT; the exit code (0 clean, 1 could not start: model or Redis).
+
+    `model_spec`: a shipped model name, a checkpoint file, a diffusers folder or `random:<config>`; the worker
+    serves the queue `model_name` (default: `served_name(model_spec)`). `device` overrides `worker_device`.
+    """
+    configure_logging()
+    how = set_process_title()
+    signals = _Signals()
+    signals.install()
+    worker_id = worker_id or default_worker_id()
+    if settings.worker_torch_threads:
+        torch.set_num_threads(settings.worker_torch_threads)
+    metrics = WorkerMetrics()
+    try:
+        runner = Runner.load(model_spec, name=model_name, device=device or settings.worker_device,
+                             dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir)
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.error(kv("model_load_failed", model=model_spec, error=exc))
+        return 1
+    runner.on_oom = metrics.oom_retries.labels(runner.name).inc
+    metrics.describe_worker(worker_id, runner.name, str(runner.device), str(runner.dtype).removeprefix("torch."))
+    queue = SyncJobQueue(settings)
+    server = None
+    try:
+        try:
+            queue.ping()
+        except QueueUnavailable as exc:
+            log.error(kv("redis_unavailable", error=exc))
+            return 1
+        server, url = start_metrics_server(metrics.registry, settings.worker_metrics_port,
+                                           settings.worker_metrics_host)
+        worker = Worker(settings, queue, runner, metrics, worker_id)
+        signals.worker = worker
+        if signals.received:  # a signal while the model loaded
+            worker.request_stop()
+        log.info(kv("worker_started", worker=worker_id, model=runner.name, spec=model_spec, device=runner.device,
+                    dtype=str(runner.dtype).removeprefix("torch."), tasks=",".join(sorted(runner.tasks)),
+                    max_batch=settings.max_batch, metrics=url, pid=os.getpid(), title=how))
+        try:
+            code = worker.run()
+        except Exception:  # a bug: exit non-zero so a supervisor restarts us; our jobs are taken over
+            log.exception(kv("worker_crashed", worker=worker_id))
+            code = 1
+        finally:
+            worker.close()
+        log.info(kv("worker_stopped", worker=worker_id, exit_code=code))
+        return code
+    finally:
+        if server is not None:
+            server.shutdown()
+        queue.close()
