@@ -173,7 +173,16 @@ def memory_probe(which: str, steps: int, size: int) -> None:
                 del ours
                 pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
                      generator=torch.Generator().manual_seed(0))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    print(peak_rss_gib())
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    through fork + exec, so a child of a big process would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -83,7 +83,7 @@ def write_clip_tokenizer(folder: Path, n_merges: int = 300) -> Path:
 
 
 
-def randomize(model: M, seed: int) -> M:
+def randomize(model: M, seed: int = 0) -> M:
     """Seeded random weights everywhere (zero-init convs and norm affines included), so a swapped or
     dropped tensor cannot hide behind a zero or an identity."""
     g = torch.Generator().manual_seed(seed)

@@ -1,29 +1,16 @@
 """First-stage autoencoder: shapes, the KL posterior, VQ straight-through, original key names and
 parameter counts of the released configs (ldm-facts §2.1, §2.3, §4.1)."""
 
-from typing import TypeVar
 
 import pytest
 import torch
 
 from models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput, DiagonalGaussian
 from models.noise import generators_from_seeds
+from tests.helpers import randomize as _randomize
 
 TOY_KL = AutoencoderConfig(ch=32, ch_mult=(1, 2), resolution=32)
 TOY_VQ = AutoencoderConfig(kind="vq", ch=32, ch_mult=(1, 2), resolution=32, n_embed=16, embed_dim=4)
-M = TypeVar("M", bound=torch.nn.Module)
-
-
-def _randomize(model: M, seed: int = 0) -> M:
-    """Seeded random weights everywhere (norm affines included), so no layer is a silent no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -2,28 +2,16 @@
 numbering and key shapes of SD v1 (ldm-facts §3.3), and parameter counts of the released configs."""
 
 import math
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
 
 from models.attention import AttentionBlock, CrossAttention, SpatialTransformer, qkv_attention_legacy
 from models.unet import UNet, UNetConfig, timestep_embedding
+from tests.helpers import randomize as _randomize
 
 TOY = UNetConfig(model_channels=32, context_dim=32)  # SD v1 structure, 8 heads of 4/8/16 channels
-M = TypeVar("M", bound=torch.nn.Module)
-
-
-def _randomize(model: M, seed: int = 0) -> M:
-    """Seeded random weights everywhere, the zero-initialised output convs included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
