@@ -7,27 +7,31 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow lint typecheck bench clean
+.PHONY: install stubs run test test-slow lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e '.[test]'
+	$(PY) -m service.api.proto_build --force   # gRPC stubs from proto/ with the venv's own grpcio-tools
 	touch $(STAMP)
 
-# Until the service and a trained model land (issues 3 and 4), `make run` generates one image offline
-# with the random-weight tiny-sd config and prints where it wrote it.
-run: install
-	$(VENV)/bin/ldm generate "a red circle on the left" --model random:tiny-sd --steps 20 -o out.png
+# Regenerates the gRPC stubs when proto/ changed (cheap otherwise).
+stubs: install
+	$(PY) -m service.api.proto_build
 
-lint: install
+# One box: embedded Redis, REST on 127.0.0.1:8000, gRPC on 127.0.0.1:50051, one worker (see README).
+run: stubs
+	$(VENV)/bin/ldm serve
+
+lint: stubs
 	$(VENV)/bin/ruff check models service tests bench
 	$(VENV)/bin/mypy models service
 
-test: install lint
+test: stubs lint
 	$(VENV)/bin/pytest -q
 
 test-slow: install
@@ -37,4 +41,4 @@ bench: install
 	$(PY) bench/model_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache service/api/_proto build

@@ -68,11 +68,76 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="one box: embedded Redis, REST + gRPC, one supervised worker",
+        description="Start everything on this machine: an embedded Redis (unless LDM_REDIS_URL is set; data under "
+        "LDM_DATA_DIR), the REST API (LDM_REST_HOST:LDM_REST_PORT, default 127.0.0.1:8000), the gRPC server "
+        "(default 127.0.0.1:50051) and worker processes, restarted if they die. Settings: LDM_* variables or a "
+        "YAML file named by LDM_CONFIG_FILE (see the README).")
+    serve.add_argument("--model", default=None, help="model spec the workers load: a shipped name, a checkpoint "
+                       "file, a diffusers folder or random:<config> (default: LDM_DEFAULT_MODEL if it is shipped, "
+                       "else random:tiny-sd)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1; one per GPU)")
+    serve.set_defaults(func=run_serve)
+    api = sub.add_parser("api", help="REST + gRPC front ends only (needs LDM_REDIS_URL)",
+                         description="Run the REST API and the gRPC server against the Redis at LDM_REDIS_URL. "
+                         "Stateless: run as many replicas as you like.")
+    api.set_defaults(func=run_api)
+    worker = sub.add_parser("worker", help="one worker process for one model (needs LDM_REDIS_URL)",
+                            description="Load one model and serve its queue: claim, batch, generate, store PNGs. "
+                            "One per GPU. SIGTERM finishes the batch in hand, then exits.")
+    worker.add_argument("--model", required=True, help="model spec: a shipped name, a checkpoint file, a "
+                        "diffusers folder, or random:<config>")
+    worker.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
+    worker.add_argument("--worker-id", default=None, help="unique id (default: host-pid)")
+    worker.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: LDM_WORKER_DEVICE or auto)")
+    worker.set_defaults(func=run_worker)
+
+
+def default_model_spec(configured: str) -> str:
+    """The configured default model if it is shipped or a path, else the labelled random stand-in."""
+    from models.checkpoints import ZOO_DIR
+
+    if configured.startswith("random:") or (ZOO_DIR / configured).is_dir() or Path(configured).exists():
+        return configured
+    logging.getLogger(__name__).warning(
+        "model %r is not shipped yet: serving random:tiny-sd, a model with RANDOM weights (images are noise)",
+        configured)
+    return "random:tiny-sd"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+    from service.serve import run_serve as serve
+
+    settings = load_settings()
+    return serve(settings, args.model or default_model_spec(settings.default_model), workers=args.workers)
+
+
+def run_api(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+    from service.serve import run_api as api
+
+    return api(load_settings())
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+    from service.worker.process import run_worker as worker
+
+    settings = load_settings()
+    if settings.redis_url is None:
+        raise ValueError("ldm worker needs a Redis: set LDM_REDIS_URL (or run `ldm serve`, which starts one)")
+    return worker(settings, args.model, worker_id=args.worker_id, device=args.device, model_name=args.model_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent Diffusion Models: library, service and tools.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _service_parsers(sub)
     return parser
 
 

@@ -92,7 +92,7 @@ class JobNotFound(QueueError, KeyError):
 
 
 class IdempotencyConflict(QueueError):
-    """The idempotency key names a job submitted with a different request (-> 422 / INVALID_ARGUMENT)."""
+    """The idempotency key names a job submitted with a different request (409 over REST, ALREADY_EXISTS gRPC)."""
 
 
 @dataclass(frozen=True)
