@@ -315,12 +315,22 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
             f"SD v1 text encoder with a {unet.in_channels}-channel UNet input: expected {latent} (txt2img) "
             f"or {2 * latent + 1} (inpainting)"
         )
+    classes = parts["conditioner"].get("embedding.weight")
+    if classes is not None and len(parts["conditioner"]) == 1 and unet.in_channels == latent:
+        # the paper's class-conditional LDMs (cin256-v2: ClassEmbedder, 1000 classes + the null class 1000)
+        rows, dim = classes.shape
+        conditioner = ConditionerConfig(kind="class", n_classes=rows - 1, class_dim=dim)
+        return ModelConfig(name=name, family="ldm", unet=dataclasses.replace(unet, context_dim=dim),
+                           autoencoder=autoencoder, schedule=schedule, conditioner=conditioner,
+                           conditioning="crossattn", scale_factor=1.0 if autoencoder.kind == "vq" else 0.18215,
+                           default_size=256, description="class-conditional LDM (prompt = class id)")
     if not parts["conditioner"] and unet.in_channels == latent + 3:
         return ModelConfig(name=name, family="ldm_sr", unet=unet, autoencoder=autoencoder, schedule=schedule,
                            conditioner=None, conditioning="concat", concat_input="lowres",
                            scale_factor=1.0, default_size=256)
     raise CheckpointError(
-        "unrecognised latent diffusion family: expected SD v1 (CLIP text encoder, 4- or 9-channel UNet), "
+        "unrecognised latent diffusion family: expected SD v1 (CLIP text encoder, 4- or 9-channel UNet), a "
+        "class-conditional LDM (cond_stage_model.embedding.weight), "
         f"LDM super-resolution (no text encoder, UNet input = latent + 3), or an ldm-serve file with its config; "
         f"found UNet input {unet.in_channels}, latent {latent}, conditioner keys {len(parts['conditioner'])}"
     )

@@ -24,7 +24,7 @@ from models.checkpoints import CONFIG_METADATA_KEY, CheckpointError, load_model,
 from models.config import ModelConfig
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.text import MissingTokenizerError
+from models.text import ConditionerConfig, MissingTokenizerError
 from models.tokenizers import CLIPTokenizer
 from models.unet import UNetConfig
 from tests.helpers import (
@@ -337,6 +337,26 @@ def test_ldm_sr_family_inferred(tmp_path: Path) -> None:
     assert loaded.config.autoencoder.kind == "vq" and loaded.config.downsample_factor == 4
     assert loaded.config == dataclasses.replace(config, name="sr", description="")
     assert_same_weights(loaded, model)
+
+
+def test_class_conditional_ldm_family_inferred(tmp_path: Path) -> None:
+    """The paper's class-conditional LDMs (cin256-v2): ClassEmbedder `cond_stage_model.embedding.weight`
+    [classes + 1, 512], cross-attention UNet over that 1-token context, a VQ f=4 autoencoder."""
+    base = toy_sr_config()
+    config = dataclasses.replace(
+        base, name="cin", family="ldm", conditioning="crossattn", concat_input="none",
+        unet=dataclasses.replace(base.unet, in_channels=3, out_channels=3, use_spatial_transformer=True,
+                                 num_heads=1, num_head_channels=-1, context_dim=64),
+        conditioner=ConditionerConfig(kind="class", n_classes=10, class_dim=64),
+        description="class-conditional LDM (prompt = class id)")
+    model = random_model(config, seed=6)
+    loaded = load_model(write(original_checkpoint(model), tmp_path / "cin.safetensors"))
+    assert loaded.config.family == "ldm" and loaded.config.conditioner == config.conditioner
+    assert loaded.config.unet.context_dim == 64
+    assert_same_weights(loaded, model)
+    specs = [SampleSpec("3", "", seed=1, guidance_scale=3.0), SampleSpec("7", "", seed=1, guidance_scale=3.0)]
+    a, b = Pipeline(loaded).txt2img(specs, RunSettings(steps=2, width=16, height=16)).images
+    assert np.asarray(a).tolist() != np.asarray(b).tolist()  # the class id steers the image
 
 
 def test_single_file_without_tokenizer_loads_but_cannot_generate(toy: Toy) -> None:
