@@ -267,12 +267,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--quick", action="store_true", help="UNet and VAE only, no whole generation or memory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="re-measure only the peak memory rows of an existing --out file")
     parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(args.memory_probe, args.steps, args.size)
         return
-    data = run(args.runs, args.steps, args.size, args.quick)
+    if args.memory_only:
+        data = json.loads(args.out.read_text())
+        steps, size = data["setup"]["steps"], data["setup"]["size_px"]
+        data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size), 2) for k in ("ours", "diffusers")}
+    else:
+        data = run(args.runs, args.steps, args.size, args.quick)
     table = report(data)
     print(table)
     data["table_markdown"] = table

@@ -50,13 +50,13 @@ def prepack_convolutions(model: nn.Module) -> int:
     """Replace every packable Conv2d in `model` by a PackedConv2d, in place; returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _packable(child):
-                setattr(parent, name, PackedConv2d(child))  # type: ignore[arg-type]
-                count += 1
-    return count
+    # (parent, name) pairs only: holding the old conv modules would keep every unpacked weight alive until
+    # the end, doubling the conv weights' memory at the peak; this way each is freed as it is replaced
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if _packable(child)]
+    for parent, name in targets:
+        setattr(parent, name, PackedConv2d(getattr(parent, name)))
+    return len(targets)
 
 
 def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:

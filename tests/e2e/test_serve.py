@@ -14,6 +14,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.api._proto.ldm.v1 import ldm_pb2 as pb
+from service.api._proto.ldm.v1 import ldm_pb2_grpc as pb_grpc
 from service.embedded import free_port
 
 LDM = Path(sys.executable).with_name("ldm")
@@ -89,6 +91,9 @@ def test_one_command_serves_rest_and_grpc_and_restarts_a_dead_worker(
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        generated = pb_grpc.DiffusionStub(channel).Generate(pb.GenerateRequest(
+            parameters=pb.GenerationParameters(prompt="a red circle", seed=3, steps=2)), timeout=60)
+        assert generated.images[0].png == r.content  # same request, same seed: same bytes over REST and gRPC
 
     mine = [p for p in worker_pids() if p in children(proc.pid)]
     assert len(mine) == 1
