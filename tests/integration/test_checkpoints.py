@@ -379,8 +379,6 @@ def test_loads_in_half_precision(toy: Toy) -> None:
 
 @pytest.fixture(scope="module")
 def sd_folder(toy: Toy, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
     return save_diffusers_folder(toy.checkpoint, toy.config, toy.tokenizer_dir, tmp_path_factory.mktemp("sd-folder"))
 
 
@@ -402,8 +400,6 @@ def test_diffusers_folder_refuses_ema_and_component_files(sd_folder: Path) -> No
 
 def test_diffusers_inpainting_folder_equals_the_single_file(tmp_path: Path, tokenizer_dir: Path,
                                                             vocab_size: int) -> None:
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
     config = toy_sd_config(vocab_size, in_channels=9)
     checkpoint = original_checkpoint(random_model(config, seed=6))
     path = write(checkpoint, tmp_path / "inpaint.safetensors")

@@ -9,8 +9,10 @@ decode, CLIP hidden states, and whole 10-step DDIM and DPM-Solver++ generations 
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from models.autoencoder import AutoencoderConfig, DiagonalGaussian
@@ -24,9 +26,6 @@ from models.text import CLIPTextConfig, ConditionerConfig
 from models.tokenizers import CLIPTokenizer
 from models.unet import UNetConfig
 from tests.helpers import diffusers_unet, diffusers_vae, randomize, write_clip_tokenizer
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 

@@ -131,7 +131,7 @@ def test_job_record_round_trips_through_json() -> None:
 
 
 def test_sampler_names_match_the_model_library() -> None:
-    samplers = pytest.importorskip("models.samplers")
+    import models.samplers as samplers
     assert set(get_args(Sampler)) == set(get_args(samplers.SamplerName))
 
 
