@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import publish  # noqa: E402
 from models.config import builtin_config  # noqa: E402
 from models.cpu_inference import optimize_for_cpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
@@ -280,12 +281,7 @@ def main() -> None:
         data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size), 2) for k in ("ours", "diffusers")}
     else:
         data = run(args.runs, args.steps, args.size, args.quick)
-    table = report(data)
-    print(table)
-    data["table_markdown"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    publish(data, report(data), args.out)
 
 
 if __name__ == "__main__":

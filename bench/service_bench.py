@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import publish  # noqa: E402
 from service.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 LDM = [str(Path(sys.executable).with_name("ldm"))]
@@ -154,12 +154,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_bench.json")
     args = parser.parse_args()
     data = run(args.model, args.steps, args.requests, args.concurrency)
-    table = report(data)
-    print(table)
-    data["table_markdown"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    publish(data, report(data), args.out)
 
 
 if __name__ == "__main__":

@@ -380,13 +380,11 @@ def _build(config: ModelConfig, tokenizer_dir: Path | None) -> LatentDiffusion:
 
 
 def _finish(model: LatentDiffusion, device: str | torch.device, dtype: torch.dtype) -> LatentDiffusion:
+    # Every tensor comes from the file (strict load) or is built on the CPU (the schedule); a module that
+    # computed a non-persistent buffer in its constructor would stay on the meta device: say so, loudly.
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:  # a tensor that no file holds (a computed buffer): rebuild the model for real
-        real = LatentDiffusion(model.config, tokenizer_dir=None)
-        real.load_state_dict(model.state_dict(), strict=True)
-        if model.conditioner is not None and real.conditioner is not None:
-            real.conditioner.tokenizer = getattr(model.conditioner, "tokenizer", None)  # type: ignore[assignment]
-        model = real
+    if leftovers:
+        raise CheckpointError(f"tensors no file provides (computed buffers are not supported): {_shown(leftovers)}")
     model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return model

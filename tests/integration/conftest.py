@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.jobs import JobQueue
+from tests.helpers import drop_keys
 
 #: fast defaults for tests; each test overrides what it exercises
 TEST_SETTINGS: dict[str, Any] = {
@@ -57,13 +57,7 @@ def make_settings(redis_url: str) -> Iterator[Callable[..., Settings]]:
         return Settings(**{"redis_url": redis_url, "key_prefix": prefix, **TEST_SETTINGS, **overrides})
 
     yield make
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    drop_keys(redis_url, prefix)
 
 
 @pytest.fixture

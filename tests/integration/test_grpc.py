@@ -26,13 +26,13 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from service.api import proto_build
+from tests.helpers import drop_keys, stop_process
 
 proto_build.ensure()  # the stubs are a build output (`make install`); a fresh checkout gets them here
 
@@ -181,18 +181,9 @@ def real_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             time.sleep(0.05)
         yield settings
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         queue.close()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{settings.key_prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_keys(redis_url, settings.key_prefix)
 
 
 async def job_id_of(call: Any) -> str:

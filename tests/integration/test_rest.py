@@ -34,6 +34,7 @@ from PIL import Image
 
 from service.api.rest import build_server
 from service.config import Settings
+from tests.helpers import drop_keys, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "random:tiny-sd"
@@ -156,22 +157,7 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _drop_keys(redis_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +173,7 @@ def stack(redis_url: str) -> Iterator[Api]:
                 time.sleep(0.1)
             yield api
     finally:
-        _drop_keys(redis_url, settings.key_prefix)
+        drop_keys(redis_url, settings.key_prefix)
 
 
 @pytest.fixture

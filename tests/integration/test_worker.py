@@ -40,7 +40,7 @@ from service.metrics import ApiMetrics
 from service.schemas import GenerationRequest, Job, JobStatus, Task
 from service.worker.batcher import make_batches
 from service.worker.runner import JobFailure, Runner, SampleInput
-from tests.helpers import torch_threads
+from tests.helpers import drop_keys, torch_threads
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "random:tiny-sd"
@@ -145,13 +145,7 @@ class Cluster:
         for w in self.workers:
             w.stop()
         self.queue.close()
-        client = redis.Redis.from_url(self.redis_url)
-        try:
-            keys = list(client.scan_iter(match=f"{self.settings.key_prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        drop_keys(self.redis_url, self.settings.key_prefix)
 
 
 @contextlib.contextmanager
