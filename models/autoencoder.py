@@ -23,7 +23,8 @@ from models.noise import randn_per_item
 class AutoencoderConfig:
     """`ddconfig` + `embed_dim` / `n_embed` of the original configs; defaults are kl-f8 (SD v1)."""
 
-    kind: Literal["kl", "vq"] = "kl"
+    #: identity = no first stage: "latents" are the pixels themselves (the paper's LDM-1, pixel-space diffusion)
+    kind: Literal["kl", "vq", "identity"] = "kl"
     in_channels: int = 3
     out_channels: int = 3
     ch: int = 128
@@ -39,8 +40,10 @@ class AutoencoderConfig:
     vq_beta: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.kind not in ("kl", "vq"):
-            raise ValueError(f"kind must be 'kl' or 'vq', got {self.kind!r}")
+        if self.kind not in ("kl", "vq", "identity"):
+            raise ValueError(f"kind must be 'kl', 'vq' or 'identity', got {self.kind!r}")
+        if self.kind == "identity" and (self.ch_mult != (1,) or self.embed_dim != self.in_channels):
+            raise ValueError("an identity first stage needs ch_mult [1] and embed_dim == in_channels")
         if self.kind == "vq" and self.n_embed <= 0:
             raise ValueError("a VQ autoencoder needs n_embed > 0")
         if self.ch % 32:
@@ -275,6 +278,10 @@ class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
+        self.identity = config.kind == "identity"
+        if self.identity:  # no weights: pixels are the latents
+            self.quantize = None
+            return
         kl = config.kind == "kl"
         z_out = 2 * config.z_channels if kl else config.z_channels
         self.encoder = Encoder(config, z_out)
@@ -286,6 +293,8 @@ class Autoencoder(nn.Module):
     def encode(self, x: Tensor) -> DiagonalGaussian | Tensor:
         """KL: the posterior over [N, embed_dim, H/f, W/f]; VQ: the PRE-quantisation latent
         quant_conv(encoder(x)) (LDM's diffusion runs on continuous VQ latents)."""
+        if self.identity:  # a point mass at x (logvar at the clamp floor: std 3e-7)
+            return DiagonalGaussian(torch.cat([x, torch.full_like(x, -30.0)], dim=1))
         h = self.quant_conv(self.encoder(x))
         return DiagonalGaussian(h) if self.quantize is None else h
 
@@ -296,7 +305,7 @@ class Autoencoder(nn.Module):
         return self.quantize(h)
 
     def _decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return z if self.identity else self.decoder(self.post_quant_conv(z))
 
     def decode(self, z: Tensor) -> Tensor:
         """z [N, embed_dim, h, w] -> image [N, out, h*f, w*f]; VQ quantises first ("the VQ

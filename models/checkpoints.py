@@ -345,6 +345,8 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, StateDict], sourc
     for part in PREFIXES:
         module = getattr(model, part)
         given = parts.get(part, {})
+        if module is not None and not given and getattr(module, "weights_from_package", False):
+            continue  # loaded from its package when built (files saved by `save_model` leave it out)
         if module is None:
             if given:
                 problems.append(f"{part}: the config has none, but the file has {_shown(sorted(given))}")
@@ -368,7 +370,7 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, StateDict], sourc
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     for part in PREFIXES:
         module = getattr(model, part)
-        if module is not None:
+        if module is not None and parts.get(part):
             module.load_state_dict(parts[part], strict=True, assign=True)
 
 

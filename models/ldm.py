@@ -68,12 +68,12 @@ class LatentDiffusion(nn.Module):
         return self.autoencoder.decode(latents / self.config.scale_factor)
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
-        """All weights under the original single-file key names."""
+        """All weights under the original single-file key names (but a packaged text encoder's)."""
         out: dict[str, torch.Tensor] = {}
         for part, prefix in PREFIXES.items():
             module = getattr(self, part)
-            if module is None:
-                continue
+            if module is None or getattr(module, "weights_from_package", False):
+                continue  # absent, or frozen weights an installed package ships (MiniLM)
             for key, tensor in module.state_dict().items():
                 out[prefix + key] = tensor
         return out

@@ -375,7 +375,10 @@ class MiniLMConditioner(nn.Module):
     """all-MiniLM-L6-v2 as a frozen text encoder: WordPiece tokens -> hidden states [N, max_length, 384].
 
     Token-level states (not the sentence-transformers mean-pooled vector): cross-attention needs a sequence.
+    Its weights come from the installed package, so saved models leave them out (`weights_from_package`).
     """
+
+    weights_from_package = True
 
     def __init__(self, max_length: int = 77, model_dir: Path | None = None) -> None:
         super().__init__()

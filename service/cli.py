@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from models.train.cli import add_train_parser
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
 
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _service_parsers(sub)
+    add_train_parser(sub)
     return parser
 
 

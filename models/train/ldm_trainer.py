@@ -1,0 +1,384 @@
+"""`ldm train ldm`: the second stage, Eq. 1 of the paper on the latents of a frozen autoencoder.
+
+- The latent scale factor is measured from the data before training (1 / std of the posterior samples),
+  as SD's 0.18215 was, and stored in the model config.
+- Latents come from a pool of `latent_pool` images encoded once (posterior mean and std; a fresh sample
+  is drawn each time an image is used) and cached in the run folder: the frozen encoder would otherwise
+  cost as much as a third of each step on a CPU. 0 encodes every batch on the fly.
+- Text contexts are cached per caption (the frozen encoder gives the same states for the same text;
+  the shapes grammar has 1782 captions). Conditioning dropout replaces a caption by "" with
+  probability `cond_drop`, the unconditional input classifier-free guidance needs.
+- AdamW with linear warm-up, gradient clipping, EMA, bf16/fp16 autocast on CUDA. Checkpoints hold the
+  UNet, EMA, optimiser, grad scaler, step and RNG states, so a resumed run equals an uninterrupted one.
+- The result, `model.safetensors`, is a complete model file (config in its metadata) that
+  `ldm generate --model` loads; with `save_ema` its UNet weights are the EMA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from models.autoencoder import Autoencoder, AutoencoderConfig
+from models.checkpoints import save_model
+from models.config import ModelConfig, to_dict
+from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
+from models.ldm import LatentDiffusion
+from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.text import ConditionerConfig
+from models.train.autoencoder_trainer import load_trained_autoencoder
+from models.train.common import (
+    EMA,
+    LossLog,
+    load_checkpoint,
+    pick_device,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_lr,
+    set_rng_state,
+    warmup_lr,
+    write_resolved_config,
+)
+from models.train.data import DataConfig, ImageSource, make_sources
+from models.train.grid import save_grid
+from models.unet import UNetConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LDMTrainConfig:
+    name: str = "my-ldm"
+    description: str = ""
+    #: the trained first stage (`ldm train autoencoder`'s autoencoder.safetensors), or "pixel" for
+    #: diffusion on the pixels themselves (the paper's LDM-1 baseline: no first stage)
+    autoencoder_path: str | None = None
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
+        in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(2, 4), num_heads=4, context_dim=384))
+    conditioner: ConditionerConfig | None = field(default_factory=lambda: ConditionerConfig(kind="minilm",
+                                                                                             max_length=20))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    data: DataConfig = field(default_factory=DataConfig)
+    #: None: measured from `scale_images` training images (1 / std of their latents)
+    scale_factor: float | None = None
+    scale_images: int = 1024
+    #: images encoded once and reused (mean + std kept; a new posterior sample each use); 0 = on the fly
+    latent_pool: int = 20000
+    steps: int = 4000
+    #: stop at the first checkpoint boundary after this many seconds of training in this process
+    #: (None = run all `steps`); benchmarks use it to give every model the same compute
+    time_budget_s: float | None = None
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    #: probability of training a sample on the empty caption (classifier-free guidance)
+    cond_drop: float = 0.1
+    #: autocast dtype on CUDA ("no" = fp32); ignored on the CPU
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    sample_prompts: tuple[str, ...] = (
+        "a red circle on a black background", "a large blue square", "a small yellow triangle on the left",
+        "a green circle and a purple triangle", "an orange square in the center on a gray background",
+        "a purple triangle on the top", "a blue circle and a red square on a black background",
+        "a large green triangle",
+    )
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
+    save_ema: bool = True
+    seed: int = 0
+    device: str | None = None
+
+    def model_config(self, autoencoder: Any, scale_factor: float) -> ModelConfig:
+        return ModelConfig(
+            name=self.name, family="ldm", unet=self.unet, autoencoder=autoencoder, schedule=self.schedule,
+            conditioner=self.conditioner, conditioning="crossattn" if self.conditioner else "none",
+            scale_factor=scale_factor, default_size=self.data.size, description=self.description,
+        )
+
+
+class LatentPool:
+    """Posterior means and stds of `count` training images, encoded once; sampled by global index."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], seed: int) -> None:
+        self.mean, self.std, self.texts, self.seed = mean, std, texts, seed
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, model: LatentDiffusion, source: ImageSource, count: int, seed: int,
+               batch: int = 256) -> LatentPool:
+        means, stds, texts = [], [], []
+        for first in tqdm(range(0, count, batch), desc="encoding latent pool", unit="batch", dynamic_ncols=True):
+            images, captions = source.batch(first, min(batch, count - first))
+            posterior = model.autoencoder.encode(images.to(model.device))
+            means.append(posterior.mean.cpu())  # type: ignore[union-attr]
+            stds.append(posterior.std.cpu())  # type: ignore[union-attr]
+            texts += captions
+        return cls(torch.cat(means), torch.cat(stds), texts, seed)
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(mean, std, captions) of items first..first+count-1, through a per-epoch permutation."""
+        n = len(self.texts)
+        index = []
+        for i in range(first, first + count):
+            epoch, pos = divmod(i, n)
+            index.append(int(self._perm(epoch)[pos]))
+        idx = torch.tensor(index)
+        return self.mean[idx], self.std[idx], [self.texts[i] for i in index]
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._cached = (epoch, torch.randperm(len(self.texts), generator=g))
+        return self._cached[1]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"mean": self.mean, "std": self.std, "texts": self.texts, "seed": self.seed}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> LatentPool:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(data["mean"], data["std"], data["texts"], data["seed"])
+
+
+class ContextCache:
+    """Frozen text encoder outputs per caption, computed once (the encoder is frozen, so they never change)."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = sorted({t for t in texts if t not in self.cache})
+        assert self.model.conditioner is not None
+        for first in range(0, len(missing), 256):
+            chunk = missing[first:first + 256]
+            context = self.model.conditioner.encode(chunk).context.float().cpu()
+            self.cache.update(zip(chunk, context, strict=True))
+        return torch.stack([self.cache[t] for t in texts]).to(self.model.device)
+
+
+class LDMTrainer:
+    """One run in `run_dir`; `train()` resumes from `run_dir/checkpoints/last.pt` when it exists."""
+
+    def __init__(self, config: LDMTrainConfig, run_dir: Path) -> None:
+        if config.autoencoder_path is None:
+            raise ValueError("LDM training needs a trained autoencoder: give --autoencoder or autoencoder_path")
+        self.config, self.run_dir = config, run_dir
+        self.device = pick_device(config.device)
+        seed_everything(config.seed)
+        autoencoder = (Autoencoder(AutoencoderConfig(kind="identity", ch_mult=(1,), embed_dim=3, z_channels=3))
+                       if config.autoencoder_path == "pixel" else
+                       load_trained_autoencoder(Path(config.autoencoder_path)))
+        resumed = self._resume_state()
+        scale = resumed["scale_factor"] if resumed else config.scale_factor
+        model_config = config.model_config(autoencoder.config, scale or 1.0)
+        self.model = LatentDiffusion(model_config).to(self.device)
+        self.model.autoencoder.load_state_dict(autoencoder.state_dict())
+        self.model.autoencoder.requires_grad_(False).eval()
+        self.unet = self.model.unet
+        self.schedule = NoiseSchedule.from_config(config.schedule)
+        self.train_data, _ = make_sources(config.data)
+        self.contexts = ContextCache(self.model) if self.model.conditioner is not None else None
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, betas=config.betas,
+                                     weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._autocast_dtype() == torch.float16)
+        self.ema = EMA(self.unet, config.ema_decay)
+        self.step = 0
+        self._resumed = resumed
+        if scale is None:
+            self._set_scale(self.measure_scale_factor())
+        self.pool: LatentPool | None = None
+
+    # ------------------------------------------------------------------------------ set-up helpers
+    def _resume_state(self) -> dict[str, Any] | None:
+        return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+
+    def _set_scale(self, scale: float) -> None:
+        self.model.config = dataclasses.replace(self.model.config, scale_factor=scale)
+
+    @torch.no_grad()
+    def measure_scale_factor(self) -> float:
+        """1 / std of posterior samples of `scale_images` training images (SD: 1 / 5.49 = 0.18215)."""
+        samples = []
+        for first in range(0, self.config.scale_images, 256):
+            images, _ = self.train_data.batch(first, min(256, self.config.scale_images - first))
+            posterior = self.model.autoencoder.encode(images.to(self.device))
+            samples.append(posterior.sample().flatten())  # type: ignore[union-attr]
+        scale = 1.0 / torch.cat(samples).std().item()
+        log.info("latent scale factor measured on %d images: %.5f", self.config.scale_images, scale)
+        return scale
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or self.config.mixed_precision == "no":
+            return None
+        return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = self._autocast_dtype()
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def _pool(self) -> LatentPool | None:
+        c = self.config
+        if c.latent_pool <= 0:
+            return None
+        path = self.run_dir / "cache" / f"latents-{c.latent_pool}-seed{c.data.seed}.pt"
+        if path.is_file():
+            return LatentPool.load(path)
+        pool = LatentPool.encode(self.model, self.train_data, c.latent_pool, c.seed)
+        pool.save(path)
+        return pool
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "scale_factor": self.model.config.scale_factor, "config": to_dict(self.config)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._set_scale(state["scale_factor"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # -------------------------------------------------------------------------------------- step
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents (a fresh posterior sample) and captions of samples first..first+count-1."""
+        if self.pool is not None:
+            mean, std, texts = self.pool.batch(first, count)
+            latents = mean + std * torch.randn_like(mean)
+        else:
+            images, texts = self.train_data.batch(first, count)
+            with torch.no_grad():
+                latents = self.model.autoencoder.encode(images.to(self.device)).sample()  # type: ignore[union-attr]
+        return latents.to(self.device) * self.model.config.scale_factor, texts
+
+    def loss(self, latents: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Eq. 1 on one batch; dropout of captions, timesteps and noise come from the global RNG."""
+        n = latents.shape[0]
+        context = None
+        if self.contexts is not None:
+            keep = torch.rand(n) >= self.config.cond_drop
+            context = self.contexts([t if k else "" for t, k in zip(texts, keep.tolist(), strict=True)])
+        t = self.schedule.sample_timesteps(n).to(self.device)
+        noise = torch.randn_like(latents)
+        noisy = q_sample(self.schedule, latents, t, noise)
+        with self._autocast():
+            output = self.unet(noisy, t, context)
+        return diffusion_loss(output, latents, noise, t, self.schedule)
+
+    def train_step(self, latents: torch.Tensor, texts: Sequence[str]) -> float:
+        c = self.config
+        self.unet.train()
+        loss = self.loss(latents, texts)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), c.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.unet)
+        return loss.item()
+
+    # -------------------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, float]:
+        c = self.config
+        if self._resumed is not None:
+            self.load_state_dict(self._resumed)
+            log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+            self._resumed = None
+        write_resolved_config(self.run_dir, c, {"measured_scale_factor": self.model.config.scale_factor})
+        self.pool = self._pool()
+        losslog = LossLog(self.run_dir / "log.csv", ("loss", "lr", "samples_per_s"),
+                          resume_step=self.step if self.step else None)
+        bar = tqdm(total=c.steps, initial=self.step, desc="ldm", unit="step", dynamic_ncols=True)
+        started, first_step, loss = time.monotonic(), self.step, float("nan")
+        while self.step < c.steps:
+            lr = warmup_lr(self.step, c.lr, c.warmup_steps)
+            set_lr(self.opt, lr)
+            latents, texts = self._batch(self.step * c.batch_size, c.batch_size)
+            loss = self.train_step(latents, texts)
+            self.step += 1
+            speed = (self.step - first_step) * c.batch_size / (time.monotonic() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{speed:.1f}")
+            if self.step % c.log_every == 0:
+                losslog.write(self.step, {"loss": loss, "lr": lr, "samples_per_s": speed})
+            out_of_time = c.time_budget_s is not None and time.monotonic() - started >= c.time_budget_s
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps or out_of_time:
+                save_checkpoint(self.checkpoint_path, self.state_dict())
+            if self.step % c.sample_every == 0 or self.step == c.steps:
+                self.save_samples()
+            if out_of_time:
+                log.info("time budget of %.0f s spent at step %d", c.time_budget_s, self.step)
+                break
+        bar.close()
+        self.train_seconds = time.monotonic() - started
+        self.export(self.run_dir / "model.safetensors")
+        return {"loss": loss, "step": float(self.step), "samples_per_s": (self.step - first_step) * c.batch_size
+                / max(self.train_seconds, 1e-9)}
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The UNet holds the EMA weights inside the block, its trained weights again after it."""
+        saved = {k: v.clone() for k, v in self.unet.state_dict().items()}
+        self.ema.copy_to(self.unet)
+        try:
+            yield
+        finally:
+            self.unet.load_state_dict(saved)
+
+    def save_samples(self, prompts: Sequence[str] | None = None) -> None:
+        c = self.config
+        prompts = list(prompts or c.sample_prompts)
+        specs = [SampleSpec(prompt=p, seed=i, guidance_scale=c.sample_guidance) for i, p in enumerate(prompts)]
+        self.unet.eval()
+        with self.ema_weights():
+            result = Pipeline(self.model, optimize=False).txt2img(specs, RunSettings(steps=c.sample_steps))
+        images = torch.stack([torch.from_numpy(_array(im)).permute(2, 0, 1) for im in result.images])
+        save_grid(images.float() / 127.5 - 1, self.run_dir / "samples" / f"step-{self.step:07d}.png",
+                  rows=max(1, len(prompts) // 8))
+
+    def export(self, path: Path) -> Path:
+        """A complete model file (EMA UNet weights when `save_ema`) that `ldm generate --model` loads."""
+        if self.config.save_ema:
+            with self.ema_weights():
+                save_model(self.model, path)
+        else:
+            save_model(self.model, path)
+        log.info("wrote %s", path)
+        return path
+
+
+def _array(image: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+

@@ -1,0 +1,181 @@
+"""Both training loops on tiny models: a step lowers the loss on its batch, resume equals an
+uninterrupted run bit for bit, and bad inputs give clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.autoencoder import AutoencoderConfig
+from models.checkpoints import load_model
+from models.text import ConditionerConfig
+from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer, load_trained_autoencoder
+from models.train.common import load_checkpoint
+from models.train.data import DataConfig
+from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer
+from models.unet import UNetConfig
+from tests.helpers import torch_threads
+
+TINY_AE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3, resolution=64,
+                            mid_attention=False)
+TINY_UNET = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(2,), num_heads=2, context_dim=384)
+
+
+def ae_config(**kw: object) -> AutoencoderTrainConfig:
+    base = dict(autoencoder=TINY_AE, steps=2, batch_size=2, crop_size=32, lr=1e-3, warmup_steps=1, disc_start=1,
+                disc_width=16, eval_images=4, log_every=1, sample_every=100, checkpoint_every=100, eval_every=100)
+    base.update(kw)
+    return AutoencoderTrainConfig(**base)  # type: ignore[arg-type]
+
+
+def ldm_config(autoencoder: Path, **kw: object) -> LDMTrainConfig:
+    base = dict(autoencoder_path=str(autoencoder), unet=TINY_UNET,
+                conditioner=ConditionerConfig(kind="minilm", max_length=12), steps=2, batch_size=4, lr=1e-3,
+                warmup_steps=1, latent_pool=16, scale_images=8, log_every=1, sample_every=100,
+                checkpoint_every=100, sample_steps=2, sample_prompts=("a red circle", "a blue square"))
+    base.update(kw)
+    return LDMTrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained_autoencoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ae")
+    with torch_threads(1):
+        AutoencoderTrainer(ae_config(steps=1), run).train()
+    return run / "autoencoder.safetensors"
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_autoencoder_step_changes_weights_and_lowers_loss(tmp_path: Path, kind: str) -> None:
+    ae = AutoencoderConfig(**{**TINY_AE.__dict__, "kind": kind, "n_embed": 64 if kind == "vq" else 0})
+    trainer = AutoencoderTrainer(ae_config(autoencoder=ae, disc_start=10**6, lr=2e-4), tmp_path)
+    images, _ = trainer.train_data.batch(0, 4)
+    before = _weights(trainer.model)
+
+    def l1() -> float:
+        with torch.no_grad():
+            return (trainer.model(images, sample_posterior=False).recon - images).abs().mean().item()
+
+    first = l1()
+    for _ in range(3):
+        trainer.train_step(images)
+    assert l1() < first
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "decoder.conv_out.weight" in changed and "encoder.conv_in.weight" in changed
+
+
+def test_autoencoder_adversarial_phase_trains_the_discriminator(tmp_path: Path) -> None:
+    trainer = AutoencoderTrainer(ae_config(disc_start=0), tmp_path)
+    disc_before = _weights(trainer.disc)
+    images, _ = trainer.train_data.batch(0, 2)
+    stats = trainer.train_step(images)
+    assert {"g_loss", "d_weight", "d_loss"} <= set(stats) and stats["d_weight"] >= 0
+    assert any(not torch.equal(v, disc_before[k]) for k, v in trainer.disc.state_dict().items())
+
+
+def test_autoencoder_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    whole = AutoencoderTrainer(ae_config(steps=4), tmp_path / "whole")
+    whole.train()
+    AutoencoderTrainer(ae_config(steps=2), tmp_path / "cut").train()
+    resumed = AutoencoderTrainer(ae_config(steps=4), tmp_path / "cut")
+    resumed.train()
+    a, b = load_checkpoint(whole.checkpoint_path), load_checkpoint(resumed.checkpoint_path)
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "disc"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    assert torch.equal(a["logvar"], b["logvar"])
+    # the loss log holds each step once, in order, across the cut
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "cut" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
+    exported = load_trained_autoencoder(tmp_path / "cut" / "autoencoder.safetensors")
+    assert torch.equal(exported.decoder.conv_out.weight, b["model"]["decoder.conv_out.weight"])
+
+
+def test_autoencoder_reports_reconstruction_quality(tmp_path: Path) -> None:
+    trainer = AutoencoderTrainer(ae_config(), tmp_path)
+    metrics = trainer.evaluate()
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    # a perfect reconstruction: SSIM 1, PSNR at its cap
+    from models.train.common import psnr, ssim
+
+    x = trainer.heldout.batch(0, 2)[0]
+    assert torch.allclose(ssim(x, x), torch.ones(2)) and (psnr(x, x) > 100).all()
+
+
+def test_ldm_step_changes_weights_and_lowers_loss(tmp_path: Path, trained_autoencoder: Path) -> None:
+    trainer = LDMTrainer(ldm_config(trained_autoencoder, cond_drop=0.0, lr=5e-4), tmp_path)
+    latents, texts = trainer._batch(0, 4)
+    before = _weights(trainer.unet)
+
+    def loss() -> float:
+        torch.manual_seed(123)  # the same timesteps and noise every time
+        with torch.no_grad():
+            return trainer.loss(latents, texts).item()
+
+    first = loss()
+    for _ in range(3):
+        torch.manual_seed(123)
+        trainer.train_step(latents, texts)
+    assert loss() < first
+    assert all(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items()
+               if k.endswith("weight") and "norm" not in k and "emb" not in k)
+
+
+def test_ldm_measures_the_scale_factor(tmp_path: Path, trained_autoencoder: Path) -> None:
+    trainer = LDMTrainer(ldm_config(trained_autoencoder), tmp_path)
+    latents, _ = trainer._batch(0, 16)
+    assert trainer.model.config.scale_factor != 1.0
+    assert 0.5 < latents.std().item() < 2.0  # unit variance, roughly, as the paper's rescaling intends
+
+
+def test_ldm_resume_equals_uninterrupted(tmp_path: Path, trained_autoencoder: Path) -> None:
+    LDMTrainer(ldm_config(trained_autoencoder, steps=4), tmp_path / "whole").train()
+    LDMTrainer(ldm_config(trained_autoencoder, steps=2), tmp_path / "cut").train()
+    LDMTrainer(ldm_config(trained_autoencoder, steps=4), tmp_path / "cut").train()
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4 and a["scale_factor"] == b["scale_factor"]
+    for key, value in a["unet"].items():
+        assert torch.equal(value, b["unet"][key]), key
+    for key, value in a["ema"]["shadow"].items():
+        assert torch.equal(value, b["ema"]["shadow"][key]), f"ema {key}"
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 4
+    exp_a = a["opt"]["state"][0]["exp_avg"]
+    assert torch.equal(exp_a, b["opt"]["state"][0]["exp_avg"])
+
+
+def test_ldm_run_writes_a_loadable_model_with_ema_weights(tmp_path: Path, trained_autoencoder: Path) -> None:
+    config = ldm_config(trained_autoencoder, steps=2, sample_every=2, name="toy")
+    LDMTrainer(config, tmp_path).train()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "samples" / "step-0000002.png").is_file()
+    model = load_model(tmp_path / "model.safetensors")
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    key = "out.2.weight"
+    assert torch.equal(model.unet.state_dict()[key], state["ema"]["shadow"][key])
+    assert model.config.name == "toy" and model.config.scale_factor == state["scale_factor"]
+
+
+def test_ldm_needs_an_autoencoder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trained autoencoder"):
+        LDMTrainer(LDMTrainConfig(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LDMTrainer(LDMTrainConfig(autoencoder_path=str(tmp_path / "none.safetensors")), tmp_path)
+
+
+def test_folder_data_needs_a_path() -> None:
+    with pytest.raises(ValueError, match="data.path"):
+        DataConfig(kind="folder")
