@@ -4,10 +4,9 @@ core), then compared on training throughput (samples/s), sampling throughput (im
 (Fréchet distance in our shape-feature space, prompt accuracy).
 
 Every model uses the same UNet (the shipped tiny-shapes architecture, only its input/output channels follow
-the latent); f=4 reuses the shipped autoencoder unless --ae4 says otherwise; f=2 and f=8 autoencoders are
-trained here first (their time is reported, not charged to the diffusion budget, as in the paper, where
-first stages are trained once and reused). Writes bench/results/latent_factor.json, a table on stdout,
-and bench/results/latent_factor.svg.
+the latent). The f=2, 4, 8 autoencoders are trained here first with one recipe (their time is reported,
+not charged to the diffusion budget, as in the paper, where first stages are trained once and reused).
+Writes bench/results/latent_factor.json, a table on stdout, and bench/results/latent_factor.svg.
 
     python bench/latent_factor_bench.py --minutes 10 --prompts 100
 """
@@ -17,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,45 +24,40 @@ from typing import Any
 
 import torch
 
-from bench.results_io import publish
-from models.autoencoder import AutoencoderConfig
-from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer
-from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_io import publish  # noqa: E402
+from models.autoencoder import AutoencoderConfig  # noqa: E402
+from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer  # noqa: E402
+from models.train.common import load_train_config  # noqa: E402
+from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-#: first stages: f -> autoencoder config (latent channels grow with f, as in the paper's kl-f* models)
+#: first stages: f -> autoencoder config (the shipped f=4 recipe; latent channels grow with f, as in the
+#: paper's kl-f* models). All are trained here with the same short recipe, so no factor gets a better one.
 FIRST_STAGES = {
-    2: AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3, resolution=64,
-                         mid_attention=False),
-    8: AutoencoderConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=64,
-                         mid_attention=False),
+    f: AutoencoderConfig(ch=32, ch_mult=mult, num_res_blocks=1, z_channels=c, embed_dim=c, resolution=64,
+                         mid_attention=False, norm_groups=4)
+    for f, mult, c in ((2, (1, 2), 3), (4, (1, 2, 2), 3), (8, (1, 2, 2, 4), 4))
 }
+LDM_CONFIG = Path(__file__).parents[1] / "models" / "train" / "configs" / "tiny-shapes-ldm.yaml"
 
 
 def first_stage(f: int, args: argparse.Namespace, work: Path) -> tuple[str, dict[str, float]]:
     """(autoencoder_path for the LDM trainer, what training it cost and gave)."""
     if f == 1:
         return "pixel", {"psnr": float("inf"), "train_s": 0.0}
-    if f == 4:
-        return str(args.ae4), json.loads(_metadata(args.ae4).get("metrics", "{}")) | {"train_s": float("nan")}
     run = work / f"ae-f{f}"
-    config = AutoencoderTrainConfig(autoencoder=FIRST_STAGES[f], steps=args.ae_steps, batch_size=32, crop_size=32,
-                                    lr=1e-3, disc_start=10**9, eval_every=args.ae_steps, checkpoint_every=250,
-                                    sample_every=args.ae_steps)
+    config = AutoencoderTrainConfig(autoencoder=FIRST_STAGES[f], steps=args.ae_steps, batch_size=12,
+                                    lr=5e-4, betas=(0.9, 0.999), disc_start=10**9, eval_every=args.ae_steps,
+                                    checkpoint_every=100, sample_every=args.ae_steps, eval_images=64)
     started = time.monotonic()
     metrics = AutoencoderTrainer(config, run).train()
     return str(run / "autoencoder.safetensors"), metrics | {"train_s": time.monotonic() - started}
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return fh.metadata() or {}
-
-
 def train_ldm(f: int, autoencoder: str, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float]]:
-    base = LDMTrainConfig()
+    base = load_train_config(LDMTrainConfig, LDM_CONFIG)
     channels = 3 if f in (1, 2, 4) else 4
     config = replace(
         base, name=f"bench-f{f}", autoencoder_path=autoencoder,
@@ -80,13 +75,12 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="diffusion training budget per model")
     parser.add_argument("--factors", default="1,2,4,8", help="downsampling factors to compare")
-    parser.add_argument("--ae4", type=Path, default=Path("models/zoo/tiny-shapes/autoencoder.safetensors"),
-                        help="the f=4 first stage (default: the shipped one)")
-    parser.add_argument("--ae-steps", type=int, default=1000, help="training steps of the f=2 and f=8 autoencoders")
+    parser.add_argument("--ae-steps", type=int, default=1000, help="training steps of each autoencoder")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pool", type=int, default=8000, help="training images encoded once per model")
     parser.add_argument("--prompts", type=int, default=100, help="grammar prompts for accuracy and Fréchet distance")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (dpmpp_2m)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--work", type=Path, default=Path("runs/latent-factor-bench"),
                         help="scratch folder (git-ignored)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latent_factor.json")
@@ -112,8 +106,24 @@ def latent_shape(f: int) -> str:
     return f"{64 // f}x{64 // f}x{3 if f in (1, 2, 4) else 4}"
 
 
-def evaluate_model(model_path: Path, args: argparse.Namespace) -> dict[str, float]:
-    raise NotImplementedError
+def evaluate_model(model_path: Path, args: argparse.Namespace) -> dict[str, float | None]:
+    """Sampling throughput (a batch of 16, after a warm-up batch) and the `ldm eval` figures."""
+    from models.checkpoints import load_model
+    from models.eval.evaluate import evaluate
+    from models.eval.prompts import random_prompts
+    from models.pipeline import Pipeline, RunSettings, SampleSpec
+
+    pipeline = Pipeline(load_model(model_path))
+    prompts = random_prompts(args.prompts, seed=1)
+    specs = [SampleSpec(p, "", i, args.guidance) for i, p in enumerate(prompts[:16])]
+    settings = RunSettings(steps=args.steps)
+    pipeline.txt2img(specs[:2], settings)
+    started = time.perf_counter()
+    pipeline.txt2img(specs, settings)
+    images_per_s = len(specs) / (time.perf_counter() - started)
+    report = evaluate(pipeline, prompts, steps=args.steps, guidance=args.guidance, recon_images=64)
+    return {"sample_images_per_s": images_per_s, "fd": report.fd, "fd_reference": report.fd_reference,
+            "acc_single": report.single_accuracy, "acc_pair": report.pair_accuracy, "recon_psnr": report.recon_psnr}
 
 
 def markdown_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

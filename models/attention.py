@@ -21,9 +21,9 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
-def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    """32-group GroupNorm; eps 1e-5 in UNet ResBlocks, 1e-6 in SpatialTransformer and the VAE."""
-    return GroupNorm32(32, channels, eps=eps)
+def normalization(channels: int, eps: float = 1e-5, groups: int = 32) -> GroupNorm32:
+    """GroupNorm (32 groups in the original); eps 1e-5 in UNet ResBlocks, 1e-6 in SpatialTransformer and the VAE."""
+    return GroupNorm32(groups, channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -117,10 +117,11 @@ class SpatialTransformer(nn.Module):
     proj_out, residual. `context` [N, S, context_dim] is the cross-attention conditioning."""
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
-                 context_dim: int | None = None, use_linear: bool = False, dropout: float = 0.0):
+                 context_dim: int | None = None, use_linear: bool = False, dropout: float = 0.0,
+                 groups: int = 32):
         super().__init__()
         inner = heads * dim_head
-        self.norm = normalization(in_channels, eps=1e-6)
+        self.norm = normalization(in_channels, eps=1e-6, groups=groups)
         self.proj_in: nn.Module = (
             Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         )
@@ -166,12 +167,12 @@ class AttentionBlock(nn.Module):
     """Legacy self-attention of the unconditional / concat LDMs (`use_spatial_transformer: False`):
     GN (eps 1e-5), `qkv` Conv1d(C -> 3C), legacy head split, zero-init `proj_out` Conv1d, residual."""
 
-    def __init__(self, channels: int, heads: int = 1):
+    def __init__(self, channels: int, heads: int = 1, groups: int = 32):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels do not split into {heads} heads")
         self.heads = heads
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, groups=groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 

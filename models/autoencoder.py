@@ -38,6 +38,10 @@ class AutoencoderConfig:
     mid_attention: bool = True  # False = original `attn_type: none` (no attention anywhere)
     dropout: float = 0.0
     vq_beta: float = 0.25
+    #: GroupNorm groups (the original: 32). Few channels per group normalise away absolute levels: at ch=32
+    #: (one channel a group) a flat white and a flat gray image look alike to the decoder's last layer, so
+    #: small autoencoders for flat-coloured images want fewer groups
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in ("kl", "vq", "identity"):
@@ -46,26 +50,26 @@ class AutoencoderConfig:
             raise ValueError("an identity first stage needs ch_mult [1] and embed_dim == in_channels")
         if self.kind == "vq" and self.n_embed <= 0:
             raise ValueError("a VQ autoencoder needs n_embed > 0")
-        if self.ch % 32:
-            raise ValueError("ch must be a multiple of 32 (GroupNorm with 32 groups)")
+        if self.ch % self.norm_groups:
+            raise ValueError(f"ch must be a multiple of norm_groups ({self.norm_groups})")
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return normalization(channels, eps=1e-6)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return normalization(channels, eps=1e-6, groups=groups)
 
 
 class ResnetBlock(nn.Module):
     """norm1, swish, conv1, norm2, swish, dropout, conv2, plus a 1x1 `nin_shortcut` when in != out."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -79,9 +83,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over positions; q, k, v, proj_out are 1x1 convs (4-D weights)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -122,7 +126,7 @@ class Upsample(nn.Module):
 
 
 def _attn(channels: int, config: AutoencoderConfig) -> nn.Module:
-    return AttnBlock(channels) if config.mid_attention else nn.Identity()
+    return AttnBlock(channels, config.norm_groups) if config.mid_attention else nn.Identity()
 
 
 class _Level(nn.Module):
@@ -133,7 +137,7 @@ class _Level(nn.Module):
                  resample: Literal["downsample", "upsample"] | None):
         super().__init__()
         pairs = list(zip(channels[:-1], channels[1:], strict=True))
-        self.block = nn.ModuleList([ResnetBlock(i, o, config.dropout) for i, o in pairs])
+        self.block = nn.ModuleList([ResnetBlock(i, o, config.dropout, config.norm_groups) for i, o in pairs])
         self.attn = nn.ModuleList([_attn(o, config) for _, o in pairs] if attention else [])
         self.resample = resample
         if resample == "downsample":
@@ -152,9 +156,9 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     def __init__(self, channels: int, config: AutoencoderConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, config.dropout)
+        self.block_1 = ResnetBlock(channels, channels, config.dropout, config.norm_groups)
         self.attn_1 = _attn(channels, config)
-        self.block_2 = ResnetBlock(channels, channels, config.dropout)
+        self.block_2 = ResnetBlock(channels, channels, config.dropout, config.norm_groups)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -175,7 +179,7 @@ class Encoder(nn.Module):
                                     res in config.attn_resolutions, config,
                                     "downsample" if i != n_levels - 1 else None))
         self.mid = _Mid(widths[-1], config)
-        self.norm_out = _norm(widths[-1])
+        self.norm_out = _norm(widths[-1], config.norm_groups)
         self.conv_out = nn.Conv2d(widths[-1], z_out, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -200,7 +204,7 @@ class Decoder(nn.Module):
                    config.resolution // 2**i in config.attn_resolutions, config, "upsample" if i else None)
             for i in range(n_levels)
         )
-        self.norm_out = _norm(widths[0])
+        self.norm_out = _norm(widths[0], config.norm_groups)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

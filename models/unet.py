@@ -38,14 +38,16 @@ class UNetConfig:
     resblock_updown: bool = False
     dropout: float = 0.0
     legacy: bool = False
+    #: GroupNorm groups (the original: 32); small UNets on flat-coloured data want several channels a group
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels")
         if self.context_dim is not None and not self.use_spatial_transformer:
             raise ValueError("context_dim needs use_spatial_transformer (cross-attention lives there)")
-        if self.model_channels % 32:
-            raise ValueError("model_channels must be a multiple of 32 (GroupNorm with 32 groups)")
+        if self.model_channels % self.norm_groups:
+            raise ValueError(f"model_channels must be a multiple of norm_groups ({self.norm_groups})")
 
     def heads(self, ch: int) -> tuple[int, int]:
         """(heads, d_head) of an attention at `ch` channels: the original's rule, legacy included."""
@@ -78,19 +80,19 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
                  dropout: float = 0.0, use_scale_shift_norm: bool = False, up: bool = False,
-                 down: bool = False):
+                 down: bool = False, groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = "up" if up else "down" if down else None
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, groups=groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(
             nn.SiLU(), Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            normalization(out_channels, groups=groups), nn.SiLU(), nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection: nn.Module = (
@@ -185,21 +187,23 @@ class UNet(nn.Module):
         self.middle_block = TimestepEmbedSequential(self._res(ch, ch), self._attention(ch), self._res(ch, ch))
         self._build_output_blocks(skip_channels)
         self.out = nn.Sequential(
-            normalization(mc), nn.SiLU(), zero_module(nn.Conv2d(mc, config.out_channels, 3, padding=1))
+            normalization(mc, groups=config.norm_groups), nn.SiLU(),
+            zero_module(nn.Conv2d(mc, config.out_channels, 3, padding=1)),
         )
 
     def _res(self, ch: int, out: int, *, up: bool = False, down: bool = False) -> ResBlock:
         c = self.config
-        return ResBlock(ch, self.emb_dim, out, c.dropout, c.use_scale_shift_norm, up=up, down=down)
+        return ResBlock(ch, self.emb_dim, out, c.dropout, c.use_scale_shift_norm, up=up, down=down,
+                        groups=c.norm_groups)
 
     def _attention(self, ch: int) -> nn.Module:
         c = self.config
         heads, d_head = c.heads(ch)
         if c.use_spatial_transformer:
             return SpatialTransformer(ch, heads, d_head, c.transformer_depth, c.context_dim,
-                                      c.use_linear_in_transformer, c.dropout)
+                                      c.use_linear_in_transformer, c.dropout, c.norm_groups)
         # the original hands AttentionBlock num_head_channels = d_head (legacy: -1 -> num_heads)
-        return AttentionBlock(ch, heads if c.legacy and c.num_head_channels == -1 else ch // d_head)
+        return AttentionBlock(ch, heads if c.legacy and c.num_head_channels == -1 else ch // d_head, c.norm_groups)
 
     def _build_input_blocks(self) -> list[int]:
         """input_blocks.0 = conv_in; per level num_res_blocks x [ResBlock(+attn)], then a

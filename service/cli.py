@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from models.eval.cli import add_eval_parser
 from models.train.cli import add_train_parser
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _service_parsers(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

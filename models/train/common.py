@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -49,9 +48,15 @@ def write_resolved_config(run_dir: Path, config: Any, extra: Mapping[str, Any] |
     (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up from ~0 to base_lr over `warmup_steps`, then constant (as LDM's LambdaLinearScheduler)."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+def warmup_lr(step: int, base_lr: float, warmup_steps: int, decay_start: int | None = None,
+              total_steps: int = 0, final_fraction: float = 0.1) -> float:
+    """Linear warm-up from ~0 to base_lr over `warmup_steps`, then constant (as LDM's LambdaLinearScheduler);
+    with `decay_start`, a linear decay from there to final_fraction * base_lr at `total_steps`."""
+    lr = base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay_start is not None and step >= decay_start and total_steps > decay_start:
+        progress = min(1.0, (step - decay_start) / (total_steps - decay_start))
+        lr *= 1.0 - (1.0 - final_fraction) * progress
+    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -183,6 +188,3 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
 
-
-def cosine(step: int, total: int) -> float:
-    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))

@@ -83,6 +83,8 @@ class LDMTrainConfig:
     batch_size: int = 64
     lr: float = 3e-4
     warmup_steps: int = 200
+    #: from this step the learning rate falls linearly to a tenth of `lr` at `steps` (None = constant)
+    lr_decay_start: int | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -321,7 +323,7 @@ class LDMTrainer:
         bar = tqdm(total=c.steps, initial=self.step, desc="ldm", unit="step", dynamic_ncols=True)
         started, first_step, loss = time.monotonic(), self.step, float("nan")
         while self.step < c.steps:
-            lr = warmup_lr(self.step, c.lr, c.warmup_steps)
+            lr = warmup_lr(self.step, c.lr, c.warmup_steps, c.lr_decay_start, c.steps)
             set_lr(self.opt, lr)
             latents, texts = self._batch(self.step * c.batch_size, c.batch_size)
             loss = self.train_step(latents, texts)
