@@ -98,24 +98,12 @@ def _service_parsers(sub: argparse._SubParsersAction) -> None:
     worker.set_defaults(func=run_worker)
 
 
-def default_model_spec(configured: str) -> str:
-    """The configured default model if it is shipped or a path, else the labelled random stand-in."""
-    from models.checkpoints import ZOO_DIR
-
-    if configured.startswith("random:") or (ZOO_DIR / configured).is_dir() or Path(configured).exists():
-        return configured
-    logging.getLogger(__name__).warning(
-        "model %r is not shipped yet: serving random:tiny-sd, a model with RANDOM weights (images are noise)",
-        configured)
-    return "random:tiny-sd"
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.serve import run_serve as serve
 
     settings = load_settings()
-    return serve(settings, args.model or default_model_spec(settings.default_model), workers=args.workers)
+    return serve(settings, args.model or settings.default_model, workers=args.workers)
 
 
 def run_api(args: argparse.Namespace) -> int:

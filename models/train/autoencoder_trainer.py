@@ -46,6 +46,11 @@ class AutoencoderTrainConfig:
     autoencoder: AutoencoderConfig = field(default_factory=lambda: AutoencoderConfig(
         ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, embed_dim=3, resolution=64))
     data: DataConfig = field(default_factory=DataConfig)
+    #: start from these weights (an `autoencoder.safetensors` of an earlier run) instead of a random init
+    init_from: str | None = None
+    #: False trains the decoder only: the latent space stays exactly as it was, so a diffusion model
+    #: trained on it stays valid (how SD's VAE decoder was fine-tuned after the fact)
+    train_encoder: bool = True
     steps: int = 3000
     batch_size: int = 16
     #: train on random square crops of this side (cheaper per image); None = whole images. Beware: GroupNorm
@@ -94,14 +99,25 @@ class AutoencoderTrainer:
         self.device = pick_device(config.device)
         seed_everything(config.seed)
         self.model = Autoencoder(config.autoencoder).to(self.device)
-        if config.posterior_logvar_init is not None and config.autoencoder.kind == "kl":
+        if config.init_from is not None:
+            start = load_trained_autoencoder(Path(config.init_from))
+            if start.config != config.autoencoder:
+                raise ValueError(f"init_from {config.init_from}: its autoencoder config differs from this run's")
+            self.model.load_state_dict(start.state_dict())
+        elif config.posterior_logvar_init is not None and config.autoencoder.kind == "kl":
+            bias = self.model.quant_conv.bias
+            assert bias is not None
             with torch.no_grad():
-                self.model.quant_conv.bias[config.autoencoder.embed_dim:].fill_(config.posterior_logvar_init)
+                bias[config.autoencoder.embed_dim:].fill_(config.posterior_logvar_init)
+        if not config.train_encoder:
+            for frozen in (self.model.encoder, self.model.quant_conv):
+                frozen.requires_grad_(False)
         self.disc = PatchDiscriminator(config.autoencoder.out_channels, config.disc_width, config.disc_layers).to(
             self.device)
         self.logvar = nn.Parameter(torch.zeros((), device=self.device))
         self.perceptual = self._perceptual()
-        self.opt = torch.optim.Adam([*self.model.parameters(), self.logvar], lr=config.lr, betas=config.betas)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam([*trained, self.logvar], lr=config.lr, betas=config.betas)
         self.opt_disc = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=(0.5, 0.9))
         self.train_data, self.heldout = make_sources(config.data)
         self.step = 0
@@ -158,6 +174,8 @@ class AutoencoderTrainer:
         c = self.config
         images = self._crop(images).to(self.device)
         self.model.train()
+        if not c.train_encoder:
+            self.model.encoder.eval()  # frozen: no dropout either
         out = self.model(images)
         rec = (images - out.recon).abs()
         if self.perceptual is not None:

@@ -63,6 +63,9 @@ class LDMTrainConfig:
     #: the trained first stage (`ldm train autoencoder`'s autoencoder.safetensors), or "pixel" for
     #: diffusion on the pixels themselves (the paper's LDM-1 baseline: no first stage)
     autoencoder_path: str | None = None
+    #: the first stage written into model.safetensors (default: autoencoder_path); it must have the same
+    #: encoder, i.e. be a decoder-only fine-tune (`train_encoder: false`), so the latent space is unchanged
+    export_autoencoder_path: str | None = None
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
         in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
         attention_resolutions=(2, 4), num_heads=4, context_dim=384))
@@ -347,6 +350,18 @@ class LDMTrainer:
         return {"loss": loss, "step": float(self.step), "samples_per_s": (self.step - first_step) * c.batch_size
                 / max(self.train_seconds, 1e-9)}
 
+    def _swap_decoder(self, path: Path) -> None:
+        tuned = load_trained_autoencoder(path).to(self.device)
+        ours = self.model.autoencoder
+        same = tuned.config == ours.config and all(
+            torch.equal(a, b) for a, b in zip(tuned.encoder.state_dict().values(), ours.encoder.state_dict().values(),
+                                              strict=True))
+        if not same or not torch.equal(tuned.quant_conv.weight, ours.quant_conv.weight):
+            raise ValueError(f"{path}: its encoder differs from the one the diffusion model was trained on; "
+                             "only a decoder-only fine-tune (train_encoder: false) can replace it")
+        ours.load_state_dict(tuned.state_dict())
+        log.info("first stage for export: %s (decoder fine-tune)", path)
+
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """The UNet holds the EMA weights inside the block, its trained weights again after it."""
@@ -370,6 +385,8 @@ class LDMTrainer:
 
     def export(self, path: Path) -> Path:
         """A complete model file (EMA UNet weights when `save_ema`) that `ldm generate --model` loads."""
+        if self.config.export_autoencoder_path is not None:
+            self._swap_decoder(Path(self.config.export_autoencoder_path))
         if self.config.save_ema:
             with self.ema_weights():
                 save_model(self.model, path)

@@ -179,3 +179,35 @@ def test_ldm_needs_an_autoencoder(tmp_path: Path) -> None:
 def test_folder_data_needs_a_path() -> None:
     with pytest.raises(ValueError, match="data.path"):
         DataConfig(kind="folder")
+
+
+def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, trained_autoencoder: Path) -> None:
+    trainer = AutoencoderTrainer(ae_config(init_from=str(trained_autoencoder), train_encoder=False, steps=2,
+                                           disc_start=10**6), tmp_path / "ft")
+    start = load_trained_autoencoder(trained_autoencoder)
+    trainer.train()
+    tuned = load_trained_autoencoder(tmp_path / "ft" / "autoencoder.safetensors")
+    for key, value in start.encoder.state_dict().items():
+        assert torch.equal(value, tuned.encoder.state_dict()[key]), key
+    assert not torch.equal(start.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+
+    # the diffusion model accepts the fine-tuned decoder for export, but not an unrelated first stage
+    config = ldm_config(trained_autoencoder, export_autoencoder_path=str(tmp_path / "ft" / "autoencoder.safetensors"))
+    LDMTrainer(config, tmp_path / "ldm").train()
+    exported = load_model(tmp_path / "ldm" / "model.safetensors")
+    assert torch.equal(exported.autoencoder.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+    other = tmp_path / "other"
+    AutoencoderTrainer(ae_config(steps=1, seed=5), other).train()
+    stranger = ldm_config(trained_autoencoder, export_autoencoder_path=str(other / "autoencoder.safetensors"))
+    with pytest.raises(ValueError, match="encoder differs"):
+        LDMTrainer(stranger, tmp_path / "ldm2").train()
+
+
+def test_pixel_space_diffusion_trains_without_a_first_stage(tmp_path: Path) -> None:
+    unet = UNetConfig(**{**TINY_UNET.__dict__, "attention_resolutions": (4,)})
+    trainer = LDMTrainer(ldm_config(Path("pixel"), unet=unet), tmp_path)
+    latents, _ = trainer._batch(0, 2)
+    assert latents.shape == (2, 3, 64, 64)  # the pixels, rescaled
+    assert trainer.model.config.downsample_factor == 1
+    trainer.train()
+    assert load_model(tmp_path / "model.safetensors").config.autoencoder.kind == "identity"
