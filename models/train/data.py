@@ -54,5 +54,7 @@ def make_sources(config: DataConfig) -> tuple[ImageSource, ImageSource]:
     from models.train.data_folder import ImageFolderDataset
 
     dataset = ImageFolderDataset(Path(str(config.path)), size=config.size, crop=config.crop, seed=config.seed)
+    if len(dataset) < 2:
+        raise ValueError(f"{config.path}: training needs at least 2 images (one is held out for evaluation)")
     train, held = dataset.split(min(config.holdout, max(1, len(dataset) // 10)))
     return _FolderSource(train), _FolderSource(held)
