@@ -51,7 +51,7 @@ class AutoencoderConfig:
         if self.kind == "vq" and self.n_embed <= 0:
             raise ValueError("a VQ autoencoder needs n_embed > 0")
         if self.ch % self.norm_groups:
-            raise ValueError(f"ch must be a multiple of norm_groups ({self.norm_groups})")
+            raise ValueError(f"ch must be a multiple of {self.norm_groups} (norm_groups, the GroupNorm groups)")
 
     @property
     def downsample_factor(self) -> int:

@@ -47,7 +47,7 @@ class UNetConfig:
         if self.context_dim is not None and not self.use_spatial_transformer:
             raise ValueError("context_dim needs use_spatial_transformer (cross-attention lives there)")
         if self.model_channels % self.norm_groups:
-            raise ValueError(f"model_channels must be a multiple of norm_groups ({self.norm_groups})")
+            raise ValueError(f"model_channels must be a multiple of {self.norm_groups} (norm_groups)")
 
     def heads(self, ch: int) -> tuple[int, int]:
         """(heads, d_head) of an attention at `ch` channels: the original's rule, legacy included."""
