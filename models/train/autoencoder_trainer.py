@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,3 @@ def load_trained_autoencoder(path: Path) -> Autoencoder:
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
-
-def with_overrides(config: AutoencoderTrainConfig, **kwargs: Any) -> AutoencoderTrainConfig:
-    return replace(config, **{k: v for k, v in kwargs.items() if v is not None})

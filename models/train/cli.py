@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import TypeVar
 
@@ -83,5 +82,4 @@ def run_train_ldm(args: argparse.Namespace) -> int:
     config = _data_override(args, load_train_config(LDMTrainConfig, args.config, overrides))
     result = LDMTrainer(config, args.out).train()
     print(f"final loss {result['loss']:.4f}; wrote {args.out / 'model.safetensors'}")
-    logging.getLogger(__name__).debug("result %s", result)
     return 0

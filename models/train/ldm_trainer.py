@@ -32,6 +32,7 @@ from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.checkpoints import save_model
 from models.config import ModelConfig, to_dict
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
+from models.images import to_tensor
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.text import ConditionerConfig
@@ -124,6 +125,7 @@ class LatentPool:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], seed: int) -> None:
         self.mean, self.std, self.texts, self.seed = mean, std, texts, seed
+        self._epoch_perm: tuple[int, torch.Tensor] | None = None  # the last epoch's permutation
 
     @classmethod
     @torch.no_grad()
@@ -149,11 +151,10 @@ class LatentPool:
         return self.mean[idx], self.std[idx], [self.texts[i] for i in index]
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached[0] != epoch:
+        if self._epoch_perm is None or self._epoch_perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._cached = (epoch, torch.randperm(len(self.texts), generator=g))
-        return self._cached[1]
+            self._epoch_perm = (epoch, torch.randperm(len(self.texts), generator=g))
+        return self._epoch_perm[1]
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,8 +380,7 @@ class LDMTrainer:
         self.unet.eval()
         with self.ema_weights():
             result = Pipeline(self.model, optimize=False).txt2img(specs, RunSettings(steps=c.sample_steps))
-        images = torch.stack([torch.from_numpy(_array(im)).permute(2, 0, 1) for im in result.images])
-        save_grid(images.float() / 127.5 - 1, self.run_dir / "samples" / f"step-{self.step:07d}.png",
+        save_grid(to_tensor(result.images), self.run_dir / "samples" / f"step-{self.step:07d}.png",
                   rows=max(1, len(prompts) // 8))
 
     def export(self, path: Path) -> Path:
@@ -394,10 +394,4 @@ class LDMTrainer:
             save_model(self.model, path)
         log.info("wrote %s", path)
         return path
-
-
-def _array(image: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
