@@ -392,6 +392,24 @@ def _finish(model: LatentDiffusion, device: str | torch.device, dtype: torch.dty
     return model
 
 
+def _model_config(path: Path, sd: StateDict, metadata: Mapping[str, str]) -> ModelConfig:
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
+        except ValueError as err:  # json.JSONDecodeError included
+            raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
+    try:
+        return infer_model_config(sd, name=path.stem)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The config of a single-file checkpoint (its metadata, or inferred from its keys), without building it."""
+    sd, metadata = read_state_dict(path)
+    return _model_config(path, sd, metadata)
+
+
 def load_single_file(
     path: Path,
     *,
@@ -402,16 +420,7 @@ def load_single_file(
 ) -> LatentDiffusion:
     """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
     sd, metadata = read_state_dict(path)
-    if CONFIG_METADATA_KEY in metadata:
-        try:
-            config = from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
-        except ValueError as err:  # json.JSONDecodeError included
-            raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
-    else:
-        try:
-            config = infer_model_config(sd, name=path.stem)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+    config = _model_config(path, sd, metadata)
     parts = split_parts(sd)
     if use_ema:
         try:

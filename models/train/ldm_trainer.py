@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.checkpoints import save_model
+from models.checkpoints import read_model_config, read_state_dict, save_model, split_parts
 from models.config import ModelConfig, to_dict
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
 from models.images import to_tensor
@@ -67,6 +67,9 @@ class LDMTrainConfig:
     #: the first stage written into model.safetensors (default: autoencoder_path); it must have the same
     #: encoder, i.e. be a decoder-only fine-tune (`train_encoder: false`), so the latent space is unchanged
     export_autoencoder_path: str | None = None
+    #: start the UNet from the weights in this model file (a `model.safetensors` of an earlier run, whose
+    #: UNet config must equal this run's) instead of a random init: fine-tuning, or moving a run to a GPU
+    init_from: str | None = None
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
         in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
         attention_resolutions=(2, 4), num_heads=4, context_dim=384))
@@ -203,6 +206,8 @@ class LDMTrainer:
         self.model.autoencoder.load_state_dict(autoencoder.state_dict())
         self.model.autoencoder.requires_grad_(False).eval()
         self.unet = self.model.unet
+        if config.init_from is not None and resumed is None:
+            self._init_unet(Path(config.init_from))
         self.schedule = NoiseSchedule.from_config(config.schedule)
         self.train_data, _ = make_sources(config.data)
         self.contexts = ContextCache(self.model) if self.model.conditioner is not None else None
@@ -219,6 +224,13 @@ class LDMTrainer:
     # ------------------------------------------------------------------------------ set-up helpers
     def _resume_state(self) -> dict[str, Any] | None:
         return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+
+    def _init_unet(self, path: Path) -> None:
+        saved_config = read_model_config(path)
+        if saved_config.unet != self.config.unet:
+            raise ValueError(f"init_from {path}: its UNet config differs from this run's")
+        self.unet.load_state_dict(split_parts(read_state_dict(path)[0])["unet"], strict=True)
+        log.info("UNet initialised from %s", path)
 
     def _set_scale(self, scale: float) -> None:
         self.model.config = dataclasses.replace(self.model.config, scale_factor=scale)

@@ -211,3 +211,23 @@ def test_pixel_space_diffusion_trains_without_a_first_stage(tmp_path: Path) -> N
     assert trainer.model.config.downsample_factor == 1
     trainer.train()
     assert load_model(tmp_path / "model.safetensors").config.autoencoder.kind == "identity"
+
+
+def test_ldm_init_from_starts_the_unet_from_an_earlier_run(tmp_path: Path, trained_autoencoder: Path) -> None:
+    first = LDMTrainer(ldm_config(trained_autoencoder), tmp_path / "first")
+    first.train()
+    exported = load_model(str(tmp_path / "first" / "model.safetensors"))
+    second = LDMTrainer(ldm_config(trained_autoencoder, init_from=str(tmp_path / "first" / "model.safetensors"),
+                                   seed=7), tmp_path / "second")
+    for key, value in exported.unet.state_dict().items():
+        assert torch.equal(second.unet.state_dict()[key], value), key
+    for key, value in second.ema.shadow.items():  # the average starts from the loaded weights, not a random init
+        assert torch.equal(value, exported.unet.state_dict()[key].float()), key
+
+
+def test_ldm_init_from_refuses_a_different_unet(tmp_path: Path, trained_autoencoder: Path) -> None:
+    LDMTrainer(ldm_config(trained_autoencoder), tmp_path / "first").train()
+    wider = UNetConfig(**{**TINY_UNET.__dict__, "model_channels": 64})
+    with pytest.raises(ValueError, match="UNet config differs"):
+        LDMTrainer(ldm_config(trained_autoencoder, unet=wider, init_from=str(tmp_path / "first" / "model.safetensors")),
+                   tmp_path / "second")
