@@ -7,9 +7,18 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install stubs run test test-slow lint bench clean
+.PHONY: install promtool stubs run test test-slow lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) promtool
+
+# promtool (Debian's `prometheus` package) checks deploy/prometheus and the dashboard's queries in tests/deploy.
+# Installed as root where apt-get works; elsewhere those checks skip and say why. Cheap when already there.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        prometheus >/dev/null; } || echo "note: apt-get could not install prometheus (promtool)"; \
+	  else echo "note: promtool not installed (Debian package prometheus, needs root and apt-get)"; fi; }
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +37,7 @@ run: stubs
 	$(VENV)/bin/ldm serve
 
 lint: stubs
-	$(VENV)/bin/ruff check models service tests bench
+	$(VENV)/bin/ruff check models service tests bench deploy
 	$(VENV)/bin/mypy models service
 
 test: stubs lint
