@@ -26,8 +26,9 @@ Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]
 #: crossattn = context tokens; concat = spatial inputs stacked on the latent; hybrid = both;
 #: adm = class vector added to the time embedding; none = unconditional.
 Conditioning = Literal["crossattn", "concat", "hybrid", "adm", "none"]
-#: What the extra UNet input channels hold when conditioning is concat or hybrid.
-ConcatInput = Literal["none", "inpaint", "lowres"]
+#: What the extra UNet input channels hold when conditioning is concat or hybrid (semantic: the
+#: conditioner's encoding of a label map, `conditioner.semantic.channels` of them).
+ConcatInput = Literal["none", "inpaint", "lowres", "semantic"]
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,38 @@ class ModelConfig:
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs a conditioner")
         if self.conditioning in ("concat", "hybrid") and self.concat_input == "none":
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
-        extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3}[self.concat_input]
+        self._check_conditioner()
+        semantic = self.conditioner.semantic.channels if self.conditioner is not None else 0
+        extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3, "semantic": semantic}[self.concat_input]
         expected = self.latent_channels + extra
         if self.unet.in_channels != expected:
             raise ValueError(
                 f"{self.name}: UNet has {self.unet.in_channels} input channels, but a "
                 f"{self.latent_channels}-channel latent with concat_input={self.concat_input!r} needs {expected}"
             )
+
+    def _check_conditioner(self) -> None:
+        """The class, layout and semantic conditioners against the wiring and the UNet."""
+        kind = self.conditioner.kind if self.conditioner is not None else None
+        if (kind == "semantic") != (self.concat_input == "semantic"):
+            raise ValueError(f"{self.name}: a semantic conditioner goes with concat_input 'semantic' and only with it")
+        if kind == "semantic":
+            assert self.conditioner is not None
+            if self.conditioning != "concat":
+                raise ValueError(f"{self.name}: a semantic conditioner needs conditioning 'concat'")
+            if self.unet.context_dim is not None:
+                raise ValueError(f"{self.name}: a semantic-map model has no cross-attention context "
+                                 "(unet.context_dim must be null)")
+            if self.conditioner.semantic.downsample != self.downsample_factor:
+                raise ValueError(f"{self.name}: conditioner.semantic.downsample must equal the first stage's factor "
+                                 f"{self.downsample_factor}, got {self.conditioner.semantic.downsample}")
+        if kind in ("class", "layout"):
+            assert self.conditioner is not None
+            if self.conditioning != "crossattn":
+                raise ValueError(f"{self.name}: a {kind} conditioner needs conditioning 'crossattn'")
+            if self.unet.context_dim != self.conditioner.context_dim:
+                raise ValueError(f"{self.name}: unet.context_dim {self.unet.context_dim} differs from the {kind} "
+                                 f"conditioner's width {self.conditioner.context_dim}")
 
 
 T = TypeVar("T")

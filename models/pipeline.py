@@ -1,30 +1,53 @@
-"""Pipelines: txt2img, img2img, inpainting (two ways) and super-resolution on a LatentDiffusion model.
+"""Pipelines: txt2img, img2img, inpainting (two ways) and super-resolution on a LatentDiffusion model, and the
+paper's other conditionings: class2img, layout2img, semantic2img and unconditional sampling.
 
 One batch shares its sampler, steps, size and (for img2img) strength; prompts, negative prompts,
 seeds and guidance scales vary per item. Every item has its own CPU generator seeded with its seed,
 drawn first for the initial latents and then for ancestral noise, so an item's image is the same
 alone or in any batch, and the same as diffusers' StableDiffusionPipeline with that seed.
+
+The other conditionings take one condition per item beside the specs (as img2img takes one image per
+item); their classifier-free guidance steers away from the model's null condition (the null class, the
+empty layout, the all-unknown label map), with each item's `guidance_scale` (1 = off). Inputs are
+checked by models/conditioning.py, whose `ConditionError` (a ValueError) names what is wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.conditioning import (
+    Box,
+    ConditionError,
+    LayoutEncoder,
+    SemanticEncoder,
+    label_map_tensor,
+    resolve_label,
+)
 from models.cpu_inference import optimize_for_cpu_inference
 from models.guidance import Conditioning, guided_eps
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
 from models.noise import generators_from_seeds, randn_per_item
 from models.samplers import SamplerName, sample, sampling_plan
+from models.text import ClassConditioner
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
 MAX_STEPS = 1000
+#: a task's default classifier-free guidance scale (CLI and evaluation defaults; 1 = no guidance)
+DEFAULT_GUIDANCE: dict[str, float] = {"txt2img": 7.5, "class": 3.0, "layout": 3.0, "semantic": 2.0,
+                                      "unconditional": 1.0}
+#: one label map per item: a single-channel PIL image (mode L or P) or an integer array [H, W]
+LabelMap = Image.Image | np.ndarray | torch.Tensor
+C = TypeVar("C", ClassConditioner, LayoutEncoder, SemanticEncoder)
 
 
 @dataclass(frozen=True)
@@ -119,13 +142,99 @@ class Pipeline:
         concat = low.to(self.model.device, self.model.dtype)
         return self._generate(specs, settings, size, concat=concat, progress=progress)
 
+    def class2img(self, specs: Sequence[SampleSpec], settings: RunSettings, labels: Sequence[int | str],
+                  progress: Progress | None = None) -> GenerationResult:
+        """Class-conditional synthesis: one class per item, an id or a name ("red circle"); prompts are unused."""
+        conditioner = self._conditioner(ClassConditioner, "class-conditional", "class2img")
+        self._one_each(labels, specs, "class label")
+        ids = [resolve_label(label, conditioner.class_names, conditioner.n_classes, f"class label {i}")
+               for i, label in enumerate(labels)]
+        with torch.inference_mode():
+            cond = conditioner.encode(ids).context
+            uncond = conditioner.encode([conditioner.null_class] * len(ids)).context
+        return self._generate(specs, settings, self.size(settings), conditions=self._contexts(cond, uncond),
+                              progress=progress)
+
+    def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
+                   progress: Progress | None = None) -> GenerationResult:
+        """Layout-to-image: one list of boxes per item (`models.conditioning.parse_layout` reads JSON)."""
+        encoder = self._conditioner(LayoutEncoder, "layout-to-image", "layout2img")
+        self._one_each(layouts, specs, "layout")
+        with torch.inference_mode():
+            cond = encoder.encode_layouts(layouts)
+            uncond = encoder.encode_layouts([[] for _ in layouts])
+        return self._generate(specs, settings, self.size(settings), conditions=self._contexts(cond, uncond),
+                              progress=progress)
+
+    def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
+                     progress: Progress | None = None) -> GenerationResult:
+        """Semantic synthesis: one label map per item (0 = background, 1..K = classes), all of one size, which
+        is the output size (width/height in `settings`, when given, must equal it)."""
+        encoder = self._conditioner(SemanticEncoder, "semantic-synthesis", "semantic2img")
+        self._one_each(maps, specs, "label map")
+        labels = label_map_tensor(maps, encoder.n_classes)  # [N, H, W]
+        height, width = labels.shape[-2:]
+        asked = (height if settings.height is None else settings.height,
+                 width if settings.width is None else settings.width)
+        if asked != (height, width):
+            raise ConditionError(f"the label map is {width}x{height}, but {asked[1]}x{asked[0]} was asked for: the "
+                                 "map sets the image size")
+        f = self.model.config.downsample_factor
+        if height % f or width % f:
+            raise ConditionError(f"label map size {width}x{height} is not a multiple of {f}")
+        with torch.inference_mode():
+            cond = encoder(labels.to(self.model.device))
+            uncond = encoder.null(len(specs), height, width)
+        pair = (Conditioning(concat=cond), Conditioning(concat=uncond))
+        return self._generate(specs, settings, (height, width), conditions=pair, progress=progress)
+
+    def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                      progress: Progress | None = None) -> GenerationResult:
+        """Samples of the model's own distribution, unguided (guidance scales are ignored): an unconditional
+        model, or a conditional one on its null condition (null class, empty layout, unknown map, "" prompt)."""
+        specs = [replace(s, prompt="", negative_prompt="", guidance_scale=1.0) for s in specs]
+        conditioner, size = self.model.conditioner, self.size(settings)
+        if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid", "concat"):
+            return self._generate(specs, settings, size, progress=progress)
+        if isinstance(conditioner, ClassConditioner):
+            with torch.inference_mode():
+                null = conditioner.encode([conditioner.null_class] * len(specs)).context
+            return self._generate(specs, settings, size, conditions=self._contexts(null, null), progress=progress)
+        if isinstance(conditioner, LayoutEncoder):
+            with torch.inference_mode():
+                null = conditioner.encode_layouts([[] for _ in specs])
+            return self._generate(specs, settings, size, conditions=self._contexts(null, null), progress=progress)
+        if isinstance(conditioner, SemanticEncoder):
+            with torch.inference_mode():
+                plain = Conditioning(concat=conditioner.null(len(specs), *size))
+            return self._generate(specs, settings, size, conditions=(plain, plain), progress=progress)
+        return self.txt2img(specs, settings, progress)
+
+    def _conditioner(self, cls: type[C], what: str, method: str) -> C:
+        conditioner = self.model.conditioner
+        if not isinstance(conditioner, cls):
+            kind = self.model.config.conditioner.kind if self.model.config.conditioner else "unconditional"
+            raise UnsupportedTask(f"model {self.model.config.name!r} is not a {what} model ({method} needs one); "
+                                  f"it is conditioned on: {kind}")
+        return conditioner
+
+    @staticmethod
+    def _one_each(conditions: Sequence[object], specs: Sequence[SampleSpec], what: str) -> None:
+        if len(conditions) != len(specs):
+            raise ValueError(f"need one {what} per item: {len(specs)} items, {len(conditions)} {what}s")
+
+    def _contexts(self, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[Conditioning, Conditioning]:
+        device, dtype = self.model.device, self.model.dtype
+        return Conditioning(context=cond.to(device, dtype)), Conditioning(context=uncond.to(device, dtype))
+
     # ------------------------------------------------------------------ the shared core
 
     def _generate(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
                   init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
-                  blend_mask: torch.Tensor | None = None, progress: Progress | None = None) -> GenerationResult:
+                  blend_mask: torch.Tensor | None = None, conditions: tuple[Conditioning, Conditioning] | None = None,
+                  progress: Progress | None = None) -> GenerationResult:
         latents, warnings = self.sample_latents(specs, settings, size, init=init, concat=concat,
-                                                blend_mask=blend_mask, progress=progress)
+                                                blend_mask=blend_mask, conditions=conditions, progress=progress)
         with torch.inference_mode():  # one item at a time: less memory (as diffusers' VAE slicing), same pixels
             images = torch.cat([self.model.decode_latents(latents[i : i + 1]) for i in range(len(latents))])
         return GenerationResult(to_pil(images), warnings)
@@ -134,19 +243,23 @@ class Pipeline:
     def sample_latents(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
                        init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
                        blend_mask: torch.Tensor | None = None,
+                       conditions: tuple[Conditioning, Conditioning] | None = None,
                        progress: Progress | None = None) -> tuple[torch.Tensor, list[str]]:
         """The sampling loop of every task: final latents [N, C, h, w] and the caller's warnings.
 
         `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
-        `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask.
+        `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask;
+        `conditions` (conditional, unconditional) replaces the prompts' encoding (class, layout, semantic).
         """
         if not specs:
             raise ValueError("a batch needs at least one item")
         if not 1 <= settings.steps <= MAX_STEPS:
             raise ValueError(f"steps must be within 1..{MAX_STEPS}, got {settings.steps}")
         model, config = self.model, self.model.config
-        if config.concat_input != "none" and concat is None:  # else a cryptic conv channel-count error
-            task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale"}
+        given_concat = concat if conditions is None else conditions[0].concat
+        if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
+            task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
+                    "semantic": "a semantic-synthesis model: use semantic2img"}
             raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
         device, dtype = model.device, model.dtype
         f = config.downsample_factor
@@ -156,7 +269,10 @@ class Pipeline:
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:
             plan = plan.from_strength(settings.strength)
-        cond, uncond, warnings = self._conditioning(specs, concat)
+        if conditions is None:
+            cond, uncond, warnings = self._conditioning(specs, concat)
+        else:
+            (cond, uncond), warnings = conditions, []
         if len(plan.timesteps) == 0:  # strength so small that no step runs: the input is the output
             assert init is not None
             return init, warnings
@@ -166,7 +282,8 @@ class Pipeline:
         x = plan.noise(0, init, noise) if from_image and init is not None else noise
         # guidance needs a prompt to steer by: without one, cond == uncond and doubling the batch is waste
         text = model.conditioner is not None and config.conditioning in ("crossattn", "hybrid")
-        scales = torch.tensor([s.guidance_scale if text else 1.0 for s in specs], device=device)
+        guided = text or conditions is not None
+        scales = torch.tensor([s.guidance_scale if guided else 1.0 for s in specs], device=device)
         eps = guided_eps(model.unet, model.schedule, cond, uncond, scales)
         total = len(plan.timesteps)
 
@@ -188,6 +305,8 @@ class Pipeline:
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
             plain = Conditioning(concat=concat)
             return plain, plain, []
+        if isinstance(conditioner, LayoutEncoder):
+            raise UnsupportedTask(f"model {self.model.config.name!r} is a layout-to-image model: use layout2img")
         # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
         positive = conditioner.encode([s.prompt for s in specs])
         negative = conditioner.encode([s.negative_prompt for s in specs])

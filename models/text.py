@@ -9,6 +9,8 @@ UNet's cross-attention.
 - `TransformerConditioner`: the paper's tau_theta trained from scratch (LDM's BERTEmbedder): token and
   learned position embeddings, pre-LayerNorm blocks, final LayerNorm, on BERT WordPiece tokens.
 - `ClassConditioner`: one learned vector per class plus a null class for classifier-free guidance.
+- Layouts and semantic maps (`LayoutEncoder`, `SemanticEncoder`) live in models/conditioning.py; their
+  configs are part of `ConditionerConfig` and `build_conditioner` builds them.
 
 Prompts that do not fit are truncated and the warning reaches the caller in `EncodedPrompts.warnings`.
 """
@@ -25,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.conditioning import (
+    LayoutEncoder,
+    LayoutEncoderConfig,
+    SemanticEncoder,
+    SemanticEncoderConfig,
+    normalise_name,
+)
 from models.layers import Linear
 from models.tokenizers import BertTokenizer, CLIPTokenizer, PromptTokenizer, minilm_model_dir
 
@@ -507,13 +516,17 @@ class TransformerConditioner(nn.Module):
 
 
 class ClassConditioner(nn.Module):
-    """Class label -> context [N, 1, dim] (LDM's ClassEmbedder); label `n_classes` is the null class."""
+    """Class label -> context [N, 1, dim] (LDM's ClassEmbedder); label `n_classes` is the null class.
+    With `class_names`, a prompt may also name its class ("red circle")."""
 
-    def __init__(self, n_classes: int, dim: int) -> None:
+    def __init__(self, n_classes: int, dim: int, class_names: Sequence[str] = ()) -> None:
         super().__init__()
         if n_classes < 1 or dim < 1:
             raise ValueError(f"ClassConditioner needs n_classes >= 1 and dim >= 1, got {n_classes}, {dim}")
+        if class_names and len(class_names) != n_classes:
+            raise ValueError(f"ClassConditioner: {len(class_names)} class names for {n_classes} classes")
         self.n_classes = n_classes
+        self.class_names = tuple(class_names)
         self.null_class = n_classes  # the unconditional input for classifier-free guidance
         self.embedding = nn.Embedding(n_classes + 1, dim)
         self.context_dim = dim
@@ -538,25 +551,32 @@ class ClassConditioner(nn.Module):
         text = prompt.strip()
         if not text:
             return self.null_class
+        names = [normalise_name(n) for n in self.class_names]
+        if normalise_name(text) in names:
+            return names.index(normalise_name(text))
         try:
             return int(text)
         except ValueError:
+            named = f", or a class name ({', '.join(self.class_names)})" if self.class_names else ""
             raise ValueError(
-                f"a class-conditional model takes a class index 0..{self.n_classes - 1} as its prompt "
+                f"a class-conditional model takes a class index 0..{self.n_classes - 1}{named} as its prompt "
                 f"('' = unconditional), got {prompt!r}"
             ) from None
 
 
 # ------------------------------------------------------------------------------------------- factory
 
-ConditionerKind = Literal["clip", "minilm", "transformer", "class"]
-AnyConditioner = CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
+ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic"]
+AnyConditioner = (CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
+                  | LayoutEncoder | SemanticEncoder)
 
 
 @dataclass(frozen=True)
 class ConditionerConfig:
     """Which conditioner, and its size. Only the fields of the chosen kind are used: clip -> `clip`;
-    minilm -> `max_length`; transformer -> `transformer`; class -> `n_classes`, `class_dim`."""
+    minilm -> `max_length`; transformer -> `transformer`; class -> `n_classes`, `class_dim`; layout ->
+    `n_classes`, `layout`; semantic -> `n_classes` (label map values 1..n_classes, 0 = background),
+    `semantic`. `class_names` (class, layout, semantic; optional) lets inputs name classes ("red circle")."""
 
     kind: ConditionerKind = "clip"
     clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
@@ -564,20 +584,32 @@ class ConditionerConfig:
     max_length: int = 77
     n_classes: int = 1000
     class_dim: int = 512
+    class_names: tuple[str, ...] = ()
+    layout: LayoutEncoderConfig = field(default_factory=LayoutEncoderConfig)
+    semantic: SemanticEncoderConfig = field(default_factory=SemanticEncoderConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConditionerKind):
             kinds = get_args(ConditionerKind)
             raise ValueError(f"ConditionerConfig.kind must be one of {kinds}, got {self.kind!r}")
+        if self.class_names:
+            if len(self.class_names) != self.n_classes:
+                raise ValueError(f"ConditionerConfig: {len(self.class_names)} class_names for n_classes "
+                                 f"{self.n_classes}")
+            if len({normalise_name(n) for n in self.class_names}) != len(self.class_names):
+                raise ValueError("ConditionerConfig: class_names must be distinct")
 
     @property
-    def context_dim(self) -> int:
-        """Width of the context this conditioner produces (the UNet's `context_dim`)."""
+    def context_dim(self) -> int | None:
+        """Width of the context this conditioner produces (the UNet's `context_dim`); None: no context (a
+        semantic map is concatenated to the latent instead)."""
         return {
             "clip": self.clip.hidden_size,
             "minilm": BertConfig().hidden_size,
             "transformer": self.transformer.width,
             "class": self.class_dim,
+            "layout": self.layout.width,
+            "semantic": None,
         }[self.kind]
 
 
@@ -602,4 +634,8 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
         raise ValueError(f"a {config.kind!r} conditioner takes no tokenizer folder (got {tokenizer_dir})")
     if config.kind == "minilm":
         return MiniLMConditioner(config.max_length)
-    return ClassConditioner(config.n_classes, config.class_dim)
+    if config.kind == "layout":
+        return LayoutEncoder(config.n_classes, config.layout, config.class_names)
+    if config.kind == "semantic":
+        return SemanticEncoder(config.n_classes, config.semantic, config.class_names)
+    return ClassConditioner(config.n_classes, config.class_dim, config.class_names)

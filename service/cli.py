@@ -18,11 +18,22 @@ SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="text-to-image offline, no server",
+        help="text-to-image (or class, layout, semantic map, unconditional) offline, no server",
         description="Generate images from prompts with a shipped model, a checkpoint file or a diffusers "
-        "folder, offline. Progress goes to stderr; PNG text chunks carry the parameters.",
+        "folder, offline. Progress goes to stderr; PNG text chunks carry the parameters. With --task, a "
+        "class-conditional (--class), layout-to-image (--layout boxes.json), semantic-synthesis (--map labels.png) "
+        "or unconditional model generates instead; `python -m models.eval.conditions --out DIR` writes example "
+        "label maps and layouts.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
+    p.add_argument("--task", choices=("txt2img", "class", "unconditional", "semantic", "layout"), default=None,
+                   help="what to condition on (default: txt2img, or what --class/--map/--layout imply)")
+    p.add_argument("--class", dest="class_label", metavar="CLASS",
+                   help="--task class: the class, a name such as 'red circle' or an id")
+    p.add_argument("--map", type=Path, help="--task semantic: a label map PNG (mode L or P, pixel value = label, "
+                   "0 = background); its size is the image size")
+    p.add_argument("--layout", type=Path, help='--task layout: a JSON list of {"label": "red circle", "box": '
+                   "[x0, y0, x1, y1]} with coordinates in [0, 1]")
     p.add_argument("--from-file", type=Path, help="one prompt a line; OUT is then a folder of NNN.png, "
                    "line i generated with seed SEED + i (with --n N: NNN-k.png, seed SEED + i*N + k)")
     p.add_argument("--model", default="tiny-shapes",
@@ -33,7 +44,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="(default: %(default)s)")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 = off")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off "
+                   "(default: 7.5 for txt2img, 3 for class and layout, 2 for semantic)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--width", type=int, help="pixels, a multiple of the model's factor (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")
@@ -49,17 +61,29 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from service.generate import GenerateOptions, generate
+    from models.pipeline import DEFAULT_GUIDANCE
+    from service.generate import GenerateOptions, TaskInputs, generate, generate_task
 
-    if (args.prompt is None) == (args.from_file is None):
+    implied = [t for t, given in (("class", args.class_label), ("semantic", args.map), ("layout", args.layout))
+               if given is not None]
+    task = args.task or (implied[0] if len(implied) == 1 else "txt2img")
+    if task == "txt2img" and implied:
+        raise SystemExit(f"ldm generate: --class, --map and --layout are for --task {'/'.join(implied)}, not txt2img")
+    if task == "txt2img" and (args.prompt is None) == (args.from_file is None):
         raise SystemExit("ldm generate: give either a PROMPT or --from-file FILE")
+    if task != "txt2img" and (args.prompt is not None or args.from_file is not None):
+        raise SystemExit(f"ldm generate: --task {task} takes no prompt or --from-file")
     options = GenerateOptions(
         model=args.model, seed=args.seed, steps=args.steps, sampler=args.sampler, karras=args.karras,
-        eta=args.eta, guidance=args.guidance, negative_prompt=args.negative_prompt, width=args.width,
+        eta=args.eta, guidance=DEFAULT_GUIDANCE[task] if args.guidance is None else args.guidance,
+        negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None, use_ema=args.ema,
     )
-    if args.from_file is not None:
+    if task != "txt2img":
+        inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout)
+        written = generate_task(task, inputs, options, out_file=args.out or Path("out.png"))  # type: ignore[arg-type]
+    elif args.from_file is not None:
         prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"{args.from_file} holds no prompts (one a line)")
@@ -98,6 +122,49 @@ def _service_parsers(sub: argparse._SubParsersAction) -> None:
     worker.set_defaults(func=run_worker)
 
 
+def _keys_parser(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser(
+        "keys", help="make API keys and their digests",
+        description="The service is configured with SHA-256 digests of API keys, never with the keys: give the key "
+        "to the client, put the digest in LDM_API_KEY_HASHES (comma-separated) or a line of LDM_API_KEY_FILE. "
+        "Clients send 'Authorization: Bearer <key>' (gRPC: metadata 'authorization').")
+    verbs = keys.add_subparsers(dest="verb", required=True)
+    new = verbs.add_parser("new", help="print a fresh random key and its digest",
+                           description="Print a fresh key (256 random bits) on the first line and its SHA-256 "
+                           "digest on the second. The key is stored nowhere: hand it to the client now.")
+    new.add_argument("--label", default=None, help="a name for the key file line printed with the digest")
+    new.set_defaults(func=run_keys_new)
+    digest = verbs.add_parser("hash", help="print the digest of a key read from stdin",
+                              description="Read a key from stdin (not from the command line, which ps and shell "
+                              "history show) and print its SHA-256 digest. In a terminal it asks without echo.")
+    digest.set_defaults(func=run_keys_hash)
+
+
+def run_keys_new(args: argparse.Namespace) -> int:
+    from service.auth import hash_key, new_key
+
+    key = new_key()
+    label = f" {args.label}" if args.label else ""
+    print(f"key:    {key}")
+    print(f"sha256: {hash_key(key)}{label}")
+    print("Give the key to the client (it is shown once); configure the sha256 line: LDM_API_KEY_HASHES or a "
+          "line of LDM_API_KEY_FILE.", file=sys.stderr)
+    return 0
+
+
+def run_keys_hash(args: argparse.Namespace) -> int:
+    import getpass
+
+    from service.auth import hash_key
+
+    key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.read()
+    key = key.strip()
+    if not key:
+        raise ValueError("no key on stdin (e.g. `printf %s \"$KEY\" | ldm keys hash`)")
+    print(hash_key(key))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.serve import run_serve as serve
@@ -129,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _service_parsers(sub)
+    _keys_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     return parser

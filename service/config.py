@@ -7,19 +7,46 @@ Every field carries a description; the README's configuration table is generated
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _digests(value: Any) -> Any:
+    """A list of SHA-256 hex digests from YAML (a list) or the environment (comma- or space-separated), lowercased.
+    Anything else is refused, so a plain key pasted by mistake never becomes a setting that "works"."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        return value
+    digests = tuple(str(item).strip().lower() for item in items)
+    bad = [i for i, d in enumerate(digests) if not SHA256_HEX.match(d)]
+    if bad:
+        raise ValueError(f"entries {bad} are not SHA-256 hex digests (64 hex digits): configure the digest of a "
+                         "key (`ldm keys hash`), never the key itself")
+    return digests
+
+
+def _digest(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    return _digests([value])[0]
+
+
+Digests = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_digests)]
 
 
 class Settings(BaseSettings):
     """Everything the API, the worker and `ldm serve` can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="LDM_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a bad value is never echoed (a plain key pasted for a digest, a Redis URL's password)
+    model_config = SettingsConfigDict(env_prefix="LDM_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     config_file: Path | None = Field(
         default=None,
@@ -65,6 +92,38 @@ class Settings(BaseSettings):
         default=15.0, gt=0,
         description="A progress event stream (SSE) quiet for this long sends a keep-alive comment.")
 
+    # --- authentication and quotas (service/auth.py, service/quotas.py; README "Operations and security")
+    api_key_hashes: Digests = Field(
+        default=(),
+        description="SHA-256 hex digests of the accepted API keys (comma-separated); `ldm keys new` makes a key and "
+        "its digest. Plain keys are never configured. Any key configured (here or in api_key_file) turns "
+        "authentication on.")
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File of API key digests, one a line: `<digest> [label]`, or `revoked <digest> [label]`; # "
+        "comments. Re-read when it changes, so keys rotate without a restart; set, it turns authentication on "
+        "(an empty file lets no one in).")
+    revoked_key_hashes: Digests = Field(
+        default=(),
+        description="SHA-256 hex digests of revoked keys (comma-separated): answered 403 instead of 401.")
+    auth_disabled: bool = Field(
+        default=False,
+        description="Serve without API keys on any address. Without keys and without this, the front ends serve "
+        "loopback only and refuse to start on another address.")
+    metrics_token_hash: Annotated[str | None, BeforeValidator(_digest)] = Field(
+        default=None,
+        description="SHA-256 hex digest of the bearer token the API's /metrics then requires; unset = /metrics is "
+        "open (keep it off the public network).")
+    key_rate_limit_per_s: float = Field(
+        default=2.0, ge=0,
+        description="Jobs per second one API key may submit, sustained (a token bucket in Redis); 0 = no limit. "
+        "Beyond: 429 / RESOURCE_EXHAUSTED with Retry-After.")
+    key_rate_burst: int = Field(
+        default=20, ge=1, description="Jobs one API key may submit at once before its rate limit applies.")
+    key_max_jobs_in_flight: int = Field(
+        default=32, ge=0,
+        description="Queued plus running jobs one API key may have; 0 = no cap. Beyond: 429 / RESOURCE_EXHAUSTED.")
+
     # --- the queue
     queue_max_depth: int = Field(
         default=256, ge=1,
@@ -83,8 +142,9 @@ class Settings(BaseSettings):
         default=3, ge=1, description="Deliveries of a job to workers before it fails into the dead-letter stream.")
     job_deadline_s: float = Field(
         default=600.0, gt=0,
-        description="A job not started this long after submission fails (deadline exceeded) instead of running; "
-        "also the longest a synchronous endpoint waits.")
+        description="A job not started this long after submission fails (deadline exceeded) instead of running "
+        "(a request may ask for less: `deadline_s`, or a gRPC deadline); also the longest a synchronous endpoint "
+        "waits.")
 
     # --- workers
     max_batch: int = Field(default=8, ge=1, le=256, description="Most jobs a worker claims and batches at once.")

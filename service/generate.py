@@ -1,25 +1,32 @@
-"""`ldm generate`: load a model once, run prompts through the txt2img pipeline, write PNGs."""
+"""`ldm generate`: load a model once, run prompts through the txt2img pipeline (or, with `--task`, a class
+label, a layout, a label map or nothing through the other conditionings' pipelines), write PNGs."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from models.checkpoints import load_model
+from models.conditioning import Box, layout_to_json, parse_layout
 from models.config import builtin_config
 from models.images import encode_png
 from models.ldm import LatentDiffusion
-from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.pipeline import GenerationResult, Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.samplers import SamplerName
 from models.text import CLIPTextConditioner
 
 log = logging.getLogger(__name__)
 RANDOM_PREFIX = "random:"
+#: what `ldm generate --task` conditions on: a prompt, a class label, nothing, a label map, boxes
+Task = Literal["txt2img", "class", "unconditional", "semantic", "layout"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +120,100 @@ def _output_path(out_file: Path | None, out_dir: Path | None, i: int, k: int, n:
         return out_dir / f"{i:03d}{suffix}.png"
     assert out_file is not None
     return out_file.with_name(f"{out_file.stem}{suffix}{out_file.suffix or '.png'}") if suffix else out_file
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """The condition of a non-text task: a class (name or id), a label-map PNG, or a layout JSON file."""
+
+    class_label: str | None = None
+    map_path: Path | None = None
+    layout_path: Path | None = None
+
+
+_NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path"}
+_FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout"}
+
+
+def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
+    """`options.n` images of one class, layout, label map, or unconditional samples (seeds seed..seed+n-1),
+    written to `out_file` (stem-k.png when n > 1). Inputs are read and checked before the model loads."""
+    if task == "txt2img":
+        raise ValueError("generate_task is for class, unconditional, semantic and layout; txt2img is `generate`")
+    needed = _NEEDS.get(task)
+    if needed is not None and getattr(inputs, needed) is None:
+        raise ValueError(f"--task {task} needs {_FLAGS[needed]}")
+    for name, flag in _FLAGS.items():
+        if getattr(inputs, name) is not None and name != needed:
+            raise ValueError(f"{flag} is for --task {[t for t, n in _NEEDS.items() if n == name][0]}, not {task}")
+    label_map = _read_map(inputs.map_path) if inputs.map_path is not None else None
+    layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
+    device, dtype = pick_device(options.device, options.dtype)
+    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
+                          use_ema=options.use_ema)
+    pipeline = Pipeline(model)
+    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
+                           height=options.height, karras=options.karras, eta=options.eta)
+    specs = [SampleSpec("", "", options.seed + k, options.guidance) for k in range(options.n)]
+    extra: dict[str, object] = {}
+    with tqdm(total=options.steps, desc=task, unit="step", leave=False) as bar:
+
+        def advance(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        if task == "class":
+            assert inputs.class_label is not None
+            result = pipeline.class2img(specs, settings, [inputs.class_label] * options.n, progress=advance)
+            extra["class"] = inputs.class_label
+        elif task == "layout":
+            boxes = _layout(model, layout_data)
+            result = pipeline.layout2img(specs, settings, [boxes] * options.n, progress=advance)
+            extra["layout"] = json.dumps(layout_to_json(boxes, model.config.conditioner.class_names
+                                                        if model.config.conditioner else ()))
+        elif task == "semantic":
+            assert label_map is not None and inputs.map_path is not None
+            result = pipeline.semantic2img(specs, settings, [label_map] * options.n, progress=advance)
+            extra["map"] = inputs.map_path.name
+        else:
+            result = pipeline.unconditional(specs, settings, progress=advance)
+    return _write_task_images(task, result, specs, settings, options, extra, out_file)
+
+
+def _layout(model: LatentDiffusion, data: object) -> list[Box]:
+    conditioner = model.config.conditioner
+    if conditioner is None or conditioner.kind != "layout":
+        raise UnsupportedTask(f"model {model.config.name!r} is not a layout-to-image model")
+    return parse_layout(data, conditioner.class_names, conditioner.n_classes, conditioner.layout.max_boxes)
+
+
+def _read_map(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--map {path}: not a readable image ({err})") from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--layout {path}: not valid JSON ({err})") from None
+
+
+def _write_task_images(task: Task, result: GenerationResult, specs: list[SampleSpec], settings: RunSettings,
+                       options: GenerateOptions, extra: dict[str, object], out_file: Path) -> list[Path]:
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    written = []
+    for k, (spec, image) in enumerate(zip(specs, result.images, strict=True)):
+        params = {"seed": spec.seed, "guidance_scale": spec.guidance_scale if task != "unconditional" else 1.0,
+                  **asdict(settings), "width": image.width, "height": image.height, "task": task,
+                  "model": options.model, **extra}
+        del params["strength"]
+        path = _output_path(out_file, None, 0, k, options.n)
+        path.write_bytes(encode_png(image, params))
+        written.append(path)
+    return written

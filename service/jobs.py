@@ -180,7 +180,8 @@ end
 """
 
 # KEYS: job, stream, events, image, mask, idempotency
-# ARGV: id, model, request, fingerprint, now, live ttl ms, idempotency ttl ms, max depth, use idempotency, image, mask
+# ARGV: id, model, request, fingerprint, now, live ttl ms, idempotency ttl ms, max depth, use idempotency, image, mask,
+#       deadline s (the most seconds it may wait to start)
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
 if ARGV[9] == '1' then
@@ -192,6 +193,7 @@ if depth >= tonumber(ARGV[8]) then return {'full', tostring(depth)} end
 local ttl = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'model', ARGV[2], 'status', 'queued', 'request', ARGV[3], 'fp', ARGV[4],
            'created', ARGV[5], 'step', 0, 'total', 0, 'attempts', 0, 'results', 0, 'cancel', 0)
+redis.call('HSET', KEYS[1], 'deadline_s', ARGV[12])
 if ARGV[10] ~= '' then redis.call('SET', KEYS[4], ARGV[10], 'PX', ttl) end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'PX', ttl) end
 redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'job', ARGV[1]))
@@ -224,9 +226,10 @@ for i = 1, (#ARGV - 8) / 2 do
     redis.call('XADD', dead, 'MAXLEN', '~', '@DEAD_MAXLEN@', '*', 'job', id, 'model', ARGV[8],
                'attempts', attempts, 'error', err, 'at', now)
     ack(stream, entry)
-  elseif status == 'queued' and tonumber(now) - tonumber(redis.call('HGET', job, 'created')) > tonumber(ARGV[5]) then
-    settle(job, events, image, mask, 'failed', 'deadline exceeded: not started within ' .. ARGV[5] ..
-           ' s of submission', now, final_ttl, 0)
+  elseif status == 'queued' and tonumber(now) - tonumber(redis.call('HGET', job, 'created')) >
+         tonumber(redis.call('HGET', job, 'deadline_s') or ARGV[5]) then
+    settle(job, events, image, mask, 'failed', 'deadline exceeded: not started within ' ..
+           (redis.call('HGET', job, 'deadline_s') or ARGV[5]) .. ' s of submission', now, final_ttl, 0)
     ack(stream, entry)
   else
     redis.call('HINCRBY', job, 'attempts', 1)
@@ -362,7 +365,7 @@ def _job_from_hash(raw: Mapping[Any, Any]) -> Job:
         started_at=_time(f.get("started")), finished_at=_time(f.get("finished")),
         step=int(f.get("step", 0)), total=int(f.get("total", 0)), attempts=int(f.get("attempts", 0)),
         error=f.get("error") or None, results=int(f.get("results", 0)), cancel_requested=f.get("cancel") == "1",
-        worker=f.get("worker") or None,
+        worker=f.get("worker") or None, deadline_s=float(f["deadline_s"]) if f.get("deadline_s") else None,
     )
 
 
@@ -445,30 +448,38 @@ class JobQueue:
         """Raises QueueUnavailable when Redis cannot be reached (for /readyz)."""
         await self.redis.ping()
 
-    async def submit(self, request: GenerationRequest, *, idempotency_key: str | None = None) -> Job:
+    async def submit(self, request: GenerationRequest, *, idempotency_key: str | None = None,
+                     deadline_s: float | None = None) -> Job:
         """Admit and enqueue a job. Raises pydantic.ValidationError (bad request), QueueFull,
-        IdempotencyConflict, QueueUnavailable. The same idempotency key answers with the same job."""
+        IdempotencyConflict, QueueUnavailable. The same idempotency key answers with the same job. `deadline_s`:
+        the job fails (deadline exceeded) rather than start later than this after submission; at most, and by
+        default, `job_deadline_s`."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise ValueError("an idempotency key is 1-255 printable ASCII characters")
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s}")
         fingerprint = request.fingerprint()
         admitted = admit(request, self.settings)
+        deadline = min(deadline_s or self.settings.job_deadline_s, self.settings.job_deadline_s)
         for _ in range(2):  # a second round only when the key's job record has expired
             # the id and time are chosen once per round, so a retry after a lost reply finds its own job
-            job = await self._submit_once(admitted, fingerprint, idempotency_key, uuid.uuid4().hex, time.time())
+            job = await self._submit_once(admitted, fingerprint, idempotency_key, uuid.uuid4().hex, time.time(),
+                                          deadline)
             if job is not None:
                 return job
         raise QueueUnavailable("could not submit: the idempotency key kept naming an expired job")
 
     @_retrying
     async def _submit_once(self, request: GenerationRequest, fingerprint: str, idem: str | None, job_id: str,
-                           now: float) -> Job | None:
+                           now: float, deadline_s: float) -> Job | None:
         assert request.model is not None
         k, s = self.keys, self.settings
         keys = [k.job(job_id), k.stream(request.model), k.events(job_id), k.input(job_id, "image"),
                 k.input(job_id, "mask"), k.idempotency(idem or "-")]
         args: list[ScriptArg] = [
             job_id, request.model, request.model_dump_json(), fingerprint, repr(now), self._live_ttl_ms,
-            s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.image or b"", request.mask or b""]
+            s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.image or b"", request.mask or b"",
+            repr(float(deadline_s))]
         kind, value = (_s(v) for v in await self._lua["submit"](keys=keys, args=args))
         if kind == "full":
             raise QueueFull(request.model, int(value), s.queue_max_depth, s.queue_retry_after_s)
@@ -481,7 +492,8 @@ class JobQueue:
                 await self._lua["forget"](keys=[keys[5]], args=[value])
             return prior
         return Job(id=job_id, model=request.model, status=JobStatus.queued, request=request,
-                   created_at=datetime.fromtimestamp(now, tz=UTC), step=0, total=0, attempts=0, results=0)
+                   created_at=datetime.fromtimestamp(now, tz=UTC), step=0, total=0, attempts=0, results=0,
+                   deadline_s=deadline_s)
 
     async def _get(self, job_id: str) -> Job | None:
         raw = await self.redis.hgetall(self.keys.job(job_id)) if JOB_ID.match(job_id) else {}

@@ -80,6 +80,11 @@ API_METRICS: list[MetricSpec] = [
                "Live workers serving the model (heartbeat within 3 intervals)."),
     MetricSpec("ldm_redis_up", "gauge", (),
                "1 when the last queue statistics read from Redis succeeded, else 0."),
+    MetricSpec("ldm_auth_failures_total", "counter", ("front_end", "reason"),
+               "Calls refused for their credentials, by front end (rest, grpc) and reason (missing, malformed, "
+               "unknown, revoked; /metrics without its token counts as rest)."),
+    MetricSpec("ldm_quota_rejections_total", "counter", ("front_end", "quota"),
+               "Submissions refused by a per-key quota, by front end (rest, grpc) and quota (rate, in_flight)."),
 ]
 
 WORKER_METRICS: list[MetricSpec] = [
@@ -241,6 +246,8 @@ class ApiMetrics:
         self.http_request_duration = _histogram("ldm_http_request_duration_seconds", r, _SECONDS)
         self.grpc_requests = _counter("ldm_grpc_requests_total", r)
         self.grpc_request_duration = _histogram("ldm_grpc_request_duration_seconds", r, _SECONDS)
+        self.auth_failures = _counter("ldm_auth_failures_total", r)
+        self.quota_rejections = _counter("ldm_quota_rejections_total", r)
         self.queue = register_queue_collector(r)
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -252,6 +259,14 @@ class ApiMetrics:
         """One answered gRPC call; `method` its short name (Generate), `code` the status code name (OK)."""
         self.grpc_requests.labels(method, code).inc()
         self.grpc_request_duration.labels(method).observe(seconds)
+
+    def count_auth_failure(self, front_end: Literal["rest", "grpc"], reason: str) -> None:
+        """A call refused for its credentials (reason: missing, malformed, unknown, revoked)."""
+        self.auth_failures.labels(front_end, reason).inc()
+
+    def count_quota_rejection(self, front_end: Literal["rest", "grpc"], quota: str) -> None:
+        """A submission refused by a per-key quota (rate, in_flight)."""
+        self.quota_rejections.labels(front_end, quota).inc()
 
     async def render(self, queue: JobQueue | None = None) -> tuple[bytes, str]:
         """Refresh the queue statistics (when a queue is given) and render the registry."""

@@ -226,6 +226,9 @@ class Job(BaseModel):
     results: int = Field(default=0, description="result images stored (n once succeeded)")
     cancel_requested: bool = False
     worker: str | None = Field(default=None, description="the worker holding the job, if any")
+    deadline_s: float | None = Field(
+        default=None, description="seconds after submission by which the job must start, else it fails (deadline "
+        "exceeded) without running")
 
 
 EventType = Literal["queued", "started", "progress", "requeued", "cancel_requested", "succeeded", "failed",

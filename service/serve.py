@@ -23,10 +23,10 @@ import uvicorn
 
 from service.api.grpc import bound_port, create_grpc_server, stop_grpc
 from service.api.rest import create_app
+from service.auth import check_exposure
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.metrics import ApiMetrics
-from service.worker.runner import served_name
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 120.0  # a worker finishes its batch in hand before it exits
@@ -106,7 +106,10 @@ class WorkerSupervisor:
 
 async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
                          supervisor: WorkerSupervisor | None = None, banner: bool = False) -> None:
-    """REST and gRPC on one loop until `stop` is set; polls the supervisor meanwhile."""
+    """REST and gRPC on one loop until `stop` is set; polls the supervisor meanwhile. Refuses to start (ValueError)
+    beyond loopback without authentication (service/auth.py `check_exposure`), and says how it authenticates."""
+    auth = check_exposure(settings)
+    log.info("event=front_ends_auth %s", auth)
     metrics = ApiMetrics()
     rest = _Server(uvicorn.Config(create_app(settings, metrics=metrics), host=settings.rest_host,
                                   port=settings.rest_port, log_level="warning", timeout_graceful_shutdown=5))
@@ -120,7 +123,7 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
         rest_task.result()
         raise RuntimeError(f"the REST server could not start on {settings.rest_host}:{settings.rest_port}")
     if banner:
-        print(_banner(settings, bound_port(grpc_server)), flush=True)
+        print(_banner(settings, bound_port(grpc_server), auth), flush=True)
     try:
         while not stop.is_set():
             if supervisor is not None:
@@ -133,14 +136,16 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
         await rest_task
 
 
-def _banner(settings: Settings, grpc_port: int) -> str:
+def _banner(settings: Settings, grpc_port: int, auth: str) -> str:
     base = f"http://{settings.rest_host}:{settings.rest_port}"
+    key = "" if auth.startswith("authentication: OFF") else "-H 'Authorization: Bearer $LDM_API_KEY' "
     return "\n".join([
         f"ldm-serve is up. Model: {settings.default_model}",
         f"  REST  {base}   (docs {base}/docs, metrics {base}/metrics)",
         f"  gRPC  {settings.grpc_host}:{grpc_port}   (ldm.v1.Diffusion, health, reflection)",
+        f"  {auth}",
         "Try:",
-        f"  curl -s -X POST {base}/v1/txt2img -H 'Content-Type: application/json' \\",
+        f"  curl -s -X POST {base}/v1/txt2img -H 'Content-Type: application/json' {key}\\",
         "       -d '{\"prompt\": \"a red circle on the left\", \"seed\": 1}' -o out.png",
         "Ctrl-C stops everything.",
     ])
@@ -156,6 +161,7 @@ def run_api(settings: Settings) -> int:
     """`ldm api`: the REST and gRPC front ends against an existing Redis."""
     if settings.redis_url is None:
         raise ValueError("ldm api needs a Redis: set LDM_REDIS_URL (or run `ldm serve`, which starts one)")
+    check_exposure(settings)  # before anything starts
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -168,6 +174,9 @@ def run_api(settings: Settings) -> int:
 
 def run_serve(settings: Settings, model_spec: str, *, workers: int = 1) -> int:
     """`ldm serve`: embedded Redis unless LDM_REDIS_URL is set, the front ends, and supervised workers."""
+    check_exposure(settings)  # before Redis and the workers start
+    from service.worker.runner import served_name  # here: it imports torch, which `ldm api` never needs
+
     name = served_name(model_spec)
     redis: EmbeddedRedis | None = None
     if settings.redis_url is None:

@@ -1,4 +1,6 @@
-"""`ldm eval`: score a model on random captioned-shapes prompts (judge accuracy, FD, autoencoder PSNR).
+"""`ldm eval`: score a model on random captioned-shapes prompts (judge accuracy, FD, autoencoder PSNR), or,
+with `--task`, a class-conditional, unconditional, semantic-map or layout model on held-out conditions
+(models/eval/conditions.py).
 
 Only argparse is imported at module level: `ldm --help` must stay fast, so the work is imported in
 `run_eval`, as service/cli.py does for every subcommand.
@@ -11,9 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
+    from models.eval.features import ShapeFeatureNet
+    from models.pipeline import Pipeline
     from models.samplers import SamplerName
 
 SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
+TASKS = ("txt2img", "class", "unconditional", "semantic", "layout")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +31,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "accuracy for one- and two-object prompts, per-attribute accuracy, the Fréchet distance to real renders "
         "of the same prompts in ShapeFeatureNet space (with the real-vs-real floor), and the autoencoder's "
         "reconstruction PSNR. Several samplers (comma-separated) are compared at equal steps on the same "
-        "prompts and seeds.",
+        "prompts and seeds. With --task class|unconditional|semantic|layout, the model is conditioned on held-out "
+        "shapes scenes' class labels, label maps or layouts instead (nothing for unconditional) and scored by the "
+        "task's criterion: right colour and shape (class), per-object mask IoU and colour (semantic), per-box IoU, "
+        "colour and shape (layout), well-formed samples (unconditional); all with the FD to the scenes' renders.",
     )
+    p.add_argument("--task", choices=TASKS, default="txt2img",
+                   help="what the model is conditioned on (default: %(default)s, random grammar prompts)")
     p.add_argument("--model", default="tiny-shapes",
                    help="a shipped model name, a checkpoint file, a diffusers folder, or random:<config> "
                    "(default: %(default)s)")
@@ -37,10 +47,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default="dpmpp_2m",
                    help=f"sampler, or a comma-separated list to compare at equal steps; of {', '.join(SAMPLERS)} "
                    "(default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 7.5 for txt2img, 3 for class and layout, 2 for "
+                   "semantic; unconditional: none)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated at once (default: %(default)s)")
     p.add_argument("--recon", type=int, default=64,
-                   help="held-out renders for the autoencoder PSNR, 0 to skip (default: %(default)s)")
+                   help="held-out renders for the autoencoder PSNR, 0 to skip; txt2img only (default: %(default)s)")
     p.add_argument("--features", type=Path, default=None,
                    help="ShapeFeatureNet weights (default: models/eval/weights/shape_features.safetensors)")
     p.add_argument("--out", type=Path, default=None,
@@ -69,19 +81,38 @@ def run_eval(args: argparse.Namespace) -> int:
     from models.eval.evaluate import compare_samplers, format_table, write_report
     from models.eval.features import DEFAULT_WEIGHTS, load_feature_net
     from models.eval.prompts import random_prompts
-    from models.pipeline import Pipeline
+    from models.pipeline import DEFAULT_GUIDANCE, Pipeline
     from service.generate import pick_device, resolve_model
 
     net = load_feature_net(args.features or DEFAULT_WEIGHTS)  # before the model: fail fast on a missing file
     device, dtype = pick_device(args.device, None)
     model = resolve_model(args.model, tokenizer=None, device=device, dtype=dtype)
+    guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
+    if args.task != "txt2img":
+        return _run_task_eval(args, Pipeline(model), samplers, guidance, net)
     prompts = random_prompts(args.n, args.seed)
     reports = compare_samplers(Pipeline(model), prompts, samplers, steps=args.steps, feature_net=net,
-                               recon_images=args.recon, guidance=args.guidance, seed=args.seed,
+                               recon_images=args.recon, guidance=guidance, seed=args.seed,
                                batch_size=args.batch_size)
-    print(f"model {args.model}: {args.n} prompts, {args.steps} steps, guidance {args.guidance}; accuracies in %")
+    print(f"model {args.model}: {args.n} prompts, {args.steps} steps, guidance {guidance}; accuracies in %")
     print(format_table(reports))
     if args.out is not None:
         for path in write_report(reports if len(reports) > 1 else reports[0], args.out):
+            print(path)
+    return 0
+
+
+def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[SamplerName], guidance: float,
+                   net: ShapeFeatureNet) -> int:
+    from models.eval.conditions import evaluate_task, format_task_table, write_task_report
+
+    reports = [evaluate_task(pipeline, args.task, args.n, sampler=name, steps=args.steps, guidance=guidance,
+                             seed=args.seed, batch_size=args.batch_size, feature_net=net)
+               for name in samplers]
+    print(f"model {args.model}, task {args.task}: {args.n} held-out conditions, {args.steps} steps, guidance "
+          f"{guidance}; accuracies in %")
+    print(format_task_table(reports))
+    if args.out is not None:
+        for path in write_task_report(reports if len(reports) > 1 else reports[0], args.out):
             print(path)
     return 0

@@ -14,6 +14,14 @@ Sizes are the side of the shape's bounding box as a fraction of the image side: 
 (``left``; ``right``, ``top``, ``bottom`` alike) and within 0.40-0.60 on the other axis; ``in the center``
 is within 0.45-0.55 on both. Every object lies fully inside the image. Edges are anti-aliased by 4x4
 supersampling, which keeps the first stage's job (and its PSNR) about shape, not aliasing.
+
+Every scene also comes with the conditions of the paper's other tasks, from its exact geometry
+(`scene_conditions`): a class label (colour x shape; single-object scenes only), a layout (each object's
+bounding box in [0, 1] image coordinates with its class) and a semantic label map (0 = background, class
++ 1 where the object covers at least half the pixel, i.e. where the render is at least half way from the
+background to the object's colour). The label numbering is defined once, here (`CLASS_NAMES`). The
+background colour is part of the image but not of any condition: a model conditioned on a map or layout
+chooses the background itself, as it does for an unnamed attribute of a caption.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+
+from models.conditioning import Box
 
 Shape = Literal["circle", "square", "triangle"]
 
@@ -46,6 +56,8 @@ POSITIONS: tuple[str | None, ...] = (None, "left", "right", "top", "bottom", "ce
 SIZES: tuple[str | None, ...] = (None, "small", "large")
 SIZE_RANGES: dict[str | None, tuple[float, float]] = {None: (0.20, 0.64), "small": (0.20, 0.32), "large": (0.50, 0.64)}
 PAIR_SIZE_RANGE = (0.25, 0.40)
+#: probability of a two-object scene in the stream
+PAIR_PROBABILITY = 0.4
 COLOUR_JITTER = 10
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4
@@ -132,7 +144,7 @@ def _centre_range(position: str | None, axis: int, half: float, size: int) -> tu
     return lo, hi
 
 
-def sample_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, pair_probability: float = 0.4) -> Scene:
+def sample_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, pair_probability: float = PAIR_PROBABILITY) -> Scene:
     """One random scene from the grammar: attributes uniform over their options."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     colours = list(COLOURS)
@@ -186,9 +198,11 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.rint(image).astype(np.uint8)
 
 
-def scene_at(seed: int, index: int, size: int = IMAGE_SIZE) -> Scene:
-    """Scene `index` of the stream `seed`: random access, so any worker or resumed run sees the same data."""
-    return sample_scene(np.random.default_rng([seed, index]), size)
+def scene_at(seed: int, index: int, size: int = IMAGE_SIZE, pair_probability: float = PAIR_PROBABILITY) -> Scene:
+    """Scene `index` of the stream `seed`: random access, so any worker or resumed run sees the same data.
+    `pair_probability` 0 gives the single-object stream (a class-conditional model's data): the scenes that
+    are single-object in the default stream are the same in it."""
+    return sample_scene(np.random.default_rng([seed, index]), size, pair_probability)
 
 
 def to_model_tensor(image: np.ndarray) -> torch.Tensor:
@@ -196,15 +210,94 @@ def to_model_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-class ShapesDataset(IterableDataset):
-    """Infinite stream of {"image": [3,64,64] in [-1,1], "text": caption}; item i depends only on (seed, i)."""
+# ----------------------------------------------------------------------------- conditions of a scene
 
-    def __init__(self, seed: int = 0, size: int = IMAGE_SIZE, start: int = 0) -> None:
+#: Class ids, defined once: id k is colour `list(COLOURS)[k // 3]` x shape `SHAPES[k % 3]`, named
+#: "<colour> <shape>" ("red circle" = 0, "red square" = 1, ..., "orange triangle" = 17). Class labels and
+#: layouts hold k; semantic label maps hold k + 1, with 0 = background (`BACKGROUND_LABEL`).
+CLASS_NAMES: tuple[str, ...] = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+BACKGROUND_LABEL = 0
+#: the colour each label map value shows as in a PNG (background white)
+LABEL_PALETTE: tuple[tuple[int, int, int], ...] = ((255, 255, 255),) + tuple(
+    COLOURS[colour] for colour in COLOURS for _ in SHAPES)
+
+
+def class_id(colour: str, shape: str) -> int:
+    """The class id of a colour x shape (see `CLASS_NAMES`)."""
+    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)  # type: ignore[arg-type]
+
+
+def class_of(label: int) -> tuple[str, Shape]:
+    """(colour, shape) of class id `label`."""
+    if not 0 <= label < len(CLASS_NAMES):
+        raise ValueError(f"class id {label} is outside 0..{len(CLASS_NAMES) - 1}")
+    return list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+
+
+def object_box(obj: ShapeObject, size: int = IMAGE_SIZE) -> Box:
+    """The object's bounding box in [0, 1] image coordinates (all three shapes fill a square box of `side`)."""
+    cx, cy = obj.centre
+    half = obj.side / 2
+    x0, y0, x1, y1 = (min(1.0, max(0.0, v / size)) for v in (cx - half, cy - half, cx + half, cy + half))  # rounding
+    return Box(class_id(obj.colour, obj.shape), x0, y0, x1, y1)
+
+
+def scene_layout(scene: Scene, size: int = IMAGE_SIZE) -> tuple[Box, ...]:
+    """One box per object, in the scene's order (a pair: left object first)."""
+    return tuple(object_box(obj, size) for obj in scene.objects)
+
+
+def scene_class(scene: Scene) -> int | None:
+    """The class id of a single-object scene; None for a two-object scene (it has no one class)."""
+    if len(scene.objects) != 1:
+        return None
+    obj = scene.objects[0]
+    return class_id(obj.colour, obj.shape)
+
+
+def label_map(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 [size, size]: class id + 1 where an object covers at least half the pixel, 0 elsewhere; objects
+    are painted in order, as `render` paints them."""
+    out = np.zeros((size, size), dtype=np.uint8)
+    for obj in scene.objects:
+        out[coverage(obj, size) >= 0.5] = class_id(obj.colour, obj.shape) + 1
+    return out
+
+
+@dataclass(frozen=True)
+class SceneConditions:
+    """The conditions of the paper's other tasks for one scene."""
+
+    class_id: int | None  # None: two objects
+    layout: tuple[Box, ...]
+    label_map: np.ndarray  # uint8 [size, size], 0 = background
+
+
+def scene_conditions(scene: Scene, size: int = IMAGE_SIZE) -> SceneConditions:
+    return SceneConditions(scene_class(scene), scene_layout(scene, size), label_map(scene, size))
+
+
+class ShapesDataset(IterableDataset):
+    """Infinite stream of {"image": [3,64,64] in [-1,1], "text": caption}; item i depends only on (seed, i).
+    `pair_probability` 0: single-object scenes only (see `scene_at`)."""
+
+    def __init__(self, seed: int = 0, size: int = IMAGE_SIZE, start: int = 0,
+                 pair_probability: float = PAIR_PROBABILITY) -> None:
         self.seed, self.size, self.start = seed, size, start
+        self.pair_probability = pair_probability
+
+    def scene(self, index: int) -> Scene:
+        return scene_at(self.seed, index, self.size, self.pair_probability)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        scene = scene_at(self.seed, index, self.size)
+        scene = self.scene(index)
         return {"image": to_model_tensor(render(scene, self.size)), "text": scene.caption}
+
+    def batch_with_conditions(self, first: int, count: int) -> tuple[torch.Tensor, list[str], list[SceneConditions]]:
+        """`batch` plus every item's `SceneConditions` (class, layout, label map)."""
+        scenes = [self.scene(i) for i in range(first, first + count)]
+        images = torch.stack([to_model_tensor(render(s, self.size)) for s in scenes])
+        return images, [s.caption for s in scenes], [scene_conditions(s, self.size) for s in scenes]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
         for index in itertools.count(self.start):

@@ -12,6 +12,16 @@
   UNet, EMA, optimiser, grad scaler, step and RNG states, so a resumed run equals an uninterrupted one.
 - The result, `model.safetensors`, is a complete model file (config in its metadata) that
   `ldm generate --model` loads; with `save_ema` its UNet weights are the EMA weights.
+- The paper's other conditionings (§4.3), chosen by the conditioner: `class` (class labels through a
+  learned embedding, cross-attention), `layout` (boxes through a small transformer, cross-attention),
+  `semantic` (label maps encoded and concatenated to the latent) and none (unconditional). Their encoders
+  are trained jointly with the UNet (optimiser, EMA, checkpoints and the exported file hold both), as any
+  conditioner with trainable weights is; the pool keeps each image's condition (class id, boxes, label
+  map) beside its latent. Conditioning dropout replaces it by the null condition (the null class, the
+  empty layout, the all-unknown map) with probability `cond_drop`. On the shapes data the class names
+  (`CLASS_NAMES`) are written into the model, so its users can say "red circle".
+- `autoencoder_path` may also be a complete model file (`save_model`'s, e.g. a shipped model): its first
+  stage is used.
 """
 
 from __future__ import annotations
@@ -20,22 +30,25 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.checkpoints import read_model_config, read_state_dict, save_model, split_parts
-from models.config import ModelConfig, to_dict
+from models.checkpoints import CONFIG_METADATA_KEY, read_model_config, read_state_dict, save_model, split_parts
+from models.conditioning import UNKNOWN_LABEL, LayoutEncoder, SemanticEncoder
+from models.config import ConcatInput, ModelConfig, to_dict
+from models.config import Conditioning as Wiring
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
 from models.images import to_tensor
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.text import ConditionerConfig
+from models.text import ClassConditioner, ConditionerConfig
 from models.train.autoencoder_trainer import load_trained_autoencoder
 from models.train.common import (
     EMA,
@@ -50,11 +63,24 @@ from models.train.common import (
     warmup_lr,
     write_resolved_config,
 )
-from models.train.data import DataConfig, ImageSource, make_sources
+from models.train.data import ConditionedSource, ConditionKind, DataConfig, ImageSource, condition_tensors, make_sources
+from models.train.data_shapes import CLASS_NAMES, PAIR_PROBABILITY
 from models.train.grid import save_grid
 from models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
+#: a batch's conditions: captions (text models, and ignored by unconditional ones), else tensors by name
+#: (`models.train.data.condition_tensors`)
+Conds = Sequence[str] | Mapping[str, torch.Tensor]
+
+
+def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
+    """What a model with this conditioner is trained on."""
+    if conditioner is None:
+        return "none"
+    if conditioner.kind in ("class", "layout", "semantic"):
+        return conditioner.kind  # type: ignore[return-value]
+    return "text"
 
 
 @dataclass(frozen=True)
@@ -116,42 +142,91 @@ class LDMTrainConfig:
     device: str | None = None
 
     def model_config(self, autoencoder: Any, scale_factor: float) -> ModelConfig:
+        kind = condition_kind(self.conditioner)
+        conditioning: Wiring = "none" if kind == "none" else "concat" if kind == "semantic" else "crossattn"
+        concat_input: ConcatInput = "semantic" if kind == "semantic" else "none"
         return ModelConfig(
             name=self.name, family="ldm", unet=self.unet, autoencoder=autoencoder, schedule=self.schedule,
-            conditioner=self.conditioner, conditioning="crossattn" if self.conditioner else "none",
+            conditioner=self.conditioner, conditioning=conditioning, concat_input=concat_input,
             scale_factor=scale_factor, default_size=self.data.size, description=self.description,
         )
 
 
-class LatentPool:
-    """Posterior means and stds of `count` training images, encoded once; sampled by global index."""
+def with_class_names(config: LDMTrainConfig) -> LDMTrainConfig:
+    """On the shapes data, a class/layout/semantic conditioner gets the data's class names (checked if given)."""
+    cond = config.conditioner
+    if cond is None or cond.kind not in ("class", "layout", "semantic") or config.data.kind != "shapes":
+        return config
+    if cond.n_classes != len(CLASS_NAMES):
+        raise ValueError(f"the shapes data has {len(CLASS_NAMES)} classes (colour x shape): set conditioner.n_classes "
+                         f"to {len(CLASS_NAMES)}, got {cond.n_classes}")
+    if cond.class_names and tuple(cond.class_names) != CLASS_NAMES:
+        raise ValueError("conditioner.class_names differ from the shapes data's (data_shapes.CLASS_NAMES); leave "
+                         "them out and they are filled in")
+    if config.data.pair_probability > 0 and cond.kind == "class":
+        raise ValueError("class-conditional training takes single-object scenes: set data.pair_probability: 0")
+    return dataclasses.replace(config, conditioner=dataclasses.replace(cond, class_names=CLASS_NAMES))
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], seed: int) -> None:
+
+def load_first_stage(path: Path) -> Autoencoder:
+    """An autoencoder written by `ldm train autoencoder`, or the first stage of a complete model file."""
+    from safetensors import safe_open
+
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if CONFIG_METADATA_KEY in meta and "autoencoder_config" not in meta:
+            config = read_model_config(path)
+            autoencoder = Autoencoder(config.autoencoder)
+            autoencoder.load_state_dict(split_parts(read_state_dict(path)[0])["autoencoder"], strict=True)
+            return autoencoder.eval()
+    return load_trained_autoencoder(path)
+
+
+class LatentPool:
+    """Posterior means and stds of `count` training images, encoded once; sampled by global index. `conds`
+    holds each image's condition tensors (class ids, boxes, label maps), indexed like the latents."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], seed: int,
+                 conds: Mapping[str, torch.Tensor] | None = None) -> None:
         self.mean, self.std, self.texts, self.seed = mean, std, texts, seed
+        self.conds = dict(conds or {})
         self._epoch_perm: tuple[int, torch.Tensor] | None = None  # the last epoch's permutation
 
     @classmethod
     @torch.no_grad()
     def encode(cls, model: LatentDiffusion, source: ImageSource, count: int, seed: int,
-               batch: int = 256) -> LatentPool:
-        means, stds, texts = [], [], []
+               batch: int = 256, kind: ConditionKind = "text", max_boxes: int = 0) -> LatentPool:
+        means, stds, texts, parts = [], [], [], []
         for first in tqdm(range(0, count, batch), desc="encoding latent pool", unit="batch", dynamic_ncols=True):
-            images, captions = source.batch(first, min(batch, count - first))
+            if kind in ("text", "none"):
+                images, captions = source.batch(first, min(batch, count - first))
+            else:
+                conditioned: ConditionedSource = source  # type: ignore[assignment]
+                images, captions, conditions = conditioned.batch_with_conditions(first, min(batch, count - first))
+                parts.append(condition_tensors(conditions, kind, max_boxes))
             posterior = model.autoencoder.encode(images.to(model.device))
             means.append(posterior.mean.cpu())  # type: ignore[union-attr]
             stds.append(posterior.std.cpu())  # type: ignore[union-attr]
             texts += captions
-        return cls(torch.cat(means), torch.cat(stds), texts, seed)
+        conds = {k: torch.cat([part[k] for part in parts]) for k in parts[0]} if parts else {}
+        return cls(torch.cat(means), torch.cat(stds), texts, seed, conds)
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(mean, std, captions) of items first..first+count-1, through a per-epoch permutation."""
+        mean, std, texts, _ = self.items(first, count)
+        return mean, std, texts
+
+    def items(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor]]:
+        """`batch` plus the items' condition tensors."""
         n = len(self.texts)
         index = []
         for i in range(first, first + count):
             epoch, pos = divmod(i, n)
             index.append(int(self._perm(epoch)[pos]))
         idx = torch.tensor(index)
-        return self.mean[idx], self.std[idx], [self.texts[i] for i in index]
+        conds = {k: v[idx] for k, v in self.conds.items()}
+        return self.mean[idx], self.std[idx], [self.texts[i] for i in index], conds
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if self._epoch_perm is None or self._epoch_perm[0] != epoch:
@@ -161,12 +236,13 @@ class LatentPool:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"mean": self.mean, "std": self.std, "texts": self.texts, "seed": self.seed}, path)
+        torch.save({"mean": self.mean, "std": self.std, "texts": self.texts, "seed": self.seed,
+                    "conds": self.conds}, path)
 
     @classmethod
     def load(cls, path: Path) -> LatentPool:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(data["mean"], data["std"], data["texts"], data["seed"])
+        return cls(data["mean"], data["std"], data["texts"], data["seed"], data.get("conds"))
 
 
 class ContextCache:
@@ -193,12 +269,14 @@ class LDMTrainer:
     def __init__(self, config: LDMTrainConfig, run_dir: Path) -> None:
         if config.autoencoder_path is None:
             raise ValueError("LDM training needs a trained autoencoder: give --autoencoder or autoencoder_path")
+        first_stage = config.autoencoder_path
+        config = with_class_names(config)
         self.config, self.run_dir = config, run_dir
+        self.kind = condition_kind(config.conditioner)
         self.device = pick_device(config.device)
         seed_everything(config.seed)
         autoencoder = (Autoencoder(AutoencoderConfig(kind="identity", ch_mult=(1,), embed_dim=3, z_channels=3))
-                       if config.autoencoder_path == "pixel" else
-                       load_trained_autoencoder(Path(config.autoencoder_path)))
+                       if first_stage == "pixel" else load_first_stage(Path(first_stage)))
         resumed = self._resume_state()
         scale = resumed["scale_factor"] if resumed else config.scale_factor
         model_config = config.model_config(autoencoder.config, scale or 1.0)
@@ -206,15 +284,24 @@ class LDMTrainer:
         self.model.autoencoder.load_state_dict(autoencoder.state_dict())
         self.model.autoencoder.requires_grad_(False).eval()
         self.unet = self.model.unet
+        conditioner = self.model.conditioner
+        #: a conditioner with trainable weights (class, layout, semantic, from-scratch text) trains with the UNet
+        self.trains_conditioner = conditioner is not None and any(p.requires_grad for p in conditioner.parameters())
+        #: what the optimiser and the EMA see: the UNet (state keys unchanged), or the UNet and the conditioner
+        self.trained: nn.Module = self.unet
+        if self.trains_conditioner:
+            assert isinstance(conditioner, nn.Module)
+            self.trained = nn.ModuleDict({"unet": self.unet, "conditioner": conditioner})
         if config.init_from is not None and resumed is None:
             self._init_unet(Path(config.init_from))
         self.schedule = NoiseSchedule.from_config(config.schedule)
-        self.train_data, _ = make_sources(config.data)
-        self.contexts = ContextCache(self.model) if self.model.conditioner is not None else None
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, betas=config.betas,
+        self.train_data, self.heldout = make_sources(config.data)
+        frozen_text = conditioner is not None and self.kind == "text" and not self.trains_conditioner
+        self.contexts = ContextCache(self.model) if frozen_text else None
+        self.opt = torch.optim.AdamW(self.trained.parameters(), lr=config.lr, betas=config.betas,
                                      weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self._autocast_dtype() == torch.float16)
-        self.ema = EMA(self.unet, config.ema_decay)
+        self.ema = EMA(self.trained, config.ema_decay)
         self.step = 0
         self._resumed = resumed
         if scale is None:
@@ -226,10 +313,17 @@ class LDMTrainer:
         return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
 
     def _init_unet(self, path: Path) -> None:
+        """The UNet (and a trained conditioner, when the file has one of the same config) from a model file."""
         saved_config = read_model_config(path)
         if saved_config.unet != self.config.unet:
             raise ValueError(f"init_from {path}: its UNet config differs from this run's")
-        self.unet.load_state_dict(split_parts(read_state_dict(path)[0])["unet"], strict=True)
+        parts = split_parts(read_state_dict(path)[0])
+        self.unet.load_state_dict(parts["unet"], strict=True)
+        if self.trains_conditioner and parts["conditioner"]:
+            if saved_config.conditioner != self.model.config.conditioner:
+                raise ValueError(f"init_from {path}: its conditioner config differs from this run's")
+            assert self.model.conditioner is not None
+            self.model.conditioner.load_state_dict(parts["conditioner"], strict=True)
         log.info("UNet initialised from %s", path)
 
     def _set_scale(self, scale: float) -> None:
@@ -264,21 +358,37 @@ class LDMTrainer:
         c = self.config
         if c.latent_pool <= 0:
             return None
-        path = self.run_dir / "cache" / f"latents-{c.latent_pool}-seed{c.data.seed}.pt"
+        suffix = "" if self.kind in ("text", "none") else f"-{self.kind}"
+        if c.data.kind == "shapes" and c.data.pair_probability != PAIR_PROBABILITY:
+            suffix += f"-pairs{c.data.pair_probability:g}"
+        path = self.run_dir / "cache" / f"latents-{c.latent_pool}-seed{c.data.seed}{suffix}.pt"
         if path.is_file():
             return LatentPool.load(path)
-        pool = LatentPool.encode(self.model, self.train_data, c.latent_pool, c.seed)
+        pool = LatentPool.encode(self.model, self.train_data, c.latent_pool, c.seed, kind=self.kind,
+                                 max_boxes=self._max_boxes)
         pool.save(path)
         return pool
 
+    @property
+    def _max_boxes(self) -> int:
+        cond = self.config.conditioner
+        return cond.layout.max_boxes if cond is not None else 0
+
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "scale_factor": self.model.config.scale_factor, "config": to_dict(self.config)}
+        state = {"step": self.step, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                 "scale_factor": self.model.config.scale_factor, "config": to_dict(self.config)}
+        if self.trains_conditioner:
+            assert self.model.conditioner is not None
+            state["conditioner"] = self.model.conditioner.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unet.load_state_dict(state["unet"])
+        if self.trains_conditioner:
+            assert self.model.conditioner is not None
+            self.model.conditioner.load_state_dict(state["conditioner"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
@@ -287,42 +397,71 @@ class LDMTrainer:
         self.step = state["step"]
 
     # -------------------------------------------------------------------------------------- step
-    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, list[str]]:
-        """Scaled latents (a fresh posterior sample) and captions of samples first..first+count-1."""
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, Conds]:
+        """Scaled latents (a fresh posterior sample) and conditions of samples first..first+count-1: the
+        captions for text (and unconditional) models, condition tensors by name for the others."""
+        conds: dict[str, torch.Tensor] = {}
         if self.pool is not None:
-            mean, std, texts = self.pool.batch(first, count)
+            mean, std, texts, conds = self.pool.items(first, count)
             latents = mean + std * torch.randn_like(mean)
         else:
-            images, texts = self.train_data.batch(first, count)
+            if self.kind in ("text", "none"):
+                images, texts = self.train_data.batch(first, count)
+            else:
+                images, texts, conditions = self.train_data.batch_with_conditions(first, count)
+                conds = condition_tensors(conditions, self.kind, self._max_boxes)
             with torch.no_grad():
                 latents = self.model.autoencoder.encode(images.to(self.device)).sample()  # type: ignore[union-attr]
-        return latents.to(self.device) * self.model.config.scale_factor, texts
+        scaled = latents.to(self.device) * self.model.config.scale_factor
+        return scaled, (texts if self.kind in ("text", "none") else conds)
 
-    def loss(self, latents: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Eq. 1 on one batch; dropout of captions, timesteps and noise come from the global RNG."""
+    def loss(self, latents: torch.Tensor, conds: Conds) -> torch.Tensor:
+        """Eq. 1 on one batch; dropout of conditions, timesteps and noise come from the global RNG."""
         n = latents.shape[0]
-        context = None
-        if self.contexts is not None:
-            keep = torch.rand(n) >= self.config.cond_drop
-            context = self.contexts([t if k else "" for t, k in zip(texts, keep.tolist(), strict=True)])
+        context, concat = self._conditions(conds, n)
         t = self.schedule.sample_timesteps(n).to(self.device)
         noise = torch.randn_like(latents)
         noisy = q_sample(self.schedule, latents, t, noise)
+        # semantic maps: stacked on the noisy latent, as the original's c_concat
+        noisy_in = noisy if concat is None else torch.cat([noisy, concat.to(noisy.dtype)], dim=1)
         with self._autocast():
-            output = self.unet(noisy, t, context)
+            output = self.unet(noisy_in, t, context)
         return diffusion_loss(output, latents, noise, t, self.schedule)
 
-    def train_step(self, latents: torch.Tensor, texts: Sequence[str]) -> float:
+    def _conditions(self, conds: Conds, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(cross-attention context, concat input) of a batch, with conditioning dropout to the null condition."""
+        conditioner = self.model.conditioner
+        if conditioner is None:
+            return None, None
+        keep = torch.rand(n) >= self.config.cond_drop
+        if self.kind == "text":
+            texts = [t if k else "" for t, k in zip(conds, keep.tolist(), strict=True)]  # type: ignore[arg-type]
+            if self.contexts is not None:
+                return self.contexts(texts), None
+            return conditioner.encode(texts).context, None
+        assert isinstance(conds, Mapping)
+        drop = ~keep.to(self.device)
+        if isinstance(conditioner, ClassConditioner):
+            ids = torch.where(drop, conditioner.null_class, conds["labels"].to(self.device))
+            return conditioner.encode(ids).context, None
+        if isinstance(conditioner, LayoutEncoder):
+            labels = conds["box_labels"].to(self.device).masked_fill(drop[:, None], -1)
+            return conditioner(conds["boxes"].to(self.device), labels), None
+        assert isinstance(conditioner, SemanticEncoder)
+        maps = conds["maps"].to(self.device).long().masked_fill(drop[:, None, None], UNKNOWN_LABEL)
+        return None, conditioner(maps)
+
+    def train_step(self, latents: torch.Tensor, conds: Conds) -> float:
         c = self.config
-        self.unet.train()
-        loss = self.loss(latents, texts)
+        self.trained.train()
+        loss = self.loss(latents, conds)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), c.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), c.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.ema.update(self.unet)
+        self.ema.update(self.trained)
         return loss.item()
 
     # -------------------------------------------------------------------------------------- loop
@@ -341,8 +480,8 @@ class LDMTrainer:
         while self.step < c.steps:
             lr = warmup_lr(self.step, c.lr, c.warmup_steps, c.lr_decay_start, c.steps)
             set_lr(self.opt, lr)
-            latents, texts = self._batch(self.step * c.batch_size, c.batch_size)
-            loss = self.train_step(latents, texts)
+            latents, conds = self._batch(self.step * c.batch_size, c.batch_size)
+            loss = self.train_step(latents, conds)
             self.step += 1
             speed = (self.step - first_step) * c.batch_size / (time.monotonic() - started)
             bar.update(1)
@@ -364,7 +503,7 @@ class LDMTrainer:
                 / max(self.train_seconds, 1e-9)}
 
     def _swap_decoder(self, path: Path) -> None:
-        tuned = load_trained_autoencoder(path).to(self.device)
+        tuned = load_first_stage(path).to(self.device)
         ours = self.model.autoencoder
         same = tuned.config == ours.config and all(
             torch.equal(a, b) for a, b in zip(tuned.encoder.state_dict().values(), ours.encoder.state_dict().values(),
@@ -377,23 +516,49 @@ class LDMTrainer:
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """The UNet holds the EMA weights inside the block, its trained weights again after it."""
-        saved = {k: v.clone() for k, v in self.unet.state_dict().items()}
-        self.ema.copy_to(self.unet)
+        """The UNet (and a trained conditioner) hold the EMA weights inside the block, the trained weights after."""
+        saved = {k: v.clone() for k, v in self.trained.state_dict().items()}
+        self.ema.copy_to(self.trained)
         try:
             yield
         finally:
-            self.unet.load_state_dict(saved)
+            self.trained.load_state_dict(saved)
 
     def save_samples(self, prompts: Sequence[str] | None = None) -> None:
+        """A grid of EMA samples: the sample prompts (text models), or 8 held-out conditions over their real
+        images (class, layout, semantic), or 8 seeds (unconditional)."""
         c = self.config
+        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+        self.trained.eval()
+        if self.kind != "text":
+            with self.ema_weights():
+                images = self._task_samples(8)
+            save_grid(images, path, rows=max(1, len(images) // 8))
+            return
         prompts = list(prompts or c.sample_prompts)
         specs = [SampleSpec(prompt=p, seed=i, guidance_scale=c.sample_guidance) for i, p in enumerate(prompts)]
-        self.unet.eval()
         with self.ema_weights():
             result = Pipeline(self.model, optimize=False).txt2img(specs, RunSettings(steps=c.sample_steps))
-        save_grid(to_tensor(result.images), self.run_dir / "samples" / f"step-{self.step:07d}.png",
-                  rows=max(1, len(prompts) // 8))
+        save_grid(to_tensor(result.images), path, rows=max(1, len(prompts) // 8))
+
+    def _task_samples(self, n: int) -> torch.Tensor:
+        """[n or 2n, 3, H, W]: generated from the first `n` held-out conditions, then the real images."""
+        c = self.config
+        pipeline = Pipeline(self.model, optimize=False)
+        specs = [SampleSpec(seed=i, guidance_scale=c.sample_guidance) for i in range(n)]
+        settings = RunSettings(steps=c.sample_steps)
+        if self.kind == "none":
+            return to_tensor(pipeline.unconditional(specs, settings).images)
+        source: ConditionedSource = self.heldout  # type: ignore[assignment]
+        real, _, conditions = source.batch_with_conditions(0, n)
+        if self.kind == "class":
+            result = pipeline.class2img(specs, settings, [cond.class_id if cond.class_id is not None else -1
+                                                          for cond in conditions])
+        elif self.kind == "layout":
+            result = pipeline.layout2img(specs, settings, [cond.layout for cond in conditions])
+        else:
+            result = pipeline.semantic2img(specs, settings, [cond.label_map for cond in conditions])
+        return torch.cat([to_tensor(result.images), real.clamp(-1, 1)])
 
     def export(self, path: Path) -> Path:
         """A complete model file (EMA UNet weights when `save_ema`) that `ldm generate --model` loads."""

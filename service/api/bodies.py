@@ -41,6 +41,13 @@ Base64Image = Annotated[
 ]
 
 
+def _deadline_field() -> Any:
+    return Field(default=None, gt=0, allow_inf_nan=False,
+                 description="the most seconds the job may wait in the queue: a job not started by then fails "
+                 "('deadline exceeded') instead of running late. At most, and by default, the server's "
+                 "job_deadline_s. Not part of the idempotency fingerprint.")
+
+
 class JobBody(GenerationRequest):
     """POST /v1/jobs: a generation request; `image` and `mask` (white = repaint) are base64 strings. For image
     tasks leave `width` and `height` out: they are the image's size."""
@@ -50,6 +57,7 @@ class JobBody(GenerationRequest):
 
     image: Base64Image = _base64_field("input image (img2img, inpaint, upscale)")
     mask: Base64Image = _base64_field("inpainting mask, the image's size; white = repaint")
+    deadline_s: float | None = _deadline_field()
 
     def to_request(self, **update: Any) -> GenerationRequest:
         """The plain request the queue takes, with `update` (decoded images, sizes) applied."""
@@ -142,6 +150,7 @@ class OpenAIImageParams(BaseModel):
     guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
     sampler: Sampler = "dpmpp_2m"
     negative_prompt: str = ""
+    deadline_s: float | None = _deadline_field()
 
     @field_validator("size")
     @classmethod

@@ -7,12 +7,15 @@ with 400 where we would answer 422 (that is what OpenAI's API and its clients ex
 
 | error                              | status | notes                                   |
 |------------------------------------|--------|-----------------------------------------|
+| AuthError: no, malformed, unknown key | 401  | WWW-Authenticate: Bearer (service/auth.py) |
+| AuthError: revoked key             | 403    |                                         |
 | request or admission validation    | 422    | each problem names its field            |
 | ImageError                         | 413/422| 413: too many bytes or pixels           |
 | body over `max_body_bytes`         | 413    |                                         |
 | JobNotFound                        | 404    |                                         |
 | IdempotencyConflict                | 409    | key reused for a different request      |
 | QueueFull                          | 429    | Retry-After: `queue_retry_after_s`      |
+| QuotaExceeded (per-key rate, jobs in flight) | 429 | Retry-After (service/quotas.py)   |
 | QueueUnavailable (Redis down)      | 503    | Retry-After: 1                          |
 """
 
@@ -28,11 +31,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.images import ImageError
+from service.auth import AuthError
 from service.jobs import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
+from service.metrics import ApiMetrics
+from service.quotas import QuotaExceeded
 
 OPENAI_PREFIX = "/v1/images/"
-_OPENAI_TYPES = {500: "server_error", 400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
-                 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+_OPENAI_TYPES = {500: "server_error", 400: "invalid_request_error", 401: "authentication_error",
+                 403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+_QUOTA_CODES = {"rate": "rate_limited", "in_flight": "too_many_jobs_in_flight"}
 
 
 class ApiError(Exception):
@@ -77,8 +85,23 @@ def validation_error(errors: Sequence[Mapping[str, Any]], *, location: str = "bo
     return ApiError(422, message, param=fields[0] if fields else None, code="invalid_value", problems=problems)
 
 
+def _refusal(exc: Exception) -> ApiError | None:
+    """Refusals of a caller (credentials, quotas, a full queue), or None."""
+    match exc:
+        case AuthError():
+            return ApiError(exc.status, str(exc), code="key_revoked" if exc.status == 403 else "invalid_api_key",
+                            headers={"WWW-Authenticate": exc.challenge})
+        case QueueFull() | QuotaExceeded():
+            code = "queue_full" if isinstance(exc, QueueFull) else _QUOTA_CODES[exc.quota]
+            return ApiError(429, str(exc), code=code, headers={"Retry-After": str(exc.retry_after_s)})
+    return None
+
+
 def to_api_error(exc: Exception) -> ApiError:
     """The ApiError for any exception the handlers are registered for."""
+    refusal = _refusal(exc)
+    if refusal is not None:
+        return refusal
     match exc:
         case ApiError():
             return exc
@@ -90,8 +113,6 @@ def to_api_error(exc: Exception) -> ApiError:
             return validation_error([{"loc": ("body", exc.field), "msg": exc.message, "type": "invalid_image"}])
         case ImageError():
             return ApiError(exc.status, exc.message, param=exc.field, code="image_too_large")
-        case QueueFull():
-            return ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)})
         case QueueUnavailable():
             return ApiError(503, f"the job queue is unavailable: {exc}", code="queue_unavailable",
                             headers={"Retry-After": "1"})
@@ -121,6 +142,14 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return render(request, to_api_error(exc))
 
 
+async def _quota(request: Request, exc: Exception) -> JSONResponse:
+    """A quota refusal is counted (ldm_quota_rejections_total), then answered like any error."""
+    if isinstance(exc, QuotaExceeded):
+        metrics: ApiMetrics = request.app.state.metrics
+        metrics.count_quota_rejection("rest", exc.quota)
+    return await _handle(request, exc)
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     """A bug: 500 in the route's shape, no details (Starlette still raises it on, so the server logs it)."""
     return render(request, ApiError(500, "internal error", code="internal_error"))
@@ -129,6 +158,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
     for kind in (ApiError, RequestValidationError, ValidationError, ImageError, QueueFull, QueueUnavailable,
-                 JobNotFound, IdempotencyConflict, StarletteHTTPException):
+                 JobNotFound, IdempotencyConflict, StarletteHTTPException, AuthError):
         app.add_exception_handler(kind, _handle)
+    app.add_exception_handler(QuotaExceeded, _quota)
     app.add_exception_handler(Exception, _internal)

@@ -5,7 +5,10 @@ Three parts, each doing one thing:
 - `DiffusionServicer`: submits jobs, follows their events, answers with their PNGs. It raises the queue's and
   the schemas' exceptions as they come; it never picks a status code;
 - `StatusInterceptor`: the one place exceptions become status codes (`status_of`), for every method of the
-  service; it also turns request bytes that do not parse into INVALID_ARGUMENT instead of grpc's UNKNOWN.
+  service; it also turns request bytes that do not parse into INVALID_ARGUMENT instead of grpc's UNKNOWN;
+- `CallGuard`, run by the interceptor before each call: the API key (metadata `authorization: Bearer <key>`;
+  UNAUTHENTICATED, or PERMISSION_DENIED for a revoked key; service/auth.py) and, for the calls that submit a
+  job, the key's rate (RESOURCE_EXHAUSTED + `retry-after`; service/quotas.py).
 
 Beside them on the same server: the standard health service (grpc.health.v1; "" and "ldm.v1.Diffusion" are
 SERVING while Redis answers a ping, checked every `grpc_health_interval_s`) and server reflection.
@@ -13,7 +16,9 @@ SERVING while Redis answers a ping, checked every `grpc_health_interval_s`) and 
 Deadlines: a waiting call follows its job at most until the client's deadline (a little before it, so the
 client gets our message) and never longer than `job_deadline_s`; then, or when the client cancels the call, the
 job is cancelled, unless the request carried an idempotency key: a retry with that key picks the job up again,
-so it is left to finish. Either way the job id was sent at once as initial metadata `ldm-job-id`.
+so it is left to finish. Either way the job id was sent at once as initial metadata `ldm-job-id`. Without an
+idempotency key, the client's deadline is also the job's deadline to start: should the cancellation be lost (the
+API dies first), no worker runs a job whose caller has given up.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from service.api.images import ImageError, decode_image, decode_mask
+from service.auth import Authenticator, AuthError, current_principal
 from service.config import Settings
 from service.jobs import (
     IDEMPOTENCY_KEY,
@@ -45,6 +51,7 @@ from service.jobs import (
     QueueUnavailable,
 )
 from service.metrics import ApiMetrics
+from service.quotas import QuotaExceeded, Quotas
 from service.schemas import GenerationRequest, Job, JobEvent, JobStatus, Task
 
 try:
@@ -60,9 +67,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name  # "ldm.v1.Diffusion"
-JOB_ID_METADATA = "ldm-job-id"  # initial metadata of Generate, GenerateStream, Inpaint
+JOB_ID_METADATA = "ldm-job-id"  # initial metadata of Generate, GenerateStream, Inpaint, Img2Img, Upscale
 IDEMPOTENCY_METADATA = "idempotency-key"
 RETRY_AFTER_METADATA = "retry-after"  # trailing metadata of RESOURCE_EXHAUSTED and UNAVAILABLE (seconds)
+AUTHORIZATION_METADATA = "authorization"  # "Bearer <API key>"
+#: the calls that spend the key's rate
+SUBMITTING_METHODS = frozenset({"Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale"})
 DEADLINE_MARGIN_S = 0.05  # answer this much before the client's deadline, so it gets our status and message
 POLL_S = 1.0  # longest blocking read of a job's events; between reads with no event the job record is checked
 _PARAMETER_FIELDS = frozenset(pb.GenerationParameters.DESCRIPTOR.fields_by_name)
@@ -194,6 +204,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
 
     def __init__(self, queue: JobQueue, settings: Settings) -> None:
         self.queue, self.settings = queue, settings
+        self.quotas = Quotas(queue)
         self._background: set[asyncio.Task[None]] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -223,6 +234,22 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                 pass
         return await self._answer(waiting.job.id)
 
+    async def Img2Img(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await self._image_task(Task.img2img, request, context)
+
+    async def Upscale(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await self._image_task(Task.upscale, request, context)
+
+    async def _image_task(self, task: Task, request: pb.ImageRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        image = await asyncio.to_thread(decode_image, request.image, self.settings)  # CPU work: off the loop
+        generation = to_request(request.parameters, task, image=image.png, size=image.size)
+        waiting = await self._submit(generation, request.idempotency_key, context)
+        async with contextlib.aclosing(self._follow(waiting, context)) as events:
+            async for _ in events:
+                pass
+        return await self._answer(waiting.job.id)
+
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job = await self._record(request.job_id)
         with_images = request.include_images and job.status == JobStatus.succeeded
@@ -238,7 +265,9 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                       context: grpc.aio.ServicerContext) -> _Waiting:
         """Queue the job, send its id as initial metadata, and tie the job to the call (see `_Waiting`)."""
         key = idempotency_key(key_field, context.invocation_metadata())
-        job = await self.queue.submit(request, idempotency_key=key)
+        remaining = context.time_remaining()
+        deadline_s = max(0.001, remaining) if remaining is not None and key is None else None
+        job = await self.quotas.submit(current_principal.get(), request, idempotency_key=key, deadline_s=deadline_s)
         waiting = _Waiting(job, keep=key is not None, loop=asyncio.get_running_loop())
         context.add_done_callback(lambda _: self._call_ended(waiting))  # runs however the call ends
         await context.send_initial_metadata(((JOB_ID_METADATA, waiting.job.id),))
@@ -360,7 +389,10 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
     """The status code, message and trailing metadata that answer `exc`."""
     if isinstance(exc, ValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {validation_message(exc)}", ()
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, AuthError):
+        code = grpc.StatusCode.PERMISSION_DENIED if exc.status == 403 else grpc.StatusCode.UNAUTHENTICATED
+        return code, str(exc), ()
+    if isinstance(exc, QueueFull | QuotaExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_METADATA, str(exc.retry_after_s)),)
     if isinstance(exc, QueueUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable: {exc}", ((RETRY_AFTER_METADATA, "1"),)
@@ -413,6 +445,7 @@ class _Answer:
         code = grpc.StatusCode.OK
         try:
             if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+                self._count_refusal(exc)
                 code, message, trailing = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL and not isinstance(exc, JobEnded):
                     log.error("%s failed", self.method, exc_info=exc)
@@ -425,14 +458,40 @@ class _Answer:
                 name = getattr(code, "name", "UNKNOWN")
                 self.metrics.observe_grpc(self.method.rsplit("/", 1)[-1], name, time.perf_counter() - self.started)
 
+    def _count_refusal(self, exc: Exception) -> None:
+        if self.metrics is not None and isinstance(exc, AuthError):
+            self.metrics.count_auth_failure("grpc", exc.reason)
+        elif self.metrics is not None and isinstance(exc, QuotaExceeded):
+            self.metrics.count_quota_rejection("grpc", exc.quota)
+
+
+class CallGuard:
+    """What every call of ldm.v1.Diffusion passes first: its API key, and for the calls that submit a job, the
+    key's rate. The caller is left in `current_principal` for the servicer (its jobs-in-flight cap)."""
+
+    def __init__(self, auth: Authenticator, quotas: Quotas) -> None:
+        self.auth, self.quotas = auth, quotas
+
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        metadata = [str(v) for k, v in context.invocation_metadata() or () if k.lower() == AUTHORIZATION_METADATA]
+        if len(metadata) > 1:
+            raise AuthError("malformed", "malformed authorization: send one authorization metadata entry")
+        principal = self.auth.authenticate(metadata[0] if metadata else None)
+        current_principal.set(principal)
+        if method.rsplit("/", 1)[-1] in SUBMITTING_METHODS:
+            await self.quotas.take_token(principal)
+
+
+Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[None]]
+
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method of ldm.v1.Diffusion: its exceptions become status codes (`status_of`), request bytes
     that do not parse become INVALID_ARGUMENT, and every call is counted (`ApiMetrics.observe_grpc`, when
     given). Other services (health, reflection) pass untouched."""
 
-    def __init__(self, metrics: ApiMetrics | None = None) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: ApiMetrics | None = None, guard: Guard | None = None) -> None:
+        self.metrics, self.guard = metrics, guard
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -445,10 +504,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         options = {"request_deserializer": _tolerant(handler.request_deserializer),
                    "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method, self.metrics), **options)
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary, method, self.metrics, self.guard), **options)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, method, self.metrics),
-                                                        **options)
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream, method, self.metrics, self.guard), **options)
         return handler  # no client-streaming methods in this service
 
 
@@ -478,18 +538,22 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 def _unary(behavior: Callable[..., Awaitable[Any]], method: str,
-           metrics: ApiMetrics | None) -> Callable[..., Coroutine[Any, Any, Any]]:
+           metrics: ApiMetrics | None, guard: Guard | None) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Answer(context, method, metrics):
+            if guard is not None:
+                await guard(method, context)
             return await _cancellable(behavior(_parsed(request, method), context))
 
     return call
 
 
 def _streaming(behavior: Callable[..., AsyncGenerator[Any, None]], method: str,
-               metrics: ApiMetrics | None) -> Callable[..., AsyncIterator[Any]]:
+               metrics: ApiMetrics | None, guard: Guard | None) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Answer(context, method, metrics):
+            if guard is not None:
+                await guard(method, context)
             messages = behavior(_parsed(request, method), context)
             try:
                 while True:
@@ -572,10 +636,10 @@ def create_grpc_server(settings: Settings, queue: JobQueue | None = None, *,
     owns_queue = queue is None
     queue = queue if queue is not None else JobQueue(settings)
     limit = settings.grpc_max_message_bytes
-    server = grpc.aio.server(
-        interceptors=[StatusInterceptor(metrics)],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
     servicer = DiffusionServicer(queue, settings)
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(metrics, CallGuard(Authenticator(settings), servicer.quotas))],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
     pb_grpc.add_DiffusionServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -23,11 +23,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api import errors
-from service.api.middleware import BodyLimit, HttpMetrics
+from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
 from service.api.routes import health, jobs, models, openai, sync
+from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.jobs import JobQueue
 from service.metrics import ApiMetrics
+from service.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ DESCRIPTION = """Latent Diffusion Model image generation.
   `POST /v1/inpaint` and get the PNG back directly.
 * **OpenAI-compatible**: `POST /v1/images/generations` and `POST /v1/images/edits` work with the official
   `openai` client (`base_url="http://host:port/v1"`).
+* **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs
+  (401: no, malformed or unknown key; 403: revoked key), unless the server runs without keys. Per-key quotas
+  (submission rate, jobs in flight) answer 429 with Retry-After.
 """
 
 
@@ -56,10 +61,11 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if queue is not None:
-            app.state.queue = queue
+            app.state.queue, app.state.quotas = queue, Quotas(queue)
             yield
             return
         app.state.queue = JobQueue(settings)
+        app.state.quotas = Quotas(app.state.queue)
         try:
             yield
         finally:
@@ -72,6 +78,7 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
     for router in (jobs.router, sync.router, openai.router, models.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, auth=Authenticator(settings), metrics=app.state.metrics)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)
     return app
 
@@ -87,6 +94,7 @@ def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: 
 
 
 def serve(settings: Settings) -> None:
-    """Run the REST API until interrupted (what `ldm api` runs)."""
-    log.info("REST API on http://%s:%d (docs at /docs)", settings.rest_host, settings.rest_port)
+    """Run the REST API alone until interrupted (`ldm api` runs it beside gRPC: service/serve.py)."""
+    log.info("REST API on http://%s:%d (docs at /docs); %s", settings.rest_host, settings.rest_port,
+             check_exposure(settings))
     build_server(settings).run()

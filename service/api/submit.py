@@ -1,13 +1,15 @@
 """The submission flow the routes share: decode input images, check the model, submit, wait for the end.
 
-Order of checks: the body's static validation (FastAPI, 422), the input images (`images.py`: 413/422), the
-model (422 unless it is the default or a live worker serves it), then the queue's admission (limits and rules
-between fields, 422), depth (429) and idempotency (409).
+Order of checks: the API key (middleware, 401/403, before the body is read), the key's rate (429, before any image
+is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images (`images.py`:
+413/422), the model (422 unless it is the default or a live worker serves it), the key's jobs in flight (429),
+then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency (409).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -16,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from service.api.bodies import JobBody
 from service.api.errors import ApiError, validation_error
 from service.api.images import DecodedImage, decode_image, decode_mask
+from service.auth import Principal
 from service.config import Settings
 from service.jobs import JobNotFound, JobQueue
+from service.quotas import Quotas
 from service.schemas import IMAGE_TASKS, GenerationRequest, Job, JobStatus, Task
 
 
@@ -68,15 +72,26 @@ def decode_inputs(body: JobBody, settings: Settings) -> GenerationRequest:
     return body.to_request(**update)
 
 
-async def submit_body(queue: JobQueue, settings: Settings, body: JobBody, idempotency_key: str | None) -> Job:
-    request = await run_in_threadpool(decode_inputs, body, settings)
-    return await submit(queue, settings, request, idempotency_key)
+@dataclass(frozen=True)
+class Submitter:
+    """What a route needs to queue a job for its caller: the queue, the settings, the quotas and who calls."""
 
+    queue: JobQueue
+    settings: Settings
+    quotas: Quotas
+    principal: Principal
 
-async def submit(queue: JobQueue, settings: Settings, request: GenerationRequest,
-                 idempotency_key: str | None = None) -> Job:
-    await check_model(queue, settings, request)
-    return await queue.submit(request, idempotency_key=idempotency_key)
+    async def submit(self, request: GenerationRequest, idempotency_key: str | None = None,
+                     deadline_s: float | None = None) -> Job:
+        """Check the model, then queue within the caller's cap of jobs in flight."""
+        await check_model(self.queue, self.settings, request)
+        return await self.quotas.submit(self.principal, request, idempotency_key=idempotency_key,
+                                        deadline_s=deadline_s)
+
+    async def submit_body(self, body: JobBody, idempotency_key: str | None) -> Job:
+        """Decode the body's images (in a thread: CPU work), then `submit`."""
+        request = await run_in_threadpool(decode_inputs, body, self.settings)
+        return await self.submit(request, idempotency_key, body.deadline_s)
 
 
 def sync_timeout(settings: Settings, asked: float | None) -> float:
@@ -97,9 +112,23 @@ async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: flo
             raise ApiError(499, f"client closed the request; job {job_id} was cancelled")
 
 
+#: a failed job's error starts with its reason (the worker's "reason: message", the queue's "deadline exceeded");
+#: the client's faults answer 4xx as they would have at submission, the rest 500 (gRPC: grpc._FAILURE_CODES)
+FAILURE_STATUS = {
+    "deadline exceeded": 504,  # not started within its deadline
+    "unsupported": 422,  # the model cannot do this task
+    "invalid_input": 422,  # an input the worker could not use
+    "out_of_memory": 413,  # even one image of this size does not fit the device
+}
+
+
+def failure_status(job: Job) -> int:
+    return FAILURE_STATUS.get((job.error or "").split(":", 1)[0], 500)
+
+
 async def wait_done(queue: JobQueue, job: Job, request: Request, timeout_s: float) -> Job:
     """The job once it has succeeded. Raises ApiError: 504 when it has not ended in `timeout_s` (with the job id,
-    so the client can poll it), 500 when it failed, 409 when it was cancelled."""
+    so the client can poll it), `failure_status` when it failed, 409 when it was cancelled."""
     await _follow(queue, job.id, request, timeout_s)
     final = await queue.get(job.id)
     if final is None:
@@ -109,8 +138,7 @@ async def wait_done(queue: JobQueue, job: Job, request: Request, timeout_s: floa
         raise ApiError(504, f"job {job.id} did not finish within {timeout_s:g} s (it is {final.status.value}); "
                        f"poll GET /v1/jobs/{job.id}", code="timeout", headers=where, extra={"job_id": job.id})
     if final.status == JobStatus.failed:
-        deadline = (final.error or "").startswith("deadline exceeded")
-        raise ApiError(504 if deadline else 500, f"job {job.id} failed: {final.error}", code="job_failed",
+        raise ApiError(failure_status(final), f"job {job.id} failed: {final.error}", code="job_failed",
                        headers=where, extra={"job_id": job.id})
     if final.status == JobStatus.cancelled:
         raise ApiError(409, f"job {job.id} was cancelled", code="job_cancelled", headers=where,

@@ -273,6 +273,50 @@ async def test_inpaint_with_a_real_worker_repaints_the_mask_and_keeps_every_othe
 
 
 @pytest.mark.anyio
+async def test_img2img_with_a_real_worker_starts_from_the_image(start_server: StartServer,
+                                                                real_worker: Settings) -> None:
+    env = await start_server(settings=real_worker, worker=False)
+    image = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
+    request = pb.ImageRequest(parameters=params(width=None, height=None, prompt="a blue square"), image=png_of(image))
+    response = await env.stub.Img2Img(request)
+    [result] = response.images
+    out = decoded(result.png).convert("RGB")
+    assert (result.width, result.height) == out.size == (64, 48)  # the size came from the image
+    assert out.tobytes() != image.tobytes()
+    assert decoded(result.png).info["task"] == "img2img"
+    assert (response.parameters.width, response.parameters.height, response.parameters.strength) == (64, 48, 0.75)
+    job = await env.stub.GetJob(pb.GetJobRequest(job_id=response.job_id))
+    assert job.task == pb.TASK_IMG2IMG and job.status == pb.JOB_STATUS_SUCCEEDED
+    weaker = await env.stub.Img2Img(pb.ImageRequest(parameters=params(width=None, height=None, strength=0.3,
+                                                                      prompt="a blue square"), image=png_of(image)))
+    assert weaker.images[0].png != result.png  # strength reaches the worker
+
+
+@pytest.mark.anyio
+async def test_upscale_on_a_text_to_image_model_is_invalid_argument(start_server: StartServer,
+                                                                    real_worker: Settings) -> None:
+    env = await start_server(settings=real_worker, worker=False)
+    image = png_of(Image.new("RGB", (32, 32), (200, 10, 10)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.stub.Upscale(pb.ImageRequest(parameters=params(width=None, height=None), image=image))
+    assert err.value.code() == StatusCode.INVALID_ARGUMENT and "upscale" in (err.value.details() or "")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["Img2Img", "Upscale"])
+async def test_image_tasks_refuse_bad_images_and_contradicting_sizes(start_server: StartServer, method: str) -> None:
+    env = await start_server()
+    call = getattr(env.stub, method)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(pb.ImageRequest(parameters=params(width=None, height=None), image=b"not an image"))
+    assert err.value.code() == StatusCode.INVALID_ARGUMENT and "image" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(pb.ImageRequest(parameters=params(width=128, height=None),
+                                   image=png_of(Image.new("RGB", (64, 64)))))
+    assert err.value.code() == StatusCode.INVALID_ARGUMENT and "parameters.width" in (err.value.details() or "")
+
+
+@pytest.mark.anyio
 async def test_generate_stream_relays_every_event_of_the_job_in_order(start_server: StartServer) -> None:
     env = await start_server()  # the fake worker: one progress event per step, exactly
     call = env.stub.GenerateStream(pb.GenerateRequest(parameters=params(n=2, steps=3)))
@@ -597,8 +641,9 @@ async def test_reflection_lists_and_describes_the_service(start_server: StartSer
     files = [descriptor_pb2.FileDescriptorProto.FromString(b)
              for b in described.file_descriptor_response.file_descriptor_proto]
     [service] = [s for f in files if f.package == "ldm.v1" for s in f.service]
-    assert [m.name for m in service.method] == ["Generate", "GenerateStream", "Inpaint", "GetJob", "CancelJob"]
-    assert [m.server_streaming for m in service.method] == [False, True, False, False, False]
+    assert [m.name for m in service.method] == ["Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale",
+                                                "GetJob", "CancelJob"]
+    assert [m.server_streaming for m in service.method] == [False, True, False, False, False, False, False]
 
 
 @pytest.mark.anyio

@@ -34,6 +34,7 @@ from PIL import Image
 
 from service.api.rest import build_server
 from service.config import Settings
+from service.jobs import SyncJobQueue
 from tests.helpers import drop_keys, stop_process
 
 pytestmark = pytest.mark.timeout(60)
@@ -524,6 +525,35 @@ def test_sync_timeout_is_504_with_the_job_id(api: Callable[..., Api]) -> None:
     assert app.client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # still there to poll
     error = openai_error(app.client.post("/v1/images/generations?timeout=0.3", json={"prompt": "x"}), 504)
     assert error["code"] == "timeout"
+
+
+@pytest.mark.parametrize(("error", "status"), [("invalid_input: the image is 64x48, the request says 64x64", 422),
+                                             ("unsupported: model 'x' cannot do inpaint", 422),
+                                             ("out_of_memory: one 64x64 image does not fit", 413),
+                                             ("internal: RuntimeError", 500)])
+def test_sync_answer_of_a_failed_job_follows_its_reason(api: Callable[..., Api], error: str, status: int) -> None:
+    """A worker that fails the job (speaking the real queue protocol from a thread) with each reason."""
+    app = api()
+    queue = SyncJobQueue(app.settings)
+
+    def fail_the_job() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            claims = queue.claim(app.settings.default_model, "failing-worker", count=1, block_ms=100)
+            if claims:
+                [claim] = queue.start(claims)
+                queue.fail(claim, error)
+                return
+
+    thread = threading.Thread(target=fail_the_job)
+    thread.start()
+    try:
+        resp = app.client.post("/v1/txt2img", json=TXT)
+    finally:
+        thread.join()
+        queue.close()
+    assert resp.status_code == status, resp.text
+    assert error in resp.json()["detail"] and resp.json()["job_id"]
 
 
 def test_sync_client_that_goes_away_cancels_its_job(api: Callable[..., Api]) -> None:

@@ -54,6 +54,8 @@ def test_labels_and_types_match_the_table() -> None:
     api, worker = ApiMetrics(), WorkerMetrics()
     api.observe_http("/v1/jobs/{job_id}", "GET", 200, 0.01)
     api.observe_grpc("Generate", "OK", 0.5)
+    api.count_auth_failure("rest", "unknown")
+    api.count_quota_rejection("grpc", "rate")
     worker.job_wait.labels("tiny").observe(0.1)
     worker.job_run.labels("tiny", "txt2img").observe(1.0)
     worker.batch_size.labels("tiny", "txt2img").observe(2)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 
-from service.api.deps import QueueDep, SettingsDep
+from service.api.deps import METRICS_BEARER, QueueDep, SettingsDep
 from service.jobs import QueueUnavailable
 from service.metrics import ApiMetrics
 
@@ -37,10 +37,13 @@ async def readyz(queue: QueueDep, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {}}}})
+            dependencies=[Security(METRICS_BEARER)],
+            responses={200: {"content": {"text/plain": {}}}, 401: {"description": "the metrics token is set and "
+                                                                   "was not sent"}})
 async def metrics(request: Request, queue: QueueDep) -> Response:
     """The API process's metrics in the Prometheus text format (queue statistics read from Redis at most once a
-    second; `ldm_redis_up` is 0 when that fails)."""
+    second; `ldm_redis_up` is 0 when that fails). Open, unless the server sets a metrics token
+    (LDM_METRICS_TOKEN_HASH): then `Authorization: Bearer <token>`."""
     api_metrics: ApiMetrics = request.app.state.metrics
     body, content_type = await api_metrics.render(queue)
     return Response(body, media_type=content_type)

@@ -7,17 +7,24 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from service.api.bodies import JobBody, JobView
-from service.api.deps import IdempotencyKey, QueueDep, SettingsDep
+from service.api.deps import (
+    AUTH_RESPONSES,
+    QUOTA_RESPONSES,
+    IdempotencyKey,
+    QueueDep,
+    SettingsDep,
+    SubmitterDep,
+    get_principal,
+)
 from service.api.errors import ApiError
-from service.api.submit import submit_body
 from service.jobs import EVENT_ID, JobNotFound, JobQueue, QueueUnavailable
 from service.schemas import Job, JobEvent, JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 JobId = Annotated[str, Path(description="the job id (32 hex digits)")]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID.pattern,
                                            description="resume after this event id")]
@@ -32,12 +39,12 @@ async def _job(queue: JobQueue, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=202, response_model=JobView, summary="Submit a job")
-async def create_job(body: JobBody, response: Response, queue: QueueDep, settings: SettingsDep,
+@router.post("", status_code=202, response_model=JobView, summary="Submit a job", responses=QUOTA_RESPONSES)
+async def create_job(body: JobBody, response: Response, submitter: SubmitterDep,
                      idempotency_key: IdempotencyKey = None) -> JobView:
     """Queue a txt2img, img2img, inpaint or upscale job; 202 with the job and its Location. The same
     Idempotency-Key answers with the same job."""
-    job = await submit_body(queue, settings, body, idempotency_key)
+    job = await submitter.submit_body(body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobView.of(job)
 

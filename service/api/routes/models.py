@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from service.api.bodies import ModelCard, ModelList
-from service.api.deps import QueueDep, SettingsDep
+from service.api.deps import AUTH_RESPONSES, QueueDep, SettingsDep, get_principal
 from service.api.submit import served_models
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 
 
 @router.get("/models", response_model=ModelList, summary="List models")

@@ -11,20 +11,28 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.api.bodies import OpenAIEditForm, OpenAIGenerationBody, OpenAIImage, OpenAIImagesResponse, parse_size
-from service.api.deps import QueueDep, SettingsDep
+from service.api.bodies import (
+    OpenAIEditForm,
+    OpenAIGenerationBody,
+    OpenAIImage,
+    OpenAIImageParams,
+    OpenAIImagesResponse,
+    parse_size,
+)
+from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, SubmitterDep, get_principal
 from service.api.errors import ApiError, validation_error
 from service.api.images import ImageError, openai_image_and_mask
-from service.api.submit import result_pngs, submit, sync_timeout, wait_done
+from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.config import Settings
 from service.jobs import JobQueue
 from service.schemas import GenerationRequest, Job, Task
 
-router = APIRouter(prefix="/v1/images", tags=["openai"])
+router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[Depends(get_principal)],
+                   responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait (at most job_deadline_s); 504 after")]
 EditForm = Annotated[OpenAIEditForm, Form(media_type="multipart/form-data")]
 
@@ -37,9 +45,9 @@ def _as_size(errors: list[Any]) -> ApiError:
     return validation_error(errors)
 
 
-async def _submit(queue: JobQueue, settings: Settings, build: Any, *args: Any, **fields: Any) -> Job:
+async def _submit(submitter: Submitter, params: OpenAIImageParams, task: Task, **fields: Any) -> Job:
     try:
-        return await submit(queue, settings, build(*args, **fields))
+        return await submitter.submit(params.request(task, **fields), deadline_s=params.deadline_s)
     except ValidationError as exc:
         raise _as_size(exc.errors(include_url=False)) from exc
 
@@ -59,11 +67,11 @@ async def _answer(job: Job, request: Request, queue: JobQueue, settings: Setting
 
 @router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True,
              summary="Create images (OpenAI-compatible)")
-async def generations(body: OpenAIGenerationBody, request: Request, queue: QueueDep, settings: SettingsDep,
+async def generations(body: OpenAIGenerationBody, request: Request, submitter: SubmitterDep,
                       timeout: Timeout = None) -> OpenAIImagesResponse:
     """txt2img for `prompt`; waits for the images (504 with the job id after `timeout`/job_deadline_s)."""
-    job = await _submit(queue, settings, body.request, Task.txt2img)
-    return await _answer(job, request, queue, settings, body.response_format, timeout)
+    job = await _submit(submitter, body, Task.txt2img)
+    return await _answer(job, request, submitter.queue, submitter.settings, body.response_format, timeout)
 
 
 async def _read(upload: UploadFile, field: str, settings: Settings) -> bytes:
@@ -75,9 +83,10 @@ async def _read(upload: UploadFile, field: str, settings: Settings) -> bytes:
 
 @router.post("/edits", response_model=OpenAIImagesResponse, response_model_exclude_none=True,
              summary="Edit an image (OpenAI-compatible inpainting)")
-async def edits(form: EditForm, request: Request, queue: QueueDep, settings: SettingsDep,
+async def edits(form: EditForm, request: Request, submitter: SubmitterDep,
                 timeout: Timeout = None) -> OpenAIImagesResponse:
     """Inpaint `image` where `mask` is transparent (no mask: where the image itself is transparent)."""
+    settings = submitter.settings
     image_bytes = await _read(form.image, "image", settings)
     mask_bytes = await _read(form.mask, "mask", settings) if form.mask is not None else None
     picture, white = await run_in_threadpool(openai_image_and_mask, image_bytes, mask_bytes, settings)
@@ -85,6 +94,6 @@ async def edits(form: EditForm, request: Request, queue: QueueDep, settings: Set
         raise validation_error([{"loc": ("body", "size"), "type": "size_mismatch",
                                  "msg": f"size {form.size} differs from the image's {picture.size[0]}x"
                                         f"{picture.size[1]}; resizing is not supported: leave size out"}])
-    job = await _submit(queue, settings, form.request, Task.inpaint, image=picture.png, mask=white.png,
+    job = await _submit(submitter, form, Task.inpaint, image=picture.png, mask=white.png,
                         width=picture.size[0], height=picture.size[1], strength=form.strength)
-    return await _answer(job, request, queue, settings, form.response_format, timeout)
+    return await _answer(job, request, submitter.queue, settings, form.response_format, timeout)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.bodies import InpaintBody, JobBody, Txt2ImgBody
-from service.api.deps import IdempotencyKey, QueueDep, SettingsDep
-from service.api.submit import result_pngs, submit_body, sync_timeout, wait_done
-from service.config import Settings
-from service.jobs import JobQueue
+from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, IdempotencyKey, SubmitterDep, get_principal
+from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.schemas import Job
 
-router = APIRouter(prefix="/v1", tags=["synchronous"])
+router = APIRouter(prefix="/v1", tags=["synchronous"], dependencies=[Depends(get_principal)],
+                   responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait (at most job_deadline_s); 504 after")]
 RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"image/png": {}}, "description": "the first image; X-Job-Id and the parameters in headers"},
@@ -27,23 +26,23 @@ def _headers(job: Job) -> dict[str, str]:
             "X-Task": r.task.value, "Content-Location": f"/v1/jobs/{job.id}/images/0"}
 
 
-async def _run(body: JobBody, request: Request, queue: JobQueue, settings: Settings, idempotency_key: str | None,
+async def _run(body: JobBody, request: Request, submitter: Submitter, idempotency_key: str | None,
                timeout: float | None) -> Response:
-    job = await submit_body(queue, settings, body, idempotency_key)
-    done = await wait_done(queue, job, request, sync_timeout(settings, timeout))
-    [png] = await result_pngs(queue, done, count=1)
+    job = await submitter.submit_body(body, idempotency_key)
+    done = await wait_done(submitter.queue, job, request, sync_timeout(submitter.settings, timeout))
+    [png] = await result_pngs(submitter.queue, done, count=1)
     return Response(png, media_type="image/png", headers=_headers(done))
 
 
 @router.post("/txt2img", response_class=Response, responses=RESPONSES, summary="Generate an image (synchronous)")
-async def txt2img(body: Txt2ImgBody, request: Request, queue: QueueDep, settings: SettingsDep,
+async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep,
                   idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
     """Generate and answer the PNG (the first image when n > 1; the others are at /v1/jobs/{id}/images/{i})."""
-    return await _run(body, request, queue, settings, idempotency_key, timeout)
+    return await _run(body, request, submitter, idempotency_key, timeout)
 
 
 @router.post("/inpaint", response_class=Response, responses=RESPONSES, summary="Inpaint an image (synchronous)")
-async def inpaint(body: InpaintBody, request: Request, queue: QueueDep, settings: SettingsDep,
+async def inpaint(body: InpaintBody, request: Request, submitter: SubmitterDep,
                   idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
     """Repaint the white part of `mask` in `image` (both base64, same size) and answer the PNG."""
-    return await _run(body, request, queue, settings, idempotency_key, timeout)
+    return await _run(body, request, submitter, idempotency_key, timeout)
