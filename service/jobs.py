@@ -478,7 +478,8 @@ class JobQueue:
                 k.input(job_id, "mask"), k.idempotency(idem or "-")]
         args: list[ScriptArg] = [
             job_id, request.model, request.model_dump_json(), fingerprint, repr(now), self._live_ttl_ms,
-            s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.image or b"", request.mask or b"",
+            s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.stored_image or b"",
+            request.mask or b"",
             repr(float(deadline_s))]
         kind, value = (_s(v) for v in await self._lua["submit"](keys=keys, args=args))
         if kind == "full":
@@ -695,7 +696,7 @@ class JobQueue:
 
     @_retrying
     async def inputs(self, job_id: str) -> tuple[bytes | None, bytes | None]:
-        """The job's input (image, mask) bytes, None where absent."""
+        """The job's input (image, mask) bytes, None where absent; a semantic job's label map is its image."""
         values: Any = await self.redis.mget([self.keys.input(job_id, "image"), self.keys.input(job_id, "mask")])
         return values[0], values[1]
 

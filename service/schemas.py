@@ -9,20 +9,29 @@ Two levels of checking:
   INVALID_ARGUMENT with it as is. It also resolves the defaults that must be recorded: the model name and
   a random seed.
 
-Input images travel as encoded bytes on the request (`image`, `mask`), are stored by the queue in their
-own Redis keys with the job's TTL, and are never written into the job record or the stream: the fields
-are excluded from every dump.
+Input images travel as encoded bytes on the request (`image`, `mask`, and a semantic job's `label_map`), are
+stored by the queue in their own Redis keys with the job's TTL, and are never written into the job record or the
+stream: the fields are excluded from every dump.
+
+The paper's other conditionings are tasks too: `class` (a `class_label`), `layout` (boxes with labels), `semantic`
+(a label-map PNG) and `unconditional`. Their conditions are checked in three places, each as far as it can see:
+statically here (shapes, coordinates inside the image, box counts under a hard cap), at the front end against the
+label set the model's workers register (`LabelSet`, `label_errors`: names, ids, the model's box limit, the label
+map's values), and by the worker against the model itself (models/conditioning.py), which fails the job as
+`invalid_input` if anything got past the first two.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.config import Settings
@@ -34,10 +43,16 @@ RANDOM_SEED_BOUND = 2**32  # random seeds are drawn below this, so they are easy
 
 
 class Task(StrEnum):
+    """What a job makes. `class` is a Python keyword, so that member is `Task.class_` (its value is "class")."""
+
     txt2img = "txt2img"
     img2img = "img2img"
     inpaint = "inpaint"
     upscale = "upscale"
+    class_ = "class"
+    unconditional = "unconditional"
+    semantic = "semantic"
+    layout = "layout"
 
 
 class JobStatus(StrEnum):
@@ -58,6 +73,67 @@ class JobStatus(StrEnum):
 IMAGE_TASKS = frozenset({Task.img2img, Task.inpaint, Task.upscale})
 #: default strength of the tasks that use one (the library's: SDEdit 0.75, inpainting by blending 1.0)
 DEFAULT_STRENGTH = {Task.img2img: 0.75, Task.inpaint: 1.0}
+#: tasks conditioned on something other than a prompt, and what (they take no prompt)
+CONDITION_TASKS: dict[Task, str] = {Task.class_: "its class_label", Task.layout: "its layout",
+                                    Task.semantic: "its label_map", Task.unconditional: "nothing"}
+#: the guidance_scale a job gets when it gives none: models.pipeline.DEFAULT_GUIDANCE (untuned guesses for the
+#: new conditionings; a test keeps the two tables equal) and 7.5, SD's, for the rest. Unconditional sampling is
+#: unguided. The front ends cannot import the model library (torch), hence the copy.
+DEFAULT_GUIDANCE: dict[Task, float] = {Task.txt2img: 7.5, Task.img2img: 7.5, Task.inpaint: 7.5, Task.upscale: 7.5,
+                                       Task.class_: 3.0, Task.layout: 3.0, Task.semantic: 2.0,
+                                       Task.unconditional: 1.0}
+#: most boxes a layout may hold whatever the model (each layout model has its own, smaller limit: `LabelSet`)
+MAX_LAYOUT_BOXES = 64
+MAX_CLASS_NAME_CHARS = 64
+
+
+def _class_label(value: Any) -> Any:
+    """A class label is an id (an int >= 0; not a bool) or a name of 1..64 characters (a decimal string is an id)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError("class_label_type", "a class label is a class name (such as 'red circle') or a "
+                                  "class id (an integer >= 0), got {value}", {"value": repr(value)[:40]})
+    if isinstance(value, int) and value < 0:
+        raise PydanticCustomError("class_label_range", "a class id is an integer >= 0, got {value}", {"value": value})
+    if isinstance(value, str) and not 0 < len(value.strip()) <= MAX_CLASS_NAME_CHARS:
+        raise PydanticCustomError("class_label_length", "a class name has 1 to {limit} characters",
+                                  {"limit": MAX_CLASS_NAME_CHARS})
+    return value
+
+
+ClassLabel = Annotated[int | str, BeforeValidator(_class_label)]
+
+
+def _four_numbers(value: Any) -> Any:
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise PydanticCustomError("box_shape", "box must be 4 numbers [x0, y0, x1, y1] in [0, 1], got {value}",
+                                  {"value": repr(value)[:60]})
+    return value
+
+
+class LayoutBox(BaseModel):
+    """One object of a layout: its class and its bounding box as fractions of the image's width and height
+    (x to the right, y down)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: ClassLabel = Field(description="the object's class: a name ('red circle') or an id")
+    box: Annotated[tuple[float, float, float, float], BeforeValidator(_four_numbers)] = Field(
+        description="[x0, y0, x1, y1]: left, top, right, bottom, each in [0, 1], with x0 < x1 and y0 < y1")
+
+    @field_validator("box")
+    @classmethod
+    def _inside(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        shown = {"box": [round(v, 6) if math.isfinite(v) else v for v in box]}
+        if not all(math.isfinite(v) for v in box):
+            raise PydanticCustomError("box_invalid", "box coordinates must be finite numbers, got {box}", shown)
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise PydanticCustomError("box_outside", "box {box} is not inside the image: coordinates are fractions "
+                                      "of its width and height, in [0, 1]", shown)
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 and y0 < y1):
+            raise PydanticCustomError("box_inverted", "box {box} is empty or inverted: need x0 < x1 and y0 < y1",
+                                      shown)
+        return box
 
 
 class BatchKey(NamedTuple):
@@ -93,8 +169,10 @@ class GenerationRequest(BaseModel):
     steps: int = Field(default=20, ge=1)
     sampler: Sampler = "dpmpp_2m"
     karras: bool = Field(default=False, description="Karras sigmas (dpmpp_2m only)")
-    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False,
-                                  description="classifier-free guidance; 1 = off")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="classifier-free guidance; 1 = off; None = the task's default (txt2img, img2img, inpaint 7.5; "
+        "class and layout 3; semantic 2; unconditional sampling is unguided: 1), resolved at admission")
     width: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     height: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     n: int = Field(default=1, ge=1, description="images for this prompt")
@@ -105,6 +183,26 @@ class GenerationRequest(BaseModel):
                                 description="encoded input image (image tasks)")
     mask: bytes | None = Field(default=None, exclude=True, repr=False,
                                description="encoded inpainting mask, same size as the image; white = repaint")
+    class_label: ClassLabel | None = Field(default=None, description="task class: the class to draw, a name "
+                                           "('red circle') or an id")
+    layout: tuple[LayoutBox, ...] | None = Field(
+        default=None, max_length=MAX_LAYOUT_BOXES,
+        description='task layout: the objects to draw, [{"label": "red circle", "box": [x0, y0, x1, y1]}, ...]')
+    label_map: bytes | None = Field(
+        default=None, exclude=True, repr=False,
+        description="task semantic: a single-channel PNG (mode L or P) whose pixel values are labels (0 = background, "
+        "k = class k - 1); its size is the image's")
+
+    @property
+    def effective_guidance(self) -> float:
+        """The guidance scale the pipeline will use: the request's, or the task's default."""
+        return self.guidance_scale if self.guidance_scale is not None else DEFAULT_GUIDANCE[self.task]
+
+    @property
+    def stored_image(self) -> bytes | None:
+        """What the queue stores in the job's image key: the input image, or a semantic job's label map (a job has
+        at most one of them; admission sees to it)."""
+        return self.image if self.image is not None else self.label_map
 
     @property
     def effective_strength(self) -> float | None:
@@ -127,6 +225,8 @@ class GenerationRequest(BaseModel):
         digest = hashlib.sha256(self.model_dump_json().encode())
         for blob in (self.image, self.mask):
             digest.update(b"\0" if blob is None else hashlib.sha256(blob).digest())
+        if self.label_map is not None:  # only then: the fingerprints of the other tasks stay what they were
+            digest.update(b"label_map" + hashlib.sha256(self.label_map).digest())
         return digest.hexdigest()
 
     def seeds(self) -> list[int]:
@@ -154,7 +254,7 @@ def _limit_errors(r: GenerationRequest, s: Settings) -> list[tuple[str, str, Any
         errors.append(("steps", f"steps must be between 1 and {s.max_steps}, got {r.steps}", r.steps))
     if r.n > s.max_n:
         errors.append(("n", f"n must be between 1 and {s.max_n}, got {r.n}", r.n))
-    if r.guidance_scale > s.max_guidance_scale:
+    if r.guidance_scale is not None and r.guidance_scale > s.max_guidance_scale:
         errors.append(("guidance_scale", f"guidance_scale must be between 0 and {s.max_guidance_scale}, "
                        f"got {r.guidance_scale}", r.guidance_scale))
     for name, text in (("prompt", r.prompt), ("negative_prompt", r.negative_prompt)):
@@ -162,7 +262,7 @@ def _limit_errors(r: GenerationRequest, s: Settings) -> list[tuple[str, str, Any
         if size > s.max_prompt_bytes:
             errors.append((name, f"{name} is {size} bytes long; the limit is {s.max_prompt_bytes} bytes (UTF-8)",
                            text[:32]))
-    for name, blob in (("image", r.image), ("mask", r.mask)):
+    for name, blob in (("image", r.image), ("mask", r.mask), ("label_map", r.label_map)):
         if blob is not None and len(blob) > s.max_image_bytes:
             errors.append((name, f"{name} is {len(blob)} bytes; the limit is {s.max_image_bytes} bytes", len(blob)))
     if r.seed is not None and r.seed + r.n - 1 > MAX_SEED:
@@ -188,22 +288,63 @@ def _rule_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
         errors.append(("karras", f"karras sigmas are supported by dpmpp_2m only, not {r.sampler}", r.karras))
     if r.eta != 0 and r.sampler != "ddim":
         errors.append(("eta", f"eta applies to ddim only, not {r.sampler}", r.eta))
+    return errors + _condition_rule_errors(r)
+
+
+def _condition_rule_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
+    """The conditions of the class, layout, semantic and unconditional tasks: present where needed, absent elsewhere;
+    no prompts on the tasks that are not conditioned on one."""
+    errors: list[tuple[str, str, Any]] = []
+    task = r.task.value
+    if r.task == Task.class_ and r.class_label is None:
+        errors.append(("class_label", "task class needs a class_label: a class name (such as 'red circle') or id",
+                       None))
+    if r.task != Task.class_ and r.class_label is not None:
+        errors.append(("class_label", f"class_label applies to task class only, not {task}", r.class_label))
+    if r.task == Task.layout and not r.layout:
+        errors.append(("layout", 'task layout needs a layout of at least one box: [{"label": "red circle", "box": '
+                       '[x0, y0, x1, y1]}, ...] (for no condition at all, use task unconditional)', None))
+    if r.task != Task.layout and r.layout is not None:
+        errors.append(("layout", f"layout applies to task layout only, not {task}", None))
+    if r.task == Task.semantic and not r.label_map:
+        errors.append(("label_map", "task semantic needs a label_map: a PNG whose pixel values are labels "
+                       "(0 = background)", None))
+    if r.task != Task.semantic and r.label_map is not None:
+        errors.append(("label_map", f"label_map applies to task semantic only, not {task}", "<bytes>"))
+    if r.task in CONDITION_TASKS:
+        for name, text in (("prompt", r.prompt), ("negative_prompt", r.negative_prompt)):
+            if text:
+                errors.append((name, f"task {task} takes no {name}: it is conditioned on {CONDITION_TASKS[r.task]}",
+                               text[:32]))
+    if r.task == Task.unconditional and r.guidance_scale not in (None, 1.0):
+        errors.append(("guidance_scale", "unconditional sampling is unguided: leave guidance_scale out (or give 1)",
+                       r.guidance_scale))
     return errors
+
+
+def _invalid(problems: list[tuple[str | tuple[str | int, ...], str, Any]]) -> ValidationError:
+    """One ValidationError of (field or location, message, value) problems, as FastAPI reports a bad body."""
+    details = [InitErrorDetails(type=PydanticCustomError("request_invalid", message),
+                                loc=field if isinstance(field, tuple) else (field,), input=value)
+               for field, message, value in problems]
+    return ValidationError.from_exception_data("GenerationRequest", details)
 
 
 def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     """Check `request` against the configured limits and the rules between fields; resolve the model
-    (default) and the seed (random). Raises `pydantic.ValidationError` naming every problem."""
-    problems = _limit_errors(request, settings) + _rule_errors(request)
+    (default), the seed (random) and the guidance scale (the task's default). Raises `pydantic.ValidationError`
+    naming every problem."""
+    problems: list[tuple[str | tuple[str | int, ...], str, Any]] = [
+        *_limit_errors(request, settings), *_rule_errors(request)]
     if problems:
-        details = [InitErrorDetails(type=PydanticCustomError("request_invalid", message), loc=(field,), input=value)
-                   for field, message, value in problems]
-        raise ValidationError.from_exception_data("GenerationRequest", details)
+        raise _invalid(problems)
     update: dict[str, Any] = {}
     if request.model is None:
         update["model"] = settings.default_model
     if request.seed is None:
         update["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
+    if request.guidance_scale is None:
+        update["guidance_scale"] = DEFAULT_GUIDANCE[request.task]
     return request.model_copy(update=update) if update else request
 
 
@@ -255,6 +396,68 @@ class JobEvent(BaseModel):
         return self.type in TERMINAL_EVENTS
 
 
+def normalise_name(name: str) -> str:
+    """Class names match whatever their case and spacing ("Red  Circle" is "red circle"), as in the model library."""
+    return " ".join(name.lower().split())
+
+
+class LabelSet(BaseModel):
+    """The labels a class, layout or semantic model takes (its conditioner's), as its workers register them: the
+    front ends check class names, ids, box counts and label-map values against it before a job is queued."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n_classes: int = Field(ge=1, description="class ids 0..n_classes-1; label-map values 0 (background)..n_classes")
+    class_names: tuple[str, ...] = Field(default=(), description="class id -> name, where the model has names")
+    max_boxes: int | None = Field(default=None, ge=1, description="most boxes of a layout (layout models)")
+
+    def resolve(self, label: int | str) -> int:
+        """The class id of a name or id (a decimal string is an id); ValueError saying why not."""
+        if isinstance(label, str):
+            names = [normalise_name(n) for n in self.class_names]
+            if normalise_name(label) in names:
+                return names.index(normalise_name(label))
+            if not label.strip().isdigit():
+                known = (f"known: {', '.join(self.class_names)}" if self.class_names
+                         else f"this model takes class ids 0..{self.n_classes - 1}")
+                raise ValueError(f"unknown class {label!r}; {known}")
+        if not 0 <= int(label) < self.n_classes:
+            raise ValueError(f"class id {int(label)} is outside 0..{self.n_classes - 1}")
+        return int(label)
+
+
+def label_errors(request: GenerationRequest, labels: LabelSet,
+                 map_labels: Iterable[int] = ()) -> list[tuple[str | tuple[str | int, ...], str, Any]]:
+    """(location, message, value) for every class label, box count or label-map value (`map_labels`: the values a
+    semantic job's map holds) that the model of `labels` does not take."""
+    problems: list[tuple[str | tuple[str | int, ...], str, Any]] = []
+    if request.class_label is not None:
+        try:
+            labels.resolve(request.class_label)
+        except ValueError as exc:
+            problems.append(("class_label", str(exc), request.class_label))
+    for i, box in enumerate(request.layout or ()):
+        try:
+            labels.resolve(box.label)
+        except ValueError as exc:
+            problems.append((("layout", i, "label"), str(exc), box.label))
+    if request.layout is not None and labels.max_boxes is not None and len(request.layout) > labels.max_boxes:
+        problems.append(("layout", f"model {request.model!r} takes at most {labels.max_boxes} boxes in a layout, got "
+                         f"{len(request.layout)}", len(request.layout)))
+    unknown = sorted(v for v in set(map_labels) if not 0 <= v <= labels.n_classes)
+    if unknown:
+        problems.append(("label_map", f"label map values must be 0 (background) to {labels.n_classes}; found unknown "
+                         f"label(s) {unknown[:8]}", None))
+    return problems
+
+
+def check_labels(request: GenerationRequest, labels: LabelSet, map_labels: Iterable[int] = ()) -> None:
+    """Raise `pydantic.ValidationError` (as `admit` does) naming every label the model does not take."""
+    problems = label_errors(request, labels, map_labels)
+    if problems:
+        raise _invalid(problems)
+
+
 class WorkerInfo(BaseModel):
     """What a worker says about itself in its heartbeat."""
 
@@ -264,6 +467,8 @@ class WorkerInfo(BaseModel):
     models: list[str]
     tasks: list[Task] = Field(default_factory=list,
                               description="tasks its model can do (empty = not said: assume any)")
+    labels: LabelSet | None = Field(default=None, description="the labels its model takes (class, layout and "
+                                    "semantic models; None = not said: the worker checks them)")
     host: str = ""
     pid: int = 0
     device: str = ""

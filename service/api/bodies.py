@@ -1,6 +1,6 @@
 """Request and response shapes of the REST API (the OpenAPI schema at /docs is built from these).
 
-Native API: a job is a `GenerationRequest` as JSON, with the input image and mask as base64 strings
+Native API: a job is a `GenerationRequest` as JSON, with the input image, mask and label map as base64 strings
 (`JobBody`); one JSON shape for every task keeps clients, docs and idempotency fingerprints simple, and the
 33% base64 overhead is small beside generation time. The OpenAI-compatible API takes its own shapes: JSON for
 generations, multipart for edits.
@@ -49,14 +49,22 @@ def _deadline_field() -> Any:
 
 
 class JobBody(GenerationRequest):
-    """POST /v1/jobs: a generation request; `image` and `mask` (white = repaint) are base64 strings. For image
-    tasks leave `width` and `height` out: they are the image's size."""
+    """POST /v1/jobs: a generation request; `image`, `mask` (white = repaint) and `label_map` are base64 strings.
+    For image tasks and semantic leave `width` and `height` out: they are the image's (the map's) size."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"prompt": "a red circle on the left", "steps": 20, "seed": 7, "width": 64, "height": 64}]})
+        {"prompt": "a red circle on the left", "steps": 20, "seed": 7, "width": 64, "height": 64},
+        {"task": "class", "class_label": "red circle", "steps": 20, "seed": 7},
+        {"task": "layout", "layout": [{"label": "red circle", "box": [0.1, 0.2, 0.4, 0.5]},
+                                      {"label": "blue square", "box": [0.55, 0.5, 0.9, 0.85]}]},
+        {"task": "semantic", "label_map": "<base64 PNG, mode L or P: pixel value = label, 0 = background>"},
+        {"task": "unconditional", "n": 4}]})
 
     image: Base64Image = _base64_field("input image (img2img, inpaint, upscale)")
     mask: Base64Image = _base64_field("inpainting mask, the image's size; white = repaint")
+    label_map: Base64Image = Field(default=None, exclude=True, repr=False, description=(
+        "task semantic: the label map, base64 PNG of mode L or P (pixel value or palette index = label: 0 = "
+        "background, k = class k - 1); its size is the image's"))
     deadline_s: float | None = _deadline_field()
 
     def to_request(self, **update: Any) -> GenerationRequest:
@@ -95,6 +103,59 @@ class InpaintBody(JobBody):
     @classmethod
     def _task(cls, value: Any) -> Any:
         return _only(Task.inpaint, value)
+
+
+class Class2ImgBody(JobBody):
+    """POST /v1/class2img: a class-conditional job: `class_label`, a class name ('red circle') or id."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"class_label": "red circle", "steps": 20, "seed": 7}]})
+
+    task: Literal[Task.class_] = Task.class_
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.class_, value)
+
+
+class Layout2ImgBody(JobBody):
+    """POST /v1/layout2img: a layout-to-image job: `layout`, boxes with labels, coordinates in [0, 1]."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"layout": [{"label": "red circle", "box": [0.1, 0.2, 0.4, 0.5]}], "steps": 20, "seed": 7}]})
+
+    task: Literal[Task.layout] = Task.layout
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.layout, value)
+
+
+class Semantic2ImgBody(JobBody):
+    """POST /v1/semantic2img: a semantic-synthesis job: `label_map`, a base64 PNG of labels (mode L or P)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"label_map": "<base64 PNG>", "steps": 20, "seed": 7}]})
+
+    task: Literal[Task.semantic] = Task.semantic
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.semantic, value)
+
+
+class UnconditionalBody(JobBody):
+    """POST /v1/unconditional: samples of the model's own distribution (no condition, no guidance)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"steps": 20, "seed": 7}]})
+
+    task: Literal[Task.unconditional] = Task.unconditional
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return _only(Task.unconditional, value)
 
 
 class JobLinks(BaseModel):

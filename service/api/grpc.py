@@ -2,8 +2,9 @@
 
 Three parts, each doing one thing:
 - conversions (`to_request`, `to_parameters`, `to_job`, ...): proto messages <-> the shared schemas, pure;
-- `DiffusionServicer`: submits jobs, follows their events, answers with their PNGs. It raises the queue's and
-  the schemas' exceptions as they come; it never picks a status code;
+- `DiffusionServicer`: submits jobs (after the same `check_model` as REST: the model, its tasks and the labels it
+  takes), follows their events, answers with their PNGs. It raises the queue's and the schemas' exceptions as they
+  come; it never picks a status code;
 - `StatusInterceptor`: the one place exceptions become status codes (`status_of`), for every method of the
   service; it also turns request bytes that do not parse into INVALID_ARGUMENT instead of grpc's UNKNOWN;
 - `CallGuard`, run by the interceptor before each call: the API key (metadata `authorization: Bearer <key>`;
@@ -39,7 +40,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from service.api.images import ImageError, decode_image, decode_mask
+from service.api.images import ImageError, decode_image, decode_label_map, decode_mask
+from service.api.submit import check_model
 from service.auth import Authenticator, AuthError, current_principal
 from service.config import Settings
 from service.jobs import (
@@ -67,12 +69,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name  # "ldm.v1.Diffusion"
-JOB_ID_METADATA = "ldm-job-id"  # initial metadata of Generate, GenerateStream, Inpaint, Img2Img, Upscale
+JOB_ID_METADATA = "ldm-job-id"  # initial metadata of every call that submits a job
 IDEMPOTENCY_METADATA = "idempotency-key"
 RETRY_AFTER_METADATA = "retry-after"  # trailing metadata of RESOURCE_EXHAUSTED and UNAVAILABLE (seconds)
 AUTHORIZATION_METADATA = "authorization"  # "Bearer <API key>"
 #: the calls that spend the key's rate
-SUBMITTING_METHODS = frozenset({"Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale"})
+SUBMITTING_METHODS = frozenset({"Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale", "ClassToImage",
+                                "LayoutToImage", "SemanticToImage", "Unconditional"})
 DEADLINE_MARGIN_S = 0.05  # answer this much before the client's deadline, so it gets our status and message
 POLL_S = 1.0  # longest blocking read of a job's events; between reads with no event the job record is checked
 _PARAMETER_FIELDS = frozenset(pb.GenerationParameters.DESCRIPTOR.fields_by_name)
@@ -115,32 +118,41 @@ class ResultsExpired(Exception):
 # ----------------------------------------------------------------------------------------------- conversions
 
 def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | None = None,
-               mask: bytes | None = None, size: tuple[int, int] | None = None) -> GenerationRequest:
+               mask: bytes | None = None, label_map: bytes | None = None,
+               size: tuple[int, int] | None = None) -> GenerationRequest:
     """The schema request; unset proto fields are left to the schema's defaults. Raises ValidationError.
-    `size` is the input image's (width, height), which the parameters must not contradict."""
+    `size` is the input image's (or label map's) (width, height), which the parameters must not contradict."""
     fields: dict[str, Any] = {"prompt": params.prompt, "negative_prompt": params.negative_prompt,
                               "karras": params.karras}
     if params.model:
         fields["model"] = params.model
     if params.sampler:
         fields["sampler"] = params.sampler
+    if params.class_label:
+        fields["class_label"] = params.class_label
+    if params.layout:
+        fields["layout"] = [{"label": b.label, "box": [b.x0, b.y0, b.x1, b.y1]} for b in params.layout]
     fields |= {name: getattr(params, name) for name in _OPTIONAL_FIELDS if params.HasField(name)}
     if size is not None:
+        what = "label map" if label_map is not None else "image"
         for name, value in zip(("width", "height"), size, strict=True):
             if fields.setdefault(name, value) != value:
-                raise BadRequest(f"parameters.{name}", f"{name} is {fields[name]} but the image's is {value}; "
-                                 "leave it unset (the image sets the size)")
-    return GenerationRequest(task=task, image=image, mask=mask, **fields)
+                raise BadRequest(f"parameters.{name}", f"{name} is {fields[name]} but the {what}'s is {value}; "
+                                 f"leave it unset (the {what} sets the size)")
+    return GenerationRequest(task=task, image=image, mask=mask, label_map=label_map, **fields)
 
 
 def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
     """The parameters a job ran with (after admission every default is resolved, except a None size: the
     model's default, which the images' own sizes then show)."""
+    layout = [pb.LayoutBox(label=str(b.label), x0=b.box[0], y0=b.box[1], x1=b.box[2], y1=b.box[3])
+              for b in request.layout or ()]
     return pb.GenerationParameters(
         prompt=request.prompt, negative_prompt=request.negative_prompt, model=request.model or "",
         seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
-        guidance_scale=request.guidance_scale, width=request.width, height=request.height, n=request.n,
-        strength=request.effective_strength, eta=request.eta)
+        guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
+        strength=request.effective_strength, eta=request.eta,
+        class_label="" if request.class_label is None else str(request.class_label), layout=layout)
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -166,9 +178,14 @@ def to_progress(event: JobEvent) -> pb.Progress:
                        total=event.total, error=event.error or "")
 
 
+def to_task(task: Task) -> str:
+    """The proto enum value's name: TASK_ and the task's value (`Task.class_` is "class": TASK_CLASS)."""
+    return f"TASK_{task.value.upper()}"
+
+
 def to_job(job: Job, images: Sequence[pb.Image] = ()) -> pb.Job:
     return pb.Job(
-        id=job.id, model=job.model, task=f"TASK_{job.request.task.name.upper()}", status=to_status(job.status),
+        id=job.id, model=job.model, task=to_task(job.request.task), status=to_status(job.status),
         parameters=to_parameters(job.request), created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, step=job.step, total=job.total, attempts=job.attempts, error=job.error or "",
         results=job.results, cancel_requested=job.cancel_requested, images=images)
@@ -208,11 +225,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        waiting = await self._submit(to_request(request.parameters, Task.txt2img), request.idempotency_key, context)
-        async with contextlib.aclosing(self._follow(waiting, context)) as events:
-            async for _ in events:
-                pass
-        return await self._answer(waiting.job.id)
+        return await self._generate(to_request(request.parameters, Task.txt2img), request.idempotency_key, context)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -228,11 +241,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         image = await asyncio.to_thread(decode_image, request.image, self.settings)  # CPU work: off the loop
         mask = await asyncio.to_thread(decode_mask, request.mask, image, self.settings)
         generation = to_request(request.parameters, Task.inpaint, image=image.png, mask=mask.png, size=image.size)
-        waiting = await self._submit(generation, request.idempotency_key, context)
-        async with contextlib.aclosing(self._follow(waiting, context)) as events:
-            async for _ in events:
-                pass
-        return await self._answer(waiting.job.id)
+        return await self._generate(generation, request.idempotency_key, context)
 
     async def Img2Img(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         return await self._image_task(Task.img2img, request, context)
@@ -244,11 +253,26 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                           context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         image = await asyncio.to_thread(decode_image, request.image, self.settings)  # CPU work: off the loop
         generation = to_request(request.parameters, task, image=image.png, size=image.size)
-        waiting = await self._submit(generation, request.idempotency_key, context)
-        async with contextlib.aclosing(self._follow(waiting, context)) as events:
-            async for _ in events:
-                pass
-        return await self._answer(waiting.job.id)
+        return await self._generate(generation, request.idempotency_key, context)
+
+    async def ClassToImage(self, request: pb.GenerateRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await self._generate(to_request(request.parameters, Task.class_), request.idempotency_key, context)
+
+    async def LayoutToImage(self, request: pb.GenerateRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await self._generate(to_request(request.parameters, Task.layout), request.idempotency_key, context)
+
+    async def SemanticToImage(self, request: pb.SemanticRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        labels = await asyncio.to_thread(decode_label_map, request.label_map, self.settings)  # CPU work: off the loop
+        generation = to_request(request.parameters, Task.semantic, label_map=labels.png, size=labels.size)
+        return await self._generate(generation, request.idempotency_key, context, labels.labels)
+
+    async def Unconditional(self, request: pb.GenerateRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await self._generate(to_request(request.parameters, Task.unconditional), request.idempotency_key,
+                                    context)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job = await self._record(request.job_id)
@@ -261,10 +285,21 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
 
     # -- helpers
 
-    async def _submit(self, request: GenerationRequest, key_field: str,
-                      context: grpc.aio.ServicerContext) -> _Waiting:
-        """Queue the job, send its id as initial metadata, and tie the job to the call (see `_Waiting`)."""
+    async def _generate(self, request: GenerationRequest, key_field: str, context: grpc.aio.ServicerContext,
+                        map_labels: Sequence[int] = ()) -> pb.GenerateResponse:
+        """Submit the job, wait for its end, answer its images (the unary generating calls)."""
+        waiting = await self._submit(request, key_field, context, map_labels)
+        async with contextlib.aclosing(self._follow(waiting, context)) as events:
+            async for _ in events:
+                pass
+        return await self._answer(waiting.job.id)
+
+    async def _submit(self, request: GenerationRequest, key_field: str, context: grpc.aio.ServicerContext,
+                      map_labels: Sequence[int] = ()) -> _Waiting:
+        """Check the model (`check_model`: as REST does), queue the job, send its id as initial metadata, and tie
+        the job to the call (see `_Waiting`)."""
         key = idempotency_key(key_field, context.invocation_metadata())
+        await check_model(self.queue, self.settings, request, map_labels)
         remaining = context.time_remaining()
         deadline_s = max(0.001, remaining) if remaining is not None and key is None else None
         job = await self.quotas.submit(current_principal.get(), request, idempotency_key=key, deadline_s=deadline_s)

@@ -14,6 +14,11 @@ Every input image goes through `decode_image` before it reaches the queue:
 Masks: ours are white = repaint (`decode_mask`, any mode, read as luminance). OpenAI's are transparent = repaint
 (`decode_openai_mask`, needs an alpha channel): we convert them to ours as 255 - alpha, so a fully transparent
 pixel is white, an opaque one black, and the pipeline's binarisation at 0.5 decides partly transparent ones.
+
+Label maps (`decode_label_map`, task semantic) pass the same byte, pixel, bomb and size checks, but only PNG is
+opened (JPEG and lossy WebP would change labels at every edge) and only single-channel modes: L (pixel value =
+label) and P (palette index = label; the palette's colours, there to make the file viewable, are ignored). They
+are re-encoded as mode L, whatever they came as, and the labels they hold are reported for the model's check.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from service.config import Settings
 
 #: the formats Pillow may try on client bytes
 FORMATS = ("PNG", "JPEG", "WEBP")
+#: label maps: lossless only
+LABEL_MAP_FORMATS = ("PNG",)
+LABEL_MAP_MODES = ("L", "P")
 _FORMAT_NAMES = "PNG, JPEG or WebP"
 _PNG_LEVEL = 3  # re-encoding: fast, and still compact for photos and masks
 
@@ -51,18 +59,19 @@ class DecodedImage:
         return self.image.size
 
 
-def _open(data: bytes, field: str, settings: Settings) -> Image.Image:
+def _open(data: bytes, field: str, settings: Settings, formats: tuple[str, ...] = FORMATS,
+          names: str = _FORMAT_NAMES) -> Image.Image:
     """Open (header only) and check format, byte size and pixel size; no pixel is decoded here."""
     if not data:
         raise ImageError(field, f"{field} is empty")
     if len(data) > settings.max_image_bytes:
         raise ImageError(field, f"{field} is {len(data)} bytes; the limit is {settings.max_image_bytes} bytes", 413)
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image = Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(field, f"{field} claims too many pixels to decode (decompression bomb?): {exc}", 413) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(field, f"{field} is not a {_FORMAT_NAMES} image") from exc
+        raise ImageError(field, f"{field} is not a {names} image") from exc
     width, height = image.size
     if width * height > settings.max_image_pixels:
         raise ImageError(field, f"{field} is {width}x{height} = {width * height} pixels; the limit is "
@@ -179,3 +188,26 @@ def openai_image_and_mask(image_data: bytes, mask_data: bytes | None,
         raise ImageError("mask", "mask is required: the image has no transparent pixels to edit; send a mask whose "
                          "transparent pixels mark the area to edit, or an image with transparent areas")
     return image, DecodedImage(white, _png(white))
+
+
+@dataclass(frozen=True)
+class DecodedLabelMap:
+    """A checked label map: the mode-L PNG that goes on the queue, its size and the labels it holds."""
+
+    png: bytes
+    size: tuple[int, int]
+    labels: tuple[int, ...]
+
+
+def decode_label_map(data: bytes, settings: Settings, *, field: str = "label_map") -> DecodedLabelMap:
+    """Check and decode a semantic job's label map: a single-channel PNG (mode L, or P whose palette indices are the
+    labels) within the size bounds; re-encoded as mode L. Raises ImageError."""
+    image = _open(data, field, settings, LABEL_MAP_FORMATS, "PNG")
+    if image.mode not in LABEL_MAP_MODES:
+        raise ImageError(field, f"{field} is a mode {image.mode} PNG; a label map is a single-channel PNG (mode L, "
+                         "or P whose palette indices are the labels) whose pixel values are labels, 0 = background")
+    _check_size(image, field, settings)
+    image = _load(image, field)
+    labels = Image.frombytes("L", image.size, image.tobytes())  # P: the indices, not the palette's colours
+    present = tuple(value for value, count in enumerate(labels.histogram()) if count)
+    return DecodedLabelMap(_png(labels), labels.size, present)

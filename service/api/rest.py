@@ -6,7 +6,8 @@ app's lifespan, on the server's event loop, unless the caller hands one in (then
 Routes (one router per resource, service/api/routes/):
 - native jobs:      POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{i}, GET /v1/jobs/{id}/events (SSE),
                     DELETE /v1/jobs/{id}
-- synchronous:      POST /v1/txt2img, POST /v1/inpaint (answer image/png)
+- synchronous:      POST /v1/txt2img, /v1/inpaint, /v1/class2img, /v1/layout2img, /v1/semantic2img,
+                    /v1/unconditional (answer image/png)
 - OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
 - GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs (schema at /openapi.json)
 Errors and their statuses: service/api/errors.py.
@@ -44,7 +45,9 @@ DESCRIPTION = """Latent Diffusion Model image generation.
 
 * **Native API**: submit a job (`POST /v1/jobs`, images as base64 in JSON), follow it (`GET /v1/jobs/{id}`,
   server-sent events at `/v1/jobs/{id}/events`), fetch its PNGs, cancel it; or call `POST /v1/txt2img` /
-  `POST /v1/inpaint` and get the PNG back directly.
+  `POST /v1/inpaint` and get the PNG back directly. Besides prompts: `class` (`class_label`), `layout` (boxes
+  with labels), `semantic` (a label-map PNG) and `unconditional` jobs, for models conditioned that way
+  (synchronous: `/v1/class2img`, `/v1/layout2img`, `/v1/semantic2img`, `/v1/unconditional`).
 * **OpenAI-compatible**: `POST /v1/images/generations` and `POST /v1/images/edits` work with the official
   `openai` client (`base_url="http://host:port/v1"`).
 * **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs

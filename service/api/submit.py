@@ -1,28 +1,33 @@
 """The submission flow the routes share: decode input images, check the model, submit, wait for the end.
 
 Order of checks: the API key (middleware, 401/403, before the body is read), the key's rate (429, before any image
-is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images (`images.py`:
-413/422), the model (422 unless it is the default or a live worker serves it), the key's jobs in flight (429),
-then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency (409).
+is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images and label map
+(`images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers say
+what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
+in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
+(409). The gRPC front end runs the same `check_model`; its ValidationError answers INVALID_ARGUMENT there.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import JobBody
-from service.api.errors import ApiError, validation_error
-from service.api.images import DecodedImage, decode_image, decode_mask
+from service.api.errors import ApiError
+from service.api.images import decode_image, decode_label_map, decode_mask
 from service.auth import Principal
 from service.config import Settings
 from service.jobs import JobNotFound, JobQueue
 from service.quotas import Quotas
-from service.schemas import IMAGE_TASKS, GenerationRequest, Job, JobStatus, Task
+from service.schemas import IMAGE_TASKS, GenerationRequest, Job, JobStatus, Task, check_labels
 
 
 async def served_models(queue: JobQueue, settings: Settings) -> dict[str, int]:
@@ -34,13 +39,19 @@ async def served_models(queue: JobQueue, settings: Settings) -> dict[str, int]:
     return counts
 
 
-def _invalid(field: str, kind: str, message: str) -> ApiError:
-    return validation_error([{"loc": ("body", field), "type": kind, "msg": message}])
+def _invalid(field: str, kind: str, message: str) -> ValidationError:
+    """A ValidationError naming `field`: REST answers it 422 like a bad body, gRPC INVALID_ARGUMENT."""
+    return ValidationError.from_exception_data("GenerationRequest", [
+        InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=None)])
 
 
-async def check_model(queue: JobQueue, settings: Settings, request: GenerationRequest) -> None:
+async def check_model(queue: JobQueue, settings: Settings, request: GenerationRequest,
+                      map_labels: Iterable[int] = ()) -> None:
     """The model must be the default or served by a live worker (a job for a model nobody serves would only wait
-    for its deadline), and when its live workers say which tasks they can do, one of them must do this task."""
+    for its deadline); when its live workers say which tasks they can do, one of them must do this task, and when
+    they say which labels their model takes, the class label, the layout's labels and box count and the label map's
+    values (`map_labels`) must be among them (else the job would only fail as invalid_input in the worker).
+    Raises pydantic.ValidationError."""
     model = request.model or settings.default_model
     serving = [w for w in await queue.workers() if model in w.models]
     if not serving and model != settings.default_model:
@@ -50,26 +61,44 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
         can = sorted({t.value for w in serving for t in w.tasks})
         raise _invalid("task", "task_unsupported",
                        f"model {model!r} cannot do {request.task.value}; it can do {', '.join(can)}")
+    labels = next((w.labels for w in serving if w.labels is not None and request.task in w.tasks), None)
+    if labels is not None:
+        check_labels(request.model_copy(update={"model": model}), labels, map_labels)
 
 
-def _check_given_size(body: JobBody, image: DecodedImage) -> None:
-    for name, given, actual in (("width", body.width, image.size[0]), ("height", body.height, image.size[1])):
+def _check_given_size(body: JobBody, size: tuple[int, int], what: str = "image") -> None:
+    advice = "for image tasks" if what == "image" else f"for {body.task.value}: the {what} sets the size"
+    for name, given, actual in (("width", body.width, size[0]), ("height", body.height, size[1])):
         if given is not None and given != actual:
-            raise _invalid(name, "size_mismatch", f"{name} {given} differs from the image's {name} {actual}; "
-                           "leave width and height out for image tasks")
+            raise _invalid(name, "size_mismatch", f"{name} {given} differs from the {what}'s {name} {actual}; "
+                           f"leave width and height out {advice}")
 
 
-def decode_inputs(body: JobBody, settings: Settings) -> GenerationRequest:
-    """The request with its images checked and normalised (RGB and L PNGs) and its size set from the image.
-    Images on tasks that take none are passed on as they are, for admission to refuse. CPU work: run in a thread."""
+@dataclass(frozen=True)
+class Decoded:
+    """A body with its inputs decoded: the request for the queue, and the labels its label map holds (semantic)."""
+
+    request: GenerationRequest
+    map_labels: tuple[int, ...] = ()
+
+
+def decode_inputs(body: JobBody, settings: Settings) -> Decoded:
+    """The request with its images checked and normalised (RGB and L PNGs) and its size set from the image (or the
+    label map). Inputs on tasks that take none are passed on as they are, for admission to refuse. CPU work: run in
+    a thread."""
+    if body.task == Task.semantic and body.label_map is not None:
+        labels = decode_label_map(body.label_map, settings)
+        _check_given_size(body, labels.size, "label map")
+        request = body.to_request(label_map=labels.png, width=labels.size[0], height=labels.size[1])
+        return Decoded(request, labels.labels)
     if body.task not in IMAGE_TASKS or body.image is None:
-        return body.to_request()
+        return Decoded(body.to_request())
     image = decode_image(body.image, settings)
-    _check_given_size(body, image)
+    _check_given_size(body, image.size)
     update: dict[str, Any] = {"image": image.png, "width": image.size[0], "height": image.size[1]}
     if body.task == Task.inpaint and body.mask is not None:
         update["mask"] = decode_mask(body.mask, image, settings).png
-    return body.to_request(**update)
+    return Decoded(body.to_request(**update))
 
 
 @dataclass(frozen=True)
@@ -82,16 +111,16 @@ class Submitter:
     principal: Principal
 
     async def submit(self, request: GenerationRequest, idempotency_key: str | None = None,
-                     deadline_s: float | None = None) -> Job:
+                     deadline_s: float | None = None, map_labels: Iterable[int] = ()) -> Job:
         """Check the model, then queue within the caller's cap of jobs in flight."""
-        await check_model(self.queue, self.settings, request)
+        await check_model(self.queue, self.settings, request, map_labels)
         return await self.quotas.submit(self.principal, request, idempotency_key=idempotency_key,
                                         deadline_s=deadline_s)
 
     async def submit_body(self, body: JobBody, idempotency_key: str | None) -> Job:
         """Decode the body's images (in a thread: CPU work), then `submit`."""
-        request = await run_in_threadpool(decode_inputs, body, self.settings)
-        return await self.submit(request, idempotency_key, body.deadline_s)
+        decoded = await run_in_threadpool(decode_inputs, body, self.settings)
+        return await self.submit(decoded.request, idempotency_key, body.deadline_s, decoded.map_labels)
 
 
 def sync_timeout(settings: Settings, asked: float | None) -> float:
@@ -110,6 +139,11 @@ async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: flo
         if await request.is_disconnected():
             await queue.cancel(job_id)  # nobody is left to take the answer, and only this client knew the job
             raise ApiError(499, f"client closed the request; job {job_id} was cancelled")
+        draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
+        if draining is not None and draining.is_set():
+            raise ApiError(503, f"the API is shutting down; job {job_id} goes on: poll GET /v1/jobs/{job_id}, or "
+                           "resend the request with the same Idempotency-Key", code="shutting_down",
+                           headers={"Retry-After": "1", "Location": f"/v1/jobs/{job_id}"}, extra={"job_id": job_id})
 
 
 #: a failed job's error starts with its reason (the worker's "reason: message", the queue's "deadline exceeded");

@@ -1,7 +1,8 @@
 """The worker process: one device, one model, a loop of schedule -> execute -> update (vLLM's EngineCore.step).
 
-- schedule: take over jobs of workers that went silent (XAUTOCLAIM, every so often), then claim up to
-  `max_batch` new jobs, blocking at most `max_wait_ms`; decode their inputs and group them (`make_batches`).
+- schedule: take over a job of a worker that went silent (XAUTOCLAIM, every so often) and run it alone, in
+  quarantine (it may be a poison job that killed that worker); else claim up to `max_batch` new jobs, blocking
+  at most `max_wait_ms`; decode their inputs and group them (`make_batches`).
 - execute: run each batch on the device (`Runner.run`); after every sampler step the jobs' progress goes to the
   queue, whose answer says which jobs were cancelled (stopped between steps) or taken over by another worker.
 - update: store each job's PNGs and mark it succeeded (`finish`), or `fail` / `cancelled` it; metrics.
@@ -112,9 +113,9 @@ class Worker:
     # ------------------------------------------------------------------------------------------- life cycle
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), host=socket.gethostname(),
-                          pid=os.getpid(), device=str(self.runner.device), started_at=self._started_at,
-                          busy=self._busy)
+        return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), labels=self.runner.labels,
+                          host=socket.gethostname(), pid=os.getpid(), device=str(self.runner.device),
+                          started_at=self._started_at, busy=self._busy)
 
     def request_stop(self) -> None:
         """Claim no more jobs; `run` returns once the jobs in hand are done."""
@@ -176,19 +177,26 @@ class Worker:
         return len(claims)
 
     def schedule(self) -> list[Claim]:
-        """Jobs of silent workers (every `reclaim_interval_s`), then new ones, up to `max_batch` in all."""
+        """One job of a silent worker (looked for every `reclaim_interval_s`), alone; else up to `max_batch` new
+        jobs.
+
+        A job taken over from a worker that stopped responding runs in quarantine: one at a time, with no other
+        job claimed beside it. It may be what killed its worker (a poison job: a native crash, the OOM killer),
+        and then, alone, it takes down no other job with it, while the batch-mates of its crash each get an
+        attempt of their own instead of dying with it until they too are out of attempts. After a reclaim the
+        next step looks for another at once, so the jobs of a dead worker are recovered one after the other."""
         s = self.settings
-        reclaimed: list[Claim] = []
         if time.monotonic() >= self._next_reclaim:
-            self._next_reclaim = time.monotonic() + self.reclaim_interval_s
-            reclaimed = self.queue.reclaim(self.model, self.id, count=s.max_batch)
-            for c in reclaimed:
+            claims = self.queue.reclaim(self.model, self.id, count=1)
+            if not claims:
+                self._next_reclaim = time.monotonic() + self.reclaim_interval_s
+            for c in claims:
                 self.metrics.jobs_reclaimed.labels(self.model).inc()
                 log.info(kv("job_reclaimed", job=c.job.id, attempt=c.attempt, previous_worker=c.job.worker))
-        room = s.max_batch - len(reclaimed)
-        fresh = self.queue.claim(self.model, self.id, count=room, block_ms=1 if reclaimed else s.max_wait_ms) \
-            if room > 0 else []
-        claims = reclaimed + fresh
+        else:
+            claims = []
+        if not claims:
+            claims = self.queue.claim(self.model, self.id, count=s.max_batch, block_ms=s.max_wait_ms)
         with self._lock:
             self._held.update((c.job.id, c) for c in claims)
         return claims

@@ -1,20 +1,30 @@
 """The runner: the only code of the worker that touches the device.
 
 It holds the model and its `Pipeline`, loaded once (CPU: fp32 with prepacked convolutions and channels_last,
-`models.cpu_inference`; CUDA: fp16 by default, bf16 or fp32 on request), decodes a job's input image and mask,
-runs one batch of samples for one task and encodes every image as a PNG whose text chunks carry the parameters
-that made it (task, model, prompt, negative_prompt, seed, steps, sampler, karras, eta, guidance_scale, width,
-height, and strength for img2img and inpaint), so the same parameters give the same bytes.
+`models.cpu_inference`; CUDA: fp16 by default, bf16 or fp32 on request), decodes a job's input image and mask (or
+label map), runs one batch of samples for one task and encodes every image as a PNG whose text chunks carry the
+parameters that made it (task, model, seed, steps, sampler, karras, eta, guidance_scale, width, height; prompt and
+negative_prompt for the prompted tasks; strength for img2img and inpaint; `class` and `class_id`, `layout` (JSON)
+or `label_map_sha256` for the other conditionings), so the same parameters give the same bytes.
+
+What a model can do follows from how it is conditioned (`model_kind`, `TASKS_BY_KIND`): a text encoder gives
+txt2img, img2img and inpaint; an inpainting or super-resolution concat input its one task; a class, layout or
+semantic-map conditioner its own task plus `unconditional` (sampling from the null condition); no conditioner,
+`unconditional` only. A class label, layout or label map the model does not take fails its job alone, before any
+batch, as `invalid_input` (`check`, `inputs`: models/conditioning.py says what is wrong).
 
 Failures a job should report are `JobFailure`s with a reason (the label of `ldm_job_failures_total`):
-`unsupported` (the model cannot do the task), `invalid_input` (an image that cannot be decoded or does not fit),
-`out_of_memory` (even one sample does not fit). When CUDA runs out of memory the batch is split in halves and
-each half retried, down to single samples; each sample has its own generator, so the images do not change.
+`unsupported` (the model cannot do the task), `invalid_input` (an image, label map, class or layout that cannot be
+decoded or does not fit the model), `out_of_memory` (even one sample does not fit). When CUDA runs out of memory
+the batch is split in halves and each half retried, down to single samples; each sample has its own generator, so
+the images do not change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import re
 import warnings
@@ -23,28 +33,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from models.conditioning import Box, ConditionError, label_map_array, layout_to_json, parse_layout, resolve_label
+from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from service.generate import pick_device, resolve_model
-from service.schemas import DEFAULT_STRENGTH, MODEL_NAME_PATTERN, BatchKey, GenerationRequest, Task
+from service.schemas import (
+    CONDITION_TASKS,
+    DEFAULT_STRENGTH,
+    IMAGE_TASKS,
+    MODEL_NAME_PATTERN,
+    BatchKey,
+    GenerationRequest,
+    LabelSet,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
 FailureReason = Literal["unsupported", "invalid_input", "out_of_memory", "internal"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-#: the tasks a model can do, by what its UNet's extra input channels hold (ModelConfig.concat_input)
-TASKS_BY_CONCAT_INPUT: dict[str, frozenset[Task]] = {
-    "none": frozenset({Task.txt2img, Task.img2img, Task.inpaint}),  # inpainting by latent blending
+ModelKind = Literal["text", "inpaint", "lowres", "class", "layout", "semantic", "none"]
+#: the tasks a model can do, by what it is conditioned on (`model_kind`). A text model samples unconditionally
+#: through txt2img (an empty prompt at guidance 1), so it does not also offer `unconditional`.
+TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
+    "text": frozenset({Task.txt2img, Task.img2img, Task.inpaint}),  # inpainting by latent blending
     "inpaint": frozenset({Task.inpaint}),
     "lowres": frozenset({Task.upscale}),
+    "class": frozenset({Task.class_, Task.unconditional}),  # unconditional: the null class
+    "layout": frozenset({Task.layout, Task.unconditional}),  # the empty layout
+    "semantic": frozenset({Task.semantic, Task.unconditional}),  # the all-unknown map
+    "none": frozenset({Task.unconditional}),
 }
-_KIND = {"none": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model"}
+_KIND: dict[ModelKind, str] = {
+    "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
+    "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
+    "none": "an unconditional model"}
+#: formats a worker opens: those of service.api.images.FORMATS (the worker imports nothing from the front ends)
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 #: step(step, total, samples): after every sampler step of the samples (indices into the batch) now running;
 #: raising `Cancelled` from it stops those samples between steps
@@ -84,18 +117,55 @@ def served_name(spec: str) -> str:
     return name or "model"
 
 
-def decode_image(data: bytes, what: Literal["image", "mask"], max_pixels: int) -> Image.Image:
-    """Input bytes -> an RGB image (a mask: luminance), checking the pixel count before decoding pixels."""
+def model_kind(config: ModelConfig) -> ModelKind:
+    """What a model is conditioned on, which decides its tasks (`TASKS_BY_KIND`): an inpainting or low-resolution
+    concat input where it has one, else its conditioner's kind (every text encoder is "text"), "none" without one."""
+    if config.concat_input in ("inpaint", "lowres"):
+        return "inpaint" if config.concat_input == "inpaint" else "lowres"
+    conditioner = config.conditioner
+    if conditioner is None or config.conditioning not in ("crossattn", "hybrid", "concat"):
+        return "none"
+    kind = conditioner.kind
+    return kind if kind in ("class", "layout", "semantic") else "text"
+
+
+def decode_label_map(data: bytes, max_pixels: int, n_classes: int) -> Image.Image:
+    """A semantic job's label-map bytes -> a mode-L image of labels 0..n_classes. PNG only (a lossy format would
+    change labels); the pixel count is checked before any pixel is decoded; palette indices are the labels, never
+    their colours (`label_map_array`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=("PNG",))
+            if image.width * image.height > max_pixels:
+                raise JobFailure("invalid_input", f"the label map has {image.width}x{image.height} pixels; "
+                                 f"the limit is {max_pixels} pixels")
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise JobFailure("invalid_input", f"the label map cannot be decoded (a PNG is needed): {exc}") from exc
+    try:
+        labels = label_map_array(image, n_classes)
+    except ConditionError as exc:
+        raise JobFailure("invalid_input", f"label_map: {exc}") from exc
+    return Image.fromarray(labels.astype(np.uint8) if labels.max() <= 255 else labels.astype(np.int32))
+
+
+def decode_image(data: bytes, what: Literal["image", "mask"], max_pixels: int) -> Image.Image:
+    """Input bytes -> an RGB image (a mask: luminance), checking the pixel count before decoding pixels.
+
+    Only the formats the front ends accept are opened (they store PNG): a job written to the queue by anything
+    else does not get Pillow's other parsers (TIFF, EPS, ...) run on its bytes in the worker process."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             if image.width * image.height > max_pixels:
                 raise JobFailure("invalid_input", f"the {what} has {image.width}x{image.height} pixels; "
                                  f"the limit is {max_pixels} pixels")
             image.load()
             return image.convert("L" if what == "mask" else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise JobFailure("invalid_input", f"the {what} cannot be decoded: {exc}") from exc
 
@@ -131,22 +201,57 @@ class Runner:
     @property
     def tasks(self) -> frozenset[Task]:
         """The tasks this model can do."""
-        return TASKS_BY_CONCAT_INPUT[self.model.config.concat_input]
+        return TASKS_BY_KIND[model_kind(self.model.config)]
+
+    @property
+    def labels(self) -> LabelSet | None:
+        """The labels a class, layout or semantic model takes (registered, so the front ends can check them)."""
+        c = self.model.config.conditioner
+        if c is None or model_kind(self.model.config) not in ("class", "layout", "semantic"):
+            return None
+        return LabelSet(n_classes=c.n_classes, class_names=c.class_names,
+                        max_boxes=c.layout.max_boxes if c.kind == "layout" else None)
 
     # ------------------------------------------------------------------------------------- per job, before a batch
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise JobFailure("unsupported") when the model cannot do the request's task."""
+        """Raise JobFailure: "unsupported" when the model cannot do the request's task, "invalid_input" when its
+        class label or layout is not one the model takes."""
         if request.task not in self.tasks:
-            concat = self.model.config.concat_input
             can = ", ".join(sorted(t.value for t in self.tasks))
-            raise JobFailure("unsupported", f"model {self.name!r} is {_KIND[concat]} and cannot do "
-                             f"{request.task.value} (it can do: {can})")
+            raise JobFailure("unsupported", f"model {self.name!r} is {_KIND[model_kind(self.model.config)]} and "
+                             f"cannot do {request.task.value} (it can do: {can})")
+        if request.task == Task.class_:
+            self._class_id(request)
+        elif request.task == Task.layout:
+            self._layout(request)
+
+    def _class_id(self, request: GenerationRequest) -> int:
+        c = self.model.config.conditioner
+        if request.class_label is None or c is None:
+            raise JobFailure("invalid_input", "this class job has no class_label")
+        try:
+            return resolve_label(request.class_label, c.class_names, c.n_classes, "class_label")
+        except ConditionError as exc:
+            raise JobFailure("invalid_input", str(exc)) from exc
+
+    def _layout(self, request: GenerationRequest) -> list[Box]:
+        c = self.model.config.conditioner
+        if request.layout is None or c is None:
+            raise JobFailure("invalid_input", "this layout job has no layout")
+        data = [{"label": b.label, "box": list(b.box)} for b in request.layout]
+        try:
+            return parse_layout(data, c.class_names, c.n_classes, c.layout.max_boxes)
+        except ConditionError as exc:
+            raise JobFailure("invalid_input", str(exc)) from exc
 
     def inputs(self, request: GenerationRequest, image: bytes | None, mask: bytes | None, *,
                max_pixels: int) -> tuple[Image.Image | None, Image.Image | None]:
-        """Decode and check a job's input image and mask (None where the task takes none)."""
-        if request.task == Task.txt2img:
+        """Decode and check a job's input image and mask, or a semantic job's label map (as its image: `image` holds
+        the map's bytes, `JobQueue.inputs`); None where the task takes none."""
+        if request.task == Task.semantic:
+            return self._label_map(request, image, max_pixels), None
+        if request.task not in IMAGE_TASKS:
             return None, None
         if image is None:
             raise JobFailure("invalid_input", f"the input image of this {request.task.value} job is missing "
@@ -169,6 +274,21 @@ class Runner:
             raise JobFailure("invalid_input", f"the mask is {stencil.width}x{stencil.height}, the image "
                              f"{picture.width}x{picture.height}: they must be the same size")
         return picture, stencil
+
+    def _label_map(self, request: GenerationRequest, data: bytes | None, max_pixels: int) -> Image.Image:
+        c = self.model.config.conditioner
+        if data is None or c is None:
+            raise JobFailure("invalid_input", "the label map of this semantic job is missing (expired or never stored)")
+        labels = decode_label_map(data, max_pixels, c.n_classes)
+        expected = (request.width or labels.width, request.height or labels.height)
+        if labels.size != expected:
+            raise JobFailure("invalid_input", f"the label map is {labels.width}x{labels.height}, the request says "
+                             f"{expected[0]}x{expected[1]}: the map sets the image's size")
+        f = self.model.config.downsample_factor
+        if labels.width % f or labels.height % f:
+            raise JobFailure("invalid_input", f"the label map's size {labels.width}x{labels.height} is not a "
+                             f"multiple of {f}, this model's downsampling factor")
+        return labels
 
     def batch_key(self, request: GenerationRequest, image: Image.Image | None) -> BatchKey:
         """The request's batch key with the size made explicit: the input image's, or the model's default, so
@@ -209,7 +329,7 @@ class Runner:
     def _run_once(self, key: BatchKey, samples: Sequence[SampleInput], indices: list[int],
                   on_step: StepCallback | None) -> list[bytes | None]:
         chosen = [samples[i] for i in indices]
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.guidance_scale)
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
                  for s in chosen]
         settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
                                karras=key.karras, eta=key.eta,
@@ -231,10 +351,21 @@ class Runner:
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
               progress: Progress) -> GenerationResult:
-        """The pipeline call of `task` (the one place a test may inject a fault)."""
+        """The pipeline call of `task` (the one place a test may inject a fault). Conditions are per sample: one
+        class, layout or label map each (a job's `n` samples share its own)."""
         if task == Task.txt2img:
             return self.pipeline.txt2img(specs, settings, progress=progress)
+        if task == Task.class_:
+            labels = [self._class_id(s.request) for s in samples]
+            return self.pipeline.class2img(specs, settings, labels, progress=progress)
+        if task == Task.layout:
+            layouts = [self._layout(s.request) for s in samples]
+            return self.pipeline.layout2img(specs, settings, layouts, progress=progress)
+        if task == Task.unconditional:
+            return self.pipeline.unconditional(specs, settings, progress=progress)
         images = [s.image for s in samples if s.image is not None]
+        if task == Task.semantic:
+            return self.pipeline.semantic2img(specs, settings, images, progress=progress)
         if task == Task.img2img:
             return self.pipeline.img2img(specs, settings, images, progress=progress)
         if task == Task.inpaint:
@@ -244,14 +375,30 @@ class Runner:
 
     def _png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
         r = sample.request
-        parameters: dict[str, object] = {
-            "task": key.task.value, "model": self.name, "prompt": r.prompt, "negative_prompt": r.negative_prompt,
+        parameters: dict[str, object] = {"task": key.task.value, "model": self.name}
+        if key.task not in CONDITION_TASKS:
+            parameters |= {"prompt": r.prompt, "negative_prompt": r.negative_prompt}
+        parameters |= {
             "seed": sample.seed, "steps": key.steps, "sampler": key.sampler, "karras": key.karras, "eta": key.eta,
-            "guidance_scale": r.guidance_scale, "width": image.width, "height": image.height,
+            "guidance_scale": r.effective_guidance, "width": image.width, "height": image.height,
         }
         if key.strength is not None:
             parameters["strength"] = key.strength
-        return encode_png(image, parameters)
+        return encode_png(image, parameters | self._condition_parameters(key.task, sample))
+
+    def _condition_parameters(self, task: Task, sample: SampleInput) -> dict[str, object]:
+        """The condition of a class, layout or semantic image, for its PNG: the class by name (where the model has
+        names) and id, the layout as JSON with names, and the sha256 of the label map's pixels (mode L: one byte
+        per pixel, row by row; the map itself is too big for a text chunk)."""
+        names = self.model.config.conditioner.class_names if self.model.config.conditioner is not None else ()
+        if task == Task.class_:
+            class_id = self._class_id(sample.request)
+            return {"class": names[class_id] if names else class_id, "class_id": class_id}
+        if task == Task.layout:
+            return {"layout": json.dumps(layout_to_json(self._layout(sample.request), names))}
+        if task == Task.semantic and sample.image is not None:
+            return {"label_map_sha256": hashlib.sha256(sample.image.tobytes()).hexdigest()}
+        return {}
 
     def _free_cached_memory(self) -> None:
         if self.device.type == "cuda":

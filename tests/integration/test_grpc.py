@@ -300,6 +300,11 @@ async def test_upscale_on_a_text_to_image_model_is_invalid_argument(start_server
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await env.stub.Upscale(pb.ImageRequest(parameters=params(width=None, height=None), image=image))
     assert err.value.code() == StatusCode.INVALID_ARGUMENT and "upscale" in (err.value.details() or "")
+    layout = [pb.LayoutBox(label="red circle", x0=0.1, y0=0.1, x1=0.5, y1=0.5)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # the worker registered its tasks: refused before queueing
+        await env.stub.LayoutToImage(pb.GenerateRequest(parameters=params(prompt="", layout=layout)))
+    assert err.value.code() == StatusCode.INVALID_ARGUMENT
+    assert f"model {REAL_MODEL!r} cannot do layout; it can do img2img, inpaint, txt2img" in (err.value.details() or "")
 
 
 @pytest.mark.anyio
@@ -642,8 +647,9 @@ async def test_reflection_lists_and_describes_the_service(start_server: StartSer
              for b in described.file_descriptor_response.file_descriptor_proto]
     [service] = [s for f in files if f.package == "ldm.v1" for s in f.service]
     assert [m.name for m in service.method] == ["Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale",
+                                                "ClassToImage", "LayoutToImage", "SemanticToImage", "Unconditional",
                                                 "GetJob", "CancelJob"]
-    assert [m.server_streaming for m in service.method] == [False, True, False, False, False, False, False]
+    assert [m.server_streaming for m in service.method] == [False, True] + [False] * 9
 
 
 @pytest.mark.anyio
@@ -698,7 +704,7 @@ def test_every_status_event_and_task_has_a_proto_enum_value() -> None:
                  "cancelled"):
         event = JobEvent(id="1-0", type=kind, status=JobStatus.running, at=0.0)  # type: ignore[arg-type]
         assert pb.EventType.Name(to_progress(event).type) == f"EVENT_TYPE_{kind.upper()}"
-    assert {pb.Task.Name(v) for v in pb.Task.values()} == {"TASK_UNSPECIFIED"} | {f"TASK_{t.name.upper()}"
+    assert {pb.Task.Name(v) for v in pb.Task.values()} == {"TASK_UNSPECIFIED"} | {f"TASK_{t.value.upper()}"
                                                                                    for t in Task}
 
 

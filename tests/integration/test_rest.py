@@ -337,6 +337,9 @@ def test_task_the_model_cannot_do_and_unknown_model_are_422(stack: Api) -> None:
     assert problems(resp)["task"].startswith(f"model {MODEL!r} cannot do upscale; it can do img2img, inpaint, txt2img")
     resp = stack.client.post("/v1/jobs", json={**TXT, "model": "sd-xxl"})
     assert problems(resp)["model"] == f"unknown model 'sd-xxl'; served: {MODEL}"
+    layout = [{"label": "red circle", "box": [0.1, 0.1, 0.5, 0.5]}]
+    resp = stack.client.post("/v1/layout2img", json={"layout": layout, "steps": 2})
+    assert problems(resp)["task"] == f"model {MODEL!r} cannot do layout; it can do img2img, inpaint, txt2img"
 
 
 def test_readyz_with_a_worker_and_metrics_count_requests(stack: Api) -> None:
@@ -587,5 +590,6 @@ def test_docs_and_openapi_describe_the_api(api: Callable[..., Api]) -> None:
     assert app.client.get("/docs").status_code == 200
     paths = app.client.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}", "/v1/jobs/{job_id}/events",
-            "/v1/txt2img", "/v1/inpaint", "/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz",
+            "/v1/txt2img", "/v1/inpaint", "/v1/class2img", "/v1/layout2img", "/v1/semantic2img", "/v1/unconditional",
+            "/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz",
             "/readyz", "/metrics"} <= set(paths)

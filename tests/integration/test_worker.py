@@ -386,6 +386,10 @@ def test_bad_inputs_fail_the_job_with_a_clear_reason(runner: Runner) -> None:
         runner.inputs(inpaint, png(Image.new("RGB", (64, 64))), png(Image.new("L", (32, 32))), max_pixels=10**6)
     with pytest.raises(JobFailure, match="unsupported: .* cannot do upscale"):
         runner.check(request(task=Task.upscale, image=b"x"))
+    layout = request(task=Task.layout, prompt="", layout=[{"label": "red circle", "box": [0, 0, 1, 1]}])
+    with pytest.raises(JobFailure, match="unsupported: model 'random:tiny-sd' is a text-to-image model and cannot "
+                       r"do layout \(it can do: img2img, inpaint, txt2img\)"):
+        runner.check(layout)
 
 
 def test_size_left_to_the_model_batches_with_the_same_size_spelled_out(runner: Runner) -> None:

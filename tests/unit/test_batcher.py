@@ -61,6 +61,21 @@ def test_strength_separates_img2img_jobs_and_defaults_compare_equal() -> None:
     assert layout(make_batches(jobs, max_batch=8)) == [[("a", 0), ("b", 0)], [("c", 0)]]
 
 
+def test_conditions_vary_per_sample_and_tasks_keep_apart() -> None:
+    box = {"label": "red circle", "box": [0.1, 0.1, 0.5, 0.5]}
+    conditioned = [("a", {"task": Task.class_, "class_label": "red circle"}),
+                   ("b", {"task": Task.layout, "layout": [box]}),
+                   ("c", {"task": Task.class_, "class_label": 7, "guidance_scale": 5.0, "seed": 3}),
+                   ("d", {"task": Task.layout, "layout": [box, {"label": 2, "box": [0.5, 0.5, 1, 1]}]}),
+                   ("e", {"task": Task.unconditional}),
+                   ("f", {"task": Task.semantic, "label_map": b"png"}),
+                   ("g", {"task": Task.semantic, "label_map": b"other png"}),
+                   ("h", {"task": Task.semantic, "label_map": b"png", "width": 32})]
+    jobs = [claim(name, **{"prompt": "", **fields}) for name, fields in conditioned]
+    assert layout(make_batches(jobs, max_batch=8)) == [
+        [("a", 0), ("c", 0)], [("b", 0), ("d", 0)], [("e", 0)], [("f", 0), ("g", 0)], [("h", 0)]]
+
+
 def test_n_expands_to_n_samples_with_consecutive_seeds() -> None:
     batches = make_batches([claim("a", n=3, seed=40), claim("b", seed=5)], max_batch=8)
     assert layout(batches) == [[("a", 0), ("a", 1), ("a", 2), ("b", 0)]]

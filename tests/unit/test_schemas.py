@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -10,19 +11,24 @@ from pydantic import ValidationError
 
 from service.config import Settings, load_settings
 from service.schemas import (
+    DEFAULT_GUIDANCE,
     BatchKey,
     GenerationRequest,
     Job,
     JobStatus,
+    LabelSet,
     Sampler,
     Task,
+    WorkerInfo,
     admit,
+    check_labels,
 )
 
 SETTINGS = Settings(config_file=None, max_width=512, max_height=512, min_width=32, min_height=32, max_steps=100,
                     max_n=4, max_guidance_scale=20.0, max_prompt_bytes=16, max_image_bytes=100,
                     default_model="tiny-shapes")
 IMAGE = b"\x89PNG\r\n\x1a\n" + b"x" * 8
+BOX = {"label": "red circle", "box": [0.1, 0.2, 0.5, 0.6]}
 
 
 def req(**fields: Any) -> GenerationRequest:
@@ -53,6 +59,21 @@ def errors(request: GenerationRequest) -> dict[str, str]:
     ({"strength": 0.5}, "strength", "strength applies to img2img and inpaint only, not txt2img"),
     ({"sampler": "ddim", "karras": True}, "karras", "karras sigmas are supported by dpmpp_2m only, not ddim"),
     ({"sampler": "euler_a", "eta": 0.5}, "eta", "eta applies to ddim only, not euler_a"),
+    ({"task": Task.class_, "prompt": ""}, "class_label", "task class needs a class_label: a class name"),
+    ({"class_label": "red circle"}, "class_label", "class_label applies to task class only, not txt2img"),
+    ({"task": Task.layout, "prompt": "", "layout": []}, "layout", "task layout needs a layout of at least one box"),
+    ({"layout": [BOX]}, "layout", "layout applies to task layout only, not txt2img"),
+    ({"task": Task.semantic, "prompt": ""}, "label_map", "task semantic needs a label_map"),
+    ({"label_map": IMAGE}, "label_map", "label_map applies to task semantic only, not txt2img"),
+    ({"task": Task.semantic, "prompt": "", "label_map": IMAGE * 10}, "label_map",
+     "label_map is 160 bytes; the limit is 100 bytes"),
+    ({"task": Task.class_, "class_label": 1}, "prompt", "task class takes no prompt: it is conditioned on its "
+     "class_label"),
+    ({"task": Task.layout, "prompt": "", "negative_prompt": "blur", "layout": [BOX]}, "negative_prompt",
+     "task layout takes no negative_prompt"),
+    ({"task": Task.unconditional, "prompt": "", "guidance_scale": 3.0}, "guidance_scale",
+     "unconditional sampling is unguided"),
+    ({"task": Task.class_, "prompt": "", "class_label": 2, "image": IMAGE}, "image", "task class takes no input image"),
 ])
 def test_admission_names_the_field_and_the_limit(fields: dict[str, Any], field: str, message: str) -> None:
     found = errors(req(**fields))
@@ -67,7 +88,8 @@ def test_admission_reports_every_problem_at_once() -> None:
 
 @pytest.mark.parametrize(("fields", "fragment"), [
     ({"sampler": "heun"}, "Input should be 'ddpm', 'ddim', 'plms', 'dpmpp_2m' or 'euler_a'"),
-    ({"task": "paint"}, "Input should be 'txt2img', 'img2img', 'inpaint' or 'upscale'"),
+    ({"task": "paint"}, "Input should be 'txt2img', 'img2img', 'inpaint', 'upscale', 'class', 'unconditional', "
+                        "'semantic' or 'layout'"),
     ({"steps": 0}, "greater than or equal to 1"),
     ({"guidance_scale": float("nan")}, "finite number"),
     ({"strength": 1.5}, "less than or equal to 1"),
@@ -80,12 +102,31 @@ def test_static_validation_rejects_bad_values(fields: dict[str, Any], fragment: 
         req(**fields)
 
 
+@pytest.mark.parametrize(("fields", "fragment"), [
+    ({"class_label": True}, "a class label is a class name (such as 'red circle') or a class id"),
+    ({"class_label": -2}, "a class id is an integer >= 0, got -2"),
+    ({"class_label": " "}, "a class name has 1 to 64 characters"),
+    ({"layout": [{**BOX, "box": [0.5, 0.2, 0.1, 0.6]}]}, "layout.0.box\n  box [0.5, 0.2, 0.1, 0.6] is empty or "
+     "inverted: need x0 < x1 and y0 < y1"),
+    ({"layout": [BOX, {**BOX, "box": [0.1, 0.2, 1.5, 0.6]}]}, "layout.1.box\n  box [0.1, 0.2, 1.5, 0.6] is not "
+     "inside the image"),
+    ({"layout": [{**BOX, "box": [0.1, 0.2, 0.5]}]}, "box must be 4 numbers [x0, y0, x1, y1] in [0, 1], got [0.1, 0.2, "
+     "0.5]"),
+    ({"layout": [{**BOX, "box": [0.1, float("nan"), 0.5, 0.6]}]}, "box coordinates must be finite numbers"),
+    ({"layout": [{"label": "red circle"}]}, "layout.0.box\n  Field required"),
+    ({"layout": [BOX] * 65}, "Tuple should have at most 64 items"),
+])
+def test_static_validation_checks_class_labels_and_boxes(fields: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        req(**fields)
+
+
 def test_admission_resolves_model_and_a_random_seed_and_keeps_given_ones() -> None:
     admitted = admit(req(), SETTINGS)
     assert admitted.model == "tiny-shapes" and admitted.seed is not None and 0 <= admitted.seed < 2**32
     assert admit(GenerationRequest(), SETTINGS).batch_key().width is None  # the model's default size
     assert admit(req(model="other", seed=7, n=3), SETTINGS).seeds() == [7, 8, 9]
-    given = req(model="other", seed=7)
+    given = req(model="other", seed=7, guidance_scale=7.5)
     assert admit(given, SETTINGS) is given
 
 
@@ -151,3 +192,64 @@ def test_settings_read_env_over_yaml_over_defaults_and_refuse_unknown_keys(
 
 def test_every_setting_is_described() -> None:
     assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_admission_resolves_the_guidance_of_the_task_and_keeps_a_given_one() -> None:
+    cases: list[tuple[Task, dict[str, Any]]] = [
+        (Task.txt2img, {"prompt": "a cat"}), (Task.class_, {"task": Task.class_, "class_label": "red circle"}),
+        (Task.layout, {"task": Task.layout, "layout": [BOX]}), (Task.unconditional, {"task": Task.unconditional}),
+        (Task.semantic, {"task": Task.semantic, "label_map": IMAGE})]
+    admitted = {task: admit(GenerationRequest(model="m", seed=1, **fields), SETTINGS).guidance_scale
+                for task, fields in cases}
+    assert admitted == {Task.txt2img: 7.5, Task.class_: 3.0, Task.layout: 3.0, Task.unconditional: 1.0,
+                        Task.semantic: 2.0}
+    kept = admit(GenerationRequest(task=Task.class_, class_label=3, guidance_scale=5.0), SETTINGS)
+    assert kept.guidance_scale == kept.effective_guidance == 5.0
+    assert GenerationRequest(task=Task.layout).effective_guidance == 3.0  # before admission too (the worker's view)
+
+
+def test_default_guidance_is_the_model_librarys() -> None:
+    from models.pipeline import DEFAULT_GUIDANCE as LIBRARY
+    assert {task: DEFAULT_GUIDANCE[Task(task)] for task in LIBRARY} == LIBRARY
+
+
+def test_conditions_round_trip_and_the_label_map_stays_out_of_dumps() -> None:
+    layout = admit(GenerationRequest(task=Task.layout, layout=[BOX, {"label": 4, "box": [0, 0, 1, 1]}]), SETTINGS)
+    assert GenerationRequest.model_validate_json(layout.model_dump_json()) == layout
+    assert [b.label for b in layout.layout or ()] == ["red circle", 4]  # a name stays a name, an id an id
+    semantic = req(task=Task.semantic, prompt="", label_map=IMAGE)
+    assert "label_map" not in semantic.model_dump_json() and semantic.stored_image == IMAGE
+    assert semantic.fingerprint() != req(task=Task.semantic, prompt="", label_map=IMAGE + b"!").fingerprint()
+    assert req(task=Task.img2img, image=IMAGE).stored_image == IMAGE
+
+
+SHAPES = LabelSet(n_classes=18, class_names=("red circle", "red square", "blue square") + tuple(
+    f"class {i}" for i in range(3, 18)), max_boxes=2)
+
+
+@pytest.mark.parametrize(("fields", "where", "message"), [
+    ({"task": Task.class_, "class_label": "pink circle"}, "class_label",
+     "unknown class 'pink circle'; known: red circle, red square, blue square, class 3"),
+    ({"task": Task.class_, "class_label": 18}, "class_label", "class id 18 is outside 0..17"),
+    ({"task": Task.class_, "class_label": "18"}, "class_label", "class id 18 is outside 0..17"),
+    ({"task": Task.layout, "layout": [BOX, {**BOX, "label": "cyan"}]}, "layout.1.label", "unknown class 'cyan'"),
+    ({"task": Task.layout, "layout": [BOX] * 3}, "layout", "model 'm' takes at most 2 boxes in a layout, got 3"),
+])
+def test_labels_the_model_does_not_take_are_named(fields: dict[str, Any], where: str, message: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_labels(GenerationRequest(model="m", **fields), SHAPES)
+    found = {".".join(map(str, e["loc"])): e["msg"] for e in caught.value.errors()}
+    assert list(found) == [where] and found[where].startswith(message)
+
+
+def test_known_labels_pass_by_name_id_or_digits_and_map_values_are_checked() -> None:
+    for label in ("Red  Circle", "BLUE square", 17, "0"):
+        check_labels(GenerationRequest(task=Task.class_, class_label=label), SHAPES)
+    check_labels(GenerationRequest(task=Task.layout, layout=[BOX, {"label": 2, "box": [0, 0, 1, 1]}]), SHAPES)
+    semantic = GenerationRequest(task=Task.semantic, label_map=IMAGE)
+    check_labels(semantic, SHAPES, map_labels=[0, 1, 18])
+    with pytest.raises(ValidationError, match=r"label map values must be 0 \(background\) to 18; found unknown "
+                       r"label\(s\) \[19, 200\]"):
+        check_labels(semantic, SHAPES, map_labels=[0, 200, 19])
+    assert WorkerInfo.model_validate_json(WorkerInfo(id="w", models=["m"], labels=SHAPES).model_dump_json()).labels \
+        == SHAPES

@@ -42,8 +42,8 @@ async def _job(queue: JobQueue, job_id: str) -> Job:
 @router.post("", status_code=202, response_model=JobView, summary="Submit a job", responses=QUOTA_RESPONSES)
 async def create_job(body: JobBody, response: Response, submitter: SubmitterDep,
                      idempotency_key: IdempotencyKey = None) -> JobView:
-    """Queue a txt2img, img2img, inpaint or upscale job; 202 with the job and its Location. The same
-    Idempotency-Key answers with the same job."""
+    """Queue a txt2img, img2img, inpaint, upscale, class, layout, semantic or unconditional job; 202 with the job
+    and its Location. The same Idempotency-Key answers with the same job."""
     job = await submitter.submit_body(body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobView.of(job)

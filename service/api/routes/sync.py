@@ -6,7 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from service.api.bodies import InpaintBody, JobBody, Txt2ImgBody
+from service.api.bodies import (
+    Class2ImgBody,
+    InpaintBody,
+    JobBody,
+    Layout2ImgBody,
+    Semantic2ImgBody,
+    Txt2ImgBody,
+    UnconditionalBody,
+)
 from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, IdempotencyKey, SubmitterDep, get_principal
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.schemas import Job
@@ -22,7 +30,7 @@ RESPONSES: dict[int | str, dict[str, object]] = {
 def _headers(job: Job) -> dict[str, str]:
     r = job.request
     return {"X-Job-Id": job.id, "X-Model": job.model, "X-Seed": str(r.seed), "X-Steps": str(r.steps),
-            "X-Sampler": r.sampler, "X-Guidance-Scale": f"{r.guidance_scale:g}", "X-Images": str(job.results),
+            "X-Sampler": r.sampler, "X-Guidance-Scale": f"{r.effective_guidance:g}", "X-Images": str(job.results),
             "X-Task": r.task.value, "Content-Location": f"/v1/jobs/{job.id}/images/0"}
 
 
@@ -45,4 +53,36 @@ async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep,
 async def inpaint(body: InpaintBody, request: Request, submitter: SubmitterDep,
                   idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
     """Repaint the white part of `mask` in `image` (both base64, same size) and answer the PNG."""
+    return await _run(body, request, submitter, idempotency_key, timeout)
+
+
+@router.post("/class2img", response_class=Response, responses=RESPONSES,
+             summary="Draw an object of a class (synchronous)")
+async def class2img(body: Class2ImgBody, request: Request, submitter: SubmitterDep,
+                    idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
+    """A class-conditional model draws `class_label` (a name such as 'red circle', or an id); answers the PNG."""
+    return await _run(body, request, submitter, idempotency_key, timeout)
+
+
+@router.post("/layout2img", response_class=Response, responses=RESPONSES,
+             summary="Draw objects in boxes (synchronous)")
+async def layout2img(body: Layout2ImgBody, request: Request, submitter: SubmitterDep,
+                     idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
+    """A layout-to-image model draws each box's object inside it; answers the PNG."""
+    return await _run(body, request, submitter, idempotency_key, timeout)
+
+
+@router.post("/semantic2img", response_class=Response, responses=RESPONSES,
+             summary="Draw an image from a label map (synchronous)")
+async def semantic2img(body: Semantic2ImgBody, request: Request, submitter: SubmitterDep,
+                       idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
+    """A semantic-synthesis model draws the image that `label_map` (base64 PNG of labels) describes, at its size."""
+    return await _run(body, request, submitter, idempotency_key, timeout)
+
+
+@router.post("/unconditional", response_class=Response, responses=RESPONSES,
+             summary="Sample the model's own distribution (synchronous)")
+async def unconditional(body: UnconditionalBody, request: Request, submitter: SubmitterDep,
+                        idempotency_key: IdempotencyKey = None, timeout: Timeout = None) -> Response:
+    """An image from no condition at all (an unconditional model, or a conditional one's null condition)."""
     return await _run(body, request, submitter, idempotency_key, timeout)
