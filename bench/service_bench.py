@@ -7,7 +7,7 @@ overhead at concurrency 1 is the mean end-to-end latency minus the mean model ti
 measures it (`ldm_job_run_seconds` from the worker's /metrics). A table goes to stdout, figures to
 bench/results/service_bench.json. Not a test: nothing fails.
 
-    python bench/service_bench.py [--model random:tiny-sd] [--steps 20] [--requests 48]
+    python bench/service_bench.py [--model tiny-shapes] [--steps 20] [--requests 48]
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def report(data: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:tiny-sd", help="model spec the worker loads")
+    parser.add_argument("--model", default="tiny-shapes",
+                        help="model spec the worker loads (default: the shipped tiny-shapes)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps per request (default 20)")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
