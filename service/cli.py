@@ -45,7 +45,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off "
-                   "(default: 7.5 for txt2img, 3 for class and layout, 2 for semantic)")
+                   "(default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--width", type=int, help="pixels, a multiple of the model's factor (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")

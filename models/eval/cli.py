@@ -48,7 +48,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"sampler, or a comma-separated list to compare at equal steps; of {', '.join(SAMPLERS)} "
                    "(default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 7.5 for txt2img, 3 for class and layout, 2 for "
+                   help="classifier-free guidance scale (default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for "
                    "semantic; unconditional: none)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated at once (default: %(default)s)")
     p.add_argument("--recon", type=int, default=64,

@@ -222,7 +222,7 @@ def test_generate_cli_tasks(trained: dict[str, Path], tmp_path: Path, capsys: py
             with Image.open(tmp_path / name) as image:
                 assert image.size == (64, 64) and image.text["task"] in ("class", "layout", "semantic", "unconditional")
     with Image.open(tmp_path / "c-0.png") as image:
-        assert image.text["class"] == "red circle" and image.text["guidance_scale"] == "3.0"
+        assert image.text["class"] == "red circle" and image.text["guidance_scale"] == "5.0"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"label": "red circle", "box": [0.6, 0.1, 0.2, 0.5]}]))
     failures = [(["--model", str(trained["layout"]), "--layout", str(bad)], "inverted"),

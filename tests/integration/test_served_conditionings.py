@@ -210,14 +210,14 @@ def test_class_by_name_or_id_is_the_same_class_and_the_png_says_which(served: Se
     resp = served.api.client.post("/v1/class2img", json={**COMMON, "class_label": "Blue  Square"})
     assert resp.status_code == 200, resp.text
     h = resp.headers
-    assert (h["x-task"], h["x-model"], h["x-guidance-scale"]) == ("class", "toy-class", "3")  # the task's default
+    assert (h["x-task"], h["x-model"], h["x-guidance-scale"]) == ("class", "toy-class", "5")  # the task's default
     params = text(resp.content)
     assert (params["task"], params["class"], params["class_id"], params["guidance_scale"]) == (
-        "class", "blue square", str(CLASS_NAMES.index("blue square")), "3.0")
+        "class", "blue square", str(CLASS_NAMES.index("blue square")), "5.0")
     assert "prompt" not in params and Image.open(io.BytesIO(resp.content)).size == (32, 32)
     by_id = submit_rest(served, {"task": "class", "class_label": CLASS_NAMES.index("blue square")})
     assert served.result(by_id.id) == resp.content  # same class, seed and steps: same bytes
-    assert by_id.request.class_label == 7 and by_id.request.guidance_scale == 3.0  # the record keeps what was asked
+    assert by_id.request.class_label == 7 and by_id.request.guidance_scale == 5.0  # the record keeps what was asked
     other = submit_rest(served, {"task": "class", "class_label": "red circle"})
     assert served.result(other.id) != resp.content
 
@@ -413,7 +413,7 @@ async def test_grpc_class_layout_semantic_and_unconditional_answer_what_rest_doe
     for kind, answer in (("class", klass), ("layout", layout), ("semantic", semantic), ("uncond", uncond)):
         [image] = answer.images
         assert image.png == served.result(submit_rest(served, rest[kind]).id), kind  # one job, two front ends
-    assert (klass.parameters.class_label, klass.parameters.guidance_scale) == ("blue square", 3.0)
+    assert (klass.parameters.class_label, klass.parameters.guidance_scale) == ("blue square", 5.0)
     assert (semantic.images[0].width, semantic.parameters.width, semantic.parameters.guidance_scale) == (64, 64, 2.0)
     assert uncond.parameters.guidance_scale == 1.0
     assert job.task == pb.TASK_LAYOUT and job.status == pb.JOB_STATUS_SUCCEEDED

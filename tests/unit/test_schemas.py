@@ -201,10 +201,10 @@ def test_admission_resolves_the_guidance_of_the_task_and_keeps_a_given_one() -> 
         (Task.semantic, {"task": Task.semantic, "label_map": IMAGE})]
     admitted = {task: admit(GenerationRequest(model="m", seed=1, **fields), SETTINGS).guidance_scale
                 for task, fields in cases}
-    assert admitted == {Task.txt2img: 7.5, Task.class_: 3.0, Task.layout: 3.0, Task.unconditional: 1.0,
+    assert admitted == {Task.txt2img: 7.5, Task.class_: 5.0, Task.layout: 3.0, Task.unconditional: 1.0,
                         Task.semantic: 2.0}
-    kept = admit(GenerationRequest(task=Task.class_, class_label=3, guidance_scale=5.0), SETTINGS)
-    assert kept.guidance_scale == kept.effective_guidance == 5.0
+    kept = admit(GenerationRequest(task=Task.class_, class_label=3, guidance_scale=2.5), SETTINGS)
+    assert kept.guidance_scale == kept.effective_guidance == 2.5
     assert GenerationRequest(task=Task.layout).effective_guidance == 3.0  # before admission too (the worker's view)
 
 

@@ -1,0 +1,72 @@
+"""The shipped shapes-class, shapes-semantic and shapes-uncond models as a user meets them: `ldm generate` with
+their defaults; the judge (validated on ground-truth renders) reads what came out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.checkpoints import ZOO_DIR, load_model
+from models.eval.judge import analyse
+from models.pipeline import DEFAULT_GUIDANCE, Pipeline, RunSettings, SampleSpec
+from models.train.data_shapes import CLASS_NAMES
+from tests.e2e.test_generate_cli import png_text, run_ldm
+
+
+def objects_of(path: Path) -> list[tuple[str, str | None, np.ndarray]]:
+    with Image.open(path) as image:
+        analysis = analyse(image.convert("RGB"))
+    return [(o.colour, o.shape, o.mask) for o in analysis.objects]
+
+
+def test_class_model_draws_the_asked_class(tmp_path: Path) -> None:
+    done = run_ldm("generate", "--model", "shapes-class", "--class", "blue square", "--seed", "1", "-o",
+                   tmp_path / "out.png", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert png_text(tmp_path / "out.png")["class"] == "blue square"
+    [(colour, _, _)] = objects_of(tmp_path / "out.png")
+    assert colour == "blue"
+
+
+def test_class_model_draws_every_class_mostly_right() -> None:
+    """One image per class at the default guidance (seeds 0..17): the model card measures 96.5 % on 200."""
+    pipe = Pipeline(load_model("shapes-class"))
+    specs = [SampleSpec(seed=seed, guidance_scale=DEFAULT_GUIDANCE["class"]) for seed in range(len(CLASS_NAMES))]
+    images = pipe.class2img(specs, RunSettings(steps=20), list(range(len(CLASS_NAMES)))).images
+    right = 0
+    for name, image in zip(CLASS_NAMES, images, strict=True):
+        found = analyse(image.convert("RGB")).objects
+        right += len(found) == 1 and (found[0].colour, found[0].shape) == tuple(name.split())
+    assert right >= 15, f"{right} of {len(CLASS_NAMES)}"
+
+
+def test_semantic_model_paints_the_map(tmp_path: Path) -> None:
+    label = CLASS_NAMES.index("red circle") + 1
+    wanted = np.zeros((64, 64), dtype=np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    wanted[(xx - 20) ** 2 + (yy - 32) ** 2 <= 11**2] = label
+    Image.fromarray(wanted, mode="L").save(tmp_path / "map.png")
+    done = run_ldm("generate", "--model", "shapes-semantic", "--map", tmp_path / "map.png", "--seed", "2", "-o",
+                   tmp_path / "out.png", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [(colour, shape, mask)] = objects_of(tmp_path / "out.png")
+    asked = wanted > 0
+    iou = (mask & asked).sum() / (mask | asked).sum()
+    assert colour == "red" and shape == "circle" and iou >= 0.8, iou
+
+
+def test_unconditional_model_draws_one_shape(tmp_path: Path) -> None:
+    done = run_ldm("generate", "--model", "shapes-uncond", "--task", "unconditional", "--seed", "3", "-o",
+                   tmp_path / "out.png", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = objects_of(tmp_path / "out.png")
+    assert len(found) == 1 and found[0][1] in ("circle", "square", "triangle")
+
+
+def test_shipped_conditioning_models_have_cards_with_their_figures() -> None:
+    for name in ("shapes-class", "shapes-semantic", "shapes-uncond"):
+        card = (ZOO_DIR / name / "MODEL_CARD.md").read_text()
+        assert "bench/device/train_conditions.py" in card and "## Measured quality" in card
+        assert (ZOO_DIR / name / "model.safetensors").stat().st_size <= 60 * 2**20
