@@ -76,9 +76,10 @@ DEFAULT_STRENGTH = {Task.img2img: 0.75, Task.inpaint: 1.0}
 #: tasks conditioned on something other than a prompt, and what (they take no prompt)
 CONDITION_TASKS: dict[Task, str] = {Task.class_: "its class_label", Task.layout: "its layout",
                                     Task.semantic: "its label_map", Task.unconditional: "nothing"}
-#: the guidance_scale a job gets when it gives none: models.pipeline.DEFAULT_GUIDANCE (class: measured best of 3, 5,
-#: 7.5 on shapes-class; layout and semantic untuned; a test keeps the two tables equal) and 7.5, SD's, for the rest. Unconditional sampling is
-#: unguided. The front ends cannot import the model library (torch), hence the copy.
+#: the guidance_scale a job gets when it gives none: models.pipeline.DEFAULT_GUIDANCE (class: the best of 3, 5
+#: and 7.5 measured on shapes-class; layout and semantic untuned; a test keeps the two tables equal) and 7.5,
+#: SD's, for the rest. Unconditional sampling is unguided. The front ends cannot import the model library
+#: (torch), hence the copy.
 DEFAULT_GUIDANCE: dict[Task, float] = {Task.txt2img: 7.5, Task.img2img: 7.5, Task.inpaint: 7.5, Task.upscale: 7.5,
                                        Task.class_: 5.0, Task.layout: 3.0, Task.semantic: 2.0,
                                        Task.unconditional: 1.0}
