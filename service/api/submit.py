@@ -128,8 +128,10 @@ def sync_timeout(settings: Settings, asked: float | None) -> float:
     return min(asked, settings.job_deadline_s) if asked else settings.job_deadline_s
 
 
-async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: float) -> None:
-    """Follow the job's events until a terminal one or the timeout; cancel the job if the client goes away."""
+async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: float, *, keep: bool = False) -> None:
+    """Follow the job's events until a terminal one or the timeout. When the client goes away the job is
+    cancelled, unless `keep` (it came with an Idempotency-Key): then a resend with that key collects its result,
+    as over gRPC."""
     deadline, after = time.monotonic() + timeout_s, "0-0"
     while (left := deadline - time.monotonic()) > 0:
         events = await queue.events(job_id, after, block_ms=int(min(left, 1.0) * 1000) + 1)
@@ -137,6 +139,9 @@ async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: flo
             return
         after = events[-1].id if events else after
         if await request.is_disconnected():
+            if keep:
+                raise ApiError(499, f"client closed the request; job {job_id} goes on for a resend with the same "
+                               "Idempotency-Key")
             await queue.cancel(job_id)  # nobody is left to take the answer, and only this client knew the job
             raise ApiError(499, f"client closed the request; job {job_id} was cancelled")
         draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
@@ -160,10 +165,10 @@ def failure_status(job: Job) -> int:
     return FAILURE_STATUS.get((job.error or "").split(":", 1)[0], 500)
 
 
-async def wait_done(queue: JobQueue, job: Job, request: Request, timeout_s: float) -> Job:
+async def wait_done(queue: JobQueue, job: Job, request: Request, timeout_s: float, *, keep: bool = False) -> Job:
     """The job once it has succeeded. Raises ApiError: 504 when it has not ended in `timeout_s` (with the job id,
-    so the client can poll it), `failure_status` when it failed, 409 when it was cancelled."""
-    await _follow(queue, job.id, request, timeout_s)
+    so the client can poll it), `failure_status` when it failed, 409 when it was cancelled. `keep`: see `_follow`."""
+    await _follow(queue, job.id, request, timeout_s, keep=keep)
     final = await queue.get(job.id)
     if final is None:
         raise JobNotFound(job.id)

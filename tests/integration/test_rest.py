@@ -577,6 +577,19 @@ def test_sync_client_that_goes_away_cancels_its_job(api: Callable[..., Api]) -> 
     assert statuses == {b"cancelled"}
 
 
+def test_sync_client_with_an_idempotency_key_that_goes_away_leaves_its_job(api: Callable[..., Api]) -> None:
+    """As over gRPC: the key lets a resend collect the result, so the job is not cancelled."""
+    app = api()
+    key = {"Idempotency-Key": f"leave-{uuid.uuid4().hex}"}
+    with pytest.raises(httpx.ReadTimeout):
+        app.client.post("/v1/txt2img", json={**TXT, "prompt": "kept"}, headers=key, timeout=0.5)
+    time.sleep(1.5)  # the API notices the disconnect within a second
+    resent = app.client.post("/v1/txt2img?timeout=0.3", json={**TXT, "prompt": "kept"}, headers=key)
+    assert resent.status_code == 504  # no worker here: still queued, the same job
+    job_id = resent.json()["job_id"]
+    assert app.client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+
 def test_sse_keep_alive_comments_while_queued(api: Callable[..., Api]) -> None:
     app = api(sse_keepalive_s=0.2)
     job = app.client.post("/v1/jobs", json=TXT).json()

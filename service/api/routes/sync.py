@@ -37,7 +37,8 @@ def _headers(job: Job) -> dict[str, str]:
 async def _run(body: JobBody, request: Request, submitter: Submitter, idempotency_key: str | None,
                timeout: float | None) -> Response:
     job = await submitter.submit_body(body, idempotency_key)
-    done = await wait_done(submitter.queue, job, request, sync_timeout(submitter.settings, timeout))
+    done = await wait_done(submitter.queue, job, request, sync_timeout(submitter.settings, timeout),
+                           keep=idempotency_key is not None)
     [png] = await result_pngs(submitter.queue, done, count=1)
     return Response(png, media_type="image/png", headers=_headers(done))
 
