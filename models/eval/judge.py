@@ -227,6 +227,8 @@ def _describe(colour: str, mask: np.ndarray, soft: np.ndarray) -> DetectedObject
     band = max(1, round(len(box) / 4))
     widths = box.sum(axis=1).astype(np.float64)
     taper = float(widths[:band].mean() / max(widths[-band:].mean(), 1.0))
+    if not soft.any():  # a faint smudge: no coverage above the noise floor, so measure the mask itself
+        soft = mask.astype(np.float64)
     along_x, along_y = soft.max(axis=0), soft.max(axis=1)  # [S] each
     width, height = float(along_x.sum()), float(along_y.sum())
     centres = np.arange(len(along_x)) + 0.5

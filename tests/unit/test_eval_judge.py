@@ -125,3 +125,14 @@ def test_rules_at_their_bounds() -> None:
     assert classify_shape(0.5, 0.2, 1.0) == "triangle"
     assert classify_shape(0.97, 1.0, 1.0) == "square" and classify_shape(0.78, 1.0, 1.0) == "circle"
     assert classify_shape(0.5, 1.0, 1.0) is None and classify_shape(1.0, 1.0, 0.3) is None
+
+
+def test_an_object_without_soft_coverage_is_measured_on_its_mask() -> None:
+    """A faint smudge (coverage under the noise floor everywhere) once divided by a zero width (seen on a
+    sampler's output); it is measured on its thresholded mask instead."""
+    from models.eval.judge import _describe
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[20:30, 20:30] = True
+    found = _describe("red", mask, np.zeros((64, 64)))
+    assert found.extent == (10.0, 10.0) and found.centre == (25.0, 25.0) and found.fill == 1.0
