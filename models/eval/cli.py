@@ -104,7 +104,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[SamplerName], guidance: float,
                    net: ShapeFeatureNet) -> int:
-    from models.eval.conditions import evaluate_task, format_task_table, write_task_report
+    from models.eval.conditions import evaluate_task, format_task_table
+    from models.eval.evaluate import write_report
 
     reports = [evaluate_task(pipeline, args.task, args.n, sampler=name, steps=args.steps, guidance=guidance,
                              seed=args.seed, batch_size=args.batch_size, feature_net=net)
@@ -113,6 +114,6 @@ def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[
           f"{guidance}; accuracies in %")
     print(format_task_table(reports))
     if args.out is not None:
-        for path in write_task_report(reports if len(reports) > 1 else reports[0], args.out):
+        for path in write_report(reports if len(reports) > 1 else reports[0], args.out):
             print(path)
     return 0

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.conditioning import label_map_image, layout_to_json
-from models.eval.evaluate import HELDOUT_STREAM, REFERENCE_SEED, grid
+from models.eval.evaluate import HELDOUT_STREAM, REFERENCE_SEED, aligned
 from models.eval.features import ShapeFeatureNet, extract_features, frechet_distance, load_feature_net
 from models.eval.judge import BACKGROUND_TOLERANCE, DetectedObject, SceneAnalysis, analyse, as_array
 from models.pipeline import DEFAULT_GUIDANCE, Pipeline, RunSettings, SampleSpec
@@ -297,8 +297,7 @@ def format_task_table(reports: Sequence[TaskReport]) -> str:
         metrics = [f"{r.metrics[k]:.3f}" if k == "mean_iou" else _pct(r.metrics.get(k)) for k in keys]
         rows.append([r.task, r.sampler, str(r.steps), f"{r.guidance:g}", _pct(r.accuracy), _pct(r.image_accuracy),
                      *metrics, _num(r.fd), _num(r.fd_reference), f"{r.seconds:.1f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return aligned(rows)
 
 
 _METRIC_ORDER = ["object_correct", "mean_iou", "iou_ok", "colour", "shape", "count"]
@@ -310,23 +309,6 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None or np.isnan(value) else f"{value:.2f}"
-
-
-def write_task_report(reports: TaskReport | Sequence[TaskReport], out_dir: Path) -> list[Path]:
-    """report.json (one report, or {"reports": [...]}) and a grid per report (grid.png, or grid-<sampler>.png
-    for several), tiles framed green (correct) or red."""
-    many = not isinstance(reports, TaskReport)
-    items = list(reports) if not isinstance(reports, TaskReport) else [reports]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"reports": [r.to_json() for r in items]} if many else items[0].to_json()
-    written = [out_dir / "report.json"]
-    written[0].write_text(json.dumps(payload, indent=2) + "\n")
-    for r in items:
-        if r.images:
-            path = out_dir / (f"grid-{r.sampler}.png" if many else "grid.png")
-            grid(r.images, [res.correct for res in r.results]).save(path)
-            written.append(path)
-    return written
 
 
 def write_conditions(out_dir: Path, n: int, stream: int = HELDOUT_STREAM) -> list[Path]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -203,7 +204,12 @@ def format_table(reports: Sequence[EvalReport]) -> str:
         attrs = [_pct(r.attribute_accuracy.get(a)) for a in ATTRIBUTES]
         rows.append([r.sampler, str(r.steps), _pct(r.accuracy), _pct(r.single_accuracy), _pct(r.pair_accuracy),
                      *attrs, _num(r.fd), _num(r.fd_reference), _num(r.recon_psnr), f"{r.seconds:.1f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return aligned(rows)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: cells right-aligned to their column's widest, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
@@ -215,11 +221,23 @@ def _num(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
-def write_report(reports: EvalReport | Sequence[EvalReport], out_dir: Path) -> list[Path]:
+class Report(Protocol):
+    """What `write_report` needs of a report (EvalReport here, TaskReport in models/eval/conditions.py)."""
+
+    sampler: str
+    images: list[np.ndarray]
+
+    @property
+    def results(self) -> Sequence[Any]: ...
+
+    def to_json(self) -> dict[str, object]: ...
+
+
+def write_report(reports: Report | Sequence[Report], out_dir: Path) -> list[Path]:
     """report.json (one report, or {"reports": [...]} for several) and a grid per report: grid.png, or
     grid-<sampler>.png for several. Tiles are framed green (judged correct) or red."""
-    many = not isinstance(reports, EvalReport)
-    items = list(reports) if not isinstance(reports, EvalReport) else [reports]
+    many = isinstance(reports, Sequence)
+    items: list[Report] = list(reports) if isinstance(reports, Sequence) else [reports]
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"reports": [r.to_json() for r in items]} if many else items[0].to_json()
     written = [out_dir / "report.json"]
