@@ -27,8 +27,9 @@ Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]
 #: adm = class vector added to the time embedding; none = unconditional.
 Conditioning = Literal["crossattn", "concat", "hybrid", "adm", "none"]
 #: What the extra UNet input channels hold when conditioning is concat or hybrid (semantic: the
-#: conditioner's encoding of a label map, `conditioner.semantic.channels` of them).
-ConcatInput = Literal["none", "inpaint", "lowres", "semantic"]
+#: conditioner's encoding of a label map, `conditioner.semantic.channels` of them; layout: the layout
+#: encoder's box raster, `conditioner.layout.raster_channels` of them).
+ConcatInput = Literal["none", "inpaint", "lowres", "semantic", "layout"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class ModelConfig:
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
         self._check_conditioner()
         semantic = self.conditioner.semantic.channels if self.conditioner is not None else 0
-        extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3, "semantic": semantic}[self.concat_input]
+        raster = self.conditioner.layout.raster_channels if self.conditioner is not None else 0
+        extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3, "semantic": semantic,
+                 "layout": raster}[self.concat_input]
         expected = self.latent_channels + extra
         if self.unet.in_channels != expected:
             raise ValueError(
@@ -87,10 +90,21 @@ class ModelConfig:
             if self.conditioner.semantic.downsample != self.downsample_factor:
                 raise ValueError(f"{self.name}: conditioner.semantic.downsample must equal the first stage's factor "
                                  f"{self.downsample_factor}, got {self.conditioner.semantic.downsample}")
+        raster = kind == "layout" and self.conditioner is not None and self.conditioner.layout.raster_channels > 0
+        if raster != (self.concat_input == "layout"):
+            raise ValueError(f"{self.name}: a layout conditioner with a raster goes with concat_input 'layout' and "
+                             "only with it")
+        if raster:
+            assert self.conditioner is not None
+            if self.conditioner.layout.raster_downsample != self.downsample_factor:
+                raise ValueError(f"{self.name}: conditioner.layout.raster_downsample must equal the first stage's "
+                                 f"factor {self.downsample_factor}, got {self.conditioner.layout.raster_downsample}")
         if kind in ("class", "layout"):
             assert self.conditioner is not None
-            if self.conditioning != "crossattn":
-                raise ValueError(f"{self.name}: a {kind} conditioner needs conditioning 'crossattn'")
+            wiring = "hybrid" if raster else "crossattn"
+            if self.conditioning != wiring:
+                raise ValueError(f"{self.name}: a {kind} conditioner{' with a raster' if raster else ''} needs "
+                                 f"conditioning {wiring!r}")
             if self.unet.context_dim != self.conditioner.context_dim:
                 raise ValueError(f"{self.name}: unet.context_dim {self.unet.context_dim} differs from the {kind} "
                                  f"conditioner's width {self.conditioner.context_dim}")

@@ -160,10 +160,11 @@ class Pipeline:
         """Layout-to-image: one list of boxes per item (`models.conditioning.parse_layout` reads JSON)."""
         encoder = self._conditioner(LayoutEncoder, "layout-to-image", "layout2img")
         self._one_each(layouts, specs, "layout")
+        size = self.size(settings)
         with torch.inference_mode():
-            cond = encoder.encode_layouts(layouts)
-            uncond = encoder.encode_layouts([[] for _ in layouts])
-        return self._generate(specs, settings, self.size(settings), conditions=self._contexts(cond, uncond),
+            cond = encoder.encode_layouts(layouts, size)
+            uncond = encoder.encode_layouts([[] for _ in layouts], size)
+        return self._generate(specs, settings, size, conditions=self._layout_conditions(cond, uncond),
                               progress=progress)
 
     def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
@@ -202,8 +203,9 @@ class Pipeline:
             return self._generate(specs, settings, size, conditions=self._contexts(null, null), progress=progress)
         if isinstance(conditioner, LayoutEncoder):
             with torch.inference_mode():
-                null = conditioner.encode_layouts([[] for _ in specs])
-            return self._generate(specs, settings, size, conditions=self._contexts(null, null), progress=progress)
+                empty = conditioner.encode_layouts([[] for _ in specs], size)
+            return self._generate(specs, settings, size, conditions=self._layout_conditions(empty, empty),
+                                  progress=progress)
         if isinstance(conditioner, SemanticEncoder):
             with torch.inference_mode():
                 plain = Conditioning(concat=conditioner.null(len(specs), *size))
@@ -226,6 +228,18 @@ class Pipeline:
     def _contexts(self, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[Conditioning, Conditioning]:
         device, dtype = self.model.device, self.model.dtype
         return Conditioning(context=cond.to(device, dtype)), Conditioning(context=uncond.to(device, dtype))
+
+    def _layout_conditions(self, cond: tuple[torch.Tensor, torch.Tensor | None],
+                           uncond: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[Conditioning, Conditioning]:
+        """(context, raster or None) pairs of `LayoutEncoder.encode_layouts` as the sampler's conditionings."""
+        device, dtype = self.model.device, self.model.dtype
+
+        def one(pair: tuple[torch.Tensor, torch.Tensor | None]) -> Conditioning:
+            context, raster = pair
+            return Conditioning(context=context.to(device, dtype),
+                                concat=None if raster is None else raster.to(device, dtype))
+
+        return one(cond), one(uncond)
 
     # ------------------------------------------------------------------ the shared core
 
@@ -259,7 +273,8 @@ class Pipeline:
         given_concat = concat if conditions is None else conditions[0].concat
         if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
             task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
-                    "semantic": "a semantic-synthesis model: use semantic2img"}
+                    "semantic": "a semantic-synthesis model: use semantic2img",
+                    "layout": "a layout-to-image model: use layout2img"}
             raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
         device, dtype = model.device, model.dtype
         f = config.downsample_factor

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.attention import CrossAttention
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.checkpoints import CONFIG_METADATA_KEY, read_model_config, read_state_dict, save_model, split_parts
 from models.conditioning import UNKNOWN_LABEL, LayoutEncoder, SemanticEncoder
@@ -74,6 +75,14 @@ log = logging.getLogger(__name__)
 Conds = Sequence[str] | Mapping[str, torch.Tensor]
 
 
+def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """Copy into `module` the tensors of `state` whose names and shapes match its own; their names."""
+    own = module.state_dict()
+    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(taken, strict=False)
+    return set(taken)
+
+
 def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
     """What a model with this conditioner is trained on."""
     if conditioner is None:
@@ -96,6 +105,11 @@ class LDMTrainConfig:
     #: start the UNet from the weights in this model file (a `model.safetensors` of an earlier run, whose
     #: UNet config must equal this run's) instead of a random init: fine-tuning, or moving a run to a GPU
     init_from: str | None = None
+    #: init_from a model of another design: take every tensor whose name and shape match (a semantic
+    #: model's map encoder starts a layout raster), keep the fresh init for the rest, and zero the output
+    #: projection of every attention left partly fresh (cross-attention added to a model without it), so
+    #: training starts from the earlier model's function
+    init_partial: bool = False
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
         in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
         attention_resolutions=(2, 4), num_heads=4, context_dim=384))
@@ -143,8 +157,10 @@ class LDMTrainConfig:
 
     def model_config(self, autoencoder: Any, scale_factor: float) -> ModelConfig:
         kind = condition_kind(self.conditioner)
-        conditioning: Wiring = "none" if kind == "none" else "concat" if kind == "semantic" else "crossattn"
-        concat_input: ConcatInput = "semantic" if kind == "semantic" else "none"
+        raster = kind == "layout" and self.conditioner is not None and self.conditioner.layout.raster_channels > 0
+        conditioning: Wiring = ("none" if kind == "none" else "concat" if kind == "semantic"
+                                else "hybrid" if raster else "crossattn")
+        concat_input: ConcatInput = "semantic" if kind == "semantic" else "layout" if raster else "none"
         return ModelConfig(
             name=self.name, family="ldm", unet=self.unet, autoencoder=autoencoder, schedule=self.schedule,
             conditioner=self.conditioner, conditioning=conditioning, concat_input=concat_input,
@@ -315,9 +331,13 @@ class LDMTrainer:
     def _init_unet(self, path: Path) -> None:
         """The UNet (and a trained conditioner, when the file has one of the same config) from a model file."""
         saved_config = read_model_config(path)
-        if saved_config.unet != self.config.unet:
-            raise ValueError(f"init_from {path}: its UNet config differs from this run's")
         parts = split_parts(read_state_dict(path)[0])
+        if self.config.init_partial:
+            self._init_partial(path, saved_config, parts)
+            return
+        if saved_config.unet != self.config.unet:
+            raise ValueError(f"init_from {path}: its UNet config differs from this run's (init_partial: true "
+                             "takes what matches)")
         self.unet.load_state_dict(parts["unet"], strict=True)
         if self.trains_conditioner and parts["conditioner"]:
             if saved_config.conditioner != self.model.config.conditioner:
@@ -325,6 +345,36 @@ class LDMTrainer:
             assert self.model.conditioner is not None
             self.model.conditioner.load_state_dict(parts["conditioner"], strict=True)
         log.info("UNet initialised from %s", path)
+
+    def _init_partial(self, path: Path, saved_config: ModelConfig, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`init_partial`: the tensors of `parts` whose names and shapes match, see LDMTrainConfig. A model without
+        cross-attention has a second self-attention as attn2: it is not taken for a run with cross-attention."""
+        saved_unet = parts["unet"]
+        if saved_config.unet.context_dim is None and self.config.unet.context_dim is not None:
+            saved_unet = {k: v for k, v in saved_unet.items() if ".attn2." not in k}
+        unet_taken = load_matching(self.unet, saved_unet)
+        for name, module in self.unet.named_modules():
+            if isinstance(module, CrossAttention):
+                own = {f"{name}.{key}" for key, _ in module.named_parameters()}
+                if not own <= unet_taken:
+                    out = module.to_out[0]
+                    assert isinstance(out, nn.Linear)
+                    nn.init.zeros_(out.weight)
+                    nn.init.zeros_(out.bias)
+        cond_taken: set[str] = set()
+        conditioner = self.model.conditioner
+        if self.trains_conditioner and parts["conditioner"]:
+            assert isinstance(conditioner, nn.Module)
+            saved = parts["conditioner"]
+            if isinstance(conditioner, LayoutEncoder):  # a semantic model's map encoder starts the raster
+                saved = {**saved, **{k.replace("proj_", "raster_", 1): v for k, v in saved.items()
+                                     if k.startswith("proj_")}}
+            cond_taken = load_matching(conditioner, saved)
+        total = sum(1 for _ in self.unet.state_dict())
+        log.info("UNet partly initialised from %s: %d of %d UNet tensors, %d conditioner tensors", path,
+                 len(unet_taken), total, len(cond_taken))
+        if not unet_taken:
+            raise ValueError(f"init_from {path}: no UNet tensor matches this run's UNet")
 
     def _set_scale(self, scale: float) -> None:
         self.model.config = dataclasses.replace(self.model.config, scale_factor=scale)
@@ -417,9 +467,8 @@ class LDMTrainer:
 
     def loss(self, latents: torch.Tensor, conds: Conds) -> torch.Tensor:
         """Eq. 1 on one batch; dropout of conditions, timesteps and noise come from the global RNG."""
-        n = latents.shape[0]
-        context, concat = self._conditions(conds, n)
-        t = self.schedule.sample_timesteps(n).to(self.device)
+        context, concat = self._conditions(conds, latents)
+        t = self.schedule.sample_timesteps(latents.shape[0]).to(self.device)
         noise = torch.randn_like(latents)
         noisy = q_sample(self.schedule, latents, t, noise)
         # semantic maps: stacked on the noisy latent, as the original's c_concat
@@ -428,11 +477,12 @@ class LDMTrainer:
             output = self.unet(noisy_in, t, context)
         return diffusion_loss(output, latents, noise, t, self.schedule)
 
-    def _conditions(self, conds: Conds, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _conditions(self, conds: Conds, latents: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(cross-attention context, concat input) of a batch, with conditioning dropout to the null condition."""
         conditioner = self.model.conditioner
         if conditioner is None:
             return None, None
+        n = latents.shape[0]
         keep = torch.rand(n) >= self.config.cond_drop
         if self.kind == "text":
             texts = [t if k else "" for t, k in zip(conds, keep.tolist(), strict=True)]  # type: ignore[arg-type]
@@ -445,8 +495,13 @@ class LDMTrainer:
             ids = torch.where(drop, conditioner.null_class, conds["labels"].to(self.device))
             return conditioner.encode(ids).context, None
         if isinstance(conditioner, LayoutEncoder):
+            boxes = conds["boxes"].to(self.device)
             labels = conds["box_labels"].to(self.device).masked_fill(drop[:, None], -1)
-            return conditioner(conds["boxes"].to(self.device), labels), None
+            if not conditioner.has_raster:
+                return conditioner(boxes, labels), None
+            f = self.model.config.downsample_factor
+            return conditioner(boxes, labels), conditioner.raster(boxes, labels, latents.shape[-2] * f,
+                                                                   latents.shape[-1] * f)
         assert isinstance(conditioner, SemanticEncoder)
         maps = conds["maps"].to(self.device).long().masked_fill(drop[:, None, None], UNKNOWN_LABEL)
         return None, conditioner(maps)

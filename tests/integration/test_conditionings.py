@@ -29,20 +29,25 @@ from tests.helpers import torch_threads
 FIRST_STAGE = str(Path(__file__).resolve().parents[2] / "models" / "zoo" / "tiny-shapes" / "model.safetensors")
 UNET = dict(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
             num_heads=2, norm_groups=8)
-KINDS = ("class", "layout", "semantic", "none")
+#: "layout" is the shipped design (box tokens + a box raster), "layout-tokens" the cross-attention-only one
+KINDS = ("class", "layout", "layout-tokens", "semantic", "none")
 
 
 def config(kind: str, **kw: object) -> LDMTrainConfig:
     conditioners = {
         "class": ConditionerConfig(kind="class", n_classes=18, class_dim=16),
         "layout": ConditionerConfig(kind="layout", n_classes=18,
-                                    layout=LayoutEncoderConfig(max_boxes=2, width=16, depth=1, heads=2)),
+                                    layout=LayoutEncoderConfig(max_boxes=2, width=16, depth=1, heads=2,
+                                                               raster_channels=4, raster_hidden=8)),
+        "layout-tokens": ConditionerConfig(kind="layout", n_classes=18,
+                                           layout=LayoutEncoderConfig(max_boxes=2, width=16, depth=1, heads=2)),
         "semantic": ConditionerConfig(kind="semantic", n_classes=18,
                                       semantic=SemanticEncoderConfig(channels=4, hidden=8, downsample=4)),
         "none": None,
     }
-    unet = UNetConfig(in_channels=7 if kind == "semantic" else 3,
-                      context_dim=16 if kind in ("class", "layout") else None, **UNET)  # type: ignore[arg-type]
+    unet = UNetConfig(in_channels=7 if kind in ("semantic", "layout") else 3,
+                      context_dim=16 if kind in ("class", "layout", "layout-tokens") else None,
+                      **UNET)  # type: ignore[arg-type]
     base = dict(autoencoder_path=FIRST_STAGE, unet=unet, conditioner=conditioners[kind],
                 data=DataConfig(pair_probability=0.0 if kind in ("class", "none") else 0.4), steps=2, batch_size=4,
                 lr=1e-3, warmup_steps=1, latent_pool=8, scale_images=8, log_every=1, sample_every=100,
@@ -107,15 +112,20 @@ def test_the_pool_keeps_each_images_condition(tmp_path: Path) -> None:
     assert (tmp_path / "cache" / "latents-8-seed0-semantic.pt").is_file()
 
 
-def test_null_conditions_are_dropped_in(tmp_path: Path) -> None:
-    trainer = LDMTrainer(config("layout", cond_drop=1.0), tmp_path)
-    _, conds = trainer._batch(0, 2)
-    context, concat = trainer._conditions(conds, 2)
-    assert concat is None and context is not None
+@pytest.mark.parametrize("kind", ["layout", "layout-tokens"])
+def test_null_conditions_are_dropped_in(kind: str, tmp_path: Path) -> None:
+    trainer = LDMTrainer(config(kind, cond_drop=1.0), tmp_path)
+    latents, conds = trainer._batch(0, 2)
+    context, concat = trainer._conditions(conds, latents)
     conditioner = trainer.model.conditioner
     with torch.no_grad():
-        null = conditioner.encode_layouts([[], []])  # type: ignore[union-attr]
-    assert torch.allclose(context, null)
+        null_context, null_raster = conditioner.encode_layouts([[], []], (64, 64))  # type: ignore[union-attr]
+    assert context is not None and torch.allclose(context, null_context)
+    if kind == "layout-tokens":
+        assert concat is None and null_raster is None
+    else:  # the empty layout's raster: all unknown, the encoder's bias alone
+        assert concat is not None and null_raster is not None and concat.shape == (2, 4, 16, 16)
+        assert torch.allclose(concat, null_raster) and torch.allclose(concat, concat[..., :1, :1].expand_as(concat))
 
 
 def test_class_training_needs_single_objects(tmp_path: Path) -> None:
@@ -150,6 +160,7 @@ def test_models_reload_and_generate(trained: dict[str, Path]) -> None:
     runs = {
         "class": lambda p: p.class2img(_specs(), SETTINGS, ["red circle", 5]),
         "layout": lambda p: p.layout2img(_specs(), SETTINGS, [scene_layout(scene), []]),
+        "layout-tokens": lambda p: p.layout2img(_specs(), SETTINGS, [scene_layout(scene), []]),
         "semantic": lambda p: p.semantic2img(_specs(), SETTINGS, [label_map(scene)] * 2),
         "none": lambda p: p.unconditional(_specs(), SETTINGS),
     }
@@ -169,7 +180,7 @@ def _alone(kind: str, pipeline: Pipeline) -> Image.Image:
     scene = scene_at(1, 0)
     if kind == "class":
         return pipeline.class2img(_specs(1), SETTINGS, ["red circle"]).images[0]
-    if kind == "layout":
+    if kind in ("layout", "layout-tokens"):
         return pipeline.layout2img(_specs(1), SETTINGS, [scene_layout(scene)]).images[0]
     return pipeline.semantic2img(_specs(1), SETTINGS, [label_map(scene)]).images[0]
 
@@ -233,3 +244,34 @@ def test_generate_cli_tasks(trained: dict[str, Path], tmp_path: Path, capsys: py
     for args, message in failures:
         assert ldm_main(["generate", *args, *common, "-o", str(tmp_path / "x.png")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_init_partial_starts_a_layout_raster_model_from_a_semantic_one(trained: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    semantic = load_model(trained["semantic"])
+    with pytest.raises(ValueError, match="UNet config differs"):
+        LDMTrainer(config("layout", init_from=str(trained["semantic"])), tmp_path / "strict")
+    trainer = LDMTrainer(config("layout", init_from=str(trained["semantic"]), init_partial=True), tmp_path / "run")
+    ours, theirs = trainer.unet.state_dict(), semantic.unet.state_dict()
+    attn2 = [k for k in ours if ".attn2." in k]
+    assert attn2 and all(torch.equal(ours[k], theirs[k].float()) for k in ours if k not in attn2)
+    # the semantic model's attn2 is a self-attention: the new cross-attention starts fresh, adding nothing
+    assert all(not ours[k].any() for k in attn2 if ".to_out." in k)
+    encoder, map_encoder = trainer.model.conditioner, semantic.conditioner
+    assert torch.equal(encoder.raster_in.weight, map_encoder.proj_in.weight.float())  # type: ignore[union-attr]
+    assert torch.equal(encoder.raster_out.bias, map_encoder.proj_out.bias.float())  # type: ignore[union-attr]
+    # so at the start a box raster drives the UNet exactly as the same map drives the semantic model without its
+    # second self-attention (which a model with cross-attention has no place for)
+    for name, tensor in semantic.unet.named_parameters():
+        if ".attn2.to_out." in name:
+            tensor.data.zero_()
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[4, -1]])
+    full = torch.full((1, 64, 64), 5)  # class 4 everywhere = label 5
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        context, raster = encoder.encode_layouts([[Box(4, 0.0, 0.0, 1.0, 1.0)]], (64, 64))  # type: ignore[union-attr]
+        assert torch.allclose(raster, encoder.raster(boxes, labels, 64, 64))  # type: ignore[union-attr]
+        ours_eps = trainer.unet(torch.cat([x, raster], 1), t, context)
+        theirs_eps = semantic.unet.float()(torch.cat([x, map_encoder.float()(full)], 1), t)  # type: ignore[union-attr]
+    assert torch.allclose(ours_eps, theirs_eps, atol=1e-5)

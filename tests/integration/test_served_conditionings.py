@@ -73,16 +73,18 @@ def toy_config(kind: str) -> ModelConfig:
     conditioner = {
         "class": ConditionerConfig(kind="class", n_classes=18, class_dim=16, class_names=CLASS_NAMES),
         "layout": ConditionerConfig(kind="layout", n_classes=18, class_names=CLASS_NAMES,
-                                    layout=LayoutEncoderConfig(max_boxes=2, width=16, depth=1, heads=2)),
+                                    layout=LayoutEncoderConfig(max_boxes=2, width=16, depth=1, heads=2,
+                                                               raster_channels=4, raster_hidden=8)),
         "semantic": ConditionerConfig(kind="semantic", n_classes=18, class_names=CLASS_NAMES,
                                       semantic=SemanticEncoderConfig(channels=4, hidden=8, downsample=4)),
         "uncond": None}[kind]
-    unet = UNetConfig(in_channels=7 if kind == "semantic" else 3, out_channels=3, model_channels=16,
+    unet = UNetConfig(in_channels=7 if kind in ("semantic", "layout") else 3, out_channels=3, model_channels=16,
                       channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2, norm_groups=8,
                       context_dim=16 if kind in ("class", "layout") else None)
-    wiring = {"class": "crossattn", "layout": "crossattn", "semantic": "concat", "uncond": "none"}[kind]
+    wiring = {"class": "crossattn", "layout": "hybrid", "semantic": "concat", "uncond": "none"}[kind]
+    concat = {"layout": "layout", "semantic": "semantic"}.get(kind, "none")
     return ModelConfig(name=f"toy-{kind}", family="ldm", unet=unet, autoencoder=AUTOENCODER, conditioner=conditioner,
-                       conditioning=wiring, concat_input="semantic" if kind == "semantic" else "none",  # type: ignore[arg-type]
+                       conditioning=wiring, concat_input=concat,  # type: ignore[arg-type]
                        default_size=32, scale_factor=1.0)
 
 

@@ -159,8 +159,8 @@ def test_layout_encoder_shapes_order_invariance_and_null() -> None:
     enc = LayoutEncoder(18, LayoutEncoderConfig(max_boxes=3, width=32, depth=2, heads=4), NAMES).eval()
     a, b = Box(0, 0.1, 0.1, 0.4, 0.4), Box(7, 0.5, 0.2, 0.9, 0.6)
     with torch.no_grad():
-        out = enc.encode_layouts([[a, b], [b, a], []])
-    assert out.shape == (3, 4, 32) and torch.isfinite(out).all()
+        out, raster = enc.encode_layouts([[a, b], [b, a], []])
+    assert raster is None and out.shape == (3, 4, 32) and torch.isfinite(out).all()
     # a layout is a set: listing the boxes the other way round permutes the box tokens, nothing else
     assert torch.allclose(out[0, 0], out[1, 0], atol=1e-5)
     assert torch.allclose(out[0, 1], out[1, 2], atol=1e-5) and torch.allclose(out[0, 2], out[1, 1], atol=1e-5)
@@ -231,6 +231,21 @@ def test_conditioner_configs_and_their_wiring() -> None:
     with pytest.raises(ValueError, match="differs from the layout conditioner's width 32"):
         ModelConfig("l", "ldm", UNetConfig(in_channels=3, model_channels=32, context_dim=64), ae,
                     conditioner=layout)
+    # a layout encoder with a raster: both wirings at once (hybrid), its channels stacked on the latent
+    raster = ConditionerConfig(kind="layout", n_classes=18, layout=LayoutEncoderConfig(
+        width=32, heads=4, depth=1, raster_channels=8, raster_downsample=4))
+    both = UNetConfig(in_channels=11, out_channels=3, model_channels=32, channel_mult=(1, 2), context_dim=32)
+    assert ModelConfig("r", "ldm", both, ae, conditioner=raster, conditioning="hybrid", concat_input="layout")
+    with pytest.raises(ValueError, match="needs conditioning 'hybrid'"):
+        ModelConfig("r", "ldm", both, ae, conditioner=raster, conditioning="concat", concat_input="layout")
+    with pytest.raises(ValueError, match="with a raster goes with concat_input 'layout'"):
+        ModelConfig("r", "ldm", both, ae, conditioner=raster, conditioning="crossattn")
+    with pytest.raises(ValueError, match="with a raster goes with concat_input 'layout'"):
+        ModelConfig("l", "ldm", both, ae, conditioner=layout, conditioning="hybrid", concat_input="layout")
+    with pytest.raises(ValueError, match="raster_downsample must equal the first stage's factor 4"):
+        ModelConfig("r", "ldm", both, ae, conditioning="hybrid", concat_input="layout",
+                    conditioner=ConditionerConfig(kind="layout", n_classes=18, layout=LayoutEncoderConfig(
+                        width=32, heads=4, depth=1, raster_channels=8, raster_downsample=8)))
 
 
 # --- bad inputs -----------------------------------------------------------------------------------------------
@@ -327,3 +342,26 @@ def test_wrong_images_score_low() -> None:
         right = [score(task, analyse(render(other)), scene)[0]  # type: ignore[arg-type]
                  for scene, other in zip(scenes, shifted, strict=True)]
         assert np.mean(right) < 0.2, task
+
+
+def test_layout_raster_marks_boxes_background_and_null() -> None:
+    torch.manual_seed(0)
+    enc = LayoutEncoder(18, LayoutEncoderConfig(max_boxes=3, width=16, depth=1, heads=2, raster_channels=5,
+                                                raster_hidden=8, raster_downsample=4))
+    boxes, labels = pack_layouts([[Box(2, 0.0, 0.0, 0.5, 0.5), Box(7, 0.25, 0.25, 1.0, 0.5)], []], 3)
+    maps = enc.box_maps(boxes, labels, 8, 8)
+    assert maps.shape == (2, 19, 8, 8)
+    assert maps[0, 3, :4, :4].all() and maps[0, 3].sum() == 16  # class 2 -> channel 3, the top-left quarter
+    assert maps[0, 8, 2:4, 2:].all() and maps[0, 8].sum() == 12  # class 7 overlaps it: both marked there
+    assert maps[0, 0].sum() == 64 - 16 - 8 and not (maps[0, 0] * maps[0, 1:].sum(0)).any()  # outside every box
+    assert not maps[1].any()  # the empty layout (the null) is unknown everywhere, not background
+    with torch.no_grad():
+        raster = enc.raster(boxes, labels, 64, 64)
+        context, again = enc.encode_layouts([[Box(2, 0.0, 0.0, 0.5, 0.5), Box(7, 0.25, 0.25, 1.0, 0.5)], []], (64, 64))
+    assert raster.shape == (2, 5, 16, 16) and torch.equal(raster, again) and context.shape == (2, 4, 16)
+    with pytest.raises(ConditionError, match="not a multiple of 4"):
+        enc.raster(boxes, labels, 62, 64)
+    with pytest.raises(ValueError, match="needs the image size"):
+        enc.encode_layouts([[]])
+    with pytest.raises(ConditionError, match="no raster"):
+        LayoutEncoder(18, LayoutEncoderConfig()).raster(boxes, labels, 64, 64)
