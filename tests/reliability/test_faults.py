@@ -7,7 +7,8 @@ What the service promises (README, "Fault tolerance and load"), and how each tes
   (every job has one terminal event, one `job_succeeded` log line across all workers, its n result keys);
 - an accepted job survives a crash of Redis (SIGKILL, then restart on the same data folder);
 - an SSE client resumes across an API restart with Last-Event-ID, without gaps or duplicates; a synchronous call
-  waiting through a graceful API stop gets a 503 at once, and its job goes on (a resend with its key gets it);
+  waiting through a graceful API stop gets a 503 at once, and its job goes on (a resend with its key gets it; an
+  event stream on it ends at once too, and resumes from its Last-Event-ID on the new API);
 - a poison job fails into the dead-letter stream after max_attempts, taking down no other job (quarantine);
 - a Redis outage is a quick 503 / UNAVAILABLE, not a hang and not a 500, and everything recovers after it.
 
@@ -337,22 +338,56 @@ def test_graceful_api_restart_answers_a_waiting_synchronous_call_503_and_its_job
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
     with stack.client() as client:
+        running_ids: list[str] = []
+
         def running() -> bool:
-            return any(client.hget(k, "status") == b"running" for k in client.scan_iter(f"{stack.prefix}:job:*"))
+            running_ids[:] = [k.decode().rsplit(":", 1)[1] for k in client.scan_iter(f"{stack.prefix}:job:*")
+                              if client.hget(k, "status") == b"running"]
+            return bool(running_ids)
 
         wait_until(running, 30, "the job to run")
+    followed: list[tuple[list[tuple[str, str | None]], float]] = []  # a progress follower on the same job (SSE)
+    follower = threading.Thread(target=lambda: followed.append(_sse(f"{api.url}/v1/jobs/{running_ids[0]}/events")),
+                                daemon=True)
+    follower.start()
+    time.sleep(1.0)  # let it connect and see some progress
     api.proc.popen.send_signal(signal.SIGTERM)  # a rolling update: the old API drains and exits
     stopped = time.monotonic()
     caller.join(timeout=30)
+    follower.join(timeout=30)
     [(response, answered)] = answers
     assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
     job_id = response.json()["job_id"]
     assert response.headers["location"] == f"/v1/jobs/{job_id}" and "shutting down" in response.json()["detail"]
     assert answered - stopped < 3.0  # at once, not when the 5 s grace runs out (that was a 500 before)
+    # the event stream ends as promptly, saying why, with no terminal event: the client is to reconnect
+    [(frames, ended)] = followed
+    assert ended - stopped < 3.0 and frames[-1] == ("shutting_down", None), frames[-3:]
+    assert [kind for kind, _ in frames[:-1]] and all(kind in ("started", "progress") for kind, _ in frames[1:-1])
     assert api.proc.popen.wait(timeout=30) == 0
     assert stack.job(job_id).status in (JobStatus.running, JobStatus.succeeded)  # the job went on
 
     stack.start_api(port=api.port)  # the new API; the client resends with its key and gets its image
+    last_seen = [event_id for _, event_id in frames if event_id][-1]
+    resumed, _ = _sse(f"{api.url}/v1/jobs/{job_id}/events", last_event_id=last_seen)  # the follower reconnects
     again = httpx.post(f"{api.url}/v1/txt2img", json=body, headers=key, timeout=60)
     assert again.status_code == 200 and again.content.startswith(b"\x89PNG")
     assert again.headers["x-job-id"] == job_id and stack.job(job_id).attempts == 1  # the same run, not a new one
+    assert resumed[-1][0] == "succeeded" and all(event_id != last_seen for _, event_id in resumed)  # no repeats
+
+
+def _sse(url: str, last_event_id: str | None = None) -> tuple[list[tuple[str, str | None]], float]:
+    """(event type, id) of each frame of an SSE stream until the server ends it, and when it ended."""
+    frames: list[tuple[str, str | None]] = []
+    kind, event_id = "", None
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with httpx.stream("GET", url, headers=headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("id: "):
+                event_id = line[len("id: "):]
+            elif line == "" and kind:
+                frames.append((kind, event_id))
+                kind, event_id = "", None
+    return frames, time.monotonic()

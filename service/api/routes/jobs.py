@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.api.bodies import JobBody, JobView
@@ -88,13 +89,21 @@ def _frame(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
 
 
-async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: float) -> AsyncIterator[str]:
-    """SSE frames of the job's events after `after`, until a terminal one; a comment when idle for `keepalive_s`."""
+async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: float,
+                        draining: asyncio.Event | None = None) -> AsyncIterator[str]:
+    """SSE frames of the job's events after `after`, until a terminal one; a comment when idle for `keepalive_s`.
+    When the API shuts down (`draining`) the stream ends within a second with a `shutting_down` event (no id, so
+    the client's Last-Event-ID stays its last job event): the client reconnects and resumes where it was, instead
+    of being cut off when uvicorn's grace runs out."""
     yield "retry: 1000\n\n"
     quiet_since = time.monotonic()
     try:
         while True:
-            events = await queue.events(job_id, after, block_ms=int(min(keepalive_s, 5.0) * 1000))
+            if draining is not None and draining.is_set():
+                detail = f"the API is shutting down; reconnect with Last-Event-ID to follow job {job_id}"
+                yield f"event: shutting_down\ndata: {json.dumps({'detail': detail})}\n\n"
+                return
+            events = await queue.events(job_id, after, block_ms=int(min(keepalive_s, 1.0) * 1000))
             for event in events:
                 yield _frame(event)
                 if event.terminal:
@@ -116,13 +125,15 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses=SSE, summary="Progress events (SSE)")
-async def job_events(job_id: JobId, queue: QueueDep, settings: SettingsDep,
+async def job_events(job_id: JobId, request: Request, queue: QueueDep, settings: SettingsDep,
                      last_event_id: LastEventId = None,
                      after: Annotated[str | None, Query(pattern=EVENT_ID.pattern)] = None) -> StreamingResponse:
     """Server-sent events: `queued`, `started`, `progress` (step/total), ..., then one terminal event
     (`succeeded`, `failed` or `cancelled`), after which the stream ends. Each event's `id:` is its Redis event
-    id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it."""
+    id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it. A stream that ends with
+    `shutting_down` instead (the API is stopping) is to be reconnected the same way."""
     await _job(queue, job_id)
-    stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s)
+    draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
+    stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s, draining)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
