@@ -330,12 +330,28 @@ end
 return status
 """
 
+# A job never delivered to a worker whose deadline has passed fails now, as a claim would fail it: so a job that no
+# worker takes (none running for its model) ends at its deadline for whoever reads it, instead of staying queued.
+# KEYS: stream, 4 per job.  ARGV: now, final ttl, default deadline s.  Returns the status after (nil: no such job).
+_EXPIRE = """
+local v = redis.call('HMGET', KEYS[2], 'status', 'attempts', 'created', 'deadline_s')
+if not v[1] then return false end
+local deadline = v[4] or ARGV[3]
+if v[1] == 'queued' and tonumber(v[2] or '0') == 0 and tonumber(ARGV[1]) - tonumber(v[3]) > tonumber(deadline) then
+  settle(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 'failed', 'deadline exceeded: not started within ' .. deadline ..
+         ' s of submission', ARGV[1], tonumber(ARGV[2]), 0)
+  ack(KEYS[1], redis.call('HGET', KEYS[2], 'entry'))
+  return 'failed'
+end
+return v[1]
+"""
+
 # KEYS: idempotency.  ARGV: the value it must still hold.  Drops a key whose job record has expired.
 _FORGET = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 _SCRIPTS = {"submit": _SUBMIT, "take": _TAKE, "start": _START, "progress": _PROGRESS, "settle": _SETTLE,
-            "cancel": _CANCEL, "forget": _FORGET}
+            "cancel": _CANCEL, "expire": _EXPIRE, "forget": _FORGET}
 
 
 def _lua(body: str) -> str:
@@ -502,7 +518,17 @@ class JobQueue:
 
     @_retrying
     async def get(self, job_id: str) -> Job | None:
-        """The job's record, or None (unknown id, or expired)."""
+        """The job's record, or None (unknown id, or expired). A job still waiting for its first worker past its
+        deadline fails here (`_EXPIRE`), so it ends on time even when no worker is there to claim it."""
+        job = await self._get(job_id)
+        if job is None or job.status != JobStatus.queued or job.attempts:
+            return job
+        deadline = job.deadline_s if job.deadline_s is not None else self.settings.job_deadline_s
+        if time.time() - job.created_at.timestamp() <= deadline:
+            return job
+        keys = [self.keys.stream(job.model), *self.keys.per_job(job_id)]
+        await self._lua["expire"](keys=keys, args=[repr(time.time()), self._final_ttl_ms,
+                                                   repr(self.settings.job_deadline_s)])
         return await self._get(job_id)
 
     @_retrying
@@ -545,6 +571,8 @@ class JobQueue:
             if any(e.terminal for e in events):
                 break
             after = events[-1].id if events else after
+            if not events and ((job := await self.get(job_id)) is None or job.status.terminal):
+                return job  # ended without an event we saw: expired, or failed at its deadline here (`get`)
         return await self.get(job_id)
 
     # ------------------------------------------------------------------------------------------ workers

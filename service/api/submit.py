@@ -138,6 +138,10 @@ async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: flo
         if any(e.terminal for e in events):
             return
         after = events[-1].id if events else after
+        if not events:  # quiet: a job no worker took ends at its deadline when read (JobQueue.get)
+            job = await queue.get(job_id)
+            if job is None or job.status.terminal:
+                return
         if await request.is_disconnected():
             if keep:
                 raise ApiError(499, f"client closed the request; job {job_id} goes on for a resend with the same "

@@ -366,3 +366,29 @@ async def test_embedded_redis_restart_keeps_an_accepted_job(data_dir: Path,
 def test_second_embedded_redis_on_the_same_data_is_refused(data_dir: Path) -> None:
     with EmbeddedRedis(data_dir), pytest.raises(RuntimeError, match="already runs"):
         EmbeddedRedis(data_dir).start()
+
+
+@pytest.mark.anyio
+async def test_a_job_no_worker_takes_fails_at_its_deadline_when_read(make_settings: Callable[..., Settings]) -> None:
+    async with JobQueue(make_settings(job_deadline_s=30)) as q:
+        claimed = await q.submit(req(), deadline_s=0.3)
+        assert [c.job.id for c in await q.claim(MODEL, "w1")] == [claimed.id]
+        waiting = await q.submit(req(), deadline_s=0.3)
+        patient = await q.submit(req())  # the default deadline, 30 s
+        first = await q.get(waiting.id)
+        assert first is not None and first.status == JobStatus.queued
+        await asyncio.sleep(0.4)
+        # never delivered and past its deadline: failed on read, with its event, and gone from the stream
+        record = await q.get(waiting.id)
+        assert record is not None and record.status == JobStatus.failed
+        assert (record.error or "").startswith("deadline exceeded: not started within 0.3 s")
+        assert [e.type for e in await q.events(waiting.id)] == ["queued", "failed"]
+        assert [c.job.id for c in await q.claim(MODEL, "w2", count=5)] == [patient.id]
+        # delivered to a worker before its deadline: the worker decides, not a reader
+        kept = await q.get(claimed.id)
+        assert kept is not None and kept.status == JobStatus.queued and kept.attempts == 1
+        # and a waiter sees the failure at once instead of waiting out its own timeout
+        other = await q.submit(req(), deadline_s=0.2)
+        began = time.monotonic()
+        done = await q.wait(other.id, timeout_s=20)
+        assert done is not None and done.status == JobStatus.failed and time.monotonic() - began < 3

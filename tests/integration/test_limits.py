@@ -161,6 +161,12 @@ def test_a_request_may_ask_for_a_shorter_deadline_never_a_longer_one(api: Callab
     assert generated.status_code == 504
     record = app.client.get(f"/v1/jobs/{generated.json()['job_id']}").json()
     assert record["deadline_s"] == 0.1
+    # no worker takes it: a synchronous call answers when its deadline passes, not when its own timeout does
+    began = time.monotonic()
+    unserved = app.client.post("/v1/images/generations", json={"prompt": "x", "deadline_s": 0.3})
+    assert unserved.status_code == 504 and time.monotonic() - began < 3, unserved.text
+    assert "deadline exceeded" in unserved.text
+    assert app.client.get(f"/v1/jobs/{unserved.json()['job_id']}").json()["status"] == "failed"
 
 
 @pytest.mark.anyio
