@@ -107,7 +107,7 @@ class LDMTrainConfig:
     init_from: str | None = None
     #: init_from a model of another design: take every tensor whose name and shape match (a semantic
     #: model's map encoder starts a layout raster), keep the fresh init for the rest, and zero the output
-    #: projection of every attention left partly fresh (cross-attention added to a model without it), so
+    #: projection of every attention not wholly taken (cross-attention added to a model without it), so
     #: training starts from the earlier model's function
     init_partial: bool = False
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
@@ -471,7 +471,7 @@ class LDMTrainer:
         t = self.schedule.sample_timesteps(latents.shape[0]).to(self.device)
         noise = torch.randn_like(latents)
         noisy = q_sample(self.schedule, latents, t, noise)
-        # semantic maps: stacked on the noisy latent, as the original's c_concat
+        # semantic maps and layout rasters: stacked on the noisy latent, as the original's c_concat
         noisy_in = noisy if concat is None else torch.cat([noisy, concat.to(noisy.dtype)], dim=1)
         with self._autocast():
             output = self.unet(noisy_in, t, context)
