@@ -45,6 +45,7 @@ from service.api.submit import check_model
 from service.auth import Authenticator, AuthError, current_principal
 from service.config import Settings
 from service.jobs import (
+    EVENT_ID,
     IDEMPOTENCY_KEY,
     IdempotencyConflict,
     JobNotFound,
@@ -175,7 +176,7 @@ def to_status(status: JobStatus) -> str:
 
 def to_progress(event: JobEvent) -> pb.Progress:
     return pb.Progress(type=f"EVENT_TYPE_{event.type.upper()}", status=to_status(event.status), step=event.step,
-                       total=event.total, error=event.error or "")
+                       total=event.total, error=event.error or "", event_id=event.id)
 
 
 def to_task(task: Task) -> str:
@@ -278,6 +279,31 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         job = await self._record(request.job_id)
         with_images = request.include_images and job.status == JobStatus.succeeded
         return to_job(job, await self._images(job) if with_images else ())
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext,
+                       ) -> AsyncIterator[pb.Progress]:
+        """Relay the job's events up to its terminal one (see the proto). An observer: the job is not tied to the
+        call, and the call's deadline (not `job_deadline_s`) bounds the wait."""
+        after = request.after_event_id or "0-0"
+        if not EVENT_ID.match(after):
+            raise BadRequest("after_event_id", f"not an event id: {request.after_event_id!r}")
+        await self._record(request.job_id)  # NOT_FOUND before the stream starts
+        ended = asyncio.Event()
+        context.add_done_callback(lambda _: ended.set())
+        while not ended.is_set():  # set when the call ends: a cancellation a Redis call swallowed (Python 3.11)
+            events = await self.queue.events(request.job_id, after, block_ms=int(POLL_S * 1000))
+            for event in events:
+                yield to_progress(event)
+                if event.terminal:
+                    return
+            if events:
+                after = events[-1].id
+                continue
+            job = await self.queue.get(request.job_id)  # quiet: ended without an event we saw, or expired
+            if job is None or job.status.terminal:
+                for event in await self.queue.events(request.job_id, after):  # ... or written just after our read
+                    yield to_progress(event)
+                return
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         await self.queue.cancel(request.job_id)

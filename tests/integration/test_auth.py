@@ -227,10 +227,12 @@ async def test_grpc_refuses_bad_credentials_with_their_codes_and_queues_nothing(
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call
                 assert err.value.code() == code and (err.value.details() or "").startswith(message)
-            stream = env.stub.GenerateStream(pb.GenerateRequest(parameters=params()), metadata=metadata, timeout=5)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stream.read()
-            assert err.value.code() == code
+            for stream in (env.stub.GenerateStream(pb.GenerateRequest(parameters=params()), metadata=metadata,
+                                                   timeout=5),
+                           env.stub.WatchJob(pb.WatchJobRequest(job_id=JOB), metadata=metadata, timeout=5)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stream.read()
+                assert err.value.code() == code
         assert queued(settings, MODEL) == 0
         health = health_pb2_grpc.HealthStub(env.channel)  # health checking stays open
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -239,7 +241,7 @@ async def test_grpc_refuses_bad_credentials_with_their_codes_and_queues_nothing(
             await env.stub.GetJob(pb.GetJobRequest(job_id=JOB), metadata=grpc_auth(keys.alice), timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         sample = env.metrics.registry.get_sample_value
-        assert sample("ldm_auth_failures_total", {"front_end": "grpc", "reason": "revoked"}) == 5
+        assert sample("ldm_auth_failures_total", {"front_end": "grpc", "reason": "revoked"}) == 6
         assert sample("ldm_grpc_requests_total", {"method": "GetJob", "code": "UNAUTHENTICATED"}) == 3
 
 

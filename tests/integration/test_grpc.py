@@ -408,6 +408,44 @@ async def test_cancel_of_a_running_job_ends_its_stream_with_cancelled(start_serv
 
 
 @pytest.mark.anyio
+async def test_watch_job_streams_any_jobs_events_and_resumes_after_an_event(start_server: StartServer) -> None:
+    env = await start_server(step_delay_s=0.05)
+    job = await env.queue.submit(GenerationRequest(prompt="from REST", width=64, height=64, steps=4))
+    whole = [p async for p in env.stub.WatchJob(pb.WatchJobRequest(job_id=job.id))]
+    assert [(p.type, p.step) for p in whole] == [
+        (pb.EVENT_TYPE_QUEUED, 0), (pb.EVENT_TYPE_STARTED, 0), *[(pb.EVENT_TYPE_PROGRESS, i) for i in range(1, 5)],
+        (pb.EVENT_TYPE_SUCCEEDED, 4)]
+    assert [p.event_id for p in whole] == [e.id for e in await env.queue.events(job.id)]  # Redis's own ids
+    rest = [p async for p in env.stub.WatchJob(pb.WatchJobRequest(job_id=job.id, after_event_id=whole[2].event_id))]
+    assert rest == whole[3:]  # resumed exactly after the event named
+    done = await env.stub.GetJob(pb.GetJobRequest(job_id=job.id, include_images=True))
+    assert done.status == pb.JOB_STATUS_SUCCEEDED and len(done.images) == 1
+
+
+@pytest.mark.anyio
+async def test_watch_job_ends_ok_when_the_job_fails(start_server: StartServer) -> None:
+    env = await start_server(step_delay_s=0.05, fail_with="invalid_input: a bad input")
+    failing = await env.queue.submit(GenerationRequest(prompt="x", width=64, height=64, steps=2))
+    seen = [p async for p in env.stub.WatchJob(pb.WatchJobRequest(job_id=failing.id))]
+    assert (seen[-1].type, seen[-1].status) == (pb.EVENT_TYPE_FAILED, pb.JOB_STATUS_FAILED)
+    assert "a bad input" in seen[-1].error
+
+
+@pytest.mark.anyio
+async def test_leaving_a_watch_leaves_the_job_alone(start_server: StartServer) -> None:
+    quiet = await start_server(worker=False)
+    queued = await quiet.queue.submit(GenerationRequest(prompt="x", width=64, height=64, steps=2))
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # the watcher gives up; the job is not tied to its call
+        [p async for p in quiet.stub.WatchJob(pb.WatchJobRequest(job_id=queued.id), timeout=0.5)]
+    assert err.value.code() == StatusCode.DEADLINE_EXCEEDED
+    record = await quiet.queue.get(queued.id)
+    assert record is not None and record.status == JobStatus.queued
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [p async for p in quiet.stub.WatchJob(pb.WatchJobRequest(job_id=queued.id, after_event_id="soon"))]
+    assert err.value.code() == StatusCode.INVALID_ARGUMENT and "after_event_id" in (err.value.details() or "")
+
+
+@pytest.mark.anyio
 async def test_unknown_job_is_not_found(start_server: StartServer) -> None:
     env = await start_server(worker=False)
     for job_id in ("0" * 32, "not-a-job-id", ""):
@@ -416,6 +454,9 @@ async def test_unknown_job_is_not_found(start_server: StartServer) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await rpc(request)
             assert err.value.code() == StatusCode.NOT_FOUND and f"no job {job_id!r}" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [p async for p in env.stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]
+        assert err.value.code() == StatusCode.NOT_FOUND and f"no job {job_id!r}" in (err.value.details() or "")
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -648,8 +689,8 @@ async def test_reflection_lists_and_describes_the_service(start_server: StartSer
     [service] = [s for f in files if f.package == "ldm.v1" for s in f.service]
     assert [m.name for m in service.method] == ["Generate", "GenerateStream", "Inpaint", "Img2Img", "Upscale",
                                                 "ClassToImage", "LayoutToImage", "SemanticToImage", "Unconditional",
-                                                "GetJob", "CancelJob"]
-    assert [m.server_streaming for m in service.method] == [False, True] + [False] * 9
+                                                "GetJob", "WatchJob", "CancelJob"]
+    assert [m.server_streaming for m in service.method] == [False, True] + [False] * 8 + [True, False]
 
 
 @pytest.mark.anyio
