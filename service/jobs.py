@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import random
@@ -36,7 +37,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
@@ -563,16 +564,37 @@ class JobQueue:
         return [JobEvent(id=_s(entry), **json.loads(fields[b"data"]))
                 for _, entries in reply or [] for entry, fields in entries]
 
+    async def follow(self, job_id: str, after: str = "0-0", *,
+                     poll_s: float = 1.0) -> AsyncGenerator[list[JobEvent], None]:
+        """The job's events after `after` as they come, in batches, up to and with the terminal one. A poll of
+        `poll_s` with no event yields [] (callers keep a stream alive or check their own stop there) once the
+        record says the job still runs; a job that ended without an event we saw (or whose record expired)
+        ends the iteration after the events written just after our read."""
+        while True:
+            events = await self.events(job_id, after, block_ms=max(1, int(poll_s * 1000)))
+            terminal = next((i for i, e in enumerate(events) if e.terminal), None)
+            if terminal is not None:
+                yield events[: terminal + 1]
+                return
+            if events:
+                after = events[-1].id
+                yield events
+                continue
+            job = await self.get(job_id)  # quiet: `get` also fails a job left unclaimed past its deadline
+            if job is None or job.status.terminal:
+                late = await self.events(job_id, after)
+                if late:
+                    yield late
+                return
+            yield []
+
     async def wait(self, job_id: str, *, timeout_s: float) -> Job | None:
         """Wait (following events) until the job ends or `timeout_s` passes; the job's record then."""
-        deadline, after = time.monotonic() + timeout_s, "0-0"
-        while (left := deadline - time.monotonic()) > 0:
-            events = await self.events(job_id, after, block_ms=int(min(left, 1.0) * 1000) + 1)
-            if any(e.terminal for e in events):
-                break
-            after = events[-1].id if events else after
-            if not events and ((job := await self.get(job_id)) is None or job.status.terminal):
-                return job  # ended without an event we saw: expired, or failed at its deadline here (`get`)
+        deadline = time.monotonic() + timeout_s
+        async with contextlib.aclosing(self.follow(job_id, poll_s=min(timeout_s, 1.0))) as batches:
+            async for _ in batches:
+                if time.monotonic() >= deadline:
+                    break
         return await self.get(job_id)
 
     # ------------------------------------------------------------------------------------------ workers

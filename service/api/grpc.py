@@ -290,20 +290,12 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         await self._record(request.job_id)  # NOT_FOUND before the stream starts
         ended = asyncio.Event()
         context.add_done_callback(lambda _: ended.set())
-        while not ended.is_set():  # set when the call ends: a cancellation a Redis call swallowed (Python 3.11)
-            events = await self.queue.events(request.job_id, after, block_ms=int(POLL_S * 1000))
-            for event in events:
-                yield to_progress(event)
-                if event.terminal:
+        async with contextlib.aclosing(self.queue.follow(request.job_id, after, poll_s=POLL_S)) as batches:
+            async for events in batches:
+                if ended.is_set():  # the call ended: a cancellation a Redis call swallowed (Python 3.11)
                     return
-            if events:
-                after = events[-1].id
-                continue
-            job = await self.queue.get(request.job_id)  # quiet: ended without an event we saw, or expired
-            if job is None or job.status.terminal:
-                for event in await self.queue.events(request.job_id, after):  # ... or written just after our read
+                for event in events:
                     yield to_progress(event)
-                return
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         await self.queue.cancel(request.job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -98,28 +99,19 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
     yield "retry: 1000\n\n"
     quiet_since = time.monotonic()
     try:
-        while True:
-            if draining is not None and draining.is_set():
-                detail = f"the API is shutting down; reconnect with Last-Event-ID to follow job {job_id}"
-                yield f"event: shutting_down\ndata: {json.dumps({'detail': detail})}\n\n"
-                return
-            events = await queue.events(job_id, after, block_ms=int(min(keepalive_s, 1.0) * 1000))
-            for event in events:
-                yield _frame(event)
-                if event.terminal:
-                    return
-            after = events[-1].id if events else after
-            if events:
-                quiet_since = time.monotonic()
-                continue
-            job = await queue.get(job_id)
-            if job is None or job.status.terminal:  # ended (or expired) with its last event already sent
-                for event in await queue.events(job_id, after):  # ... or written just after our read
+        async with contextlib.aclosing(queue.follow(job_id, after, poll_s=min(keepalive_s, 1.0))) as batches:
+            async for events in batches:
+                for event in events:
                     yield _frame(event)
-                return
-            if time.monotonic() - quiet_since >= keepalive_s:
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
+                if draining is not None and draining.is_set():
+                    detail = f"the API is shutting down; reconnect with Last-Event-ID to follow job {job_id}"
+                    yield f"event: shutting_down\ndata: {json.dumps({'detail': detail})}\n\n"
+                    return
+                if events:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= keepalive_s:
+                    yield ": keep-alive\n\n"
+                    quiet_since = time.monotonic()
     except QueueUnavailable as exc:
         yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
 
