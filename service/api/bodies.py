@@ -73,25 +73,27 @@ class JobBody(GenerationRequest):
         return GenerationRequest.model_validate({**fields, **update})
 
 
-def _only(task: Task, value: Any) -> Any:
-    if value != task.value:
-        raise PydanticCustomError("task_fixed", "this endpoint runs {task} only; submit {value} jobs to POST /v1/jobs",
-                                  {"task": task.value, "value": str(value)[:32]})
-    return value
+class OneTaskBody(JobBody):
+    """A body of an endpoint that runs one task: its subclass fixes `task` (a Literal with that default), and a
+    body naming another task is refused, pointing to POST /v1/jobs."""
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _only(cls, value: Any) -> Any:
+        task: Task = cls.model_fields["task"].default
+        if value != task.value:
+            raise PydanticCustomError("task_fixed", "this endpoint runs {task} only; submit {value} jobs to POST "
+                                      "/v1/jobs", {"task": task.value, "value": str(value)[:32]})
+        return value
 
 
-class Txt2ImgBody(JobBody):
+class Txt2ImgBody(OneTaskBody):
     """POST /v1/txt2img: a txt2img job (task may be left out)."""
 
     task: Literal[Task.txt2img] = Task.txt2img
 
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.txt2img, value)
 
-
-class InpaintBody(JobBody):
+class InpaintBody(OneTaskBody):
     """POST /v1/inpaint: an inpainting job: base64 `image` and `mask` (white = repaint) of one size."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
@@ -99,26 +101,16 @@ class InpaintBody(JobBody):
 
     task: Literal[Task.inpaint] = Task.inpaint
 
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.inpaint, value)
 
-
-class Class2ImgBody(JobBody):
+class Class2ImgBody(OneTaskBody):
     """POST /v1/class2img: a class-conditional job: `class_label`, a class name ('red circle') or id."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"class_label": "red circle", "steps": 20, "seed": 7}]})
 
     task: Literal[Task.class_] = Task.class_
 
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.class_, value)
 
-
-class Layout2ImgBody(JobBody):
+class Layout2ImgBody(OneTaskBody):
     """POST /v1/layout2img: a layout-to-image job: `layout`, boxes with labels, coordinates in [0, 1]."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
@@ -126,36 +118,21 @@ class Layout2ImgBody(JobBody):
 
     task: Literal[Task.layout] = Task.layout
 
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.layout, value)
 
-
-class Semantic2ImgBody(JobBody):
+class Semantic2ImgBody(OneTaskBody):
     """POST /v1/semantic2img: a semantic-synthesis job: `label_map`, a base64 PNG of labels (mode L or P)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"label_map": "<base64 PNG>", "steps": 20, "seed": 7}]})
 
     task: Literal[Task.semantic] = Task.semantic
 
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.semantic, value)
 
-
-class UnconditionalBody(JobBody):
+class UnconditionalBody(OneTaskBody):
     """POST /v1/unconditional: samples of the model's own distribution (no condition, no guidance)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"steps": 20, "seed": 7}]})
 
     task: Literal[Task.unconditional] = Task.unconditional
-
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task(cls, value: Any) -> Any:
-        return _only(Task.unconditional, value)
 
 
 class JobLinks(BaseModel):
