@@ -9,7 +9,6 @@ diffusers itself. Bad files must give a `CheckpointError` whose message names th
 import copy
 import dataclasses
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,21 +30,16 @@ from tests.helpers import (
     original_checkpoint,
     random_model,
     save_diffusers_folder,
-    torch_threads,
     toy_sd_config,
     toy_sr_config,
     write_clip_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 UNET = "model.diffusion_model."
 SPEC = SampleSpec("a red cat on a windowsill", "blurry", seed=3, guidance_scale=5.0)
 SETTINGS = RunSettings(sampler="dpmpp_2m", steps=3, width=32, height=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @dataclass(frozen=True)

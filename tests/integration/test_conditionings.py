@@ -25,6 +25,8 @@ from models.unet import UNetConfig
 from service.cli import main as ldm_main
 from tests.helpers import torch_threads
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: the shipped model's first stage (f = 4, 3 latent channels): `autoencoder_path` may name a whole model file
 FIRST_STAGE = str(Path(__file__).resolve().parents[2] / "models" / "zoo" / "tiny-shapes" / "model.safetensors")
 UNET = dict(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
@@ -54,12 +56,6 @@ def config(kind: str, **kw: object) -> LDMTrainConfig:
                 checkpoint_every=100, sample_steps=2, name=f"toy-{kind}")
     base.update(kw)
     return LDMTrainConfig(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ not pay for the unconditional branch; truncation warnings reach the caller; prog
 """
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,13 @@ from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.samplers import SamplerName
 from models.tokenizers import CLIPTokenizer
-from tests.helpers import random_model, torch_threads, toy_sd_config, toy_sr_config, write_clip_tokenizer
+from tests.helpers import random_model, toy_sd_config, toy_sr_config, write_clip_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLERS: tuple[SamplerName, ...] = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
 ME = SampleSpec("a red cat on a windowsill", "blurry", seed=7, guidance_scale=5.0)
 SMALL = RunSettings(steps=4, width=32, height=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

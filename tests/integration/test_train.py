@@ -18,6 +18,8 @@ from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer
 from models.unet import UNetConfig
 from tests.helpers import torch_threads
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_AE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3, resolution=64,
                             mid_attention=False)
 TINY_UNET = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -38,12 +40,6 @@ def ldm_config(autoencoder: Path, **kw: object) -> LDMTrainConfig:
                 checkpoint_every=100, sample_steps=2, sample_prompts=("a red circle", "a blue square"))
     base.update(kw)
     return LDMTrainConfig(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -49,16 +49,11 @@ from models.train.data_shapes import (
     scene_layout,
 )
 from models.unet import UNetConfig
-from tests.helpers import torch_threads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_SCENES = 150
 NAMES = list(CLASS_NAMES)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
