@@ -257,14 +257,7 @@ class Runner:
             raise JobFailure("invalid_input", f"the input image of this {request.task.value} job is missing "
                              "(expired or never stored)")
         picture = decode_image(image, "image", max_pixels)
-        expected = (request.width or picture.width, request.height or picture.height)
-        if picture.size != expected:
-            raise JobFailure("invalid_input", f"the image is {picture.width}x{picture.height}, the request says "
-                             f"{expected[0]}x{expected[1]}")
-        f = self.model.config.downsample_factor
-        if picture.width % f or picture.height % f:
-            raise JobFailure("invalid_input", f"the image size {picture.width}x{picture.height} is not a multiple "
-                             f"of {f}, this model's downsampling factor")
+        self._check_size(request, picture, "the image", "")
         if request.task != Task.inpaint:
             return picture, None
         if mask is None:
@@ -280,15 +273,20 @@ class Runner:
         if data is None or c is None:
             raise JobFailure("invalid_input", "the label map of this semantic job is missing (expired or never stored)")
         labels = decode_label_map(data, max_pixels, c.n_classes)
-        expected = (request.width or labels.width, request.height or labels.height)
-        if labels.size != expected:
-            raise JobFailure("invalid_input", f"the label map is {labels.width}x{labels.height}, the request says "
-                             f"{expected[0]}x{expected[1]}: the map sets the image's size")
-        f = self.model.config.downsample_factor
-        if labels.width % f or labels.height % f:
-            raise JobFailure("invalid_input", f"the label map's size {labels.width}x{labels.height} is not a "
-                             f"multiple of {f}, this model's downsampling factor")
+        self._check_size(request, labels, "the label map", ": the map sets the image's size")
         return labels
+
+    def _check_size(self, request: GenerationRequest, picture: Image.Image, what: str, why: str) -> None:
+        """An input image (or label map) that sets the output size: the request's size if it gives one, and a
+        multiple of the model's downsampling factor."""
+        expected = (request.width or picture.width, request.height or picture.height)
+        if picture.size != expected:
+            raise JobFailure("invalid_input", f"{what} is {picture.width}x{picture.height}, the request says "
+                             f"{expected[0]}x{expected[1]}{why}")
+        f = self.model.config.downsample_factor
+        if picture.width % f or picture.height % f:
+            raise JobFailure("invalid_input", f"{what}'s size {picture.width}x{picture.height} is not a multiple "
+                             f"of {f}, this model's downsampling factor")
 
     def batch_key(self, request: GenerationRequest, image: Image.Image | None) -> BatchKey:
         """The request's batch key with the size made explicit: the input image's, or the model's default, so
