@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import publish  # noqa: E402
+from bench.service_stack import api_and_worker  # noqa: E402
 from service.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
@@ -86,33 +86,8 @@ def stack(cfg: LoadConfig, data: Path) -> Iterator[Stack]:
                     "LDM_QUEUE_MAX_DEPTH": str(cfg.queue_depth), "LDM_MIN_WIDTH": "32", "LDM_MIN_HEIGHT": "32",
                     "LDM_WORKER_TORCH_THREADS": str(cfg.worker_threads), "OMP_NUM_THREADS": str(cfg.worker_threads),
                     "LDM_QUEUE_RETRY_AFTER_S": "1"})
-        cli = [sys.executable, "-m", "service.cli", "--log-level", "WARNING"]
-        procs = [subprocess.Popen([*cli, "api"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL),
-                 subprocess.Popen([*cli, "worker", "--model", cfg.model], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL)]
-        base = f"http://127.0.0.1:{rest}"
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if any(p.poll() is not None for p in procs):
-                    raise RuntimeError("the API or the worker exited during start-up")
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("the service did not become ready")
-            yield Stack(base, procs[0].pid, procs[1].pid)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        with api_and_worker(env, cfg.model, f"http://127.0.0.1:{rest}") as (api, worker):
+            yield Stack(f"http://127.0.0.1:{rest}", api.pid, worker.pid)
 
 
 @dataclass

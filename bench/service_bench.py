@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import publish  # noqa: E402
+from bench.service_stack import api_and_worker  # noqa: E402
 from service.embedded import EmbeddedRedis, free_port  # noqa: E402
-
-LDM = [str(Path(sys.executable).with_name("ldm"))]
 
 
 @contextmanager
@@ -44,27 +42,8 @@ def stack(model: str, max_batch: int, data: Path) -> Iterator[tuple[str, str]]:
         env = {**os.environ, "LDM_REDIS_URL": redis.url, "LDM_REST_PORT": str(rest), "LDM_GRPC_PORT": "0",
                "LDM_DEFAULT_MODEL": model, "LDM_MAX_BATCH": str(max_batch), "LDM_WORKER_METRICS_PORT": str(metrics),
                "LDM_QUEUE_MAX_DEPTH": "1000"}
-        procs = [subprocess.Popen([*LDM, "--log-level", "WARNING", "api"], env=env, stdout=subprocess.DEVNULL),
-                 subprocess.Popen([*LDM, "--log-level", "WARNING", "worker", "--model", model], env=env,
-                                  stdout=subprocess.DEVNULL)]
-        base = f"http://127.0.0.1:{rest}"
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
-                raise RuntimeError("the service did not become ready")
-            yield base, f"http://127.0.0.1:{metrics}/metrics"
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(60)
+        with api_and_worker(env, model, f"http://127.0.0.1:{rest}"):
+            yield f"http://127.0.0.1:{rest}", f"http://127.0.0.1:{metrics}/metrics"
 
 
 def job_run_seconds(metrics_url: str) -> tuple[float, float]:
