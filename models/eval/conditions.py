@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -102,10 +102,6 @@ class TaskReport:
     seconds: float
     results: list[ItemResult]
     images: list[np.ndarray] = field(repr=False, default_factory=list)
-
-    def to_json(self) -> dict[str, object]:
-        return {f.name: [asdict(r) for r in self.results] if f.name == "results" else getattr(self, f.name)
-                for f in fields(self) if f.name != "images"}
 
 
 def pair_probability(task: Task) -> float:

@@ -70,11 +70,6 @@ class EvalReport:
     results: list[PromptResult]
     images: list[np.ndarray] = field(repr=False, default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
-        """Every figure and per-prompt verdict; not the images (they go to the grid)."""
-        return {f.name: [asdict(r) for r in self.results] if f.name == "results" else getattr(self, f.name)
-                for f in fields(self) if f.name != "images"}
-
 
 def pipeline_generator(pipeline: Pipeline) -> GenerateFn:
     """A GenerateFn that runs the pipeline's txt2img."""
@@ -230,7 +225,11 @@ class Report(Protocol):
     @property
     def results(self) -> Sequence[Any]: ...
 
-    def to_json(self) -> dict[str, object]: ...
+
+def report_json(report: Report) -> dict[str, object]:
+    """Every figure and per-item verdict of a report (a dataclass); not the images (they go to the grid)."""
+    return {f.name: [asdict(r) for r in report.results] if f.name == "results" else getattr(report, f.name)
+            for f in fields(report) if f.name != "images"}  # type: ignore[arg-type]
 
 
 def write_report(reports: Report | Sequence[Report], out_dir: Path) -> list[Path]:
@@ -239,7 +238,7 @@ def write_report(reports: Report | Sequence[Report], out_dir: Path) -> list[Path
     many = isinstance(reports, Sequence)
     items: list[Report] = list(reports) if isinstance(reports, Sequence) else [reports]
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"reports": [r.to_json() for r in items]} if many else items[0].to_json()
+    payload = {"reports": [report_json(r) for r in items]} if many else report_json(items[0])
     written = [out_dir / "report.json"]
     written[0].write_text(json.dumps(payload, indent=2) + "\n")
     for r in items:
