@@ -564,14 +564,19 @@ class JobQueue:
         return [JobEvent(id=_s(entry), **json.loads(fields[b"data"]))
                 for _, entries in reply or [] for entry, fields in entries]
 
-    async def follow(self, job_id: str, after: str = "0-0", *,
-                     poll_s: float = 1.0) -> AsyncGenerator[list[JobEvent], None]:
-        """The job's events after `after` as they come, in batches, up to and with the terminal one. A poll of
-        `poll_s` with no event yields [] (callers keep a stream alive or check their own stop there) once the
-        record says the job still runs; a job that ended without an event we saw (or whose record expired)
-        ends the iteration after the events written just after our read."""
+    async def follow(self, job_id: str, after: str = "0-0", *, poll_s: float = 1.0,
+                     until: float | None = None) -> AsyncGenerator[list[JobEvent], None]:
+        """The job's events after `after` as they come, in batches, up to and with the terminal one: the one loop
+        behind SSE, the synchronous REST calls, gRPC's waiting calls and `wait`. A poll of `poll_s` with no event
+        yields [] (callers keep a stream alive or check their own stop there) once the record says the job still
+        runs; a job that ended without an event we saw (or whose record expired) ends the iteration after the
+        events written just after our read. `until` (a `time.monotonic()` instant) ends it early, without a
+        terminal event: the caller's timeout."""
         while True:
-            events = await self.events(job_id, after, block_ms=max(1, int(poll_s * 1000)))
+            block_s = poll_s if until is None else min(poll_s, until - time.monotonic())
+            if block_s <= 0:
+                return
+            events = await self.events(job_id, after, block_ms=max(1, int(block_s * 1000)))
             terminal = next((i for i, e in enumerate(events) if e.terminal), None)
             if terminal is not None:
                 yield events[: terminal + 1]
@@ -590,11 +595,9 @@ class JobQueue:
 
     async def wait(self, job_id: str, *, timeout_s: float) -> Job | None:
         """Wait (following events) until the job ends or `timeout_s` passes; the job's record then."""
-        deadline = time.monotonic() + timeout_s
-        async with contextlib.aclosing(self.follow(job_id, poll_s=min(timeout_s, 1.0))) as batches:
+        async with contextlib.aclosing(self.follow(job_id, until=time.monotonic() + timeout_s)) as batches:
             async for _ in batches:
-                if time.monotonic() >= deadline:
-                    break
+                pass
         return await self.get(job_id)
 
     # ------------------------------------------------------------------------------------------ workers

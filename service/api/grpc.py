@@ -329,27 +329,23 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
     async def _follow(self, waiting: _Waiting, context: grpc.aio.ServicerContext) -> AsyncGenerator[JobEvent, None]:
         """The job's events up to a terminal one; WaitTimeout when the call's deadline (or `job_deadline_s`)
         comes first."""
-        loop, job_id = asyncio.get_running_loop(), waiting.job.id
+        job_id = waiting.job.id
         remaining = context.time_remaining()
         budget = self.settings.job_deadline_s
         if remaining is not None:
             budget = min(budget, remaining - DEADLINE_MARGIN_S)
-        deadline, after = loop.time() + budget, "0-0"
-        while (left := deadline - loop.time()) > 0:
-            if waiting.call_ended:  # a cancellation of this task that a Redis call swallowed (Python 3.11)
-                raise asyncio.CancelledError
-            events = await self.queue.events(job_id, after, block_ms=max(1, int(min(left, POLL_S) * 1000)))
-            for event in events:
-                waiting.job_ended = event.terminal
-                yield event
-                if event.terminal:
-                    return
-            if events:
-                after = events[-1].id
-            elif (await self._record(job_id)).status.terminal:  # events expired or trimmed: the record decides
-                waiting.job_ended = True
-                return
-        raise WaitTimeout(job_id, waiting.keep)
+        until = time.monotonic() + budget
+        async with contextlib.aclosing(self.queue.follow(job_id, poll_s=POLL_S, until=until)) as batches:
+            async for events in batches:
+                if waiting.call_ended:  # a cancellation of this task that a Redis call swallowed (Python 3.11)
+                    raise asyncio.CancelledError
+                for event in events:
+                    waiting.job_ended = event.terminal
+                    yield event
+        if not waiting.job_ended:  # the deadline came first, or the job ended without an event we saw
+            if not (await self._record(job_id)).status.terminal:
+                raise WaitTimeout(job_id, waiting.keep)
+            waiting.job_ended = True
 
     def _call_ended(self, waiting: _Waiting) -> None:
         waiting.call_ended = True

@@ -10,6 +10,7 @@ in flight (429), then the queue's admission (limits and rules between fields, 42
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,27 +133,22 @@ async def _follow(queue: JobQueue, job_id: str, request: Request, timeout_s: flo
     """Follow the job's events until a terminal one or the timeout. When the client goes away the job is
     cancelled, unless `keep` (it came with an Idempotency-Key): then a resend with that key collects its result,
     as over gRPC."""
-    deadline, after = time.monotonic() + timeout_s, "0-0"
-    while (left := deadline - time.monotonic()) > 0:
-        events = await queue.events(job_id, after, block_ms=int(min(left, 1.0) * 1000) + 1)
-        if any(e.terminal for e in events):
-            return
-        after = events[-1].id if events else after
-        if not events:  # quiet: a job no worker took ends at its deadline when read (JobQueue.get)
-            job = await queue.get(job_id)
-            if job is None or job.status.terminal:
+    async with contextlib.aclosing(queue.follow(job_id, until=time.monotonic() + timeout_s)) as batches:
+        async for events in batches:
+            if any(e.terminal for e in events):
                 return
-        if await request.is_disconnected():
-            if keep:
-                raise ApiError(499, f"client closed the request; job {job_id} goes on for a resend with the same "
-                               "Idempotency-Key")
-            await queue.cancel(job_id)  # nobody is left to take the answer, and only this client knew the job
-            raise ApiError(499, f"client closed the request; job {job_id} was cancelled")
-        draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
-        if draining is not None and draining.is_set():
-            raise ApiError(503, f"the API is shutting down; job {job_id} goes on: poll GET /v1/jobs/{job_id}, or "
-                           "resend the request with the same Idempotency-Key", code="shutting_down",
-                           headers={"Retry-After": "1", "Location": f"/v1/jobs/{job_id}"}, extra={"job_id": job_id})
+            if await request.is_disconnected():
+                if keep:
+                    raise ApiError(499, f"client closed the request; job {job_id} goes on for a resend with the "
+                                   "same Idempotency-Key")
+                await queue.cancel(job_id)  # nobody is left to take the answer, and only this client knew the job
+                raise ApiError(499, f"client closed the request; job {job_id} was cancelled")
+            draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
+            if draining is not None and draining.is_set():
+                raise ApiError(503, f"the API is shutting down; job {job_id} goes on: poll GET /v1/jobs/{job_id}, "
+                               "or resend the request with the same Idempotency-Key", code="shutting_down",
+                               headers={"Retry-After": "1", "Location": f"/v1/jobs/{job_id}"},
+                               extra={"job_id": job_id})
 
 
 #: a failed job's error starts with its reason (the worker's "reason: message", the queue's "deadline exceeded");
