@@ -152,8 +152,8 @@ class Pipeline:
         with torch.inference_mode():
             cond = conditioner.encode(ids).context
             uncond = conditioner.encode([conditioner.null_class] * len(ids)).context
-        return self._generate(specs, settings, self.size(settings), conditions=self._contexts(cond, uncond),
-                              progress=progress)
+        return self._generate(specs, settings, self.size(settings),
+                              conditions=(self._placed(cond), self._placed(uncond)), progress=progress)
 
     def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
                    progress: Progress | None = None) -> GenerationResult:
@@ -164,7 +164,7 @@ class Pipeline:
         with torch.inference_mode():
             cond = encoder.encode_layouts(layouts, size)
             uncond = encoder.encode_layouts([[] for _ in layouts], size)
-        return self._generate(specs, settings, size, conditions=self._layout_conditions(cond, uncond),
+        return self._generate(specs, settings, size, conditions=(self._placed(*cond), self._placed(*uncond)),
                               progress=progress)
 
     def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
@@ -200,11 +200,11 @@ class Pipeline:
         if isinstance(conditioner, ClassConditioner):
             with torch.inference_mode():
                 null = conditioner.encode([conditioner.null_class] * len(specs)).context
-            return self._generate(specs, settings, size, conditions=self._contexts(null, null), progress=progress)
+            return self._generate(specs, settings, size, conditions=(self._placed(null),) * 2, progress=progress)
         if isinstance(conditioner, LayoutEncoder):
             with torch.inference_mode():
                 empty = conditioner.encode_layouts([[] for _ in specs], size)
-            return self._generate(specs, settings, size, conditions=self._layout_conditions(empty, empty),
+            return self._generate(specs, settings, size, conditions=(self._placed(*empty),) * 2,
                                   progress=progress)
         if isinstance(conditioner, SemanticEncoder):
             with torch.inference_mode():
@@ -225,21 +225,11 @@ class Pipeline:
         if len(conditions) != len(specs):
             raise ValueError(f"need one {what} per item: {len(specs)} items, {len(conditions)} {what}s")
 
-    def _contexts(self, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[Conditioning, Conditioning]:
+    def _placed(self, context: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> Conditioning:
+        """A conditioning with its tensors on the model's device, in its dtype."""
         device, dtype = self.model.device, self.model.dtype
-        return Conditioning(context=cond.to(device, dtype)), Conditioning(context=uncond.to(device, dtype))
-
-    def _layout_conditions(self, cond: tuple[torch.Tensor, torch.Tensor | None],
-                           uncond: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[Conditioning, Conditioning]:
-        """(context, raster or None) pairs of `LayoutEncoder.encode_layouts` as the sampler's conditionings."""
-        device, dtype = self.model.device, self.model.dtype
-
-        def one(pair: tuple[torch.Tensor, torch.Tensor | None]) -> Conditioning:
-            context, raster = pair
-            return Conditioning(context=context.to(device, dtype),
-                                concat=None if raster is None else raster.to(device, dtype))
-
-        return one(cond), one(uncond)
+        return Conditioning(context=None if context is None else context.to(device, dtype),
+                            concat=None if concat is None else concat.to(device, dtype))
 
     # ------------------------------------------------------------------ the shared core
 
