@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ from models.conditioning import Box, layout_to_json, parse_layout
 from models.config import builtin_config
 from models.images import encode_png
 from models.ldm import LatentDiffusion
-from models.pipeline import GenerationResult, Pipeline, RunSettings, SampleSpec, UnsupportedTask
+from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.samplers import SamplerName
 from models.text import CLIPTextConditioner
 
@@ -75,18 +76,13 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
     With `out_dir`, prompt i is written as NNN.png (NNN-k.png when n > 1) with seed `seed + i`;
     with `out_file`, the single prompt's images go to that file (stem-k.png when n > 1).
     """
-    device, dtype = pick_device(options.device, options.dtype)
-    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema)
+    model, pipeline, settings = _load(options)
     if isinstance(model.conditioner, CLIPTextConditioner) and model.conditioner.tokenizer is None:
         raise ValueError(  # fail before any work, as a usage error rather than a crash mid-run
             f"model {options.model!r} has a CLIP text encoder but no tokenizer (a single checkpoint file carries "
             "none): give --tokenizer DIR, a folder with vocab.json and merges.txt such as the `tokenizer/` "
             "folder of a diffusers SD v1 repository"
         )
-    pipeline = Pipeline(model)
-    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
-                           height=options.height, karras=options.karras, eta=options.eta)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -94,24 +90,46 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
         specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance)
                  for k in range(options.n)]
-        with tqdm(total=options.steps, desc=f"prompt {i}", unit="step", leave=False) as bar:
-
-            def advance(step: int, total: int, bar: tqdm = bar) -> None:
-                bar.total = total
-                bar.update(step - bar.n)
-
+        with _step_bar(f"prompt {i}", options.steps) as advance:
             result = pipeline.txt2img(specs, settings, progress=advance)
-        for warning in result.warnings:
-            log.warning("%s", warning)
-        for k, (spec, image) in enumerate(zip(specs, result.images, strict=True)):
-            params = {**asdict(spec), **asdict(settings), "width": image.width, "height": image.height,
-                      "task": "txt2img",
-                      "model": options.model}
-            del params["strength"]  # img2img only
-            path = _output_path(out_file, out_dir, i, k, options.n)
-            path.write_bytes(encode_png(image, params))
-            written.append(path)
+        written += _save(result, settings, options, [{**asdict(s), "task": "txt2img"} for s in specs],
+                         [_output_path(out_file, out_dir, i, k, options.n) for k in range(options.n)])
     return written
+
+
+def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSettings]:
+    """The model on its device, its pipeline, and the run's settings."""
+    device, dtype = pick_device(options.device, options.dtype)
+    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
+                          use_ema=options.use_ema)
+    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
+                           height=options.height, karras=options.karras, eta=options.eta)
+    return model, Pipeline(model), settings
+
+
+@contextmanager
+def _step_bar(desc: str, steps: int) -> Iterator[Progress]:
+    """A tqdm bar of sampler steps, and the pipeline's progress callback that moves it."""
+    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+
+        def advance(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        yield advance
+
+
+def _save(result: GenerationResult, settings: RunSettings, options: GenerateOptions,
+          items: Sequence[dict[str, object]], paths: Sequence[Path]) -> list[Path]:
+    """Log the run's warnings; write each image with its parameters (its item's, the run's, its size, the model)
+    as PNG text."""
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    for image, item, path in zip(result.images, items, paths, strict=True):
+        params = {**item, **asdict(settings), "width": image.width, "height": image.height, "model": options.model}
+        del params["strength"]  # img2img only
+        path.write_bytes(encode_png(image, params))
+    return list(paths)
 
 
 def _output_path(out_file: Path | None, out_dir: Path | None, i: int, k: int, n: int) -> Path:
@@ -145,23 +163,14 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
         raise ValueError(f"--task {task} needs {_FLAGS[needed]}")
     for name, flag in _FLAGS.items():
         if getattr(inputs, name) is not None and name != needed:
-            raise ValueError(f"{flag} is for --task {[t for t, n in _NEEDS.items() if n == name][0]}, not {task}")
+            owner = next(t for t, n in _NEEDS.items() if n == name)
+            raise ValueError(f"{flag} is for --task {owner}, not {task}")
     label_map = _read_map(inputs.map_path) if inputs.map_path is not None else None
     layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
-    device, dtype = pick_device(options.device, options.dtype)
-    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema)
-    pipeline = Pipeline(model)
-    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
-                           height=options.height, karras=options.karras, eta=options.eta)
+    model, pipeline, settings = _load(options)
     specs = [SampleSpec("", "", options.seed + k, options.guidance) for k in range(options.n)]
     extra: dict[str, object] = {}
-    with tqdm(total=options.steps, desc=task, unit="step", leave=False) as bar:
-
-        def advance(step: int, total: int) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
+    with _step_bar(task, options.steps) as advance:
         if task == "class":
             assert inputs.class_label is not None
             result = pipeline.class2img(specs, settings, [inputs.class_label] * options.n, progress=advance)
@@ -177,7 +186,10 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
             extra["map"] = inputs.map_path.name
         else:
             result = pipeline.unconditional(specs, settings, progress=advance)
-    return _write_task_images(task, result, specs, settings, options, extra, out_file)
+    items = [{"seed": spec.seed, "guidance_scale": spec.guidance_scale if task != "unconditional" else 1.0,
+              "task": task, **extra} for spec in specs]
+    return _save(result, settings, options, items, [_output_path(out_file, None, 0, k, options.n)
+                                                    for k in range(options.n)])
 
 
 def _layout(model: LatentDiffusion, data: object) -> list[Box]:
@@ -201,19 +213,3 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"--layout {path}: not valid JSON ({err})") from None
-
-
-def _write_task_images(task: Task, result: GenerationResult, specs: list[SampleSpec], settings: RunSettings,
-                       options: GenerateOptions, extra: dict[str, object], out_file: Path) -> list[Path]:
-    for warning in result.warnings:
-        log.warning("%s", warning)
-    written = []
-    for k, (spec, image) in enumerate(zip(specs, result.images, strict=True)):
-        params = {"seed": spec.seed, "guidance_scale": spec.guidance_scale if task != "unconditional" else 1.0,
-                  **asdict(settings), "width": image.width, "height": image.height, "task": task,
-                  "model": options.model, **extra}
-        del params["strength"]
-        path = _output_path(out_file, None, 0, k, options.n)
-        path.write_bytes(encode_png(image, params))
-        written.append(path)
-    return written
