@@ -169,6 +169,14 @@ local function owned(job, consumer, attempt)
   if v[1] == consumer and v[2] == attempt then return v[3] end
   return false
 end
+local function past_deadline(job, now, default_s)
+  local v = redis.call('HMGET', job, 'created', 'deadline_s')
+  local deadline = v[2] or default_s
+  if tonumber(now) - tonumber(v[1]) > tonumber(deadline) then
+    return 'deadline exceeded: not started within ' .. deadline .. ' s of submission'
+  end
+  return false
+end
 local function settle(job, events, image, mask, status, err, now, ttl, results)
   redis.call('HSET', job, 'status', status, 'finished', now, 'results', results)
   if err then redis.call('HSET', job, 'error', err) end
@@ -227,10 +235,8 @@ for i = 1, (#ARGV - 8) / 2 do
     redis.call('XADD', dead, 'MAXLEN', '~', '@DEAD_MAXLEN@', '*', 'job', id, 'model', ARGV[8],
                'attempts', attempts, 'error', err, 'at', now)
     ack(stream, entry)
-  elseif status == 'queued' and tonumber(now) - tonumber(redis.call('HGET', job, 'created')) >
-         tonumber(redis.call('HGET', job, 'deadline_s') or ARGV[5]) then
-    settle(job, events, image, mask, 'failed', 'deadline exceeded: not started within ' ..
-           (redis.call('HGET', job, 'deadline_s') or ARGV[5]) .. ' s of submission', now, final_ttl, 0)
+  elseif status == 'queued' and past_deadline(job, now, ARGV[5]) then
+    settle(job, events, image, mask, 'failed', past_deadline(job, now, ARGV[5]), now, final_ttl, 0)
     ack(stream, entry)
   else
     redis.call('HINCRBY', job, 'attempts', 1)
@@ -335,12 +341,11 @@ return status
 # worker takes (none running for its model) ends at its deadline for whoever reads it, instead of staying queued.
 # KEYS: stream, 4 per job.  ARGV: now, final ttl, default deadline s.  Returns the status after (nil: no such job).
 _EXPIRE = """
-local v = redis.call('HMGET', KEYS[2], 'status', 'attempts', 'created', 'deadline_s')
+local v = redis.call('HMGET', KEYS[2], 'status', 'attempts')
 if not v[1] then return false end
-local deadline = v[4] or ARGV[3]
-if v[1] == 'queued' and tonumber(v[2] or '0') == 0 and tonumber(ARGV[1]) - tonumber(v[3]) > tonumber(deadline) then
-  settle(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 'failed', 'deadline exceeded: not started within ' .. deadline ..
-         ' s of submission', ARGV[1], tonumber(ARGV[2]), 0)
+local late = v[1] == 'queued' and tonumber(v[2] or '0') == 0 and past_deadline(KEYS[2], ARGV[1], ARGV[3])
+if late then
+  settle(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 'failed', late, ARGV[1], tonumber(ARGV[2]), 0)
   ack(KEYS[1], redis.call('HGET', KEYS[2], 'entry'))
   return 'failed'
 end
