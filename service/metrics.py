@@ -42,8 +42,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from service.jobs import JobQueue
-    from service.schemas import QueueStats
+    from service.queue import JobQueue, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ class QueueStatsCollector(Collector):
         """Read the queue statistics of `models` (default: discovered, see the class docstring)."""
         if time.monotonic() - self._at < self.max_age_s:
             return
-        from service.jobs import QueueError  # late: this module must not need Redis to be imported
+        from service.queue import QueueError  # late: this module must not need Redis to be imported
 
         try:
             workers = await queue.workers()

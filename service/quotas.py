@@ -24,12 +24,11 @@ import contextlib
 import math
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from service.auth import Principal
-from service.jobs import JobQueue, QueueError, QueueUnavailable, _retrying
-from service.schemas import GenerationRequest, Job, JobStatus
+from service.queue import Job, JobQueue, JobStatus, QueueError, QueueUnavailable, retrying
+from service.schemas import GenerationRequest
 
 T = TypeVar("T")
 
@@ -80,28 +79,12 @@ class QuotaExceeded(QueueError):
         self.quota, self.retry_after_s = quota, retry_after_s
 
 
-@dataclass(frozen=True)
-class QuotaKeys:
-    """The Redis key names of the quotas, under the service's prefix."""
-
-    prefix: str
-
-    def bucket(self, key_id: str) -> str:
-        return f"{self.prefix}:quota:rate:{key_id}"
-
-    def jobs(self, key_id: str) -> str:
-        return f"{self.prefix}:quota:jobs:{key_id}"
-
-    def reservations(self, key_id: str) -> str:
-        return f"{self.prefix}:quota:reserved:{key_id}"
-
-
 class Quotas:
     """The quotas over one front end's JobQueue (its Redis client and retry rules)."""
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue, self.settings = queue, queue.settings
-        self.keys = QuotaKeys(self.settings.key_prefix)
+        self.keys = queue.keys  # every key name is in service/queue/keys.py
         redis = queue.redis
         self._take = redis.register_script(_TAKE_TOKEN)
         self._reserve = redis.register_script(_RESERVE)
@@ -114,7 +97,8 @@ class Quotas:
             return
         ttl_ms = math.ceil(s.key_rate_burst / s.key_rate_limit_per_s * 1000) + 1000
         allowed, value = await _redis(self.queue, lambda: self._take(
-            keys=[self.keys.bucket(principal.key_id)], args=[repr(s.key_rate_limit_per_s), s.key_rate_burst, ttl_ms]))
+            keys=[self.keys.quota_bucket(principal.key_id)],
+            args=[repr(s.key_rate_limit_per_s), s.key_rate_burst, ttl_ms]))
         if not int(allowed):
             wait = max(1, math.ceil(float(value)))
             raise QuotaExceeded("rate", f"rate limit of this API key exceeded ({s.key_rate_limit_per_s:g} jobs/s, "
@@ -140,7 +124,7 @@ class Quotas:
     async def in_flight(self, principal: Principal) -> int:
         """Jobs of `principal` still queued or running (ended ones are dropped on the way)."""
         await self._prune(principal.key_id)
-        return int(await _redis(self.queue, lambda: self.queue.redis.scard(self.keys.jobs(principal.key_id))))
+        return int(await _redis(self.queue, lambda: self.queue.redis.scard(self.keys.quota_jobs(principal.key_id))))
 
     # -- helpers
 
@@ -150,7 +134,7 @@ class Quotas:
         return int((self.settings.job_deadline_s + self.settings.result_ttl_s) * 1000)
 
     def _slot_keys(self, key_id: str) -> list[str]:
-        return [self.keys.jobs(key_id), self.keys.reservations(key_id)]
+        return [self.keys.quota_jobs(key_id), self.keys.quota_reservations(key_id)]
 
     async def _reserve_slot(self, key_id: str, token: str, cap: int) -> None:
         args: list[str | int] = [cap, token, RESERVATION_S, self._jobs_ttl_ms]
@@ -167,7 +151,7 @@ class Quotas:
     async def _prune(self, key_id: str) -> None:
         """Drop the key's jobs that have ended or expired. Not atomic, and need not be: a job that has ended never
         runs again, so removing it can only be right."""
-        redis, key = self.queue.redis, self.keys.jobs(key_id)
+        redis, key = self.queue.redis, self.keys.quota_jobs(key_id)
         members = [m for m in await _redis(self.queue, lambda: redis.smembers(key)) if isinstance(m, bytes)]
         if not members:
             return
@@ -185,10 +169,10 @@ class Quotas:
 
     async def _release(self, key_id: str, token: str) -> None:
         with contextlib.suppress(QueueUnavailable):  # else the reservation lapses by itself after RESERVATION_S
-            await _redis(self.queue, lambda: self.queue.redis.zrem(self.keys.reservations(key_id), token))
+            await _redis(self.queue, lambda: self.queue.redis.zrem(self.keys.quota_reservations(key_id), token))
 
 
-@_retrying
+@retrying
 async def _redis(queue: JobQueue, call: Callable[[], Awaitable[T]]) -> T:
     """`call()` under the queue's retry rules: connection errors retried with backoff, then QueueUnavailable."""
     return await call()

@@ -1,4 +1,5 @@
-"""The job schema shared by the REST and gRPC front ends, the queue and the worker.
+"""The request schema shared by the REST and gRPC front ends, the queue and the worker (the queue's own records,
+`Job`, `JobStatus`, `JobEvent`, `WorkerInfo`, are in service/queue/records.py).
 
 Two levels of checking:
 - static, by pydantic when a `GenerationRequest` is built: types, choices, signs, ranges that never change;
@@ -27,7 +28,6 @@ import hashlib
 import math
 import secrets
 from collections.abc import Iterable
-from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -53,20 +53,6 @@ class Task(StrEnum):
     unconditional = "unconditional"
     semantic = "semantic"
     layout = "layout"
-
-
-class JobStatus(StrEnum):
-    """queued -> running -> succeeded | failed | cancelled (a reclaimed job goes back to queued)."""
-
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
 #: tasks that take an input image; inpainting also takes a mask
@@ -350,54 +336,6 @@ def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     return request.model_copy(update=update) if update else request
 
 
-class Job(BaseModel):
-    """A job's record as stored in `ldm:job:<id>` and answered by GET /v1/jobs/{id} (images excluded)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    model: str
-    status: JobStatus
-    request: GenerationRequest
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    step: int = Field(default=0, description="sampler steps done in the current attempt")
-    total: int = Field(default=0, description="sampler steps of the job (0 before it starts)")
-    attempts: int = Field(default=0, description="deliveries to a worker so far")
-    error: str | None = None
-    results: int = Field(default=0, description="result images stored (n once succeeded)")
-    cancel_requested: bool = False
-    worker: str | None = Field(default=None, description="the worker holding the job, if any")
-    deadline_s: float | None = Field(
-        default=None, description="seconds after submission by which the job must start, else it fails (deadline "
-        "exceeded) without running")
-
-
-EventType = Literal["queued", "started", "progress", "requeued", "cancel_requested", "succeeded", "failed",
-                    "cancelled"]
-TERMINAL_EVENTS: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-
-
-class JobEvent(BaseModel):
-    """One entry of `ldm:events:<id>`; `id` is the stream entry id, usable as SSE `Last-Event-ID`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    type: EventType
-    status: JobStatus
-    step: int = 0
-    total: int = 0
-    results: int = 0
-    error: str | None = None
-    at: float = Field(description="Unix time of the event")
-
-    @property
-    def terminal(self) -> bool:
-        return self.type in TERMINAL_EVENTS
-
-
 def normalise_name(name: str) -> str:
     """Class names match whatever their case and spacing ("Red  Circle" is "red circle"), as in the model library."""
     return " ".join(name.lower().split())
@@ -458,32 +396,3 @@ def check_labels(request: GenerationRequest, labels: LabelSet, map_labels: Itera
     problems = label_errors(request, labels, map_labels)
     if problems:
         raise _invalid(problems)
-
-
-class WorkerInfo(BaseModel):
-    """What a worker says about itself in its heartbeat."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str = Field(pattern=r"^[A-Za-z0-9._:@-]{1,128}$")
-    models: list[str]
-    tasks: list[Task] = Field(default_factory=list,
-                              description="tasks its model can do (empty = not said: assume any)")
-    labels: LabelSet | None = Field(default=None, description="the labels its model takes (class, layout and "
-                                    "semantic models; None = not said: the worker checks them)")
-    host: str = ""
-    pid: int = 0
-    device: str = ""
-    started_at: float = 0.0
-    busy: bool = False
-    last_seen: float = 0.0
-
-
-class QueueStats(BaseModel):
-    """One model's queue, for metrics and Retry-After."""
-
-    model: str
-    depth: int = Field(description="accepted, unfinished jobs (waiting + claimed)")
-    pending: int = Field(description="jobs claimed by a worker and not yet acknowledged")
-    waiting: int = Field(description="jobs no worker has claimed yet")
-    oldest_waiting_age_s: float = Field(description="age of the oldest job no worker has claimed; 0 if none")

@@ -17,7 +17,8 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.schemas import MAX_SEED, GenerationRequest, Job, Sampler, Task
+from service.queue import Job
+from service.schemas import MAX_SEED, GenerationRequest, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:

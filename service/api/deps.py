@@ -16,7 +16,7 @@ from service.api.middleware import PRINCIPAL
 from service.api.submit import Submitter
 from service.auth import ANONYMOUS, Principal
 from service.config import Settings
-from service.jobs import IDEMPOTENCY_KEY, JobQueue
+from service.queue import IDEMPOTENCY_KEY, JobQueue
 from service.quotas import Quotas
 
 #: the API key scheme, as /docs shows it (its Authorize button); the `Authenticate` middleware enforces it

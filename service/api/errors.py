@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.images import ImageError
 from service.auth import AuthError
-from service.jobs import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.metrics import ApiMetrics
+from service.queue import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.quotas import QuotaExceeded
 
 OPENAI_PREFIX = "/v1/images/"

@@ -44,18 +44,21 @@ from service.api.images import ImageError, decode_image, decode_label_map, decod
 from service.api.submit import check_model
 from service.auth import Authenticator, AuthError, current_principal
 from service.config import Settings
-from service.jobs import (
+from service.metrics import ApiMetrics
+from service.queue import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
     IdempotencyConflict,
+    Job,
+    JobEvent,
     JobNotFound,
     JobQueue,
+    JobStatus,
     QueueFull,
     QueueUnavailable,
 )
-from service.metrics import ApiMetrics
 from service.quotas import QuotaExceeded, Quotas
-from service.schemas import GenerationRequest, Job, JobEvent, JobStatus, Task
+from service.schemas import GenerationRequest, Task
 
 try:
     from service.api._proto.ldm.v1 import ldm_pb2 as pb

@@ -28,8 +28,8 @@ from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
 from service.api.routes import health, jobs, models, openai, sync
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
-from service.jobs import JobQueue
 from service.metrics import ApiMetrics
+from service.queue import JobQueue
 from service.quotas import Quotas
 
 log = logging.getLogger(__name__)

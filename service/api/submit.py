@@ -26,9 +26,9 @@ from service.api.errors import ApiError
 from service.api.images import decode_image, decode_label_map, decode_mask
 from service.auth import Principal
 from service.config import Settings
-from service.jobs import JobNotFound, JobQueue
+from service.queue import Job, JobNotFound, JobQueue, JobStatus
 from service.quotas import Quotas
-from service.schemas import IMAGE_TASKS, GenerationRequest, Job, JobStatus, Task, check_labels
+from service.schemas import IMAGE_TASKS, GenerationRequest, Task, check_labels
 
 
 async def served_models(queue: JobQueue, settings: Settings) -> dict[str, int]:

@@ -41,9 +41,9 @@ import torch
 from PIL import Image
 
 from service.config import Settings
-from service.jobs import Claim, QueueError, QueueUnavailable, SyncJobQueue
 from service.metrics import WorkerMetrics, start_metrics_server
-from service.schemas import BatchKey, GenerationRequest, Task, WorkerInfo
+from service.queue import Claim, QueueError, QueueUnavailable, SyncJobQueue, WorkerInfo
+from service.schemas import BatchKey, GenerationRequest, Task
 from service.worker.batcher import Batch, Sample, make_batches
 from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback
 

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.jobs import Keys
+from service.queue import Keys
 from service.serve import WORKER_STOP_TIMEOUT_S
 from service.worker.runner import served_name
 from tests.deploy import crd_schemas

@@ -17,7 +17,7 @@ import pytest
 
 from service.config import Settings
 from service.embedded import EmbeddedRedis
-from service.jobs import JobQueue
+from service.queue import JobQueue
 from tests.helpers import drop_keys
 
 #: fast defaults for tests; each test overrides what it exercises

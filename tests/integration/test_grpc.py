@@ -51,9 +51,9 @@ from service.api.grpc import (  # noqa: E402
 )
 from service.config import Settings  # noqa: E402
 from service.embedded import free_port  # noqa: E402
-from service.jobs import Claim, JobQueue, SyncJobQueue  # noqa: E402
 from service.metrics import ApiMetrics  # noqa: E402
-from service.schemas import GenerationRequest, JobEvent, JobStatus, Task, admit  # noqa: E402
+from service.queue import Claim, JobEvent, JobQueue, JobStatus, SyncJobQueue  # noqa: E402
+from service.schemas import GenerationRequest, Task, admit  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "grpc-test-model"  # the fake worker's

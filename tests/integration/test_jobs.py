@@ -13,16 +13,18 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
-from service.jobs import (
+from service.queue import (
     GROUP,
     IdempotencyConflict,
     JobNotFound,
     JobQueue,
+    JobStatus,
     QueueFull,
     QueueUnavailable,
     SyncJobQueue,
+    WorkerInfo,
 )
-from service.schemas import GenerationRequest, JobStatus, Task, WorkerInfo
+from service.schemas import GenerationRequest, Task
 
 pytestmark = pytest.mark.timeout(30)
 MODEL = "tiny"

@@ -26,7 +26,7 @@ from PIL import Image
 
 from models.checkpoints import CheckpointError, load_model
 from service.config import Settings
-from service.jobs import JobQueue
+from service.queue import JobQueue
 from tests.helpers import drop_keys
 from tests.integration.secure import TXT, grpc_serving, params, pb, queued
 from tests.integration.test_rest import FAST, Api, png_claiming, serving, worker_process

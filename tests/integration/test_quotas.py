@@ -19,9 +19,9 @@ import pytest
 from service import quotas as quotas_module
 from service.auth import Authenticator, hash_key
 from service.config import Settings
-from service.jobs import JobQueue
+from service.queue import JobQueue, JobStatus
 from service.quotas import QuotaExceeded, Quotas
-from service.schemas import GenerationRequest, JobStatus
+from service.schemas import GenerationRequest
 from tests.integration.secure import TXT, Keys, bearer, grpc_auth, grpc_serving, metric, params, pb, queued, redis_keys
 from tests.integration.test_rest import Api, serving
 

@@ -34,7 +34,7 @@ from PIL import Image
 
 from service.api.rest import build_server
 from service.config import Settings
-from service.jobs import SyncJobQueue
+from service.queue import SyncJobQueue
 from tests.helpers import drop_keys, stop_process
 
 pytestmark = pytest.mark.timeout(60)

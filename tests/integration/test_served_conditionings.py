@@ -43,8 +43,8 @@ from models.unet import UNetConfig
 from service.api import proto_build
 from service.config import Settings
 from service.embedded import free_port
-from service.jobs import JobQueue, SyncJobQueue
-from service.schemas import GenerationRequest, Job, JobStatus, Task
+from service.queue import Job, JobQueue, JobStatus, SyncJobQueue
+from service.schemas import GenerationRequest, Task
 from tests.helpers import drop_keys, random_model, stop_process, torch_threads
 from tests.integration.test_rest import Api, b64, png_claiming, problems, serving
 

@@ -35,9 +35,9 @@ from PIL import Image
 from models.images import png_parameters
 from service.config import Settings
 from service.embedded import free_port
-from service.jobs import JobQueue, SyncJobQueue
 from service.metrics import ApiMetrics
-from service.schemas import GenerationRequest, Job, JobStatus, Task
+from service.queue import Job, JobQueue, JobStatus, SyncJobQueue
+from service.schemas import GenerationRequest, Task
 from service.worker.batcher import make_batches
 from service.worker.runner import JobFailure, Runner, SampleInput
 from tests.helpers import drop_keys, torch_threads

@@ -28,8 +28,8 @@ from redis import Redis
 
 from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
-from service.jobs import SyncJobQueue
-from service.schemas import GenerationRequest, Job
+from service.queue import Job, SyncJobQueue
+from service.schemas import GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "random:tiny-sd"

@@ -34,7 +34,7 @@ import pytest
 
 from service.api._proto.ldm.v1 import ldm_pb2 as pb
 from service.api._proto.ldm.v1 import ldm_pb2_grpc as pb_grpc
-from service.schemas import JobStatus
+from service.queue import JobStatus
 from tests.reliability.procs import MODEL, POISON, Respawner, Stack, request, wait_until
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.jobs import Claim
-from service.schemas import BatchKey, GenerationRequest, Job, JobStatus, Task
+from service.queue import Claim, Job, JobStatus
+from service.schemas import BatchKey, GenerationRequest, Task
 from service.worker.batcher import Batch, make_batches
 
 

@@ -10,19 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings, load_settings
-from service.schemas import (
-    DEFAULT_GUIDANCE,
-    BatchKey,
-    GenerationRequest,
-    Job,
-    JobStatus,
-    LabelSet,
-    Sampler,
-    Task,
-    WorkerInfo,
-    admit,
-    check_labels,
-)
+from service.queue import Job, JobStatus, WorkerInfo
+from service.schemas import DEFAULT_GUIDANCE, BatchKey, GenerationRequest, LabelSet, Sampler, Task, admit, check_labels
 
 SETTINGS = Settings(config_file=None, max_width=512, max_height=512, min_width=32, min_height=32, max_steps=100,
                     max_n=4, max_guidance_scale=20.0, max_prompt_bytes=16, max_image_bytes=100,

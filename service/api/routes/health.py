@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 
 from service.api.deps import METRICS_BEARER, QueueDep, SettingsDep
-from service.jobs import QueueUnavailable
 from service.metrics import ApiMetrics
+from service.queue import QueueUnavailable
 
 router = APIRouter(tags=["operations"])
 

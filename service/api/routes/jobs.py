@@ -23,8 +23,7 @@ from service.api.deps import (
     get_principal,
 )
 from service.api.errors import ApiError
-from service.jobs import EVENT_ID, JobNotFound, JobQueue, QueueUnavailable
-from service.schemas import Job, JobEvent, JobStatus
+from service.queue import EVENT_ID, Job, JobEvent, JobNotFound, JobQueue, JobStatus, QueueUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 JobId = Annotated[str, Path(description="the job id (32 hex digits)")]

@@ -28,8 +28,8 @@ from service.api.errors import ApiError, validation_error
 from service.api.images import ImageError, openai_image_and_mask
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.config import Settings
-from service.jobs import JobQueue
-from service.schemas import GenerationRequest, Job, Task
+from service.queue import Job, JobQueue
+from service.schemas import GenerationRequest, Task
 
 router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[Depends(get_principal)],
                    responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})

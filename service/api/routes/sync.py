@@ -17,7 +17,7 @@ from service.api.bodies import (
 )
 from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, IdempotencyKey, SubmitterDep, get_principal
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
-from service.schemas import Job
+from service.queue import Job
 
 router = APIRouter(prefix="/v1", tags=["synchronous"], dependencies=[Depends(get_principal)],
                    responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})

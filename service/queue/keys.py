@@ -1,0 +1,68 @@
+"""Every Redis key name of the service, defined once, and the formats of the ids that go into them.
+
+Everything lives under one prefix (`Settings.key_prefix`, default `ldm`), so several deployments can share a
+Redis. The job stream's name (`ldm:jobs:<model>`) is also what KEDA scales the workers on (deploy/k8s).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+GROUP = "workers"  # the consumer group on every job stream
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+EVENT_ID = re.compile(r"^\d+(-\d+)?$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as an HTTP header carries it
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key name: the job protocol's and the per-key quotas' (service/quotas.py)."""
+
+    prefix: str = "ldm"
+
+    def stream(self, model: str) -> str:
+        return f"{self.prefix}:jobs:{model}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def result(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}:result:{job_id}:{index}"
+
+    def input(self, job_id: str, name: Literal["image", "mask"]) -> str:
+        return f"{self.prefix}:input:{job_id}:{name}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def per_job(self, job_id: str) -> list[str]:
+        """The keys a job's scripts touch besides the stream: hash, events, image, mask."""
+        return [self.job(job_id), self.events(job_id), self.input(job_id, "image"), self.input(job_id, "mask")]
+
+    def quota_bucket(self, key_id: str) -> str:
+        """The submission-rate token bucket of API key `key_id`."""
+        return f"{self.prefix}:quota:rate:{key_id}"
+
+    def quota_jobs(self, key_id: str) -> str:
+        """The ids of API key `key_id`'s jobs in flight."""
+        return f"{self.prefix}:quota:jobs:{key_id}"
+
+    def quota_reservations(self, key_id: str) -> str:
+        """API key `key_id`'s slots reserved by submissions under way."""
+        return f"{self.prefix}:quota:reserved:{key_id}"
