@@ -2,7 +2,7 @@
 
 - `batcher`: the batching decision, a pure function (`make_batches`); imports neither Redis nor torch;
 - `runner`: the only code that touches the device (`Runner`: load, decode inputs, run a batch, encode PNGs);
-- `process`: the loop schedule -> execute -> update, heartbeats, signals (`run_worker`, the `ldm worker` entry).
+- `process`: the loop claim -> schedule -> execute -> update, heartbeats, signals (`run_worker`, `ldm worker`).
 
 `python -m service.worker --model SPEC` runs one with settings from the environment (`LDM_*`).
 """

@@ -37,7 +37,7 @@ class Batch(Generic[T]):
 
     @property
     def jobs(self) -> list[T]:
-        """The distinct jobs with a sample here, in order."""
+        """The distinct jobs with a sample here, in order (the worker's one way to go from samples to jobs)."""
         seen: list[T] = []
         for s in self.samples:
             if not any(s.job is j for j in seen):
@@ -49,7 +49,7 @@ class Batch(Generic[T]):
 
 
 def claim_request(item: Any) -> GenerationRequest:
-    """The request of a `service.jobs.Claim` (the default accessor)."""
+    """The request of a `service.queue.Claim` (the default accessor)."""
     request: GenerationRequest = item.job.request
     return request
 

@@ -1,11 +1,14 @@
-"""The worker process: one device, one model, a loop of schedule -> execute -> update (vLLM's EngineCore.step).
+"""The worker process: one device, one model, a loop of claim -> schedule -> execute -> update (vLLM's EngineCore.step:
+requests come in, the scheduler picks and groups them, the model runs, the outputs update the requests).
 
-- schedule: take over a job of a worker that went silent (XAUTOCLAIM, every so often) and run it alone, in
+- claim: take over a job of a worker that went silent (XAUTOCLAIM, every so often) and run it alone, in
   quarantine (it may be a poison job that killed that worker); else claim up to `max_batch` new jobs, blocking
-  at most `max_wait_ms`; decode their inputs and group them (`make_batches`).
-- execute: run each batch on the device (`Runner.run`); after every sampler step the jobs' progress goes to the
-  queue, whose answer says which jobs were cancelled (stopped between steps) or taken over by another worker.
-- update: store each job's PNGs and mark it succeeded (`finish`), or `fail` / `cancelled` it; metrics.
+  at most `max_wait_ms`.
+- schedule: check each job against the model, decode its inputs, group the jobs into batches (`make_batches`).
+- execute: start a batch's jobs and run it on the device (`Runner.run`); after every sampler step the jobs'
+  progress goes to the queue, whose answer says which jobs were cancelled (stopped between steps) or taken over
+  by another worker. Its result, a `BatchOutput`, is the images or the batch's failure.
+- update: store each job's PNGs and mark it succeeded (`finish`), or `fail` the batch's jobs; metrics, log.
 
 A heartbeat thread registers the worker (`WorkerInfo`, with the tasks its model can do) every
 `min(heartbeat_interval_s, visibility_timeout_s / 3)` and keeps every claimed job alive, including those waiting
@@ -44,7 +47,7 @@ from service.config import Settings
 from service.metrics import WorkerMetrics, start_metrics_server
 from service.queue import Claim, QueueError, QueueUnavailable, SyncJobQueue, WorkerInfo
 from service.schemas import BatchKey, GenerationRequest, Task
-from service.worker.batcher import Batch, Sample, make_batches
+from service.worker.batcher import Batch, make_batches
 from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback
 
 log = logging.getLogger("service.worker")
@@ -82,12 +85,15 @@ class JobState:
         return self.claim.job.request
 
 
-def _distinct(samples: Sequence[Sample[JobState]]) -> list[JobState]:
-    jobs: list[JobState] = []
-    for s in samples:
-        if not any(s.job is j for j in jobs):
-            jobs.append(s.job)
-    return jobs
+@dataclass(frozen=True)
+class BatchOutput:
+    """What `execute` made of a batch, for `update`: `ran`, the samples that ran, with a PNG each (None: its job
+    stopped mid-batch), or the `failure` of the whole batch; `seconds` it took."""
+
+    ran: Batch[JobState]
+    pngs: tuple[bytes | None, ...] = ()
+    failure: JobFailure | None = None
+    seconds: float = 0.0
 
 
 class Worker:
@@ -157,26 +163,24 @@ class Worker:
     # ------------------------------------------------------------------------------------------- one step
 
     def step(self) -> int:
-        """schedule -> execute -> update once; the number of jobs taken."""
-        claims = self.schedule()
+        """claim -> schedule -> (execute -> update) for each batch; the number of jobs taken."""
+        claims = self.claim()
         if not claims:
             return 0
         self._busy = True
         try:
             with self.metrics.busy.busy():
-                jobs = self.prepare(claims)
-                for batch in make_batches(jobs, self.settings.max_batch, request=lambda j: j.request,
-                                          key=lambda j: j.key):
-                    self.execute(batch)
-                for j in jobs:  # never leave a claimed job behind (cannot happen; a net under future changes)
-                    if not j.done:
-                        self._fail(j, JobFailure("internal", f"made {len(j.pngs)} of {j.request.n} images"))
+                batches = self.schedule(claims)
+                for batch in batches:
+                    self.update(self.execute(batch))
+                for j in (j for b in batches for j in b.jobs if not j.done):  # never leave a claimed job behind
+                    self._fail(j, JobFailure("internal", f"made {len(j.pngs)} of {j.request.n} images"))  # (a net)
         finally:
             self._busy = False
             self._release(claims)
         return len(claims)
 
-    def schedule(self) -> list[Claim]:
+    def claim(self) -> list[Claim]:
         """One job of a silent worker (looked for every `reclaim_interval_s`), alone; else up to `max_batch` new
         jobs.
 
@@ -201,60 +205,54 @@ class Worker:
             self._held.update((c.job.id, c) for c in claims)
         return claims
 
-    def prepare(self, claims: Sequence[Claim]) -> list[JobState]:
-        """Check each job against the model and decode its inputs; a job that cannot run fails here, alone."""
-        jobs: list[JobState] = []
-        for claim in claims:
-            request = claim.job.request
-            try:
-                self.runner.check(request)
-                image = mask = None
-                if request.task != Task.txt2img:
-                    raw_image, raw_mask = self.queue.inputs(claim.job.id)
-                    image, mask = self.runner.inputs(request, raw_image, raw_mask,
-                                                     max_pixels=self.settings.max_image_pixels)
-                jobs.append(JobState(claim, self.runner.batch_key(request, image), image, mask))
-            except JobFailure as failure:
-                self._fail(JobState(claim, request.batch_key()), failure)
-        return jobs
+    # ------------------------------------------------------------------------------------------- schedule
 
-    def execute(self, batch: Batch[JobState]) -> None:
-        """Start the batch's jobs, run it, store what it made."""
-        live = self._start([s for s in batch.samples if not s.job.done])
-        if not live:
-            return
-        jobs = _distinct(live)
-        inputs = [SampleInput(s.job.request, s.seed, s.job.image, s.job.mask) for s in live]
+    def schedule(self, claims: Sequence[Claim]) -> list[Batch[JobState]]:
+        """The batches to run: each job checked against the model and its inputs decoded (a job that cannot run
+        fails here, alone), then grouped (`make_batches`, with the decoded input's size in the key)."""
+        jobs = [j for j in (self._prepare(c) for c in claims) if j is not None]
+        return make_batches(jobs, self.settings.max_batch, request=lambda j: j.request, key=lambda j: j.key)
+
+    def _prepare(self, claim: Claim) -> JobState | None:
+        request = claim.job.request
+        try:
+            self.runner.check(request)
+            image = mask = None
+            if request.task != Task.txt2img:
+                raw_image, raw_mask = self.queue.inputs(claim.job.id)
+                image, mask = self.runner.inputs(request, raw_image, raw_mask,
+                                                 max_pixels=self.settings.max_image_pixels)
+            return JobState(claim, self.runner.batch_key(request, image), image, mask)
+        except JobFailure as failure:
+            self._fail(JobState(claim, request.batch_key()), failure)
+            return None
+
+    # ------------------------------------------------------------------------------------------- execute
+
+    def execute(self, batch: Batch[JobState]) -> BatchOutput:
+        """Start the batch's jobs and run it on the device. After every sampler step the jobs' progress goes to the
+        queue, and the jobs it says were cancelled or taken over stop there (settled at once: their images are
+        dropped). A failure of the whole batch is caught into the output; the queue's own errors propagate."""
+        live = self._start(batch)
+        if not live.samples:
+            return BatchOutput(live)
+        inputs = [SampleInput(s.job.request, s.seed, s.job.image, s.job.mask) for s in live.samples]
         began = time.monotonic()
         try:
-            pngs = self.runner.run(batch.key, inputs, on_step=self._on_step(live))
+            pngs = self.runner.run(live.key, inputs, on_step=self._on_step(live))
         except JobFailure as failure:
-            for j in jobs:
-                self._fail(j, failure)
-            return
+            return BatchOutput(live, failure=failure)
         except QueueError:
             raise
         except Exception as exc:  # a fault of ours or of the device: the batch's jobs fail, the worker lives on
-            log.exception(kv("batch_error", model=self.model, task=batch.key.task.value, error=type(exc).__name__))
-            for j in jobs:
-                self._fail(j, JobFailure("internal", f"{type(exc).__name__}: {exc}"))
-            return
-        seconds = time.monotonic() - began
-        labels = (self.model, batch.key.task.value)
-        self.metrics.batch_size.labels(*labels).observe(len(live))
-        self.metrics.batch_duration.labels(*labels).observe(seconds)
-        log.info(kv("batch_done", model=self.model, task=batch.key.task.value, size=f"{batch.key.width}x"
-                    f"{batch.key.height}", steps=batch.key.steps, jobs=len(jobs), samples=len(live), seconds=seconds))
-        for sample, png in zip(live, pngs, strict=True):
-            if png is not None and not sample.job.done:
-                sample.job.pngs[sample.index] = png
-        for j in jobs:
-            if not j.done and len(j.pngs) == j.request.n:
-                self._finish(j)
+            log.exception(kv("batch_error", model=self.model, task=live.key.task.value, error=type(exc).__name__))
+            return BatchOutput(live, failure=JobFailure("internal", f"{type(exc).__name__}: {exc}"))
+        return BatchOutput(live, tuple(pngs), seconds=time.monotonic() - began)
 
-    def _start(self, samples: list[Sample[JobState]]) -> list[Sample[JobState]]:
-        """Mark the jobs of `samples` running (those not yet started); the samples whose jobs may run."""
-        fresh = [j for j in _distinct(samples) if j.started is None]
+    def _start(self, batch: Batch[JobState]) -> Batch[JobState]:
+        """Mark the batch's jobs running (those not started yet: a job's samples may span two batches); the samples
+        whose jobs may run, as a batch."""
+        fresh = [j for j in batch.jobs if not j.done and j.started is None]
         if fresh:
             runnable = {c.job.id for c in self.queue.start([j.claim for j in fresh])}
             now, mono = time.time(), time.monotonic()
@@ -265,9 +263,9 @@ class Worker:
                 else:  # cancelled while queued (already acknowledged) or taken over by another worker
                     j.done = True
                     self._release([j.claim])
-        return [s for s in samples if not s.job.done]
+        return Batch(batch.key, tuple(s for s in batch.samples if not s.job.done))
 
-    def _on_step(self, live: list[Sample[JobState]]) -> StepCallback:
+    def _on_step(self, live: Batch[JobState]) -> StepCallback:
         """Progress to the queue after every step; stop cancelled jobs; raise Cancelled when none is left."""
         last = [time.monotonic()]
 
@@ -276,7 +274,8 @@ class Worker:
             if step > 1:  # the first interval holds the batch's setup (text encoding, image encoding)
                 self.metrics.step_time.labels(self.model).observe(now - last[0])
             last[0] = now
-            jobs = [j for j in _distinct([live[i] for i in indices]) if not j.done]
+            running = Batch(live.key, tuple(live.samples[i] for i in indices))
+            jobs = [j for j in running.jobs if not j.done]
             stop = self.queue.progress([j.claim for j in jobs], step, total) if jobs else {}
             for j in jobs:
                 if stop.get(j.id) == "cancel":
@@ -289,6 +288,30 @@ class Worker:
         return on_step
 
     # ------------------------------------------------------------------------------------------- update
+
+    def update(self, output: BatchOutput) -> None:
+        """Settle what a batch made: its jobs fail with the batch's failure; else each sample's PNG is kept and every
+        job with all its images is finished (stored, marked succeeded, acknowledged). Metrics and the log line."""
+        ran = output.ran
+        if output.failure is not None:
+            for j in ran.jobs:
+                if not j.done:
+                    self._fail(j, output.failure)
+            return
+        if not ran.samples:
+            return
+        key, jobs = ran.key, ran.jobs
+        labels = (self.model, key.task.value)
+        self.metrics.batch_size.labels(*labels).observe(len(ran))
+        self.metrics.batch_duration.labels(*labels).observe(output.seconds)
+        log.info(kv("batch_done", model=self.model, task=key.task.value, size=f"{key.width}x{key.height}",
+                    steps=key.steps, jobs=len(jobs), samples=len(ran), seconds=output.seconds))
+        for sample, png in zip(ran.samples, output.pngs, strict=True):
+            if png is not None and not sample.job.done:
+                sample.job.pngs[sample.index] = png
+        for j in jobs:
+            if not j.done and len(j.pngs) == j.request.n:
+                self._finish(j)
 
     def _finish(self, job: JobState) -> None:
         pngs = [job.pngs[i] for i in range(job.request.n)]
