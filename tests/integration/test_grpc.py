@@ -45,10 +45,8 @@ from service.api.grpc import (  # noqa: E402
     create_grpc_server,
     serve_grpc,
     stop_grpc,
-    to_parameters,
-    to_progress,
-    to_request,
 )
+from service.api.grpc.convert import to_parameters, to_progress, to_request  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.embedded import free_port  # noqa: E402
 from service.jobs import Claim, JobQueue, SyncJobQueue  # noqa: E402
