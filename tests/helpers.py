@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 import torch
 
 from models.autoencoder import AutoencoderConfig
+from models.conditioners import ConditionerConfig
 from models.config import ModelConfig, builtin_config
 from models.ldm import LatentDiffusion
-from models.text import CLIPTextConfig, ConditionerConfig
+from models.text.clip import CLIPTextConfig
 from models.tokenizers import BOS, EOS, bytes_to_unicode
 from models.unet import UNetConfig
 

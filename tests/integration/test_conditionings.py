@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from models.checkpoints import load_model
+from models.conditioners import ConditionerConfig
 from models.conditioning import Box, ConditionError, LayoutEncoderConfig, SemanticEncoderConfig
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
-from models.text import ConditionerConfig
 from models.train.common import load_checkpoint
 from models.train.data import DataConfig
 from models.train.data_shapes import CLASS_NAMES, label_map, scene_at, scene_layout

@@ -34,10 +34,10 @@ from PIL import Image
 
 from models.autoencoder import AutoencoderConfig
 from models.checkpoints import save_model
+from models.conditioners import ConditionerConfig
 from models.conditioning import LayoutEncoderConfig, SemanticEncoderConfig, label_map_image
 from models.config import ModelConfig
 from models.images import png_parameters
-from models.text import ConditionerConfig
 from models.train.data_shapes import CLASS_NAMES, label_map, scene_at
 from models.unet import UNetConfig
 from service.api import proto_build

@@ -10,7 +10,7 @@ import torch
 
 from models.autoencoder import AutoencoderConfig
 from models.checkpoints import load_model
-from models.text import ConditionerConfig
+from models.conditioners import ConditionerConfig
 from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer, load_trained_autoencoder
 from models.train.common import load_checkpoint
 from models.train.data import DataConfig
