@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.api.images import (
+from service.config import Settings
+from service.images import (
     ImageError,
     decode_image,
     decode_mask,
     decode_openai_mask,
     openai_image_and_mask,
 )
-from service.config import Settings
 
 SETTINGS = Settings(config_file=None, min_width=32, min_height=32, max_width=256, max_height=256,
                     max_image_bytes=200_000, max_image_pixels=256 * 256)

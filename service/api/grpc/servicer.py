@@ -26,10 +26,10 @@ import grpc
 from service.api.grpc.convert import idempotency_key, to_image, to_job, to_parameters, to_progress, to_request
 from service.api.grpc.errors import BadRequest, JobEnded, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb, pb_grpc
-from service.api.images import decode_image, decode_label_map, decode_mask
 from service.api.submit import check_model
 from service.auth import current_principal
 from service.config import Settings
+from service.images import decode_image, decode_label_map, decode_mask
 from service.jobs import EVENT_ID, JobNotFound, JobQueue, QueueUnavailable
 from service.quotas import Quotas
 from service.schemas import GenerationRequest, Job, JobEvent, JobStatus, Task

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from service.api.grpc.errors import BadRequest, JobEnded, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb
-from service.api.images import ImageError
 from service.auth import AuthError
+from service.images import ImageError
 from service.jobs import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.quotas import QuotaExceeded
 from service.schemas import Job, JobStatus
