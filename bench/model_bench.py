@@ -40,7 +40,7 @@ from models.config import builtin_config  # noqa: E402
 from models.cpu_inference import optimize_for_cpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
-from models.text import CLIPTextConditioner  # noqa: E402
+from models.text.clip import CLIPTextConditioner  # noqa: E402
 from models.tokenizers import CLIPTokenizer  # noqa: E402
 from tests.helpers import diffusers_unet, diffusers_vae, write_clip_tokenizer  # noqa: E402
 

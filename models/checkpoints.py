@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.autoencoder import AutoencoderConfig
+from models.conditioners import ConditionerConfig
 from models.config import ModelConfig, from_dict, to_dict
 from models.cpu_inference import is_packed
 from models.diffusers_layout import (
@@ -38,7 +39,7 @@ from models.diffusers_layout import (
 )
 from models.diffusion import ScheduleConfig
 from models.ldm import PREFIXES, LatentDiffusion
-from models.text import CLIPTextConfig, ConditionerConfig
+from models.text.clip import CLIPTextConfig
 from models.unet import UNetConfig
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ inputs they take.
 - Inputs from users (JSON boxes, PNG label maps) are checked here, once, with errors that name the bad
   part (`ConditionError`, a ValueError): the pipeline, the CLI and the service all go through these.
 
-This module imports nothing else of the model library but its layers, so models/text.py can import its
-configs without a cycle.
+This module imports nothing else of the model library but its layers, so models/conditioners.py can import
+its configs without a cycle.
 """
 
 from __future__ import annotations

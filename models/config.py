@@ -17,8 +17,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from models.autoencoder import AutoencoderConfig
+from models.conditioners import ConditionerConfig
 from models.diffusion import ScheduleConfig
-from models.text import ConditionerConfig
 from models.unet import UNetConfig
 
 Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]

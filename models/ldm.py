@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from models.autoencoder import Autoencoder
+from models.conditioners import build_conditioner
 from models.config import ModelConfig
 from models.diffusion import NoiseSchedule
-from models.text import build_conditioner
 from models.unet import UNet
 
 PREFIXES: dict[str, str] = {

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.class_conditioner import ClassConditioner
 from models.conditioning import (
     Box,
     ConditionError,
@@ -37,7 +38,6 @@ from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
 from models.noise import generators_from_seeds, randn_per_item
 from models.samplers import SamplerName, sample, sampling_plan
-from models.text import ClassConditioner
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]

@@ -22,7 +22,7 @@ from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.samplers import SamplerName
-from models.text import CLIPTextConditioner
+from models.text.clip import CLIPTextConditioner
 
 log = logging.getLogger(__name__)
 RANDOM_PREFIX = "random:"

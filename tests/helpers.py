@@ -1,8 +1,12 @@
-"""Shared test helpers: a CLIP tokenizer folder trained here, random weights, diffusers twins.
+"""Shared test helpers: a CLIP tokenizer folder trained here, random weights, diffusers twins, the
+loss-decreases check of the trainers, a PNG that claims a huge size, and the polls that wait for processes
+and for the API's readiness.
 
 Nothing here downloads: the CLIP vocabulary is a tiny BPE learned from a paragraph, and diffusers /
 transformers models are built from our own weights with diffusers' own single-file converters.
 """
+
+from __future__ import annotations
 
 import collections
 import contextlib
@@ -10,19 +14,27 @@ import dataclasses
 import json
 import re
 import shutil
+import struct
 import subprocess
-from collections.abc import Iterator
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import httpx
 import torch
 
 from models.autoencoder import AutoencoderConfig
+from models.conditioners import ConditionerConfig
 from models.config import ModelConfig, builtin_config
 from models.ldm import LatentDiffusion
-from models.text import CLIPTextConfig, ConditionerConfig
+from models.text.clip import CLIPTextConfig
 from models.tokenizers import BOS, EOS, bytes_to_unicode
 from models.unet import UNetConfig
+
+if TYPE_CHECKING:
+    from models.train.ldm_trainer import Conds, LDMTrainer
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -310,3 +322,62 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def assert_steps_lower_the_loss(trainer: LDMTrainer, latents: torch.Tensor, conds: Conds, steps: int = 3) -> None:
+    """`steps` training steps on one batch lower the loss on that batch. Every loss and step draws the same
+    timesteps and noise (seed 123), so a lower loss is the weights' doing, not the draw's."""
+
+    def loss() -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return trainer.loss(latents, conds).item()
+
+    first = loss()
+    for _ in range(steps):
+        torch.manual_seed(123)
+        trainer.train_step(latents, conds)
+    assert loss() < first
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, well-formed PNG whose header claims `width` x `height` RGB pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, *, every_s: float = 0.02,
+               procs: Sequence[subprocess.Popen[Any]] = (), log: Callable[[], str] | None = None) -> None:
+    """Poll `predicate` every `every_s` seconds until it holds. Fail (naming `what`) after `timeout_s`, or as soon
+    as one of `procs` has exited, which will then never make it hold; `log()` (e.g. a log file's text) is added to
+    the message."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{proc.args} exited with {proc.returncode} while waiting for {what}"
+                                     + (f":\n{log()}" if log else ""))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}" + (f":\n{log()}" if log else ""))
+        time.sleep(every_s)
+
+
+def wait_ready(get: Callable[[str], Any], timeout_s: float, *, procs: Sequence[subprocess.Popen[Any]] = (),
+               log: Callable[[], str] | None = None) -> Any:
+    """The readiness poll: wait until GET /readyz answers 200 (the API is up and a worker serves the default
+    model) and return that answer, failing as `wait_until` does. `get` is a TestClient's `get`, or httpx's bound to
+    a base URL; a connection that fails (nothing listening yet) counts as not ready."""
+    answers: list[Any] = []
+
+    def ready() -> bool:
+        try:
+            answers.append(get("/readyz"))
+        except httpx.HTTPError:
+            return False
+        return bool(answers[-1].status_code == 200)
+
+    wait_until(ready, timeout_s, "GET /readyz to answer 200", every_s=0.1, procs=procs, log=log)
+    return answers[-1]

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from train_gpu import WORK, StrictContexts  # noqa: E402  (also replaces the MiniLM weights by zeros)
 
-from models.text import EncodedPrompts  # noqa: E402
+from models.text.base import EncodedPrompts  # noqa: E402
 from service.schemas import GenerationRequest, Task  # noqa: E402
 from service.worker.runner import JobFailure, Runner, SampleInput  # noqa: E402
 

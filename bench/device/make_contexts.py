@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from models.text import ConditionerConfig, build_conditioner  # noqa: E402
+from models.conditioners import ConditionerConfig, build_conditioner  # noqa: E402
 from models.tokenizers import minilm_model_dir  # noqa: E402
 from models.train.data_shapes import all_captions  # noqa: E402
 

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import models.text  # noqa: E402
+import models.text.minilm  # noqa: E402
 
 
 def _no_minilm_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -42,11 +42,11 @@ def _no_minilm_weights(model: torch.nn.Module, folder: Path) -> None:
                 tensor.zero_()
 
 
-models.text.load_minilm_weights = _no_minilm_weights
+models.text.minilm.load_minilm_weights = _no_minilm_weights
 
 from models.checkpoints import load_model  # noqa: E402
 from models.config import to_dict  # noqa: E402
-from models.text import EncodedPrompts  # noqa: E402
+from models.text.base import EncodedPrompts  # noqa: E402
 from models.train.common import load_train_config  # noqa: E402
 from models.train.data_shapes import ShapesDataset  # noqa: E402
 from models.train.ldm_trainer import LatentPool, LDMTrainConfig, LDMTrainer  # noqa: E402

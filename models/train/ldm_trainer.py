@@ -42,6 +42,8 @@ from tqdm import tqdm
 from models.attention import CrossAttention
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.checkpoints import CONFIG_METADATA_KEY, read_model_config, read_state_dict, save_model, split_parts
+from models.class_conditioner import ClassConditioner
+from models.conditioners import ConditionerConfig
 from models.conditioning import UNKNOWN_LABEL, LayoutEncoder, SemanticEncoder
 from models.config import ConcatInput, ModelConfig, to_dict
 from models.config import Conditioning as Wiring
@@ -49,7 +51,6 @@ from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sa
 from models.images import to_tensor
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.text import ClassConditioner, ConditionerConfig
 from models.train.autoencoder_trainer import load_trained_autoencoder
 from models.train.common import (
     EMA,

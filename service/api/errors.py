@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.images import ImageError
 from service.auth import AuthError
+from service.images import ImageError
 from service.metrics import ApiMetrics
 from service.queue import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.quotas import QuotaExceeded

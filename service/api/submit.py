@@ -2,8 +2,8 @@
 
 Order of checks: the API key (middleware, 401/403, before the body is read), the key's rate (429, before any image
 is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images and label map
-(`images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers say
-what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
+(`service/images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers
+say what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
 in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
 (409). The gRPC front end runs the same `check_model`; its ValidationError answers INVALID_ARGUMENT there.
 """
@@ -23,9 +23,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import JobBody
 from service.api.errors import ApiError
-from service.api.images import decode_image, decode_label_map, decode_mask
 from service.auth import Principal
 from service.config import Settings
+from service.images import decode_image, decode_label_map, decode_mask
 from service.queue import Job, JobNotFound, JobQueue, JobStatus
 from service.quotas import Quotas
 from service.schemas import IMAGE_TASKS, GenerationRequest, Task, check_labels

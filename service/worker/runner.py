@@ -23,11 +23,9 @@ the images do not change.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from models.conditioning import Box, ConditionError, label_map_array, layout_to_json, parse_layout, resolve_label
 from models.config import ModelConfig
@@ -44,6 +42,7 @@ from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from service.generate import pick_device, resolve_model
+from service.images import ImageError, decode_queued_image, decode_queued_label_map
 from service.schemas import (
     CONDITION_TASKS,
     DEFAULT_STRENGTH,
@@ -76,8 +75,6 @@ _KIND: dict[ModelKind, str] = {
     "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
     "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
     "none": "an unconditional model"}
-#: formats a worker opens: those of service.api.images.FORMATS (the worker imports nothing from the front ends)
-INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 #: step(step, total, samples): after every sampler step of the samples (indices into the batch) now running;
 #: raising `Cancelled` from it stops those samples between steps
@@ -130,44 +127,25 @@ def model_kind(config: ModelConfig) -> ModelKind:
 
 
 def decode_label_map(data: bytes, max_pixels: int, n_classes: int) -> Image.Image:
-    """A semantic job's label-map bytes -> a mode-L image of labels 0..n_classes. PNG only (a lossy format would
-    change labels); the pixel count is checked before any pixel is decoded; palette indices are the labels, never
-    their colours (`label_map_array`)."""
+    """A semantic job's label-map bytes -> a mode-L image of labels 0..n_classes (service/images.py decodes it:
+    PNG only, pixel count checked first); palette indices are the labels, never their colours
+    (`label_map_array`)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=("PNG",))
-            if image.width * image.height > max_pixels:
-                raise JobFailure("invalid_input", f"the label map has {image.width}x{image.height} pixels; "
-                                 f"the limit is {max_pixels} pixels")
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise JobFailure("invalid_input", f"the label map cannot be decoded (a PNG is needed): {exc}") from exc
-    try:
-        labels = label_map_array(image, n_classes)
+        labels = label_map_array(decode_queued_label_map(data, max_pixels), n_classes)
+    except ImageError as exc:
+        raise JobFailure("invalid_input", exc.message) from exc
     except ConditionError as exc:
         raise JobFailure("invalid_input", f"label_map: {exc}") from exc
     return Image.fromarray(labels.astype(np.uint8) if labels.max() <= 255 else labels.astype(np.int32))
 
 
 def decode_image(data: bytes, what: Literal["image", "mask"], max_pixels: int) -> Image.Image:
-    """Input bytes -> an RGB image (a mask: luminance), checking the pixel count before decoding pixels.
-
-    Only the formats the front ends accept are opened (they store PNG): a job written to the queue by anything
-    else does not get Pillow's other parsers (TIFF, EPS, ...) run on its bytes in the worker process."""
+    """Input bytes -> an RGB image (a mask: luminance), decoded by service/images.py: only the formats the front
+    ends accept are opened, and the pixel count is checked before any pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-            if image.width * image.height > max_pixels:
-                raise JobFailure("invalid_input", f"the {what} has {image.width}x{image.height} pixels; "
-                                 f"the limit is {max_pixels} pixels")
-            image.load()
-            return image.convert("L" if what == "mask" else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise JobFailure("invalid_input", f"the {what} cannot be decoded: {exc}") from exc
+        return decode_queued_image(data, what, max_pixels)
+    except ImageError as exc:
+        raise JobFailure("invalid_input", exc.message) from exc
 
 
 class Runner:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.api._proto.ldm.v1 import ldm_pb2 as pb
 from service.api._proto.ldm.v1 import ldm_pb2_grpc as pb_grpc
 from service.embedded import free_port
+from tests import helpers
 
 LDM = Path(sys.executable).with_name("ldm")
 
@@ -51,16 +52,8 @@ def worker_pids() -> set[int]:
 
 
 def wait_ready(base: str, timeout_s: float = 90) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{base}/readyz", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base} never became ready")
+    """The readiness answer of the API at `base` (tests.helpers.wait_ready over HTTP)."""
+    return helpers.wait_ready(lambda path: httpx.get(f"{base}{path}", timeout=2), timeout_s).json()
 
 
 @pytest.fixture(scope="module")

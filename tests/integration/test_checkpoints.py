@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.checkpoints import CONFIG_METADATA_KEY, CheckpointError, load_model, save_model
+from models.conditioners import ConditionerConfig
 from models.config import ModelConfig
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.text import ConditionerConfig, MissingTokenizerError
+from models.text.clip import MissingTokenizerError
 from models.tokenizers import CLIPTokenizer
 from models.unet import UNetConfig
 from tests.helpers import (

@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from models.checkpoints import load_model
+from models.conditioners import ConditionerConfig
 from models.conditioning import Box, ConditionError, LayoutEncoderConfig, SemanticEncoderConfig
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
-from models.text import ConditionerConfig
 from models.train.common import load_checkpoint
 from models.train.data import DataConfig
 from models.train.data_shapes import CLASS_NAMES, label_map, scene_at, scene_layout
 from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer
 from models.unet import UNetConfig
 from service.cli import main as ldm_main
-from tests.helpers import torch_threads
+from tests.helpers import assert_steps_lower_the_loss, torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,17 +77,7 @@ def test_a_step_lowers_the_loss_and_trains_the_encoder(kind: str, tmp_path: Path
     latents, conds = trainer._batch(0, 4)
     conditioner = trainer.model.conditioner
     before = {k: v.clone() for k, v in conditioner.state_dict().items()} if conditioner is not None else {}
-
-    def loss() -> float:
-        torch.manual_seed(123)  # the same timesteps and noise every time
-        with torch.no_grad():
-            return trainer.loss(latents, conds).item()
-
-    first = loss()
-    for _ in range(3):
-        torch.manual_seed(123)
-        trainer.train_step(latents, conds)
-    assert loss() < first
+    assert_steps_lower_the_loss(trainer, latents, conds)
     if conditioner is not None:
         assert trainer.trains_conditioner and trainer.contexts is None
         assert any(not torch.equal(v, before[k]) for k, v in conditioner.state_dict().items())

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from service.api import proto_build
-from tests.helpers import drop_keys, stop_process
+from tests.helpers import drop_keys, stop_process, wait_until
 
 proto_build.ensure()  # the stubs are a build output (`make install`); a fresh checkout gets them here
 
@@ -45,10 +45,8 @@ from service.api.grpc import (  # noqa: E402
     create_grpc_server,
     serve_grpc,
     stop_grpc,
-    to_parameters,
-    to_progress,
-    to_request,
 )
+from service.api.grpc.convert import to_parameters, to_progress, to_request  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.embedded import free_port  # noqa: E402
 from service.metrics import ApiMetrics  # noqa: E402
@@ -174,11 +172,9 @@ def real_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                                 stdout=sink, stderr=subprocess.STDOUT)
     queue = SyncJobQueue(settings)
     try:
-        deadline = time.monotonic() + 50
-        while not queue.workers(REAL_MODEL):  # registered: model loaded, heartbeat written
-            assert proc.poll() is None, f"the worker exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the worker did not register:\n{log.read_text()}"
-            time.sleep(0.05)
+        # registered: model loaded, heartbeat written
+        wait_until(lambda: bool(queue.workers(REAL_MODEL)), 50, "the worker to register", every_s=0.05, procs=[proc],
+                   log=log.read_text)
         yield settings
     finally:
         stop_process(proc)

@@ -27,9 +27,9 @@ from PIL import Image
 from models.checkpoints import CheckpointError, load_model
 from service.config import Settings
 from service.queue import JobQueue
-from tests.helpers import drop_keys
+from tests.helpers import drop_keys, png_claiming, wait_ready
 from tests.integration.secure import TXT, grpc_serving, params, pb, queued
-from tests.integration.test_rest import FAST, Api, png_claiming, serving, worker_process
+from tests.integration.test_rest import FAST, Api, serving, worker_process
 from tests.integration.test_rest import MODEL as WORKER_MODEL
 
 pytestmark = pytest.mark.timeout(90)
@@ -190,10 +190,7 @@ def busy_worker(redis_url: str) -> Iterator[Api]:
                         default_model=WORKER_MODEL, **FAST)
     try:
         with worker_process(settings) as proc, serving(settings) as app:
-            deadline = time.monotonic() + 60
-            while app.client.get("/readyz").status_code != 200:
-                assert proc.poll() is None and time.monotonic() < deadline, "the worker did not become ready"
-                time.sleep(0.1)
+            wait_ready(app.client.get, 60, procs=[proc])
             yield app
     finally:
         drop_keys(redis_url, settings.key_prefix)

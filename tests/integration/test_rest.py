@@ -14,13 +14,11 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +33,7 @@ from PIL import Image
 from service.api.rest import build_server
 from service.config import Settings
 from service.queue import SyncJobQueue
-from tests.helpers import drop_keys, stop_process
+from tests.helpers import drop_keys, png_claiming, stop_process, wait_ready
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "random:tiny-sd"
@@ -62,15 +60,6 @@ def gradient_png(width: int = 64, height: int = 64) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
-            + chunk(b"IEND", b""))
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -167,11 +156,7 @@ def stack(redis_url: str) -> Iterator[Api]:
     settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL, **FAST)
     try:
         with worker_process(settings) as proc, serving(settings) as api:
-            deadline = time.monotonic() + 40
-            while api.client.get("/readyz").status_code != 200:
-                assert proc.poll() is None, f"the worker exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "the worker did not become ready"
-                time.sleep(0.1)
+            wait_ready(api.client.get, 40, procs=[proc])
             yield api
     finally:
         drop_keys(redis_url, settings.key_prefix)

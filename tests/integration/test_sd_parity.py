@@ -17,12 +17,13 @@ from safetensors.torch import save_file
 
 from models.autoencoder import AutoencoderConfig, DiagonalGaussian
 from models.checkpoints import load_model
+from models.conditioners import ConditionerConfig
 from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.diffusion import ScheduleConfig
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.text import CLIPTextConfig, ConditionerConfig
+from models.text.clip import CLIPTextConfig
 from models.tokenizers import CLIPTokenizer
 from models.unet import UNetConfig
 from tests.helpers import diffusers_unet, diffusers_vae, randomize, write_clip_tokenizer

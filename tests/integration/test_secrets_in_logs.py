@@ -22,7 +22,7 @@ import redis
 
 from service.auth import hash_key
 from service.embedded import EmbeddedRedis, free_port
-from tests.helpers import stop_process
+from tests.helpers import stop_process, wait_ready
 from tests.integration.secure import Keys, bearer, grpc_auth, params, pb, pb_grpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -92,16 +92,8 @@ def running(locked_redis: str, secret: Secrets, tmp_path_factory: pytest.TempPat
             procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT))
     base = f"http://127.0.0.1:{rest}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert all(p.poll() is None for p in procs), "\n".join(log.read_text() for log in logs)
-            assert time.monotonic() < deadline, "the API never became ready"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_ready(lambda path: httpx.get(f"{base}{path}", timeout=2), 120, procs=procs,
+                   log=lambda: "\n".join(log.read_text() for log in logs))
         yield Running(base, grpc_port, key_file, logs)
     finally:
         for proc in procs:

@@ -34,10 +34,10 @@ from PIL import Image
 
 from models.autoencoder import AutoencoderConfig
 from models.checkpoints import save_model
+from models.conditioners import ConditionerConfig
 from models.conditioning import LayoutEncoderConfig, SemanticEncoderConfig, label_map_image
 from models.config import ModelConfig
 from models.images import png_parameters
-from models.text import ConditionerConfig
 from models.train.data_shapes import CLASS_NAMES, label_map, scene_at
 from models.unet import UNetConfig
 from service.api import proto_build
@@ -45,8 +45,8 @@ from service.config import Settings
 from service.embedded import free_port
 from service.queue import Job, JobQueue, JobStatus, SyncJobQueue
 from service.schemas import GenerationRequest, Task
-from tests.helpers import drop_keys, random_model, stop_process, torch_threads
-from tests.integration.test_rest import Api, b64, png_claiming, problems, serving
+from tests.helpers import drop_keys, png_claiming, random_model, stop_process, torch_threads, wait_until
+from tests.integration.test_rest import Api, b64, problems, serving
 
 proto_build.ensure()
 
@@ -160,11 +160,9 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         deadline = time.monotonic() + 150
         for kind, proc in procs.items():
-            while not queue.workers(f"toy-{kind}"):
-                log = (folder / f"{kind}.log").read_text(errors="replace")
-                assert proc.poll() is None, f"the {kind} worker exited with {proc.returncode}:\n{log}"
-                assert time.monotonic() < deadline, f"the {kind} worker did not register:\n{log}"
-                time.sleep(0.05)
+            wait_until(lambda kind=kind: bool(queue.workers(f"toy-{kind}")), deadline - time.monotonic(),
+                       f"the {kind} worker to register", every_s=0.05, procs=[proc],
+                       log=lambda kind=kind: (folder / f"{kind}.log").read_text(errors="replace"))
         with serving(settings) as api:
             yield Served(settings, api, queue, {k: f"http://127.0.0.1:{p}/metrics" for k, p in ports.items()})
     finally:

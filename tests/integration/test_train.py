@@ -10,13 +10,13 @@ import torch
 
 from models.autoencoder import AutoencoderConfig
 from models.checkpoints import load_model
-from models.text import ConditionerConfig
+from models.conditioners import ConditionerConfig
 from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer, load_trained_autoencoder
 from models.train.common import load_checkpoint
 from models.train.data import DataConfig
 from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer
 from models.unet import UNetConfig
-from tests.helpers import torch_threads
+from tests.helpers import assert_steps_lower_the_loss, torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,17 +116,7 @@ def test_ldm_step_changes_weights_and_lowers_loss(tmp_path: Path, trained_autoen
     trainer = LDMTrainer(ldm_config(trained_autoencoder, cond_drop=0.0, lr=5e-4), tmp_path)
     latents, texts = trainer._batch(0, 4)
     before = _weights(trainer.unet)
-
-    def loss() -> float:
-        torch.manual_seed(123)  # the same timesteps and noise every time
-        with torch.no_grad():
-            return trainer.loss(latents, texts).item()
-
-    first = loss()
-    for _ in range(3):
-        torch.manual_seed(123)
-        trainer.train_step(latents, texts)
-    assert loss() < first
+    assert_steps_lower_the_loss(trainer, latents, texts)
     assert all(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items()
                if k.endswith("weight") and "norm" not in k and "emb" not in k)
 

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from service.queue import Job, JobQueue, JobStatus, SyncJobQueue
 from service.schemas import GenerationRequest, Task
 from service.worker.batcher import make_batches
 from service.worker.runner import JobFailure, Runner, SampleInput
-from tests.helpers import drop_keys, torch_threads
+from tests.helpers import drop_keys, torch_threads, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "random:tiny-sd"
@@ -59,14 +59,6 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass

@@ -16,9 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
 from service.queue import Job, SyncJobQueue
 from service.schemas import GenerationRequest
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "random:tiny-sd"
@@ -40,14 +39,6 @@ FAST: dict[str, Any] = {
     "max_wait_ms": 20, "max_batch": 4, "heartbeat_interval_s": 0.5, "visibility_timeout_s": 1.5,
     "default_model": MODEL, "min_width": 32, "min_height": 32,
 }
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
 
 
 def request(**fields: Any) -> GenerationRequest:

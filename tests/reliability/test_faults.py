@@ -35,7 +35,8 @@ import pytest
 from service.api._proto.ldm.v1 import ldm_pb2 as pb
 from service.api._proto.ldm.v1 import ldm_pb2_grpc as pb_grpc
 from service.queue import JobStatus
-from tests.reliability.procs import MODEL, POISON, Respawner, Stack, request, wait_until
+from tests.helpers import wait_ready, wait_until
+from tests.reliability.procs import MODEL, POISON, Respawner, Stack, request
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -297,7 +298,7 @@ def test_a_redis_outage_of_a_few_seconds_is_503_not_a_hang_and_everything_recove
         assert stream_end[0][1] - stopped < bound + 5
 
         stack.queue.cancel(streaming)
-        wait_until(lambda: client.get("/readyz").status_code == 200, 20, "readiness after the outage", every_s=0.1)
+        wait_ready(client.get, 20)  # after the outage
         after = client.post("/v1/jobs", json=body)
         assert after.status_code == 202
         assert stack.wait_jobs([after.json()["id"]], 30)[0].status == JobStatus.succeeded  # the worker reconnected

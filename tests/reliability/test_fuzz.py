@@ -3,8 +3,8 @@
 - schemathesis against the OpenAPI schema of a running API (`ldm api` on a real Redis, one real worker, the
   request limits narrowed so that every valid job is a few tiny sampler steps): every operation, valid and invalid
   requests (a bounded number), and no answer is a 5xx and none hangs;
-- hypothesis on the decoding of input images and masks (service/api/images.py, and the worker's own decoder in
-  service/worker/runner.py): arbitrary bytes raise nothing but the documented errors;
+- hypothesis on the decoding of input images and masks (service/images.py, for the front ends and, through
+  service/worker/runner.py, the worker): arbitrary bytes raise nothing but the documented errors;
 - malformed gRPC messages on the real method paths (bytes that are no protobuf, fields of the wrong wire type, huge
   fields): INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for a message over the size limit), never UNKNOWN or INTERNAL,
   and the server serves on.
@@ -30,7 +30,7 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
 
-from service.api import images
+from service import images
 from service.api._proto.ldm.v1 import ldm_pb2 as pb
 from service.config import Settings
 from service.worker import runner

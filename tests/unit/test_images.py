@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.api.images import (
+from service.config import Settings
+from service.images import (
     ImageError,
     decode_image,
     decode_mask,
     decode_openai_mask,
     openai_image_and_mask,
 )
-from service.config import Settings
+from tests.helpers import png_claiming
 
 SETTINGS = Settings(config_file=None, min_width=32, min_height=32, max_width=256, max_height=256,
                     max_image_bytes=200_000, max_image_pixels=256 * 256)
@@ -36,15 +35,6 @@ def gradient(width: int = 64, height: int = 48) -> Image.Image:
     bands = [np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
              np.full((height, width, 1), 90, np.uint8)]
     return Image.fromarray(np.concatenate(bands, axis=2))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny, well-formed PNG whose header claims `width` x `height` RGB pixels (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-            + chunk(b"IEND", b""))
 
 
 def problem(data: bytes, settings: Settings = SETTINGS) -> ImageError:

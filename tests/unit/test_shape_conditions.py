@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from models.autoencoder import AutoencoderConfig
+from models.class_conditioner import ClassConditioner
+from models.conditioners import ConditionerConfig, build_conditioner
 from models.conditioning import (
     Box,
     ConditionError,
@@ -32,7 +34,6 @@ from models.eval.conditions import TASKS, evaluate_task, heldout_scenes, real_im
 from models.eval.features import load_feature_net
 from models.eval.judge import analyse
 from models.eval.prompts import parse_prompt
-from models.text import ClassConditioner, ConditionerConfig, build_conditioner
 from models.train.data import DataConfig, condition_tensors, make_sources
 from models.train.data_shapes import (
     CLASS_NAMES,

@@ -10,18 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.text import (
-    ClassConditioner,
-    CLIPTextConditioner,
-    CLIPTextConfig,
-    CLIPTextModel,
-    ConditionerConfig,
-    MiniLMConditioner,
-    MissingTokenizerError,
-    TransformerConditioner,
-    TransformerTextConfig,
-    build_conditioner,
-)
+from models.class_conditioner import ClassConditioner
+from models.conditioners import ConditionerConfig, build_conditioner
+from models.text.clip import CLIPTextConditioner, CLIPTextConfig, CLIPTextModel, MissingTokenizerError
+from models.text.minilm import MiniLMConditioner
+from models.text.transformer import TransformerConditioner, TransformerTextConfig
 from models.tokenizers import BOS, EOS, CLIPTokenizer, bytes_to_unicode, minilm_model_dir
 
 TINY_CLIP = CLIPTextConfig(vocab_size=600, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4)

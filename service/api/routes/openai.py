@@ -25,9 +25,9 @@ from service.api.bodies import (
 )
 from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, SubmitterDep, get_principal
 from service.api.errors import ApiError, validation_error
-from service.api.images import ImageError, openai_image_and_mask
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.config import Settings
+from service.images import ImageError, openai_image_and_mask
 from service.queue import Job, JobQueue
 from service.schemas import GenerationRequest, Task
 

@@ -1,6 +1,7 @@
-"""Safe decoding of client images and masks, shared by the REST and gRPC front ends.
+"""Safe decoding of input images, masks and label maps: the one place Pillow reads bytes from outside, for the
+REST and gRPC front ends and for the worker. Pillow only (no torch: the front ends import it).
 
-Every input image goes through `decode_image` before it reaches the queue:
+Front ends: every input image goes through `decode_image` before it reaches the queue:
 - the encoded bytes are bounded (`max_image_bytes`, 413);
 - only PNG, JPEG and WebP are opened (Pillow is told so: no other decoder ever sees the bytes);
 - the size read from the header is checked *before* any pixel is decoded: within the configured width and
@@ -19,12 +20,19 @@ Label maps (`decode_label_map`, task semantic) pass the same byte, pixel, bomb a
 opened (JPEG and lossy WebP would change labels at every edge) and only single-channel modes: L (pixel value =
 label) and P (palette index = label; the palette's colours, there to make the file viewable, are ignored). They
 are re-encoded as mode L, whatever they came as, and the labels they hold are reported for the model's check.
+
+The worker decodes the queued bytes again (`decode_queued_image`, `decode_queued_label_map`): the front ends
+stored PNG, but a job written to the queue by anything else must not get Pillow's other parsers (TIFF, EPS, ...)
+run on its bytes in the worker process, so the same format lists apply, and the pixel count is checked before any
+pixel is decoded. It reports in its own words ("the image cannot be decoded: ..."), which become the job's error.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, ImageChops, UnidentifiedImageError
 
@@ -37,6 +45,9 @@ LABEL_MAP_FORMATS = ("PNG",)
 LABEL_MAP_MODES = ("L", "P")
 _FORMAT_NAMES = "PNG, JPEG or WebP"
 _PNG_LEVEL = 3  # re-encoding: fast, and still compact for photos and masks
+#: what Pillow raises for bytes it cannot open or decode, and for a decompression bomb
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -68,9 +79,9 @@ def _open(data: bytes, field: str, settings: Settings, formats: tuple[str, ...] 
         raise ImageError(field, f"{field} is {len(data)} bytes; the limit is {settings.max_image_bytes} bytes", 413)
     try:
         image = Image.open(io.BytesIO(data), formats=formats)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except _BOMB as exc:
         raise ImageError(field, f"{field} claims too many pixels to decode (decompression bomb?): {exc}", 413) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _UNREADABLE as exc:
         raise ImageError(field, f"{field} is not a {names} image") from exc
     width, height = image.size
     if width * height > settings.max_image_pixels:
@@ -93,9 +104,9 @@ def _load(image: Image.Image, field: str) -> Image.Image:
     """Decode every pixel of the first frame; corrupt or truncated data is the client's error."""
     try:
         image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except _BOMB as exc:
         raise ImageError(field, f"{field} has too many pixels to decode: {exc}", 413) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _UNREADABLE as exc:
         raise ImageError(field, f"{field} could not be decoded (corrupt or truncated {image.format} data: {exc})") \
             from exc
     return image
@@ -211,3 +222,36 @@ def decode_label_map(data: bytes, settings: Settings, *, field: str = "label_map
     labels = Image.frombytes("L", image.size, image.tobytes())  # P: the indices, not the palette's colours
     present = tuple(value for value, count in enumerate(labels.histogram()) if count)
     return DecodedLabelMap(_png(labels), labels.size, present)
+
+
+# --------------------------------------------------------------------------------------- queued inputs (worker)
+
+def _decode_queued(data: bytes, what: str, max_pixels: int, formats: tuple[str, ...], mode: str | None,
+                   hint: str = "") -> Image.Image:
+    """Open `data` with `formats` only, check the pixel count from the header, then decode (and convert to
+    `mode`); Pillow's decompression-bomb warning is an error here. Raises ImageError, message "the <what> ..."."""
+    field = what.replace(" ", "_")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=formats)
+            if image.width * image.height > max_pixels:
+                raise ImageError(field, f"the {what} has {image.width}x{image.height} pixels; the limit is "
+                                 f"{max_pixels} pixels", 413)
+            image.load()
+            return image.convert(mode) if mode is not None else image
+    except ImageError:
+        raise
+    except (*_UNREADABLE, *_BOMB) as exc:
+        raise ImageError(field, f"the {what} cannot be decoded{hint}: {exc}") from exc
+
+
+def decode_queued_image(data: bytes, what: Literal["image", "mask"], max_pixels: int) -> Image.Image:
+    """A job's input image -> RGB, or its mask -> luminance (L). Raises ImageError."""
+    return _decode_queued(data, what, max_pixels, FORMATS, "L" if what == "mask" else "RGB")
+
+
+def decode_queued_label_map(data: bytes, max_pixels: int) -> Image.Image:
+    """A semantic job's label map, decoded as stored (PNG only: a lossy format would change labels); which labels
+    it holds is the model's check (models.conditioning.label_map_array). Raises ImageError."""
+    return _decode_queued(data, "label map", max_pixels, LABEL_MAP_FORMATS, None, " (a PNG is needed)")
