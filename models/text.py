@@ -32,9 +32,9 @@ from models.conditioning import (
     LayoutEncoderConfig,
     SemanticEncoder,
     SemanticEncoderConfig,
-    normalise_name,
 )
 from models.layers import Linear
+from models.names import normalise_name
 from models.tokenizers import BertTokenizer, CLIPTokenizer, PromptTokenizer, minilm_model_dir
 
 
