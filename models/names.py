@@ -71,7 +71,7 @@ def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
     if conditioner is None:
         return "none"
     kind = conditioner.kind
-    return kind if kind in ("class", "layout", "semantic") else "text"  # type: ignore[return-value]
+    return kind if kind in ("class", "layout", "semantic") else "text"
 
 
 def model_kind(config: ModelConfig) -> ModelKind:
