@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import models.attention  # noqa: E402
 import models.layers  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
-from service.generate import resolve_model  # noqa: E402
+from models.resolve import resolve_model  # noqa: E402
 
 
 def seconds(pipe: Pipeline, n: int, steps: int, runs: int) -> float:

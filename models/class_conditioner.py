@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from models.conditioning import normalise_name
+from models.names import normalise_name
 from models.text.base import EncodedPrompts
 
 

@@ -17,8 +17,8 @@ from models.conditioning import (
     LayoutEncoderConfig,
     SemanticEncoder,
     SemanticEncoderConfig,
-    normalise_name,
 )
+from models.names import normalise_name
 from models.text.clip import CLIPTextConditioner, CLIPTextConfig
 from models.text.minilm import BertConfig, MiniLMConditioner
 from models.text.transformer import TransformerConditioner, TransformerTextConfig

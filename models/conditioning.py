@@ -45,6 +45,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from models.layers import Linear
+from models.names import normalise_name
 
 #: label map value of a pixel with no known label: the null map of classifier-free guidance
 UNKNOWN_LABEL = -1
@@ -55,10 +56,6 @@ class ConditionError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- labels
-
-
-def normalise_name(name: str) -> str:
-    return " ".join(name.lower().split())
 
 
 def resolve_label(value: object, class_names: Sequence[str], n_classes: int, what: str = "label") -> int:

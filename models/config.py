@@ -19,6 +19,7 @@ import yaml
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
 from models.diffusion import ScheduleConfig
+from models.names import TASKS_BY_KIND, ModelKind, Task, model_kind
 from models.unet import UNetConfig
 
 Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]
@@ -57,6 +58,16 @@ class ModelConfig:
     @property
     def latent_channels(self) -> int:
         return self.autoencoder.embed_dim
+
+    @property
+    def kind(self) -> ModelKind:
+        """What the model is conditioned on (`models.names.model_kind`), which decides its tasks."""
+        return model_kind(self)
+
+    @property
+    def tasks(self) -> frozenset[Task]:
+        """The tasks this model can do (`models.names.TASKS_BY_KIND`)."""
+        return TASKS_BY_KIND[self.kind]
 
     def __post_init__(self) -> None:
         if self.conditioning in ("crossattn", "hybrid") and self.conditioner is None:

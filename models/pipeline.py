@@ -36,15 +36,13 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.guidance import Conditioning, guided_eps
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
+from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
-from models.samplers import SamplerName, sample, sampling_plan
+from models.samplers import sample, sampling_plan
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
 MAX_STEPS = 1000
-#: a task's default classifier-free guidance scale (CLI and evaluation defaults; 1 = no guidance)
-DEFAULT_GUIDANCE: dict[str, float] = {"txt2img": 7.5, "class": 5.0, "layout": 3.0, "semantic": 2.0,
-                                      "unconditional": 1.0}
 #: one label map per item: a single-channel PIL image (mode L or P) or an integer array [H, W]
 LabelMap = Image.Image | np.ndarray | torch.Tensor
 C = TypeVar("C", ClassConditioner, LayoutEncoder, SemanticEncoder)

@@ -28,16 +28,16 @@ results match them to float rounding. Deliberate differences, all where diffuser
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from models.diffusion import NoiseSchedule, ScheduleConfig
+from models.names import SAMPLERS, SamplerName
 from models.noise import randn_per_item
 
-SamplerName = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], Tensor | None]
 
@@ -149,8 +149,8 @@ def sampling_plan(
     karras=True (dpmpp_2m only): Karras sigmas between the schedule's extremes, model timesteps rounded
     from them (not rounded for the cosine schedule), as DPMSolverMultistepScheduler(use_karras_sigmas).
     """
-    if name not in get_args(SamplerName):
-        raise ValueError(f"unknown sampler {name!r}; choose one of {get_args(SamplerName)}")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
     if karras and name != "dpmpp_2m":

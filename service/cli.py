@@ -7,12 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from models.eval.cli import add_eval_parser
+from models.names import CONDITION_TASKS, DEFAULT_GUIDANCE, DTYPES, SAMPLERS, ConditionTask
 from models.train.cli import add_train_parser
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +25,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "label maps and layouts.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
-    p.add_argument("--task", choices=("txt2img", "class", "unconditional", "semantic", "layout"), default=None,
+    p.add_argument("--task", choices=("txt2img", *CONDITION_TASKS), default=None,
                    help="what to condition on (default: txt2img, or what --class/--map/--layout imply)")
     p.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="--task class: the class, a name such as 'red circle' or an id")
@@ -53,7 +52,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (vocab.json + merges.txt) for a single "
                    "SD checkpoint file, which carries none")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="output PNG (default out.png), or folder with --from-file (default: out/)")
@@ -61,12 +60,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from models.pipeline import DEFAULT_GUIDANCE
     from service.generate import GenerateOptions, TaskInputs, generate, generate_task
 
-    implied = [t for t, given in (("class", args.class_label), ("semantic", args.map), ("layout", args.layout))
-               if given is not None]
-    task = args.task or (implied[0] if len(implied) == 1 else "txt2img")
+    given: tuple[tuple[ConditionTask, object], ...] = (("class", args.class_label), ("semantic", args.map),
+                                                       ("layout", args.layout))
+    implied = [t for t, value in given if value is not None]
+    task: Literal["txt2img", ConditionTask] = args.task or (implied[0] if len(implied) == 1 else "txt2img")
     if task == "txt2img" and implied:
         raise SystemExit(f"ldm generate: --class, --map and --layout are for --task {'/'.join(implied)}, not txt2img")
     if task == "txt2img" and (args.prompt is None) == (args.from_file is None):
@@ -78,11 +77,11 @@ def run_generate(args: argparse.Namespace) -> int:
         eta=args.eta, guidance=DEFAULT_GUIDANCE[task] if args.guidance is None else args.guidance,
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None, use_ema=args.ema,
+        dtype=args.dtype, use_ema=args.ema,
     )
     if task != "txt2img":
         inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout)
-        written = generate_task(task, inputs, options, out_file=args.out or Path("out.png"))  # type: ignore[arg-type]
+        written = generate_task(task, inputs, options, out_file=args.out or Path("out.png"))
     elif args.from_file is not None:
         prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
         if not prompts:

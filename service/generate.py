@@ -9,25 +9,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from models.checkpoints import load_model
 from models.conditioning import Box, layout_to_json, parse_layout
-from models.config import builtin_config
 from models.images import encode_png
 from models.ldm import LatentDiffusion
+from models.names import CONDITION_TASKS, ConditionTask, DTypeName, SamplerName
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
-from models.samplers import SamplerName
+from models.resolve import pick_device, pick_dtype, resolve_model
 from models.text.clip import CLIPTextConditioner
 
 log = logging.getLogger(__name__)
-RANDOM_PREFIX = "random:"
-#: what `ldm generate --task` conditions on: a prompt, a class label, nothing, a label map, boxes
-Task = Literal["txt2img", "class", "unconditional", "semantic", "layout"]
 
 
 @dataclass(frozen=True)
@@ -45,28 +39,8 @@ class GenerateOptions:
     n: int = 1
     tokenizer: Path | None = None
     device: str | None = None
-    dtype: str | None = None
+    dtype: DTypeName | None = None
     use_ema: bool = False
-
-
-def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """cuda when present (fp16 there), else cpu in fp32; an explicit choice is checked."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    return dev, dt
-
-
-def resolve_model(spec: str, *, tokenizer: Path | None, device: torch.device, dtype: torch.dtype,
-                  use_ema: bool = False) -> LatentDiffusion:
-    """A model by name/path; `random:<config>` builds untrained weights (clearly not a real model)."""
-    if spec.startswith(RANDOM_PREFIX):
-        log.warning("model %s has RANDOM, untrained weights: images will be noise", spec)
-        torch.manual_seed(0)
-        model = LatentDiffusion(builtin_config(spec[len(RANDOM_PREFIX):]), tokenizer_dir=tokenizer)
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype)
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -99,7 +73,8 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
 
 def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSettings]:
     """The model on its device, its pipeline, and the run's settings."""
-    device, dtype = pick_device(options.device, options.dtype)
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
                           use_ema=options.use_ema)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
@@ -153,10 +128,10 @@ _NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path
 _FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout"}
 
 
-def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
+def generate_task(task: ConditionTask, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
     """`options.n` images of one class, layout, label map, or unconditional samples (seeds seed..seed+n-1),
     written to `out_file` (stem-k.png when n > 1). Inputs are read and checked before the model loads."""
-    if task == "txt2img":
+    if task not in CONDITION_TASKS:
         raise ValueError("generate_task is for class, unconditional, semantic and layout; txt2img is `generate`")
     needed = _NEEDS.get(task)
     if needed is not None and getattr(inputs, needed) is None:

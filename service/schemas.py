@@ -36,14 +36,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.config import Settings
 
-Sampler = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]  # the names of models.samplers.SamplerName
+Sampler = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]  # a torch-free copy of models.names.SamplerName
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # model names are part of Redis key names
 MAX_SEED = 2**63 - 1  # fits protobuf int64
 RANDOM_SEED_BOUND = 2**32  # random seeds are drawn below this, so they are easy to read back and retype
 
 
 class Task(StrEnum):
-    """What a job makes. `class` is a Python keyword, so that member is `Task.class_` (its value is "class")."""
+    """What a job makes: a torch-free copy of models.names.Task (tests/unit/test_architecture.py keeps them equal).
+    `class` is a Python keyword, so that member is `Task.class_` (its value is "class")."""
 
     txt2img = "txt2img"
     img2img = "img2img"
@@ -62,11 +63,9 @@ DEFAULT_STRENGTH = {Task.img2img: 0.75, Task.inpaint: 1.0}
 #: tasks conditioned on something other than a prompt, and what (they take no prompt)
 CONDITION_TASKS: dict[Task, str] = {Task.class_: "its class_label", Task.layout: "its layout",
                                     Task.semantic: "its label_map", Task.unconditional: "nothing"}
-#: the guidance_scale a job gets when it gives none: models.pipeline.DEFAULT_GUIDANCE (class: the best of 3, 5
-#: and 7.5 measured on shapes-class; layout: of 2, 3 and 5 on shapes-layout, 3 for its FD at 0.4 points less
-#: accuracy than 5; semantic untuned; a test keeps the two tables equal) and 7.5,
-#: SD's, for the rest. Unconditional sampling is unguided. The front ends cannot import the model library
-#: (torch), hence the copy.
+#: the guidance_scale a job gets when it gives none: a copy of models.names.DEFAULT_GUIDANCE (which says where the
+#: figures come from; a test keeps the two tables equal). The front ends cannot import the model library (torch),
+#: hence the copy.
 DEFAULT_GUIDANCE: dict[Task, float] = {Task.txt2img: 7.5, Task.img2img: 7.5, Task.inpaint: 7.5, Task.upscale: 7.5,
                                        Task.class_: 5.0, Task.layout: 3.0, Task.semantic: 2.0,
                                        Task.unconditional: 1.0}
@@ -337,7 +336,8 @@ def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
 
 
 def normalise_name(name: str) -> str:
-    """Class names match whatever their case and spacing ("Red  Circle" is "red circle"), as in the model library."""
+    """Class names match whatever their case and spacing ("Red  Circle" is "red circle"): a torch-free copy of
+    models.names.normalise_name (a test keeps them equal)."""
     return " ".join(name.lower().split())
 
 

@@ -2,8 +2,8 @@
 with `--task`, a class-conditional, unconditional, semantic-map or layout model on held-out conditions
 (models/eval/conditions.py).
 
-Only argparse is imported at module level: `ldm --help` must stay fast, so the work is imported in
-`run_eval`, as service/cli.py does for every subcommand.
+Only argparse and the torch-free models.names are imported at module level: `ldm --help` must stay fast, so the
+work is imported in `run_eval`, as service/cli.py does for every subcommand.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from models.names import CONDITION_TASKS, DEFAULT_GUIDANCE, SAMPLERS, SamplerName
+
 if TYPE_CHECKING:
     from models.eval.features import ShapeFeatureNet
     from models.pipeline import Pipeline
-    from models.samplers import SamplerName
 
-SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
-TASKS = ("txt2img", "class", "unconditional", "semantic", "layout")
+#: the tasks an evaluation scores: random grammar prompts, or held-out shapes conditions
+TASKS = ("txt2img", *CONDITION_TASKS)
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,12 +82,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from models.eval.evaluate import compare_samplers, format_table, write_report
     from models.eval.features import DEFAULT_WEIGHTS, load_feature_net
     from models.eval.prompts import random_prompts
-    from models.pipeline import DEFAULT_GUIDANCE, Pipeline
-    from service.generate import pick_device, resolve_model
+    from models.pipeline import Pipeline
+    from models.resolve import pick_device, pick_dtype, resolve_model
 
     net = load_feature_net(args.features or DEFAULT_WEIGHTS)  # before the model: fail fast on a missing file
-    device, dtype = pick_device(args.device, None)
-    model = resolve_model(args.model, tokenizer=None, device=device, dtype=dtype)
+    device = pick_device(args.device)
+    model = resolve_model(args.model, device=device, dtype=pick_dtype(device, None))
     guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
     if args.task != "txt2img":
         return _run_task_eval(args, Pipeline(model), samplers, guidance, net)

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -38,8 +37,8 @@ from models.conditioning import label_map_image, layout_to_json
 from models.eval.evaluate import HELDOUT_STREAM, REFERENCE_SEED, aligned
 from models.eval.features import ShapeFeatureNet, extract_features, frechet_distance, load_feature_net
 from models.eval.judge import BACKGROUND_TOLERANCE, DetectedObject, SceneAnalysis, analyse, as_array
-from models.pipeline import DEFAULT_GUIDANCE, Pipeline, RunSettings, SampleSpec
-from models.samplers import SamplerName
+from models.names import CONDITION_TASKS, DEFAULT_GUIDANCE, ConditionTask, SamplerName
+from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.train.data_shapes import (
     CLASS_NAMES,
     IMAGE_SIZE,
@@ -54,8 +53,6 @@ from models.train.data_shapes import (
     scene_layout,
 )
 
-Task = Literal["class", "unconditional", "semantic", "layout"]
-TASKS: tuple[Task, ...] = get_args(Task)
 SEMANTIC_IOU = 0.8
 LAYOUT_IOU = 0.7
 #: (scenes, specs, settings) -> one image per scene: any generator can be evaluated, real renders included
@@ -104,17 +101,17 @@ class TaskReport:
     images: list[np.ndarray] = field(repr=False, default_factory=list)
 
 
-def pair_probability(task: Task) -> float:
+def pair_probability(task: ConditionTask) -> float:
     """Class and unconditional models train and are judged on single-object scenes."""
     return 0.0 if task in ("class", "unconditional") else PAIR_PROBABILITY
 
 
-def heldout_scenes(task: Task, n: int, stream: int = HELDOUT_STREAM) -> list[Scene]:
+def heldout_scenes(task: ConditionTask, n: int, stream: int = HELDOUT_STREAM) -> list[Scene]:
     """The first `n` scenes of a held-out stream, as the task's models see data."""
     return [scene_at(stream, i, pair_probability=pair_probability(task)) for i in range(n)]
 
 
-def pipeline_task_generator(pipeline: Pipeline, task: Task) -> TaskGenerateFn:
+def pipeline_task_generator(pipeline: Pipeline, task: ConditionTask) -> TaskGenerateFn:
     """A TaskGenerateFn that conditions the pipeline on each scene's class, layout or label map."""
 
     def generate(scenes: Sequence[Scene], specs: Sequence[SampleSpec], settings: RunSettings) -> list[Image.Image]:
@@ -138,7 +135,7 @@ def real_images(scenes: Sequence[Scene], specs: Sequence[SampleSpec], settings: 
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def score(task: Task, analysis: SceneAnalysis, scene: Scene) -> tuple[bool, bool, tuple[ObjectScore, ...]]:
+def score(task: ConditionTask, analysis: SceneAnalysis, scene: Scene) -> tuple[bool, bool, tuple[ObjectScore, ...]]:
     """(correct, count right, per-object scores) of one image analysis against the scene it was asked for."""
     if task == "unconditional":
         objects = analysis.objects
@@ -212,7 +209,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def describe(task: Task, scene: Scene) -> str:
+def describe(task: ConditionTask, scene: Scene) -> str:
     """The condition in words, for reports: a class name, boxes, or the map's objects."""
     if task == "unconditional":
         return ""
@@ -226,13 +223,13 @@ def describe(task: Task, scene: Scene) -> str:
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_task(target: Pipeline | TaskGenerateFn, task: Task, n: int, *, sampler: SamplerName = "dpmpp_2m",
+def evaluate_task(target: Pipeline | TaskGenerateFn, task: ConditionTask, n: int, *, sampler: SamplerName = "dpmpp_2m",
                   steps: int = 20, guidance: float | None = None, seed: int = 0, batch_size: int = 16,
                   feature_net: ShapeFeatureNet | None = None, progress: bool = True) -> TaskReport:
     """Generate one image for each of the first `n` held-out conditions (item i with seed `seed + i`), score
     them, and measure FD against the real renders of the same scenes (with the real-vs-real floor)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in CONDITION_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(CONDITION_TASKS)}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got {n} and {batch_size}")
     guidance = DEFAULT_GUIDANCE[task] if guidance is None else guidance
@@ -263,7 +260,7 @@ def evaluate_task(target: Pipeline | TaskGenerateFn, task: Task, n: int, *, samp
     return _report(task, sampler, steps, guidance, results, images, fd, fd_ref, time.perf_counter() - start)
 
 
-def _report(task: Task, sampler: str, steps: int, guidance: float, results: list[ItemResult],
+def _report(task: ConditionTask, sampler: str, steps: int, guidance: float, results: list[ItemResult],
             images: list[np.ndarray], fd: float | None, fd_ref: float | None, seconds: float) -> TaskReport:
     objects = [o for r in results for o in r.objects]
     image_accuracy = _mean([r.correct for r in results])

@@ -26,8 +26,8 @@ from models.eval.features import ShapeFeatureNet, extract_features, frechet_dist
 from models.eval.judge import as_array, judge
 from models.eval.prompts import parse_prompt, scene_for_prompt
 from models.ldm import LatentDiffusion
+from models.names import SamplerName
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from models.samplers import SamplerName
 from models.train.data_shapes import render, scene_at, to_model_tensor
 
 #: the diffusion model's held-out stream (models/train/data.py: shapes seed 0 trains, seed + 1 is held out)

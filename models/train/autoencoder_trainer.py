@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.config import to_dict
+from models.resolve import pick_device
 from models.train.common import (
     LossLog,
     load_checkpoint,
-    pick_device,
     psnr,
     rng_state,
     save_checkpoint,

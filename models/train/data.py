@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from models.conditioning import pack_layouts
+from models.names import ConditionKind
 from models.train.data_shapes import PAIR_PROBABILITY, SceneConditions, ShapesDataset
 
 #: what a diffusion model is conditioned on: text (captions), class labels, layouts, label maps, or nothing
-ConditionKind = Literal["text", "class", "layout", "semantic", "none"]
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,14 @@ from models.config import Conditioning as Wiring
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
 from models.images import to_tensor
 from models.ldm import LatentDiffusion
+from models.names import ConditionKind, condition_kind
 from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.resolve import pick_device
 from models.train.autoencoder_trainer import load_trained_autoencoder
 from models.train.common import (
     EMA,
     LossLog,
     load_checkpoint,
-    pick_device,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -65,7 +66,7 @@ from models.train.common import (
     warmup_lr,
     write_resolved_config,
 )
-from models.train.data import ConditionedSource, ConditionKind, DataConfig, ImageSource, condition_tensors, make_sources
+from models.train.data import ConditionedSource, DataConfig, ImageSource, condition_tensors, make_sources
 from models.train.data_shapes import CLASS_NAMES, PAIR_PROBABILITY
 from models.train.grid import save_grid
 from models.unet import UNetConfig
@@ -82,15 +83,6 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor]) -> set[s
     taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     module.load_state_dict(taken, strict=False)
     return set(taken)
-
-
-def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
-    """What a model with this conditioner is trained on."""
-    if conditioner is None:
-        return "none"
-    if conditioner.kind in ("class", "layout", "semantic"):
-        return conditioner.kind  # type: ignore[return-value]
-    return "text"
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ parameters that made it (task, model, seed, steps, sampler, karras, eta, guidanc
 negative_prompt for the prompted tasks; strength for img2img and inpaint; `class` and `class_id`, `layout` (JSON)
 or `label_map_sha256` for the other conditionings), so the same parameters give the same bytes.
 
-What a model can do follows from how it is conditioned (`model_kind`, `TASKS_BY_KIND`): a text encoder gives
-txt2img, img2img and inpaint; an inpainting or super-resolution concat input its one task; a class, layout or
-semantic-map conditioner its own task plus `unconditional` (sampling from the null condition); no conditioner,
-`unconditional` only. A class label, layout or label map the model does not take fails its job alone, before any
-batch, as `invalid_input` (`check`, `inputs`: models/conditioning.py says what is wrong).
+What a model can do is what its config declares (`ModelConfig.tasks`, from its kind: models/names.py); each task
+reaches the pipeline through its entry of `PIPELINE_CALLS`. A class label, layout or label map the model does not
+take fails its job alone, before any batch, as `invalid_input` (`check`, `inputs`: models/conditioning.py says what
+is wrong).
 
 Failures a job should report are `JobFailure`s with a reason (the label of `ldm_job_failures_total`):
 `unsupported` (the model cannot do the task), `invalid_input` (an image, label map, class or layout that cannot be
@@ -36,12 +35,12 @@ import torch
 from PIL import Image
 
 from models.conditioning import Box, ConditionError, label_map_array, layout_to_json, parse_layout, resolve_label
-from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
+from models.names import KIND_DESCRIPTIONS, DTypeName
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
-from service.generate import pick_device, resolve_model
+from models.resolve import pick_device, pick_dtype, resolve_model
 from service.images import ImageError, decode_queued_image, decode_queued_label_map
 from service.schemas import (
     CONDITION_TASKS,
@@ -57,24 +56,8 @@ from service.schemas import (
 log = logging.getLogger(__name__)
 
 FailureReason = Literal["unsupported", "invalid_input", "out_of_memory", "internal"]
-DType = Literal["auto", "fp32", "fp16", "bf16"]
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-ModelKind = Literal["text", "inpaint", "lowres", "class", "layout", "semantic", "none"]
-#: the tasks a model can do, by what it is conditioned on (`model_kind`). A text model samples unconditionally
-#: through txt2img (an empty prompt at guidance 1), so it does not also offer `unconditional`.
-TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
-    "text": frozenset({Task.txt2img, Task.img2img, Task.inpaint}),  # inpainting by latent blending
-    "inpaint": frozenset({Task.inpaint}),
-    "lowres": frozenset({Task.upscale}),
-    "class": frozenset({Task.class_, Task.unconditional}),  # unconditional: the null class
-    "layout": frozenset({Task.layout, Task.unconditional}),  # the empty layout
-    "semantic": frozenset({Task.semantic, Task.unconditional}),  # the all-unknown map
-    "none": frozenset({Task.unconditional}),
-}
-_KIND: dict[ModelKind, str] = {
-    "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
-    "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
-    "none": "an unconditional model"}
+#: the worker's dtype setting: auto = fp16 on cuda, fp32 elsewhere (`models.resolve.pick_dtype`)
+DType = Literal["auto", DTypeName]
 
 #: step(step, total, samples): after every sampler step of the samples (indices into the batch) now running;
 #: raising `Cancelled` from it stops those samples between steps
@@ -114,18 +97,6 @@ def served_name(spec: str) -> str:
     return name or "model"
 
 
-def model_kind(config: ModelConfig) -> ModelKind:
-    """What a model is conditioned on, which decides its tasks (`TASKS_BY_KIND`): an inpainting or low-resolution
-    concat input where it has one, else its conditioner's kind (every text encoder is "text"), "none" without one."""
-    if config.concat_input in ("inpaint", "lowres"):
-        return "inpaint" if config.concat_input == "inpaint" else "lowres"
-    conditioner = config.conditioner
-    if conditioner is None or config.conditioning not in ("crossattn", "hybrid", "concat"):
-        return "none"
-    kind = conditioner.kind
-    return kind if kind in ("class", "layout", "semantic") else "text"
-
-
 def decode_label_map(data: bytes, max_pixels: int, n_classes: int) -> Image.Image:
     """A semantic job's label-map bytes -> a mode-L image of labels 0..n_classes (service/images.py decodes it:
     PNG only, pixel count checked first); palette indices are the labels, never their colours
@@ -162,7 +133,8 @@ class Runner:
              tokenizer_dir: Path | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once.
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
-        dev, dt = pick_device(device, None if dtype == "auto" else _TORCH_DTYPES[dtype])
+        dev = pick_device(device)
+        dt = pick_dtype(dev, None if dtype == "auto" else dtype)
         model = resolve_model(spec, tokenizer=tokenizer_dir, device=dev, dtype=dt)
         if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
             optimize_for_cpu_inference(model)
@@ -178,14 +150,14 @@ class Runner:
 
     @property
     def tasks(self) -> frozenset[Task]:
-        """The tasks this model can do."""
-        return TASKS_BY_KIND[model_kind(self.model.config)]
+        """The tasks this model can do (its config declares them)."""
+        return frozenset(Task(task) for task in self.model.config.tasks)
 
     @property
     def labels(self) -> LabelSet | None:
         """The labels a class, layout or semantic model takes (registered, so the front ends can check them)."""
         c = self.model.config.conditioner
-        if c is None or model_kind(self.model.config) not in ("class", "layout", "semantic"):
+        if c is None or self.model.config.kind not in ("class", "layout", "semantic"):
             return None
         return LabelSet(n_classes=c.n_classes, class_names=c.class_names,
                         max_boxes=c.layout.max_boxes if c.kind == "layout" else None)
@@ -197,7 +169,7 @@ class Runner:
         class label or layout is not one the model takes."""
         if request.task not in self.tasks:
             can = ", ".join(sorted(t.value for t in self.tasks))
-            raise JobFailure("unsupported", f"model {self.name!r} is {_KIND[model_kind(self.model.config)]} and "
+            raise JobFailure("unsupported", f"model {self.name!r} is {KIND_DESCRIPTIONS[self.model.config.kind]} and "
                              f"cannot do {request.task.value} (it can do: {can})")
         if request.task == Task.class_:
             self._class_id(request)
@@ -329,25 +301,42 @@ class Runner:
               progress: Progress) -> GenerationResult:
         """The pipeline call of `task` (the one place a test may inject a fault). Conditions are per sample: one
         class, layout or label map each (a job's `n` samples share its own)."""
-        if task == Task.txt2img:
-            return self.pipeline.txt2img(specs, settings, progress=progress)
-        if task == Task.class_:
-            labels = [self._class_id(s.request) for s in samples]
-            return self.pipeline.class2img(specs, settings, labels, progress=progress)
-        if task == Task.layout:
-            layouts = [self._layout(s.request) for s in samples]
-            return self.pipeline.layout2img(specs, settings, layouts, progress=progress)
-        if task == Task.unconditional:
-            return self.pipeline.unconditional(specs, settings, progress=progress)
-        images = [s.image for s in samples if s.image is not None]
-        if task == Task.semantic:
-            return self.pipeline.semantic2img(specs, settings, images, progress=progress)
-        if task == Task.img2img:
-            return self.pipeline.img2img(specs, settings, images, progress=progress)
-        if task == Task.inpaint:
-            masks = [s.mask for s in samples if s.mask is not None]
-            return self.pipeline.inpaint(specs, settings, images, masks, progress=progress)
-        return self.pipeline.upscale(specs, settings, images, progress=progress)
+        return PIPELINE_CALLS[task](self, specs, settings, samples, progress)
+
+    def _txt2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                 progress: Progress) -> GenerationResult:
+        return self.pipeline.txt2img(specs, settings, progress=progress)
+
+    def _img2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                 progress: Progress) -> GenerationResult:
+        return self.pipeline.img2img(specs, settings, _images(samples), progress=progress)
+
+    def _inpaint(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                 progress: Progress) -> GenerationResult:
+        masks = [s.mask for s in samples if s.mask is not None]
+        return self.pipeline.inpaint(specs, settings, _images(samples), masks, progress=progress)
+
+    def _upscale(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                 progress: Progress) -> GenerationResult:
+        return self.pipeline.upscale(specs, settings, _images(samples), progress=progress)
+
+    def _class2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                   progress: Progress) -> GenerationResult:
+        labels = [self._class_id(s.request) for s in samples]
+        return self.pipeline.class2img(specs, settings, labels, progress=progress)
+
+    def _layout2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                    progress: Progress) -> GenerationResult:
+        layouts = [self._layout(s.request) for s in samples]
+        return self.pipeline.layout2img(specs, settings, layouts, progress=progress)
+
+    def _semantic2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                      progress: Progress) -> GenerationResult:
+        return self.pipeline.semantic2img(specs, settings, _images(samples), progress=progress)
+
+    def _unconditional(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
+                       progress: Progress) -> GenerationResult:
+        return self.pipeline.unconditional(specs, settings, progress=progress)
 
     def _png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
         r = sample.request
@@ -379,3 +368,18 @@ class Runner:
     def _free_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _images(samples: Sequence[SampleInput]) -> list[Image.Image]:
+    """The samples' decoded input images (a semantic job's: its label map)."""
+    return [s.image for s in samples if s.image is not None]
+
+
+#: a task's pipeline call: (runner, specs, settings, samples, progress) -> the batch's images
+PipelineCall = Callable[[Runner, list[SampleSpec], RunSettings, Sequence[SampleInput], Progress], GenerationResult]
+#: every task's pipeline call (tests/unit/test_architecture.py: one per task of models.names.TASKS)
+PIPELINE_CALLS: dict[Task, PipelineCall] = {
+    Task.txt2img: Runner._txt2img, Task.img2img: Runner._img2img, Task.inpaint: Runner._inpaint,
+    Task.upscale: Runner._upscale, Task.class_: Runner._class2img, Task.layout: Runner._layout2img,
+    Task.semantic: Runner._semantic2img, Task.unconditional: Runner._unconditional,
+}

@@ -12,7 +12,8 @@ from PIL import Image
 from models.checkpoints import ZOO_DIR, load_model
 from models.eval.conditions import LAYOUT_IOU, box_iou, measured_box
 from models.eval.judge import analyse
-from models.pipeline import DEFAULT_GUIDANCE, Pipeline, RunSettings, SampleSpec
+from models.names import DEFAULT_GUIDANCE
+from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.train.data_shapes import CLASS_NAMES
 from tests.e2e.test_generate_cli import png_text, run_ldm
 

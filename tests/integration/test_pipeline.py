@@ -18,14 +18,13 @@ from PIL import Image
 from models.checkpoints import load_model, save_model
 from models.images import to_pil, to_tensor
 from models.ldm import LatentDiffusion
+from models.names import SAMPLERS, SamplerName
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
-from models.samplers import SamplerName
 from models.tokenizers import CLIPTokenizer
 from tests.helpers import random_model, toy_sd_config, toy_sr_config, write_clip_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SAMPLERS: tuple[SamplerName, ...] = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a")
 ME = SampleSpec("a red cat on a windowsill", "blurry", seed=7, guidance_scale=5.0)
 SMALL = RunSettings(steps=4, width=32, height=32)
 

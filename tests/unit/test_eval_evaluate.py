@@ -26,7 +26,7 @@ from models.eval.evaluate import (
 from models.eval.features import extract_features, frechet_distance, load_feature_net
 from models.eval.prompts import random_prompts
 from models.pipeline import Pipeline, RunSettings, SampleSpec
-from service.generate import resolve_model
+from models.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")

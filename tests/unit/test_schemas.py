@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from service.config import Settings, load_settings
 from service.queue import Job, JobStatus, WorkerInfo
-from service.schemas import DEFAULT_GUIDANCE, BatchKey, GenerationRequest, LabelSet, Sampler, Task, admit, check_labels
+from service.schemas import BatchKey, GenerationRequest, LabelSet, Task, admit, check_labels
 
 SETTINGS = Settings(config_file=None, max_width=512, max_height=512, min_width=32, min_height=32, max_steps=100,
                     max_n=4, max_guidance_scale=20.0, max_prompt_bytes=16, max_image_bytes=100,
@@ -160,11 +160,6 @@ def test_job_record_round_trips_through_json() -> None:
     assert job.model_dump(mode="json")["status"] == "running"
 
 
-def test_sampler_names_match_the_model_library() -> None:
-    import models.samplers as samplers
-    assert set(get_args(Sampler)) == set(get_args(samplers.SamplerName))
-
-
 def test_settings_read_env_over_yaml_over_defaults_and_refuse_unknown_keys(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "ldm.yaml"
@@ -195,11 +190,6 @@ def test_admission_resolves_the_guidance_of_the_task_and_keeps_a_given_one() -> 
     kept = admit(GenerationRequest(task=Task.class_, class_label=3, guidance_scale=2.5), SETTINGS)
     assert kept.guidance_scale == kept.effective_guidance == 2.5
     assert GenerationRequest(task=Task.layout).effective_guidance == 3.0  # before admission too (the worker's view)
-
-
-def test_default_guidance_is_the_model_librarys() -> None:
-    from models.pipeline import DEFAULT_GUIDANCE as LIBRARY
-    assert {task: DEFAULT_GUIDANCE[Task(task)] for task in LIBRARY} == LIBRARY
 
 
 def test_conditions_round_trip_and_the_label_map_stays_out_of_dumps() -> None:

@@ -30,10 +30,11 @@ from models.conditioning import (
     resolve_label,
 )
 from models.config import ModelConfig
-from models.eval.conditions import TASKS, evaluate_task, heldout_scenes, real_images, score, write_conditions
+from models.eval.conditions import evaluate_task, heldout_scenes, real_images, score, write_conditions
 from models.eval.features import load_feature_net
 from models.eval.judge import analyse
 from models.eval.prompts import parse_prompt
+from models.names import CONDITION_TASKS
 from models.train.data import DataConfig, condition_tensors, make_sources
 from models.train.data_shapes import (
     CLASS_NAMES,
@@ -321,7 +322,7 @@ def feature_net() -> object:
     return load_feature_net()
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", CONDITION_TASKS)
 def test_real_renders_score_full_marks(task: str, feature_net: object) -> None:
     report = evaluate_task(real_images, task, 24, feature_net=feature_net, progress=False)  # type: ignore[arg-type]
     assert report.accuracy == 1.0 and report.image_accuracy == 1.0 and report.metrics["count"] == 1.0

@@ -1,0 +1,84 @@
+"""The library's names for what it can do: tasks, model kinds and the tasks of each, sampler names, default guidance
+scales, dtype names, class-name matching. Defined once here and imported by every part of the library.
+
+This module imports nothing heavy (no torch, no other models module at run time), so command-line parsers can
+import it and keep `ldm --help` fast. The service's front ends may not import the model library at all (they must
+not load torch), so they hold torch-free copies (`service.schemas.Task`, `Sampler`, `DEFAULT_GUIDANCE`,
+`normalise_name`, `service.config`'s dtype names); tests/unit/test_architecture.py checks each copy equal to its
+original here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+    from models.conditioners import ConditionerConfig
+
+#: what a job or a command makes: from a prompt (txt2img, and img2img, inpaint, upscale with an input image), or
+#: from the paper's other conditionings (a class label, a layout, a semantic label map, nothing)
+Task = Literal["txt2img", "img2img", "inpaint", "upscale", "class", "unconditional", "semantic", "layout"]
+TASKS: tuple[Task, ...] = get_args(Task)
+#: the tasks conditioned on something other than a prompt (they take no prompt)
+ConditionTask = Literal["class", "unconditional", "semantic", "layout"]
+CONDITION_TASKS: tuple[ConditionTask, ...] = get_args(ConditionTask)
+
+#: what a model is trained on and sampled with: a text encoder's output, a class, a layout, a label map, nothing
+ConditionKind = Literal["text", "class", "layout", "semantic", "none"]
+#: what a model is conditioned on, which decides its tasks: a condition kind, or an inpainting or low-resolution
+#: concat input (`models.config.ModelConfig.kind`)
+ModelKind = Literal[ConditionKind, "inpaint", "lowres"]
+#: the tasks a model can do, by its kind. A text model samples unconditionally through txt2img (an empty prompt at
+#: guidance 1), so it does not also offer `unconditional`.
+TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
+    "text": frozenset({"txt2img", "img2img", "inpaint"}),  # inpainting by latent blending
+    "inpaint": frozenset({"inpaint"}),
+    "lowres": frozenset({"upscale"}),
+    "class": frozenset({"class", "unconditional"}),  # unconditional: the null class
+    "layout": frozenset({"layout", "unconditional"}),  # the empty layout
+    "semantic": frozenset({"semantic", "unconditional"}),  # the all-unknown map
+    "none": frozenset({"unconditional"}),
+}
+#: a model of each kind, in words (for messages such as "model 'x' is a layout-to-image model")
+KIND_DESCRIPTIONS: dict[ModelKind, str] = {
+    "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
+    "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
+    "none": "an unconditional model"}
+
+#: a task's default classifier-free guidance scale (1 = no guidance). Class: the best of 3, 5 and 7.5 measured on
+#: shapes-class; layout: of 2, 3 and 5 on shapes-layout, 3 for its FD at 0.4 points less accuracy than 5; semantic
+#: untuned; SD's 7.5 for the prompted tasks. Unconditional sampling is unguided.
+DEFAULT_GUIDANCE: dict[Task, float] = {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "upscale": 7.5,
+                                       "class": 5.0, "layout": 3.0, "semantic": 2.0, "unconditional": 1.0}
+
+#: the samplers of models/samplers.py
+SamplerName = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]
+SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+
+#: the floating-point formats a model runs in, by their short names (`models.resolve.pick_dtype`)
+DTypeName = Literal["fp32", "fp16", "bf16"]
+DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
+
+
+def normalise_name(name: str) -> str:
+    """Class names match whatever their case and spacing ("Red  Circle" is "red circle")."""
+    return " ".join(name.lower().split())
+
+
+def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
+    """What a model with this conditioner is trained on and sampled with: every text encoder is "text"."""
+    if conditioner is None:
+        return "none"
+    kind = conditioner.kind
+    return kind if kind in ("class", "layout", "semantic") else "text"
+
+
+def model_kind(config: ModelConfig) -> ModelKind:
+    """What a model is conditioned on: an inpainting or low-resolution concat input where it has one, else its
+    conditioner's kind where the UNet takes it (cross-attention or concat), "none" otherwise."""
+    if config.concat_input in ("inpaint", "lowres"):
+        return "inpaint" if config.concat_input == "inpaint" else "lowres"
+    if config.conditioning not in ("crossattn", "hybrid", "concat"):
+        return "none"
+    return condition_kind(config.conditioner)
