@@ -249,8 +249,10 @@ pipe(sys.argv[2], height=256, width=256, num_inference_steps=int(sys.argv[3]), g
 """
 
 
-def child_peak(cmd: list[str]) -> dict[str, float]:
-    """Wall time and peak RSS (GiB) of a child process, as the kernel accounted it when it ended."""
+def child_peak(cmd: list[str]) -> dict[str, Any]:
+    """Wall time and peak RSS (GiB) of a child process, as the kernel accounted it when it ended (and its
+    stdout). Linux starts a child's ru_maxrss at its parent's peak (fork + exec), so this process must stay
+    small: the weights are written by a child of their own."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -259,7 +261,8 @@ def child_peak(cmd: list[str]) -> dict[str, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20}  # ru_maxrss is in KiB
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, "stdout": stdout}  # ru_maxrss is in KiB
 
 
 def loading(weights: Path, steps: int) -> dict[str, Any]:
@@ -268,15 +271,18 @@ def loading(weights: Path, steps: int) -> dict[str, Any]:
     for layout in ("folder", "single"):
         for impl in ("ours", "diffusers"):
             out = child_peak([sys.executable, __file__, "--load-probe", impl, layout, "--weights-dir", str(weights)])
-            results.setdefault(f"load_{layout}", {})[impl] = out
+            probe = json.loads(out.pop("stdout").strip().splitlines()[-1])
+            results.setdefault(f"load_{layout}", {})[impl] = {**out, **probe}  # the probe's own VmHWM and time
     with tempfile.TemporaryDirectory() as tmp:
-        results["generate"] = {
+        results["generate"] = {  # peak RSS here: wait4's ru_maxrss of the whole process
             "ours": child_peak([sys.executable, "-m", "service.cli", "generate", PROMPT, "--model",
                                 str(weights / "diffusers"), "--steps", str(steps), "--sampler", "dpmpp_2m",
                                 "--width", "256", "--height", "256", "--out", str(Path(tmp) / "ours.png")]),
             "diffusers": child_peak([sys.executable, "-c", DIFFUSERS_GENERATE, str(weights / "diffusers"), PROMPT,
                                      str(steps), str(Path(tmp) / "diffusers.png")]),
         }
+    for r in results["generate"].values():
+        r.pop("stdout")
     return results
 
 
@@ -395,6 +401,7 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="with --loading: a ~1.3 GB model, not SD-1.5's 4.3 GB")
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="with --loading: where the random weights are written once (default scratch/, ignored)")
+    parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-probe", nargs=2, metavar=("IMPL", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     weights = args.weights_dir or ROOT / "scratch" / ("sd15-random-reduced" if args.reduced else "sd15-random")
@@ -404,8 +411,12 @@ def main() -> None:
     if args.load_probe:
         load_probe(args.load_probe[0], args.load_probe[1], weights)
         return
-    if args.loading:
+    if args.write_weights:
         write_weights(weights, args.reduced)
+        return
+    if args.loading:
+        subprocess.run([sys.executable, __file__, "--write-weights", "--weights-dir", str(weights),
+                        *(["--reduced"] if args.reduced else [])], check=True)
         nbytes = (weights / "model.safetensors").stat().st_size
         data = {"setup": {"steps": args.steps, "size_px": 256, "dtype": "fp32", "threads": torch.get_num_threads(),
                           "weights": "random, " + ("reduced SD-1.5 shapes" if args.reduced else "SD-1.5 shapes"),
