@@ -314,7 +314,10 @@ class Stored:
     key: str
     shape: torch.Size
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, dtype: torch.dtype, *, lookup_table: bool = False) -> torch.Tensor:
+        """In `dtype`; a lookup table already in it is mapped, not read (only the rows used become resident)."""
+        if lookup_table and self.file.meta[self.key].dtype == dtype:
+            return self.file.map(self.key).reshape(self.shape)
         return self.file.read(self.key, dtype).reshape(self.shape)
 
 
@@ -355,7 +358,9 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, Sources], source:
     for part in PREFIXES:
         module = getattr(model, part)
         if module is not None and parts.get(part):
-            module.load_state_dict({k: s.read(dtype) for k, s in parts[part].items()}, strict=True, assign=True)
+            tables = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+            module.load_state_dict({k: s.read(dtype, lookup_table=k in tables) for k, s in parts[part].items()},
+                                   strict=True, assign=True)
 
 
 class _SkipRandomInit(TorchFunctionMode):
