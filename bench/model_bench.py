@@ -11,12 +11,23 @@ against this machine's measured fp32 matmul peak.
 
 A table goes to stdout; the figures go to bench/results/model_bench.json. Not a test: nothing fails.
     python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick]
+
+`--loading` measures the way from files instead (bench/results/model_bench_loading.json): random SD-1.5-size
+weights written once, by diffusers, as a diffusers folder and as one original-layout .safetensors file
+(under --weights-dir, git-ignored; --reduced for a ~1.3 GB model and a quick run), then each case in a
+fresh process: our `load_model` against diffusers' `from_pretrained` / `from_single_file` (load time and
+the process's peak RSS), and a whole `ldm generate PROMPT --model FOLDER --steps 20 --sampler dpmpp_2m
+--width 256 --height 256` process against the same generation in a diffusers StableDiffusionPipeline
+process, peak RSS as the kernel accounts each finished child (wait4's ru_maxrss, what `/usr/bin/time -v`
+shows as "Maximum resident set size").
+    python bench/model_bench.py --loading [--reduced] [--weights-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -31,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +54,7 @@ from models.ldm import LatentDiffusion  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.text.clip import CLIPTextConditioner  # noqa: E402
 from models.tokenizers import CLIPTokenizer  # noqa: E402
-from tests.helpers import diffusers_unet, diffusers_vae, write_clip_tokenizer  # noqa: E402
+from tests.helpers import diffusers_unet, diffusers_vae, save_diffusers_folder, write_clip_tokenizer  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -177,6 +189,120 @@ def memory_probe(which: str, steps: int, size: int) -> None:
     print(peak_rss_gib())
 
 
+# ----------------------------------------------------------------------------- loading from files
+
+
+def write_weights(folder: Path, reduced: bool) -> Path:
+    """Random SD-1.5-size weights (or a reduced model) as `model.safetensors` + `diffusers/` + `tokenizer/`,
+    once: a folder with a `done` marker is reused."""
+    if (folder / "done").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = write_clip_tokenizer(folder / "tokenizer")
+    config = builtin_config("sd-v1")
+    if reduced:
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, model_channels=160),
+                                     autoencoder=dataclasses.replace(config.autoencoder, ch=64))
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    sd = model.original_state_dict()  # shares the model's storage: no second copy
+    sd["betas"] = model.schedule.betas.float()
+    save_file(sd, str(folder / "model.safetensors"))
+    save_diffusers_folder(sd, config, tok, folder / "diffusers")
+    (folder / "done").write_text("")
+    return folder
+
+
+def load_probe(impl: str, layout: str, weights: Path) -> None:
+    """In a fresh process: load one way, print load seconds and this process's peak RSS."""
+    start = time.perf_counter()
+    if impl == "ours":
+        from models.checkpoints import load_model
+
+        source = weights / "diffusers" if layout == "folder" else weights / "model.safetensors"
+        load_model(source, tokenizer_dir=weights / "tokenizer")
+    else:
+        import diffusers
+
+        cls = diffusers.StableDiffusionPipeline
+        if layout == "folder":
+            cls.from_pretrained(str(weights / "diffusers"), safety_checker=None, requires_safety_checker=False)
+        else:
+            cls.from_single_file(str(weights / "model.safetensors"), config=str(weights / "diffusers"),
+                                 local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    print(json.dumps({"load_s": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}))
+
+
+DIFFUSERS_GENERATE = """
+import sys, diffusers, torch
+pipe = diffusers.StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None,
+                                                         requires_safety_checker=False)
+pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+pipe(sys.argv[2], height=256, width=256, num_inference_steps=int(sys.argv[3]), guidance_scale=7.5,
+     generator=torch.Generator().manual_seed(0)).images[0].save(sys.argv[4])
+"""
+
+
+def child_peak(cmd: list[str]) -> dict[str, Any]:
+    """Wall time and peak RSS (GiB) of a child process, as the kernel accounted it when it ended (and its
+    stdout). Linux starts a child's ru_maxrss at its parent's peak (fork + exec), so this process must stay
+    small: the weights are written by a child of their own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, "stdout": stdout}  # ru_maxrss is in KiB
+
+
+def loading(weights: Path, steps: int) -> dict[str, Any]:
+    """Each case once in a fresh process, ours and diffusers alternating (file pages warm after a first read)."""
+    results: dict[str, Any] = {}
+    for layout in ("folder", "single"):
+        for impl in ("ours", "diffusers"):
+            out = child_peak([sys.executable, __file__, "--load-probe", impl, layout, "--weights-dir", str(weights)])
+            probe = json.loads(out.pop("stdout").strip().splitlines()[-1])
+            results.setdefault(f"load_{layout}", {})[impl] = {**out, **probe}  # the probe's own VmHWM and time
+    with tempfile.TemporaryDirectory() as tmp:
+        results["generate"] = {  # peak RSS here: wait4's ru_maxrss of the whole process
+            "ours": child_peak([sys.executable, "-m", "service.cli", "generate", PROMPT, "--model",
+                                str(weights / "diffusers"), "--steps", str(steps), "--sampler", "dpmpp_2m",
+                                "--width", "256", "--height", "256", "--out", str(Path(tmp) / "ours.png")]),
+            "diffusers": child_peak([sys.executable, "-c", DIFFUSERS_GENERATE, str(weights / "diffusers"), PROMPT,
+                                     str(steps), str(Path(tmp) / "diffusers.png")]),
+        }
+    for r in results["generate"].values():
+        r.pop("stdout")
+    return results
+
+
+def loading_report(data: dict[str, Any]) -> str:
+    lines = ["| what (fresh process each) | ours (s) | diffusers (s) | ours peak RSS (GiB) "
+             "| diffusers peak RSS (GiB) |",
+             "|---|---|---|---|---|"]
+    names = {"load_folder": "load a diffusers folder (`from_pretrained`)",
+             "load_single": "load one .safetensors file (`from_single_file`)",
+             "generate": f"whole `ldm generate` process, {data['setup']['steps']} steps 256x256 (wall, load included)"}
+    for key, r in data["results"].items():
+        time_key = "wall_s" if key == "generate" else "load_s"
+        ours, theirs = r["ours"], r["diffusers"]
+        lines.append(f"| {names[key]} | {ours.get(time_key, ours['wall_s']):.1f} | "
+                     f"{theirs.get(time_key, theirs['wall_s']):.1f} | {ours['peak_rss_gib']:.2f} | "
+                     f"{theirs['peak_rss_gib']:.2f} |")
+    lines.append(f"\n{data['setup']['weights']}, {data['setup']['weights_gib']:.2f} GiB of fp32 tensors.")
+    return "\n".join(lines)
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent
     through fork + exec, so a child of a big process would report the parent's size."""
@@ -271,9 +397,34 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure only the peak memory rows of an existing --out file")
     parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--loading", action="store_true", help="loading from files and whole processes (see above)")
+    parser.add_argument("--reduced", action="store_true", help="with --loading: a ~1.3 GB model, not SD-1.5's 4.3 GB")
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="with --loading: where the random weights are written once (default scratch/, ignored)")
+    parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-probe", nargs=2, metavar=("IMPL", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    weights = args.weights_dir or ROOT / "scratch" / ("sd15-random-reduced" if args.reduced else "sd15-random")
     if args.memory_probe:
         memory_probe(args.memory_probe, args.steps, args.size)
+        return
+    if args.load_probe:
+        load_probe(args.load_probe[0], args.load_probe[1], weights)
+        return
+    if args.write_weights:
+        write_weights(weights, args.reduced)
+        return
+    if args.loading:
+        subprocess.run([sys.executable, __file__, "--write-weights", "--weights-dir", str(weights),
+                        *(["--reduced"] if args.reduced else [])], check=True)
+        nbytes = (weights / "model.safetensors").stat().st_size
+        data = {"setup": {"steps": args.steps, "size_px": 256, "dtype": "fp32", "threads": torch.get_num_threads(),
+                          "weights": "random, " + ("reduced SD-1.5 shapes" if args.reduced else "SD-1.5 shapes"),
+                          "weights_gib": nbytes / 2**30},
+                "results": loading(weights, args.steps)}
+        default_out = ROOT / "bench" / "results" / "model_bench.json"
+        out = args.out if args.out != default_out else default_out.with_name("model_bench_loading.json")
+        publish(data, loading_report(data), out)
         return
     if args.memory_only:
         data = json.loads(args.out.read_text())

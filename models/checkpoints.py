@@ -7,6 +7,11 @@ hand-written config. Loading is strict: a missing, unexpected or misshaped key i
 names the keys; only keys known to be harmless (schedule buffers, EMA copies, `position_ids`) are
 dropped, and they are listed in `IGNORED_KEYS`.
 
+Memory: a model is built on the meta device and each tensor is read from its file (models/tensor_files.py)
+into memory of its own, already in the asked dtype, and handed to the module as its parameter
+(`load_state_dict(assign=True)`): no second copy of the weights exists at any point, whatever the layout
+or dtype, beyond the one tensor being converted.
+
 Out: one `.safetensors` file in the original layout with our config as JSON in its metadata.
 """
 
@@ -15,15 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
@@ -39,12 +43,12 @@ from models.diffusers_layout import (
 )
 from models.diffusion import ScheduleConfig
 from models.ldm import PREFIXES, LatentDiffusion
+from models.tensor_files import CheckpointError, StateDict, TensorFile, open_tensor_file
 from models.text.clip import CLIPTextConfig
 from models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
 CONFIG_METADATA_KEY = "ldm_serve_config"
 ZOO_DIR = Path(__file__).parent / "zoo"
@@ -59,10 +63,6 @@ IGNORED_KEYS = re.compile(
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says which file and which keys."""
-
-
 def _shown(keys: list[str], limit: int = 8) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -72,38 +72,9 @@ def _shown(keys: list[str], limit: int = 8) -> str:
 
 
 def read_state_dict(path: Path) -> tuple[StateDict, dict[str, str]]:
-    """Tensors and metadata of one weights file; a clear error for anything unreadable."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix.lower() == ".safetensors":
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = dict(fh.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only met a Python object that is not a tensor or container
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" ({found[1]})" if found else ""
-        raise CheckpointError(
-            f"{path}: refused: the file pickles Python objects{what} besides tensors, and .ckpt files are read "
-            "with torch.load(weights_only=True), which never runs pickled code; re-save its state_dict only, "
-            "or convert it to .safetensors with a tool you trust"
-        ) from err
-    except Exception as err:  # torch raises many types for bad zips and truncation
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({type(err).__name__}: {first_line})"
-        ) from err
-    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
-    return dict(data), {}
+    """All tensors and the metadata of one weights file (for training code that loads into live modules)."""
+    file = open_tensor_file(path)
+    return file.read_all(), file.metadata
 
 
 def split_parts(sd: StateDict) -> dict[str, StateDict]:
@@ -124,17 +95,12 @@ def split_parts(sd: StateDict) -> dict[str, StateDict]:
     return parts
 
 
-def ema_unet_weights(sd: StateDict, unet_keys: list[str]) -> StateDict:
-    """The LitEma shadow copy of the UNet (`model_ema.<key without dots>`)."""
-    if not any(k.startswith("model_ema.diffusion_model") for k in sd):
+def ema_unet_keys(file_keys: Collection[str], unet_keys: list[str]) -> dict[str, str]:
+    """UNet key -> the key of its LitEma shadow copy in the file (`model_ema.<key without dots>`)."""
+    if not any(k.startswith("model_ema.diffusion_model") for k in file_keys):
         raise CheckpointError("asked for EMA weights, but the file has none (no model_ema.* keys)")
-    out, missing = {}, []
-    for key in unet_keys:
-        ema_key = "model_ema.diffusion_model" + key.replace(".", "")
-        if ema_key not in sd:
-            missing.append(ema_key)
-        else:
-            out[key] = sd[ema_key]
+    out = {key: "model_ema.diffusion_model" + key.replace(".", "") for key in unet_keys}
+    missing = [ema_key for ema_key in out.values() if ema_key not in file_keys]
     if missing:
         raise CheckpointError(f"asked for EMA weights, but these are missing: {_shown(missing)}")
     return out
@@ -340,8 +306,29 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_parts_strict(model: LatentDiffusion, parts: dict[str, StateDict], source: str) -> None:
-    """Load every part with strict key and shape checks, naming every offending key."""
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where one tensor of a part is: its file, its key there, and its shape in our module (diffusers
+    stores the VAE's 1x1 attention convs as Linear weights)."""
+
+    file: TensorFile
+    key: str
+    shape: torch.Size
+
+    def read(self, dtype: torch.dtype, *, lookup_table: bool = False) -> torch.Tensor:
+        """In `dtype`; a lookup table already in it is mapped, not read (only the rows used become resident)."""
+        if lookup_table and self.file.meta[self.key].dtype == dtype:
+            return self.file.map(self.key).reshape(self.shape)
+        return self.file.read(self.key, dtype).reshape(self.shape)
+
+
+#: a part's keys (ours, prefix stripped) -> where each tensor is stored
+Sources = dict[str, Stored]
+
+
+def load_parts_strict(model: LatentDiffusion, parts: dict[str, Sources], source: str, dtype: torch.dtype) -> None:
+    """Load every part with strict key and shape checks, naming every offending key; each tensor is read
+    only after every check passed, in `dtype`, and becomes the module's own parameter (no copy)."""
     problems = []
     for part in PREFIXES:
         module = getattr(model, part)
@@ -372,12 +359,32 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, StateDict], sourc
     for part in PREFIXES:
         module = getattr(model, part)
         if module is not None and parts.get(part):
-            module.load_state_dict(parts[part], strict=True, assign=True)
+            tables = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+            module.load_state_dict({k: s.read(dtype, lookup_table=k in tables) for k, s in parts[part].items()},
+                                   strict=True, assign=True)
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Random initialisation of meta tensors as a no-op: the values come from the file anyway, and
+    `normal_` on a meta tensor runs a decomposition that imports torch._dynamo (seconds, ~100 MB)."""
+
+    SKIPPED = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, *(getattr(torch.nn.init, name) for name in (
+        "normal_", "uniform_", "trunc_normal_", "kaiming_normal_", "kaiming_uniform_", "xavier_normal_",
+        "xavier_uniform_", "orthogonal_"))})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def _build(config: ModelConfig, tokenizer_dir: Path | None) -> LatentDiffusion:
     """The model with weights on the meta device (no random init of 1 B parameters), to be assigned."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         model = LatentDiffusion(config, tokenizer_dir=tokenizer_dir)
     return model
 
@@ -388,27 +395,29 @@ def _finish(model: LatentDiffusion, device: str | torch.device, dtype: torch.dty
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         raise CheckpointError(f"tensors no file provides (computed buffers are not supported): {_shown(leftovers)}")
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype)  # on the CPU a no-op for what the files gave (read in `dtype`)
     model.eval().requires_grad_(False)
     return model
 
 
-def _model_config(path: Path, sd: StateDict, metadata: Mapping[str, str]) -> ModelConfig:
-    if CONFIG_METADATA_KEY in metadata:
+def _model_config(path: Path, file: TensorFile) -> ModelConfig:
+    if CONFIG_METADATA_KEY in file.metadata:
         try:
-            return from_dict(ModelConfig, json.loads(metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
+            return from_dict(ModelConfig, json.loads(file.metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
         except ValueError as err:  # json.JSONDecodeError included
             raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
+    shapes = dict(file.meta)  # inference needs shapes only, but for the schedule's values
+    if "betas" in shapes:
+        shapes["betas"] = file.read("betas")
     try:
-        return infer_model_config(sd, name=path.stem)
+        return infer_model_config(shapes, name=path.stem)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
 def read_model_config(path: Path) -> ModelConfig:
     """The config of a single-file checkpoint (its metadata, or inferred from its keys), without building it."""
-    sd, metadata = read_state_dict(path)
-    return _model_config(path, sd, metadata)
+    return _model_config(path, open_tensor_file(path))
 
 
 def load_single_file(
@@ -420,16 +429,18 @@ def load_single_file(
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
     """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
-    sd, metadata = read_state_dict(path)
-    config = _model_config(path, sd, metadata)
-    parts = split_parts(sd)
+    file = open_tensor_file(path)
+    config = _model_config(path, file)
+    parts = {part: {k: Stored(file, PREFIXES[part] + k, t.shape) for k, t in tensors.items()}
+             for part, tensors in split_parts(file.meta).items()}
     if use_ema:
         try:
-            parts["unet"] = ema_unet_weights(sd, list(parts["unet"]))
+            ema = ema_unet_keys(file.meta.keys(), list(parts["unet"]))
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from None
+        parts["unet"] = {k: Stored(file, key, file.meta[key].shape) for k, key in ema.items()}
     model = _build(config, tokenizer_dir)
-    load_parts_strict(model, parts, str(path))
+    load_parts_strict(model, parts, str(path), dtype)
     log.info("loaded %s (family %s) from %s", config.name, config.family, path)
     return _finish(model, device, dtype)
 
@@ -480,39 +491,36 @@ def load_diffusers_folder(
         "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
                                        autoencoder_key_map(list(model.autoencoder.state_dict()), ae_config),
                                        squeeze_attention=True),
-        "conditioner": _text_encoder_keys(_read_any(folder / "text_encoder", ("model", "pytorch_model"))),
+        "conditioner": _text_encoder_keys(open_tensor_file(_weights_in(folder / "text_encoder",
+                                                                       ("model", "pytorch_model")))),
     }
-    load_parts_strict(model, parts, str(folder))
+    load_parts_strict(model, parts, str(folder), dtype)
     return _finish(model, device, dtype)
 
 
-def _text_encoder_keys(sd: StateDict) -> StateDict:
+def _text_encoder_keys(file: TensorFile) -> Sources:
     """HF CLIPTextModel keys -> ours: transformers < 5 saves `text_model.*`, transformers >= 5 drops
     that level; `position_ids` is a buffer we rebuild."""
-    return {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in sd.items() if not k.endswith("position_ids")}
-
-
-def _read_any(folder: Path, stems: tuple[str, ...]) -> StateDict:
-    sd, _ = read_state_dict(_weights_in(folder, stems))
-    return sd
+    return {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): Stored(file, k, t.shape)
+            for k, t in file.meta.items() if not k.endswith("position_ids")}
 
 
 def _from_diffusers(
     folder: Path, stems: tuple[str, ...], key_map: dict[str, str], *, squeeze_attention: bool = False
-) -> StateDict:
-    """Rename a diffusers component's tensors back to the original keys (strictly)."""
-    sd = _read_any(folder, stems)
+) -> Sources:
+    """A diffusers component's tensors under the original keys (strictly)."""
+    file = open_tensor_file(_weights_in(folder, stems))
     inverse = {new: old for old, new in key_map.items()}
-    unexpected = sorted(set(sd) - set(inverse))
+    unexpected = sorted(set(file.meta) - set(inverse))
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected keys {_shown(unexpected)}")
     out = {}
-    for new, tensor in sd.items():
+    for new, tensor in file.meta.items():
         old = inverse[new]
+        shape = tensor.shape
         if squeeze_attention and ".mid.attn_1." in old and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # diffusers stores the 1x1 conv attention weights as Linear
-        out[old] = tensor
+            shape = torch.Size([*shape, 1, 1])  # diffusers stores the 1x1 conv attention weights as Linear
+        out[old] = Stored(file, new, shape)
     return out
 
 

@@ -9,6 +9,9 @@ is for inference only: it cannot be trained or saved (save before packing).
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -54,15 +57,29 @@ def prepack_convolutions(model: nn.Module) -> int:
     # the end, doubling the conv weights' memory at the peak; this way each is freed as it is replaced
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if _packable(child)]
+    trim = _heap_trimmer()
     for parent, name in targets:
         setattr(parent, name, PackedConv2d(getattr(parent, name)))
+        trim()
     return len(targets)
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc's `malloc_trim(0)`, or a no-op elsewhere. Loaded weights are separate memory maps, freed at
+    once; their packed copies come from the heap, and the holes packing leaves there stay resident until
+    trimmed: without it, packing SD's UNet leaves a few hundred MB more resident (and at the peak)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return (lambda: trim(0)) if trim is not None else (lambda: None)
+
+
 def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """channels_last activations and prepacked conv weights, in place (see the module docstring)."""
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    """channels_last activations and prepacked conv weights, in place (see the module docstring).
+
+    Packing comes first: the blocked layout is the same whatever the source layout, so packing from the
+    loaded weight skips a channels_last copy of every packed conv (one weight's worth of transient memory
+    each, which the allocator does not always give back); then the rest (1x1 convs) go channels_last."""
     prepack_convolutions(model)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 

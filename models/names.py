@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
-    from models.config import ModelConfig
     from models.conditioners import ConditionerConfig
+    from models.config import ModelConfig
 
 #: what a job or a command makes: from a prompt (txt2img, and img2img, inpaint, upscale with an input image), or
 #: from the paper's other conditionings (a class label, a layout, a semantic label map, nothing)
