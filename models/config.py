@@ -70,7 +70,8 @@ class ModelConfig:
         raster = self.conditioner.layout.raster_channels if self.conditioner is not None else 0
         rescaled = self.conditioner.rescaler.channels if self.conditioner is not None else 0
         extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3, "semantic": semantic,
-                 "layout": raster, "masked_image": self.latent_channels + 1, "rescaled_map": rescaled}[self.concat_input]
+                 "layout": raster, "masked_image": self.latent_channels + 1,
+                 "rescaled_map": rescaled}[self.concat_input]
         expected = self.latent_channels + extra
         if self.unet.in_channels != expected:
             raise ValueError(
@@ -78,18 +79,23 @@ class ModelConfig:
                 f"{self.latent_channels}-channel latent with concat_input={self.concat_input!r} needs {expected}"
             )
 
-    def _check_conditioner(self) -> None:
-        """The class, layout and semantic conditioners against the wiring and the UNet."""
+    def _check_rescaler(self) -> None:
+        """The CompVis zoo's SpatialRescaler: concat conditioning, maps shrunk by the first stage's factor."""
         kind = self.conditioner.kind if self.conditioner is not None else None
         if (kind == "rescaler") != (self.concat_input == "rescaled_map"):
-            raise ValueError(f"{self.name}: a rescaler conditioner goes with concat_input 'rescaled_map' and only with it")
-        if kind == "rescaler":
-            assert self.conditioner is not None
+            raise ValueError(f"{self.name}: a rescaler conditioner goes with concat_input 'rescaled_map' and only "
+                             "with it")
+        if self.conditioner is not None and kind == "rescaler":
             if self.conditioning != "concat":
                 raise ValueError(f"{self.name}: a rescaler conditioner needs conditioning 'concat'")
             if self.conditioner.rescaler.downsample != self.downsample_factor:
                 raise ValueError(f"{self.name}: the rescaler shrinks maps {self.conditioner.rescaler.downsample}x, "
                                  f"the first stage {self.downsample_factor}x")
+
+    def _check_conditioner(self) -> None:
+        """The class, layout and semantic conditioners against the wiring and the UNet."""
+        kind = self.conditioner.kind if self.conditioner is not None else None
+        self._check_rescaler()
         if (kind == "semantic") != (self.concat_input == "semantic"):
             raise ValueError(f"{self.name}: a semantic conditioner goes with concat_input 'semantic' and only with it")
         if kind == "semantic":

@@ -105,21 +105,30 @@ class PositionEmbedding(nn.Module):
         return self.emb(torch.arange(length, device=device))[None]  # [1, L, D]
 
 
+class PreNormResidual(nn.ModuleList):
+    """One entry of x-transformers' `layers`: [norm, block] (the original's third entry, `Residual`, has no
+    weights); x = block(norm(x)) + x."""
+
+    def __init__(self, norm: nn.Module, block: nn.Module) -> None:
+        super().__init__([norm, block])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self[1](self[0](x)) + x
+
+
 class AttentionLayers(nn.Module):
-    """Encoder(dim, depth): `layers` holds depth x ('a', 'f'), each [LayerNorm, block] (the third entry of the
-    original, `Residual`, has no weights); pre-norm residual: x = block(norm(x)) + x."""
+    """Encoder(dim, depth): `layers` holds depth x ('a', 'f') pre-norm residual blocks."""
 
     def __init__(self, dim: int, depth: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList()
         for _ in range(depth):
-            self.layers.append(nn.ModuleList([nn.LayerNorm(dim), XAttention(dim)]))
-            self.layers.append(nn.ModuleList([nn.LayerNorm(dim), XFeedForward(dim)]))
+            self.layers.append(PreNormResidual(nn.LayerNorm(dim), XAttention(dim)))
+            self.layers.append(PreNormResidual(nn.LayerNorm(dim), XFeedForward(dim)))
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
-            norm, block = layer[0], layer[1]
-            x = block(norm(x)) + x
+            x = layer(x)
         return x
 
 

@@ -24,13 +24,12 @@ from typing import Any
 import yaml
 
 from models.autoencoder import AutoencoderConfig
+from models.compvis.bert import BERTEmbedderConfig
+from models.compvis.rescaler import SpatialRescalerConfig
 from models.config import ConcatInput, Conditioning, Family, ModelConfig
 from models.diffusion import BetaSchedule, ScheduleConfig
 from models.text import ConditionerConfig
 from models.unet import UNetConfig
-
-from models.compvis.bert import BERTEmbedderConfig
-from models.compvis.rescaler import SpatialRescalerConfig
 
 LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
@@ -284,10 +283,10 @@ def model_config(data: Mapping[str, Any], name: str, scale_factor_buffer: float 
     family: Family = "ldm_sr" if concat_input == "lowres" else "ldm"
     f = autoencoder.downsample_factor
     default = int(image_size) * f if image_size is not None else 256
-    if conditioner is not None and conditioner.kind in ("class", "bert"):
-        if unet.context_dim != conditioner.context_dim:
-            raise CompVisConfigError(f"model.params: unet context_dim {unet.context_dim} differs from the "
-                                     f"{conditioner.kind} encoder's width {conditioner.context_dim}")
+    context = conditioner.context_dim if conditioner is not None else None
+    if context is not None and unet.context_dim != context:
+        raise CompVisConfigError(f"model.params: unet context_dim {unet.context_dim} differs from the conditioner's "
+                                 f"width {context}")
     try:
         return ModelConfig(name=name, family=family, unet=unet, autoencoder=autoencoder, schedule=schedule,
                            conditioner=conditioner, conditioning=conditioning, concat_input=concat_input,

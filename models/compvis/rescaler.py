@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, NoReturn, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class SpatialRescalerConfig:
 
 
 class SpatialRescaler(nn.Module):
-    """one-hot [N, K, H, W] -> [N, out, H', W']; `encode_maps` takes label-map images."""
+    """one-hot [N, K, H, W] -> [N, out, H', W']; `one_hot` reads label-map images."""
 
     def __init__(self, config: SpatialRescalerConfig) -> None:
         super().__init__()
@@ -89,7 +89,6 @@ class SpatialRescaler(nn.Module):
         labels = torch.from_numpy(np.stack(arrays))
         return F.one_hot(labels, self.n_labels).permute(0, 3, 1, 2).float()
 
-    def encode_maps(self, maps: Sequence[Image.Image | np.ndarray | Tensor]) -> Tensor:
-        device = next(self.parameters()).device if self.channel_mapper is not None else torch.device("cpu")
-        dtype = next(self.parameters()).dtype if self.channel_mapper is not None else torch.float32
-        return self(self.one_hot(maps).to(device, dtype))
+    def encode(self, prompts: Sequence[str]) -> NoReturn:
+        raise ConditionError("a semantic-synthesis model is conditioned on a label map, not on a prompt "
+                             "(use semantic2img, `ldm generate --map`)")
