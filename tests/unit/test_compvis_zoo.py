@@ -31,6 +31,7 @@ from tests.compvis_zoo import (
     write_checkpoint,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SEED, STEPS = 7, 10
 DDIM = RunSettings(sampler="ddim", steps=STEPS, eta=0.0)
 UNET, FIRST, COND = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -131,7 +132,7 @@ def test_celeba256_matches_ldm_pipeline(tmp_path: Path) -> None:
 
     model, sd = _load(tmp_path, "celeba256")
     config = model.config  # type: ignore[attr-defined]
-    ours = Pipeline(model).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=32, height=32))  # type: ignore[arg-type]
+    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=32, height=32))  # type: ignore[arg-type]
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
     pipe.unet.config.sample_size = 8
@@ -148,7 +149,7 @@ def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path) -> None:
     model, sd = _load(tmp_path, "lsun_churches256")
     config = model.config  # type: ignore[attr-defined]
     assert config.scale_factor == pytest.approx(CHURCHES_SCALE)
-    ours = Pipeline(model).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=128, height=128))  # type: ignore[arg-type]
+    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=128, height=128))  # type: ignore[arg-type]
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, CHURCHES_SCALE),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0155))
     pipe.unet.config.sample_size = 16
@@ -180,7 +181,7 @@ def test_cin256_v2_matches_the_original_arithmetic(tmp_path: Path) -> None:
     model, sd = _load(tmp_path, "cin256-v2")
     config = model.config  # type: ignore[attr-defined]
     settings = dataclasses.replace(DDIM, width=32, height=32)
-    ours = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])  # type: ignore[arg-type]
+    ours = Pipeline(model, optimize=False).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])  # type: ignore[arg-type]
     assert_close_images(np.asarray(ours.images[0]), _cin_reference(sd, config, 207, 3.0))
 
 
@@ -193,6 +194,160 @@ def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path) -> None:
     assert eight.unet.config.heads(64) == (8, 8) and model.unet.config.heads(64) == (1, 64)  # type: ignore[attr-defined]
     settings = dataclasses.replace(DDIM, width=32, height=32)
     spec = [SampleSpec(seed=SEED, guidance_scale=3.0)]
-    one = np.asarray(Pipeline(model).class2img(spec, settings, [207]).images[0], dtype=np.float64)  # type: ignore[arg-type]
-    many = np.asarray(Pipeline(eight).class2img(spec, settings, [207]).images[0], dtype=np.float64)
+    one = np.asarray(Pipeline(model, optimize=False).class2img(spec, settings, [207]).images[0], dtype=np.float64)  # type: ignore[arg-type]
+    many = np.asarray(Pipeline(eight, optimize=False).class2img(spec, settings, [207]).images[0], dtype=np.float64)
     assert np.abs(one - many).mean() > 2.0
+
+
+def _ldmbert(sd: dict[str, torch.Tensor], width: int, depth: int) -> object:
+    """diffusers' LDMBertModel holding the x-transformers encoder's weights (the renaming of diffusers'
+    LDM text2img conversion: layers 2i = [norm, attention], 2i+1 = [norm, feed-forward])."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    config = LDMBertConfig(vocab_size=30522, max_position_embeddings=77, encoder_layers=depth,
+                           encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64, d_model=width,
+                           dropout=0.0)
+    renames = {"0": "self_attn_layer_norm", "1.to_q": "self_attn.q_proj", "1.to_k": "self_attn.k_proj",
+               "1.to_v": "self_attn.v_proj", "1.to_out": "self_attn.out_proj"}
+    ff = {"0": "final_layer_norm", "1.net.0.0": "fc1", "1.net.2": "fc2"}
+    converted = {}
+    for key, tensor in part(sd, COND + "transformer.").items():
+        fixed = {"token_emb.weight": "model.embed_tokens.weight", "pos_emb.emb.weight": "model.embed_positions.weight",
+                 "norm.weight": "model.layer_norm.weight", "norm.bias": "model.layer_norm.bias",
+                 "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}
+        if key in fixed:
+            converted[fixed[key]] = tensor
+            continue
+        index, rest = key[len("attn_layers.layers."):].split(".", 1)
+        inner, leaf = rest.rsplit(".", 1)
+        table = renames if int(index) % 2 == 0 else ff
+        converted[f"model.layers.{int(index) // 2}.{table[inner]}.{leaf}"] = tensor
+    bert = LDMBertModel(config)
+    bert.load_state_dict(converted, strict=True)
+    return bert.eval()
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "the", "fox", "dog", "##es", "red",
+         "photo", "##ing", "paint", "an", "old", "house", "."]
+
+
+def test_text2img256_matches_ldm_text_to_image_pipeline(tmp_path: Path) -> None:
+    """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet
+    with ch/32 heads, CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel."""
+    import diffusers
+    from transformers import BertTokenizerFast
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    sd = write_checkpoint(tmp_path / "t2i", "text2img256")
+    model = load_model(tmp_path / "t2i" / "model.ckpt", tokenizer_dir=tok)
+    config = model.config
+    prompt = "A painting of a fox"
+    ours = Pipeline(model, optimize=False).txt2img([SampleSpec(prompt=prompt, seed=SEED, guidance_scale=5.0)],
+                                                   dataclasses.replace(DDIM, width=32, height=32))
+    pipe = diffusers.LDMTextToImagePipeline(
+        vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0), bert=_ldmbert(sd, 32, 2),
+        tokenizer=BertTokenizerFast.from_pretrained(str(tok)),  # the original: from_pretrained(hub name)
+        unet=cond_unet(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
+    # the pipeline sizes latents as height // 8; 64 // 8 = 8 = 32 // 4, the latent of our 32 px VQ-f4 image
+    theirs = pipe(prompt, height=64, width=64, guidance_scale=5.0, eta=0.0, num_inference_steps=STEPS,
+                  generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+
+
+def test_bsr_sr_matches_ldm_super_resolution_pipeline(tmp_path: Path) -> None:
+    """LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR size), no CFG, one pass: diffusers'
+    LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the generator, as the contract)."""
+    import diffusers
+    from PIL import Image
+
+    model, sd = _load(tmp_path, "bsr_sr")
+    config = model.config  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    ours = Pipeline(model, optimize=False).upscale([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM, [low])  # type: ignore[arg-type]
+    assert ours.images[0].size == (32, 32)
+    pipe = diffusers.LDMSuperResolutionPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
+                                                unet=unet2d(part(sd, UNET), config.unet),
+                                                scheduler=ddim_scheduler(0.0015, 0.0155))
+    lr = torch.from_numpy(np.asarray(low, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+    theirs = pipe(image=lr, num_inference_steps=STEPS, eta=0.0, generator=torch.Generator("cpu").manual_seed(SEED),
+                  output_type="np").images[0]
+    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+
+
+def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.kron(rng.integers(0, n_labels, (size // 8, size // 8)), np.ones((8, 8), dtype=np.int64))
+
+
+def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
+    """No independent pipeline exists. The original's arithmetic, step by step: one-hot {0, 1} over 182 labels
+    at the map's size; SpatialRescaler = F.interpolate(bilinear, scale 0.5) twice, then the 1x1 conv without
+    bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers UNet2DModel); no CFG; DDIM as ddim.py; decode
+    with quantisation (diffusers VQModel)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    model, sd = _load(tmp_path, "semantic_synthesis256")
+    config = model.config  # type: ignore[attr-defined]
+    labels = _blocky_labels(32, 182, 1)
+    ours = Pipeline(model, optimize=False).semantic2img([SampleSpec(seed=SEED)], DDIM,  # type: ignore[arg-type]
+                                                        [Image.fromarray(labels.astype(np.uint8), mode="L")])
+    unet = unet2d(part(sd, UNET), config.unet)
+    vq = first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    one_hot = F.one_hot(torch.from_numpy(labels), 182).permute(2, 0, 1)[None].float()
+    c = F.interpolate(F.interpolate(one_hot, scale_factor=0.5, mode="bilinear"), scale_factor=0.5, mode="bilinear")
+    c = F.conv2d(c, sd[COND + "channel_mapper.weight"])
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(torch.cat([x, c], dim=1), t).sample
+
+    with torch.no_grad():
+        z = original_ddim(eps, _x_T((1, 3, 8, 8)), original_alphas_cumprod(0.0015, 0.0205), STEPS)
+        reference = to_uint8(vq.decode(z).sample)
+    assert_close_images(np.asarray(ours.images[0]), reference)
+
+
+def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
+    """No independent pipeline exists; scripts/inpaint.py step by step: image = RGB/255, mask = L/255 binarised
+    at 0.5, masked = (1 - mask) image, all three x -> 2x - 1; c = cat([VQ encode(masked) (quant_conv output),
+    interpolate(mask, latent size) (nearest)]); UNet input cat([z_t, c]) (3 + 3 + 1, diffusers UNet2DModel with
+    ResBlock resampling); no CFG; DDIM; decode (quantised, diffusers VQModel, no mid attention); output =
+    (1 - m) image + m clamp((x + 1) / 2). The checkpoint carries the ddim_* buffers and the first stage twice."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    sd = write_checkpoint(tmp_path / "inp", "inpainting_big", ddim_buffers=True, first_stage_copy=True)
+    model = load_model(tmp_path / "inp" / "model.ckpt")
+    config = model.config
+    rng = np.random.default_rng(3)
+    pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    pixels = np.clip(pixels.astype(np.int64) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[6:22, 10:30] = 255
+    image, mask_image = Image.fromarray(pixels), Image.fromarray(hole, mode="L")
+    ours = np.asarray(Pipeline(model, optimize=False).inpaint([SampleSpec(seed=SEED)], DDIM, [image], [mask_image]).images[0])
+    assert np.array_equal(ours[hole == 0], pixels[hole == 0])  # unmasked pixels come back exactly
+
+    unet = unet2d(part(sd, UNET), config.unet)
+    vq = first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    img = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    mask = torch.from_numpy(hole.astype(np.float32) / 255.0)[None, None]
+    mask = (mask >= 0.5).float()
+    masked = (1 - mask) * img
+    img, mask, masked = img * 2 - 1, mask * 2 - 1, masked * 2 - 1
+    with torch.no_grad():
+        c = vq.encode(masked).latents
+        c = torch.cat([c, F.interpolate(mask, size=c.shape[-2:])], dim=1)
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(torch.cat([x, c], dim=1), t).sample
+
+        z = original_ddim(eps, _x_T((1, 3, 8, 8)), original_alphas_cumprod(0.0015, 0.0205), STEPS)
+        predicted = ((vq.decode(z).sample + 1) / 2).clamp(0, 1)
+    m = ((mask + 1) / 2).clamp(0, 1)
+    inpainted = (1 - m) * ((img + 1) / 2).clamp(0, 1) + m * predicted
+    reference = (inpainted * 255).round()[0].permute(1, 2, 0).numpy().astype(np.uint8)
+    assert_close_images(ours[hole > 0][None], reference[hole > 0][None])
