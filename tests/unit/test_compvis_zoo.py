@@ -132,7 +132,8 @@ def test_celeba256_matches_ldm_pipeline(tmp_path: Path) -> None:
 
     model, sd = _load(tmp_path, "celeba256")
     config = model.config  # type: ignore[attr-defined]
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=32, height=32))  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=32, height=32)
+    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
     pipe.unet.config.sample_size = 8
@@ -149,7 +150,8 @@ def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path) -> None:
     model, sd = _load(tmp_path, "lsun_churches256")
     config = model.config  # type: ignore[attr-defined]
     assert config.scale_factor == pytest.approx(CHURCHES_SCALE)
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], dataclasses.replace(DDIM, width=128, height=128))  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=128, height=128)
+    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, CHURCHES_SCALE),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0155))
     pipe.unet.config.sample_size = 16
@@ -328,7 +330,8 @@ def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
     hole = np.zeros((32, 32), dtype=np.uint8)
     hole[6:22, 10:30] = 255
     image, mask_image = Image.fromarray(pixels), Image.fromarray(hole, mode="L")
-    ours = np.asarray(Pipeline(model, optimize=False).inpaint([SampleSpec(seed=SEED)], DDIM, [image], [mask_image]).images[0])
+    result = Pipeline(model, optimize=False).inpaint([SampleSpec(seed=SEED)], DDIM, [image], [mask_image])
+    ours = np.asarray(result.images[0])
     assert np.array_equal(ours[hole == 0], pixels[hole == 0])  # unmasked pixels come back exactly
 
     unet = unet2d(part(sd, UNET), config.unet)
