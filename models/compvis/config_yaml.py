@@ -230,7 +230,8 @@ def _conditioner(node: Any) -> tuple[ConditionerConfig | None, ConcatInput | Non
                                          in_channels=int(p.get("in_channels", 3)),
                                          out_channels=p.get("out_channels"), bias=bool(p.get("bias", False)))
         p.done()
-        return ConditionerConfig(kind="rescaler", rescaler=rescaler), "rescaled_map"
+        # n_classes: the largest label (maps hold 0..n_classes, the convention of semantic maps here)
+        return ConditionerConfig(kind="rescaler", n_classes=rescaler.in_channels - 1, rescaler=rescaler), "rescaled_map"
     known = [IDENTITY_TARGET, CLASS_TARGET, BERT_TARGET, RESCALER_TARGET, UNCONDITIONAL, FIRST_STAGE]
     raise CompVisConfigError(f"cond_stage_config: unknown target {target!r} (known: {known})")
 

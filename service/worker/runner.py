@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 FailureReason = Literal["unsupported", "invalid_input", "out_of_memory", "internal"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-ModelKind = Literal["text", "inpaint", "lowres", "class", "layout", "semantic", "none"]
+ModelKind = Literal["text", "inpaint", "lowres", "class", "layout", "semantic", "semantic_map", "none"]
 #: the tasks a model can do, by what it is conditioned on (`model_kind`). A text model samples unconditionally
 #: through txt2img (an empty prompt at guidance 1), so it does not also offer `unconditional`.
 TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
@@ -70,11 +70,13 @@ TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
     "class": frozenset({Task.class_, Task.unconditional}),  # unconditional: the null class
     "layout": frozenset({Task.layout, Task.unconditional}),  # the empty layout
     "semantic": frozenset({Task.semantic, Task.unconditional}),  # the all-unknown map
+    "semantic_map": frozenset({Task.semantic}),  # the CompVis zoo's SpatialRescaler models: no null map
     "none": frozenset({Task.unconditional}),
 }
 _KIND: dict[ModelKind, str] = {
     "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
     "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
+    "semantic_map": "a semantic-synthesis model",
     "none": "an unconditional model"}
 #: formats a worker opens: those of service.api.images.FORMATS (the worker imports nothing from the front ends)
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -120,8 +122,12 @@ def served_name(spec: str) -> str:
 def model_kind(config: ModelConfig) -> ModelKind:
     """What a model is conditioned on, which decides its tasks (`TASKS_BY_KIND`): an inpainting or low-resolution
     concat input where it has one, else its conditioner's kind (every text encoder is "text"), "none" without one."""
-    if config.concat_input in ("inpaint", "lowres"):
-        return "inpaint" if config.concat_input == "inpaint" else "lowres"
+    if config.concat_input in ("inpaint", "masked_image"):  # SD inpainting, the CompVis zoo's inpainting_big
+        return "inpaint"
+    if config.concat_input == "lowres":
+        return "lowres"
+    if config.concat_input == "rescaled_map":
+        return "semantic_map"
     conditioner = config.conditioner
     if conditioner is None or config.conditioning not in ("crossattn", "hybrid", "concat"):
         return "none"
@@ -207,7 +213,7 @@ class Runner:
     def labels(self) -> LabelSet | None:
         """The labels a class, layout or semantic model takes (registered, so the front ends can check them)."""
         c = self.model.config.conditioner
-        if c is None or model_kind(self.model.config) not in ("class", "layout", "semantic"):
+        if c is None or model_kind(self.model.config) not in ("class", "layout", "semantic", "semantic_map"):
             return None
         return LabelSet(n_classes=c.n_classes, class_names=c.class_names,
                         max_boxes=c.layout.max_boxes if c.kind == "layout" else None)
