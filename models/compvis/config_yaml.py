@@ -208,7 +208,11 @@ def _conditioner(node: Any) -> tuple[ConditionerConfig | None, ConcatInput | Non
         p.done()
         return None, "lowres"
     if target == CLASS_TARGET:
-        rows, dim = int(p.get("n_classes", 1000)), int(p.require("embed_dim"))
+        if "n_classes" not in p.left:  # cin256: 1000 rows, every one a class, guided by a separate classifier
+            raise CompVisConfigError(f"cond_stage_config ({target}): a ClassEmbedder without n_classes has 1000 "
+                                     "rows and no null class (cin256, sampled with classifier guidance), which is "
+                                     "not supported; cin256-v2 (n_classes: 1001, null class 1000) is")
+        rows, dim = int(p.require("n_classes")), int(p.require("embed_dim"))
         p.done(frozenset({"key"}))
         if rows < 2:
             raise CompVisConfigError(f"cond_stage_config ({target}): n_classes={rows} leaves no class")
@@ -242,8 +246,9 @@ def _wiring(key: str | None, concat: ConcatInput | None, conditioner: Conditione
         return "none", "none"
     if key == "crossattn":
         if conditioner is None or concat is not None:
-            raise CompVisConfigError(f"{where}: conditioning_key crossattn needs a context encoder "
-                                     "(ClassEmbedder or BERTEmbedder)")
+            raise CompVisConfigError(f"{where}: conditioning_key crossattn with this cond_stage_config (no context "
+                                     "encoder of ours, e.g. the retrieval models' precomputed neighbours) is not "
+                                     "supported; it works with ClassEmbedder or BERTEmbedder")
         return "crossattn", "none"
     if key == "concat":
         if concat is None:
