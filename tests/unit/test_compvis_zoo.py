@@ -442,3 +442,46 @@ def test_first_stage_reconstructs_as_diffusers(tmp_path: Path, name: str) -> Non
     torch.save({"state_dict": {**sd, "encoder.extra": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match="encoder.extra"):
         load_first_stage(tmp_path / "bad.ckpt", tmp_path / "config.yaml")
+
+
+# ------------------------------------------------------------------------------------------- served
+
+
+def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: Path) -> None:
+    """`ldm worker --model DIR/model.ckpt` (Runner.load): named after its folder, the tasks its conditioning
+    allows, the labels front ends check; an inpaint job runs through the zoo's masked-image conditioning."""
+    import io
+
+    from PIL import Image
+
+    from service.schemas import GenerationRequest, Task
+    from service.worker.runner import Runner, SampleInput
+
+    for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr"):
+        write_checkpoint(tmp_path / name, name, first_stage_copy=name == "inpainting_big")
+    runners = {name: Runner.load(str(tmp_path / name / "model.ckpt"), device="cpu")
+               for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr")}
+    assert {n: r.name for n, r in runners.items()} == {n: n for n in runners}
+    assert {n: sorted(t.value for t in r.tasks) for n, r in runners.items()} == {
+        "cin256-v2": ["class", "unconditional"], "inpainting_big": ["inpaint"], "semantic_synthesis256": ["semantic"],
+        "celeba256": ["unconditional"], "bsr_sr": ["upscale"]}
+    labels = {n: r.labels.n_classes if r.labels else None for n, r in runners.items()}
+    assert labels == {"cin256-v2": 1000, "inpainting_big": None, "semantic_synthesis256": 181, "celeba256": None,
+                      "bsr_sr": None}
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    runner = runners["inpainting_big"]
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[8:24, 8:24] = 255
+    job = GenerationRequest(model="inpainting_big", task=Task.inpaint, prompt="", width=32, height=32, steps=2,
+                            seed=1, image="x", mask="x")
+    image, mask = runner.inputs(job, png(picture), png(Image.fromarray(hole, mode="L")), max_pixels=10**6)
+    out = runner.run(runner.batch_key(job, image), [SampleInput(job, 1, image, mask)])[0]
+    assert out is not None
+    result = np.asarray(Image.open(io.BytesIO(out)).convert("RGB"))
+    assert np.array_equal(result[hole == 0], np.asarray(picture)[hole == 0])
