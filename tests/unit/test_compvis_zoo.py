@@ -485,3 +485,17 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     assert out is not None
     result = np.asarray(Image.open(io.BytesIO(out)).convert("RGB"))
     assert np.array_equal(result[hole == 0], np.asarray(picture)[hole == 0])
+
+
+@pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256"])
+def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, name: str) -> None:
+    """`ldm convert`: save_model writes the original layout with our config in the metadata; it loads back alone."""
+    from models.checkpoints import save_model
+
+    write_checkpoint(tmp_path / name, name)
+    model = load_model(tmp_path / name / "model.ckpt")
+    path = save_model(model, tmp_path / f"{name}.safetensors")
+    again = load_model(path)
+    assert again.config == model.config
+    ours, theirs = model.original_state_dict(), again.original_state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
