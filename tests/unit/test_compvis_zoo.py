@@ -19,6 +19,8 @@ from models.pipeline import Pipeline, RunSettings, SampleSpec
 from tests.compvis_zoo import (
     CHURCHES_SCALE,
     CONFIGS,
+    FIRST_STAGE_KL_F8,
+    FIRST_STAGE_VQ_F4_NOATTN,
     assert_close_images,
     cond_unet,
     ddim_scheduler,
@@ -358,56 +360,7 @@ def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- first stages
 
-FIRST_STAGES = {
-    "kl-f8": """
-model:
-  base_learning_rate: 4.5e-06
-  target: ldm.models.autoencoder.AutoencoderKL
-  params:
-    monitor: val/rec_loss
-    embed_dim: 4
-    lossconfig:
-      target: ldm.modules.losses.LPIPSWithDiscriminator
-      params:
-        disc_start: 50001
-    ddconfig:
-      double_z: true
-      z_channels: 4
-      resolution: 256
-      in_channels: 3
-      out_ch: 3
-      ch: 32
-      ch_mult: [1, 2, 4, 4]
-      num_res_blocks: 2
-      attn_resolutions: []
-      dropout: 0.0
-""",
-    "vq-f4-noattn": """
-model:
-  base_learning_rate: 4.5e-06
-  target: ldm.models.autoencoder.VQModel
-  params:
-    embed_dim: 3
-    n_embed: 64
-    monitor: val/rec_loss
-    ddconfig:
-      attn_type: none
-      double_z: false
-      z_channels: 3
-      resolution: 256
-      in_channels: 3
-      out_ch: 3
-      ch: 32
-      ch_mult: [1, 2, 4]
-      num_res_blocks: 2
-      attn_resolutions: []
-      dropout: 0.0
-    lossconfig:
-      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
-      params:
-        disc_start: 0
-""",
-}
+FIRST_STAGES = {"kl-f8": FIRST_STAGE_KL_F8, "vq-f4-noattn": FIRST_STAGE_VQ_F4_NOATTN}
 
 
 @pytest.mark.parametrize("name", sorted(FIRST_STAGES))
