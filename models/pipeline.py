@@ -45,7 +45,7 @@ Progress = Callable[[int, int], None]
 MAX_STEPS = 1000
 #: a task's default classifier-free guidance scale (CLI and evaluation defaults; 1 = no guidance)
 DEFAULT_GUIDANCE: dict[str, float] = {"txt2img": 7.5, "class": 5.0, "layout": 3.0, "semantic": 2.0,
-                                      "unconditional": 1.0}
+                                      "unconditional": 1.0, "img2img": 7.5, "inpaint": 7.5, "upscale": 1.0}
 #: one label map per item: a single-channel PIL image (mode L or P) or an integer array [H, W]
 LabelMap = Image.Image | np.ndarray | torch.Tensor
 C = TypeVar("C", ClassConditioner, LayoutEncoder, SemanticEncoder)
