@@ -26,8 +26,8 @@ from models.text import CLIPTextConditioner
 
 log = logging.getLogger(__name__)
 RANDOM_PREFIX = "random:"
-#: what `ldm generate --task` conditions on: a prompt, a class label, nothing, a label map, boxes
-Task = Literal["txt2img", "class", "unconditional", "semantic", "layout"]
+#: what `ldm generate --task` conditions on: a prompt, a class label, nothing, a label map, boxes, an input image
+Task = Literal["txt2img", "class", "unconditional", "semantic", "layout", "img2img", "inpaint", "upscale"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class GenerateOptions:
     device: str | None = None
     dtype: str | None = None
     use_ema: bool = False
+    #: a CompVis zoo config.yaml for `model` (default: the one beside a .ckpt)
+    config: Path | None = None
+    #: img2img: how much of the image to change
+    strength: float = 0.75
 
 
 def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -59,14 +63,14 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
 
 
 def resolve_model(spec: str, *, tokenizer: Path | None, device: torch.device, dtype: torch.dtype,
-                  use_ema: bool = False) -> LatentDiffusion:
+                  use_ema: bool = False, config: Path | None = None) -> LatentDiffusion:
     """A model by name/path; `random:<config>` builds untrained weights (clearly not a real model)."""
     if spec.startswith(RANDOM_PREFIX):
         log.warning("model %s has RANDOM, untrained weights: images will be noise", spec)
         torch.manual_seed(0)
         model = LatentDiffusion(builtin_config(spec[len(RANDOM_PREFIX):]), tokenizer_dir=tokenizer)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype)
+    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype, config=config)
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -101,9 +105,9 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
     """The model on its device, its pipeline, and the run's settings."""
     device, dtype = pick_device(options.device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema)
+                          use_ema=options.use_ema, config=options.config)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
-                           height=options.height, karras=options.karras, eta=options.eta)
+                           height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)
     return model, Pipeline(model), settings
 
 
@@ -127,7 +131,8 @@ def _save(result: GenerationResult, settings: RunSettings, options: GenerateOpti
         log.warning("%s", warning)
     for image, item, path in zip(result.images, items, paths, strict=True):
         params = {**item, **asdict(settings), "width": image.width, "height": image.height, "model": options.model}
-        del params["strength"]  # img2img only
+        if item.get("task") != "img2img":
+            del params["strength"]  # img2img only
         path.write_bytes(encode_png(image, params))
     return list(paths)
 
@@ -147,10 +152,16 @@ class TaskInputs:
     class_label: str | None = None
     map_path: Path | None = None
     layout_path: Path | None = None
+    image_path: Path | None = None
+    mask_path: Path | None = None
+    #: img2img and inpaint with a text model
+    prompt: str = ""
 
 
-_NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path"}
-_FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout"}
+_NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path", "img2img": "image_path",
+          "upscale": "image_path", "inpaint": "image_path"}
+_FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout", "image_path": "--image",
+          "mask_path": "--mask"}
 
 
 def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
@@ -161,14 +172,20 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     needed = _NEEDS.get(task)
     if needed is not None and getattr(inputs, needed) is None:
         raise ValueError(f"--task {task} needs {_FLAGS[needed]}")
+    if task == "inpaint" and inputs.mask_path is None:
+        raise ValueError("--task inpaint needs --mask")
     for name, flag in _FLAGS.items():
-        if getattr(inputs, name) is not None and name != needed:
-            owner = next(t for t, n in _NEEDS.items() if n == name)
-            raise ValueError(f"{flag} is for --task {owner}, not {task}")
+        if getattr(inputs, name) is not None and name != needed and not (task == "inpaint" and name == "mask_path"):
+            owners = "/".join(t for t, n in _NEEDS.items() if n == name) or "inpaint"
+            raise ValueError(f"{flag} is for --task {owners}, not {task}")
     label_map = _read_map(inputs.map_path) if inputs.map_path is not None else None
+    image = _read_image(inputs.image_path, "--image", "RGB") if inputs.image_path is not None else None
+    mask = _read_image(inputs.mask_path, "--mask", "L") if inputs.mask_path is not None else None
     layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
     model, pipeline, settings = _load(options)
-    specs = [SampleSpec("", "", options.seed + k, options.guidance) for k in range(options.n)]
+    prompted = task in ("img2img", "inpaint")
+    specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
+                        options.guidance) for k in range(options.n)]
     extra: dict[str, object] = {}
     with _step_bar(task, options.steps) as advance:
         if task == "class":
@@ -180,6 +197,10 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
             result = pipeline.layout2img(specs, settings, [boxes] * options.n, progress=advance)
             extra["layout"] = json.dumps(layout_to_json(boxes, model.config.conditioner.class_names
                                                         if model.config.conditioner else ()))
+        elif task in ("img2img", "inpaint", "upscale"):
+            assert image is not None and inputs.image_path is not None
+            result = _image_task(pipeline, task, specs, settings, image, mask, advance)
+            extra["image"] = inputs.image_path.name
         elif task == "semantic":
             assert label_map is not None and inputs.map_path is not None
             result = pipeline.semantic2img(specs, settings, [label_map] * options.n, progress=advance)
@@ -206,6 +227,26 @@ def _read_map(path: Path) -> Image.Image:
             return image
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"--map {path}: not a readable image ({err})") from None
+
+
+def _image_task(pipeline: Pipeline, task: Task, specs: list[SampleSpec], settings: RunSettings, image: Image.Image,
+                mask: Image.Image | None, progress: Progress) -> GenerationResult:
+    """img2img, inpaint (with its mask) or upscale of one input image, once per spec."""
+    images = [image] * len(specs)
+    if task == "img2img":
+        return pipeline.img2img(specs, settings, images, progress=progress)
+    if task == "inpaint":
+        assert mask is not None
+        return pipeline.inpaint(specs, settings, images, [mask] * len(specs), progress=progress)
+    return pipeline.upscale(specs, settings, images, progress=progress)
+
+
+def _read_image(path: Path, flag: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{flag} {path}: not a readable image ({err})") from None
 
 
 def _read_json(path: Path) -> object:
