@@ -127,3 +127,21 @@ def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys:
     a = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).unconditional([SampleSpec(seed=1)], settings).images[0]
     b = Pipeline(load_model(tmp_path / "c.safetensors")).unconditional([SampleSpec(seed=1)], settings).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_img2img_with_a_prompt(tmp_path: Path) -> None:
+    """`--task img2img --image --strength` with a prompt, on the zoo's text model (SDEdit, models/pipeline.py)."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    write_checkpoint(tmp_path / "m", "text2img256")
+    image = _rng_image(32, 5)
+    image.save(tmp_path / "in.png")
+    got = _run(tmp_path, "a fox", "--model", tmp_path / "m" / "model.ckpt", "--tokenizer", tok, "--task", "img2img",
+               "--image", tmp_path / "in.png", "--strength", "0.5", "--guidance", "2.0")
+    model = load_model(tmp_path / "m" / "model.ckpt", tokenizer_dir=tok)
+    settings = dataclasses.replace(DDIM, strength=0.5)
+    want = Pipeline(model).img2img([SampleSpec(prompt="a fox", seed=SEED, guidance_scale=2.0)], settings, [image])
+    assert_close_images(got, np.asarray(want.images[0]))
+    with pytest.raises(SystemExit, match="--image and --mask are for --task img2img, inpaint or upscale"):
+        main(["generate", "a fox", "--model", str(tmp_path / "m" / "model.ckpt"), "--image", str(tmp_path / "in.png")])
