@@ -118,6 +118,13 @@ def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys:
     assert main(["reconstruct", "--model", str(tmp_path / "kl" / "model.ckpt"), "--image", str(tmp_path / "in.png"),
                  "-o", str(tmp_path / "rec.png")]) == 0
     assert "PSNR" in capsys.readouterr().out
+    (tmp_path / "many").mkdir()
+    for k in range(2):
+        _rng_image(32, 10 + k).save(tmp_path / "many" / f"{k}.png")
+    assert main(["reconstruct", "--model", str(tmp_path / "kl" / "model.ckpt"), "--image", str(tmp_path / "many"),
+                 "-o", str(tmp_path / "recs")]) == 0
+    assert "mean PSNR" in capsys.readouterr().out and sorted(p.name for p in (tmp_path / "recs").iterdir()) == [
+        "0.png", "1.png"]
     with Image.open(tmp_path / "rec.png") as reconstruction:
         assert reconstruction.size == (32, 32)
 
