@@ -353,6 +353,53 @@ model:
       attn_resolutions: []
       dropout: 0.0
 """
+FIRST_STAGE_KL_F16 = """
+model:
+  base_learning_rate: 4.5e-06
+  target: ldm.models.autoencoder.AutoencoderKL
+  params:
+    monitor: val/rec_loss
+    embed_dim: 16
+    lossconfig:
+      target: ldm.modules.losses.LPIPSWithDiscriminator
+      params:
+        disc_start: 50001
+    ddconfig:
+      double_z: true
+      z_channels: 16
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 32
+      ch_mult: [1, 1, 2, 2, 4]
+      num_res_blocks: 2
+      attn_resolutions: [16]
+      dropout: 0.0
+"""
+FIRST_STAGE_VQ_F8 = """
+model:
+  base_learning_rate: 4.5e-06
+  target: ldm.models.autoencoder.VQModel
+  params:
+    embed_dim: 4
+    n_embed: 64
+    monitor: val/rec_loss
+    ddconfig:
+      double_z: false
+      z_channels: 4
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 32
+      ch_mult: [1, 2, 2, 4]
+      num_res_blocks: 2
+      attn_resolutions: [32]
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params:
+        disc_start: 0
+"""
 FIRST_STAGE_VQ_F4_NOATTN = """
 model:
   base_learning_rate: 4.5e-06
@@ -548,9 +595,11 @@ def first_stage(ae_sd: dict[str, torch.Tensor], config: AutoencoderConfig, scale
     import diffusers
 
     levels = len(config.ch_mult)
+    attn = [config.resolution // 2**i in config.attn_resolutions for i in range(levels)]
     common: dict[str, Any] = {
         "in_channels": config.in_channels, "out_channels": config.out_channels,
-        "down_block_types": ("DownEncoderBlock2D",) * levels, "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "down_block_types": tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn),
+        "up_block_types": tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)),
         "block_out_channels": tuple(config.ch * m for m in config.ch_mult),
         "layers_per_block": config.num_res_blocks, "latent_channels": config.z_channels, "norm_num_groups": 32,
         "scaling_factor": scale, "mid_block_add_attention": config.mid_attention,
@@ -562,9 +611,15 @@ def first_stage(ae_sd: dict[str, torch.Tensor], config: AutoencoderConfig, scale
             theirs = diffusers.AutoencoderKL(**common)
     names = autoencoder_key_map(list(ae_sd), config)
     converted = {}
+    renames = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
     for key, tensor in ae_sd.items():
-        squeeze = ".mid.attn_1." in key and tensor.ndim == 4
-        converted[names[key]] = tensor[:, :, 0, 0] if squeeze else tensor
+        new = names[key]
+        if m := re.match(r"(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)\.(\w+)\.(weight|bias)$", key):
+            level = int(m[2]) if m[1] == "encoder.down" else levels - 1 - int(m[2])
+            new = f"{m[1].replace('down', 'down_blocks').replace('up', 'up_blocks')}.{level}.attentions.{m[3]}." \
+                  f"{renames[m[4]]}.{m[5]}"
+        squeeze = (".mid.attn_1." in key or ".attn." in key) and tensor.ndim == 4
+        converted[new] = tensor[:, :, 0, 0] if squeeze else tensor
     theirs.load_state_dict(converted, strict=True, assign=True)
     return theirs.eval()
 

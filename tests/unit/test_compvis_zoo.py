@@ -20,7 +20,9 @@ from tests.compvis_zoo import (
     CHURCHES_SCALE,
     CONFIGS,
     FIRST_STAGE_KL_F8,
+    FIRST_STAGE_KL_F16,
     FIRST_STAGE_VQ_F4_NOATTN,
+    FIRST_STAGE_VQ_F8,
     assert_close_images,
     cond_unet,
     ddim_scheduler,
@@ -360,7 +362,8 @@ def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- first stages
 
-FIRST_STAGES = {"kl-f8": FIRST_STAGE_KL_F8, "vq-f4-noattn": FIRST_STAGE_VQ_F4_NOATTN}
+FIRST_STAGES = {"kl-f8": FIRST_STAGE_KL_F8, "kl-f16": FIRST_STAGE_KL_F16, "vq-f8": FIRST_STAGE_VQ_F8,
+                "vq-f4-noattn": FIRST_STAGE_VQ_F4_NOATTN}
 
 
 @pytest.mark.parametrize("name", sorted(FIRST_STAGES))
