@@ -1,7 +1,7 @@
 """Random-weight CompVis zoo checkpoints and their independent twins, for tests.
 
-Each config below is the zoo's own `config.yaml` (latent-diffusion @ a506df5, models/ldm/<name>/config.yaml
-and configs/latent-diffusion/cin256-v2.yaml) with its structure kept (targets, levels, channel multipliers,
+Each config below is the zoo's own `config.yaml` (latent-diffusion @ a506df5, models/ldm/<name>/config.yaml,
+configs/latent-diffusion/cin256-v2.yaml and txt2img-1p4B-eval.yaml) with its structure kept (targets, levels, channel multipliers,
 attention placement, head rules, schedule, conditioning, first-stage kind) and its widths reduced
 (model_channels 32, first stage ch 32, BERT 2 x 32, codebooks of 64). Training-only entries are kept where the
 real file has them, so that the loader is seen to skip them. A checkpoint is written in the original layout,
@@ -220,6 +220,65 @@ model:
         transformer_depth: 1
         context_dim: 32
 """ + _vq() + """
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.BERTEmbedder
+      params:
+        n_embed: 32
+        n_layer: 2
+""",
+    "txt2img-1p4B-eval": """
+model:
+  base_learning_rate: 5.0e-05
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.012
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: image
+    cond_stage_key: caption
+    image_size: 8
+    channels: 4
+    cond_stage_trainable: true
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 8
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [4, 2, 1]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 4, 4]
+        num_heads: 8
+        use_spatial_transformer: true
+        transformer_depth: 1
+        context_dim: 32
+        use_checkpoint: true
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
     cond_stage_config:
       target: ldm.modules.encoders.modules.BERTEmbedder
       params:

@@ -57,7 +57,8 @@ def _load(tmp_path: Path, name: str, **kwargs: object) -> tuple[object, dict[str
 def test_every_config_reads(name: str) -> None:
     scale = CHURCHES_SCALE if name == "lsun_churches256" else None
     config = model_config(yaml.safe_load(CONFIGS[name]), name, scale)
-    assert config.unet.legacy and config.schedule.beta_schedule == "scaled_linear"
+    assert config.unet.legacy == (name != "txt2img-1p4B-eval")  # its config says legacy: False
+    assert config.schedule.beta_schedule == "scaled_linear"  # CompVis "linear" = linear in sqrt(beta)
 
 
 def test_heads_follow_the_legacy_rule() -> None:
@@ -237,26 +238,30 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "t
          "photo", "##ing", "paint", "an", "old", "house", "."]
 
 
-def test_text2img256_matches_ldm_text_to_image_pipeline(tmp_path: Path) -> None:
-    """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet
-    with ch/32 heads, CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel."""
+@pytest.mark.parametrize(("name", "size", "schedule"), [("text2img256", 32, (0.0015, 0.0195)),
+                                                      ("txt2img-1p4B-eval", 64, (0.00085, 0.012))])
+def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str, size: int,
+                                                      schedule: tuple[float, float]) -> None:
+    """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32
+    heads; text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256
+    has a VQ-f4 first stage (scale 1), text2img-large (txt2img-1p4B-eval) KL-f8 with scale_factor 0.18215."""
     import diffusers
     from transformers import BertTokenizerFast
 
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    sd = write_checkpoint(tmp_path / "t2i", "text2img256")
+    sd = write_checkpoint(tmp_path / "t2i", name)
     model = load_model(tmp_path / "t2i" / "model.ckpt", tokenizer_dir=tok)
     config = model.config
     prompt = "A painting of a fox"
     ours = Pipeline(model, optimize=False).txt2img([SampleSpec(prompt=prompt, seed=SEED, guidance_scale=5.0)],
-                                                   dataclasses.replace(DDIM, width=32, height=32))
+                                                   dataclasses.replace(DDIM, width=size, height=size))
     pipe = diffusers.LDMTextToImagePipeline(
-        vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0), bert=_ldmbert(sd, 32, 2),
+        vqvae=first_stage(part(sd, FIRST), config.autoencoder, config.scale_factor), bert=_ldmbert(sd, 32, 2),
         tokenizer=BertTokenizerFast.from_pretrained(str(tok)),  # the original: from_pretrained(hub name)
-        unet=cond_unet(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
-    # the pipeline sizes latents as height // 8; 64 // 8 = 8 = 32 // 4, the latent of our 32 px VQ-f4 image
+        unet=cond_unet(part(sd, UNET), config.unet), scheduler=ddim_scheduler(*schedule))
+    # the pipeline sizes latents as height // 8: 64 // 8 = 8 = 32 // 4 (VQ-f4 at 32 px) = 64 // 8 (KL-f8 at 64 px)
     theirs = pipe(prompt, height=64, width=64, guidance_scale=5.0, eta=0.0, num_inference_steps=STEPS,
                   generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
     assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
