@@ -1,8 +1,8 @@
 """Random-weight CompVis zoo checkpoints and their independent twins, for tests.
 
 Each config below is the zoo's own `config.yaml` (latent-diffusion @ a506df5, models/ldm/<name>/config.yaml,
-configs/latent-diffusion/cin256-v2.yaml and txt2img-1p4B-eval.yaml) with its structure kept (targets, levels, channel multipliers,
-attention placement, head rules, schedule, conditioning, first-stage kind) and its widths reduced
+configs/latent-diffusion/cin256-v2.yaml and txt2img-1p4B-eval.yaml) with its structure kept (targets, levels,
+channel multipliers, attention placement, head rules, schedule, conditioning, first-stage kind) and its widths reduced
 (model_channels 32, first stage ch 32, BERT 2 x 32, codebooks of 64). Training-only entries are kept where the
 real file has them, so that the loader is seen to skip them. A checkpoint is written in the original layout,
 `{"state_dict": ..., "global_step": ...}`, with the extra buffers real files carry.
