@@ -531,10 +531,18 @@ def load_model(
     use_ema: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    config: str | Path | None = None,
 ) -> LatentDiffusion:
-    """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder."""
+    """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder. A CompVis
+    zoo checkpoint (`DIR/model.ckpt` with `DIR/config.yaml`, or any file with `config`) is described by its
+    config.yaml (models/compvis/)."""
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     path = Path(source)
+    from models.compvis.load import config_beside, load_zoo_checkpoint  # it builds on this module
+
+    zoo_config = Path(config) if config is not None else config_beside(path) if path.is_file() else None
+    if zoo_config is not None:
+        return load_zoo_checkpoint(path, zoo_config, tokenizer_dir=tok, use_ema=use_ema, device=device, dtype=dtype)
     if not path.exists() and (ZOO_DIR / str(source)).is_dir():
         path = ZOO_DIR / str(source)
     if path.is_dir():

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from models.class_conditioner import ClassConditioner
+from models.compvis.bert import BERTConditioner, BERTEmbedderConfig
+from models.compvis.rescaler import SpatialRescaler, SpatialRescalerConfig
 from models.conditioning import (
     LayoutEncoder,
     LayoutEncoderConfig,
@@ -24,9 +26,9 @@ from models.text.minilm import BertConfig, MiniLMConditioner
 from models.text.transformer import TransformerConditioner, TransformerTextConfig
 from models.tokenizers import BertTokenizer, CLIPTokenizer
 
-ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic"]
+ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler"]
 AnyConditioner = (CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
-                  | LayoutEncoder | SemanticEncoder)
+                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class ConditionerConfig:
     class_names: tuple[str, ...] = ()
     layout: LayoutEncoderConfig = field(default_factory=LayoutEncoderConfig)
     semantic: SemanticEncoderConfig = field(default_factory=SemanticEncoderConfig)
+    #: the CompVis zoo's encoders (models/compvis/): text2img's x-transformers BERTEmbedder, and the
+    #: SpatialRescaler of the semantic-map models
+    bert: BERTEmbedderConfig = field(default_factory=BERTEmbedderConfig)
+    rescaler: SpatialRescalerConfig = field(default_factory=SpatialRescalerConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConditionerKind):
@@ -68,6 +74,8 @@ class ConditionerConfig:
             "class": self.class_dim,
             "layout": self.layout.width,
             "semantic": None,
+            "bert": self.bert.width,
+            "rescaler": None,
         }[self.kind]
 
 
@@ -88,6 +96,8 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
             path = Path(tokenizer_dir) / "tokenizer.json"
             wordpiece = BertTokenizer(path, max_length=config.transformer.max_length)
         return TransformerConditioner(config.transformer, wordpiece)
+    if config.kind == "bert":
+        return BERTConditioner(config.bert, tokenizer_dir)
     if tokenizer_dir is not None:
         raise ValueError(f"a {config.kind!r} conditioner takes no tokenizer folder (got {tokenizer_dir})")
     if config.kind == "minilm":
@@ -96,4 +106,6 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
         return LayoutEncoder(config.n_classes, config.layout, config.class_names)
     if config.kind == "semantic":
         return SemanticEncoder(config.n_classes, config.semantic, config.class_names)
+    if config.kind == "rescaler":
+        return SpatialRescaler(config.rescaler)
     return ClassConditioner(config.n_classes, config.class_dim, config.class_names)

@@ -29,8 +29,10 @@ Family = Literal["sd_v1", "sd_v1_inpainting", "ldm_sr", "ldm"]
 Conditioning = Literal["crossattn", "concat", "hybrid", "adm", "none"]
 #: What the extra UNet input channels hold when conditioning is concat or hybrid (semantic: the
 #: conditioner's encoding of a label map, `conditioner.semantic.channels` of them; layout: the layout
-#: encoder's box raster, `conditioner.layout.raster_channels` of them).
-ConcatInput = Literal["none", "inpaint", "lowres", "semantic", "layout"]
+#: encoder's box raster, `conditioner.layout.raster_channels` of them; masked_image: the CompVis zoo's
+#: inpainting, the first stage's encoding of the masked image then the mask in {-1, 1}; rescaled_map: the zoo's
+#: semantic synthesis, a one-hot label map through the SpatialRescaler, `conditioner.rescaler.channels` of them).
+ConcatInput = Literal["none", "inpaint", "lowres", "semantic", "layout", "masked_image", "rescaled_map"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ class ModelConfig:
         self._check_conditioner()
         semantic = self.conditioner.semantic.channels if self.conditioner is not None else 0
         raster = self.conditioner.layout.raster_channels if self.conditioner is not None else 0
+        rescaled = self.conditioner.rescaler.channels if self.conditioner is not None else 0
         extra = {"none": 0, "inpaint": 1 + self.latent_channels, "lowres": 3, "semantic": semantic,
-                 "layout": raster}[self.concat_input]
+                 "layout": raster, "masked_image": self.latent_channels + 1,
+                 "rescaled_map": rescaled}[self.concat_input]
         expected = self.latent_channels + extra
         if self.unet.in_channels != expected:
             raise ValueError(
@@ -86,9 +90,23 @@ class ModelConfig:
                 f"{self.latent_channels}-channel latent with concat_input={self.concat_input!r} needs {expected}"
             )
 
+    def _check_rescaler(self) -> None:
+        """The CompVis zoo's SpatialRescaler: concat conditioning, maps shrunk by the first stage's factor."""
+        kind = self.conditioner.kind if self.conditioner is not None else None
+        if (kind == "rescaler") != (self.concat_input == "rescaled_map"):
+            raise ValueError(f"{self.name}: a rescaler conditioner goes with concat_input 'rescaled_map' and only "
+                             "with it")
+        if self.conditioner is not None and kind == "rescaler":
+            if self.conditioning != "concat":
+                raise ValueError(f"{self.name}: a rescaler conditioner needs conditioning 'concat'")
+            if self.conditioner.rescaler.downsample != self.downsample_factor:
+                raise ValueError(f"{self.name}: the rescaler shrinks maps {self.conditioner.rescaler.downsample}x, "
+                                 f"the first stage {self.downsample_factor}x")
+
     def _check_conditioner(self) -> None:
         """The class, layout and semantic conditioners against the wiring and the UNet."""
         kind = self.conditioner.kind if self.conditioner is not None else None
+        self._check_rescaler()
         if (kind == "semantic") != (self.concat_input == "semantic"):
             raise ValueError(f"{self.name}: a semantic conditioner goes with concat_input 'semantic' and only with it")
         if kind == "semantic":

@@ -28,7 +28,7 @@ CONDITION_TASKS: tuple[ConditionTask, ...] = get_args(ConditionTask)
 ConditionKind = Literal["text", "class", "layout", "semantic", "none"]
 #: what a model is conditioned on, which decides its tasks: a condition kind, or an inpainting or low-resolution
 #: concat input (`models.config.ModelConfig.kind`)
-ModelKind = Literal[ConditionKind, "inpaint", "lowres"]
+ModelKind = Literal[ConditionKind, "inpaint", "lowres", "semantic_map"]
 #: the tasks a model can do, by its kind. A text model samples unconditionally through txt2img (an empty prompt at
 #: guidance 1), so it does not also offer `unconditional`.
 TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
@@ -38,13 +38,14 @@ TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
     "class": frozenset({"class", "unconditional"}),  # unconditional: the null class
     "layout": frozenset({"layout", "unconditional"}),  # the empty layout
     "semantic": frozenset({"semantic", "unconditional"}),  # the all-unknown map
+    "semantic_map": frozenset({"semantic"}),  # the CompVis zoo's SpatialRescaler models: no null map
     "none": frozenset({"unconditional"}),
 }
 #: a model of each kind, in words (for messages such as "model 'x' is a layout-to-image model")
 KIND_DESCRIPTIONS: dict[ModelKind, str] = {
     "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
     "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
-    "none": "an unconditional model"}
+    "semantic_map": "a semantic-synthesis model", "none": "an unconditional model"}
 
 #: a task's default classifier-free guidance scale (1 = no guidance). Class: the best of 3, 5 and 7.5 measured on
 #: shapes-class; layout: of 2, 3 and 5 on shapes-layout, 3 for its FD at 0.4 points less accuracy than 5; semantic
@@ -77,8 +78,12 @@ def condition_kind(conditioner: ConditionerConfig | None) -> ConditionKind:
 def model_kind(config: ModelConfig) -> ModelKind:
     """What a model is conditioned on: an inpainting or low-resolution concat input where it has one, else its
     conditioner's kind where the UNet takes it (cross-attention or concat), "none" otherwise."""
-    if config.concat_input in ("inpaint", "lowres"):
-        return "inpaint" if config.concat_input == "inpaint" else "lowres"
+    if config.concat_input in ("inpaint", "masked_image"):  # SD inpainting, the CompVis zoo's inpainting_big
+        return "inpaint"
+    if config.concat_input == "lowres":
+        return "lowres"
+    if config.concat_input == "rescaled_map":  # the CompVis zoo's semantic synthesis (SpatialRescaler)
+        return "semantic_map"
     if config.conditioning not in ("crossattn", "hybrid", "concat"):
         return "none"
     return condition_kind(config.conditioner)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.class_conditioner import ClassConditioner
+from models.compvis.rescaler import SpatialRescaler
 from models.conditioning import (
     Box,
     ConditionError,
@@ -118,7 +119,10 @@ class Pipeline:
         latent_size = tuple(s // self.model.config.downsample_factor for s in pixels.shape[-2:])
         mask_latent = F.interpolate(mask, size=latent_size)  # nearest, as the original and diffusers
         device, dtype = self.model.device, self.model.dtype
-        if self.model.config.concat_input == "inpaint":
+        if self.model.config.concat_input == "masked_image":
+            concat = self._masked_image_concat(pixels, mask, latent_size)
+            result = self._generate(specs, settings, pixels.shape[-2:], concat=concat, progress=progress)
+        elif self.model.config.concat_input == "inpaint":
             masked = self._encode(pixels * (mask < 0.5))
             concat = torch.cat([mask_latent.to(device, dtype), masked], dim=1)
             result = self._generate(specs, settings, pixels.shape[-2:], concat=concat, progress=progress)
@@ -128,6 +132,20 @@ class Pipeline:
         pasted = pixels * (1 - mask) + to_tensor(result.images) * mask
         result.images = to_pil(pasted)
         return result
+
+    def _masked_image_concat(self, pixels: torch.Tensor, mask: torch.Tensor,
+                             latent_size: tuple[int, ...]) -> torch.Tensor:
+        """The CompVis zoo's inpainting input (scripts/inpaint.py): masked = (1 - m) image in [0, 1], then every
+        input mapped x -> 2x - 1 (the hole is -1, the mask +-1); c = [first-stage encoding of the masked image
+        (quant_conv output: not quantised, not scaled), the mask resized to the latent (nearest)]."""
+        device, dtype = self.model.device, self.model.dtype
+        masked = (1 - mask) * (pixels + 1) - 1  # 2 ((1 - m) (x + 1) / 2) - 1
+        with torch.inference_mode():
+            encoded = self.model.autoencoder.encode(masked.to(device, dtype))
+            if not isinstance(encoded, torch.Tensor):
+                encoded = encoded.mode()
+        mask_pm = F.interpolate(mask * 2 - 1, size=latent_size)
+        return torch.cat([encoded, mask_pm.to(device, dtype)], dim=1)
 
     def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
                 progress: Progress | None = None) -> GenerationResult:
@@ -169,6 +187,8 @@ class Pipeline:
                      progress: Progress | None = None) -> GenerationResult:
         """Semantic synthesis: one label map per item (0 = background, 1..K = classes), all of one size, which
         is the output size (width/height in `settings`, when given, must equal it)."""
+        if isinstance(self.model.conditioner, SpatialRescaler):
+            return self._rescaled_map2img(specs, settings, maps, self.model.conditioner, progress)
         encoder = self._conditioner(SemanticEncoder, "semantic-synthesis", "semantic2img")
         self._one_each(maps, specs, "label map")
         labels = label_map_tensor(maps, encoder.n_classes)  # [N, H, W]
@@ -186,6 +206,25 @@ class Pipeline:
             uncond = encoder.null(len(specs), height, width)
         pair = (Conditioning(concat=cond), Conditioning(concat=uncond))
         return self._generate(specs, settings, (height, width), conditions=pair, progress=progress)
+
+    def _rescaled_map2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
+                          rescaler: SpatialRescaler, progress: Progress | None) -> GenerationResult:
+        """The CompVis zoo's semantic synthesis: mode-L maps (pixel = label) -> one-hot -> SpatialRescaler,
+        concatenated to the latent; no guidance (the original has no null map). The map sets the size."""
+        self._one_each(maps, specs, "label map")
+        one_hot = rescaler.one_hot(maps)  # [N, K, H, W]
+        height, width = one_hot.shape[-2:]
+        f = self.model.config.downsample_factor
+        if height % f or width % f:
+            raise ConditionError(f"label map size {width}x{height} is not a multiple of {f}")
+        with torch.inference_mode():
+            concat = rescaler(one_hot.to(self.model.device, self.model.dtype))
+        asked = (settings.height or height, settings.width or width)
+        if asked != (height, width):
+            raise ConditionError(f"the label map sets the image size {width}x{height}, but {asked[1]}x{asked[0]} "
+                                 "was asked for")
+        specs = [replace(s, guidance_scale=1.0) for s in specs]
+        return self._generate(specs, settings, (height, width), concat=concat, progress=progress)
 
     def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
                       progress: Progress | None = None) -> GenerationResult:
@@ -262,7 +301,9 @@ class Pipeline:
         if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
             task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
                     "semantic": "a semantic-synthesis model: use semantic2img",
-                    "layout": "a layout-to-image model: use layout2img"}
+                    "layout": "a layout-to-image model: use layout2img",
+                    "masked_image": "an inpainting model: use inpaint",
+                    "rescaled_map": "a semantic-synthesis model: use semantic2img"}
             raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
         device, dtype = model.device, model.dtype
         f = config.downsample_factor

@@ -7,11 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 from models.eval.cli import add_eval_parser
-from models.names import CONDITION_TASKS, DEFAULT_GUIDANCE, DTYPES, SAMPLERS, ConditionTask
+from models.names import DEFAULT_GUIDANCE, DTYPES, SAMPLERS, TASKS, ConditionTask, Task
 from models.train.cli import add_train_parser
+from service.zoo_commands import add_zoo_parsers
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +25,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "label maps and layouts.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
-    p.add_argument("--task", choices=("txt2img", *CONDITION_TASKS), default=None,
-                   help="what to condition on (default: txt2img, or what --class/--map/--layout imply)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="what to condition on (default: txt2img, or what --class/--map/--layout imply); img2img "
+                   "and inpaint take --image (inpaint also --mask) and an optional prompt, upscale takes --image")
+    p.add_argument("--image", type=Path, help="--task img2img/inpaint/upscale: the input image")
+    p.add_argument("--mask", type=Path, help="--task inpaint: the mask, white = repaint")
+    p.add_argument("--strength", type=float, default=0.75, help="--task img2img: how much to change, 0..1 "
+                   "(default: %(default)s)")
     p.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="--task class: the class, a name such as 'red circle' or an id")
     p.add_argument("--map", type=Path, help="--task semantic: a label map PNG (mode L or P, pixel value = label, "
@@ -49,8 +54,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="pixels, a multiple of the model's factor (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")
     p.add_argument("--n", type=int, default=1, help="images per prompt, seeds SEED..SEED+n-1 (default: 1)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (vocab.json + merges.txt) for a single "
-                   "SD checkpoint file, which carries none")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder for a single checkpoint file, which carries "
+                   "none: vocab.json + merges.txt (SD v1's CLIP) or vocab.txt (the CompVis text2img model's BERT)")
+    p.add_argument("--config", type=Path, help="a CompVis zoo config.yaml for --model (default: the config.yaml "
+                   "beside a .ckpt, when there is one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
@@ -65,22 +72,27 @@ def run_generate(args: argparse.Namespace) -> int:
     given: tuple[tuple[ConditionTask, object], ...] = (("class", args.class_label), ("semantic", args.map),
                                                        ("layout", args.layout))
     implied = [t for t, value in given if value is not None]
-    task: Literal["txt2img", ConditionTask] = args.task or (implied[0] if len(implied) == 1 else "txt2img")
+    task: Task = args.task or (implied[0] if len(implied) == 1 else "txt2img")
+    if task not in ("img2img", "inpaint", "upscale") and (args.image is not None or args.mask is not None):
+        raise SystemExit("ldm generate: --image and --mask are for --task img2img, inpaint or upscale")
     if task == "txt2img" and implied:
         raise SystemExit(f"ldm generate: --class, --map and --layout are for --task {'/'.join(implied)}, not txt2img")
     if task == "txt2img" and (args.prompt is None) == (args.from_file is None):
         raise SystemExit("ldm generate: give either a PROMPT or --from-file FILE")
-    if task != "txt2img" and (args.prompt is not None or args.from_file is not None):
-        raise SystemExit(f"ldm generate: --task {task} takes no prompt or --from-file")
+    prompted = task in ("img2img", "inpaint")  # a text model needs one; the zoo's inpainting model takes none
+    if task != "txt2img" and (args.from_file is not None or (args.prompt is not None and not prompted)):
+        takes = "--from-file" if prompted else "prompt or --from-file"
+        raise SystemExit(f"ldm generate: --task {task} takes no {takes}")
     options = GenerateOptions(
         model=args.model, seed=args.seed, steps=args.steps, sampler=args.sampler, karras=args.karras,
         eta=args.eta, guidance=DEFAULT_GUIDANCE[task] if args.guidance is None else args.guidance,
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
-        dtype=args.dtype, use_ema=args.ema,
+        dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
     )
     if task != "txt2img":
-        inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout)
+        inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout,
+                            image_path=args.image, mask_path=args.mask, prompt=args.prompt or "")
         written = generate_task(task, inputs, options, out_file=args.out or Path("out.png"))
     elif args.from_file is not None:
         prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    add_zoo_parsers(sub)
     _service_parsers(sub)
     _keys_parser(sub)
     add_train_parser(sub)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from models.conditioning import Box, layout_to_json, parse_layout
 from models.images import encode_png
 from models.ldm import LatentDiffusion
-from models.names import CONDITION_TASKS, ConditionTask, DTypeName, SamplerName
+from models.names import DTypeName, SamplerName, Task
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.resolve import pick_device, pick_dtype, resolve_model
 from models.text.clip import CLIPTextConditioner
@@ -41,6 +41,10 @@ class GenerateOptions:
     device: str | None = None
     dtype: DTypeName | None = None
     use_ema: bool = False
+    #: a CompVis zoo config.yaml for `model` (default: the one beside a .ckpt)
+    config: Path | None = None
+    #: img2img: how much of the image to change
+    strength: float = 0.75
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -76,9 +80,9 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema)
+                          use_ema=options.use_ema, config=options.config)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
-                           height=options.height, karras=options.karras, eta=options.eta)
+                           height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)
     return model, Pipeline(model), settings
 
 
@@ -102,7 +106,8 @@ def _save(result: GenerationResult, settings: RunSettings, options: GenerateOpti
         log.warning("%s", warning)
     for image, item, path in zip(result.images, items, paths, strict=True):
         params = {**item, **asdict(settings), "width": image.width, "height": image.height, "model": options.model}
-        del params["strength"]  # img2img only
+        if item.get("task") != "img2img":
+            del params["strength"]  # img2img only
         path.write_bytes(encode_png(image, params))
     return list(paths)
 
@@ -122,28 +127,41 @@ class TaskInputs:
     class_label: str | None = None
     map_path: Path | None = None
     layout_path: Path | None = None
+    image_path: Path | None = None
+    mask_path: Path | None = None
+    #: img2img and inpaint with a text model
+    prompt: str = ""
 
 
-_NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path"}
-_FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout"}
+_NEEDS = {"class": "class_label", "semantic": "map_path", "layout": "layout_path", "img2img": "image_path",
+          "upscale": "image_path", "inpaint": "image_path"}
+_FLAGS = {"class_label": "--class", "map_path": "--map", "layout_path": "--layout", "image_path": "--image",
+          "mask_path": "--mask"}
 
 
-def generate_task(task: ConditionTask, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
-    """`options.n` images of one class, layout, label map, or unconditional samples (seeds seed..seed+n-1),
-    written to `out_file` (stem-k.png when n > 1). Inputs are read and checked before the model loads."""
-    if task not in CONDITION_TASKS:
-        raise ValueError("generate_task is for class, unconditional, semantic and layout; txt2img is `generate`")
+def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, out_file: Path) -> list[Path]:
+    """`options.n` images of one class, layout, label map, input image, or unconditional samples (seeds
+    seed..seed+n-1), written to `out_file` (stem-k.png when n > 1). Inputs are read and checked before the model
+    loads."""
+    if task == "txt2img":
+        raise ValueError("generate_task is for the tasks other than txt2img; txt2img is `generate`")
     needed = _NEEDS.get(task)
     if needed is not None and getattr(inputs, needed) is None:
         raise ValueError(f"--task {task} needs {_FLAGS[needed]}")
+    if task == "inpaint" and inputs.mask_path is None:
+        raise ValueError("--task inpaint needs --mask")
     for name, flag in _FLAGS.items():
-        if getattr(inputs, name) is not None and name != needed:
-            owner = next(t for t, n in _NEEDS.items() if n == name)
-            raise ValueError(f"{flag} is for --task {owner}, not {task}")
+        if getattr(inputs, name) is not None and name != needed and not (task == "inpaint" and name == "mask_path"):
+            owners = "/".join(t for t, n in _NEEDS.items() if n == name) or "inpaint"
+            raise ValueError(f"{flag} is for --task {owners}, not {task}")
     label_map = _read_map(inputs.map_path) if inputs.map_path is not None else None
+    image = _read_image(inputs.image_path, "--image", "RGB") if inputs.image_path is not None else None
+    mask = _read_image(inputs.mask_path, "--mask", "L") if inputs.mask_path is not None else None
     layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
     model, pipeline, settings = _load(options)
-    specs = [SampleSpec("", "", options.seed + k, options.guidance) for k in range(options.n)]
+    prompted = task in ("img2img", "inpaint")
+    specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
+                        options.guidance) for k in range(options.n)]
     extra: dict[str, object] = {}
     with _step_bar(task, options.steps) as advance:
         if task == "class":
@@ -155,6 +173,10 @@ def generate_task(task: ConditionTask, inputs: TaskInputs, options: GenerateOpti
             result = pipeline.layout2img(specs, settings, [boxes] * options.n, progress=advance)
             extra["layout"] = json.dumps(layout_to_json(boxes, model.config.conditioner.class_names
                                                         if model.config.conditioner else ()))
+        elif task in ("img2img", "inpaint", "upscale"):
+            assert image is not None and inputs.image_path is not None
+            result = _image_task(pipeline, task, specs, settings, image, mask, advance)
+            extra["image"] = inputs.image_path.name
         elif task == "semantic":
             assert label_map is not None and inputs.map_path is not None
             result = pipeline.semantic2img(specs, settings, [label_map] * options.n, progress=advance)
@@ -181,6 +203,26 @@ def _read_map(path: Path) -> Image.Image:
             return image
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"--map {path}: not a readable image ({err})") from None
+
+
+def _image_task(pipeline: Pipeline, task: Task, specs: list[SampleSpec], settings: RunSettings, image: Image.Image,
+                mask: Image.Image | None, progress: Progress) -> GenerationResult:
+    """img2img, inpaint (with its mask) or upscale of one input image, once per spec."""
+    images = [image] * len(specs)
+    if task == "img2img":
+        return pipeline.img2img(specs, settings, images, progress=progress)
+    if task == "inpaint":
+        assert mask is not None
+        return pipeline.inpaint(specs, settings, images, [mask] * len(specs), progress=progress)
+    return pipeline.upscale(specs, settings, images, progress=progress)
+
+
+def _read_image(path: Path, flag: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{flag} {path}: not a readable image ({err})") from None
 
 
 def _read_json(path: Path) -> object:

@@ -89,10 +89,13 @@ class SampleInput:
 def served_name(spec: str) -> str:
     """The model name a worker serves for a model spec: the spec itself when it is a valid model name (a shipped
     name, `random:<config>`), else the file or folder name without its suffix (`/ckpt/sd15.safetensors` ->
-    `sd15`), with characters outside the name pattern replaced by `-`."""
+    `sd15`; a CompVis zoo `celeba256/model.ckpt` beside its config.yaml -> `celeba256`), with characters outside
+    the name pattern replaced by `-`."""
     if re.match(MODEL_NAME_PATTERN, spec):
         return spec
-    stem = Path(spec.rstrip("/")).stem or "model"
+    path = Path(spec.rstrip("/"))
+    zoo = path.stem in ("model", "last") and (path.parent / "config.yaml").is_file()  # the CompVis zoo's layout
+    stem = (path.parent.name if zoo else path.stem) or "model"
     name = re.sub(r"[^A-Za-z0-9._:-]", "-", stem).lstrip("._:-")[:128]
     return name or "model"
 
@@ -157,7 +160,7 @@ class Runner:
     def labels(self) -> LabelSet | None:
         """The labels a class, layout or semantic model takes (registered, so the front ends can check them)."""
         c = self.model.config.conditioner
-        if c is None or self.model.config.kind not in ("class", "layout", "semantic"):
+        if c is None or self.model.config.kind not in ("class", "layout", "semantic", "semantic_map"):
             return None
         return LabelSet(n_classes=c.n_classes, class_names=c.class_names,
                         max_boxes=c.layout.max_boxes if c.kind == "layout" else None)

@@ -1,0 +1,154 @@
+"""`ldm generate` on the CompVis zoo with exactly the contract's flags (compvis-zoo-contract.md, "Cases"), and
+`ldm reconstruct` / `ldm convert`. The checkpoints are the reduced random-weight ones of tests/compvis_zoo.py
+(their images are tied to independent implementations in tests/unit/test_compvis_zoo.py); here each command
+line must give the image the library gives for what the contract says the flags mean. In process (`main`), one
+thread: seven model loads in subprocesses would cost a minute of imports."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.checkpoints import load_model
+from models.pipeline import Pipeline, RunSettings, SampleSpec
+from service.cli import main
+from tests.compvis_zoo import FIRST_STAGE_KL_F8, assert_close_images, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SEED = 3
+COMMON = ["--sampler", "ddim", "--eta", "0", "--steps", "10", "--seed", str(SEED)]
+DDIM = RunSettings(sampler="ddim", steps=10, eta=0.0)
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "fox"]
+
+
+def _run(tmp_path: Path, *args: str | Path) -> np.ndarray:
+    out = tmp_path / "out.png"
+    assert main(["generate", *map(str, args), *COMMON, "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _rng_image(size: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    blocks = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
+    return Image.fromarray(blocks.astype(np.uint8))
+
+
+def test_cin256_v2(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m", "cin256-v2")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--class", "207", "--guidance", "3.0")
+    model = load_model(tmp_path / "m" / "model.ckpt")
+    want = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], DDIM, [207]).images[0]
+    assert_close_images(got, np.asarray(want))
+
+
+@pytest.mark.parametrize("name", ["celeba256", "lsun_churches256"])
+def test_unconditional(tmp_path: Path, name: str) -> None:
+    write_checkpoint(tmp_path / "m", name)
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "unconditional")
+    want = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).unconditional([SampleSpec(seed=SEED)], DDIM)
+    assert_close_images(got, np.asarray(want.images[0]))
+
+
+def test_text2img256(tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    write_checkpoint(tmp_path / "m", "text2img256")
+    got = _run(tmp_path, "a painting of a fox", "--model", tmp_path / "m" / "model.ckpt", "--tokenizer", tok,
+               "--guidance", "5.0")
+    model = load_model(tmp_path / "m" / "model.ckpt", tokenizer_dir=tok)
+    spec = SampleSpec(prompt="a painting of a fox", seed=SEED, guidance_scale=5.0)
+    assert_close_images(got, np.asarray(Pipeline(model).txt2img([spec], DDIM).images[0]))
+
+
+def test_semantic_synthesis256(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m", "semantic_synthesis256")
+    labels = np.kron(np.random.default_rng(0).integers(0, 182, (4, 4)), np.ones((8, 8))).astype(np.uint8)
+    Image.fromarray(labels, mode="L").save(tmp_path / "map.png")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--map", tmp_path / "map.png")
+    model = load_model(tmp_path / "m" / "model.ckpt")
+    want = Pipeline(model).semantic2img([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM,
+                                        [Image.fromarray(labels, mode="L")])
+    assert_close_images(got, np.asarray(want.images[0]))
+
+
+def test_inpainting_big(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m", "inpainting_big", ddim_buffers=True, first_stage_copy=True)
+    image = _rng_image(32, 1)
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[4:20, 8:28] = 255
+    image.save(tmp_path / "image.png")
+    Image.fromarray(hole, mode="L").save(tmp_path / "mask.png")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "inpaint", "--image",
+               tmp_path / "image.png", "--mask", tmp_path / "mask.png")
+    model = load_model(tmp_path / "m" / "model.ckpt")
+    want = Pipeline(model).inpaint([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM, [image],
+                                   [Image.fromarray(hole, mode="L")])
+    assert np.array_equal(got[hole == 0], np.asarray(image)[hole == 0])
+    assert_close_images(got[hole > 0][None], np.asarray(want.images[0])[hole > 0][None])
+
+
+def test_bsr_sr(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m", "bsr_sr")
+    low = _rng_image(8, 2)
+    low.save(tmp_path / "lr.png")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "upscale", "--image", tmp_path / "lr.png")
+    assert got.shape == (32, 32, 3)
+    want = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).upscale([SampleSpec(seed=SEED)], DDIM, [low])
+    assert_close_images(got, np.asarray(want.images[0]))
+
+
+def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from models.autoencoder import Autoencoder
+    from models.compvis.first_stage import first_stage_from_yaml
+    from tests.helpers import randomize
+
+    (tmp_path / "kl").mkdir()
+    (tmp_path / "kl" / "config.yaml").write_text(FIRST_STAGE_KL_F8, encoding="utf-8")
+    sd = randomize(Autoencoder(first_stage_from_yaml(tmp_path / "kl" / "config.yaml")), 1).state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "kl" / "model.ckpt")
+    _rng_image(32, 4).save(tmp_path / "in.png")
+    assert main(["reconstruct", "--model", str(tmp_path / "kl" / "model.ckpt"), "--image", str(tmp_path / "in.png"),
+                 "-o", str(tmp_path / "rec.png")]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    (tmp_path / "many").mkdir()
+    for k in range(2):
+        _rng_image(32, 10 + k).save(tmp_path / "many" / f"{k}.png")
+    assert main(["reconstruct", "--model", str(tmp_path / "kl" / "model.ckpt"), "--image", str(tmp_path / "many"),
+                 "-o", str(tmp_path / "recs")]) == 0
+    assert "mean PSNR" in capsys.readouterr().out and sorted(p.name for p in (tmp_path / "recs").iterdir()) == [
+        "0.png", "1.png"]
+    with Image.open(tmp_path / "rec.png") as reconstruction:
+        assert reconstruction.size == (32, 32)
+
+    write_checkpoint(tmp_path / "m", "celeba256")
+    assert main(["convert", "--model", str(tmp_path / "m" / "model.ckpt"), "-o", str(tmp_path / "c.safetensors")]) == 0
+    settings = dataclasses.replace(DDIM, steps=2)
+    a = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).unconditional([SampleSpec(seed=1)], settings).images[0]
+    b = Pipeline(load_model(tmp_path / "c.safetensors")).unconditional([SampleSpec(seed=1)], settings).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_img2img_with_a_prompt(tmp_path: Path) -> None:
+    """`--task img2img --image --strength` with a prompt, on the zoo's text model (SDEdit, models/pipeline.py)."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    write_checkpoint(tmp_path / "m", "text2img256")
+    image = _rng_image(32, 5)
+    image.save(tmp_path / "in.png")
+    got = _run(tmp_path, "a fox", "--model", tmp_path / "m" / "model.ckpt", "--tokenizer", tok, "--task", "img2img",
+               "--image", tmp_path / "in.png", "--strength", "0.5", "--guidance", "2.0")
+    model = load_model(tmp_path / "m" / "model.ckpt", tokenizer_dir=tok)
+    settings = dataclasses.replace(DDIM, strength=0.5)
+    want = Pipeline(model).img2img([SampleSpec(prompt="a fox", seed=SEED, guidance_scale=2.0)], settings, [image])
+    assert_close_images(got, np.asarray(want.images[0]))
+    with pytest.raises(SystemExit, match="--image and --mask are for --task img2img, inpaint or upscale"):
+        main(["generate", "a fox", "--model", str(tmp_path / "m" / "model.ckpt"), "--image", str(tmp_path / "in.png")])

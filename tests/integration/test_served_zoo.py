@@ -1,0 +1,108 @@
+"""CompVis zoo checkpoints served for real: `python -m service.worker --model DIR/model.ckpt` (its config.yaml
+beside it) registers the model under its folder's name with the tasks its conditioning allows, and REST jobs run
+through it: cin256-v2 by class id, inpainting_big's masked-image inpainting (unmasked pixels returned exactly).
+The checkpoints are tests/compvis_zoo.py's reduced random-weight ones."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+from service.jobs import SyncJobQueue
+
+from service.config import Settings
+from service.embedded import free_port
+from service.schemas import JobStatus
+from tests.compvis_zoo import write_checkpoint
+from tests.helpers import drop_keys, stop_process, torch_threads
+from tests.integration.test_rest import Api, b64, serving
+from tests.integration.test_served_conditionings import FAST, _spawn
+
+pytestmark = pytest.mark.timeout(240)
+MODELS = ("cin256-v2", "inpainting_big")
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, SyncJobQueue]]:
+    folder = tmp_path_factory.mktemp("zoo")
+    with torch_threads(1):
+        files = {name: folder / name / "model.ckpt" for name in MODELS}
+        for name in MODELS:
+            write_checkpoint(folder / name, name, first_stage_copy=name == "inpainting_big")
+    settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model="cin256-v2",
+                        grpc_port=0, **FAST)
+    procs = {name: _spawn(settings, files[name], free_port(), folder / f"{name}.log") for name in MODELS}
+    queue = SyncJobQueue(settings)
+    try:
+        deadline = time.monotonic() + 200
+        for name, proc in procs.items():
+            while not queue.workers(name):
+                log = (folder / f"{name}.log").read_text(errors="replace")
+                assert proc.poll() is None, f"the {name} worker exited with {proc.returncode}:\n{log}"
+                assert time.monotonic() < deadline, f"the {name} worker did not register:\n{log}"
+                time.sleep(0.05)
+        with serving(settings) as api:
+            yield api, queue
+    finally:
+        for proc in procs.values():
+            stop_process(proc)
+        queue.close()
+        drop_keys(redis_url, settings.key_prefix)
+
+
+def _wait(queue: SyncJobQueue, job_id: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        job = queue.get(job_id)
+        assert job is not None
+        if job.status.terminal:
+            assert job.status == JobStatus.succeeded, job.error
+            return
+        assert time.monotonic() < deadline, f"job {job_id} did not end"
+        time.sleep(0.05)
+
+
+def test_zoo_workers_register_their_names_and_tasks(served: tuple[Api, SyncJobQueue]) -> None:
+    _, queue = served
+    assert sorted(t.value for t in queue.workers("cin256-v2")[0].tasks) == ["class", "unconditional"]
+    assert [t.value for t in queue.workers("inpainting_big")[0].tasks] == ["inpaint"]
+    labels = queue.workers("cin256-v2")[0].labels
+    assert labels is not None and labels.n_classes == 1000
+
+
+def test_class_and_inpaint_jobs_through_rest(served: tuple[Api, SyncJobQueue]) -> None:
+    api, queue = served
+    resp = api.client.post("/v1/jobs", json={"model": "cin256-v2", "task": "class", "class_label": 207,
+                                             "guidance_scale": 3.0, "sampler": "ddim", "steps": 3, "seed": 1})
+    assert resp.status_code == 202, resp.text
+    _wait(queue, resp.json()["id"])
+    png = queue.result(resp.json()["id"], 0)
+    assert png is not None
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (32, 32)
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[8:24, 4:20] = 255
+    resp = api.client.post("/v1/jobs", json={"model": "inpainting_big", "task": "inpaint", "prompt": "",
+                                             "image": b64(_png(picture)), "mask": b64(_png(Image.fromarray(hole))),
+                                             "sampler": "ddim", "steps": 3, "seed": 2})
+    assert resp.status_code == 202, resp.text
+    _wait(queue, resp.json()["id"])
+    png = queue.result(resp.json()["id"], 0)
+    assert png is not None
+    with Image.open(io.BytesIO(png)) as image:
+        out = np.asarray(image.convert("RGB"))
+    assert np.array_equal(out[hole == 0], np.asarray(picture)[hole == 0])
+    assert np.abs(out[hole > 0].astype(int) - np.asarray(picture)[hole > 0]).mean() > 5
