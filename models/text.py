@@ -95,6 +95,9 @@ class CLIPTextConfig:
     max_positions: int = 77
     layer_norm_eps: float = 1e-5
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP: gelu
+    #: the padding token the encoder was trained with; None = the tokenizer folder's (SD 1: end of text;
+    #: OpenCLIP, SD 2: "!", id 0 in CLIP's vocabulary, whatever folder a single file is given)
+    pad_token: str | None = None
 
     def __post_init__(self) -> None:
         _check_heads(self.hidden_size, self.num_heads, "CLIPTextConfig")
@@ -622,7 +625,8 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
     if config.kind == "clip":
         tokenizer = None
         if tokenizer_dir is not None:
-            tokenizer = CLIPTokenizer.from_dir(tokenizer_dir, max_length=config.clip.max_positions)
+            tokenizer = CLIPTokenizer.from_dir(tokenizer_dir, max_length=config.clip.max_positions,
+                                               pad_token=config.clip.pad_token)
         return CLIPTextConditioner(config.clip, tokenizer)
     if config.kind == "transformer":
         wordpiece = None
