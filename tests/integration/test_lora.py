@@ -1,0 +1,178 @@
+"""LoRA adapters applied unmerged, per sample: parity with diffusers, batches that mix adapters, the cache.
+
+A toy SD v1 model (tests/helpers.py) gets random kohya-format LoRAs on every UNet and text-encoder layer
+(attention, feed-forward, the 1x1 proj_in/proj_out convs, LoCon 3x3 convs, the time embedding), with a
+different alpha per module. diffusers, which loads the same file with `load_lora_weights` and its
+kohya converter, is the independent reference.
+"""
+
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoints import load_model
+from models.ldm import LatentDiffusion
+from models.lora import LoRA, LoraCache, LoraError, adapters_applied, load_lora, parse_lora_arg, target_names
+from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.tokenizers import CLIPTokenizer
+from tests.helpers import (
+    TOL,
+    assert_close_at_unit_scale,
+    original_checkpoint,
+    random_model,
+    save_diffusers_folder,
+    torch_threads,
+    toy_sd_config,
+    write_clip_tokenizer,
+)
+
+SETTINGS = RunSettings(sampler="ddim", steps=10, width=64, height=64)
+
+
+def shared_alpha(name: str) -> bool:
+    """Layers that get one common alpha in the test files, because diffusers 0.42 (with peft 0.21 and
+    transformers 5) applies its most common alpha to them whatever the file says: it names the alphas of
+    attention projections after its legacy processors (`...attn1.processor.to_q_lora.down.weight`) and
+    those of the text encoder with a `text_model.` level transformers 5 dropped, so its alpha_pattern
+    matches none of them (PEFT warns). Every other layer (feed-forward, proj_in/out, LoCon convs, time
+    embedding) gets an alpha of its own, which diffusers and we both apply."""
+    return name.startswith("lora_te_") or "_attn1_" in name or "_attn2_" in name
+
+
+def kohya_lora(model: LatentDiffusion, path: Path, *, seed: int, rank: int = 4, unet: bool = True,
+               text: bool = True, every: int = 1) -> Path:
+    """A random kohya LoRA on every `every`-th layer (diffusers-style UNet names), alpha per module."""
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n in target_names(model) if (unet and n.startswith(("lora_unet_down_blocks", "lora_unet_mid_block_",
+                                                                       "lora_unet_up_blocks")))
+             or (text and n.startswith("lora_te_"))]
+    sd = {}
+    for name in sorted(names)[::every]:
+        layer = model.get_submodule(target_names(model)[name])
+        weight = layer.weight
+        out_f, in_f = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])
+        fan_in = weight[0].numel()
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / fan_in**0.5
+        sd[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, *((1, 1) if kernel else ()), generator=g) * 0.5
+        ratio = 0.75 if shared_alpha(name) else 0.5 + torch.rand((), generator=g).item()
+        sd[f"{name}.alpha"] = torch.tensor(float(rank) * ratio)
+    save_file(sd, str(path))
+    return path
+
+
+class Setup:
+    def __init__(self, tmp: Path) -> None:
+        tokenizer_dir = write_clip_tokenizer(tmp / "tokenizer")
+        config = toy_sd_config(CLIPTokenizer.from_dir(tokenizer_dir).vocab_size)
+        checkpoint = original_checkpoint(random_model(config, seed=0))
+        self.folder = save_diffusers_folder(checkpoint, config, tokenizer_dir, tmp / "sd")
+        self.model = load_model(self.folder)
+        self.fast = Pipeline(load_model(self.folder))  # packed convs, channels_last
+        self.a = kohya_lora(self.model, tmp / "a.safetensors", seed=1)
+        self.b = kohya_lora(self.model, tmp / "b.safetensors", seed=2, rank=2, text=False, every=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    with torch_threads(1):
+        return Setup(tmp_path_factory.mktemp("lora"))
+
+
+# diffusers' kohya converter also lists alphas under legacy names (`...processor.to_q_lora.down.weight`), which
+# PEFT reports as matching no module; the real names are matched as well
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match:RuntimeWarning")
+def test_kohya_lora_matches_diffusers_load_lora_weights(setup: Setup) -> None:
+    """Weight 0.8: text encoder context, UNet output and a 10-step DDIM generation with CFG."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(setup.folder), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.load_lora_weights(str(setup.a), adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.8])
+    lora = load_lora(setup.a, setup.model)
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    with torch_threads(1), torch.inference_mode():
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ctx_theirs = pipe.text_encoder(ids).last_hidden_state
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([981.0, 1.0])
+        eps_theirs = pipe.unet(x, t, encoder_hidden_states=ctx_theirs).sample
+        assert setup.model.conditioner is not None
+        plain = setup.model.conditioner.encode(prompts).context
+        with adapters_applied(setup.model, [((lora, 0.8),)] * 2):
+            ctx_ours = setup.model.conditioner.encode(prompts).context
+            eps_ours = setup.model.unet(x, t, ctx_ours)
+        assert (ctx_ours - plain).abs().max() > 100 * TOL  # the adapter changes the text encoding
+        assert (ctx_ours - ctx_theirs).abs().max() < TOL
+        assert (eps_ours - eps_theirs).abs().max() < TOL
+        assert (eps_ours - setup.model.unet(x, t, ctx_ours)).abs().max() > 100 * TOL  # and the UNet
+        expected = pipe(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+        specs = [SampleSpec(p, seed=s, adapters=((lora, 0.8),)) for p, s in zip(prompts, seeds, strict=True)]
+        ours, _ = Pipeline(setup.model, optimize=False).sample_latents(specs, SETTINGS, (64, 64))
+    assert_close_at_unit_scale(ours, expected)
+
+
+def test_mixed_batch_gives_every_sample_its_solo_image(setup: Setup) -> None:
+    """Two LoRAs, both at once, and none, in one batch (packed CPU model): each item bit-identical alone."""
+    a, b = load_lora(setup.a, setup.fast.model), load_lora(setup.b, setup.fast.model)
+    specs = [SampleSpec("a red circle", seed=1, adapters=((a, 0.8),)),
+             SampleSpec("a red circle", seed=1, adapters=((b, 1.0),)),
+             SampleSpec("a red circle", seed=1),
+             SampleSpec("a blue square", seed=2, adapters=((a, 0.5), (b, 0.7)), guidance_scale=1.0)]
+    with torch_threads(1):
+        batch, _ = setup.fast.sample_latents(specs, SETTINGS, (64, 64))
+        solos = [setup.fast.sample_latents([spec], SETTINGS, (64, 64))[0] for spec in specs]
+    for i, solo in enumerate(solos):
+        assert torch.equal(batch[i : i + 1], solo), f"item {i} differs from its solo run"
+    assert (solos[0] - solos[2]).abs().max() > 0.01 and (solos[1] - solos[2]).abs().max() > 0.01
+    assert not any(m._forward_hooks for m in setup.fast.model.modules())  # nothing outlives the batch
+
+
+def test_cache_is_bounded_in_bytes(setup: Setup, tmp_path: Path) -> None:
+    """200 requests cycling through 20 adapter files: the cache never holds more than its byte budget."""
+    paths = [kohya_lora(setup.model, tmp_path / f"l{i}.safetensors", seed=10 + i, text=False, every=4)
+             for i in range(20)]
+    size = load_lora(paths[0], setup.model).nbytes
+    cache = LoraCache(setup.model, max_bytes=int(3.5 * size))
+    held: list[LoRA] = []
+    for i in range(200):
+        held = [cache.get(paths[i % 20]), cache.get(paths[(i * 7) % 3])]  # 3 hot adapters, 17 cold
+        assert cache.nbytes <= cache.max_bytes and len(cache) <= 3
+    assert cache.misses < 200 and cache.hits > 100 and held[0].name.startswith("l")
+    first = cache.get(paths[0])
+    assert cache.get(paths[0]) is first  # a hit
+    kohya_lora(setup.model, paths[0], seed=99, text=False, every=4)  # the file changed: read again
+    assert cache.get(paths[0]) is not first
+    with pytest.raises(LoraError, match="over the cache's"):
+        LoraCache(setup.model, max_bytes=size // 2).get(paths[1])
+
+
+def test_foreign_or_unsupported_loras_are_refused_by_name(setup: Setup, tmp_path: Path) -> None:
+    down, up = torch.zeros(4, 32), torch.zeros(32, 4)
+    cases = {
+        "sdxl": ({"lora_unet_input_blocks_7_1_transformer_blocks_9_attn1_to_q.lora_down.weight": down,
+                  "lora_unet_input_blocks_7_1_transformer_blocks_9_attn1_to_q.lora_up.weight": up},
+                 "adapted layers the model does not have.*input_blocks_7_1_transformer_blocks_9"),
+        "dora": ({"lora_unet_down_blocks_0_attentions_0_proj_out.dora_scale": up},
+                 r"'dora_scale' tensors \(DoRA"),
+        "shape": ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+                   "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight":
+                       torch.zeros(64, 4)}, r"do not fit the layer \(expected \(4, 32\) / \(32, 4\)\)"),
+        "half": ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down},
+                 "needs both a down and an up matrix"),
+        "other": ({"model.diffusion_model.out.2.weight": up}, "neither kohya's"),
+    }
+    for name, (sd, message) in cases.items():
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(LoraError, match=message):
+            load_lora(tmp_path / f"{name}.safetensors", setup.model)
+
+
+def test_parse_lora_arg() -> None:
+    assert parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_lora_arg("style.safetensors:0.6") == ("style.safetensors", 0.6)
+    assert parse_lora_arg("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
