@@ -130,19 +130,19 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
     return scales
 
 
-def load_lora(path: str | Path, model: LatentDiffusion) -> LoRA:
+def load_lora(path: str | Path, model: LatentDiffusion, names: dict[str, str] | None = None) -> LoRA:
     """Read a LoRA file for `model` (see the module docstring for the layouts). Tensors stay on the CPU in
-    fp32 until a batch uses them."""
+    fp32 until a batch uses them. `names`: `target_names(model)`, when the caller keeps it."""
     path = Path(path)
     sd, metadata = read_state_dict(path)
     try:
-        return _parse(path.stem, sd, metadata, model)
+        return _parse(path.stem, sd, metadata, model, names or target_names(model))
     except LoraError as err:
         raise LoraError(f"{path}: {err}") from None
 
 
-def _parse(name: str, sd: dict[str, Tensor], metadata: dict[str, str], model: LatentDiffusion) -> LoRA:
-    names = target_names(model)
+def _parse(name: str, sd: dict[str, Tensor], metadata: dict[str, str], model: LatentDiffusion,
+           names: dict[str, str]) -> LoRA:
     modules: dict[str, dict[str, Tensor]] = {}
     for key, tensor in sd.items():
         module, kind = _split_key(key)
@@ -239,7 +239,10 @@ def _low_rank(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
     if x.ndim == 3:  # a 1x1 conv applied to [N, L, C] tokens as a matmul (SpatialTransformer's _pointwise)
         return batch_invariant_linear(batch_invariant_linear(x, down.flatten(1)), up.flatten(1))
     stride, padding, dilation = (tuple(getattr(module, a)) for a in ("stride", "padding", "dilation"))
-    return F.conv2d(F.conv2d(x, down, None, stride, padding, dilation), up)
+    # one item at a time: oneDNN picks a conv kernel by batch size and memory format (a 1-item slice of a
+    # channels_last batch is also "contiguous"), so a folded call rounds an item by the company it keeps
+    return torch.cat([F.conv2d(F.conv2d(x[i : i + 1], down, None, stride, padding, dilation), up)
+                      for i in range(x.shape[0])])
 
 
 @contextmanager
@@ -297,6 +300,7 @@ class LoraCache:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.model = model
+        self.names = target_names(model)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, int, int], LoRA] = OrderedDict()
         self.hits = self.misses = 0
@@ -319,7 +323,7 @@ class LoraCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         self.misses += 1
-        lora = load_lora(resolved, self.model)
+        lora = load_lora(resolved, self.model, self.names)
         if lora.nbytes > self.max_bytes:
             raise LoraError(f"{path}: {lora.nbytes} bytes of adapter, over the cache's {self.max_bytes}")
         for stale in [k for k in self._entries if k[0] == key[0]]:  # an older version of the same file
