@@ -86,7 +86,7 @@ def target_names(model: LatentDiffusion) -> dict[str, str]:
 
     UNet layers: kohya's `lora_unet_` + the diffusers path with `_` for `.` (SD 1/2 LoRAs) or + the
     original path (SGM-style files), and PEFT's `unet.` + the diffusers path. Text encoder layers (HF CLIP
-    names): `lora_te_` + path with `_`, and `text_encoder.` + path."""
+    names): `lora_te_` + path with `_`, and `text_encoder.` + path (with or without `text_model.`)."""
     names: dict[str, str] = {}
     unet_paths = [p for p, m in model.unet.named_modules() if _is_target(m)]
     diffusers = unet_key_map([p + ".weight" for p in unet_paths], model.config.unet)
@@ -100,7 +100,9 @@ def target_names(model: LatentDiffusion) -> dict[str, str]:
         for path, module in model.conditioner.named_modules():
             if _is_target(module) and path.startswith("transformer.text_model."):
                 hf = path.removeprefix("transformer.")
-                names["lora_te_" + hf.replace(".", "_")] = names["text_encoder." + hf] = "conditioner." + path
+                ours = "conditioner." + path
+                names["lora_te_" + hf.replace(".", "_")] = names["text_encoder." + hf] = ours
+                names["text_encoder." + hf.removeprefix("text_model.")] = ours  # as transformers >= 5 names it
     return names
 
 
@@ -114,20 +116,37 @@ def _split_key(key: str) -> tuple[str, str]:
                     "(unet.* / text_encoder.* with lora_A / lora_B)")
 
 
-def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """Per-prefix alpha / r of diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """diffusers' `lora_adapter_metadata`: the PEFT LoraConfig of each component, by prefix."""
     raw = metadata.get("lora_adapter_metadata")
     if raw is None:
         return {}
-    config: dict[str, Any] = json.loads(raw)
-    scales = {}
-    for prefix in ("unet", "text_encoder"):
-        for field in ("use_dora", "alpha_pattern", "rank_pattern"):
-            if config.get(f"{prefix}.{field}"):
+    flat: dict[str, Any] = json.loads(raw)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        prefix, _, field = key.partition(".")
+        configs.setdefault(prefix, {})[field] = value
+    for prefix, config in configs.items():
+        for field in ("use_dora", "use_rslora"):
+            if config.get(field):
                 raise LoraError(f"lora_adapter_metadata: {prefix}.{field} is not supported")
-        if f"{prefix}.lora_alpha" in config and f"{prefix}.r" in config:
-            scales[prefix] = float(config[f"{prefix}.lora_alpha"]) / float(config[f"{prefix}.r"])
-    return scales
+    return configs
+
+
+def _alpha(module: str, tensors: dict[str, Tensor], rank: int, peft: dict[str, dict[str, Any]]) -> float:
+    """A module's alpha: its `.alpha` tensor; else, for a PEFT file with metadata, PEFT's rule (the first
+    `alpha_pattern` key matching the end of the module's name, else `lora_alpha`); else the rank (scale 1,
+    kohya's and PEFT's default)."""
+    if "alpha" in tensors:
+        return float(tensors["alpha"])
+    prefix, _, name = module.partition(".")
+    config = peft.get(prefix) if module.startswith(("unet.", "text_encoder.")) else None
+    if config is None:
+        return float(rank)
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
 
 
 def load_lora(path: str | Path, model: LatentDiffusion, names: dict[str, str] | None = None) -> LoRA:
@@ -153,16 +172,14 @@ def _parse(name: str, sd: dict[str, Tensor], metadata: dict[str, str], model: La
     if unknown:
         raise LoraError(f"{len(unknown)} adapted layers the model does not have (a LoRA for another "
                         f"architecture?): {unknown[:6]}")
-    peft_scales = _peft_alphas(metadata)
+    peft = _peft_configs(metadata)
     layers = {}
     for module, tensors in modules.items():
         down = next((tensors[k] for k in _DOWN if k in tensors), None)
         up = next((tensors[k] for k in _UP if k in tensors), None)
         if down is None or up is None:
             raise LoraError(f"{module}: needs both a down and an up matrix, has {sorted(tensors)}")
-        # without an alpha, kohya means alpha = rank (scale 1); PEFT files may give it in their metadata
-        default = peft_scales.get(module.split(".")[0], 1.0)
-        scale = float(tensors["alpha"]) / down.shape[0] if "alpha" in tensors else default
+        scale = _alpha(module, tensors, down.shape[0], peft) / down.shape[0]
         path = names[module]
         if path in layers:
             raise LoraError(f"{module}: a second set of matrices for layer {path} (under another name)")

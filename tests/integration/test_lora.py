@@ -6,11 +6,14 @@ different alpha per module. diffusers, which loads the same file with `load_lora
 kohya converter, is the independent reference.
 """
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import pytest
 import torch
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from models.checkpoints import load_model
@@ -30,6 +33,7 @@ from tests.helpers import (
 )
 
 SETTINGS = RunSettings(sampler="ddim", steps=10, width=64, height=64)
+X, T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([981.0, 1.0])
 
 
 def shared_alpha(name: str) -> bool:
@@ -82,38 +86,68 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
         return Setup(tmp_path_factory.mktemp("lora"))
 
 
-# diffusers' kohya converter also lists alphas under legacy names (`...processor.to_q_lora.down.weight`), which
-# PEFT reports as matching no module; the real names are matched as well
-@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match:RuntimeWarning")
-def test_kohya_lora_matches_diffusers_load_lora_weights(setup: Setup) -> None:
-    """Weight 0.8: text encoder context, UNet output and a 10-step DDIM generation with CFG."""
+@pytest.fixture(scope="module")
+def reference(setup: Setup) -> Any:
+    """diffusers' pipeline of the same folder with LoRA `a` loaded by `load_lora_weights`, at weight 0.8."""
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(setup.folder), safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    pipe.load_lora_weights(str(setup.a), adapter_name="a")
+    with warnings.catch_warnings():
+        # its kohya converter also lists alphas under legacy names, which PEFT reports as matching nothing
+        warnings.filterwarnings("ignore", "The following alpha_pattern keys did not match", RuntimeWarning)
+        pipe.load_lora_weights(str(setup.a), adapter_name="a")
     pipe.set_adapters(["a"], adapter_weights=[0.8])
-    lora = load_lora(setup.a, setup.model)
-    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    return pipe
+
+
+def outputs(pipe_or_model: Any, prompts: list[str], lora: LoRA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text context, UNet output at two timesteps) of diffusers' pipeline, or of our model with `lora` at 0.8."""
+    x, t = X[: len(prompts)], T[: len(prompts)]
     with torch_threads(1), torch.inference_mode():
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        ctx_theirs = pipe.text_encoder(ids).last_hidden_state
-        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([981.0, 1.0])
-        eps_theirs = pipe.unet(x, t, encoder_hidden_states=ctx_theirs).sample
+        if lora is None:
+            ids = pipe_or_model.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            context = pipe_or_model.text_encoder(ids).last_hidden_state
+            return context, pipe_or_model.unet(x, t, encoder_hidden_states=context).sample
+        with adapters_applied(pipe_or_model, [((lora, 0.8),)] * len(prompts)):
+            context = pipe_or_model.conditioner.encode(prompts).context
+            return context, pipe_or_model.unet(x, t, context)
+
+
+def test_kohya_lora_matches_diffusers_load_lora_weights(setup: Setup, reference: Any) -> None:
+    """Weight 0.8: text encoder context, UNet output and a 10-step DDIM generation with CFG."""
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    lora = load_lora(setup.a, setup.model)
+    ctx_theirs, eps_theirs = outputs(reference, prompts)
+    ctx_ours, eps_ours = outputs(setup.model, prompts, lora)
+    assert (ctx_ours - ctx_theirs).abs().max() < TOL
+    assert (eps_ours - eps_theirs).abs().max() < TOL
+    with torch_threads(1), torch.inference_mode():
         assert setup.model.conditioner is not None
         plain = setup.model.conditioner.encode(prompts).context
-        with adapters_applied(setup.model, [((lora, 0.8),)] * 2):
-            ctx_ours = setup.model.conditioner.encode(prompts).context
-            eps_ours = setup.model.unet(x, t, ctx_ours)
         assert (ctx_ours - plain).abs().max() > 100 * TOL  # the adapter changes the text encoding
-        assert (ctx_ours - ctx_theirs).abs().max() < TOL
-        assert (eps_ours - eps_theirs).abs().max() < TOL
-        assert (eps_ours - setup.model.unet(x, t, ctx_ours)).abs().max() > 100 * TOL  # and the UNet
-        expected = pipe(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
-                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+        assert (eps_ours - setup.model.unet(X, T, ctx_ours)).abs().max() > 100 * TOL  # and the UNet
+        expected = reference(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
         specs = [SampleSpec(p, seed=s, adapters=((lora, 0.8),)) for p, s in zip(prompts, seeds, strict=True)]
         ours, _ = Pipeline(setup.model, optimize=False).sample_latents(specs, SETTINGS, (64, 64))
     assert_close_at_unit_scale(ours, expected)
+
+
+def test_diffusers_peft_lora_file_matches(setup: Setup, reference: Any, tmp_path: Path) -> None:
+    """The same adapter saved by diffusers in its own format (`unet.*.lora_A/B`, PEFT config with
+    alpha_pattern in the metadata) gives what diffusers computes."""
+    unet_layers = get_peft_model_state_dict(reference.unet, adapter_name="a")
+    text_layers = get_peft_model_state_dict(reference.text_encoder, adapter_name="a")
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=reference.unet.peft_config["a"].to_dict(),
+        text_encoder_lora_adapter_metadata=reference.text_encoder.peft_config["a"].to_dict(),
+        safe_serialization=True)
+    lora = load_lora(tmp_path / "pytorch_lora_weights.safetensors", setup.model)
+    assert len(lora.layers) == len(load_lora(setup.a, setup.model).layers)
+    for ours, theirs in zip(outputs(setup.model, ["a red circle"], lora), outputs(reference, ["a red circle"]),
+                            strict=True):
+        assert (ours - theirs).abs().max() < TOL
 
 
 def test_mixed_batch_gives_every_sample_its_solo_image(setup: Setup) -> None:
