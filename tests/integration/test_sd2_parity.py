@@ -53,15 +53,17 @@ def sd2_scheduler(prediction: PredictionType, spacing: str = "leading") -> dict[
             "prediction_type": prediction}
 
 
-def sd2_config(vocab_size: int, prediction: PredictionType) -> ModelConfig:
-    """SD 2 structure: UNet 1/5 width (64-channel heads, linear projections), VAE 1/4, 2 x 128 OpenCLIP."""
-    clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_layers=TEXT_LAYERS,
-                          num_heads=2, hidden_act="gelu", pad_token="!")
+def sd2_config(vocab_size: int, prediction: PredictionType, *, full: bool = False) -> ModelConfig:
+    """SD 2 structure: UNet 1/5 width (64-channel heads, linear projections), VAE 1/4, 2 x 128 OpenCLIP;
+    `full`: the real sizes (UNet 865.91 M, OpenCLIP ViT-H text, 23 of its 24 blocks run)."""
+    clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=1024 if full else 128,
+                          intermediate_size=4096 if full else 256, num_layers=23 if full else TEXT_LAYERS,
+                          num_heads=16 if full else 2, hidden_act="gelu", pad_token="!")
     return ModelConfig(
         name="sd2-test", family="sd_v2",
-        unet=UNetConfig(model_channels=64, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True,
-                        context_dim=clip.hidden_size),
-        autoencoder=AutoencoderConfig(ch=32), conditioner=ConditionerConfig(kind="clip", clip=clip),
+        unet=UNetConfig(model_channels=320 if full else 64, num_heads=-1, num_head_channels=64,
+                        use_linear_in_transformer=True, context_dim=clip.hidden_size),
+        autoencoder=AutoencoderConfig(ch=128 if full else 32), conditioner=ConditionerConfig(kind="clip", clip=clip),
         schedule=ScheduleConfig(prediction_type=prediction),
     )
 
@@ -76,13 +78,15 @@ def write_sd2_file(config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     sd = {k: v.contiguous() for k, v in model.original_state_dict().items() if not k.startswith(prefix)}
     text = {k[len(prefix):]: v for k, v in model.original_state_dict().items() if k.startswith(prefix)}
     sd.update({prefix + k: v.contiguous() for k, v in clip_to_openclip(text).items()})
-    g, width = torch.Generator().manual_seed(7), config.unet.context_dim or 0
-    last = f"{prefix}model.transformer.resblocks.{TEXT_LAYERS}."
+    assert config.conditioner is not None
+    clip = config.conditioner.clip
+    g, width, inner = torch.Generator().manual_seed(7), clip.hidden_size, clip.intermediate_size
+    last = f"{prefix}model.transformer.resblocks.{clip.num_layers}."
     for name, shape in (("ln_1.weight", [width]), ("ln_1.bias", [width]), ("attn.in_proj_weight", [3 * width, width]),
                         ("attn.in_proj_bias", [3 * width]), ("attn.out_proj.weight", [width, width]),
                         ("attn.out_proj.bias", [width]), ("ln_2.weight", [width]), ("ln_2.bias", [width]),
-                        ("mlp.c_fc.weight", [256, width]), ("mlp.c_fc.bias", [256]),
-                        ("mlp.c_proj.weight", [width, 256]), ("mlp.c_proj.bias", [width])):
+                        ("mlp.c_fc.weight", [inner, width]), ("mlp.c_fc.bias", [inner]),
+                        ("mlp.c_proj.weight", [width, inner]), ("mlp.c_proj.bias", [width])):
         sd[last + name] = torch.randn(shape, generator=g)
     sd[prefix + "model.text_projection"] = torch.randn(width, width, generator=g)
     sd[prefix + "model.logit_scale"] = torch.tensor(4.6052)
@@ -93,7 +97,7 @@ def write_sd2_file(config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
 
 def diffusers_text_encoder(checkpoint: dict[str, torch.Tensor], clip: CLIPTextConfig) -> Any:
     """transformers' CLIPTextModel from the file by diffusers' OpenCLIP converter (which assumes ViT-H's 24
-    blocks when it drops the unused last one; ours has TEXT_LAYERS + 1, so its last is dropped here)."""
+    blocks when it drops the unused last one; the reduced file has TEXT_LAYERS + 1, so its last is dropped here)."""
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
         num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads, hidden_act="gelu",
@@ -102,7 +106,7 @@ def diffusers_text_encoder(checkpoint: dict[str, torch.Tensor], clip: CLIPTextCo
     converted = single_file_utils.convert_open_clip_checkpoint(text, checkpoint)
     strip = "" if "text_model.final_layer_norm.weight" in text.state_dict() else "text_model."
     weights = {k.removeprefix(strip): v for k, v in converted.items()
-               if f"encoder.layers.{TEXT_LAYERS}." not in k and not k.startswith("text_projection")}
+               if f"encoder.layers.{clip.num_layers}." not in k and not k.startswith("text_projection")}
     text.load_state_dict(weights, strict=True)
     return text
 
@@ -110,10 +114,10 @@ def diffusers_text_encoder(checkpoint: dict[str, torch.Tensor], clip: CLIPTextCo
 class SD2Twins:
     """Our model from an SD 2 file (and from the folder diffusers saved), diffusers' pipeline parts."""
 
-    def __init__(self, tmp: Path, prediction: PredictionType) -> None:
+    def __init__(self, tmp: Path, prediction: PredictionType, *, full: bool = False) -> None:
         self.tokenizer_dir = write_clip_tokenizer(tmp / "tokenizer")  # SD 1 style: pads with end-of-text
         vocab = CLIPTokenizer.from_dir(self.tokenizer_dir).vocab_size
-        self.config = sd2_config(vocab, prediction)
+        self.config = sd2_config(vocab, prediction, full=full)
         self.path = tmp / "sd2.safetensors"
         sd = write_sd2_file(self.config, self.path)
         self.ours = load_model(self.path, tokenizer_dir=self.tokenizer_dir, prediction_type=prediction)
@@ -260,3 +264,17 @@ def test_scheduler_fields_read_or_refused_by_name() -> None:
                             ({"thresholding": True}, "thresholding=True")):
         with pytest.raises(UnsupportedConfigError, match=message):
             schedule_config_from_diffusers({**sd2_scheduler("epsilon"), **change})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_full_size_sd2_file_matches_diffusers(tmp_path: Path, prediction: PredictionType) -> None:
+    """The real SD 2 shapes (UNet 865.91 M, VAE 83.65 M, OpenCLIP ViT-H text 24 x 1024) in one file, 64 px."""
+    twins = SD2Twins(tmp_path, prediction, full=True)
+    assert sum(p.numel() for p in twins.ours.unet.parameters()) == 865_910_724
+    pipe = twins.pipeline(diffusers.DPMSolverMultistepScheduler.from_config(sd2_scheduler(prediction)))
+    expected = pipe(["a red circle"], num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                    generator=[torch.Generator().manual_seed(5)], output_type="latent").images
+    settings = RunSettings(sampler="dpmpp_2m", steps=10, width=64, height=64)
+    ours, _ = Pipeline(twins.ours).sample_latents([SampleSpec("a red circle", seed=5)], settings, (64, 64))
+    assert_close_at_unit_scale(ours, expected)
