@@ -489,6 +489,10 @@ def load_single_file(
     return _finish(model, device, dtype)
 
 
+#: diffusers pipelines whose folders hold an SD 1/2 model (txt2img or inpainting: one UNet, VAE, CLIP encoder)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+
+
 def _weights_in(folder: Path, stems: tuple[str, ...]) -> Path:
     for stem in stems:
         for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
@@ -511,6 +515,10 @@ def load_diffusers_folder(
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    pipeline = index.get("_class_name", "StableDiffusionPipeline")
+    if pipeline not in SD_PIPELINES:
+        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are {', '.join(SD_PIPELINES)}")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     unet_json = read_json(folder / "unet" / "config.json")
     try:

@@ -9,6 +9,8 @@ its pipeline's `save_pretrained` writes the folder. Text encoder, UNet and 10-st
 generations with classifier-free guidance must agree to 1e-4.
 """
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +224,14 @@ def test_openclip_mapping_round_trips() -> None:
     assert back.keys() == clip.keys() and all(torch.equal(back[k], clip[k]) for k in clip)
     with pytest.raises(ValueError, match="no known meaning.*model.visual.proj"):
         openclip_to_clip({**openclip, **extra, "model.visual.proj": torch.ones(1)})
+
+
+def test_other_pipelines_are_refused_by_name(twins: SD2Twins, tmp_path: Path) -> None:
+    folder = tmp_path / "xl"
+    shutil.copytree(twins.folder_path("leading"), folder)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(CheckpointError, match="a StableDiffusionXLPipeline folder; supported are StableDiffusion"):
+        load_model(folder)
 
 
 def test_prediction_type_is_never_guessed(twins: SD2Twins) -> None:
