@@ -55,16 +55,18 @@ def sd2_scheduler(prediction: PredictionType, spacing: str = "leading") -> dict[
             "prediction_type": prediction}
 
 
-def sd2_config(vocab_size: int, prediction: PredictionType, *, full: bool = False) -> ModelConfig:
+def sd2_config(vocab_size: int, prediction: PredictionType, *, full: bool = False, in_channels: int = 4) -> ModelConfig:
     """SD 2 structure: UNet 1/5 width (64-channel heads, linear projections), VAE 1/4, 2 x 128 OpenCLIP;
     `full`: the real sizes (UNet 865.91 M, OpenCLIP ViT-H text, 23 of its 24 blocks run)."""
     clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=1024 if full else 128,
                           intermediate_size=4096 if full else 256, num_layers=23 if full else TEXT_LAYERS,
                           num_heads=16 if full else 2, hidden_act="gelu", pad_token="!")
+    inpainting = in_channels == 9
     return ModelConfig(
-        name="sd2-test", family="sd_v2",
-        unet=UNetConfig(model_channels=320 if full else 64, num_heads=-1, num_head_channels=64,
-                        use_linear_in_transformer=True, context_dim=clip.hidden_size),
+        name="sd2-test", family="sd_v2_inpainting" if inpainting else "sd_v2",
+        conditioning="hybrid" if inpainting else "crossattn", concat_input="inpaint" if inpainting else "none",
+        unet=UNetConfig(in_channels=in_channels, model_channels=320 if full else 64, num_heads=-1,
+                        num_head_channels=64, use_linear_in_transformer=True, context_dim=clip.hidden_size),
         autoencoder=AutoencoderConfig(ch=128 if full else 32), conditioner=ConditionerConfig(kind="clip", clip=clip),
         schedule=ScheduleConfig(prediction_type=prediction),
     )
@@ -288,3 +290,19 @@ def test_full_size_sd2_file_matches_diffusers(tmp_path: Path, prediction: Predic
     settings = RunSettings(sampler="dpmpp_2m", steps=10, width=64, height=64)
     ours, _ = Pipeline(twins.ours).sample_latents([SampleSpec("a red circle", seed=5)], settings, (64, 64))
     assert_close_at_unit_scale(ours, expected)
+
+
+def test_sd2_inpainting_file_matches_diffusers(tmp_path: Path) -> None:
+    """The 9-channel SD 2 inpainting UNet (latent + mask + masked-image latent) from an original file."""
+    tokenizer_dir = write_clip_tokenizer(tmp_path / "tokenizer")
+    config = sd2_config(CLIPTokenizer.from_dir(tokenizer_dir).vocab_size, "epsilon", in_channels=9)
+    sd = write_sd2_file(config, tmp_path / "sd2-inpainting.safetensors")
+    with torch_threads(1):
+        ours = load_model(tmp_path / "sd2-inpainting.safetensors", tokenizer_dir=tokenizer_dir,
+                          prediction_type="epsilon")
+        assert (ours.config.family, ours.config.concat_input) == ("sd_v2_inpainting", "inpaint")
+        theirs = diffusers_unet({k: v for k, v in sd.items() if k.startswith("model.")}, config.unet)
+        g = torch.Generator().manual_seed(1)
+        x, t, ctx = torch.randn(1, 9, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 128, generator=g)
+        with torch.inference_mode():
+            assert (ours.unet(x, t, ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max() < TOL
