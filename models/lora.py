@@ -225,7 +225,7 @@ def _checked(name: str, down: Tensor, up: Tensor, scale: float, module: nn.Modul
 class _Group:
     """Samples sharing one layer's adapters: their indices, the concatenated down and the scaled up."""
 
-    rows: Tensor  # [n] long
+    runs: list[tuple[int, int]]  # the samples, as [start, stop) runs of consecutive indices
     down: Tensor
     up: Tensor
 
@@ -244,9 +244,19 @@ def _groups(path: str, per_sample: Sequence[AdapterSet], like: Tensor) -> list[_
         here = adapters[key]
         down = torch.cat([layer.down for layer, _ in here])
         up = torch.cat([layer.up * (weight * layer.scale) for layer, weight in here], dim=1)
-        groups.append(_Group(torch.tensor(rows, device=like.device),
-                             down.to(like.device, like.dtype), up.to(like.device, like.dtype)))
+        groups.append(_Group(_runs(rows), down.to(like.device, like.dtype), up.to(like.device, like.dtype)))
     return groups
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [start, stop) runs: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for i in rows:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _low_rank(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
@@ -293,12 +303,13 @@ def _hook(groups: list[_Group], n: int) -> Any:
         x = inputs[0]
         if x.shape[0] % n:
             raise ValueError(f"a batch of {x.shape[0]} rows for adapters given for {n} samples")
-        offsets = torch.arange(0, x.shape[0], n, device=x.device)
-        for group in groups:
-            rows = (offsets[:, None] + group.rows[None, :]).reshape(-1)  # [k * n_group]
-            # in place: a copy could change the memory format (channels_last) and with it the kernels the next
-            # layers choose for every row, adapters or not
-            output.index_add_(0, rows, _low_rank(module, x[rows], group.down, group.up).to(output.dtype))
+        for offset in range(0, x.shape[0], n):
+            for group in groups:
+                for start, stop in group.runs:
+                    # slices and an in-place add: no gather/scatter copies, and the output keeps its memory
+                    # format (channels_last), so the next layers choose the same kernels with or without adapters
+                    rows = slice(offset + start, offset + stop)
+                    output[rows] += _low_rank(module, x[rows], group.down, group.up).to(output.dtype)
         return output
 
     return add_low_rank
