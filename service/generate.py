@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -18,8 +18,10 @@ from tqdm import tqdm
 from models.checkpoints import load_model
 from models.conditioning import Box, layout_to_json, parse_layout
 from models.config import builtin_config
+from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
+from models.lora import load_lora, parse_lora_arg
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.samplers import SamplerName
 from models.text import CLIPTextConditioner
@@ -47,6 +49,9 @@ class GenerateOptions:
     device: str | None = None
     dtype: str | None = None
     use_ema: bool = False
+    prediction_type: PredictionType | None = None
+    #: LoRA files as PATH[:WEIGHT] (models/lora.py), applied to every image
+    loras: tuple[str, ...] = ()
 
 
 def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -59,14 +64,15 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
 
 
 def resolve_model(spec: str, *, tokenizer: Path | None, device: torch.device, dtype: torch.dtype,
-                  use_ema: bool = False) -> LatentDiffusion:
+                  use_ema: bool = False, prediction_type: PredictionType | None = None) -> LatentDiffusion:
     """A model by name/path; `random:<config>` builds untrained weights (clearly not a real model)."""
     if spec.startswith(RANDOM_PREFIX):
         log.warning("model %s has RANDOM, untrained weights: images will be noise", spec)
         torch.manual_seed(0)
         model = LatentDiffusion(builtin_config(spec[len(RANDOM_PREFIX):]), tokenizer_dir=tokenizer)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype)
+    return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, prediction_type=prediction_type, device=device,
+                      dtype=dtype)
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -85,23 +91,32 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
         )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    loras = [parse_lora_arg(arg) for arg in options.loras]
+    adapters = tuple((load_lora(path, model), weight) for path, weight in loras)
+    lora_text = {"loras": json.dumps([{"path": p, "weight": w} for p, w in loras])} if loras else {}
     written: list[Path] = []
     for i, prompt in enumerate(prompts):
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
-        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance)
+        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance, adapters)
                  for k in range(options.n)]
         with _step_bar(f"prompt {i}", options.steps) as advance:
             result = pipeline.txt2img(specs, settings, progress=advance)
-        written += _save(result, settings, options, [{**asdict(s), "task": "txt2img"} for s in specs],
+        items = [{**_spec_parameters(s), **lora_text, "task": "txt2img"} for s in specs]
+        written += _save(result, settings, options, items,
                          [_output_path(out_file, out_dir, i, k, options.n) for k in range(options.n)])
     return written
+
+
+def _spec_parameters(spec: SampleSpec) -> dict[str, object]:
+    """A sample's parameters for its PNG text (the adapters, which hold tensors, are written as `loras`)."""
+    return {k: v for k, v in asdict(replace(spec, adapters=())).items() if k != "adapters"}
 
 
 def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSettings]:
     """The model on its device, its pipeline, and the run's settings."""
     device, dtype = pick_device(options.device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema)
+                          use_ema=options.use_ema, prediction_type=options.prediction_type)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta)
     return model, Pipeline(model), settings
@@ -158,6 +173,8 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     written to `out_file` (stem-k.png when n > 1). Inputs are read and checked before the model loads."""
     if task == "txt2img":
         raise ValueError("generate_task is for class, unconditional, semantic and layout; txt2img is `generate`")
+    if options.loras:
+        raise ValueError("--lora adapts text-to-image models: it is for txt2img, not --task " + task)
     needed = _NEEDS.get(task)
     if needed is not None and getattr(inputs, needed) is None:
         raise ValueError(f"--task {task} needs {_FLAGS[needed]}")

@@ -17,13 +17,13 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from models.checkpoints import load_model
-from models.ldm import LatentDiffusion
-from models.lora import LoRA, LoraCache, LoraError, adapters_applied, load_lora, parse_lora_arg, target_names
+from models.lora import LoRA, LoraCache, LoraError, adapters_applied, load_lora, parse_lora_arg
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.tokenizers import CLIPTokenizer
 from tests.helpers import (
     TOL,
     assert_close_at_unit_scale,
+    kohya_lora,
     original_checkpoint,
     random_model,
     save_diffusers_folder,
@@ -34,38 +34,6 @@ from tests.helpers import (
 
 SETTINGS = RunSettings(sampler="ddim", steps=10, width=64, height=64)
 X, T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([981.0, 1.0])
-
-
-def shared_alpha(name: str) -> bool:
-    """Layers that get one common alpha in the test files, because diffusers 0.42 (with peft 0.21 and
-    transformers 5) applies its most common alpha to them whatever the file says: it names the alphas of
-    attention projections after its legacy processors (`...attn1.processor.to_q_lora.down.weight`) and
-    those of the text encoder with a `text_model.` level transformers 5 dropped, so its alpha_pattern
-    matches none of them (PEFT warns). Every other layer (feed-forward, proj_in/out, LoCon convs, time
-    embedding) gets an alpha of its own, which diffusers and we both apply."""
-    return name.startswith("lora_te_") or "_attn1_" in name or "_attn2_" in name
-
-
-def kohya_lora(model: LatentDiffusion, path: Path, *, seed: int, rank: int = 4, unet: bool = True,
-               text: bool = True, every: int = 1) -> Path:
-    """A random kohya LoRA on every `every`-th layer (diffusers-style UNet names), alpha per module."""
-    g = torch.Generator().manual_seed(seed)
-    names = [n for n in target_names(model) if (unet and n.startswith(("lora_unet_down_blocks", "lora_unet_mid_block_",
-                                                                       "lora_unet_up_blocks")))
-             or (text and n.startswith("lora_te_"))]
-    sd = {}
-    for name in sorted(names)[::every]:
-        layer = model.get_submodule(target_names(model)[name])
-        weight = layer.weight
-        out_f, in_f = weight.shape[:2]
-        kernel = tuple(weight.shape[2:])
-        fan_in = weight[0].numel()
-        sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / fan_in**0.5
-        sd[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, *((1, 1) if kernel else ()), generator=g) * 0.5
-        ratio = 0.75 if shared_alpha(name) else 0.5 + torch.rand((), generator=g).item()
-        sd[f"{name}.alpha"] = torch.tensor(float(rank) * ratio)
-    save_file(sd, str(path))
-    return path
 
 
 class Setup:
