@@ -259,17 +259,22 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _low_rank(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
-    """up (down x) for a group's items: per-item batched products (models/layers.py), or two convs."""
+def _add_low_rank(module: nn.Module, x: Tensor, out: Tensor, down: Tensor, up: Tensor) -> None:
+    """out += up (down x) for a run of items, in place: per-item batched products (models/layers.py); for a
+    conv layer, its kxk conv with `down`, then `up` (a 1x1 conv) as a matmul over channels."""
     if down.ndim == 2:
-        return batch_invariant_linear(batch_invariant_linear(x, down), up)
+        out += batch_invariant_linear(batch_invariant_linear(x, down), up).to(out.dtype)
+        return
     if x.ndim == 3:  # a 1x1 conv applied to [N, L, C] tokens as a matmul (SpatialTransformer's _pointwise)
-        return batch_invariant_linear(batch_invariant_linear(x, down.flatten(1)), up.flatten(1))
+        out += batch_invariant_linear(batch_invariant_linear(x, down.flatten(1)), up.flatten(1)).to(out.dtype)
+        return
     stride, padding, dilation = (tuple(getattr(module, a)) for a in ("stride", "padding", "dilation"))
-    # one item at a time: oneDNN picks a conv kernel by batch size and memory format (a 1-item slice of a
-    # channels_last batch is also "contiguous"), so a folded call rounds an item by the company it keeps
-    return torch.cat([F.conv2d(F.conv2d(x[i : i + 1], down, None, stride, padding, dilation), up)
-                      for i in range(x.shape[0])])
+    for i in range(x.shape[0]):
+        # one item at a time: oneDNN picks a conv kernel by batch size and memory format (a 1-item slice of a
+        # channels_last batch is also "contiguous"), so a folded call would round an item by its company
+        h = F.conv2d(x[i : i + 1], down, None, stride, padding, dilation)  # [1, r, H', W']
+        delta = batch_invariant_linear(h.permute(0, 2, 3, 1), up.flatten(1)).permute(0, 3, 1, 2)
+        out[i : i + 1] += delta.to(out.dtype)
 
 
 @contextmanager
@@ -309,7 +314,7 @@ def _hook(groups: list[_Group], n: int) -> Any:
                     # slices and an in-place add: no gather/scatter copies, and the output keeps its memory
                     # format (channels_last), so the next layers choose the same kernels with or without adapters
                     rows = slice(offset + start, offset + stop)
-                    output[rows] += _low_rank(module, x[rows], group.down, group.up).to(output.dtype)
+                    _add_low_rank(module, x[rows], output[rows], group.down, group.up)
         return output
 
     return add_low_rank
