@@ -148,7 +148,10 @@ def _pointwise(layer: nn.Module, x: Tensor) -> Tensor:
     """A 1x1 conv (SD v1's proj_in/proj_out, 4-D weights as in the checkpoints) or a Linear (SD 2),
     applied to [N, L, C] tokens as one matmul: no im2col, no layout round trip."""
     if isinstance(layer, nn.Conv2d):
-        return batch_invariant_linear(x, layer.weight.flatten(1), layer.bias)
+        out = batch_invariant_linear(x, layer.weight.flatten(1), layer.bias)
+        for hook in layer._forward_hooks.values():  # LoRA adapters (models/lora.py) of the 1x1 conv
+            out = hook(layer, (x,), out)
+        return out
     return layer(x)
 
 

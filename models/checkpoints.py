@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,19 +31,23 @@ from torch.overrides import TorchFunctionMode
 
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
-from models.config import ModelConfig, from_dict, to_dict
+from models.config import Family, ModelConfig, from_dict, to_dict
 from models.cpu_inference import is_packed
 from models.diffusers_layout import (
+    UnsupportedConfigError,
     autoencoder_config_from_diffusers,
     autoencoder_key_map,
+    clip_config_from_transformers,
+    default_size_from_diffusers,
     read_json,
     schedule_config_from_diffusers,
     unet_config_from_diffusers,
     unet_key_map,
 )
-from models.diffusion import ScheduleConfig
+from models.diffusion import PredictionType, ScheduleConfig
 from models.ldm import PREFIXES, LatentDiffusion
-from models.tensor_files import CheckpointError, StateDict, TensorFile, open_tensor_file
+from models.openclip_layout import OPENCLIP_PREFIX, is_openclip, openclip_to_clip
+from models.tensor_files import CheckpointError, InMemoryFile, StateDict, TensorFile, open_tensor_file
 from models.text.clip import CLIPTextConfig
 from models.unet import UNetConfig
 
@@ -92,6 +96,11 @@ def split_parts(sd: StateDict) -> dict[str, StateDict]:
             unexpected.append(key)
     if unexpected:
         raise CheckpointError(f"unexpected keys outside the model's parts: {_shown(sorted(unexpected))}")
+    if is_openclip(parts["conditioner"]):  # SD 2: OpenCLIP's names, run as CLIP (models/openclip_layout.py)
+        try:
+            parts["conditioner"] = openclip_to_clip(parts["conditioner"])
+        except ValueError as err:
+            raise CheckpointError(f"{PREFIXES['conditioner']}*: {err}") from None
     return parts
 
 
@@ -247,8 +256,13 @@ def _inferred(part: str, infer: Callable[[StateDict], T], sd: StateDict) -> T:
         ) from None
 
 
-def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
-    """Family and architecture of an original single-file checkpoint, from keys and shapes."""
+def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionType | None = None,
+                       metadata: Mapping[str, str] | None = None) -> ModelConfig:
+    """Family and architecture of an original single-file checkpoint, from keys and shapes.
+
+    The prediction type is in no tensor: `prediction_type` when given, else the file's ModelSpec metadata
+    (`modelspec.prediction_type`), else epsilon for SD 1 and the LDMs; SD 2 files have both kinds (512-base
+    predicts epsilon, 768-v predicts v), so one without either is refused rather than guessed."""
     unet_prefix = PREFIXES["unet"]
     if not any(k.startswith(unet_prefix) for k in sd):
         hint = ""
@@ -262,22 +276,31 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
     autoencoder = _inferred("autoencoder", infer_autoencoder_config, parts["autoencoder"])
     schedule = infer_schedule(sd)
     clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
+    openclip = any(k.startswith(PREFIXES["conditioner"] + OPENCLIP_PREFIX) for k in sd)
     latent = autoencoder.embed_dim
+    schedule = dataclasses.replace(schedule, prediction_type=_prediction_type(prediction_type, metadata, openclip))
     if clip:
-        if unet.context_dim == 1024:
+        if unet.context_dim == 1024 and not openclip:
             raise CheckpointError(
-                "this is a Stable Diffusion 2.x checkpoint (1024-wide context): only SD v1.x and LDM are supported"
+                "this is a Stable Diffusion 2.x checkpoint (1024-wide context) with SD 1's CLIP key names "
+                "(cond_stage_model.transformer.*): SD 2 files hold OpenCLIP's (cond_stage_model.model.*), and "
+                "without them the text encoder's activation and output layer are unknown"
             )
         clip_config = _inferred("conditioner", infer_clip_config, parts["conditioner"])
+        if openclip:  # OpenCLIP ViT-H: exact GELU, pads with "!" (id 0); the UNet has 64-channel heads
+            clip_config = dataclasses.replace(clip_config, hidden_act="gelu", pad_token="!")
+            unet = dataclasses.replace(unet, num_heads=-1, num_head_channels=64)
         conditioner = ConditionerConfig(kind="clip", clip=clip_config)
         unet = dataclasses.replace(unet, context_dim=clip_config.hidden_size)
+        size = 768 if openclip and schedule.prediction_type == "v_prediction" else 512
         if unet.in_channels == latent:
-            return ModelConfig(name=name, family="sd_v1", unet=unet, autoencoder=autoencoder, schedule=schedule,
-                               conditioner=conditioner, conditioning="crossattn", default_size=512)
+            return ModelConfig(name=name, family="sd_v2" if openclip else "sd_v1", unet=unet,
+                               autoencoder=autoencoder, schedule=schedule, conditioner=conditioner,
+                               conditioning="crossattn", default_size=size)
         if unet.in_channels == 2 * latent + 1:
-            return ModelConfig(name=name, family="sd_v1_inpainting", unet=unet, autoencoder=autoencoder,
-                               schedule=schedule, conditioner=conditioner, conditioning="hybrid",
-                               concat_input="inpaint", default_size=512)
+            return ModelConfig(name=name, family="sd_v2_inpainting" if openclip else "sd_v1_inpainting", unet=unet,
+                               autoencoder=autoencoder, schedule=schedule, conditioner=conditioner,
+                               conditioning="hybrid", concat_input="inpaint", default_size=size)
         raise CheckpointError(
             f"SD v1 text encoder with a {unet.in_channels}-channel UNet input: expected {latent} (txt2img) "
             f"or {2 * latent + 1} (inpainting)"
@@ -303,6 +326,28 @@ def infer_model_config(sd: StateDict, name: str) -> ModelConfig:
     )
 
 
+def _prediction_type(given: PredictionType | None, metadata: Mapping[str, str] | None,
+                     openclip: bool) -> PredictionType:
+    """What a single file's UNet predicts (see `infer_model_config`)."""
+    spec = (metadata or {}).get("modelspec.prediction_type")
+    from_spec: dict[str | None, PredictionType] = {"epsilon": "epsilon", "v": "v_prediction",
+                                                   "v_prediction": "v_prediction"}
+    if spec is not None and spec not in from_spec:
+        raise CheckpointError(f"metadata modelspec.prediction_type={spec!r} is not epsilon or v")
+    if given is not None:
+        if spec is not None and from_spec[spec] != given:
+            raise CheckpointError(f"prediction type {given!r} asked, but the file's metadata says {spec!r}")
+        return given
+    if spec is not None:
+        return from_spec[spec]
+    if openclip:
+        raise CheckpointError(
+            "Stable Diffusion 2.x files do not record whether the UNet predicts epsilon (the 512-base models) "
+            "or v (the 768-v models): give the prediction type (--prediction-type epsilon|v_prediction)"
+        )
+    return "epsilon"
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -324,6 +369,27 @@ class Stored:
 
 #: a part's keys (ours, prefix stripped) -> where each tensor is stored
 Sources = dict[str, Stored]
+
+
+def in_memory_sources(path: Path, parts: dict[str, StateDict]) -> dict[str, Sources]:
+    """Tensors already in memory (converted from another layout, or from a pickle read whole) as sources;
+    each is released as it is loaded."""
+    flat = {f"{part}/{key}": tensor for part, tensors in parts.items() for key, tensor in tensors.items()}
+    file = InMemoryFile(path, flat)
+    return {part: {key: Stored(file, f"{part}/{key}", tensor.shape) for key, tensor in tensors.items()}
+            for part, tensors in parts.items()}
+
+
+def file_parts(file: TensorFile) -> dict[str, Sources]:
+    """Where each tensor of each part is in an original single file. SD 2's OpenCLIP text encoder is read and
+    converted to our CLIP layout in memory (its fused q/k/v are split); everything else is read when loaded."""
+    parts = {part: {k: Stored(file, PREFIXES[part] + k, t.shape) for k, t in tensors.items()}
+             for part, tensors in split_parts(file.meta).items()}
+    prefix = PREFIXES["conditioner"]
+    if any(k.startswith(prefix + OPENCLIP_PREFIX) for k in file.meta):
+        raw = {k[len(prefix):]: file.read(k) for k in file.meta if k.startswith(prefix)}
+        parts["conditioner"] = in_memory_sources(file.path, {"conditioner": openclip_to_clip(raw)})["conditioner"]
+    return parts
 
 
 def load_parts_strict(model: LatentDiffusion, parts: dict[str, Sources], source: str, dtype: torch.dtype) -> None:
@@ -400,24 +466,33 @@ def _finish(model: LatentDiffusion, device: str | torch.device, dtype: torch.dty
     return model
 
 
-def _model_config(path: Path, file: TensorFile) -> ModelConfig:
+def _model_config(path: Path, file: TensorFile, prediction_type: PredictionType | None = None) -> ModelConfig:
     if CONFIG_METADATA_KEY in file.metadata:
         try:
-            return from_dict(ModelConfig, json.loads(file.metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
+            config = from_dict(ModelConfig, json.loads(file.metadata[CONFIG_METADATA_KEY]), where=CONFIG_METADATA_KEY)
         except ValueError as err:  # json.JSONDecodeError included
             raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
+        _check_prediction_type(path, config.schedule, prediction_type)
+        return config
     shapes = dict(file.meta)  # inference needs shapes only, but for the schedule's values
     if "betas" in shapes:
         shapes["betas"] = file.read("betas")
     try:
-        return infer_model_config(shapes, name=path.stem)
+        return infer_model_config(shapes, name=path.stem, prediction_type=prediction_type, metadata=file.metadata)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def read_model_config(path: Path) -> ModelConfig:
+def _check_prediction_type(source: Path, schedule: ScheduleConfig, given: PredictionType | None) -> None:
+    """A prediction type asked for a model whose config already says one must agree with it."""
+    if given is not None and given != schedule.prediction_type:
+        raise CheckpointError(f"{source}: prediction type {given!r} asked, but the model's config says "
+                              f"{schedule.prediction_type!r}")
+
+
+def read_model_config(path: Path, *, prediction_type: PredictionType | None = None) -> ModelConfig:
     """The config of a single-file checkpoint (its metadata, or inferred from its keys), without building it."""
-    return _model_config(path, open_tensor_file(path))
+    return _model_config(path, open_tensor_file(path), prediction_type)
 
 
 def load_single_file(
@@ -425,14 +500,14 @@ def load_single_file(
     *,
     tokenizer_dir: Path | None = None,
     use_ema: bool = False,
+    prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
     """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
     file = open_tensor_file(path)
-    config = _model_config(path, file)
-    parts = {part: {k: Stored(file, PREFIXES[part] + k, t.shape) for k, t in tensors.items()}
-             for part, tensors in split_parts(file.meta).items()}
+    config = _model_config(path, file, prediction_type)
+    parts = file_parts(file)
     if use_ema:
         try:
             ema = ema_unet_keys(file.meta.keys(), list(parts["unet"]))
@@ -443,6 +518,10 @@ def load_single_file(
     load_parts_strict(model, parts, str(path), dtype)
     log.info("loaded %s (family %s) from %s", config.name, config.family, path)
     return _finish(model, device, dtype)
+
+
+#: diffusers pipelines whose folders hold an SD 1/2 model (txt2img or inpainting: one UNet, VAE, CLIP encoder)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
 
 
 def _weights_in(folder: Path, stems: tuple[str, ...]) -> Path:
@@ -458,30 +537,43 @@ def load_diffusers_folder(
     folder: Path,
     *,
     tokenizer_dir: Path | None = None,
+    prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """A diffusers StableDiffusionPipeline folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
+    """A diffusers StableDiffusionPipeline folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/. Every
+    config field that changes the math is read or refused by name (models/diffusers_layout.py)."""
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
-    unet_config = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
-    ae_config, scale = autoencoder_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    text_cfg = read_json(folder / "text_encoder" / "config.json")
-    clip = CLIPTextConfig(
-        vocab_size=text_cfg["vocab_size"], hidden_size=text_cfg["hidden_size"],
-        intermediate_size=text_cfg["intermediate_size"], num_layers=text_cfg["num_hidden_layers"],
-        num_heads=text_cfg["num_attention_heads"], max_positions=text_cfg["max_position_embeddings"],
-    )
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    pipeline = index.get("_class_name", "StableDiffusionPipeline")
+    if pipeline not in SD_PIPELINES:
+        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are {', '.join(SD_PIPELINES)}")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    schedule = schedule_config_from_diffusers(read_json(sched_path)) if sched_path.is_file() else ScheduleConfig()
+    unet_json = read_json(folder / "unet" / "config.json")
+    try:
+        unet_config = unet_config_from_diffusers(unet_json)
+        ae_config, scale = autoencoder_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+        clip = clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+        schedule = schedule_config_from_diffusers(read_json(sched_path)) if sched_path.is_file() else None
+    except (UnsupportedConfigError, KeyError) as err:
+        what = f"missing config field {err}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{folder}: {what}") from None
+    if schedule is None:
+        schedule = ScheduleConfig(prediction_type=prediction_type or "epsilon")
+    _check_prediction_type(sched_path, schedule, prediction_type)
     latent = ae_config.embed_dim
     inpainting = unet_config.in_channels == 2 * latent + 1
+    v2 = clip.hidden_act == "gelu"  # OpenCLIP ViT-H (SD 2) or OpenAI's ViT-L (SD 1)
+    family: Family = (("sd_v2_inpainting" if inpainting else "sd_v2") if v2
+                      else ("sd_v1_inpainting" if inpainting else "sd_v1"))
     config = ModelConfig(
-        name=folder.name, family="sd_v1_inpainting" if inpainting else "sd_v1", unet=unet_config,
-        autoencoder=ae_config, schedule=schedule, conditioner=ConditionerConfig(kind="clip", clip=clip),
+        name=folder.name, family=family,
+        unet=unet_config, autoencoder=ae_config, schedule=schedule,
+        conditioner=ConditionerConfig(kind="clip", clip=clip),
         conditioning="hybrid" if inpainting else "crossattn", concat_input="inpaint" if inpainting else "none",
-        scale_factor=scale, default_size=512,
+        scale_factor=scale, default_size=default_size_from_diffusers(unet_json, ae_config),
     )
     tokenizer_dir = tokenizer_dir or (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     model = _build(config, tokenizer_dir)
@@ -529,13 +621,15 @@ def load_model(
     *,
     tokenizer_dir: str | Path | None = None,
     use_ema: bool = False,
+    prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: str | Path | None = None,
 ) -> LatentDiffusion:
     """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder. A CompVis
     zoo checkpoint (`DIR/model.ckpt` with `DIR/config.yaml`, or any file with `config`) is described by its
-    config.yaml (models/compvis/)."""
+    config.yaml (models/compvis/). `prediction_type`: what the UNet predicts, for files that do not say (SD 2);
+    checked against any config."""
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     path = Path(source)
     from models.compvis.load import config_beside, load_zoo_checkpoint  # it builds on this module
@@ -549,13 +643,16 @@ def load_model(
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
             if use_ema:
                 raise CheckpointError(f"{path}: a diffusers folder holds one set of UNet weights, no EMA copy")
-            return load_diffusers_folder(path, tokenizer_dir=tok, device=device, dtype=dtype)
+            return load_diffusers_folder(path, tokenizer_dir=tok, prediction_type=prediction_type,
+                                         device=device, dtype=dtype)
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) != 1:
             raise CheckpointError(f"{path}: expected one .safetensors file or a diffusers folder, found {len(weights)}")
-        return load_single_file(weights[0], tokenizer_dir=tok, use_ema=use_ema, device=device, dtype=dtype)
+        return load_single_file(weights[0], tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
+                                device=device, dtype=dtype)
     if path.is_file():
-        return load_single_file(path, tokenizer_dir=tok, use_ema=use_ema, device=device, dtype=dtype)
+        return load_single_file(path, tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
+                                device=device, dtype=dtype)
     shipped = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
     raise CheckpointError(f"{source}: no such file or folder, and not a shipped model (shipped: {shipped})")
 

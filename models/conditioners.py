@@ -88,7 +88,8 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
     if config.kind == "clip":
         tokenizer = None
         if tokenizer_dir is not None:
-            tokenizer = CLIPTokenizer.from_dir(tokenizer_dir, max_length=config.clip.max_positions)
+            tokenizer = CLIPTokenizer.from_dir(tokenizer_dir, max_length=config.clip.max_positions,
+                                               pad_token=config.clip.pad_token)
         return CLIPTextConditioner(config.clip, tokenizer)
     if config.kind == "transformer":
         wordpiece = None

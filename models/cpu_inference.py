@@ -26,6 +26,7 @@ class PackedConv2d(nn.Module):
         self.padding = list(conv.padding)
         self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
         example = [2, conv.in_channels, 16, 16]  # the blocked layout does not depend on the input size
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups, example

@@ -14,6 +14,7 @@ from typing import Any
 
 from models.autoencoder import AutoencoderConfig
 from models.diffusion import ScheduleConfig
+from models.text.clip import CLIPTextConfig
 from models.unet import UNetConfig
 
 _RESNET_RENAMES = (
@@ -32,19 +33,108 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class UnsupportedConfigError(ValueError):
+    """A diffusers / transformers config field whose value changes the math in a way we do not implement."""
+
+
+def _unsupported(what: str, cfg: dict[str, Any], field: str, allowed: str) -> UnsupportedConfigError:
+    return UnsupportedConfigError(
+        f"{what} config field {field}={cfg[field]!r} is not supported (supported: {allowed})"
+    )
+
+
+def _require(what: str, cfg: dict[str, Any], required: dict[str, tuple[Any, ...]]) -> None:
+    """Every field of `required` that the config holds must take one of the listed values (absent = the
+    diffusers default, which is always the first one listed)."""
+    for field, allowed in required.items():
+        if field in cfg and cfg[field] not in allowed:
+            raise _unsupported(what, cfg, field, " or ".join(repr(a) for a in allowed))
+
+
+def _refuse_unknown(what: str, cfg: dict[str, Any], known: set[str]) -> None:
+    """A field we have never seen may change the math: refuse it by name rather than guess."""
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
+    if unknown:
+        raise UnsupportedConfigError(f"{what} config has fields this loader does not know: {unknown}")
+
+
+#: UNet2DConditionModel fields whose only supported values are these (SD 1.x / 2.x); an SDXL UNet fails
+#: here by name (addition_embed_type 'text_time'), not on 336 unexpected keys.
+_UNET_REQUIRED: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
+    "downsample_padding": (1,), "mid_block_scale_factor": (1, 1.0), "act_fn": ("silu",),
+    "norm_eps": (1e-5,), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,), "class_embed_type": (None,),
+    "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0), "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,), "addition_embed_type_num_heads": (64,),
+}
+#: read into UNetConfig (or the model's default size); `upcast_attention` is read and needs nothing: it
+#: only affects diffusers' non-SDPA attention in fp16, and every attention here is SDPA, which
+#: accumulates the softmax in fp32 (diffusers' default AttnProcessor2_0 ignores the flag the same way)
+_UNET_READ = {
+    "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "dropout", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+    "attention_head_dim", "num_attention_heads", "use_linear_projection", "num_class_embeds", "upcast_attention",
+}
+
+
+def _per_level(what: str, cfg: dict[str, Any], field: str, value: Any, levels: int) -> list[Any]:
+    values = list(value) if isinstance(value, list | tuple) else [value] * levels
+    if len(values) != levels:
+        raise UnsupportedConfigError(f"{what} config field {field} has {len(values)} entries for {levels} levels")
+    return values
+
+
+def _unet_heads(cfg: dict[str, Any], channels: list[int]) -> tuple[int, int]:
+    """(num_heads, num_head_channels) of UNetConfig from diffusers' per-level head counts.
+
+    diffusers' `attention_head_dim` is a misnomer kept for old configs: it holds the head COUNT per level
+    (`num_attention_heads` overrides it when set), and each level's head width is its channels / count; the
+    mid block uses the last level's. The original code has one rule for all levels, a head count (SD 1:
+    8 heads everywhere) or a head width (SD 2: 64-channel heads, i.e. 5, 10, 20, 20 heads); a list that
+    fits neither is refused rather than run with the first level's count everywhere."""
+    field = "num_attention_heads" if cfg.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = [int(h) for h in _per_level("UNet", cfg, field, cfg.get(field, 8), len(channels))]
+    if len(set(heads)) == 1:
+        return heads[0], -1
+    widths = {c // h for c, h in zip(channels, heads, strict=True) if c % h == 0}
+    if len(widths) == 1 and all(c % h == 0 for c, h in zip(channels, heads, strict=True)):
+        return -1, widths.pop()
+    raise UnsupportedConfigError(
+        f"UNet config field {field}={cfg[field]!r}: per-level head counts for block_out_channels {channels} "
+        "that are neither one count for every level nor one head width for every level"
+    )
+
+
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
-    """UNet2DConditionModel's config.json -> UNetConfig (SD v1-style UNets)."""
-    channels = list(cfg["block_out_channels"])
+    """UNet2DConditionModel's config.json -> UNetConfig (SD 1.x and 2.x UNets); any field that would
+    change the math in a way UNetConfig cannot say is refused by name."""
+    _refuse_unknown("UNet", cfg, set(_UNET_REQUIRED) | _UNET_READ)
+    if isinstance(cfg.get("only_cross_attention"), list):  # per level; any True is refused below
+        cfg = {**cfg, "only_cross_attention": any(cfg["only_cross_attention"])}
+    _require("UNet", cfg, _UNET_REQUIRED)
+    channels = [int(c) for c in cfg["block_out_channels"]]
     base = channels[0]
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    known_down, known_up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+    if any(d not in known_down for d in down) or any(u not in known_up for u in up):
+        raise UnsupportedConfigError(f"UNet block types {down} / {up}: supported are {known_down} / {known_up}")
+    if [d.startswith("CrossAttn") for d in down] != [u.startswith("CrossAttn") for u in reversed(up)]:
+        raise UnsupportedConfigError(f"UNet up_block_types {up} do not mirror down_block_types {down}")
     # highest ds first, the order of the original configs ([4, 2, 1]) and of shape inference
-    attention = tuple(2**i for i, kind in reversed(list(enumerate(cfg["down_block_types"])))
-                      if kind.startswith("CrossAttn"))
-    heads = cfg.get("attention_head_dim", 8)  # diffusers' misnomer: for SD v1 this is the head count
-    if isinstance(heads, list):
-        heads = heads[0]
-    depth = cfg.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        depth = depth[0]
+    attention = tuple(2**i for i, kind in reversed(list(enumerate(down))) if kind.startswith("CrossAttn"))
+    heads, head_channels = _unet_heads(cfg, channels)
+    depths = set(_per_level("UNet", cfg, "transformer_layers_per_block", cfg.get("transformer_layers_per_block", 1),
+                            len(channels)))
+    if len(depths) != 1:
+        raise _unsupported("UNet", cfg, "transformer_layers_per_block", "one depth for every level")
     return UNetConfig(
         in_channels=cfg["in_channels"],
         out_channels=cfg["out_channels"],
@@ -52,16 +142,34 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         channel_mult=tuple(c // base for c in channels),
         num_res_blocks=cfg["layers_per_block"],
         attention_resolutions=attention,
-        num_heads=int(heads),
-        transformer_depth=int(depth),
+        num_heads=heads,
+        num_head_channels=head_channels,
+        transformer_depth=int(depths.pop()),
         context_dim=cfg.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         num_classes=cfg.get("num_class_embeds"),
+        dropout=float(cfg.get("dropout", 0.0)),
+        norm_groups=int(cfg.get("norm_num_groups", 32)),
     )
+
+
+_VAE_REQUIRED: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",), "norm_num_groups": (32,), "shift_factor": (None, 0, 0.0), "latents_mean": (None,),
+    "latents_std": (None,), "use_quant_conv": (True,), "use_post_quant_conv": (True,),
+    "mid_block_add_attention": (True,),
+}
+#: `force_upcast` (run the VAE in fp32 under an fp16 pipeline) and `sample_size` are read and change nothing
+_VAE_READ = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+             "layers_per_block", "latent_channels", "sample_size", "scaling_factor", "force_upcast"}
 
 
 def autoencoder_config_from_diffusers(cfg: dict[str, Any]) -> tuple[AutoencoderConfig, float]:
     """AutoencoderKL's config.json -> (AutoencoderConfig, scaling factor)."""
+    _refuse_unknown("VAE", cfg, set(_VAE_REQUIRED) | _VAE_READ)
+    _require("VAE", cfg, _VAE_REQUIRED)
+    blocks = [*cfg.get("down_block_types", ()), *cfg.get("up_block_types", ())]
+    if any(b not in ("DownEncoderBlock2D", "UpDecoderBlock2D") for b in blocks):
+        raise UnsupportedConfigError(f"VAE block types {blocks}: supported are DownEncoderBlock2D / UpDecoderBlock2D")
     channels = list(cfg["block_out_channels"])
     base = channels[0]
     config = AutoencoderConfig(
@@ -77,18 +185,82 @@ def autoencoder_config_from_diffusers(cfg: dict[str, Any]) -> tuple[AutoencoderC
     return config, float(cfg.get("scaling_factor", 0.18215))
 
 
+#: scheduler fields that describe the model's training (read) ...
+_SCHEDULE_READ = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                  "timestep_spacing", "steps_offset"}
+#: ... that would change it in ways we do not implement, or change the folder's default sampler in ways
+#: ours never do (these must keep the value SD's configs have) ...
+_SCHEDULE_REQUIRED: dict[str, tuple[Any, ...]] = {
+    "trained_betas": (None,), "rescale_betas_zero_snr": (False,), "thresholding": (False,),
+    "clip_sample": (False,), "set_alpha_to_one": (False,), "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,), "algorithm_type": ("dpmsolver++",),
+}
+#: ... and the folder's default-sampler settings, which a request's sampler choice replaces
+_SCHEDULER_CHOICES = {
+    "skip_prk_steps", "solver_order", "solver_type", "lower_order_final", "euler_at_final",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "final_sigmas_type",
+    "lambda_min_clipped", "variance_type", "dynamic_thresholding_ratio", "sample_max_value",
+    "clip_sample_range", "flow_shift", "time_shift_type", "interpolation_type", "timestep_type", "sigma_min",
+    "sigma_max",
+}
+
+
 def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
-    """scheduler_config.json -> ScheduleConfig (the model's own training schedule)."""
-    spacing = cfg.get("timestep_spacing", "leading")
+    """scheduler_config.json -> ScheduleConfig (the model's own training schedule).
+
+    Zero-terminal-SNR schedules (`rescale_betas_zero_snr`) are refused: at alpha-bar 0 the last level has
+    no signal, and our samplers, which walk epsilon, would divide by sqrt(alpha-bar) = 0 there."""
+    _refuse_unknown("scheduler", cfg, _SCHEDULE_READ | set(_SCHEDULE_REQUIRED) | _SCHEDULER_CHOICES)
+    _require("scheduler", cfg, _SCHEDULE_REQUIRED)
+    schedules = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+    if cfg.get("beta_schedule") not in schedules:
+        raise _unsupported("scheduler", cfg, "beta_schedule", ", ".join(schedules))
+    if cfg.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise _unsupported("scheduler", cfg, "prediction_type", "'epsilon' or 'v_prediction'")
+    if cfg.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
+        raise _unsupported("scheduler", cfg, "timestep_spacing", "'leading', 'trailing' or 'linspace'")
     return ScheduleConfig(
-        beta_schedule="cosine" if cfg.get("beta_schedule") == "squaredcos_cap_v2" else cfg["beta_schedule"],
+        beta_schedule=schedules[cfg["beta_schedule"]],  # type: ignore[arg-type]
         beta_start=float(cfg.get("beta_start", 0.00085)),
         beta_end=float(cfg.get("beta_end", 0.012)),
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         prediction_type=cfg.get("prediction_type", "epsilon"),
-        steps_offset=int(cfg.get("steps_offset", 1)),
-        timestep_spacing=spacing,
+        steps_offset=int(cfg.get("steps_offset", 0)),
+        timestep_spacing=cfg.get("timestep_spacing", "leading"),
     )
+
+
+#: transformers CLIPTextConfig fields that change the text encoder's math (read), and the model types
+_CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def clip_config_from_transformers(cfg: dict[str, Any]) -> CLIPTextConfig:
+    """A text_encoder/config.json (transformers CLIPTextModel) -> CLIPTextConfig.
+
+    SD 1 uses OpenAI's CLIP ViT-L (quick_gelu); SD 2 uses OpenCLIP ViT-H (exact gelu), already cut to its
+    penultimate layer in diffusers folders (23 of 24 layers, whose last hidden state after the final
+    LayerNorm is SD 2's context). A projection model (SDXL's second encoder) is refused by name."""
+    architectures = cfg.get("architectures") or ["CLIPTextModel"]
+    if architectures != ["CLIPTextModel"] or cfg.get("model_type", "clip_text_model") != "clip_text_model":
+        raise UnsupportedConfigError(
+            f"text encoder architectures={architectures!r}, model_type={cfg.get('model_type')!r}: only "
+            "CLIPTextModel (clip_text_model) is supported"
+        )
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in _CLIP_ACTIVATIONS:
+        raise _unsupported("text encoder", cfg, "hidden_act", " or ".join(_CLIP_ACTIVATIONS))
+    return CLIPTextConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+        max_positions=cfg["max_position_embeddings"], layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        hidden_act=act,
+    )
+
+
+def default_size_from_diffusers(unet_cfg: dict[str, Any], autoencoder: AutoencoderConfig) -> int:
+    """The image size a UNet was trained at: sample_size latents x the VAE factor (SD 2 768-v: 96 x 8)."""
+    sample = unet_cfg.get("sample_size")
+    return int(sample) * autoencoder.downsample_factor if isinstance(sample, int) else 512
 
 
 def _resnet(rest: str) -> str:

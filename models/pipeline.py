@@ -37,6 +37,7 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.guidance import Conditioning, guided_eps
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
+from models.lora import AdapterSet, adapters_applied
 from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
 from models.samplers import sample, sampling_plan
@@ -57,6 +58,8 @@ class SampleSpec:
     negative_prompt: str = ""
     seed: int = 0
     guidance_scale: float = 7.5
+    #: LoRA adapters and their weights (models/lora.py), applied to this item only
+    adapters: AdapterSet = ()
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,16 @@ class Pipeline:
         `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
         `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask;
         `conditions` (conditional, unconditional) replaces the prompts' encoding (class, layout, semantic).
+        Each item's LoRA adapters act on its own text encoding and UNet rows only.
         """
+        with adapters_applied(self.model, [s.adapters for s in specs]):
+            return self._sample_latents(specs, settings, size, init=init, concat=concat, blend_mask=blend_mask,
+                                        conditions=conditions, progress=progress)
+
+    def _sample_latents(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
+                        init: torch.Tensor | None, concat: torch.Tensor | None, blend_mask: torch.Tensor | None,
+                        conditions: tuple[Conditioning, Conditioning] | None,
+                        progress: Progress | None) -> tuple[torch.Tensor, list[str]]:
         if not specs:
             raise ValueError("a batch needs at least one item")
         if not 1 <= settings.steps <= MAX_STEPS:

@@ -177,6 +177,18 @@ class PickledFile(TensorFile):
         return converted(self._tensors.pop(key), dtype)
 
 
+class InMemoryFile(TensorFile):
+    """Tensors already in memory behind the file interface (converted from another layout, or a pickle read
+    whole); `read` releases each tensor it returns."""
+
+    def __init__(self, path: Path, tensors: StateDict) -> None:
+        self._tensors = tensors
+        super().__init__(path, {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}, {})
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return converted(self._tensors.pop(key), dtype)
+
+
 def open_tensor_file(path: Path) -> TensorFile:
     """A weights file by its suffix (`.safetensors`, else a torch pickle); a clear error for anything unreadable."""
     if not path.is_file():

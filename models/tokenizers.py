@@ -130,12 +130,14 @@ def clean_text(text: str) -> str:
 
 
 def _read_special_token(folder: Path, name: str, default: str) -> str:
-    """A special token from the folder's special_tokens_map.json when present (SD 2 pads with "!")."""
-    path = folder / "special_tokens_map.json"
-    if not path.is_file():
-        return default
-    value = json.loads(path.read_text(encoding="utf-8")).get(name, default)
-    return str(value["content"] if isinstance(value, dict) else value)
+    """A special token from the folder's special_tokens_map.json, or else its tokenizer_config.json (what
+    transformers >= 5 writes), when present (SD 2 pads with "!")."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / file
+        value = json.loads(path.read_text(encoding="utf-8")).get(name) if path.is_file() else None
+        if value is not None:
+            return str(value["content"] if isinstance(value, dict) else value)
+    return default
 
 
 class CLIPTokenizer:
@@ -168,16 +170,17 @@ class CLIPTokenizer:
         self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}
 
     @classmethod
-    def from_dir(cls, folder: str | Path, *, max_length: int = 77) -> CLIPTokenizer:
+    def from_dir(cls, folder: str | Path, *, max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
         """Read `vocab.json` + `merges.txt` (first line `#version: ...`) from `folder`, or the same
-        vocabulary and merges from a `tokenizer.json` (what transformers >= 5 writes instead)."""
+        vocabulary and merges from a `tokenizer.json` (what transformers >= 5 writes instead).
+        pad_token: the model's own, overriding the folder's (an SD 2 single file given SD 1's folder)."""
         folder = Path(folder)
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
         if missing and (folder / "tokenizer.json").is_file():
             model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
             pairs = [(a, b) for a, b in (m.split() if isinstance(m, str) else m for m in model["merges"])]
-            pad_token = _read_special_token(folder, "pad_token", EOS)
-            return cls(model["vocab"], pairs, max_length=max_length, pad_token=pad_token)
+            pad = pad_token or _read_special_token(folder, "pad_token", EOS)
+            return cls(model["vocab"], pairs, max_length=max_length, pad_token=pad)
         if missing:
             raise FileNotFoundError(
                 f"CLIP tokenizer folder {folder} lacks {', '.join(missing)}: it needs vocab.json and "
@@ -191,8 +194,8 @@ class CLIPTokenizer:
                 continue
             first, second = line.split()
             merges.append((first, second))
-        pad_token = _read_special_token(folder, "pad_token", EOS)
-        return cls(vocab, merges, max_length=max_length, pad_token=pad_token)
+        pad = pad_token or _read_special_token(folder, "pad_token", EOS)
+        return cls(vocab, merges, max_length=max_length, pad_token=pad)
 
     @property
     def vocab_size(self) -> int:

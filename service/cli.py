@@ -61,6 +61,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the UNet predicts, for files that do not say (SD 2: 512-base epsilon, 768-v "
+                   "v_prediction)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA file (kohya/A1111 or diffusers) and its weight (default 1); repeatable")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="output PNG (default out.png), or folder with --from-file (default: out/)")
     p.set_defaults(func=run_generate)
@@ -89,6 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
+        prediction_type=args.prediction_type, loras=tuple(args.lora),
     )
     if task != "txt2img":
         inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout,

@@ -7,15 +7,17 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from models.conditioning import Box, layout_to_json, parse_layout
+from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
+from models.lora import load_lora, parse_lora_arg
 from models.names import DTypeName, SamplerName, Task
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.resolve import pick_device, pick_dtype, resolve_model
@@ -45,6 +47,9 @@ class GenerateOptions:
     config: Path | None = None
     #: img2img: how much of the image to change
     strength: float = 0.75
+    prediction_type: PredictionType | None = None
+    #: LoRA files as PATH[:WEIGHT] (models/lora.py), applied to every image
+    loras: tuple[str, ...] = ()
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -63,16 +68,25 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
         )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    loras = [parse_lora_arg(arg) for arg in options.loras]
+    adapters = tuple((load_lora(path, model), weight) for path, weight in loras)
+    lora_text = {"loras": json.dumps([{"path": p, "weight": w} for p, w in loras])} if loras else {}
     written: list[Path] = []
     for i, prompt in enumerate(prompts):
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
-        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance)
+        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance, adapters)
                  for k in range(options.n)]
         with _step_bar(f"prompt {i}", options.steps) as advance:
             result = pipeline.txt2img(specs, settings, progress=advance)
-        written += _save(result, settings, options, [{**asdict(s), "task": "txt2img"} for s in specs],
+        items = [{**_spec_parameters(s), **lora_text, "task": "txt2img"} for s in specs]
+        written += _save(result, settings, options, items,
                          [_output_path(out_file, out_dir, i, k, options.n) for k in range(options.n)])
     return written
+
+
+def _spec_parameters(spec: SampleSpec) -> dict[str, object]:
+    """A sample's parameters for its PNG text (the adapters, which hold tensors, are written as `loras`)."""
+    return {k: v for k, v in asdict(replace(spec, adapters=())).items() if k != "adapters"}
 
 
 def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSettings]:
@@ -80,7 +94,7 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
     model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
-                          use_ema=options.use_ema, config=options.config)
+                          use_ema=options.use_ema, config=options.config, prediction_type=options.prediction_type)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)
     return model, Pipeline(model), settings
@@ -145,6 +159,8 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     loads."""
     if task == "txt2img":
         raise ValueError("generate_task is for the tasks other than txt2img; txt2img is `generate`")
+    if options.loras:
+        raise ValueError("--lora is applied to txt2img only for now, not --task " + task)
     needed = _NEEDS.get(task)
     if needed is not None and getattr(inputs, needed) is None:
         raise ValueError(f"--task {task} needs {_FLAGS[needed]}")

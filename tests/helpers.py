@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import torch
+from safetensors.torch import save_file
 
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
 from models.config import ModelConfig, builtin_config
 from models.ldm import LatentDiffusion
+from models.lora import target_names
 from models.text.clip import CLIPTextConfig
 from models.tokenizers import BOS, EOS, bytes_to_unicode
 from models.unet import UNetConfig
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from models.train.ldm_trainer import Conds, LDMTrainer
 
 M = TypeVar("M", bound=torch.nn.Module)
+#: parity with diffusers (tests/integration/test_sd*_parity.py)
+TOL = 1e-4
 
 
 CORPUS = """
@@ -94,6 +98,19 @@ def write_clip_tokenizer(folder: Path, n_merges: int = 300) -> Path:
     return folder
 
 
+
+
+def assert_close_at_unit_scale(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """Whole generations: max |difference| <= TOL / 10 once both are scaled to unit max magnitude.
+
+    A random-weight UNet is no denoiser: its x0 predictions are ~1/sqrt(abar_T) ~ 13x the noise and
+    guidance multiplies them, so the final latents reach |x| ~ 30-50 (a trained SD model stays within
+    ~4). At that scale float32 rounding alone (1.2e-7 relative per operation, over 20 UNet evaluations)
+    adds up to ~1e-4 absolute. Any real mistake (a timestep, an alpha, a guidance sign) differs by O(1).
+    """
+    scale = expected.abs().max()
+    assert scale > 0.1
+    assert ((ours - expected).abs().max() / max(1.0, float(scale))) < TOL / 10
 
 
 def randomize(model: M, seed: int = 0) -> M:
@@ -286,6 +303,38 @@ def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConf
         if not (folder / "tokenizer" / name).is_file():
             shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
     return folder
+
+
+def shared_alpha(name: str) -> bool:
+    """Layers that get one common alpha in the test files, because diffusers 0.42 (with peft 0.21 and
+    transformers 5) applies its most common alpha to them whatever the file says: it names the alphas of
+    attention projections after its legacy processors (`...attn1.processor.to_q_lora.down.weight`) and
+    those of the text encoder with a `text_model.` level transformers 5 dropped, so its alpha_pattern
+    matches none of them (PEFT warns). Every other layer (feed-forward, proj_in/out, LoCon convs, time
+    embedding) gets an alpha of its own, which diffusers and we both apply."""
+    return name.startswith("lora_te_") or "_attn1_" in name or "_attn2_" in name
+
+
+def kohya_lora(model: LatentDiffusion, path: Path, *, seed: int, rank: int = 4, unet: bool = True,
+               text: bool = True, every: int = 1) -> Path:
+    """A random kohya LoRA on every `every`-th layer (diffusers-style UNet names), alpha per module."""
+    g = torch.Generator().manual_seed(seed)
+    all_names = target_names(model)
+    unet_names = ("lora_unet_down_blocks", "lora_unet_mid_block_", "lora_unet_up_blocks")
+    names = [n for n in all_names if (unet and n.startswith(unet_names)) or (text and n.startswith("lora_te_"))]
+    sd = {}
+    for name in sorted(names)[::every]:
+        layer = model.get_submodule(all_names[name])
+        weight = layer.weight
+        out_f, in_f = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])
+        fan_in = weight[0].numel()
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / fan_in**0.5
+        sd[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, *((1, 1) if kernel else ()), generator=g) * 0.5
+        ratio = 0.75 if shared_alpha(name) else 0.5 + torch.rand((), generator=g).item()
+        sd[f"{name}.alpha"] = torch.tensor(float(rank) * ratio)
+    save_file(sd, str(path))
+    return path
 
 
 @contextlib.contextmanager

@@ -19,13 +19,12 @@ import torch
 
 from models.checkpoints import (
     CheckpointError,
-    Sources,
     StateDict,
-    Stored,
     _build,
     _finish,
     _shown,
     ema_unet_keys,
+    in_memory_sources,
     load_parts_strict,
     read_state_dict,
     split_parts,
@@ -33,7 +32,6 @@ from models.checkpoints import (
 from models.compvis.config_yaml import CompVisConfigError, load_config
 from models.config import ModelConfig
 from models.ldm import LatentDiffusion
-from models.tensor_files import TensorFile, converted
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"
@@ -103,25 +101,7 @@ def load_zoo_checkpoint(
     if config.concat_input == "masked_image":
         _drop_first_stage_copy(parts, str(path))
     model = _build(config, tokenizer_dir)
-    load_parts_strict(model, _sources(path, parts), str(path), dtype)
+    load_parts_strict(model, in_memory_sources(path, parts), str(path), dtype)
     log.info("loaded zoo model %s from %s with %s", config.name, path, config_path)
     return _finish(model, device, dtype)
 
-
-class _InMemory(TensorFile):
-    """Tensors already in memory (a zoo .ckpt is a pickle, read whole) behind the loader's file interface;
-    each tensor is released as it is read."""
-
-    def __init__(self, path: Path, tensors: StateDict) -> None:
-        self._tensors = tensors
-        super().__init__(path, {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}, {})
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return converted(self._tensors.pop(key), dtype)
-
-
-def _sources(path: Path, parts: dict[str, StateDict]) -> dict[str, Sources]:
-    flat = {f"{part}/{key}": tensor for part, tensors in parts.items() for key, tensor in tensors.items()}
-    file = _InMemory(path, flat)
-    return {part: {key: Stored(file, f"{part}/{key}", tensor.shape) for key, tensor in tensors.items()}
-            for part, tensors in parts.items()}

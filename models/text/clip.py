@@ -35,6 +35,9 @@ class CLIPTextConfig:
     max_positions: int = 77
     layer_norm_eps: float = 1e-5
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP: gelu
+    #: the padding token the encoder was trained with; None = the tokenizer folder's (SD 1: end of text;
+    #: OpenCLIP, SD 2: "!", id 0 in CLIP's vocabulary, whatever folder a single file is given)
+    pad_token: str | None = None
 
     def __post_init__(self) -> None:
         check_heads(self.hidden_size, self.num_heads, "CLIPTextConfig")

@@ -6,6 +6,7 @@ seconds), so the runs are few and each checks several things.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.checkpoints import save_model
+from models.checkpoints import load_model, save_model
 from models.tokenizers import CLIPTokenizer
-from tests.helpers import random_model, torch_threads, toy_sd_config, write_clip_tokenizer
+from tests.helpers import kohya_lora, random_model, torch_threads, toy_sd_config, write_clip_tokenizer
 
 
 def ldm_command() -> list[str]:
@@ -52,7 +53,8 @@ def test_help(tmp_path: Path) -> None:
     assert top.returncode == 0 and "generate" in top.stdout
     sub = run_ldm("generate", "--help", cwd=tmp_path)
     assert sub.returncode == 0
-    for flag in ("--from-file", "--model", "--tokenizer", "--sampler", "--negative-prompt", "--dtype"):
+    for flag in ("--from-file", "--model", "--tokenizer", "--sampler", "--negative-prompt", "--dtype", "--lora",
+                 "--prediction-type"):
         assert flag in sub.stdout
 
 
@@ -69,6 +71,21 @@ def test_generate_one_png_with_its_parameters(toy: tuple[Path, Path], tmp_path: 
                                  "width", "height", "model")} == {
         "prompt": "a red cat", "negative_prompt": "blurry", "seed": "5", "steps": "2", "sampler": "ddim",
         "guidance_scale": "3.5", "width": "32", "height": "32", "model": str(model)}
+
+
+def test_lora_flags_change_the_image_and_are_recorded(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    model, tokenizer_dir = toy
+    with torch_threads(1):
+        lora = kohya_lora(load_model(model, tokenizer_dir=tokenizer_dir), tmp_path / "style.safetensors", seed=4)
+    common = ["generate", "a red cat", "--model", model, "--tokenizer", tokenizer_dir, "--steps", "2"]
+    plain = run_ldm(*common, "-o", "plain.png", cwd=tmp_path)
+    adapted = run_ldm(*common, "--lora", f"{lora}:0.8", "--lora", lora, "-o", "lora.png", cwd=tmp_path)
+    assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    assert "loras" not in png_text(tmp_path / "plain.png")
+    assert json.loads(png_text(tmp_path / "lora.png")["loras"]) == [{"path": str(lora), "weight": 0.8},
+                                                                    {"path": str(lora), "weight": 1.0}]
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "lora.png") as b:
+        assert a.tobytes() != b.tobytes()
 
 
 def test_n_two_writes_two_files_with_consecutive_seeds(toy: tuple[Path, Path], tmp_path: Path) -> None:

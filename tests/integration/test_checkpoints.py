@@ -154,9 +154,10 @@ def test_wrong_family_is_a_clear_error(toy: Toy, tmp_path: Path, kind: str) -> N
 
 
 def test_sd2_like_checkpoint_is_named_as_such(tmp_path: Path, vocab_size: int) -> None:
-    """A 1024-wide text context is Stable Diffusion 2.x, which this loader does not claim to run."""
+    """A 1024-wide text context is Stable Diffusion 2.x; with SD 1's CLIP key names instead of OpenCLIP's,
+    its text encoder's activation and output layer are unknown, so it is refused by name."""
     model = random_model(toy_sd_config(vocab_size, clip_width=1024), seed=1)
-    with pytest.raises(CheckpointError, match=r"Stable Diffusion 2\.x checkpoint \(1024-wide context\)"):
+    with pytest.raises(CheckpointError, match=r"Stable Diffusion 2\.x checkpoint \(1024-wide context\) with SD 1's"):
         load_model(write(original_checkpoint(model), tmp_path / "sd2.safetensors"))
 
 
