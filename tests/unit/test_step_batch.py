@@ -4,7 +4,7 @@ one its solo run gives, bit for bit; a cancelled sample leaves at the next step;
 
 The denoiser is built from +, -, *, / and `where` only (IEEE-exact, so one row's result cannot depend on the other
 rows): what is tested is the scheduler's bookkeeping (states, plans, generators, rows). The same property on a
-real UNet is tests/integration/test_step_batch.py.
+real UNet is tests/integration/test_continuous_batching.py.
 """
 
 from dataclasses import replace
