@@ -103,3 +103,22 @@ def preview_png(latent: Tensor, rgb: LatentRGB, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)  # fast: previews are many and short-lived
     return buf.getvalue()
+
+
+class Previewer:
+    """One model's previews; the map is fitted on the first preview asked for (under a second for tiny-shapes on
+    the CPU), so a server that never sends a preview never pays for it."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self._rgb: LatentRGB | None = None
+
+    @property
+    def rgb(self) -> LatentRGB:
+        if self._rgb is None:
+            self._rgb = fit_latent_rgb(self.model)
+        return self._rgb
+
+    def png(self, latent: Tensor, height: int, width: int) -> bytes:
+        """A preview PNG of one latent [1, C, h, w] of an image of height x width pixels."""
+        return preview_png(latent, self.rgb, preview_size(height, width))
