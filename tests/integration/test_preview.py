@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.checkpoints import load_model
 from models.ldm import LatentDiffusion
-from models.preview import MAX_PREVIEW, fit_latent_rgb, preview_png, preview_size
+from models.preview import MAX_PREVIEW, Previewer, fit_latent_rgb, preview_png, preview_size
 from models.train.data_shapes import render, scene_at, to_model_tensor
 from tests.helpers import random_model, toy_sr_config
 
@@ -57,3 +57,13 @@ def test_previews_are_small_pngs_of_the_image_aspect(tiny: LatentDiffusion, heig
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "PNG" and image.size == (size[1], size[0]) and image.mode == "RGB"
         assert np.asarray(image).std() > 0
+
+
+def test_a_previewer_fits_once_and_makes_pngs(tiny: LatentDiffusion) -> None:
+    previewer = Previewer(tiny)
+    latent = torch.zeros(1, 3, 16, 16)
+    first = previewer.png(latent, 64, 64)
+    rgb = previewer.rgb
+    assert previewer.png(latent, 64, 64) == first and previewer.rgb is rgb
+    with Image.open(io.BytesIO(first)) as image:
+        assert image.size == (64, 64)
