@@ -42,7 +42,8 @@ from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
-from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
+from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, Started, UnsupportedTask
+from models.preview import Previewer
 from service.generate import pick_device, resolve_model
 from service.schemas import (
     CONDITION_TASKS,
@@ -177,6 +178,7 @@ class Runner:
         self.model = model
         self.name = name
         self.pipeline = Pipeline(model)
+        self.previewer = Previewer(model)
         self.on_oom = on_oom
 
     @classmethod
@@ -327,11 +329,7 @@ class Runner:
     def _run_once(self, key: BatchKey, samples: Sequence[SampleInput], indices: list[int],
                   on_step: StepCallback | None) -> list[bytes | None]:
         chosen = [samples[i] for i in indices]
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
-                 for s in chosen]
-        settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
-                               karras=key.karras, eta=key.eta,
-                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
+        specs, settings = self._specs(key, chosen)
 
         def progress(step: int, total: int) -> None:
             if on_step is not None:
@@ -345,33 +343,69 @@ class Runner:
             raise JobFailure("invalid_input", str(exc)) from exc
         for warning in result.warnings:
             log.warning("%s", warning)
-        return [self._png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
+        return [self.png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
+
+    @staticmethod
+    def _specs(key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
+                 for s in samples]
+        settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
+                               karras=key.karras, eta=key.eta,
+                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
+        return specs, settings
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
               progress: Progress) -> GenerationResult:
         """The pipeline call of `task` (the one place a test may inject a fault). Conditions are per sample: one
         class, layout or label map each (a job's `n` samples share its own)."""
+        method, conditions = self._task_call(task, samples)
+        return getattr(self.pipeline, method)(specs, settings, *conditions, progress=progress)  # type: ignore[no-any-return]
+
+    def _task_call(self, task: Task, samples: Sequence[SampleInput]) -> tuple[str, tuple[object, ...]]:
+        """The pipeline method of `task` and its per-sample conditions beside specs and settings."""
         if task == Task.txt2img:
-            return self.pipeline.txt2img(specs, settings, progress=progress)
+            return "txt2img", ()
         if task == Task.class_:
-            labels = [self._class_id(s.request) for s in samples]
-            return self.pipeline.class2img(specs, settings, labels, progress=progress)
+            return "class2img", ([self._class_id(s.request) for s in samples],)
         if task == Task.layout:
-            layouts = [self._layout(s.request) for s in samples]
-            return self.pipeline.layout2img(specs, settings, layouts, progress=progress)
+            return "layout2img", ([self._layout(s.request) for s in samples],)
         if task == Task.unconditional:
-            return self.pipeline.unconditional(specs, settings, progress=progress)
+            return "unconditional", ()
         images = [s.image for s in samples if s.image is not None]
         if task == Task.semantic:
-            return self.pipeline.semantic2img(specs, settings, images, progress=progress)
+            return "semantic2img", (images,)
         if task == Task.img2img:
-            return self.pipeline.img2img(specs, settings, images, progress=progress)
+            return "img2img", (images,)
         if task == Task.inpaint:
-            masks = [s.mask for s in samples if s.mask is not None]
-            return self.pipeline.inpaint(specs, settings, images, masks, progress=progress)
-        return self.pipeline.upscale(specs, settings, images, progress=progress)
+            return "inpaint", (images, [s.mask for s in samples if s.mask is not None])
+        return "upscale", (images,)
 
-    def _png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
+    # ------------------------------------------------------------------------------------------ step by step
+
+    def start(self, key: BatchKey, samples: Sequence[SampleInput]) -> Started:
+        """The samples of one job (or any that share `key`), started for a step batch (models/step_batch.py):
+        conditions encoded and noise drawn, nothing sampled; one `StepSample` per sample (keys 0..n-1), whose
+        `finish` gives its image. Sampled in any step batch, an image is the one `run` makes (same PNG bytes).
+        Raises JobFailure as `run` does."""
+        specs, settings = self._specs(key, samples)
+        method, conditions = self._task_call(key.task, samples)
+        try:
+            started: Started = getattr(self.pipeline, f"start_{method}")(specs, settings, *conditions)
+        except UnsupportedTask as exc:
+            raise JobFailure("unsupported", str(exc)) from exc
+        except ValueError as exc:
+            raise JobFailure("invalid_input", str(exc)) from exc
+        for warning in started.warnings:
+            log.warning("%s", warning)
+        return started
+
+    def preview(self, latent: torch.Tensor, key: BatchKey) -> bytes:
+        """A small PNG of an x0 estimate [1, C, h, w] of an image of `key`'s size (models/preview.py; the map is
+        fitted on the first preview)."""
+        return self.previewer.png(latent, key.height or 0, key.width or 0)
+
+    def png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
+        """The PNG of one sample's image, its text chunks carrying the parameters that made it."""
         r = sample.request
         parameters: dict[str, object] = {"task": key.task.value, "model": self.name}
         if key.task not in CONDITION_TASKS:
