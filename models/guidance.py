@@ -26,6 +26,10 @@ class Conditioning:
     concat: torch.Tensor | None = None  # [N, C', h, w] stacked on the latent (mask + masked latent, low-res image)
     class_labels: torch.Tensor | None = None  # [N] long, the "adm" class vector
 
+    def rows(self, rows: slice) -> Conditioning:
+        """The conditioning of some items (rows of the batch)."""
+        return Conditioning(*(None if v is None else v[rows] for v in (self.context, self.concat, self.class_labels)))
+
 
 def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
     """Epsilon from the UNet, whatever it predicts; concat inputs are stacked on the latent here."""

@@ -15,6 +15,7 @@ checked by models/conditioning.py, whose `ConditionError` (a ValueError) names w
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -34,13 +35,14 @@ from models.conditioning import (
     resolve_label,
 )
 from models.cpu_inference import optimize_for_cpu_inference
-from models.guidance import Conditioning, guided_eps
+from models.guidance import Conditioning
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, adapters_applied
 from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
-from models.samplers import sample, sampling_plan
+from models.samplers import SamplingPlan, init_state, sampling_plan
+from models.step_batch import AfterStep, Denoiser, StepBatch, StepSample, guided_denoiser
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
@@ -75,6 +77,17 @@ class RunSettings:
     strength: float = 0.75  # img2img (and blended inpainting): 1.0 = start from pure noise
 
 
+@dataclass(frozen=True)
+class Started:
+    """A batch ready to sample: one `StepSample` per item (key = its index), the caller's warnings, and
+    `finish(k, latent)`, item k's image from its final latent [1, C, h, w] (decoded; inpainting pastes the
+    known pixels back). `Pipeline.run` samples it alone; a `StepBatch` may run its samples among others."""
+
+    samples: list[StepSample]
+    warnings: list[str]
+    finish: Callable[[int, torch.Tensor], Image.Image]
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -98,16 +111,78 @@ class Pipeline:
 
     def txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
                 progress: Progress | None = None) -> GenerationResult:
-        return self._generate(specs, settings, self.size(settings), progress=progress)
+        return self.run(self.start_txt2img(specs, settings), progress)
 
     def img2img(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
                 progress: Progress | None = None) -> GenerationResult:
-        """SDEdit: noise the encoded image to `strength` and denoise it with the prompt."""
-        pixels = self._pixels(images, len(specs))
-        return self._generate(specs, settings, pixels.shape[-2:], init=self._encode(pixels), progress=progress)
+        return self.run(self.start_img2img(specs, settings, images), progress)
 
     def inpaint(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
                 masks: Sequence[Image.Image], progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_inpaint(specs, settings, images, masks), progress)
+
+    def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
+                progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_upscale(specs, settings, images), progress)
+
+    def class2img(self, specs: Sequence[SampleSpec], settings: RunSettings, labels: Sequence[int | str],
+                  progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_class2img(specs, settings, labels), progress)
+
+    def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
+                   progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_layout2img(specs, settings, layouts), progress)
+
+    def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
+                     progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_semantic2img(specs, settings, maps), progress)
+
+    def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                      progress: Progress | None = None) -> GenerationResult:
+        return self.run(self.start_unconditional(specs, settings), progress)
+
+    def run(self, started: Started, progress: Progress | None = None) -> GenerationResult:
+        """Sample a started batch to its end (one `StepBatch` with no one joining) and make its images."""
+        latents = self.run_samples(started.samples, progress)
+        return GenerationResult([started.finish(k, latents[k : k + 1]) for k in range(len(latents))],
+                                started.warnings)
+
+    def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None) -> torch.Tensor:
+        """The final latents [N, C, h, w] of samples that share one plan length, stepped together."""
+        final = {s.key: s.latent for s in samples if s.state.done}  # an empty img2img plan: the input
+        batch = StepBatch(self.denoiser, max_items=len(samples), around=self.adapters_for)
+        for s in samples:
+            if not s.state.done:
+                batch.admit(s)
+        while len(batch):
+            advanced = batch.step()
+            final |= {s.key: s.latent for s in advanced if s.state.done}
+            if advanced and progress is not None:
+                progress(advanced[0].state.i, advanced[0].state.plan.steps)
+        return torch.cat([final[s.key] for s in samples])
+
+    def adapters_for(self, samples: Sequence[StepSample]) -> AbstractContextManager[None]:
+        """Each sample's LoRA adapters on its own rows for one denoiser call (what `StepBatch` wraps it in)."""
+        return adapters_applied(self.model, [s.adapters for s in samples])
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The model's guided eps over one step's rows (what a `StepBatch` of this model calls)."""
+        return guided_denoiser(self.model.unet, self.model.schedule)
+
+    # ------------------------------------------------------------------ tasks, started (not yet sampled)
+
+    def start_txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings) -> Started:
+        return self._start(specs, settings, self.size(settings))
+
+    def start_img2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                      images: Sequence[Image.Image]) -> Started:
+        """SDEdit: noise the encoded image to `strength` and denoise it with the prompt."""
+        pixels = self._pixels(images, len(specs))
+        return self._start(specs, settings, pixels.shape[-2:], init=self._encode(pixels))
+
+    def start_inpaint(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
+                      masks: Sequence[Image.Image]) -> Started:
         """Repaint the white part of each mask; pixels outside it are returned exactly.
 
         Inpainting checkpoints (9-channel UNet) get the mask and the masked image's latent as concat
@@ -124,17 +199,21 @@ class Pipeline:
         device, dtype = self.model.device, self.model.dtype
         if self.model.config.concat_input == "masked_image":
             concat = self._masked_image_concat(pixels, mask, latent_size)
-            result = self._generate(specs, settings, pixels.shape[-2:], concat=concat, progress=progress)
+            started = self._start(specs, settings, pixels.shape[-2:], concat=concat)
         elif self.model.config.concat_input == "inpaint":
             masked = self._encode(pixels * (mask < 0.5))
             concat = torch.cat([mask_latent.to(device, dtype), masked], dim=1)
-            result = self._generate(specs, settings, pixels.shape[-2:], concat=concat, progress=progress)
+            started = self._start(specs, settings, pixels.shape[-2:], concat=concat)
         else:
-            result = self._generate(specs, settings, pixels.shape[-2:], init=self._encode(pixels),
-                                    blend_mask=mask_latent.to(device, dtype), progress=progress)
-        pasted = pixels * (1 - mask) + to_tensor(result.images) * mask
-        result.images = to_pil(pasted)
-        return result
+            started = self._start(specs, settings, pixels.shape[-2:], init=self._encode(pixels),
+                                  blend_mask=mask_latent.to(device, dtype))
+        decode = started.finish
+
+        def pasted(k: int, latents: torch.Tensor) -> Image.Image:
+            m = mask[k : k + 1]
+            return to_pil(pixels[k : k + 1] * (1 - m) + to_tensor([decode(k, latents)]) * m)[0]
+
+        return replace(started, finish=pasted)
 
     def _masked_image_concat(self, pixels: torch.Tensor, mask: torch.Tensor,
                              latent_size: tuple[int, ...]) -> torch.Tensor:
@@ -150,8 +229,8 @@ class Pipeline:
         mask_pm = F.interpolate(mask * 2 - 1, size=latent_size)
         return torch.cat([encoded, mask_pm.to(device, dtype)], dim=1)
 
-    def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                progress: Progress | None = None) -> GenerationResult:
+    def start_upscale(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                      images: Sequence[Image.Image]) -> Started:
         """Super-resolution with an LDM-SR style model: the low-res image is a concat input."""
         if self.model.config.concat_input != "lowres":
             raise UnsupportedTask(f"model {self.model.config.name!r} is not a super-resolution model")
@@ -159,10 +238,10 @@ class Pipeline:
         f = self.model.config.downsample_factor
         size = (low.shape[-2] * f, low.shape[-1] * f)
         concat = low.to(self.model.device, self.model.dtype)
-        return self._generate(specs, settings, size, concat=concat, progress=progress)
+        return self._start(specs, settings, size, concat=concat)
 
-    def class2img(self, specs: Sequence[SampleSpec], settings: RunSettings, labels: Sequence[int | str],
-                  progress: Progress | None = None) -> GenerationResult:
+    def start_class2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                        labels: Sequence[int | str]) -> Started:
         """Class-conditional synthesis: one class per item, an id or a name ("red circle"); prompts are unused."""
         conditioner = self._conditioner(ClassConditioner, "class-conditional", "class2img")
         self._one_each(labels, specs, "class label")
@@ -171,11 +250,11 @@ class Pipeline:
         with torch.inference_mode():
             cond = conditioner.encode(ids).context
             uncond = conditioner.encode([conditioner.null_class] * len(ids)).context
-        return self._generate(specs, settings, self.size(settings),
-                              conditions=(self._placed(cond), self._placed(uncond)), progress=progress)
+        return self._start(specs, settings, self.size(settings),
+                           conditions=(self._placed(cond), self._placed(uncond)))
 
-    def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
-                   progress: Progress | None = None) -> GenerationResult:
+    def start_layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                         layouts: Sequence[Sequence[Box]]) -> Started:
         """Layout-to-image: one list of boxes per item (`models.conditioning.parse_layout` reads JSON)."""
         encoder = self._conditioner(LayoutEncoder, "layout-to-image", "layout2img")
         self._one_each(layouts, specs, "layout")
@@ -183,15 +262,14 @@ class Pipeline:
         with torch.inference_mode():
             cond = encoder.encode_layouts(layouts, size)
             uncond = encoder.encode_layouts([[] for _ in layouts], size)
-        return self._generate(specs, settings, size, conditions=(self._placed(*cond), self._placed(*uncond)),
-                              progress=progress)
+        return self._start(specs, settings, size, conditions=(self._placed(*cond), self._placed(*uncond)))
 
-    def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
-                     progress: Progress | None = None) -> GenerationResult:
+    def start_semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
+                           maps: Sequence[LabelMap]) -> Started:
         """Semantic synthesis: one label map per item (0 = background, 1..K = classes), all of one size, which
         is the output size (width/height in `settings`, when given, must equal it)."""
         if isinstance(self.model.conditioner, SpatialRescaler):
-            return self._rescaled_map2img(specs, settings, maps, self.model.conditioner, progress)
+            return self._rescaled_map2img(specs, settings, maps, self.model.conditioner)
         encoder = self._conditioner(SemanticEncoder, "semantic-synthesis", "semantic2img")
         self._one_each(maps, specs, "label map")
         labels = label_map_tensor(maps, encoder.n_classes)  # [N, H, W]
@@ -208,10 +286,10 @@ class Pipeline:
             cond = encoder(labels.to(self.model.device))
             uncond = encoder.null(len(specs), height, width)
         pair = (Conditioning(concat=cond), Conditioning(concat=uncond))
-        return self._generate(specs, settings, (height, width), conditions=pair, progress=progress)
+        return self._start(specs, settings, (height, width), conditions=pair)
 
     def _rescaled_map2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
-                          rescaler: SpatialRescaler, progress: Progress | None) -> GenerationResult:
+                          rescaler: SpatialRescaler) -> Started:
         """The CompVis zoo's semantic synthesis: mode-L maps (pixel = label) -> one-hot -> SpatialRescaler,
         concatenated to the latent; no guidance (the original has no null map). The map sets the size."""
         self._one_each(maps, specs, "label map")
@@ -227,30 +305,28 @@ class Pipeline:
             raise ConditionError(f"the label map sets the image size {width}x{height}, but {asked[1]}x{asked[0]} "
                                  "was asked for")
         specs = [replace(s, guidance_scale=1.0) for s in specs]
-        return self._generate(specs, settings, (height, width), concat=concat, progress=progress)
+        return self._start(specs, settings, (height, width), concat=concat)
 
-    def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
-                      progress: Progress | None = None) -> GenerationResult:
+    def start_unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings) -> Started:
         """Samples of the model's own distribution, unguided (guidance scales are ignored): an unconditional
         model, or a conditional one on its null condition (null class, empty layout, unknown map, "" prompt)."""
         specs = [replace(s, prompt="", negative_prompt="", guidance_scale=1.0) for s in specs]
         conditioner, size = self.model.conditioner, self.size(settings)
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid", "concat"):
-            return self._generate(specs, settings, size, progress=progress)
+            return self._start(specs, settings, size)
         if isinstance(conditioner, ClassConditioner):
             with torch.inference_mode():
                 null = conditioner.encode([conditioner.null_class] * len(specs)).context
-            return self._generate(specs, settings, size, conditions=(self._placed(null),) * 2, progress=progress)
+            return self._start(specs, settings, size, conditions=(self._placed(null),) * 2)
         if isinstance(conditioner, LayoutEncoder):
             with torch.inference_mode():
                 empty = conditioner.encode_layouts([[] for _ in specs], size)
-            return self._generate(specs, settings, size, conditions=(self._placed(*empty),) * 2,
-                                  progress=progress)
+            return self._start(specs, settings, size, conditions=(self._placed(*empty),) * 2)
         if isinstance(conditioner, SemanticEncoder):
             with torch.inference_mode():
                 plain = Conditioning(concat=conditioner.null(len(specs), *size))
-            return self._generate(specs, settings, size, conditions=(plain, plain), progress=progress)
-        return self.txt2img(specs, settings, progress)
+            return self._start(specs, settings, size, conditions=(plain, plain))
+        return self.start_txt2img(specs, settings)
 
     def _conditioner(self, cls: type[C], what: str, method: str) -> C:
         conditioner = self.model.conditioner
@@ -273,37 +349,28 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the shared core
 
-    def _generate(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
-                  init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
-                  blend_mask: torch.Tensor | None = None, conditions: tuple[Conditioning, Conditioning] | None = None,
-                  progress: Progress | None = None) -> GenerationResult:
-        latents, warnings = self.sample_latents(specs, settings, size, init=init, concat=concat,
-                                                blend_mask=blend_mask, conditions=conditions, progress=progress)
-        with torch.inference_mode():  # one item at a time: less memory (as diffusers' VAE slicing), same pixels
-            images = torch.cat([self.model.decode_latents(latents[i : i + 1]) for i in range(len(latents))])
-        return GenerationResult(to_pil(images), warnings)
-
-    @torch.inference_mode()
     def sample_latents(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
                        init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
                        blend_mask: torch.Tensor | None = None,
                        conditions: tuple[Conditioning, Conditioning] | None = None,
                        progress: Progress | None = None) -> tuple[torch.Tensor, list[str]]:
-        """The sampling loop of every task: final latents [N, C, h, w] and the caller's warnings.
+        """Final latents [N, C, h, w] of a batch and the caller's warnings (arguments as `_start`'s)."""
+        started = self._start(specs, settings, size, init=init, concat=concat, blend_mask=blend_mask,
+                              conditions=conditions)
+        return self.run_samples(started.samples, progress), started.warnings
+
+    @torch.inference_mode()
+    def _start(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
+               init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+               blend_mask: torch.Tensor | None = None,
+               conditions: tuple[Conditioning, Conditioning] | None = None) -> Started:
+        """What every task's sampling starts from: one `StepSample` per item (key = its index).
 
         `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
         `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask;
         `conditions` (conditional, unconditional) replaces the prompts' encoding (class, layout, semantic).
-        Each item's LoRA adapters act on its own text encoding and UNet rows only.
+        Each item's LoRA adapters act on its own text encoding and UNet rows only (`StepSample.adapters`).
         """
-        with adapters_applied(self.model, [s.adapters for s in specs]):
-            return self._sample_latents(specs, settings, size, init=init, concat=concat, blend_mask=blend_mask,
-                                        conditions=conditions, progress=progress)
-
-    def _sample_latents(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
-                        init: torch.Tensor | None, concat: torch.Tensor | None, blend_mask: torch.Tensor | None,
-                        conditions: tuple[Conditioning, Conditioning] | None,
-                        progress: Progress | None) -> tuple[torch.Tensor, list[str]]:
         if not specs:
             raise ValueError("a batch needs at least one item")
         if not 1 <= settings.steps <= MAX_STEPS:
@@ -326,33 +393,36 @@ class Pipeline:
         if init is not None:
             plan = plan.from_strength(settings.strength)
         if conditions is None:
-            cond, uncond, warnings = self._conditioning(specs, concat)
+            with adapters_applied(self.model, [s.adapters for s in specs]):
+                cond, uncond, warnings = self._conditioning(specs, concat)
         else:
             (cond, uncond), warnings = conditions, []
-        if len(plan.timesteps) == 0:  # strength so small that no step runs: the input is the output
-            assert init is not None
-            return init, warnings
         # img2img starts from the image noised to the first kept level (diffusers' rule, strength 1.0
-        # included); blended inpainting at strength 1.0 and the concat tasks start from pure noise.
+        # included; an empty plan returns the image); blended inpainting at strength 1.0 and the concat
+        # tasks start from pure noise.
         from_image = init is not None and (blend_mask is None or settings.strength < 1.0)
-        x = plan.noise(0, init, noise) if from_image and init is not None else noise
+        x = noise
+        if from_image and init is not None:
+            x = plan.noise(0, init, noise) if plan.steps else init
         # guidance needs a prompt to steer by: without one, cond == uncond and doubling the batch is waste
         text = model.conditioner is not None and config.conditioning in ("crossattn", "hybrid")
         guided = text or conditions is not None
-        scales = torch.tensor([s.guidance_scale if guided else 1.0 for s in specs], device=device)
-        eps = guided_eps(model.unet, model.schedule, cond, uncond, scales)
-        total = len(plan.timesteps)
+        samples = []
+        for k, spec in enumerate(specs):
+            one = slice(k, k + 1)
+            blend = None
+            if blend_mask is not None and init is not None:
+                blend = _blender(plan, init[one], noise[one], blend_mask[one])
+            state = init_state(plan, x[one], generators=[generators[k]], eta=settings.eta)
+            samples.append(StepSample(k, state, cond.rows(one), uncond.rows(one),
+                                      spec.guidance_scale if guided else 1.0, blend, spec.adapters))
+        return Started(samples, warnings, self._decode)
 
-        def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor | None:
-            if progress is not None:
-                progress(i + 1, total)
-            if blend_mask is None or init is None:
-                return None
-            known = init if i + 1 == total else plan.noise(i + 1, init, noise)
-            return known * (1 - blend_mask) + x_next * blend_mask
-
-        latents = sample(settings.sampler, eps, x, plan, generators=generators, eta=settings.eta, callback=on_step)
-        return latents, warnings
+    def _decode(self, k: int, latents: torch.Tensor) -> Image.Image:
+        """One item's image from its final latent [1, C, h, w] (one at a time: less memory, as diffusers'
+        VAE slicing; the same pixels)."""
+        with torch.inference_mode():
+            return to_pil(self.model.decode_latents(latents))[0]
 
     def _conditioning(self, specs: Sequence[SampleSpec],
                       concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
@@ -401,3 +471,14 @@ class Pipeline:
 
 class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
+
+
+def _blender(plan: SamplingPlan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> AfterStep:
+    """Blended inpainting's after-step hook for one item: outside the mask (1 = repaint), the image's latent
+    noised to the level just reached (the image itself after the last step)."""
+
+    def blend(i: int, x_next: torch.Tensor) -> torch.Tensor:
+        known = init if i + 1 == plan.steps else plan.noise(i + 1, init, noise)
+        return known * (1 - mask) + x_next * mask
+
+    return blend

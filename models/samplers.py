@@ -3,7 +3,9 @@
 Every sampler takes and returns **VP-space latents** x = sqrt(abar) x0 + sqrt(1 - abar) eps, walks the
 levels of a `SamplingPlan` (model timesteps [S], alpha-bar at S + 1 levels) and calls
 `eps_fn(x [N, C, H, W], t [N] float)`. Classifier-free guidance, v -> eps conversion and concat
-conditioning are wrappers around `eps_fn`, not sampler code.
+conditioning are wrappers around `eps_fn`, not sampler code. Each sampler is written once, as one step
+(`init_state`, `model_input`, `step` over a `SamplerState`), so that a scheduler can interleave runs of
+different samplers in one model call (models/step_batch.py); `sample_<name>` is the loop over its steps.
 
 Parity target: diffusers' StableDiffusionPipeline with the SD v1 scheduler config (scaled_linear
 0.00085 -> 0.012, 1000 steps, steps_offset 1, "leading" spacing, set_alpha_to_one False, clip_sample
@@ -170,20 +172,113 @@ def sampling_plan(
     )
 
 
+# ---- the step form ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerState:
+    """Where one sampler run stands between two model calls: what `step` needs to go on, nothing else.
+
+    Every sampler is unrolled into `init_state` / `model_input` / `step`, so that a scheduler can interleave
+    runs of different samplers, plans and lengths in one model call (models/step_batch.py); `sample_<name>`
+    is the loop over this form. The state holds N items that share the plan (one per generator).
+
+    x: [N, C, H, W] the sample at level `i`: the VP latent, except euler_a's VE latent x_vp sqrt(sigma_i^2 + 1)
+        (read it with `latent`).
+    i: sampler steps done (the run is over at i = plan.steps).
+    ets: plms only, the last (up to 4) eps of the Adams-Bashforth history, oldest first.
+    warmup_eps: plms only, step 0's eps while its second (improved-Euler) model call is pending.
+    x0_prev: dpmpp_2m only, the previous step's denoised estimate.
+    denoised: the latest x0 estimate [N, C, H, W] (None before the first step): what a preview shows.
+    """
+
+    plan: SamplingPlan
+    x: Tensor
+    generators: tuple[torch.Generator, ...] = ()
+    eta: float = 0.0
+    i: int = 0
+    ets: tuple[Tensor, ...] = ()
+    warmup_eps: Tensor | None = None
+    x0_prev: Tensor | None = None
+    denoised: Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.plan.steps
+
+
+def init_state(
+    plan: SamplingPlan, x: Tensor, *, generators: Sequence[torch.Generator] = (), eta: float = 0.0
+) -> SamplerState:
+    """The state before step 0, from x [N, C, H, W], the VP latent at plan level 0. `generators`: one per
+    item, needed by the ancestral samplers (ddpm, euler_a, ddim with eta > 0) and checked whenever given."""
+    if eta != 0.0 and plan.name != "ddim":
+        raise ValueError(f"eta applies to ddim only, got eta={eta} for {plan.name!r}")
+    if generators or plan.name in ("ddpm", "euler_a") or eta > 0:
+        _check_generators(generators, x)
+    if plan.name == "euler_a" and plan.steps > 0:
+        x = x * _ve_scale(plan)[0]
+    return SamplerState(plan=plan, x=x, generators=tuple(generators), eta=eta)
+
+
+def model_input(state: SamplerState) -> tuple[Tensor, Tensor]:
+    """(x [N, C, H, W] VP latent, t [N] float32) of the model call the next `step` needs."""
+    plan, i = state.plan, state.i
+    if state.done:
+        raise ValueError(f"the run is over: all {plan.steps} steps are done")
+    if state.warmup_eps is not None:  # plms step 0, second call: at the next level, from the DDIM guess
+        guess = _pndm_transfer(state.x, plan.abar[0], plan.abar[1], state.warmup_eps)
+        return guess, _timestep(plan, 1, state.x)
+    if plan.name == "euler_a":
+        return state.x / _ve_scale(plan)[i], _timestep(plan, i, state.x)
+    return state.x, _timestep(plan, i, state.x)
+
+
+def step(state: SamplerState, eps: Tensor) -> SamplerState:
+    """Advance by one model call, given eps [N, C, H, W] at `model_input(state)`. Every call completes a
+    sampler step (i + 1) except plms' first call of a run longer than one step."""
+    if state.done:
+        raise ValueError(f"the run is over: all {state.plan.steps} steps are done")
+    return _STEPS[state.plan.name](state, eps)
+
+
+def latent(state: SamplerState) -> Tensor:
+    """The VP latent at the state's level [N, C, H, W]: after the last step, the sampler's output."""
+    if state.plan.name == "euler_a" and state.plan.steps > 0:
+        return state.x / _ve_scale(state.plan)[state.i]
+    return state.x
+
+
+def with_latent(state: SamplerState, x: Tensor) -> SamplerState:
+    """The state with its sample replaced by the VP latent x (inpainting's blend between steps)."""
+    if state.plan.name == "euler_a" and state.plan.steps > 0:
+        x = x * _ve_scale(state.plan)[state.i]
+    return replace(state, x=x)
+
+
+def run_steps(eps_fn: EpsFn, state: SamplerState, callback: StepCallback | None = None) -> Tensor:
+    """Run a state to the end (what every `sample_<name>` is): the final VP latent. The callback sees the
+    VP latent after every step; a tensor it returns replaces it."""
+    while not state.done:
+        i = state.i
+        state = step(state, eps_fn(*model_input(state)))
+        if callback is not None and state.i > i:
+            out = callback(i, latent(state))
+            state = state if out is None else with_latent(state, out)
+    return latent(state)
+
+
+def _ve_scale(plan: SamplingPlan) -> Tensor:
+    """[S + 1] VP -> VE factors sqrt(sigma^2 + 1) (euler_a works in VE space)."""
+    return (plan.sigmas**2 + 1) ** 0.5
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 
 
 def _timestep(plan: SamplingPlan, i: int, x: Tensor) -> Tensor:
     """Model timestep of step i for every item: [N] float32 on x's device."""
     return plan.timesteps[i].repeat(x.shape[0]).to(x.device)
-
-
-def _after_step(callback: StepCallback | None, i: int, x: Tensor) -> Tensor:
-    """Run the step callback; a tensor it returns replaces x (inpainting blends the known region here)."""
-    if callback is None:
-        return x
-    out = callback(i, x)
-    return x if out is None else out
 
 
 def _check_generators(generators: Sequence[torch.Generator], x: Tensor) -> None:
@@ -197,59 +292,36 @@ def _noise_like(x: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     return randn_per_item(x.shape, generators, device=x.device, dtype=x.dtype)
 
 
-# ---- samplers -----------------------------------------------------------------------------------------
+# ---- sampler steps ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_ddpm(
-    eps_fn: EpsFn,
-    x: Tensor,
-    plan: SamplingPlan,
-    *,
-    generators: Sequence[torch.Generator],
-    callback: StepCallback | None = None,
-) -> Tensor:
+def _step_ddpm(state: SamplerState, eps: Tensor) -> SamplerState:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) between the plan's levels, with the posterior variance
     beta-tilde (diffusers' DDPMScheduler, variance_type "fixed_small"); noise wherever the timestep > 0."""
-    _check_generators(generators, x)
-    for i in range(plan.steps):
-        a_t, a_prev = plan.abar[i], plan.abar[i + 1]
-        eps = eps_fn(x, _timestep(plan, i, x))
-        beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
-        alpha_t = a_t / a_prev  # the step's effective alpha and beta when levels are skipped
-        beta_t = 1 - alpha_t
-        x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
-        x_prev = (a_prev**0.5 * beta_t) / beta_prod_t * x0 + alpha_t**0.5 * beta_prod_prev / beta_prod_t * x
-        if plan.timesteps[i] > 0:
-            variance = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
-            x_prev = x_prev + variance**0.5 * _noise_like(eps, generators)
-        x = _after_step(callback, i, x_prev)
-    return x
+    plan, i, x = state.plan, state.i, state.x
+    a_t, a_prev = plan.abar[i], plan.abar[i + 1]
+    beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
+    alpha_t = a_t / a_prev  # the step's effective alpha and beta when levels are skipped
+    beta_t = 1 - alpha_t
+    x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
+    x_prev = (a_prev**0.5 * beta_t) / beta_prod_t * x0 + alpha_t**0.5 * beta_prod_prev / beta_prod_t * x
+    if plan.timesteps[i] > 0:
+        variance = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
+        x_prev = x_prev + variance**0.5 * _noise_like(eps, state.generators)
+    return replace(state, x=x_prev, i=i + 1, denoised=x0)
 
 
-@torch.no_grad()
-def sample_ddim(
-    eps_fn: EpsFn,
-    x: Tensor,
-    plan: SamplingPlan,
-    *,
-    generators: Sequence[torch.Generator],
-    eta: float = 0.0,
-    callback: StepCallback | None = None,
-) -> Tensor:
+def _step_ddim(state: SamplerState, eps: Tensor) -> SamplerState:
     """DDIM (Song et al. 2021, Eq. 12 with sigma from Eq. 16): deterministic at eta 0, DDPM-like at eta 1."""
-    _check_generators(generators, x)
-    for i in range(plan.steps):
-        a_t, a_prev = plan.abar[i], plan.abar[i + 1]
-        eps = eps_fn(x, _timestep(plan, i, x))
-        beta_prod_t = 1 - a_t
-        x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
-        std = eta * (((1 - a_prev) / beta_prod_t) * (1 - a_t / a_prev)) ** 0.5
-        x_prev = a_prev**0.5 * x0 + torch.clamp(1 - a_prev - std**2, min=0) ** 0.5 * eps
-        if eta > 0:
-            x_prev = x_prev + std * _noise_like(eps, generators)
-        x = _after_step(callback, i, x_prev)
-    return x
+    plan, i, x, eta = state.plan, state.i, state.x, state.eta
+    a_t, a_prev = plan.abar[i], plan.abar[i + 1]
+    beta_prod_t = 1 - a_t
+    x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
+    std = eta * (((1 - a_prev) / beta_prod_t) * (1 - a_t / a_prev)) ** 0.5
+    x_prev = a_prev**0.5 * x0 + torch.clamp(1 - a_prev - std**2, min=0) ** 0.5 * eps
+    if eta > 0:
+        x_prev = x_prev + std * _noise_like(eps, state.generators)
+    return replace(state, x=x_prev, i=i + 1, denoised=x0)
 
 
 def _pndm_transfer(x: Tensor, a_t: Tensor, a_prev: Tensor, eps: Tensor) -> Tensor:
@@ -260,7 +332,7 @@ def _pndm_transfer(x: Tensor, a_t: Tensor, a_prev: Tensor, eps: Tensor) -> Tenso
     return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
 
-def _adams_bashforth(ets: list[Tensor]) -> Tensor:
+def _adams_bashforth(ets: Sequence[Tensor]) -> Tensor:
     """Linear multistep combination of the last 1-4 eps (newest last), orders 1-4."""
     if len(ets) == 1:
         return ets[-1]
@@ -271,82 +343,107 @@ def _adams_bashforth(ets: list[Tensor]) -> Tensor:
     return (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
 
 
+def _step_plms(state: SamplerState, eps: Tensor) -> SamplerState:
+    """PLMS (Liu et al. 2022) as diffusers' PNDMScheduler(skip_prk_steps=True): step 0 is a pseudo
+    improved-Euler step (a second call at the next level, eps averaged; that eps is not stored), then
+    Adams-Bashforth of order 2, 3, 4 on the stored eps."""
+    plan, i, x = state.plan, state.i, state.x
+    a_t, a_prev = plan.abar[i], plan.abar[i + 1]
+    if state.warmup_eps is not None:  # step 0's second call: eps is at the next level
+        mean = (eps + state.warmup_eps) / 2
+        return replace(state, x=_pndm_transfer(x, a_t, a_prev, mean), i=1, warmup_eps=None)
+    ets = (*state.ets[-3:], eps)
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # for previews only
+    if i == 0 and plan.steps > 1:
+        return replace(state, ets=ets, warmup_eps=eps, denoised=x0)
+    x_prev = _pndm_transfer(x, a_t, a_prev, _adams_bashforth(ets))
+    return replace(state, x=x_prev, i=i + 1, ets=ets, denoised=x0)
+
+
+def _step_dpmpp_2m(state: SamplerState, eps: Tensor) -> SamplerState:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; diffusers' DPMSolverMultistepScheduler, midpoint form):
+    multistep in x0-prediction, first order on the first step and on the last (final sigma 0, so the
+    last step returns the x0 prediction: lower_order_final / final_sigmas_type "zero"). The update runs
+    in fp32 and is cast back each step, as diffusers does."""
+    plan, i, x = state.plan, state.i, state.x
+    alpha = 1 / (plan.sigmas**2 + 1) ** 0.5  # [S + 1] VP alpha_t and sigma_t from the VE sigmas
+    sigma = plan.sigmas * alpha
+    lam = torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at the final level
+    x0 = (x - sigma[i] * eps) / alpha[i]
+    h = lam[i + 1] - lam[i]
+    decay = alpha[i + 1] * (torch.exp(-h) - 1.0)
+    x_next = (sigma[i + 1] / sigma[i]) * x.float() - decay * x0
+    if state.x0_prev is not None and i < plan.steps - 1:  # second order: midpoint correction D1
+        d1 = (1.0 / ((lam[i] - lam[i - 1]) / h)) * (x0 - state.x0_prev)
+        x_next = x_next - 0.5 * decay * d1
+    return replace(state, x=x_next.to(eps.dtype), i=i + 1, x0_prev=x0, denoised=x0)
+
+
+def _step_euler_ancestral(state: SamplerState, eps: Tensor) -> SamplerState:
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`; diffusers' EulerAncestralDiscreteScheduler):
+    an Euler step of the probability-flow ODE down to sigma_down, then fresh noise of size sigma_up.
+    Works in VE space x_ve = x_vp * sqrt(sigma^2 + 1) (diffusers' init_noise_sigma / scale_model_input)."""
+    s, i = state.plan.sigmas, state.i
+    x_ve = state.x.float()
+    x0 = x_ve - s[i] * eps
+    sigma_up = (s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2) ** 0.5
+    sigma_down = (s[i + 1] ** 2 - sigma_up**2) ** 0.5
+    x_ve = x_ve + (x_ve - x0) / s[i] * (sigma_down - s[i])
+    x = (x_ve + _noise_like(eps, state.generators) * sigma_up).to(eps.dtype)
+    return replace(state, x=x, i=i + 1, denoised=x0)
+
+
+_STEPS: dict[SamplerName, Callable[[SamplerState, Tensor], SamplerState]] = {
+    "ddpm": _step_ddpm, "ddim": _step_ddim, "plms": _step_plms, "dpmpp_2m": _step_dpmpp_2m,
+    "euler_a": _step_euler_ancestral,
+}
+
+
+# ---- samplers: loops over the step form ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddpm(
+    eps_fn: EpsFn, x: Tensor, plan: SamplingPlan, *, generators: Sequence[torch.Generator],
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, Alg. 2) over the plan's levels (`_step_ddpm`)."""
+    return run_steps(eps_fn, init_state(plan, x, generators=generators), callback)
+
+
+@torch.no_grad()
+def sample_ddim(
+    eps_fn: EpsFn, x: Tensor, plan: SamplingPlan, *, generators: Sequence[torch.Generator],
+    eta: float = 0.0, callback: StepCallback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021), deterministic at eta 0 (`_step_ddim`)."""
+    return run_steps(eps_fn, init_state(plan, x, generators=generators, eta=eta), callback)
+
+
 @torch.no_grad()
 def sample_plms(
     eps_fn: EpsFn, x: Tensor, plan: SamplingPlan, *, callback: StepCallback | None = None
 ) -> Tensor:
-    """PLMS (Liu et al. 2022, pseudo linear multistep) as diffusers' PNDMScheduler(skip_prk_steps=True),
-    the scheduler of diffusers' StableDiffusionPipeline: the first step is a pseudo improved-Euler step
-    (one extra model call at the next level, eps averaged), then Adams-Bashforth of order 2, 3, 4 on the
-    stored eps (the extra call's eps is not stored). S steps cost S + 1 model calls (1 when S = 1)."""
-    ets: list[Tensor] = []
-    for i in range(plan.steps):
-        a_t, a_prev = plan.abar[i], plan.abar[i + 1]
-        eps = eps_fn(x, _timestep(plan, i, x))
-        ets = [*ets[-3:], eps]
-        if i == 0 and plan.steps > 1:
-            eps_next = eps_fn(_pndm_transfer(x, a_t, a_prev, eps), _timestep(plan, 1, x))
-            eps = (eps_next + eps) / 2
-        else:
-            eps = _adams_bashforth(ets)
-        x = _after_step(callback, i, _pndm_transfer(x, a_t, a_prev, eps))
-    return x
+    """PLMS (Liu et al. 2022) as diffusers' PNDMScheduler(skip_prk_steps=True) (`_step_plms`).
+    S steps cost S + 1 model calls (1 when S = 1)."""
+    return run_steps(eps_fn, init_state(plan, x), callback)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(
     eps_fn: EpsFn, x: Tensor, plan: SamplingPlan, *, callback: StepCallback | None = None
 ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; diffusers' DPMSolverMultistepScheduler, midpoint form):
-    multistep in x0-prediction, first order on the first step and on the last (final sigma 0, so the
-    last step returns the x0 prediction: lower_order_final / final_sigmas_type "zero"). The update runs
-    in fp32 and is cast back each step, as diffusers does."""
-    alpha = 1 / (plan.sigmas**2 + 1) ** 0.5  # [S + 1] VP alpha_t and sigma_t from the VE sigmas
-    sigma = plan.sigmas * alpha
-    lam = torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at the final level
-    x0_prev: Tensor | None = None
-    for i in range(plan.steps):
-        eps = eps_fn(x, _timestep(plan, i, x))
-        x0 = (x - sigma[i] * eps) / alpha[i]
-        h = lam[i + 1] - lam[i]
-        decay = alpha[i + 1] * (torch.exp(-h) - 1.0)
-        x_next = (sigma[i + 1] / sigma[i]) * x.float() - decay * x0
-        if x0_prev is not None and i < plan.steps - 1:  # second order: midpoint correction D1
-            d1 = (1.0 / ((lam[i] - lam[i - 1]) / h)) * (x0 - x0_prev)
-            x_next = x_next - 0.5 * decay * d1
-        x0_prev = x0
-        x = _after_step(callback, i, x_next.to(eps.dtype))
-    return x
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep in x0-prediction (`_step_dpmpp_2m`)."""
+    return run_steps(eps_fn, init_state(plan, x), callback)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    eps_fn: EpsFn,
-    x: Tensor,
-    plan: SamplingPlan,
-    *,
-    generators: Sequence[torch.Generator],
+    eps_fn: EpsFn, x: Tensor, plan: SamplingPlan, *, generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Euler ancestral (k-diffusion `sample_euler_ancestral`; diffusers' EulerAncestralDiscreteScheduler):
-    an Euler step of the probability-flow ODE down to sigma_down, then fresh noise of size sigma_up.
-    Works in VE space x_ve = x_vp * sqrt(sigma^2 + 1) (diffusers' init_noise_sigma / scale_model_input)."""
-    _check_generators(generators, x)
-    s = plan.sigmas
-    scale = (s**2 + 1) ** 0.5  # [S + 1] VP -> VE factors
-    x = x * scale[0]
-    for i in range(plan.steps):
-        eps = eps_fn(x / scale[i], _timestep(plan, i, x))
-        x_ve = x.float()
-        x0 = x_ve - s[i] * eps
-        sigma_up = (s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2) ** 0.5
-        sigma_down = (s[i + 1] ** 2 - sigma_up**2) ** 0.5
-        x_ve = x_ve + (x_ve - x0) / s[i] * (sigma_down - s[i])
-        x = (x_ve + _noise_like(eps, generators) * sigma_up).to(eps.dtype)
-        if callback is not None:
-            out = callback(i, x / scale[i + 1])
-            x = x if out is None else out * scale[i + 1]
-    return x / scale[-1]
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`) in VE space (`_step_euler_ancestral`)."""
+    return run_steps(eps_fn, init_state(plan, x, generators=generators), callback)
 
 
 def sample(
@@ -365,16 +462,5 @@ def sample(
     if plan.name != name:
         raise ValueError(f"plan was made for {plan.name!r}, not {name!r}")
     _check_generators(generators, x)
-    if eta != 0.0 and name != "ddim":
-        raise ValueError(f"eta applies to ddim only, got eta={eta} for {name!r}")
-    if plan.steps == 0:
-        return x
-    if name == "ddpm":
-        return sample_ddpm(eps_fn, x, plan, generators=generators, callback=callback)
-    if name == "ddim":
-        return sample_ddim(eps_fn, x, plan, generators=generators, eta=eta, callback=callback)
-    if name == "plms":
-        return sample_plms(eps_fn, x, plan, callback=callback)
-    if name == "dpmpp_2m":
-        return sample_dpmpp_2m(eps_fn, x, plan, callback=callback)
-    return sample_euler_ancestral(eps_fn, x, plan, generators=generators, callback=callback)
+    with torch.no_grad():
+        return run_steps(eps_fn, init_state(plan, x, generators=generators, eta=eta), callback)

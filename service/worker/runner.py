@@ -39,7 +39,8 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.names import KIND_DESCRIPTIONS, DTypeName
-from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
+from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, Started, UnsupportedTask
+from models.preview import Previewer
 from models.resolve import pick_device, pick_dtype, resolve_model
 from service.images import ImageError, decode_queued_image, decode_queued_label_map
 from service.schemas import (
@@ -129,6 +130,7 @@ class Runner:
         self.model = model
         self.name = name
         self.pipeline = Pipeline(model)
+        self.previewer = Previewer(model)
         self.on_oom = on_oom
 
     @classmethod
@@ -280,11 +282,7 @@ class Runner:
     def _run_once(self, key: BatchKey, samples: Sequence[SampleInput], indices: list[int],
                   on_step: StepCallback | None) -> list[bytes | None]:
         chosen = [samples[i] for i in indices]
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
-                 for s in chosen]
-        settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
-                               karras=key.karras, eta=key.eta,
-                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
+        specs, settings = self._specs(key, chosen)
 
         def progress(step: int, total: int) -> None:
             if on_step is not None:
@@ -298,50 +296,56 @@ class Runner:
             raise JobFailure("invalid_input", str(exc)) from exc
         for warning in result.warnings:
             log.warning("%s", warning)
-        return [self._png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
+        return [self.png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
+
+    @staticmethod
+    def _specs(key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
+                 for s in samples]
+        settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
+                               karras=key.karras, eta=key.eta,
+                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
+        return specs, settings
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
               progress: Progress) -> GenerationResult:
         """The pipeline call of `task` (the one place a test may inject a fault). Conditions are per sample: one
         class, layout or label map each (a job's `n` samples share its own)."""
-        return PIPELINE_CALLS[task](self, specs, settings, samples, progress)
+        method, conditions = self._task_call(task, samples)
+        result: GenerationResult = getattr(self.pipeline, method)(specs, settings, *conditions, progress=progress)
+        return result
 
-    def _txt2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                 progress: Progress) -> GenerationResult:
-        return self.pipeline.txt2img(specs, settings, progress=progress)
+    def _task_call(self, task: Task, samples: Sequence[SampleInput]) -> tuple[str, tuple[object, ...]]:
+        """The pipeline method of `task` and its per-sample conditions beside specs and settings."""
+        method, conditions = PIPELINE_CALLS[task]
+        return method, conditions(self, samples)
 
-    def _img2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                 progress: Progress) -> GenerationResult:
-        return self.pipeline.img2img(specs, settings, _images(samples), progress=progress)
+    # ------------------------------------------------------------------------------------------ step by step
 
-    def _inpaint(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                 progress: Progress) -> GenerationResult:
-        masks = [s.mask for s in samples if s.mask is not None]
-        return self.pipeline.inpaint(specs, settings, _images(samples), masks, progress=progress)
+    def start(self, key: BatchKey, samples: Sequence[SampleInput]) -> Started:
+        """The samples of one job (or any that share `key`), started for a step batch (models/step_batch.py):
+        conditions encoded and noise drawn, nothing sampled; one `StepSample` per sample (keys 0..n-1), whose
+        `finish` gives its image. Sampled in any step batch, an image is the one `run` makes (same PNG bytes).
+        Raises JobFailure as `run` does."""
+        specs, settings = self._specs(key, samples)
+        method, conditions = self._task_call(key.task, samples)
+        try:
+            started: Started = getattr(self.pipeline, f"start_{method}")(specs, settings, *conditions)
+        except UnsupportedTask as exc:
+            raise JobFailure("unsupported", str(exc)) from exc
+        except ValueError as exc:
+            raise JobFailure("invalid_input", str(exc)) from exc
+        for warning in started.warnings:
+            log.warning("%s", warning)
+        return started
 
-    def _upscale(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                 progress: Progress) -> GenerationResult:
-        return self.pipeline.upscale(specs, settings, _images(samples), progress=progress)
+    def preview(self, latent: torch.Tensor, key: BatchKey) -> bytes:
+        """A small PNG of an x0 estimate [1, C, h, w] of an image of `key`'s size (models/preview.py; the map is
+        fitted on the first preview)."""
+        return self.previewer.png(latent, key.height or 0, key.width or 0)
 
-    def _class2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                   progress: Progress) -> GenerationResult:
-        labels = [self._class_id(s.request) for s in samples]
-        return self.pipeline.class2img(specs, settings, labels, progress=progress)
-
-    def _layout2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                    progress: Progress) -> GenerationResult:
-        layouts = [self._layout(s.request) for s in samples]
-        return self.pipeline.layout2img(specs, settings, layouts, progress=progress)
-
-    def _semantic2img(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                      progress: Progress) -> GenerationResult:
-        return self.pipeline.semantic2img(specs, settings, _images(samples), progress=progress)
-
-    def _unconditional(self, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-                       progress: Progress) -> GenerationResult:
-        return self.pipeline.unconditional(specs, settings, progress=progress)
-
-    def _png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
+    def png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
+        """The PNG of one sample's image, its text chunks carrying the parameters that made it."""
         r = sample.request
         parameters: dict[str, object] = {"task": key.task.value, "model": self.name}
         if key.task not in CONDITION_TASKS:
@@ -378,11 +382,18 @@ def _images(samples: Sequence[SampleInput]) -> list[Image.Image]:
     return [s.image for s in samples if s.image is not None]
 
 
-#: a task's pipeline call: (runner, specs, settings, samples, progress) -> the batch's images
-PipelineCall = Callable[[Runner, list[SampleSpec], RunSettings, Sequence[SampleInput], Progress], GenerationResult]
-#: every task's pipeline call (tests/unit/test_architecture.py: one per task of models.names.TASKS)
-PIPELINE_CALLS: dict[Task, PipelineCall] = {
-    Task.txt2img: Runner._txt2img, Task.img2img: Runner._img2img, Task.inpaint: Runner._inpaint,
-    Task.upscale: Runner._upscale, Task.class_: Runner._class2img, Task.layout: Runner._layout2img,
-    Task.semantic: Runner._semantic2img, Task.unconditional: Runner._unconditional,
+#: what a task takes beside specs and settings, from its samples: (runner, samples) -> the pipeline's arguments
+TaskConditions = Callable[[Runner, Sequence[SampleInput]], tuple[object, ...]]
+#: every task's pipeline method (`Pipeline.<name>`, and `Pipeline.start_<name>` for step batches) and conditions
+#: (tests/unit/test_architecture.py: one per task of models.names.TASKS)
+PIPELINE_CALLS: dict[Task, tuple[str, TaskConditions]] = {
+    Task.txt2img: ("txt2img", lambda runner, samples: ()),
+    Task.img2img: ("img2img", lambda runner, samples: (_images(samples),)),
+    Task.inpaint: ("inpaint", lambda runner, samples: (_images(samples),
+                                                       [s.mask for s in samples if s.mask is not None])),
+    Task.upscale: ("upscale", lambda runner, samples: (_images(samples),)),
+    Task.class_: ("class2img", lambda runner, samples: ([runner._class_id(s.request) for s in samples],)),
+    Task.layout: ("layout2img", lambda runner, samples: ([runner._layout(s.request) for s in samples],)),
+    Task.semantic: ("semantic2img", lambda runner, samples: (_images(samples),)),
+    Task.unconditional: ("unconditional", lambda runner, samples: ()),
 }

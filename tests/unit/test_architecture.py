@@ -6,7 +6,7 @@ Layers (README "Layout"):
   module it imports, at module level or inside a function: the front ends start fast, hold no model, and scale
   out on machines without an accelerator.
 - Among `service` modules, only those in `DEVICE_MODULES` import torch or `models`: the worker's runner (every
-  served job reaches the device through it), the offline commands (`ldm generate`, and `service.cli`, which
+  served job reaches the device through it), the offline commands (`ldm generate`, `ldm reconstruct`, `ldm convert`, and `service.cli`, which
   registers `ldm train` and `ldm eval` and imports their work when they run), and two process-level reads in the
   worker: its torch thread count and its accelerator memory gauge.
 
@@ -38,6 +38,7 @@ PACKAGES = ("models", "service")
 DEVICE_MODULES = {
     "service.worker.runner": "the worker's runner: the only code of a served job that touches the device",
     "service.generate": "`ldm generate`: an offline command that runs the model in its own process",
+    "service.zoo_commands": "`ldm reconstruct` / `ldm convert`: offline commands on a first stage or a zoo model",
     "service.cli": "the `ldm` command: registers `ldm train`/`ldm eval` (argparse and models.names only at module "
                    "level) and imports the offline commands' work when they run",
     "service.worker.process": "torch.set_num_threads for the worker process before the runner loads its model",
