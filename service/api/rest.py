@@ -9,7 +9,8 @@ Routes (one router per resource, service/api/routes/):
 - synchronous:      POST /v1/txt2img, /v1/inpaint, /v1/class2img, /v1/layout2img, /v1/semantic2img,
                     /v1/unconditional (answer image/png)
 - OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
-- GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs (schema at /openapi.json)
+- GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs and /redoc, offline (docs.py; schema at
+  /openapi.json)
 Errors and their statuses: service/api/errors.py.
 """
 
@@ -23,7 +24,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import errors
+from service.api import docs, errors
 from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
 from service.api.routes import health, jobs, models, openai, sync
 from service.auth import Authenticator, check_exposure
@@ -74,12 +75,14 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
         finally:
             await app.state.queue.aclose()
 
-    app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # docs.install serves them without CDNs
     app.state.settings = settings
     app.state.metrics = metrics or ApiMetrics()
     errors.install(app)
     for router in (jobs.router, sync.router, openai.router, models.router, health.router):
         app.include_router(router)
+    docs.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, auth=Authenticator(settings), metrics=app.state.metrics)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)
