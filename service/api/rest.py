@@ -9,6 +9,7 @@ Routes (one router per resource, service/api/routes/):
 - synchronous:      POST /v1/txt2img, /v1/inpaint, /v1/class2img, /v1/layout2img, /v1/semantic2img,
                     /v1/unconditional (answer image/png)
 - OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
+- AUTOMATIC1111-compatible: /sdapi/v1/txt2img, img2img, progress, interrupt, options, ... (routes/sdapi.py)
 - GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs and /redoc, offline (docs.py; schema at
   /openapi.json)
 Errors and their statuses: service/api/errors.py.
@@ -26,7 +27,7 @@ from fastapi import FastAPI
 
 from service.api import docs, errors
 from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
-from service.api.routes import health, jobs, models, openai, sync
+from service.api.routes import health, jobs, models, openai, sdapi, sync
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.jobs import JobQueue
@@ -51,6 +52,9 @@ DESCRIPTION = """Latent Diffusion Model image generation.
   (synchronous: `/v1/class2img`, `/v1/layout2img`, `/v1/semantic2img`, `/v1/unconditional`).
 * **OpenAI-compatible**: `POST /v1/images/generations` and `POST /v1/images/edits` work with the official
   `openai` client (`base_url="http://host:port/v1"`).
+* **AUTOMATIC1111-compatible**: `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` (with `mask`), `progress`, `interrupt`,
+  `options` (`sd_model_checkpoint`), `sd-models`, `samplers`, `png-info`, ...: A1111 clients such as `webuiapi`
+  work as they are (send the API key as `Authorization: Bearer`). Every A1111 field: docs/a1111.md.
 * **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs
   (401: no, malformed or unknown key; 403: revoked key), unless the server runs without keys. Per-key quotas
   (submission rate, jobs in flight) answer 429 with Retry-After.
@@ -80,7 +84,8 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
     app.state.settings = settings
     app.state.metrics = metrics or ApiMetrics()
     errors.install(app)
-    for router in (jobs.router, sync.router, openai.router, models.router, health.router):
+    for router in (jobs.router, sync.router, openai.router, models.router, health.router, sdapi.router,
+                   sdapi.internal):
         app.include_router(router)
     docs.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
