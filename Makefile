@@ -20,8 +20,9 @@ promtool:
 	        prometheus >/dev/null; } || echo "note: apt-get could not install prometheus (promtool)"; \
 	  else echo "note: promtool not installed (Debian package prometheus, needs root and apt-get)"; fi; }
 
-# Chromium and its WebDriver (Debian's `chromium`, `chromium-driver`) run the playground's browser tests (tests/browser).
-# Installed as root where apt-get works; elsewhere those tests skip and say why. Cheap when already there.
+# Chromium and its WebDriver (Debian's `chromium`, `chromium-driver`) run the playground's browser tests
+# (tests/integration/test_playground.py). Installed as root where apt-get works; elsewhere those tests skip and
+# say why. Cheap when already there.
 chromium:
 	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

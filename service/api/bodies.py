@@ -17,7 +17,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.schemas import MAX_SEED, GenerationRequest, Job, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, Job, LabelSet, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -244,6 +244,10 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "ldm-serve"
     workers: int = Field(description="live workers serving it")
+    tasks: list[Task] = Field(default_factory=list, description="what its live workers can do (empty: not said, or "
+                              "no live worker)")
+    labels: LabelSet | None = Field(default=None, description="the class labels it takes (class, layout and semantic "
+                                    "models)")
 
 
 class ModelList(BaseModel):

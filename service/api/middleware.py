@@ -23,8 +23,8 @@ from service.metrics import ApiMetrics
 UNMATCHED = "unmatched"  # the route label of requests no route matched (never the raw path: unbounded labels)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: paths anyone may call: probes (a Redis or key outage must not restart pods) and the API's own description
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"})
-OPEN_PREFIXES = ("/docs/",)  # the docs' own files (service/api/docs.py)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/"})
+OPEN_PREFIXES = ("/docs/", "/ui/")  # the docs' files (service/api/docs.py) and the playground's (playground.py)
 METRICS_PATH = "/metrics"  # open, or behind its own token (`metrics_token_hash`), never behind an API key
 PRINCIPAL = "ldm.principal"  # the scope key of the authenticated caller (service.auth.Principal)
 

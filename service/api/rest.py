@@ -10,6 +10,7 @@ Routes (one router per resource, service/api/routes/):
                     /v1/unconditional (answer image/png)
 - OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
 - AUTOMATIC1111-compatible: /sdapi/v1/txt2img, img2img, progress, interrupt, options, ... (routes/sdapi.py)
+- the browser playground at / (playground.py)
 - GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs and /redoc, offline (docs.py; schema at
   /openapi.json)
 Errors and their statuses: service/api/errors.py.
@@ -25,7 +26,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import docs, errors
+from service.api import docs, errors, playground
 from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
 from service.api.routes import health, jobs, models, openai, sdapi, sync
 from service.auth import Authenticator, check_exposure
@@ -88,6 +89,7 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
                    sdapi.internal):
         app.include_router(router)
     docs.install(app)
+    playground.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, auth=Authenticator(settings), metrics=app.state.metrics)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)

@@ -1,5 +1,5 @@
 """/docs and /redoc work air-gapped: their HTML names no external URL and every asset it names is served by the API
-itself, open even on a keyed server. (That the pages then render in a real browser: tests/browser.)"""
+itself, open even on a keyed server. (That they render in a real Chromium: test_playground.py.)"""
 
 from __future__ import annotations
 
