@@ -132,19 +132,25 @@ FIELDS: dict[str, Rule] = {
     "alwayson_scripts": _refused("extensions (ControlNet, ADetailer, ...) are not supported"),
     "refiner_checkpoint": _refused("refiner models are not supported", _default("", "None")),
     "refiner_switch_at": _refused("refiner models are not supported", _default(0)),
-    "enable_hr": _refused("the hires fix is not supported: ask for the final size, or img2img an upscaled image",
-                          _falsy, TXT),
-    "hr_scale": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_upscaler": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_second_pass_steps": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_resize_x": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_resize_y": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_checkpoint_name": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_sampler_name": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_scheduler": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_prompt": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_negative_prompt": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
-    "hr_additional_modules": _ignored("hires fix only (enable_hr)", lambda v: True, TXT),
+    "enable_hr": _supported("the hires fix: generate at width x height, upscale the images (on pixels), then "
+                            "img2img them at denoising_strength (default 0.7); the limits apply to the final size",
+                            TXT),
+    "hr_scale": _supported("final size = width, height x hr_scale (rounded down to the size multiple), unless "
+                           "hr_resize_x/y are given", TXT),
+    "hr_resize_x": _supported("final width (0: from hr_scale; only one of x, y: the other keeps the aspect ratio)",
+                              TXT),
+    "hr_resize_y": _supported("final height (see hr_resize_x)", TXT),
+    "hr_upscaler": _supported("\"Latent\" (and its variants), \"Lanczos\", \"None\": resized with Lanczos on pixels "
+                              "(latent upscaling is noted in info.ldm_ignored); \"Nearest\": nearest neighbour; any "
+                              "other (ESRGAN models, ...) is refused", TXT),
+    "hr_second_pass_steps": _supported("steps of the second pass; 0 = steps", TXT),
+    "hr_sampler_name": _supported("sampler of the second pass; empty = sampler_name", TXT),
+    "hr_scheduler": _supported("scheduler of the second pass; empty = scheduler", TXT),
+    "hr_prompt": _supported("prompt of the second pass; empty = prompt", TXT),
+    "hr_negative_prompt": _supported("negative prompt of the second pass; empty = negative_prompt", TXT),
+    "hr_checkpoint_name": _ignored("the second pass runs on the first pass's model",
+                                   _default("", "Use same checkpoint"), TXT),
+    "hr_additional_modules": _ignored("no additional modules", lambda v: True, TXT),
     "firstpass_image": _refused("the hires fix is not supported", _falsy, TXT),
     "latent_mask": _refused("a separate latent mask is not supported: send one mask", _falsy, IMG),
 }
@@ -186,10 +192,21 @@ class A1111Body(BaseModel):
 
 
 class Txt2ImgBody(A1111Body):
-    """POST /sdapi/v1/txt2img."""
+    """POST /sdapi/v1/txt2img; `enable_hr` adds the hires fix's second pass."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
         {"prompt": "a red circle", "steps": 20, "seed": -1, "width": 64, "height": 64, "sampler_name": "DPM++ 2M"}]})
+
+    enable_hr: bool = False
+    hr_scale: float = Field(default=2.0, gt=0, le=16, allow_inf_nan=False)
+    hr_resize_x: int = Field(default=0, ge=0)
+    hr_resize_y: int = Field(default=0, ge=0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(default=0, ge=0)
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgBody(A1111Body):
@@ -262,6 +279,53 @@ def request_fields(body: A1111Body, model: str | None) -> dict[str, Any]:
             "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0}
 
 
+HR_UPSCALERS = ("Latent", "Lanczos", "Nearest", "None")
+
+
+def _invalid(field: str, kind: str, message: str, value: Any = None) -> ValidationError:
+    return ValidationError.from_exception_data(field, [_problem(field, kind, message, value)])
+
+
+def hires_size(body: Txt2ImgBody, first: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The hires fix's final size from the first pass's: hr_resize_x/y, else x hr_scale; down to `multiple`."""
+    (w, h), x, y = first, body.hr_resize_x, body.hr_resize_y
+    if x and y:
+        size = (x, y)
+    elif x or y:
+        size = (x, round(h * x / w)) if x else (round(w * y / h), y)
+    else:
+        size = (int(w * body.hr_scale), int(h * body.hr_scale))
+    final = (size[0] // multiple * multiple, size[1] // multiple * multiple)
+    if min(final) < 1:
+        raise _invalid("hr_scale", "too_small", f"the hires size {size[0]}x{size[1]} is below one {multiple}-pixel "
+                       "step", body.hr_scale)
+    return final
+
+
+def hires_upscaler(body: Txt2ImgBody) -> tuple[Literal["lanczos", "nearest"], dict[str, str]]:
+    """How the first pass's images are resized, and a note where that is not what was asked."""
+    name = body.hr_upscaler or "Latent"
+    if name.startswith("Latent"):
+        return "lanczos", {"hr_upscaler": f"{name}: resized on pixels with Lanczos (there is no latent upscaling)"}
+    if name not in HR_UPSCALERS:
+        raise _invalid("hr_upscaler", "unknown_upscaler", f"upscaler {name!r} is not served; ldm-serve has "
+                       f"{', '.join(HR_UPSCALERS)}", name)
+    return ("nearest" if name == "Nearest" else "lanczos"), {}
+
+
+def second_pass(body: Txt2ImgBody, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The hires fix's img2img request fields (image, size and seed are added per image)."""
+    hr = body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
+                                 "sampler_index": None if body.hr_sampler_name else body.sampler_index,
+                                 "scheduler": body.hr_scheduler or body.scheduler})
+    name, karras = sampler(hr)
+    return {**fields, "task": Task.img2img, "n": 1, "sampler": name, "karras": karras,
+            "steps": body.hr_second_pass_steps or body.steps, "prompt": body.hr_prompt or body.prompt,
+            "negative_prompt": body.hr_negative_prompt or body.negative_prompt,
+            "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
+            "strength": 0.7 if body.denoising_strength is None else body.denoising_strength}
+
+
 def inpaint_strength(body: Img2ImgBody) -> tuple[float, dict[str, str]]:
     """The strength of an inpainting job from inpainting_fill, and a note where the fill is done another way."""
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
@@ -279,8 +343,9 @@ def a1111_sampler_name(request: GenerationRequest) -> str:
     return next(k for k, v in SAMPLERS.items() if v == (request.sampler, request.karras))
 
 
-def info(job: Job, notes: Mapping[str, str]) -> str:
-    """A1111's `info` (a JSON string) for a succeeded job, plus `ldm_ignored` and `ldm_job_id`."""
+def info(job: Job, notes: Mapping[str, str], **override: Any) -> str:
+    """A1111's `info` (a JSON string) for a succeeded job, plus `ldm_ignored` and `ldm_job_id`; `override`: keys
+    to set (the hires fix's final size)."""
     r = job.request
     seeds = r.seeds() if r.seed is not None else []
     text = infotext(r)
@@ -294,7 +359,7 @@ def info(job: Job, notes: Mapping[str, str]) -> str:
         "infotexts": [text.replace(f"Seed: {r.seed}", f"Seed: {s}") for s in seeds], "styles": [],
         "job_timestamp": job.created_at.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": r.task == Task.inpaint, "version": "ldm-serve",
-        "ldm_job_id": job.id, "ldm_ignored": dict(notes)})
+        "ldm_job_id": job.id, "ldm_ignored": dict(notes), **override})
 
 
 def infotext(r: GenerationRequest | Mapping[str, str]) -> str:

@@ -123,7 +123,9 @@ def test_models_samplers_and_options(a1111: Api, client: webuiapi.WebUIApi) -> N
 
 
 def test_unsupported_fields_are_refused_by_name_and_others_noted(a1111: Api, client: webuiapi.WebUIApi) -> None:
-    for fields, name in (({"restore_faces": True}, "restore_faces"), ({"enable_hr": True}, "enable_hr"),
+    for fields, name in (({"restore_faces": True}, "restore_faces"), ({"tiling": True}, "tiling"),
+                         ({"enable_hr": True, "hr_scale": 20}, "hr_scale"),
+                         ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
                          ({"no_such_field": 1}, "no_such_field"), ({"sampler_name": "Heun"}, "sampler_name"),
                          ({"scheduler": "Exponential"}, "scheduler"), ({"batch_size": 99}, "batch_size"),
                          ({"override_settings": {"sd_model_checkpoint": "nope"}}, "sd_model_checkpoint")):
@@ -132,6 +134,21 @@ def test_unsupported_fields_are_refused_by_name_and_others_noted(a1111: Api, cli
         assert [p["loc"][-1] for p in resp.json()["detail"]] == [name], resp.text
     noted = client.txt2img(prompt="x", seed=2, subseed=5, subseed_strength=0.5, **SMALL)
     assert set(noted.info["ldm_ignored"]) == {"subseed", "subseed_strength"}
+
+
+def test_the_hires_fix_upscales_then_refines_at_the_final_size(client: webuiapi.WebUIApi) -> None:
+    result = client.txt2img(prompt="a red circle", seed=4, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=3,
+                            denoising_strength=0.5, hr_upscaler=webuiapi.HiResUpscaler.Latent, batch_size=2, **SMALL)
+    assert [i.size for i in result.images] == [(96, 96), (96, 96)]
+    info = result.info
+    assert (info["width"], info["height"], info["denoising_strength"], info["all_seeds"]) == (96, 96, 0.5, [4, 5])
+    assert info["extra_generation_params"]["Hires steps"] == 3 and "hr_upscaler" in info["ldm_ignored"]
+    texts = [i.text for i in result.images]  # type: ignore[attr-defined]
+    assert [(t["task"], t["seed"], t["steps"], t["strength"]) for t in texts] == [
+        ("img2img", "4", "3", "0.5"), ("img2img", "5", "3", "0.5")]
+    sized = client.txt2img(prompt="x", seed=1, enable_hr=True, hr_resize_x=128, hr_upscaler="Nearest",
+                           width=64, height=32, steps=2)
+    assert sized.image.size == (128, 64) and sized.info["ldm_ignored"] == {}
 
 
 def test_png_info_reads_our_parameters(client: webuiapi.WebUIApi) -> None:

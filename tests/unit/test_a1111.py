@@ -63,6 +63,27 @@ def test_request_fields_multiply_batches_resolve_random_seeds_and_keep_eta_for_d
     assert a1111.request_fields(Txt2ImgBody(eta=0.5, sampler_name="DDIM", seed=3), None)["eta"] == 0.5
 
 
+@pytest.mark.parametrize(("fields", "size"), [
+    ({"hr_scale": 2}, (128, 96)), ({"hr_scale": 1.3}, (80, 56)), ({"hr_resize_x": 100}, (96, 72)),
+    ({"hr_resize_y": 72}, (96, 72)), ({"hr_resize_x": 40, "hr_resize_y": 200}, (40, 200))])
+def test_hires_size_scales_or_resizes_then_rounds_down_to_the_multiple(fields: dict[str, float],
+                                                                       size: tuple[int, int]) -> None:
+    assert a1111.hires_size(Txt2ImgBody(**fields), (64, 48), 8) == size
+
+
+def test_hires_second_pass_takes_the_hr_fields_or_the_first_pass_ones() -> None:
+    body = Txt2ImgBody(prompt="p", steps=9, sampler_name="DDIM", eta=0.3, hr_prompt="q", hr_second_pass_steps=4)
+    second = a1111.second_pass(body, a1111.request_fields(body, None))
+    assert (second["prompt"], second["steps"], second["sampler"], second["eta"], second["strength"], second["task"]) \
+        == ("q", 4, "ddim", 0.3, 0.7, "img2img")
+    other = Txt2ImgBody(sampler_name="DDIM", hr_sampler_name="DPM++ 2M Karras", denoising_strength=0.4)
+    second = a1111.second_pass(other, a1111.request_fields(other, None))
+    assert (second["sampler"], second["karras"], second["strength"], second["steps"]) == ("dpmpp_2m", True, 0.4, 20)
+    assert a1111.hires_upscaler(Txt2ImgBody(hr_upscaler="Nearest")) == ("nearest", {})
+    with pytest.raises(ValidationError, match="upscaler 'ESRGAN_4x' is not served"):
+        a1111.hires_upscaler(Txt2ImgBody(hr_upscaler="ESRGAN_4x"))
+
+
 @pytest.mark.parametrize(("fill", "strength", "noted"), [(1, 0.6, False), (2, 1.0, False), (0, 0.6, True),
                                                          (3, 0.6, True)])
 def test_inpainting_fill_sets_the_strength(fill: int, strength: float, noted: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -109,8 +110,64 @@ async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep, 
         fields = a1111.request_fields(body, await _model(body, session))
     except ValidationError as exc:
         raise _renamed(exc) from exc
+    if body.enable_hr:
+        return await _hires(body, fields, notes, request, submitter, session)
     done = await _run(submitter, session, request, {**fields, "task": Task.txt2img})
     return await _answer(done, submitter.queue, body, notes)
+
+
+def _hires_size(body: Txt2ImgBody, first: tuple[int, int], settings: Settings) -> tuple[int, int]:
+    """The final size, within the limits (checked before the first pass when its size is known)."""
+    size = a1111.hires_size(body, first, settings.size_multiple)
+    for name, value, high in (("width", size[0], settings.max_width), ("height", size[1], settings.max_height)):
+        if value > high:
+            field = "hr_resize_x" if body.hr_resize_x or body.hr_resize_y else "hr_scale"
+            raise validation_error([{"loc": ("body", field), "type": "too_large",
+                                     "msg": f"the hires fix's final {name} {value} is over the limit of {high}"}])
+    return size
+
+
+def _resized(png: bytes, size: tuple[int, int], how: str) -> bytes:
+    resample = Image.Resampling.NEAREST if how == "nearest" else Image.Resampling.LANCZOS
+    return encoded(Image.open(io.BytesIO(png)).convert("RGB").resize(size, resample)).png
+
+
+async def _second_passes(body: Txt2ImgBody, first: Job, second: dict[str, Any], how: str, request: Request,
+                         submitter: Submitter, session: A1111Session) -> tuple[list[bytes], tuple[int, int]] | None:
+    """Each first-pass image resized and img2img'd (one job per image: each has its own input); None when
+    interrupted. Returns the final PNGs and their size."""
+    finals, size = [], (0, 0)
+    for png, seed in zip(await result_pngs(submitter.queue, first), first.request.seeds(), strict=True):
+        size = _hires_size(body, Image.open(io.BytesIO(png)).size, submitter.settings)
+        image = await run_in_threadpool(_resized, png, size, how)
+        done = await _run(submitter, session, request, {**second, "image": image, "width": size[0],
+                                                         "height": size[1], "seed": seed})
+        if done is None:
+            return None
+        finals += await result_pngs(submitter.queue, done)
+    return finals, size
+
+
+async def _hires(body: Txt2ImgBody, fields: dict[str, Any], notes: dict[str, str], request: Request,
+                 submitter: Submitter, session: A1111Session) -> A1111Image:
+    """The hires fix: txt2img at the first size, then `_second_passes` at the final size."""
+    how, upscaler_note = a1111.hires_upscaler(body)
+    if body.width and body.height:
+        _hires_size(body, (body.width, body.height), submitter.settings)
+    try:
+        second = a1111.second_pass(body, fields)
+    except ValidationError as exc:
+        raise _renamed(exc) from exc
+    first = await _run(submitter, session, request, {**fields, "task": Task.txt2img})
+    passes = await _second_passes(body, first, second, how, request, submitter, session) if first else None
+    if first is None or passes is None:
+        return await _answer(None, submitter.queue, body, notes)
+    finals, (width, height) = passes
+    extra = {"Hires upscale": body.hr_scale, "Hires steps": second["steps"], "Hires upscaler": body.hr_upscaler}
+    info = a1111.info(first, notes | upscaler_note, width=width, height=height,
+                      denoising_strength=second["strength"], extra_generation_params=extra)
+    images = [base64.b64encode(png).decode() for png in finals] if body.send_images else []
+    return A1111Image(images=images, parameters=body.model_dump(), info=info)
 
 
 def _b64(value: str, field: str) -> bytes:
@@ -280,9 +337,15 @@ async def schedulers() -> list[dict[str, Any]]:
              "need_inner_model": False} for name, label in a1111.SCHEDULERS.items()]
 
 
-@router.get("/upscalers", summary="Upscalers: none (the hires fix and extras are not supported)")
+@router.get("/upscalers", summary="The hires fix's upscalers (resizing on pixels)")
 async def upscalers() -> list[dict[str, Any]]:
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 1}
+            for name in a1111.HR_UPSCALERS]
+
+
+@router.get("/latent-upscale-modes", summary="\"Latent\" (done on pixels: see upscalers)")
+async def latent_upscale_modes() -> list[dict[str, str]]:
+    return [{"name": "Latent"}]
 
 
 class PngInfoBody(BaseModel):
@@ -301,7 +364,7 @@ async def png_info(body: PngInfoBody, settings: SettingsDep) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ start-up probes
 
 EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
-               "latent-upscale-modes", "script-info", "extensions", "sd-modules")
+               "script-info", "extensions", "sd-modules")
 
 
 def _empty_list(path: str) -> None:
