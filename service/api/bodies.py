@@ -66,6 +66,9 @@ class JobBody(GenerationRequest):
         "task semantic: the label map, base64 PNG of mode L or P (pixel value or palette index = label: 0 = "
         "background, k = class k - 1); its size is the image's"))
     deadline_s: float | None = _deadline_field()
+    webhook_url: str | None = Field(default=None, max_length=2048, description=(
+        "POST the job's terminal event here, signed (Standard Webhooks), retried until a 2xx; the host must be in the "
+        "server's LDM_WEBHOOK_ALLOWED_HOSTS (service/webhooks.py)"))
 
     def to_request(self, **update: Any) -> GenerationRequest:
         """The plain request the queue takes, with `update` (decoded images, sizes) applied."""

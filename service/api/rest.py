@@ -18,6 +18,7 @@ Errors and their statuses: service/api/errors.py.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from service.config import Settings
 from service.jobs import JobQueue
 from service.metrics import ApiMetrics
 from service.quotas import Quotas
+from service.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,22 @@ DESCRIPTION = """Latent Diffusion Model image generation.
 """
 
 
+@asynccontextmanager
+async def _webhook_loop(app: FastAPI) -> AsyncIterator[None]:
+    """The webhook delivery loop (service/webhooks.py), beside the app while it runs, when webhooks are on."""
+    app.state.webhooks = Webhooks(app.state.queue, app.state.metrics)
+    if not app.state.settings.webhook_allowed_hosts:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.state.webhooks.run(stop), name="webhooks")
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=app.state.settings.webhook_timeout_s + 5)
+
+
 def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None) -> FastAPI:
     """The app. `queue`: an open JobQueue to use (tests, or one shared with the gRPC server); by default one is
     made from `settings.redis_url` when the app starts and closed when it stops. `metrics`: the API process's
@@ -69,16 +87,14 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if queue is not None:
-            app.state.queue, app.state.quotas = queue, Quotas(queue)
-            yield
-            return
-        app.state.queue = JobQueue(settings)
+        app.state.queue = queue or JobQueue(settings)
         app.state.quotas = Quotas(app.state.queue)
         try:
-            yield
+            async with _webhook_loop(app):
+                yield
         finally:
-            await app.state.queue.aclose()
+            if queue is None:
+                await app.state.queue.aclose()
 
     app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # docs.install serves them without CDNs

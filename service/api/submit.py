@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from service import webhooks
 from service.api.bodies import JobBody
 from service.api.errors import ApiError
 from service.api.images import decode_image, decode_label_map, decode_mask
@@ -119,9 +120,13 @@ class Submitter:
                                         deadline_s=deadline_s)
 
     async def submit_body(self, body: JobBody, idempotency_key: str | None) -> Job:
-        """Decode the body's images (in a thread: CPU work), then `submit`."""
+        """Decode the body's images (in a thread: CPU work), then `submit`; then register its webhook, if any."""
+        hook = webhooks.checked(body.webhook_url, self.settings)
         decoded = await run_in_threadpool(decode_inputs, body, self.settings)
-        return await self.submit(decoded.request, idempotency_key, body.deadline_s, decoded.map_labels)
+        job = await self.submit(decoded.request, idempotency_key, body.deadline_s, decoded.map_labels)
+        if hook is not None:
+            await webhooks.register(self.queue, job.id, hook)
+        return job
 
 
 def sync_timeout(settings: Settings, asked: float | None) -> float:
