@@ -89,6 +89,8 @@ FIELDS: dict[str, Rule] = {
                                   "(start from noise: strength 1); 0 fill and 3 latent nothing are done as 1 (noted "
                                   "in info.ldm_ignored)", IMG),
     "include_init_images": _supported("true: the init image is appended to `images`", IMG),
+    "webhook_url": _supported("ldm-serve's extension: each job's terminal event is also POSTed there, signed "
+                              "(README: webhooks; the host must be in LDM_WEBHOOK_ALLOWED_HOSTS)"),
     # accepted; a value that asks for something is noted in info.ldm_ignored
     "styles": _refused("prompt styles are not supported: put the style's words in the prompt"),
     "subseed": _ignored("variation seeds are not supported", _default(-1, 0)),
@@ -189,6 +191,7 @@ class A1111Body(BaseModel):
     denoising_strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
+    webhook_url: str | None = Field(default=None, max_length=2048)
 
 
 class Txt2ImgBody(A1111Body):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from service.config import Settings
 from tests.helpers import drop_keys
 from tests.integration.secure import Keys, bearer
 from tests.integration.test_rest import FAST, MODEL, Api, gradient_png, pixels, serving, worker_process
+from tests.integration.test_webhooks import SECRET, receiving
 
 pytestmark = pytest.mark.timeout(90)
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -29,7 +31,8 @@ SMALL = {"width": 64, "height": 64, "steps": 2}
 @pytest.fixture(scope="module")
 def a1111(redis_url: str) -> Iterator[Api]:
     """The API and one real worker (model random:tiny-sd, the default), ready."""
-    settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL, **FAST)
+    settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL,
+                        webhook_allowed_hosts=("127.0.0.1",), webhook_secret=SECRET, **FAST)
     try:
         with worker_process(settings) as proc, serving(settings) as api:
             deadline = time.monotonic() + 40
@@ -149,6 +152,20 @@ def test_the_hires_fix_upscales_then_refines_at_the_final_size(client: webuiapi.
     sized = client.txt2img(prompt="x", seed=1, enable_hr=True, hr_resize_x=128, hr_upscaler="Nearest",
                            width=64, height=32, steps=2)
     assert sized.image.size == (128, 64) and sized.info["ldm_ignored"] == {}
+
+
+def test_webhook_url_extension_field_delivers_the_signed_event(a1111: Api) -> None:
+    with receiving() as receiver:
+        resp = a1111.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 3, "webhook_url": receiver.url,
+                                                            **SMALL})
+        assert resp.status_code == 200, resp.text
+        job_id = json.loads(resp.json()["info"])["ldm_job_id"]
+        deadline = time.monotonic() + 20
+        while not receiver.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        headers, body = receiver.calls[0]
+        assert receiver.verified(headers, body) and json.loads(body)["type"] == "job.succeeded"
+        assert json.loads(body)["data"]["links"]["images"] == [f"/v1/jobs/{job_id}/images/0"]
 
 
 def test_png_info_reads_our_parameters(client: webuiapi.WebUIApi) -> None:

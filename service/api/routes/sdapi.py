@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service import webhooks
 from service.api import a1111
 from service.api.a1111 import A1111Body, A1111Image, Img2ImgBody, Txt2ImgBody
 from service.api.a1111_session import A1111Session, OptionsTooLarge
@@ -77,12 +78,16 @@ async def _model(body: A1111Body, session: A1111Session) -> str | None:
     return _checkpoint(chosen) if chosen else None
 
 
-async def _run(submitter: Submitter, session: A1111Session, request: Request, fields: dict[str, Any]) -> Job | None:
-    """Submit, make it the caller's current job, wait; None when it was interrupted (cancelled)."""
+async def _run(submitter: Submitter, session: A1111Session, request: Request, fields: dict[str, Any],
+               webhook_url: str | None = None) -> Job | None:
+    """Submit (with its webhook), make it the caller's current job, wait; None when it was interrupted."""
     try:
+        hook = webhooks.checked(webhook_url, submitter.settings)
         job = await submitter.submit(GenerationRequest(**fields))
     except ValidationError as exc:
         raise _renamed(exc) from exc
+    if hook is not None:
+        await webhooks.register(submitter.queue, job.id, hook)
     await session.set_current(job.id)
     try:
         return await wait_done(submitter.queue, job, request, sync_timeout(submitter.settings, None))
@@ -112,7 +117,7 @@ async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep, 
         raise _renamed(exc) from exc
     if body.enable_hr:
         return await _hires(body, fields, notes, request, submitter, session)
-    done = await _run(submitter, session, request, {**fields, "task": Task.txt2img})
+    done = await _run(submitter, session, request, {**fields, "task": Task.txt2img}, body.webhook_url)
     return await _answer(done, submitter.queue, body, notes)
 
 
@@ -141,7 +146,7 @@ async def _second_passes(body: Txt2ImgBody, first: Job, second: dict[str, Any], 
         size = _hires_size(body, Image.open(io.BytesIO(png)).size, submitter.settings)
         image = await run_in_threadpool(_resized, png, size, how)
         done = await _run(submitter, session, request, {**second, "image": image, "width": size[0],
-                                                         "height": size[1], "seed": seed})
+                                                         "height": size[1], "seed": seed}, body.webhook_url)
         if done is None:
             return None
         finals += await result_pngs(submitter.queue, done)
@@ -158,7 +163,7 @@ async def _hires(body: Txt2ImgBody, fields: dict[str, Any], notes: dict[str, str
         second = a1111.second_pass(body, fields)
     except ValidationError as exc:
         raise _renamed(exc) from exc
-    first = await _run(submitter, session, request, {**fields, "task": Task.txt2img})
+    first = await _run(submitter, session, request, {**fields, "task": Task.txt2img})  # hooks: on the final jobs
     passes = await _second_passes(body, first, second, how, request, submitter, session) if first else None
     if first is None or passes is None:
         return await _answer(None, submitter.queue, body, notes)
@@ -225,7 +230,7 @@ async def img2img(body: Img2ImgBody, request: Request, submitter: SubmitterDep, 
         raise _renamed(exc) from exc
     fields |= await run_in_threadpool(_inputs, body, submitter.settings)
     strength, fill_note = a1111.inpaint_strength(body) if body.mask is not None else (body.denoising_strength, {})
-    done = await _run(submitter, session, request, {**fields, "strength": strength})
+    done = await _run(submitter, session, request, {**fields, "strength": strength}, body.webhook_url)
     extra = (fields["image"],) if body.include_init_images else ()
     return await _answer(done, submitter.queue, body, notes | fill_note, extra)
 
