@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         default=(), description="Hosts a job's webhook_url may name (comma-separated): `hooks.example.com` exactly, "
         "`.example.com` any subdomain, an IP address or CIDR (the only way to allow private, loopback or link-local "
         "addresses). Empty: webhooks are off.")
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         default=None, description="The Standard Webhooks signing secret (`whsec_` + base64 key, or any text); "
         "deliveries are unsigned without one.")
     webhook_max_attempts: int = Field(default=6, ge=1, description="Delivery attempts of one event before it is "

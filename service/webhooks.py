@@ -235,7 +235,8 @@ class Webhooks:
         headers = {"content-type": "application/json", "user-agent": "ldm-serve-webhooks",
                    "webhook-id": message_id, "webhook-timestamp": str(now)}
         if self.settings.webhook_secret:
-            headers["webhook-signature"] = signature(self.settings.webhook_secret, message_id, now, body)
+            secret = self.settings.webhook_secret.get_secret_value()
+            headers["webhook-signature"] = signature(secret, message_id, now, body)
         try:
             response = await client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:

@@ -104,21 +104,24 @@ def test_a_failing_receiver_gets_the_signed_terminal_event_on_the_third_attempt(
             assert abs(int(headers["webhook-timestamp"]) - time.time()) < 30
 
 
-def test_hosts_outside_the_allow_list_are_refused_and_get_nothing(api: Callable[..., Api]) -> None:
+def test_hosts_outside_the_allow_list_are_refused_and_get_nothing(make_settings: Callable[..., Settings]) -> None:
+    def settings(*allowed: str) -> Settings:  # one server at a time: replicas share one configuration
+        return make_settings(**FAST, webhook_secret=SECRET, webhook_allowed_hosts=allowed)
+
     with receiving() as receiver:
-        public_only = api(webhook_allowed_hosts=("hooks.example.com", ".example.org"))
-        resp = public_only.client.post("/v1/jobs", json={**TXT, "webhook_url": receiver.url})
-        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "webhook_url"]
-        assert "not in this server's allow-list" in resp.json()["message"]
-        off = api()
-        resp = off.client.post("/v1/txt2img", json={**TXT, "webhook_url": receiver.url})
-        assert resp.status_code == 422 and "webhooks are off" in resp.json()["message"]
+        with serving(settings("hooks.example.com", ".example.org")) as public_only:
+            resp = public_only.client.post("/v1/jobs", json={**TXT, "webhook_url": receiver.url})
+            assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "webhook_url"]
+            assert "not in this server's allow-list" in resp.json()["message"]
+        with serving(settings()) as off:
+            resp = off.client.post("/v1/txt2img", json={**TXT, "webhook_url": receiver.url})
+            assert resp.status_code == 422 and "webhooks are off" in resp.json()["message"]
         # a listed *name* that resolves to a loopback address: accepted at submission, refused at delivery
-        by_name = api(webhook_allowed_hosts=("localhost",))
-        url = receiver.url.replace("127.0.0.1", "localhost")
-        job = by_name.client.post("/v1/jobs", json={**TXT, "webhook_url": url}).json()
-        by_name.client.delete(f"/v1/jobs/{job['id']}")
-        until(lambda: metric(by_name, "dead") == 1)
-        assert metric(by_name, "refused") == 1 and receiver.calls == []
-        credentials = by_name.client.post("/v1/jobs", json={**TXT, "webhook_url": "http://u:p@localhost/x"})
-        assert credentials.status_code == 422 and "credentials" in credentials.json()["message"]
+        with serving(settings("localhost")) as by_name:
+            url = receiver.url.replace("127.0.0.1", "localhost")
+            job = by_name.client.post("/v1/jobs", json={**TXT, "webhook_url": url}).json()
+            by_name.client.delete(f"/v1/jobs/{job['id']}")
+            until(lambda: metric(by_name, "dead") == 1)
+            assert metric(by_name, "refused") == 1 and receiver.calls == []
+            credentials = by_name.client.post("/v1/jobs", json={**TXT, "webhook_url": "http://u:p@localhost/x"})
+            assert credentials.status_code == 422 and "credentials" in credentials.json()["message"]
