@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.api.images import decode_label_map
 from service.config import Settings
 from tests.helpers import drop_keys
 from tests.integration.secure import Keys
@@ -104,9 +105,9 @@ def open_page(driver: WebDriver, api: Api, key: str | None) -> None:
     field.clear()
     if key:
         field.send_keys(key)
-    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
-    if key:
-        wait(driver, lambda d: Select(labelled(d, "Model")).options, 30)
+    # leaving the field fires its change (if the value changed); the explicit one covers an unchanged value
+    driver.execute_script("arguments[0].blur(); arguments[0].dispatchEvent(new Event('change'))", field)
+    wait(driver, lambda d: d.execute_script("return document.body.dataset.models") == "ready", 30)
 
 
 def fill(driver: WebDriver, **fields: str) -> None:
@@ -200,6 +201,55 @@ def test_paint_a_mask_and_inpaint_keeps_every_pixel_outside_it(browser: WebDrive
     assert np.abs(out[mask] - before[mask]).mean() > 5  # repainted
     if target := os.environ.get("LDM_PLAYGROUND_SCREENSHOT"):
         browser.save_screenshot(target)
+
+
+def use_task(driver: WebDriver, task: str, labels: list[tuple[str, str]]) -> None:
+    """Switch the page to `task` with these paint labels (text, value), as for a model that has them (this stack's
+    model is text-to-image; what is checked is the page's drawing and what it would send)."""
+    driver.execute_script("""
+        const [task, labels] = arguments;
+        $("task").append(new Option(task, task)); $("task").value = task; taskChanged();
+        $("paint-label").replaceChildren(...labels.map(([t, v]) => new Option(t, v)));
+        $("paint-label").value = labels[labels.length - 1][1];""", task, labels)
+
+
+def drag(driver: WebDriver, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Press at `start`, move to `end`, release; positions as fractions of the canvas."""
+    canvas = driver.find_element(By.ID, "canvas")
+    w, h = canvas.size["width"], canvas.size["height"]
+    ActionChains(driver).move_to_element_with_offset(canvas, (start[0] - 0.5) * w, (start[1] - 0.5) * h) \
+        .click_and_hold().move_by_offset((end[0] - start[0]) * w, (end[1] - start[1]) * h).release().perform()
+
+
+def test_painted_label_maps_go_as_mode_l_pngs_the_api_reads_back_exactly(browser: WebDriver, keyed: Api,
+                                                                           keys: Keys) -> None:
+    open_page(browser, keyed, keys.alice)
+    use_task(browser, "semantic", [("Background", "0"), ("red circle", "1"), ("blue square", "2")])
+    drag(browser, (0.2, 0.2), (0.2, 0.8))
+    browser.execute_script('$("paint-label").value = "1"')
+    drag(browser, (0.7, 0.3), (0.9, 0.3))
+    painted = np.array(browser.execute_script("return Array.from(state.paint)"), np.uint8).reshape(64, 64)
+    assert set(np.unique(painted)) == {0, 1, 2}
+    body = browser.execute_script("return buildBody()")
+    assert body["task"] == "semantic" and "prompt" not in body and "width" not in body
+    decoded = decode_label_map(base64.b64decode(body["label_map"]), keyed.settings)
+    assert decoded.labels == (0, 1, 2) and decoded.size == (64, 64)
+    assert (np.asarray(Image.open(io.BytesIO(decoded.png))) == painted).all()
+
+
+def test_drawn_layout_boxes_become_the_layout_field(browser: WebDriver, keyed: Api, keys: Keys) -> None:
+    open_page(browser, keyed, keys.alice)
+    use_task(browser, "layout", [("red circle", "red circle"), ("blue square", "blue square")])
+    drag(browser, (0.1, 0.2), (0.5, 0.6))
+    assert browser.find_element(By.CSS_SELECTOR, "[aria-label='Layout boxes'] li").text.startswith("blue square")
+    body = browser.execute_script("return buildBody()")
+    [box] = body["layout"]
+    assert box["label"] == "blue square" and (body["width"], body["height"]) == (64, 64)
+    assert np.allclose(box["box"], [0.1, 0.2, 0.5, 0.6], atol=0.04), box
+    button(browser, "Remove").click()
+    assert browser.execute_script("return state.boxes.length") == 0
+    button(browser, "Generate").click()
+    assert browser.find_element(By.CSS_SELECTOR, "[role=alert]").text == "Draw at least one box first."
 
 
 def test_cancel_stops_a_running_job(browser: WebDriver, keyed: Api, keys: Keys) -> None:

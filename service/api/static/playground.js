@@ -30,6 +30,7 @@ const HINTS = {
 
 const state = {
   models: [],            // /v1/models cards
+  modelCalls: 0,         // loadModels calls so far (only the latest one's answer is shown)
   job: null,             // the running job's id
   image: null,           // {element, dataUrl} of the input image
   width: 64, height: 64, // the canvas's size in image pixels
@@ -89,20 +90,27 @@ async function follow(jobId, onEvent) {
 
 // ------------------------------------------------------------------------------------------------ models, tasks
 
+// The model list for the current key; a slower answer to an earlier call (another key) is dropped. The body's
+// data-models attribute says "ready" once the latest list is shown.
 async function loadModels() {
+  const call = ++state.modelCalls;
+  document.body.dataset.models = "loading";
+  let models = [];
+  let error = "";
   try {
-    const response = await api("/v1/models");
-    state.models = (await response.json()).data;
-    showError("");
-  } catch (error) {
-    state.models = [];
-    showError(`Could not list the models (${error.message}). Is the API key right?`);
+    models = (await (await api("/v1/models")).json()).data;
+  } catch (failure) {
+    error = `Could not list the models (${failure.message}). Is the API key right?`;
   }
+  if (call !== state.modelCalls) return;
+  state.models = models;
+  showError(error);
   const select = $("model");
   const chosen = select.value;
   select.replaceChildren(...state.models.map((m) => new Option(m.id, m.id)));
   if (state.models.some((m) => m.id === chosen)) select.value = chosen;
   modelChanged();
+  document.body.dataset.models = "ready";
 }
 
 function currentModel() {
