@@ -5,7 +5,9 @@ is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), 
 (`images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers say
 what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
 in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
-(409). The gRPC front end runs the same `check_model`; its ValidationError answers INVALID_ARGUMENT there.
+(409). A `webhook_url` is checked against the allow-list before the images are decoded (422) and registered once
+the job is queued (service/webhooks.py). The gRPC front end runs the same `check_model`; its ValidationError
+answers INVALID_ARGUMENT there.
 """
 
 from __future__ import annotations
