@@ -78,7 +78,11 @@ def check_url(url: str, settings: Settings) -> tuple[str, int]:
     """(host, port) of an allowed webhook URL; raises WebhookRefused saying why not. No DNS here."""
     if not settings.webhook_allowed_hosts:
         raise WebhookRefused("webhooks are off on this server (LDM_WEBHOOK_ALLOWED_HOSTS is empty)")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a malformed IPv6 literal or port
+        raise WebhookRefused(f"webhook_url is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL_CHARS:
         raise WebhookRefused(f"webhook_url must be an http(s) URL with a host, at most {MAX_URL_CHARS} characters")
     if parts.username or parts.password:
@@ -92,7 +96,7 @@ def check_url(url: str, settings: Settings) -> tuple[str, int]:
     ok = (any(address in net for net in _networks(allowed)) if address is not None else _name_allowed(host, allowed))
     if not ok:
         raise WebhookRefused(f"webhook host {host!r} is not in this server's allow-list (LDM_WEBHOOK_ALLOWED_HOSTS)")
-    return host, parts.port or (443 if parts.scheme == "https" else 80)
+    return host, port or (443 if parts.scheme == "https" else 80)
 
 
 async def check_addresses(host: str, port: int, settings: Settings) -> None:
