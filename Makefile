@@ -7,9 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install promtool stubs run test test-slow lint bench clean
+.PHONY: install promtool chromium stubs run test test-slow lint bench clean
 
-install: $(STAMP) promtool
+install: $(STAMP) promtool chromium
 
 # promtool (Debian's `prometheus` package) checks deploy/prometheus and the dashboard's queries in tests/deploy.
 # Installed as root where apt-get works; elsewhere those checks skip and say why. Cheap when already there.
@@ -19,6 +19,16 @@ promtool:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	        prometheus >/dev/null; } || echo "note: apt-get could not install prometheus (promtool)"; \
 	  else echo "note: promtool not installed (Debian package prometheus, needs root and apt-get)"; fi; }
+
+# Chromium and its WebDriver (Debian's `chromium`, `chromium-driver`) run the playground's browser tests
+# (tests/integration/test_playground.py). Installed as root where apt-get works; elsewhere those tests skip and
+# say why. Cheap when already there.
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        chromium chromium-driver >/dev/null; } || echo "note: apt-get could not install chromium"; \
+	  else echo "note: chromium not installed (Debian packages chromium, chromium-driver; need root and apt-get)"; fi; }
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 from bench.results_io import publish  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.preview import fit_latent_rgb, preview_png, preview_size  # noqa: E402
-from models.step_batch import StepBatch  # noqa: E402
 from models.resolve import resolve_model  # noqa: E402
+from models.step_batch import StepBatch  # noqa: E402
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_io import publish  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
-from models.step_batch import StepBatch, StepSample  # noqa: E402
 from models.resolve import resolve_model  # noqa: E402
+from models.step_batch import StepBatch, StepSample  # noqa: E402
 
 
 def samples(pipe: Pipeline, name: str, n: int, steps: int, seed: int) -> list[StepSample]:

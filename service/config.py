@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -40,6 +40,12 @@ def _digest(value: Any) -> Any:
 
 
 Digests = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_digests)]
+
+
+def _names(value: Any) -> Any:
+    """A comma- or space-separated list (an env variable) or a list, as lower-case entries."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    return tuple(str(item).strip().lower() for item in items) if isinstance(items, list | tuple) else value
 
 
 class Settings(BaseSettings):
@@ -191,6 +197,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=4096 * 4096, ge=1,
         description="Largest decoded input image, in pixels (guards against decompression bombs).")
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_names)] = Field(
+        default=(), description="Hosts a job's webhook_url may name (comma-separated): `hooks.example.com` exactly, "
+        "`.example.com` any subdomain, an IP address or CIDR (the only way to allow private, loopback or link-local "
+        "addresses). Empty: webhooks are off.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="The Standard Webhooks signing secret (`whsec_` + base64 key, or any text); "
+        "deliveries are unsigned without one.")
+    webhook_max_attempts: int = Field(default=6, ge=1, description="Delivery attempts of one event before it is "
+                                      "dead-lettered.")
+    webhook_backoff_s: float = Field(default=1.0, gt=0, description="Wait before the first retry of a delivery; "
+                                     "doubled at each further one (at most 10 minutes).")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds one delivery attempt may take.")
 
     @property
     def heartbeat_ttl_s(self) -> float:

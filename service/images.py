@@ -153,6 +153,31 @@ def decode_image(data: bytes, settings: Settings, *, field: str = "image") -> De
     return _as_input(_checked_image(data, field, settings), field)
 
 
+def decode_resizable(data: bytes, settings: Settings, *, field: str = "image", mode: str = "RGB") -> Image.Image:
+    """An input that will be resized before use (AUTOMATIC1111's img2img resizes to the asked size): bytes and
+    pixels bounded as for any input, decoded fully, converted to `mode`; its size is not checked here, the resized
+    one is (admission checks the request's width and height). Raises ImageError."""
+    image = _load(_open(data, field, settings), field)
+    if mode == "L":  # a mask: an alpha channel that is not all opaque is the mask (as A1111 reads masks)
+        rgba = _with_alpha(image)
+        alpha = rgba.getchannel("A") if rgba is not None else None
+        if alpha is not None and alpha.getextrema() != (255, 255):
+            return alpha
+    return _convert(_rgb(image, field), mode, field)
+
+
+def encoded(image: Image.Image) -> DecodedImage:
+    """An image made here (resized, inverted) as the queue takes it: PNG."""
+    return DecodedImage(image, _png(image))
+
+
+def png_text(data: bytes, settings: Settings, *, field: str = "image") -> dict[str, str]:
+    """The text chunks of a PNG (bytes and pixels bounded, decoded fully so chunks after the pixels count too).
+    Raises ImageError."""
+    image = _load(_open(data, field, settings, ("PNG",), "PNG"), field)
+    return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+
+
 def _same_size(mask: Image.Image, image: DecodedImage, field: str) -> None:
     if mask.size != image.size:
         raise ImageError(field, f"{field} is {mask.width}x{mask.height} pixels but the image is "

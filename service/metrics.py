@@ -84,6 +84,9 @@ API_METRICS: list[MetricSpec] = [
                "unknown, revoked; /metrics without its token counts as rest)."),
     MetricSpec("ldm_quota_rejections_total", "counter", ("front_end", "quota"),
                "Submissions refused by a per-key quota, by front end (rest, grpc) and quota (rate, in_flight)."),
+    MetricSpec("ldm_webhook_deliveries_total", "counter", ("outcome",),
+               "Webhook delivery attempts by outcome: delivered (2xx), failed (to be retried), dead (out of attempts "
+               "or refused: dead-lettered), refused (the host resolved to a forbidden address)."),
 ]
 
 WORKER_METRICS: list[MetricSpec] = [
@@ -247,6 +250,7 @@ class ApiMetrics:
         self.grpc_request_duration = _histogram("ldm_grpc_request_duration_seconds", r, _SECONDS)
         self.auth_failures = _counter("ldm_auth_failures_total", r)
         self.quota_rejections = _counter("ldm_quota_rejections_total", r)
+        self.webhook_deliveries = _counter("ldm_webhook_deliveries_total", r)
         self.queue = register_queue_collector(r)
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 
 from service.queue import Job
-from service.schemas import MAX_SEED, GenerationRequest, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, LabelSet, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -67,6 +67,9 @@ class JobBody(GenerationRequest):
         "task semantic: the label map, base64 PNG of mode L or P (pixel value or palette index = label: 0 = "
         "background, k = class k - 1); its size is the image's"))
     deadline_s: float | None = _deadline_field()
+    webhook_url: str | None = Field(default=None, max_length=2048, description=(
+        "POST the job's terminal event here, signed (Standard Webhooks), retried until a 2xx; the host must be in the "
+        "server's LDM_WEBHOOK_ALLOWED_HOSTS (service/webhooks.py)"))
 
     def to_request(self, **update: Any) -> GenerationRequest:
         """The plain request the queue takes, with `update` (decoded images, sizes) applied."""
@@ -245,6 +248,10 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "ldm-serve"
     workers: int = Field(description="live workers serving it")
+    tasks: list[Task] = Field(default_factory=list, description="what its live workers can do (empty: not said, or "
+                              "no live worker)")
+    labels: LabelSet | None = Field(default=None, description="the class labels it takes (class, layout and semantic "
+                                    "models)")
 
 
 class ModelList(BaseModel):

@@ -23,7 +23,8 @@ from service.metrics import ApiMetrics
 UNMATCHED = "unmatched"  # the route label of requests no route matched (never the raw path: unbounded labels)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: paths anyone may call: probes (a Redis or key outage must not restart pods) and the API's own description
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/"})
+OPEN_PREFIXES = ("/docs/", "/ui/")  # the docs' files (service/api/docs.py) and the playground's (playground.py)
 METRICS_PATH = "/metrics"  # open, or behind its own token (`metrics_token_hash`), never behind an API key
 PRINCIPAL = "ldm.principal"  # the scope key of the authenticated caller (service.auth.Principal)
 
@@ -63,9 +64,9 @@ def _label_route(scope: Scope, templates: Templates) -> None:
 
 
 class Authenticate:
-    """Every request but `OPEN_PATHS` needs an API key (service/auth.py): 401 / 403 in the route family's error
-    shape, answered before the body is read, so nothing of an unauthenticated request is parsed, decoded or
-    queued. /metrics needs the metrics token when one is configured. The caller goes into the scope
+    """Every request but `OPEN_PATHS` and `OPEN_PREFIXES` needs an API key (service/auth.py): 401 / 403 in the
+    route family's error shape, answered before the body is read, so nothing of an unauthenticated request is
+    parsed, decoded or queued. /metrics needs the metrics token when one is configured. The caller goes into the scope
     (`PRINCIPAL`) for the quotas."""
 
     def __init__(self, app: ASGIApp, auth: Authenticator, metrics: ApiMetrics) -> None:
@@ -73,7 +74,7 @@ class Authenticate:
         self._templates: Templates | None = None  # built at the first refusal (the routes are all there by then)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         try:

@@ -9,12 +9,16 @@ Routes (one router per resource, service/api/routes/):
 - synchronous:      POST /v1/txt2img, /v1/inpaint, /v1/class2img, /v1/layout2img, /v1/semantic2img,
                     /v1/unconditional (answer image/png)
 - OpenAI-compatible: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart)
-- GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs (schema at /openapi.json)
+- AUTOMATIC1111-compatible: /sdapi/v1/txt2img, img2img, progress, interrupt, options, ... (routes/sdapi.py)
+- the browser playground at / (playground.py)
+- GET /v1/models, /healthz, /readyz, /metrics; OpenAPI docs at /docs and /redoc, offline (docs.py; schema at
+  /openapi.json)
 Errors and their statuses: service/api/errors.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
@@ -23,14 +27,15 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import errors
+from service.api import docs, errors, playground
 from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
-from service.api.routes import health, jobs, models, openai, sync
+from service.api.routes import health, jobs, models, openai, sdapi, sync
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.metrics import ApiMetrics
 from service.queue import JobQueue
 from service.quotas import Quotas
+from service.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +55,29 @@ DESCRIPTION = """Latent Diffusion Model image generation.
   (synchronous: `/v1/class2img`, `/v1/layout2img`, `/v1/semantic2img`, `/v1/unconditional`).
 * **OpenAI-compatible**: `POST /v1/images/generations` and `POST /v1/images/edits` work with the official
   `openai` client (`base_url="http://host:port/v1"`).
+* **AUTOMATIC1111-compatible**: `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` (with `mask`), `progress`, `interrupt`,
+  `options` (`sd_model_checkpoint`), `sd-models`, `samplers`, `png-info`, ...: A1111 clients such as `webuiapi`
+  work as they are (send the API key as `Authorization: Bearer`). Every A1111 field: docs/a1111.md.
 * **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs
   (401: no, malformed or unknown key; 403: revoked key), unless the server runs without keys. Per-key quotas
   (submission rate, jobs in flight) answer 429 with Retry-After.
 """
+
+
+@asynccontextmanager
+async def _webhook_loop(app: FastAPI) -> AsyncIterator[None]:
+    """The webhook delivery loop (service/webhooks.py), beside the app while it runs, when webhooks are on."""
+    app.state.webhooks = Webhooks(app.state.queue, app.state.metrics)
+    if not app.state.settings.webhook_allowed_hosts:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.state.webhooks.run(stop), name="webhooks")
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=app.state.settings.webhook_timeout_s + 5)
 
 
 def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None) -> FastAPI:
@@ -63,23 +87,25 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if queue is not None:
-            app.state.queue, app.state.quotas = queue, Quotas(queue)
-            yield
-            return
-        app.state.queue = JobQueue(settings)
+        app.state.queue = queue or JobQueue(settings)
         app.state.quotas = Quotas(app.state.queue)
         try:
-            yield
+            async with _webhook_loop(app):
+                yield
         finally:
-            await app.state.queue.aclose()
+            if queue is None:
+                await app.state.queue.aclose()
 
-    app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="ldm-serve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # docs.install serves them without CDNs
     app.state.settings = settings
     app.state.metrics = metrics or ApiMetrics()
     errors.install(app)
-    for router in (jobs.router, sync.router, openai.router, models.router, health.router):
+    for router in (jobs.router, sync.router, openai.router, models.router, health.router, sdapi.router,
+                   sdapi.internal):
         app.include_router(router)
+    docs.install(app)
+    playground.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, auth=Authenticator(settings), metrics=app.state.metrics)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)

@@ -5,7 +5,9 @@ is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), 
 (`service/images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers
 say what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
 in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
-(409). The gRPC front end runs the same `check_model`; its ValidationError answers INVALID_ARGUMENT there.
+(409). A `webhook_url` is checked against the allow-list before the images are decoded (422) and registered once
+the job is queued (service/webhooks.py). The gRPC front end runs the same `check_model`; its ValidationError
+answers INVALID_ARGUMENT there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from service import webhooks
 from service.api.bodies import JobBody
 from service.api.errors import ApiError
 from service.auth import Principal
@@ -119,9 +122,13 @@ class Submitter:
                                         deadline_s=deadline_s)
 
     async def submit_body(self, body: JobBody, idempotency_key: str | None) -> Job:
-        """Decode the body's images (in a thread: CPU work), then `submit`."""
+        """Decode the body's images (in a thread: CPU work), then `submit`; then register its webhook, if any."""
+        hook = webhooks.checked(body.webhook_url, self.settings)
         decoded = await run_in_threadpool(decode_inputs, body, self.settings)
-        return await self.submit(decoded.request, idempotency_key, body.deadline_s, decoded.map_labels)
+        job = await self.submit(decoded.request, idempotency_key, body.deadline_s, decoded.map_labels)
+        if hook is not None:
+            await webhooks.register(self.queue, job.id, hook)
+        return job
 
 
 def sync_timeout(settings: Settings, asked: float | None) -> float:

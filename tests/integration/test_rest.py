@@ -315,6 +315,7 @@ def test_models_lists_the_workers_models(stack: Api) -> None:
     assert [m.id for m in listed.data] == [MODEL]
     body = stack.client.get("/v1/models").json()
     assert body["object"] == "list" and body["data"][0]["workers"] == 1
+    assert body["data"][0]["tasks"] == ["txt2img", "img2img", "inpaint"] and body["data"][0]["labels"] is None
 
 
 def test_task_the_model_cannot_do_and_unknown_model_are_422(stack: Api) -> None:

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-from service.jobs import SyncJobQueue
 
 from service.config import Settings
 from service.embedded import free_port
-from service.schemas import JobStatus
+from service.queue import JobStatus, SyncJobQueue
 from tests.compvis_zoo import write_checkpoint
 from tests.helpers import drop_keys, stop_process, torch_threads
 from tests.integration.test_rest import Api, b64, serving

@@ -7,12 +7,21 @@ from fastapi import APIRouter, Depends
 from service.api.bodies import ModelCard, ModelList
 from service.api.deps import AUTH_RESPONSES, QueueDep, SettingsDep, get_principal
 from service.api.submit import served_models
+from service.schemas import Task
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 
 
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
-    """Models served by live workers, plus the configured default (listed with `workers: 0` when none serves it)."""
+    """Models served by live workers, plus the configured default (listed with `workers: 0` when none serves it),
+    with the tasks their workers can do and the labels they take."""
     served = await served_models(queue, settings)
-    return ModelList(data=[ModelCard(id=name, workers=count) for name, count in sorted(served.items())])
+    workers = await queue.workers()
+    cards = []
+    for name, count in sorted(served.items()):
+        serving = [w for w in workers if name in w.models]
+        tasks = sorted({t for w in serving for t in w.tasks}, key=list(Task).index)
+        labels = next((w.labels for w in serving if w.labels is not None), None)
+        cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels))
+    return ModelList(data=cards)
