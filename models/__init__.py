@@ -1,0 +1,1 @@
+"""The Latent Diffusion Model library. It never imports `service/`; which module owns what: docs/architecture.md."""
