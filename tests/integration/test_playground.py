@@ -26,9 +26,8 @@ from PIL import Image
 
 from service.config import Settings
 from service.images import decode_label_map
-from tests.helpers import drop_keys
 from tests.integration.secure import Keys
-from tests.integration.test_rest import FAST, MODEL, Api, gradient_png, serving, worker_process
+from tests.integration.test_rest import FAST, MODEL, Api, gradient_png, ready_stack
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -53,16 +52,8 @@ def keyed(redis_url: str, keys: Keys) -> Iterator[Api]:
     """A keyed API and one real worker (model random:tiny-sd), ready."""
     settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL,
                         **FAST, **keys.settings())
-    try:
-        with worker_process(settings) as proc, serving(settings) as api:
-            deadline = time.monotonic() + 40
-            while api.client.get("/readyz").status_code != 200:
-                assert proc.poll() is None, f"the worker exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "the worker did not become ready"
-                time.sleep(0.1)
-            yield api
-    finally:
-        drop_keys(redis_url, settings.key_prefix)
+    with ready_stack(settings) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")

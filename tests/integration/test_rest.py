@@ -150,6 +150,17 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
         stop_process(proc)
 
 
+@contextlib.contextmanager
+def ready_stack(settings: Settings) -> Iterator[Api]:
+    """The API and one real worker on `settings`, once /readyz answers 200; the run's Redis keys dropped after."""
+    try:
+        with worker_process(settings) as proc, serving(settings) as api:
+            wait_ready(api.client.get, 40, procs=[proc])
+            yield api
+    finally:
+        drop_keys(str(settings.redis_url), settings.key_prefix)
+
+
 @pytest.fixture(scope="module")
 def stack(redis_url: str) -> Iterator[Api]:
     """The API and one real worker (model random:tiny-sd, the default), ready."""

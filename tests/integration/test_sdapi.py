@@ -19,9 +19,8 @@ import webuiapi
 from PIL import Image
 
 from service.config import Settings
-from tests.helpers import drop_keys
 from tests.integration.secure import Keys, bearer
-from tests.integration.test_rest import FAST, MODEL, Api, gradient_png, pixels, serving, worker_process
+from tests.integration.test_rest import FAST, MODEL, Api, gradient_png, pixels, ready_stack, serving
 from tests.integration.test_webhooks import SECRET, receiving
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,16 +32,8 @@ def a1111(redis_url: str) -> Iterator[Api]:
     """The API and one real worker (model random:tiny-sd, the default), ready."""
     settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL,
                         webhook_allowed_hosts=("127.0.0.1",), webhook_secret=SECRET, **FAST)
-    try:
-        with worker_process(settings) as proc, serving(settings) as api:
-            deadline = time.monotonic() + 40
-            while api.client.get("/readyz").status_code != 200:
-                assert proc.poll() is None, f"the worker exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "the worker did not become ready"
-                time.sleep(0.1)
-            yield api
-    finally:
-        drop_keys(redis_url, settings.key_prefix)
+    with ready_stack(settings) as api:
+        yield api
 
 
 @pytest.fixture
