@@ -63,7 +63,8 @@ class CrossAttention(nn.Module):
         k = _split_heads(self.to_k(context), self.heads)  # [N, h, S, d]
         v = _split_heads(self.to_v(context), self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # scale d^-0.5, as the original
-        return self.to_out(out.transpose(1, 2).reshape(n, length, -1))  # [N, L, query_dim]
+        projected: Tensor = self.to_out(out.transpose(1, 2).reshape(n, length, -1))  # [N, L, query_dim]
+        return projected
 
 
 class GEGLU(nn.Module):
@@ -74,7 +75,8 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        projected: Tensor = self.proj(x)
+        value, gate = projected.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -87,7 +89,8 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
 
 class BasicTransformerBlock(nn.Module):
@@ -108,7 +111,8 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context if self.has_cross else None) + x
-        return self.ff(self.norm3(x)) + x
+        ff: Tensor = self.ff(self.norm3(x))
+        return ff + x
 
 
 class SpatialTransformer(nn.Module):
@@ -152,7 +156,8 @@ def _pointwise(layer: nn.Module, x: Tensor) -> Tensor:
         for hook in layer._forward_hooks.values():  # LoRA adapters (models/lora.py) of the 1x1 conv
             out = hook(layer, (x,), out)
         return out
-    return layer(x)
+    applied: Tensor = layer(x)
+    return applied
 
 
 def qkv_attention_legacy(qkv: Tensor, heads: int) -> Tensor:
@@ -183,5 +188,6 @@ class AttentionBlock(nn.Module):
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # [N, C, T]
         h = qkv_attention_legacy(self.qkv(self.norm(x)), self.heads)
-        return (x + self.proj_out(h)).reshape(n, c, *spatial)
+        projected: Tensor = self.proj_out(h)
+        return (x + projected).reshape(n, c, *spatial)
 

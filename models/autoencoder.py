@@ -55,7 +55,8 @@ class AutoencoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        factor: int = 2 ** (len(self.ch_mult) - 1)
+        return factor
 
 
 def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -75,7 +76,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h: Tensor = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
@@ -100,7 +101,8 @@ class AttnBlock(nn.Module):
 
         q, k, v = heads(self.q(x_norm)), heads(self.k(x_norm)), heads(self.v(x_norm))
         out = F.scaled_dot_product_attention(q, k, v)  # [N, 1, HW, C], scale C^-0.5
-        return x + self.proj_out(out.transpose(2, 3).reshape(n, c, h, w))
+        projected: Tensor = self.proj_out(out.transpose(2, 3).reshape(n, c, h, w))
+        return x + projected
 
 
 class Downsample(nn.Module):
@@ -111,7 +113,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        out: Tensor = self.conv(F.pad(x, (0, 1, 0, 1)))
+        return out
 
 
 class Upsample(nn.Module):
@@ -122,7 +125,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out: Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
 
 
 def _attn(channels: int, config: AutoencoderConfig) -> nn.Module:
@@ -161,7 +165,8 @@ class _Mid(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, config.dropout, config.norm_groups)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+        out: Tensor = self.block_2(self.attn_1(self.block_1(h)))
+        return out
 
 
 class Encoder(nn.Module):
@@ -186,7 +191,8 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        out: Tensor = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return out
 
 
 class Decoder(nn.Module):
@@ -211,7 +217,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 class DiagonalGaussian:
@@ -306,7 +313,8 @@ class Autoencoder(nn.Module):
         """VQ only: (z_q straight-through, codebook loss, indices)."""
         if self.quantize is None:
             raise ValueError("quantize_latents needs a VQ autoencoder")
-        return self.quantize(h)
+        quantized: tuple[Tensor, Tensor, Tensor] = self.quantize(h)
+        return quantized
 
     def _decode(self, z: Tensor) -> Tensor:
         return z if self.identity else self.decoder(self.post_quant_conv(z))

@@ -261,7 +261,8 @@ class MaskedBlock(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [N, h, L, d]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
         x = x + self.proj(out.transpose(1, 2).reshape(n, length, width))
-        return x + self.mlp(self.norm2(x))
+        mlp: Tensor = self.mlp(self.norm2(x))
+        return x + mlp
 
 
 class LayoutEncoder(nn.Module):
@@ -305,7 +306,8 @@ class LayoutEncoder(nn.Module):
         keys = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)  # [N, 1 + B]
         for block in self.blocks:
             x = block(x, keys)
-        return self.norm(x)
+        out: Tensor = self.norm(x)
+        return out
 
     def box_maps(self, boxes: Tensor, labels: Tensor, height: int, width: int) -> Tensor:
         """Multi-hot box maps [N, K+1, height, width]: channel k+1 marks the pixels whose centre lies in a box of
@@ -331,7 +333,8 @@ class LayoutEncoder(nn.Module):
         if height % f or width % f:
             raise ConditionError(f"image size {width}x{height} is not a multiple of {f}")
         maps = self.box_maps(boxes, labels, height, width).to(self.raster_in.weight.dtype)
-        return self.raster_out(F.silu(self.raster_in(F.pixel_unshuffle(maps, f))))
+        out: Tensor = self.raster_out(F.silu(self.raster_in(F.pixel_unshuffle(maps, f))))
+        return out
 
     def encode_layouts(self, layouts: Sequence[Sequence[Box]],
                        size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -371,16 +374,19 @@ class SemanticEncoder(nn.Module):
         one_hot = F.one_hot(maps.long().clamp(min=UNKNOWN_LABEL) + 1, self.n_classes + 2)[..., 1:]  # -1 -> zeros
         x = one_hot.permute(0, 3, 1, 2).to(self.proj_in.weight.dtype)  # [N, K+1, H, W]
         x = F.pixel_unshuffle(x, f)  # [N, (K+1) f^2, H/f, W/f]
-        return self.proj_out(F.silu(self.proj_in(x)))
+        out: Tensor = self.proj_out(F.silu(self.proj_in(x)))
+        return out
 
     def encode_maps(self, maps: Sequence[Image.Image | np.ndarray | Tensor]) -> Tensor:
         """Checked label maps of one size -> concat channels [N, C, H/f, W/f]."""
-        return self(label_map_tensor(maps, self.n_classes).to(self.proj_in.weight.device))
+        out: Tensor = self(label_map_tensor(maps, self.n_classes).to(self.proj_in.weight.device))
+        return out
 
     def null(self, n: int, height: int, width: int) -> Tensor:
         """The null condition of guidance: the encoding of all-unknown maps, [N, C, H/f, W/f]."""
         maps = torch.full((n, height, width), UNKNOWN_LABEL, dtype=torch.long, device=self.proj_in.weight.device)
-        return self(maps)
+        out: Tensor = self(maps)
+        return out
 
     def encode(self, prompts: Sequence[str]) -> NoReturn:
         raise ConditionError("a semantic-synthesis model is conditioned on a label map, not on a prompt "

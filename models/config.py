@@ -192,7 +192,8 @@ def to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(config))
+    data: dict[str, Any] = plain(dataclasses.asdict(config))
+    return data
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -34,9 +34,10 @@ class PackedConv2d(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
+        out: Tensor = torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )
+        return out
 
 
 def _packable(module: nn.Module) -> bool:

@@ -36,7 +36,7 @@ def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
-        out = unet(x_in, t, context=cond.context, y=cond.class_labels)
+        out: torch.Tensor = unet(x_in, t, context=cond.context, y=cond.class_labels)
         if schedule.prediction_type == "v_prediction":
             out = schedule.eps_from_v(out, x, t)
         return out

@@ -115,7 +115,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     """Karras et al. (2022) Eq. 5: n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+    sigmas: np.ndarray = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return sigmas
 
 
 def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -124,7 +125,8 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     dists = log_sigma - log_sigmas[:, None]  # [T, n]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
+    t: np.ndarray = (1 - w) * low + w * (low + 1)
+    return t
 
 
 def _sigma_grid(

@@ -105,6 +105,7 @@ class ResBlock(nn.Module):
         return F.avg_pool2d(x, 2) if self.resample == "down" else x
 
     def forward(self, x: Tensor, emb: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        h: Tensor
         if self.resample is None:
             h = self.in_layers(x)
         else:
@@ -117,7 +118,8 @@ class ResBlock(nn.Module):
             h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        skip: Tensor = self.skip_connection(x)
+        return skip + h
 
 
 class Downsample(nn.Module):
@@ -128,7 +130,8 @@ class Downsample(nn.Module):
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x)
+        out: Tensor = self.op(x)
+        return out
 
 
 class Upsample(nn.Module):
@@ -139,7 +142,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
-        return self.conv(upsample_nearest(x, output_size))
+        out: Tensor = self.conv(upsample_nearest(x, output_size))
+        return out
 
 
 def upsample_nearest(x: Tensor, size: Sequence[int] | None) -> Tensor:
@@ -263,4 +267,5 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+        out: Tensor = self.out(h)
+        return out

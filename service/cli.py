@@ -14,7 +14,7 @@ from models.train.cli import add_train_parser
 from service.zoo_commands import add_zoo_parsers
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
+def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "generate",
         help="text-to-image (or class, layout, semantic map, unconditional) offline, no server",
@@ -112,7 +112,7 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_parsers(sub: argparse._SubParsersAction) -> None:
+def _service_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve", help="one box: embedded Redis, REST + gRPC, one supervised worker",
         description="Start everything on this machine: an embedded Redis (unless LDM_REDIS_URL is set; data under "
@@ -139,7 +139,7 @@ def _service_parsers(sub: argparse._SubParsersAction) -> None:
     worker.set_defaults(func=run_worker)
 
 
-def _keys_parser(sub: argparse._SubParsersAction) -> None:
+def _keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser(
         "keys", help="make API keys and their digests",
         description="The service is configured with SHA-256 digests of API keys, never with the keys: give the key "

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 
-def add_zoo_parsers(sub: argparse._SubParsersAction) -> None:
+def add_zoo_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rec = sub.add_parser(
         "reconstruct", help="encode and decode an image with a first stage (autoencoder); prints PSNR",
         description="Encode and decode one image with a CompVis zoo first stage (models/first_stage_models/*/"

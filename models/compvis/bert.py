@@ -80,7 +80,8 @@ class XAttention(nn.Module):
             return t.view(n, length, HEADS, DIM_HEAD).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)))
-        return self.to_out(out.transpose(1, 2).reshape(n, length, HEADS * DIM_HEAD))
+        projected: Tensor = self.to_out(out.transpose(1, 2).reshape(n, length, HEADS * DIM_HEAD))
+        return projected
 
 
 class XFeedForward(nn.Module):
@@ -91,7 +92,8 @@ class XFeedForward(nn.Module):
         self.net = nn.Sequential(nn.Sequential(Linear(dim, 4 * dim), nn.GELU()), nn.Dropout(0.0), Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
 
 class PositionEmbedding(nn.Module):
@@ -102,7 +104,8 @@ class PositionEmbedding(nn.Module):
         self.emb = nn.Embedding(max_length, dim)
 
     def forward(self, length: int, device: torch.device) -> Tensor:
-        return self.emb(torch.arange(length, device=device))[None]  # [1, L, D]
+        emb: Tensor = self.emb(torch.arange(length, device=device))
+        return emb[None]  # [1, L, D]
 
 
 class PreNormResidual(nn.ModuleList):
@@ -113,7 +116,8 @@ class PreNormResidual(nn.ModuleList):
         super().__init__([norm, block])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self[1](self[0](x)) + x
+        out: Tensor = self[1](self[0](x))
+        return out + x
 
 
 class AttentionLayers(nn.Module):
@@ -145,7 +149,8 @@ class TransformerWrapper(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         x = self.token_emb(ids) + self.pos_emb(ids.shape[1], ids.device)
-        return self.norm(self.attn_layers(x))
+        out: Tensor = self.norm(self.attn_layers(x))
+        return out
 
 
 @dataclass(frozen=True)

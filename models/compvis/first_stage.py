@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
-from models.checkpoints import CheckpointError, _shown, read_state_dict
+from models.checkpoints import _shown, read_state_dict
 from models.compvis.config_yaml import KL_TARGET, VQ_TARGETS, CompVisConfigError, first_stage_config, read_yaml
 from models.images import to_pil, to_tensor
+from models.tensor_files import CheckpointError
 
 #: a whole-model checkpoint's first stage sits under this prefix; a first-stage file has none
 PREFIX = "first_stage_model."

@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from models.checkpoints import (
-    CheckpointError,
-    StateDict,
     _build,
     _finish,
     _shown,
@@ -32,6 +30,7 @@ from models.checkpoints import (
 from models.compvis.config_yaml import CompVisConfigError, load_config
 from models.config import ModelConfig
 from models.ldm import LatentDiffusion
+from models.tensor_files import CheckpointError, StateDict
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 TASKS = ("txt2img", *CONDITION_TASKS)
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the `eval` subcommand on the `ldm` parser's subparsers."""
     p = sub.add_parser(
         "eval",

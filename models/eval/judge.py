@@ -375,7 +375,8 @@ def validate_judge(n: int = 2000, seed: int = 1234, *, progress: bool = True) ->
 def degrade(image: np.ndarray, rng: np.random.Generator, blur: float = 1.0, noise: float = 8.0) -> np.ndarray:
     """A render made to look generated: Gaussian blur (`blur` px) and Gaussian pixel noise (`noise`)."""
     soft = ndimage.gaussian_filter(image.astype(np.float64), (blur, blur, 0))
-    return np.clip(np.rint(soft + rng.normal(0.0, noise, image.shape)), 0, 255).astype(np.uint8)
+    degraded: np.ndarray = np.clip(np.rint(soft + rng.normal(0.0, noise, image.shape)), 0, 255).astype(np.uint8)
+    return degraded
 
 
 def mismatched_captions(scene: Scene, rng: np.random.Generator) -> dict[str, str]:

@@ -56,7 +56,8 @@ class CLIPAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [N, L, D] -> [N, L, D], causal: token i sees tokens <= i, as in CLIP's training."""
         out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, is_causal=True)
-        return self.out_proj(out)
+        projected: Tensor = self.out_proj(out)
+        return projected
 
 
 class CLIPMLP(nn.Module):
@@ -67,9 +68,10 @@ class CLIPMLP(nn.Module):
         self.quick = config.hidden_act == "quick_gelu"
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
+        h: Tensor = self.fc1(x)
         h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)  # quick_gelu: OpenAI's approximation
-        return self.fc2(h)
+        out: Tensor = self.fc2(h)
+        return out
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -84,7 +86,8 @@ class CLIPEncoderLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        mlp: Tensor = self.mlp(self.layer_norm2(x))
+        return x + mlp
 
 
 class CLIPEncoder(nn.Module):
@@ -108,12 +111,14 @@ class CLIPTextEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_positions, config.hidden_size)
-        self.register_load_state_dict_pre_hook(_drop_position_ids)
+        self.register_load_state_dict_pre_hook(_drop_position_ids)  # type: ignore[no-untyped-call]  # unannotated in torch
 
     def forward(self, ids: Tensor) -> Tensor:
         """ids [N, L] -> [N, L, D]; positions are 0..L-1 (no buffer, so nothing to load or rebuild)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)[None]
+        tokens: Tensor = self.token_embedding(ids)
+        position: Tensor = self.position_embedding(positions)
+        return tokens + position[None]
 
 
 class CLIPTextTransformer(nn.Module):
@@ -127,7 +132,8 @@ class CLIPTextTransformer(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if ids.shape[1] > self.max_positions:
             raise ValueError(f"{ids.shape[1]} tokens do not fit CLIP's {self.max_positions} positions")
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+        out: Tensor = self.final_layer_norm(self.encoder(self.embeddings(ids)))
+        return out
 
 
 class CLIPTextModel(nn.Module):
@@ -139,7 +145,8 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.text_model(ids)
+        out: Tensor = self.text_model(ids)
+        return out
 
 
 class CLIPTextConditioner(nn.Module):

@@ -72,7 +72,8 @@ class BertResidualNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(residual + self.dense(h))
+        out: Tensor = self.LayerNorm(residual + self.dense(h))
+        return out
 
 
 class BertAttention(nn.Module):
@@ -82,7 +83,8 @@ class BertAttention(nn.Module):
         self.output = BertResidualNorm(config.hidden_size, config.hidden_size, config.layer_norm_eps)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.output(self.self(x, mask), x)
+        out: Tensor = self.output(self.self(x, mask), x)
+        return out
 
 
 class BertIntermediate(nn.Module):
@@ -107,7 +109,8 @@ class BertLayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x [N, L, D]; mask [N, 1, 1, L] bool, True = a real (non-padding) key."""
         x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
+        out: Tensor = self.output(self.intermediate(x), x)
+        return out
 
 
 class BertEmbeddings(nn.Module):
@@ -123,7 +126,8 @@ class BertEmbeddings(nn.Module):
         """ids [N, L] -> [N, L, D]; one segment (token type 0), positions 0..L-1."""
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.word_embeddings(ids) + self.position_embeddings(positions)[None]
-        return self.LayerNorm(x + self.token_type_embeddings(torch.zeros_like(ids)))
+        out: Tensor = self.LayerNorm(x + self.token_type_embeddings(torch.zeros_like(ids)))
+        return out
 
 
 class BertEncoder(nn.Module):
@@ -148,7 +152,8 @@ class BertModel(nn.Module):
     def forward(self, ids: Tensor, attention_mask: Tensor) -> Tensor:
         """ids, attention_mask [N, L] (mask 1 = real token): padding is never attended to."""
         mask = attention_mask.bool()[:, None, None, :]  # [N, 1, 1, L] over keys
-        return self.encoder(self.embeddings(ids), mask)
+        out: Tensor = self.encoder(self.embeddings(ids), mask)
+        return out
 
 
 def load_minilm_weights(model: BertModel, folder: Path) -> None:

@@ -46,7 +46,8 @@ class SelfAttention(nn.Module):
         self.to_out = Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.to_out(multihead_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
+        out: Tensor = self.to_out(multihead_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -62,7 +63,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        mlp: Tensor = self.mlp(self.norm2(x))
+        return x + mlp
 
 
 class TransformerTextEncoder(nn.Module):
@@ -84,7 +86,8 @@ class TransformerTextEncoder(nn.Module):
         x = self.token_emb(ids) + self.pos_emb(positions)[None]
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        out: Tensor = self.norm(x)
+        return out
 
 
 class TransformerConditioner(nn.Module):

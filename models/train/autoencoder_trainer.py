@@ -159,8 +159,10 @@ class AutoencoderTrainer:
     # -------------------------------------------------------------------------------------- loss
     def _regulariser(self, out: Any) -> Tensor:
         if out.posterior is not None:
-            return self.config.kl_weight * out.posterior.kl().mean()
-        return self.config.codebook_weight * out.vq_loss
+            kl: Tensor = self.config.kl_weight * out.posterior.kl().mean()
+            return kl
+        codebook: Tensor = self.config.codebook_weight * out.vq_loss
+        return codebook
 
     def _crop(self, images: Tensor) -> Tensor:
         """Per-image random crops (offsets from the global RNG, which checkpoints restore)."""

@@ -9,7 +9,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
+def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train an autoencoder or a latent diffusion model",
                        description="Train the paper's two stages. Runs resume from RUN_DIR/checkpoints/last.pt "
                        "when it exists; every run writes its resolved config to RUN_DIR/config.yaml.")

@@ -136,7 +136,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     # our own files: optimiser states and RNG states need the full unpickler (numpy arrays, tuples)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return state
 
 
 class LossLog:

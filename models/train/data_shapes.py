@@ -185,7 +185,8 @@ def coverage(obj: ShapeObject, size: int = IMAGE_SIZE) -> np.ndarray:
     else:  # isosceles, apex up: apex (cx, cy - half), base from cx - half to cx + half at y = cy + half
         depth = (y - (cy - half)) / obj.side  # 0 at the apex, 1 at the base
         inside = (depth >= 0) & (depth <= 1) & (np.abs(x - cx) <= depth * half)
-    return inside.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+    coverage: np.ndarray = inside.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+    return coverage
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -224,7 +225,7 @@ LABEL_PALETTE: tuple[tuple[int, int, int], ...] = ((255, 255, 255),) + tuple(
 
 def class_id(colour: str, shape: str) -> int:
     """The class id of a colour x shape (see `CLASS_NAMES`)."""
-    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)  # type: ignore[arg-type]
+    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
 def class_of(label: int) -> tuple[str, Shape]:
@@ -277,7 +278,7 @@ def scene_conditions(scene: Scene, size: int = IMAGE_SIZE) -> SceneConditions:
     return SceneConditions(scene_class(scene), scene_layout(scene, size), label_map(scene, size))
 
 
-class ShapesDataset(IterableDataset):
+class ShapesDataset(IterableDataset[dict[str, torch.Tensor | str]]):
     """Infinite stream of {"image": [3,64,64] in [-1,1], "text": caption}; item i depends only on (seed, i).
     `pair_probability` 0: single-object scenes only (see `scene_at`)."""
 

@@ -478,7 +478,7 @@ class LDMTrainer:
         n = latents.shape[0]
         keep = torch.rand(n) >= self.config.cond_drop
         if self.kind == "text":
-            texts = [t if k else "" for t, k in zip(conds, keep.tolist(), strict=True)]  # type: ignore[arg-type]
+            texts = [t if k else "" for t, k in zip(conds, keep.tolist(), strict=True)]
             if self.contexts is not None:
                 return self.contexts(texts), None
             return conditioner.encode(texts).context, None
@@ -597,7 +597,7 @@ class LDMTrainer:
         settings = RunSettings(steps=c.sample_steps)
         if self.kind == "none":
             return to_tensor(pipeline.unconditional(specs, settings).images)
-        source: ConditionedSource = self.heldout  # type: ignore[assignment]
+        source: ConditionedSource = self.heldout
         real, _, conditions = source.batch_with_conditions(0, n)
         if self.kind == "class":
             result = pipeline.class2img(specs, settings, [cond.class_id if cond.class_id is not None else -1

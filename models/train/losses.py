@@ -30,7 +30,8 @@ def _load_state(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 class LPIPS(nn.Module):
@@ -108,7 +109,8 @@ class PatchDiscriminator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x)
+        out: Tensor = self.main(x)
+        return out
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -400,7 +400,7 @@ def set_process_title(title: str = PROCESS_TITLE) -> str:
     `pgrep` without -f) is set with prctl(PR_SET_NAME), while the command line stays what started the process:
     `ldm worker ...` when started by the `ldm` command."""
     try:
-        import setproctitle  # type: ignore[import-not-found]
+        import setproctitle
 
         setproctitle.setproctitle(title)
         return "setproctitle"

@@ -90,7 +90,7 @@ class _Answer:
             self.metrics.count_quota_rejection("grpc", exc.quota)
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no type hints
     """Wraps every method of ldm.v1.Diffusion: its exceptions become status codes (`status_of`), request bytes
     that do not parse become INVALID_ARGUMENT, and every call is counted (`ApiMetrics.observe_grpc`, when
     given). Other services (health, reflection) pass untouched."""
@@ -103,7 +103,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
             return handler
         options = {"request_deserializer": _tolerant(handler.request_deserializer),
