@@ -21,11 +21,12 @@ the images do not change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -288,12 +289,8 @@ class Runner:
             if on_step is not None:
                 on_step(step, total, indices)
 
-        try:
+        with _as_job_failures():
             result = self._call(key.task, specs, settings, chosen, progress)
-        except UnsupportedTask as exc:
-            raise JobFailure("unsupported", str(exc)) from exc
-        except ValueError as exc:
-            raise JobFailure("invalid_input", str(exc)) from exc
         for warning in result.warnings:
             log.warning("%s", warning)
         return [self.png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
@@ -329,12 +326,8 @@ class Runner:
         Raises JobFailure as `run` does."""
         specs, settings = self._specs(key, samples)
         method, conditions = self._task_call(key.task, samples)
-        try:
+        with _as_job_failures():
             started: Started = getattr(self.pipeline, f"start_{method}")(specs, settings, *conditions)
-        except UnsupportedTask as exc:
-            raise JobFailure("unsupported", str(exc)) from exc
-        except ValueError as exc:
-            raise JobFailure("invalid_input", str(exc)) from exc
         for warning in started.warnings:
             log.warning("%s", warning)
         return started
@@ -375,6 +368,17 @@ class Runner:
     def _free_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _as_job_failures() -> Iterator[None]:
+    """What a pipeline refuses, as the job's failure: a task the model cannot do, or an input it cannot use."""
+    try:
+        yield
+    except UnsupportedTask as exc:
+        raise JobFailure("unsupported", str(exc)) from exc
+    except ValueError as exc:
+        raise JobFailure("invalid_input", str(exc)) from exc
 
 
 def _images(samples: Sequence[SampleInput]) -> list[Image.Image]:
