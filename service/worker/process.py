@@ -25,6 +25,7 @@ Logs are one line per event with key=value fields (`event=batch_done model=... s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -36,7 +37,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -218,8 +219,11 @@ class Worker:
         return claims
 
     def claim_new(self, count: int, block_ms: int) -> list[Claim]:
-        """Up to `count` new jobs, waiting at most `block_ms` when there is none; held."""
-        claims = self.queue.claim(self.model, self.id, count=count, block_ms=block_ms)
+        """Up to `count` new jobs, waiting at most `block_ms` when there is none; held. SIGTERM and SIGINT wait
+        until the claim is done, so that no job submitted after the stop was logged is claimed (the continuous
+        worker claims at every step, and a signal taken while the read was on its way let one through)."""
+        with _signals_deferred():
+            claims = self.queue.claim(self.model, self.id, count=count, block_ms=block_ms)
         self._hold(claims)
         return claims
 
@@ -409,6 +413,18 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------------------------- the process
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread for the block's duration: the kernel gives them to another thread,
+    and Python runs their handler in the main thread once it is back in Python code, after the block."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 def default_worker_id() -> str:
     """host-pid-random: unique across restarts in a container where the pid is always the same."""
