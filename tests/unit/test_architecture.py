@@ -6,9 +6,10 @@ Layers (README "Layout"):
   module it imports, at module level or inside a function: the front ends start fast, hold no model, and scale
   out on machines without an accelerator.
 - Among `service` modules, only those in `DEVICE_MODULES` import torch or `models`: the worker's runner (every
-  served job reaches the device through it) and its step scheduler (continuous batching steps a `StepBatch`), the offline commands (`ldm generate`, `ldm reconstruct`,
-  `ldm convert`, and `service.cli`, which registers `ldm train` and `ldm eval` and imports their work when they
-  run), and two process-level reads in the worker: its torch thread count and its accelerator memory gauge.
+  served job reaches the device through it) and its step scheduler (continuous batching steps a `StepBatch`), the
+  offline commands (`ldm generate`, `ldm reconstruct`, `ldm convert`, and `service.cli`, which registers
+  `ldm train` and `ldm eval` and imports their work when they run), and two process-level reads in the worker:
+  its torch thread count and its accelerator memory gauge.
 
 Imports are read from the source (every `import` statement, including those inside functions and
 `TYPE_CHECKING` blocks), so a lazy import cannot slip past; one run also imports the front ends for real and
