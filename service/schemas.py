@@ -168,7 +168,8 @@ class GenerationRequest(BaseModel):
     eta: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM eta (ddim only)")
     preview_every: int = Field(
         default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
-        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none")
+        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
+        "with continuous batching (LDM_BATCHING=continuous); a static worker ignores it")
     image: bytes | None = Field(default=None, exclude=True, repr=False,
                                 description="encoded input image (image tasks)")
     mask: bytes | None = Field(default=None, exclude=True, repr=False,
