@@ -20,6 +20,9 @@ A second signal exits at once (the jobs in hand are taken over by another worker
 Cancellation is per job, batches are shared: a cancelled job is marked cancelled at the next step and its images
 are dropped, while the rest of its batch runs on; when every job of a batch is stopped, the batch stops too.
 
+With `LDM_BATCHING=continuous` the loop is service/worker/continuous.py's `ContinuousWorker`: the same phases at
+every sampler step, so that jobs join and leave the running batch between steps.
+
 Logs are one line per event with key=value fields (`event=batch_done model=... samples=4 seconds=0.41`).
 """
 
