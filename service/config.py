@@ -154,6 +154,9 @@ class Settings(BaseSettings):
 
     # --- workers
     max_batch: int = Field(default=8, ge=1, le=256, description="Most jobs a worker claims and batches at once.")
+    batching: Literal["static", "continuous"] = Field(
+        default="static", description="How a worker batches: static = a batch of compatible jobs runs to its end; "
+        "continuous = jobs join and leave the running batch at every sampler step (same model, task and size).")
     max_wait_ms: int = Field(
         default=20, ge=1, description="Longest a worker blocks waiting for jobs before looking again (milliseconds).")
     heartbeat_interval_s: float = Field(

@@ -112,6 +112,10 @@ WORKER_METRICS: list[MetricSpec] = [
                "Jobs this worker dropped because another worker had taken them over."),
     MetricSpec("ldm_oom_retries_total", "counter", ("model",),
                "Batches split in halves and retried after the accelerator ran out of memory."),
+    MetricSpec("ldm_samples_joined_mid_run_total", "counter", ("model",),
+               "Samples admitted into a running step batch (continuous batching) beside samples already running."),
+    MetricSpec("ldm_preview_seconds", "histogram", ("model",),
+               "Time to make one live preview PNG of a job's current x0 estimate."),
     MetricSpec("ldm_worker_busy_seconds_total", "counter", (),
                "Time the worker spent running jobs (rate() of it is the busy ratio)."),
     MetricSpec("ldm_worker_busy_ratio", "gauge", (),
@@ -361,6 +365,8 @@ class WorkerMetrics:
         self.jobs_reclaimed = _counter("ldm_jobs_reclaimed_total", r)
         self.jobs_lost = _counter("ldm_jobs_lost_total", r)
         self.oom_retries = _counter("ldm_oom_retries_total", r)
+        self.joined_mid_run = _counter("ldm_samples_joined_mid_run_total", r)
+        self.preview_time = _histogram("ldm_preview_seconds", r, _STEP_SECONDS)
         self.busy = BusyMeter(_counter("ldm_worker_busy_seconds_total", r), busy_window_s)
         self.busy_ratio = _gauge("ldm_worker_busy_ratio", r)
         self.busy_ratio.set_function(self.busy.ratio)

@@ -166,6 +166,10 @@ class GenerationRequest(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
                                    description="img2img/inpaint: how much to change; None = the task's default")
     eta: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM eta (ddim only)")
+    preview_every: int = Field(
+        default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
+        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
+        "with continuous batching (LDM_BATCHING=continuous); a static worker ignores it")
     image: bytes | None = Field(default=None, exclude=True, repr=False,
                                 description="encoded input image (image tasks)")
     mask: bytes | None = Field(default=None, exclude=True, repr=False,

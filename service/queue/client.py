@@ -10,6 +10,7 @@ are reclaimed after the visibility timeout, so the job is late, not lost. Payloa
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -366,10 +367,12 @@ class JobQueue:
 
     @retrying
     async def progress(self, claims: Sequence[Claim], step: int | None, total: int | None = None,
-                       ) -> dict[str, Literal["cancel", "lost"]]:
+                       previews: Mapping[str, bytes] | None = None) -> dict[str, Literal["cancel", "lost"]]:
         """Record `step` of `total` for running jobs (an event each) and keep their entries from being taken
-        over; with step None only keep claimed jobs alive. Answers the jobs to stop: "cancel" (cancellation
-        asked: stop and call `cancelled`) or "lost" (another worker has it now: drop it silently)."""
+        over; with step None only keep claimed jobs alive. `previews`: job id -> a preview PNG its event carries
+        (base64 in the event's `preview`). Answers the jobs to stop: "cancel" (cancellation asked: stop and call
+        `cancelled`) or "lost" (another worker has it now: drop it silently)."""
+        previews = previews or {}
         stop: dict[str, Literal["cancel", "lost"]] = {}
         for model, group in self._group_by_model(claims).items():
             for consumer in {c.consumer for c in group}:
@@ -379,7 +382,8 @@ class JobQueue:
                                    "" if step is None else step, "" if total is None else total]
                 for c in mine:
                     keys += self.keys.per_job(c.job.id)
-                    args += [c.entry_id, c.attempt]
+                    preview = previews.get(c.job.id)
+                    args += [c.entry_id, c.attempt, "" if preview is None else base64.b64encode(preview).decode()]
                 outcome = await self._lua["progress"](keys=keys, args=args)
                 for c, o in zip(mine, outcome, strict=True):
                     if _s(o) in ("cancel", "lost"):

@@ -73,6 +73,8 @@ class JobEvent(BaseModel):
     total: int = 0
     results: int = 0
     error: str | None = None
+    preview: str | None = Field(default=None, description="progress of a job asking for previews: a small PNG of "
+                                "its current denoised estimate, base64")
     at: float = Field(description="Unix time of the event")
 
     @property

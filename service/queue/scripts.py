@@ -142,12 +142,13 @@ return out
 """
 
 # Progress of running jobs, or a keep-alive of claimed ones (step ''): resets the entries' idle time.
-# KEYS: stream, then 4 per claim.  ARGV: consumer, now, live ttl, step, total, then per claim: entry, attempt.
+# KEYS: stream, then 4 per claim.  ARGV: consumer, now, live ttl, step, total, then per claim: entry, attempt,
+# preview (a base64 PNG carried by the progress event, or '').
 _PROGRESS = """
 local stream, consumer, now, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
-for i = 1, (#ARGV - 5) / 2 do
-  local entry, attempt, b = ARGV[4 + 2 * i], ARGV[5 + 2 * i], 4 * i - 2
+for i = 1, (#ARGV - 5) / 3 do
+  local entry, attempt, preview, b = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i], 4 * i - 2
   local job, events, image, mask = KEYS[b], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3]
   local status = owned(job, consumer, attempt)
   if status == 'cancelled' then
@@ -157,8 +158,10 @@ for i = 1, (#ARGV - 5) / 2 do
   else
     if ARGV[4] ~= '' and status == 'running' then
       redis.call('HSET', job, 'step', ARGV[4], 'total', ARGV[5])
-      event(events, ttl, {type='progress', status='running', step=tonumber(ARGV[4]), total=tonumber(ARGV[5]),
-                          results=0, at=tonumber(now)})
+      local body = {type='progress', status='running', step=tonumber(ARGV[4]), total=tonumber(ARGV[5]),
+                    results=0, at=tonumber(now)}
+      if preview ~= '' then body['preview'] = preview end
+      event(events, ttl, body)
     end
     redis.call('XCLAIM', stream, '@GROUP@', consumer, 0, entry, 'JUSTID')
     live(ttl, job, events, image, mask)

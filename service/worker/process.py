@@ -20,11 +20,15 @@ A second signal exits at once (the jobs in hand are taken over by another worker
 Cancellation is per job, batches are shared: a cancelled job is marked cancelled at the next step and its images
 are dropped, while the rest of its batch runs on; when every job of a batch is stopped, the batch stops too.
 
+With `LDM_BATCHING=continuous` the loop is service/worker/continuous.py's `ContinuousWorker`: the same phases at
+every sampler step, so that jobs join and leave the running batch between steps.
+
 Logs are one line per event with key=value fields (`event=batch_done model=... samples=4 seconds=0.41`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -36,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -137,7 +141,7 @@ class Worker:
         self.metrics.up.set(1)
         failures = 0
         try:
-            while not self.stopping:
+            while not self.stopping or self.in_hand():
                 try:
                     self.step()
                     failures = 0
@@ -145,13 +149,22 @@ class Worker:
                     failures += 1
                     delay = min(10.0, 0.5 * 2 ** min(failures, 5))
                     log.warning(kv("redis_unavailable", error=exc, retry_in_s=delay))
-                    with self._lock:
-                        self._held.clear()  # their entries stay pending: reclaimed after the visibility timeout
+                    self.reset()
                     self._stop.wait(delay)
         finally:
             self.metrics.up.set(0)
             self._stop_heartbeat()
         return 0
+
+    def in_hand(self) -> bool:
+        """Whether jobs claimed by an earlier `step` are still to be run (the static worker never keeps any)."""
+        return False
+
+    def reset(self) -> None:
+        """After losing Redis: forget the jobs in hand (their entries stay pending: reclaimed after the
+        visibility timeout)."""
+        with self._lock:
+            self._held.clear()
 
     def close(self) -> None:
         """Leave the registry (best effort: the entry expires anyway)."""
@@ -165,8 +178,12 @@ class Worker:
     def step(self) -> int:
         """claim -> schedule -> (execute -> update) for each batch; the number of jobs taken."""
         claims = self.claim()
-        if not claims:
-            return 0
+        if claims:
+            self.run_claims(claims)
+        return len(claims)
+
+    def run_claims(self, claims: Sequence[Claim]) -> None:
+        """schedule -> (execute -> update) for each batch of `claims`, then release them all."""
         self._busy = True
         try:
             with self.metrics.busy.busy():
@@ -178,7 +195,6 @@ class Worker:
         finally:
             self._busy = False
             self._release(claims)
-        return len(claims)
 
     def claim(self) -> list[Claim]:
         """One job of a silent worker (looked for every `reclaim_interval_s`), alone; else up to `max_batch` new
@@ -189,21 +205,34 @@ class Worker:
         and then, alone, it takes down no other job with it, while the batch-mates of its crash each get an
         attempt of their own instead of dying with it until they too are out of attempts. After a reclaim the
         next step looks for another at once, so the jobs of a dead worker are recovered one after the other."""
-        s = self.settings
-        if time.monotonic() >= self._next_reclaim:
-            claims = self.queue.reclaim(self.model, self.id, count=1)
-            if not claims:
-                self._next_reclaim = time.monotonic() + self.reclaim_interval_s
-            for c in claims:
-                self.metrics.jobs_reclaimed.labels(self.model).inc()
-                log.info(kv("job_reclaimed", job=c.job.id, attempt=c.attempt, previous_worker=c.job.worker))
-        else:
-            claims = []
+        return self.reclaim() or self.claim_new(self.settings.max_batch, self.settings.max_wait_ms)
+
+    def reclaim(self) -> list[Claim]:
+        """One job of a silent worker, when it is time to look (every `reclaim_interval_s`; at once again after a
+        reclaim); held."""
+        if time.monotonic() < self._next_reclaim:
+            return []
+        claims = self.queue.reclaim(self.model, self.id, count=1)
         if not claims:
-            claims = self.queue.claim(self.model, self.id, count=s.max_batch, block_ms=s.max_wait_ms)
+            self._next_reclaim = time.monotonic() + self.reclaim_interval_s
+        for c in claims:
+            self.metrics.jobs_reclaimed.labels(self.model).inc()
+            log.info(kv("job_reclaimed", job=c.job.id, attempt=c.attempt, previous_worker=c.job.worker))
+        self._hold(claims)
+        return claims
+
+    def claim_new(self, count: int, block_ms: int) -> list[Claim]:
+        """Up to `count` new jobs, waiting at most `block_ms` when there is none; held. SIGTERM and SIGINT wait
+        until the claim is done, so that no job submitted after the stop was logged is claimed (the continuous
+        worker claims at every step, and a signal taken while the read was on its way let one through)."""
+        with _signals_deferred():
+            claims = self.queue.claim(self.model, self.id, count=count, block_ms=block_ms)
+        self._hold(claims)
+        return claims
+
+    def _hold(self, claims: Sequence[Claim]) -> None:
         with self._lock:
             self._held.update((c.job.id, c) for c in claims)
-        return claims
 
     # ------------------------------------------------------------------------------------------- schedule
 
@@ -388,6 +417,18 @@ class Worker:
 
 # ----------------------------------------------------------------------------------------------- the process
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread for the block's duration: the kernel gives them to another thread,
+    and Python runs their handler in the main thread once it is back in Python code, after the block."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def default_worker_id() -> str:
     """host-pid-random: unique across restarts in a container where the pid is always the same."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:80] or "host"
@@ -480,13 +521,16 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
             return 1
         server, url = start_metrics_server(metrics.registry, settings.worker_metrics_port,
                                            settings.worker_metrics_host)
-        worker = Worker(settings, queue, runner, metrics, worker_id)
+        from service.worker.continuous import ContinuousWorker  # it builds on this module's Worker
+
+        worker_class = ContinuousWorker if settings.batching == "continuous" else Worker
+        worker = worker_class(settings, queue, runner, metrics, worker_id)
         signals.worker = worker
         if signals.received:  # a signal while the model loaded
             worker.request_stop()
         log.info(kv("worker_started", worker=worker_id, model=runner.name, spec=model_spec, device=runner.device,
                     dtype=str(runner.dtype).removeprefix("torch."), tasks=",".join(sorted(runner.tasks)),
-                    max_batch=settings.max_batch, metrics=url, pid=os.getpid(), title=how))
+                    max_batch=settings.max_batch, batching=settings.batching, metrics=url, pid=os.getpid(), title=how))
         try:
             code = worker.run()
         except Exception:  # a bug: exit non-zero so a supervisor restarts us; our jobs are taken over

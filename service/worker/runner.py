@@ -269,7 +269,7 @@ class Runner:
             return [None] * len(indices)
         except torch.cuda.OutOfMemoryError:
             pass  # retried below, outside the handler, so the traceback's frames free their tensors first
-        self._free_cached_memory()
+        self.free_cached_memory()
         if len(indices) == 1:
             raise JobFailure("out_of_memory", f"one {key.width}x{key.height} image does not fit in the memory "
                              f"of {self.device}")
@@ -365,7 +365,7 @@ class Runner:
             return {"label_map_sha256": hashlib.sha256(sample.image.tobytes()).hexdigest()}
         return {}
 
-    def _free_cached_memory(self) -> None:
+    def free_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

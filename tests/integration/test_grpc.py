@@ -77,8 +77,9 @@ def png_of(image: Image.Image, **text: object) -> bytes:
 
 
 class FakeWorker:
-    """A consumer loop on the real queue: every job gets a 'started', one 'progress' per step, then real PNGs
-    (txt2img: a flat colour from the seed; inpaint: the input image with the mask's white area painted red)."""
+    """A consumer loop on the real queue: every job gets a 'started', one 'progress' per step (with a preview PNG
+    every `preview_every` steps before the last), then real PNGs (txt2img: a flat colour from the seed; inpaint: the
+    input image with the mask's white area painted red)."""
 
     def __init__(self, settings: Settings, step_delay_s: float = 0.0, fail_with: str | None = None) -> None:
         self.settings, self.step_delay_s, self.fail_with = settings, step_delay_s, fail_with
@@ -94,7 +95,11 @@ class FakeWorker:
         request, total = claim.job.request, claim.job.request.steps
         for step in range(1, total + 1):
             await asyncio.sleep(self.step_delay_s)
-            if claim.job.id in await q.progress([claim], step, total):
+            every = request.preview_every
+            wants_preview = every > 0 and step % every == 0 and step < total
+            preview = png_of(Image.new("RGB", (8, 8), (0, step, 0))) if wants_preview else None
+            if claim.job.id in await q.progress([claim], step, total, previews={claim.job.id: preview} if preview
+                                                 else None):
                 await q.cancelled(claim)
                 return
         if self.fail_with is not None:
@@ -416,6 +421,18 @@ async def test_watch_job_streams_any_jobs_events_and_resumes_after_an_event(star
     assert rest == whole[3:]  # resumed exactly after the event named
     done = await env.stub.GetJob(pb.GetJobRequest(job_id=job.id, include_images=True))
     assert done.status == pb.JOB_STATUS_SUCCEEDED and len(done.images) == 1
+
+
+@pytest.mark.anyio
+async def test_previews_every_k_steps_arrive_as_png_bytes_in_progress(start_server: StartServer) -> None:
+    env = await start_server()
+    call = env.stub.GenerateStream(pb.GenerateRequest(parameters=params(steps=5, preview_every=2)))
+    progress = [m.progress for m in [m async for m in call] if m.HasField("progress")]
+    shown = {p.step: p.preview for p in progress if p.type == pb.EVENT_TYPE_PROGRESS and p.preview}
+    assert sorted(shown) == [2, 4]
+    assert all(Image.open(io.BytesIO(data)).format == "PNG" for data in shown.values())
+    job = await env.stub.GetJob(pb.GetJobRequest(job_id=await job_id_of(call)))
+    assert job.parameters.preview_every == 2
 
 
 @pytest.mark.anyio

@@ -6,9 +6,10 @@ Layers (README "Layout"):
   module it imports, at module level or inside a function: the front ends start fast, hold no model, and scale
   out on machines without an accelerator.
 - Among `service` modules, only those in `DEVICE_MODULES` import torch or `models`: the worker's runner (every
-  served job reaches the device through it), the offline commands (`ldm generate`, `ldm reconstruct`,
-  `ldm convert`, and `service.cli`, which registers `ldm train` and `ldm eval` and imports their work when they
-  run), and two process-level reads in the worker: its torch thread count and its accelerator memory gauge.
+  served job reaches the device through it) and its step scheduler (continuous batching steps a `StepBatch`), the
+  offline commands (`ldm generate`, `ldm reconstruct`, `ldm convert`, and `service.cli`, which registers
+  `ldm train` and `ldm eval` and imports their work when they run), and two process-level reads in the worker:
+  its torch thread count and its accelerator memory gauge.
 
 Imports are read from the source (every `import` statement, including those inside functions and
 `TYPE_CHECKING` blocks), so a lazy import cannot slip past; one run also imports the front ends for real and
@@ -37,6 +38,8 @@ PACKAGES = ("models", "service")
 #: service modules that may import torch or `models`, and why
 DEVICE_MODULES = {
     "service.worker.runner": "the worker's runner: the only code of a served job that touches the device",
+    "service.worker.continuous": "the continuous worker's step scheduler: holds the running samples' StepBatch "
+                                 "(models/step_batch.py) and steps it; the runner starts, decodes and encodes them",
     "service.generate": "`ldm generate`: an offline command that runs the model in its own process",
     "service.zoo_commands": "`ldm reconstruct` / `ldm convert`: offline commands on a first stage or a zoo model",
     "service.cli": "the `ldm` command: registers `ldm train`/`ldm eval` (argparse and models.names only at module "

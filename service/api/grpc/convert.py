@@ -7,6 +7,7 @@ metadata (`idempotency_key`).
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,8 @@ from service.queue import IDEMPOTENCY_KEY, Job, JobEvent, JobStatus
 from service.schemas import GenerationRequest, Task
 
 IDEMPOTENCY_METADATA = "idempotency-key"
-_OPTIONAL_FIELDS = ("seed", "steps", "guidance_scale", "width", "height", "n", "strength", "eta")
+_OPTIONAL_FIELDS = ("seed", "steps", "guidance_scale", "width", "height", "n", "strength", "eta",
+                   "preview_every")
 
 
 def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | None = None,
@@ -54,7 +56,7 @@ def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
         prompt=request.prompt, negative_prompt=request.negative_prompt, model=request.model or "",
         seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
         guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
-        strength=request.effective_strength, eta=request.eta,
+        strength=request.effective_strength, eta=request.eta, preview_every=request.preview_every,
         class_label="" if request.class_label is None else str(request.class_label), layout=layout)
 
 
@@ -78,7 +80,8 @@ def to_status(status: JobStatus) -> str:
 
 def to_progress(event: JobEvent) -> pb.Progress:
     return pb.Progress(type=f"EVENT_TYPE_{event.type.upper()}", status=to_status(event.status), step=event.step,
-                       total=event.total, error=event.error or "", event_id=event.id)
+                       total=event.total, error=event.error or "", event_id=event.id,
+                       preview=base64.b64decode(event.preview) if event.preview else b"")
 
 
 def to_task(task: Task) -> str:

@@ -1,0 +1,269 @@
+"""Continuous batching in the worker (`LDM_BATCHING=continuous`): the sampler loop is a step scheduler.
+
+The static worker claims a batch and samples it to its end, so a job that arrives one step later waits for the
+whole batch. Here every loop iteration is one denoiser call over the samples running (models/step_batch.py; Orca's
+and vLLM's iteration-level scheduling), and at each step boundary the worker
+
+- retires the samples whose plan ended: decode (`Started.finish`), PNG (`Runner.png`), and the job is stored and
+  acknowledged (`finish`) once all of its images are made;
+- reports each job's step to the queue, with a preview PNG of its x0 estimate every `preview_every` steps when the
+  request asks for one; the queue's answer stops cancelled jobs (their samples leave the batch at once, the slot is
+  free for the next step) and drops jobs another worker took over;
+- claims new jobs without blocking (an idle worker blocks up to `max_wait_ms` as the static one does) and admits
+  them in arrival order while they fit: same task and image size as the jobs running (the model is the worker's;
+  `StepBatch.refusal` has the last word), at most `max_batch` samples. Samplers, step counts, guidance scales,
+  strengths and seeds may differ. A job is started (text encoding, noise) when its first sample fits; its other
+  samples join as slots free up, before any later job's. The first job that does not fit waits, and the jobs
+  behind it too, so the batch drains for it: first in, first out, nobody starves.
+
+An image is bit-identical to the one the static worker makes (and to a solo run) on the CPU, whenever it joined:
+each sample has its own state and generator, and guidance is mixed per row (models/step_batch.py).
+
+A job taken over from a silent worker (XAUTOCLAIM) still runs alone, in quarantine: nothing more is admitted until
+the running samples finish, then it runs by the static path. Heartbeats keep every claimed job alive (running or
+waiting); SIGTERM stops claiming, and the loop runs until the jobs in hand are done. A failure of a step (a fault of
+ours or of the device, CUDA out of memory included: no split here) fails the jobs running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from models.pipeline import Started
+from models.step_batch import StepBatch, StepSample
+from service.queue import Claim, QueueError
+from service.worker.process import JobState, Worker, kv
+from service.worker.runner import JobFailure, SampleInput
+
+log = logging.getLogger("service.worker")
+
+
+@dataclass(eq=False)
+class Running:
+    """A started job: its pipeline start (for `finish`), its samples' inputs, those not admitted yet."""
+
+    job: JobState
+    started: Started
+    inputs: list[SampleInput]
+    queued: list[StepSample] = field(default_factory=list)
+    keys: list[Hashable] = field(default_factory=list)
+
+
+class ContinuousWorker(Worker):
+    """A `Worker` whose step is one sampler step of every running sample (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch = self._new_batch()
+        self.waiting: list[JobState] = []  # claimed, not started
+        self.running: dict[str, Running] = {}  # started, in arrival order
+        self.quarantined: list[Claim] = []
+
+    def _new_batch(self) -> StepBatch:
+        pipeline = self.runner.pipeline
+        return StepBatch(pipeline.denoiser, max_items=self.settings.max_batch, around=pipeline.adapters_for)
+
+    def in_hand(self) -> bool:
+        return bool(self.running or self.waiting or self.quarantined)
+
+    def reset(self) -> None:
+        super().reset()
+        self.batch = self._new_batch()
+        self.waiting, self.running, self.quarantined = [], {}, []
+
+    def step(self) -> int:
+        """Take what there is room for, admit what fits, run one step; the number of jobs taken."""
+        taken = self._take()
+        if self.quarantined and not self.running:  # drained: the taken-over job runs alone
+            claims, self.quarantined = self.quarantined, []
+            self.run_claims(claims)
+            return taken
+        if not self.running and not self.waiting:
+            return taken
+        self._busy = True
+        try:
+            with self.metrics.busy.busy():
+                self._admit()
+                if len(self.batch):
+                    self._iterate()
+        finally:
+            self._busy = self.in_hand()
+        return taken
+
+    # ------------------------------------------------------------------------------------------- take and admit
+
+    def _take(self) -> int:
+        """Claim new jobs for the free slots (not while stopping, nor while a taken-over job waits its turn)."""
+        if self.stopping or self.quarantined:
+            return 0
+        reclaimed = self.reclaim()
+        if reclaimed:
+            self.quarantined = reclaimed
+            return len(reclaimed)
+        waiting = sum(j.request.n for j in self.waiting) + sum(len(r.queued) for r in self.running.values())
+        room = self.settings.max_batch - len(self.batch) - waiting
+        if room <= 0:
+            return 0
+        busy = bool(self.running or self.waiting)
+        claims = self.claim_new(room, 1 if busy else self.settings.max_wait_ms)
+        self.waiting += [j for j in (self._prepare(c) for c in claims) if j is not None]
+        return len(claims)
+
+    def _room(self) -> int:
+        return self.settings.max_batch - len(self.batch)
+
+    def _fits(self, job: JobState) -> bool:
+        """Same task and image size as the jobs running (or none running)."""
+        first = next(iter(self.running.values()), None)
+        return first is None or (first.job.key.task, first.job.key.width, first.job.key.height) == (
+            job.key.task, job.key.width, job.key.height)
+
+    def _admit(self) -> None:
+        """Queued samples of started jobs first, then waiting jobs in order while they fit (none while a
+        taken-over job waits to run alone)."""
+        for r in list(self.running.values()):
+            self._admit_samples(r)
+        while self.waiting and not self.quarantined and self._room() > 0 and self._fits(self.waiting[0]):
+            job = self.waiting.pop(0)
+            running = self._start_job(job)
+            if running is not None:
+                self.running[job.id] = running
+                self._retire_unstepped(running)
+                self._admit_samples(running)
+
+    def _admit_samples(self, r: Running) -> None:
+        while r.queued and self._room() > 0:
+            sample = r.queued[0]
+            reason = self.batch.refusal(sample)
+            if reason is not None:  # the key check let it through, so this is ours to explain
+                self._drop(r)
+                self._fail(r.job, JobFailure("internal", f"cannot join the running batch: {reason}"))
+                return
+            mid_run = len(self.batch) > 0
+            self.batch.admit(r.queued.pop(0))
+            if mid_run:
+                self.metrics.joined_mid_run.labels(self.model).inc()
+
+    def _start_job(self, job: JobState) -> Running | None:
+        """Mark the job running in the queue and start its samples; None when it was cancelled while queued, taken
+        over, or failed to start."""
+        if job.done:
+            return None
+        if not self.queue.start([job.claim]):
+            job.done = True
+            self._release([job.claim])
+            return None
+        job.started = time.monotonic()
+        self.metrics.job_wait.labels(self.model).observe(max(0.0, time.time() - job.claim.job.created_at.timestamp()))
+        inputs = [SampleInput(job.request, seed, job.image, job.mask) for seed in job.request.seeds()]
+        try:
+            started = self.runner.start(job.key, inputs)
+        except JobFailure as failure:
+            self._fail(job, failure)
+            return None
+        except QueueError:
+            raise
+        except Exception as exc:  # a fault of ours or of the device: this job fails, the worker lives on
+            log.exception(kv("start_error", model=self.model, job=job.id, error=type(exc).__name__))
+            self._fail(job, JobFailure("internal", f"{type(exc).__name__}: {exc}"))
+            return None
+        samples = [replace(s, key=(job.id, index)) for index, s in enumerate(started.samples)]
+        return Running(job, started, inputs, queued=samples, keys=[s.key for s in samples])
+
+    def _retire_unstepped(self, r: Running) -> None:
+        """Samples with no step to run (an img2img plan of strength 0) are done as they start."""
+        for s in [s for s in r.queued if s.state.done]:
+            r.queued.remove(s)
+            self._store(r, s)
+        self._settle_if_done(r)
+
+    # ------------------------------------------------------------------------------------------- one step
+
+    def _iterate(self) -> None:
+        began = time.monotonic()
+        size = len(self.batch)
+        task = next(iter(self.running.values())).job.key.task.value
+        try:
+            advanced = self.batch.step()
+        except Exception as exc:  # a fault of ours or of the device: the running jobs fail, the worker lives on
+            log.exception(kv("step_error", model=self.model, error=type(exc).__name__))
+            self.runner.free_cached_memory()
+            failure = JobFailure("internal", f"{type(exc).__name__}: {exc}")
+            for crashed in list(self.running.values()):
+                self._drop(crashed)
+                self._fail(crashed.job, failure)
+            return
+        self.metrics.step_time.labels(self.model).observe(time.monotonic() - began)
+        self.metrics.batch_size.labels(self.model, task).observe(size)
+        by_job: dict[str, list[StepSample]] = {}
+        for s in advanced:
+            by_job.setdefault(_job_id(s), []).append(s)
+        self._report(by_job)
+        for job_id, samples in by_job.items():
+            r = self.running.get(job_id)
+            if r is None or r.job.done:
+                continue
+            for s in samples:
+                if s.state.done:
+                    self._store(r, s)
+            self._settle_if_done(r)
+
+    def _store(self, r: Running, s: StepSample) -> None:
+        index = _index(s)
+        image = r.started.finish(index, s.latent)
+        r.job.pngs[index] = self.runner.png(r.job.key, r.inputs[index], image)
+
+    def _settle_if_done(self, r: Running) -> None:
+        if not r.job.done and len(r.job.pngs) == r.job.request.n:
+            self.running.pop(r.job.id, None)
+            self._finish(r.job)
+
+    def _report(self, by_job: dict[str, list[StepSample]]) -> None:
+        """Each advanced job's step (and preview) to the queue, one call per (step, total); stop the jobs it says
+        to stop."""
+        groups: dict[tuple[int, int], list[Running]] = {}
+        previews: dict[str, bytes] = {}
+        for job_id, samples in by_job.items():
+            r = self.running.get(job_id)
+            if r is None or r.job.done:
+                continue
+            state = samples[0].state
+            step, total = state.i, state.plan.steps
+            groups.setdefault((step, total), []).append(r)
+            every = r.job.request.preview_every
+            if every and step % every == 0 and step < total and state.denoised is not None:
+                began = time.monotonic()
+                previews[job_id] = self.runner.preview(state.denoised, r.job.key)
+                self.metrics.preview_time.labels(self.model).observe(time.monotonic() - began)
+        for (step, total), group in groups.items():
+            stop = self.queue.progress([r.job.claim for r in group], step, total,
+                                       previews={r.job.id: previews[r.job.id] for r in group if r.job.id in previews})
+            for r in group:
+                if stop.get(r.job.id) == "cancel":
+                    self._drop(r)
+                    self._cancelled(r.job, step, total)
+                elif stop.get(r.job.id) == "lost":
+                    self._drop(r)
+                    self._lost(r.job)
+
+    def _drop(self, r: Running) -> None:
+        """Take a job's samples out of the batch (their slots are free for the next step)."""
+        for key in r.keys:
+            self.batch.cancel(key)
+        r.queued.clear()
+        self.running.pop(r.job.id, None)
+
+
+def _job_id(sample: StepSample) -> str:
+    """Sample keys in this batch are (job id, image index)."""
+    key = cast(tuple[str, int], sample.key)
+    return key[0]
+
+
+def _index(sample: StepSample) -> int:
+    key = cast(tuple[str, int], sample.key)
+    return key[1]
