@@ -78,7 +78,7 @@ class Principal:
 
 
 ANONYMOUS = Principal("")
-#: the caller of the gRPC call being served (set by the call guard, read where the call submits a job)
+#: the caller of the gRPC call being served (set by the interceptor, read where the call submits or reads a job)
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("ldm_principal", default=ANONYMOUS)
 
 _MESSAGES: dict[Reason, str] = {

@@ -229,3 +229,28 @@ def test_without_keys_every_caller_sees_every_job(make_settings: Callable[..., S
         job_id = api.client.post("/v1/jobs", json=TXT).json()["id"]
         assert api.client.get(f"/v1/jobs/{job_id}", headers=bearer(new_key())).status_code == 200  # keys ignored
         assert api.client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+# ------------------------------------------------------------------------------------------------ gRPC: key first
+
+@pytest.mark.anyio
+async def test_grpc_refuses_an_unauthenticated_large_message_from_its_metadata(
+        make_settings: Callable[..., Settings], tenants: Tenants, tmp_path: Path) -> None:
+    """The key is checked when the method is looked up, before the message is read: a 48 MiB Inpaint without a
+    key, on a server that receives at most 4 MiB, is answered UNAUTHENTICATED, where the same message with a key is
+    RESOURCE_EXHAUSTED (received until the limit): the refused one was never received, let alone parsed. So is a
+    server-streaming call; counted like any refusal."""
+    settings = make_settings(api_key_file=tenants.key_file(tmp_path), grpc_max_message_bytes=4 << 20)
+    async with grpc_serving(settings) as env:
+        big = pb.InpaintRequest(parameters=params(), image=b"\0" * (48 << 20), mask=b"\0")
+        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                               (grpc_auth(new_key()), grpc.StatusCode.UNAUTHENTICATED)):
+            err = await grpc_error(env.stub.Inpaint(big, metadata=metadata, timeout=20))
+            assert err.code() == code, err.details()
+        err = await grpc_error(env.stub.WatchJob(pb.WatchJobRequest(job_id=UNKNOWN), timeout=5), stream=True)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        err = await grpc_error(env.stub.Inpaint(big, metadata=grpc_auth(tenants.alice), timeout=20))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # with the key, the message is read: too large
+        sample = env.metrics.registry.get_sample_value
+        assert sample("ldm_auth_failures_total", {"front_end": "grpc", "reason": "missing"}) == 2
+        assert sample("ldm_grpc_requests_total", {"method": "Inpaint", "code": "UNAUTHENTICATED"}) == 2

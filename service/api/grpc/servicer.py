@@ -208,7 +208,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _visible(self, job_id: str) -> Job:
-        """The job if the caller (`current_principal`, set by the call guard) may see it; JobNotFound, as for an
+        """The job if the caller (`current_principal`, set by the interceptor) may see it; JobNotFound, as for an
         unknown id, when it is another key's (service/api/ownership.py)."""
         return await visible_job(self.queue, job_id, current_principal.get())
 
