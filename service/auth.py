@@ -10,6 +10,11 @@ Answers (`AuthError.status`): 401 for a missing, malformed or unknown key, 403 f
 learns its key was withdrawn, not mistyped); gRPC: UNAUTHENTICATED and PERMISSION_DENIED. Plain keys never reach
 a log, a metric label or Redis: the identity used for quotas and logs is `Principal.key_id`, a digest prefix.
 
+Ownership: every job records the `key_id` of the key that submitted it (`Job.owner`); `Principal.sees` says who
+may read or cancel it: its owner, a key with the `admin` role (`<digest> label role=admin` in the key file: operators),
+and everyone when authentication is off. Another key's job answers exactly as an unknown one (404 / NOT_FOUND), so a
+job id that leaks (logs, URLs, tickets) opens nothing and its existence is not confirmed.
+
 Exposure (`check_exposure`): with no key configured, authentication is off, which is allowed on loopback (the
 one-box `ldm serve`) or where `auth_disabled` says so explicitly; anything else refuses to start.
 """
@@ -39,6 +44,7 @@ KEY_ID_CHARS = 12  # digest prefix that names a key in quotas, logs and Redis (4
 FILE_CHECK_S = 1.0  # the key file is looked at (stat) at most this often
 REALM = "ldm-serve"
 Reason = Literal["missing", "malformed", "unknown", "revoked"]
+ROLES: frozenset[str] = frozenset({"admin"})  # admin: sees and cancels every key's jobs
 
 
 def new_key() -> str:
@@ -53,18 +59,26 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: `key_id` (a digest prefix; "" when authentication is off) and the key file's label."""
+    """Who is calling: `key_id` (a digest prefix; "" when authentication is off), the key file's label and whether
+    the key has the `admin` role."""
 
     key_id: str
     label: str | None = None
+    admin: bool = False
 
     @property
     def anonymous(self) -> bool:
         return not self.key_id
 
+    def sees(self, owner: str) -> bool:
+        """Whether this caller may read and cancel a job submitted by key `owner` ("" = submitted without
+        authentication): its own, every job for an admin, and every job when authentication is off (anonymous).
+        A job submitted while authentication was off belongs to no key, so only admins see it once keys are on."""
+        return self.anonymous or self.admin or owner == self.key_id
+
 
 ANONYMOUS = Principal("")
-#: the caller of the gRPC call being served (set by the call guard, read where the call submits a job)
+#: the caller of the gRPC call being served (set by the interceptor, read where the call submits or reads a job)
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("ldm_principal", default=ANONYMOUS)
 
 _MESSAGES: dict[Reason, str] = {
@@ -108,13 +122,16 @@ def bearer_token(authorization: str | None) -> str:
 
 @dataclass(frozen=True)
 class KeyRing:
-    """The configured digests: active keys (digest -> label) and revoked ones."""
+    """The configured digests: active keys (digest -> label), revoked ones, and the active ones with the admin role."""
 
     active: dict[bytes, str | None] = field(default_factory=dict)
     revoked: frozenset[bytes] = frozenset()
+    admins: frozenset[bytes] = frozenset()
 
     def merged(self, other: KeyRing) -> KeyRing:
-        return KeyRing({**self.active, **other.active}, self.revoked | other.revoked)
+        """Both rings; a digest `other` lists again takes its label and role from `other`."""
+        admins = (self.admins - other.active.keys()) | other.admins
+        return KeyRing({**self.active, **other.active}, self.revoked | other.revoked, admins)
 
     def __len__(self) -> int:
         return len(self.active)
@@ -133,7 +150,7 @@ class KeyRing:
             raise AuthError("revoked")
         if found is None:
             raise AuthError("unknown")
-        return Principal(found.hex()[:KEY_ID_CHARS], self.active[found])
+        return Principal(found.hex()[:KEY_ID_CHARS], self.active[found], found in self.admins)
 
 
 def ring_of(active: Iterable[str], revoked: Iterable[str] = ()) -> KeyRing:
@@ -142,10 +159,14 @@ def ring_of(active: Iterable[str], revoked: Iterable[str] = ()) -> KeyRing:
 
 
 def parse_key_file(text: str, source: str) -> KeyRing:
-    """Lines `<digest> [label]` or `revoked <digest> [label]`; blank lines and `#` comments are skipped.
-    Raises ValueError naming the line (never echoing it: a pasted plain key must not reach a log)."""
+    """Lines `<digest> [label] [role=admin]` or `revoked <digest> [label]`; blank lines and `#` comments are
+    skipped. A `role=` word anywhere after the digest sets the key's role (only `admin` exists: it sees every key's
+    jobs); an unknown role is refused, not ignored, so a typo cannot quietly leave an operator without access or
+    read as something it is not. Raises ValueError naming the line (never echoing it: a pasted plain key must not
+    reach a log)."""
     active: dict[bytes, str | None] = {}
     revoked: set[bytes] = set()
+    admins: set[bytes] = set()
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
@@ -157,12 +178,17 @@ def parse_key_file(text: str, source: str) -> KeyRing:
         if not SHA256_HEX.match(digest):
             raise ValueError(f"{source}, line {number}: expected '<sha256 hex digest> [label]' or 'revoked <digest> "
                              "[label]' (configure digests from `ldm keys hash`, never keys)")
-        label = " ".join(words[1:]) or None
+        roles = {w.split("=", 1)[1].lower() for w in words[1:] if w.lower().startswith("role=")}
+        if roles - ROLES:
+            raise ValueError(f"{source}, line {number}: unknown role (known: role={', role='.join(sorted(ROLES))})")
+        label = " ".join(w for w in words[1:] if not w.lower().startswith("role=")) or None
         if is_revoked:
             revoked.add(bytes.fromhex(digest))
         else:
             active[bytes.fromhex(digest)] = label
-    return KeyRing(active, frozenset(revoked))
+            if "admin" in roles:
+                admins.add(bytes.fromhex(digest))
+    return KeyRing(active, frozenset(revoked), frozenset(admins))
 
 
 class Authenticator:

@@ -106,9 +106,10 @@ class Settings(BaseSettings):
         "authentication on.")
     api_key_file: Path | None = Field(
         default=None,
-        description="File of API key digests, one a line: `<digest> [label]`, or `revoked <digest> [label]`; # "
-        "comments. Re-read when it changes, so keys rotate without a restart; set, it turns authentication on "
-        "(an empty file lets no one in).")
+        description="File of API key digests, one a line: `<digest> [label] [role=admin]`, or `revoked <digest> "
+        "[label]`; # comments. A key sees only the jobs it submitted; `role=admin` sees and cancels every key's "
+        "jobs (operators). Re-read when it changes, so keys and roles change without a restart; set, it turns "
+        "authentication on (an empty file lets no one in).")
     revoked_key_hashes: Digests = Field(
         default=(),
         description="SHA-256 hex digests of revoked keys (comma-separated): answered 403 instead of 401.")
@@ -139,7 +140,8 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(
         default=3600, ge=1, description="How long result PNGs, job records and events are kept after a job ends.")
     idempotency_ttl_s: int = Field(
-        default=86400, ge=1, description="How long an Idempotency-Key keeps answering with the same job.")
+        default=86400, ge=1, description="How long an Idempotency-Key keeps answering with the same job (keys are "
+        "per API key: two keys' equal Idempotency-Keys name two jobs).")
     visibility_timeout_s: float = Field(
         default=60.0, gt=0,
         description="A claimed job whose worker shows no sign of life (no step, no keep-alive) for this long is "

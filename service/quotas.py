@@ -106,14 +106,18 @@ class Quotas:
 
     async def submit(self, principal: Principal, request: GenerationRequest, *, idempotency_key: str | None = None,
                      deadline_s: float | None = None) -> Job:
-        """`JobQueue.submit` within `principal`'s cap of jobs in flight; raises QuotaExceeded beyond it."""
+        """`JobQueue.submit` for `principal` (the job's owner) within its cap of jobs in flight; raises QuotaExceeded
+        beyond it."""
         cap = self.settings.key_max_jobs_in_flight
+        owner = principal.key_id
         if principal.anonymous or cap <= 0:
-            return await self.queue.submit(request, idempotency_key=idempotency_key, deadline_s=deadline_s)
+            return await self.queue.submit(request, idempotency_key=idempotency_key, deadline_s=deadline_s,
+                                           owner=owner)
         token = f"r-{uuid.uuid4().hex}"
         await self._reserve_slot(principal.key_id, token, cap)
         try:
-            job = await self.queue.submit(request, idempotency_key=idempotency_key, deadline_s=deadline_s)
+            job = await self.queue.submit(request, idempotency_key=idempotency_key, deadline_s=deadline_s,
+                                          owner=owner)
         except BaseException:
             await self._release(principal.key_id, token)
             raise

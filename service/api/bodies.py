@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 
 from service.queue import Job
+from service.queue.records import JobInfo
 from service.schemas import MAX_SEED, GenerationRequest, LabelSet, Sampler, Task
 
 
@@ -145,8 +146,8 @@ class JobLinks(BaseModel):
     images: list[str] = Field(description="the result PNGs, once the job has succeeded")
 
 
-class JobView(Job):
-    """A job as the API answers it: its record plus links."""
+class JobView(JobInfo):
+    """A job as the API answers it: what a client may see of its record (no owner, no worker host) plus links."""
 
     links: JobLinks
 
@@ -154,7 +155,7 @@ class JobView(Job):
     def of(cls, job: Job) -> JobView:
         base = f"/v1/jobs/{job.id}"
         links = JobLinks(self=base, events=f"{base}/events", images=[f"{base}/images/{i}" for i in range(job.results)])
-        return cls(**dict(job), links=links)
+        return cls(**{name: getattr(job, name) for name in JobInfo.model_fields}, links=links)
 
 
 # ------------------------------------------------------------------------------------ OpenAI-compatible shapes

@@ -58,6 +58,7 @@ def _job_from_hash(raw: Mapping[Any, Any]) -> Job:
         step=int(f.get("step", 0)), total=int(f.get("total", 0)), attempts=int(f.get("attempts", 0)),
         error=f.get("error") or None, results=int(f.get("results", 0)), cancel_requested=f.get("cancel") == "1",
         worker=f.get("worker") or None, deadline_s=float(f["deadline_s"]) if f.get("deadline_s") else None,
+        owner=f.get("owner", ""),
     )
 
 
@@ -141,9 +142,10 @@ class JobQueue:
         await self.redis.ping()
 
     async def submit(self, request: GenerationRequest, *, idempotency_key: str | None = None,
-                     deadline_s: float | None = None) -> Job:
-        """Admit and enqueue a job. Raises pydantic.ValidationError (bad request), QueueFull,
-        IdempotencyConflict, QueueUnavailable. The same idempotency key answers with the same job. `deadline_s`:
+                     deadline_s: float | None = None, owner: str = "") -> Job:
+        """Admit and enqueue a job for API key `owner` (its key id; "" without authentication). Raises
+        pydantic.ValidationError (bad request), QueueFull, IdempotencyConflict, QueueUnavailable. The same
+        idempotency key of the same owner answers with the same job (each owner has its own key space). `deadline_s`:
         the job fails (deadline exceeded) rather than start later than this after submission; at most, and by
         default, `job_deadline_s`."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
@@ -156,37 +158,38 @@ class JobQueue:
         for _ in range(2):  # a second round only when the key's job record has expired
             # the id and time are chosen once per round, so a retry after a lost reply finds its own job
             job = await self._submit_once(admitted, fingerprint, idempotency_key, uuid.uuid4().hex, time.time(),
-                                          deadline)
+                                          deadline, owner)
             if job is not None:
                 return job
         raise QueueUnavailable("could not submit: the idempotency key kept naming an expired job")
 
     @retrying
     async def _submit_once(self, request: GenerationRequest, fingerprint: str, idem: str | None, job_id: str,
-                           now: float, deadline_s: float) -> Job | None:
+                           now: float, deadline_s: float, owner: str) -> Job | None:
         assert request.model is not None
         k, s = self.keys, self.settings
         keys = [k.job(job_id), k.stream(request.model), k.events(job_id), k.input(job_id, "image"),
-                k.input(job_id, "mask"), k.idempotency(idem or "-")]
+                k.input(job_id, "mask"), k.idempotency(owner, idem or "-")]
         args: list[ScriptArg] = [
             job_id, request.model, request.model_dump_json(), fingerprint, repr(now), self._live_ttl_ms,
             s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.stored_image or b"",
             request.mask or b"",
-            repr(float(deadline_s))]
+            repr(float(deadline_s)), owner]
         kind, value = (_s(v) for v in await self._lua["submit"](keys=keys, args=args))
         if kind == "full":
             raise QueueFull(request.model, int(value), s.queue_max_depth, s.queue_retry_after_s)
         if kind == "duplicate":
             prior_id, prior_fp = value.split(" ", 1)
-            if prior_fp != fingerprint:
-                raise IdempotencyConflict(f"idempotency key {idem!r} was used for a different request (job {prior_id})")
+            if prior_fp != fingerprint:  # no job id in the message: an answer names only the caller's own jobs
+                raise IdempotencyConflict(f"idempotency key {idem!r} was used for a different request; use a new "
+                                          "key for a new request")
             prior = await self._get(prior_id)
             if prior is None:
                 await self._lua["forget"](keys=[keys[5]], args=[value])
             return prior
         return Job(id=job_id, model=request.model, status=JobStatus.queued, request=request,
                    created_at=datetime.fromtimestamp(now, tz=UTC), step=0, total=0, attempts=0, results=0,
-                   deadline_s=deadline_s)
+                   deadline_s=deadline_s, owner=owner)
 
     async def _get(self, job_id: str) -> Job | None:
         raw = await self.redis.hgetall(self.keys.job(job_id)) if JOB_ID.match(job_id) else {}

@@ -37,8 +37,10 @@ class Keys:
     def input(self, job_id: str, name: Literal["image", "mask"]) -> str:
         return f"{self.prefix}:input:{job_id}:{name}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, owner: str, key: str) -> str:
+        """Idempotency key `key` of API key `owner` ("" without authentication): each API key has its own key
+        space, so one tenant's key never names another's job."""
+        return f"{self.prefix}:idem:{owner or '-'}:{key}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"

@@ -32,8 +32,9 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-class Job(BaseModel):
-    """A job's record as stored in `ldm:job:<id>` and answered by GET /v1/jobs/{id} (images excluded)."""
+class JobInfo(BaseModel):
+    """What a client may see of a job (GET /v1/jobs/{id} answers it, images excluded): not who submitted it nor
+    which worker host runs it (`Job` adds those)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -50,10 +51,18 @@ class Job(BaseModel):
     error: str | None = None
     results: int = Field(default=0, description="result images stored (n once succeeded)")
     cancel_requested: bool = False
-    worker: str | None = Field(default=None, description="the worker holding the job, if any")
     deadline_s: float | None = Field(
         default=None, description="seconds after submission by which the job must start, else it fails (deadline "
         "exceeded) without running")
+
+
+class Job(JobInfo):
+    """A job's record as stored in `ldm:job:<id>`: what a client sees, plus what only the service uses."""
+
+    worker: str | None = Field(default=None, description="the worker holding the job, if any (its host name: "
+                               "never shown to clients)")
+    owner: str = Field(default="", description="key id of the API key that submitted it (service/auth.py); \"\" "
+                       "when submitted without authentication")
 
 
 EventType = Literal["queued", "started", "progress", "requeued", "cancel_requested", "succeeded", "failed",

@@ -53,7 +53,7 @@ end
 
 # KEYS: job, stream, events, image, mask, idempotency
 # ARGV: id, model, request, fingerprint, now, live ttl ms, idempotency ttl ms, max depth, use idempotency, image, mask,
-#       deadline s (the most seconds it may wait to start)
+#       deadline s (the most seconds it may wait to start), owner (the submitting API key's id; '' without keys)
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
 if ARGV[9] == '1' then
@@ -65,7 +65,7 @@ if depth >= tonumber(ARGV[8]) then return {'full', tostring(depth)} end
 local ttl = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'model', ARGV[2], 'status', 'queued', 'request', ARGV[3], 'fp', ARGV[4],
            'created', ARGV[5], 'step', 0, 'total', 0, 'attempts', 0, 'results', 0, 'cancel', 0)
-redis.call('HSET', KEYS[1], 'deadline_s', ARGV[12])
+redis.call('HSET', KEYS[1], 'deadline_s', ARGV[12], 'owner', ARGV[13])
 if ARGV[10] ~= '' then redis.call('SET', KEYS[4], ARGV[10], 'PX', ttl) end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'PX', ttl) end
 redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'job', ARGV[1]))

@@ -88,7 +88,8 @@ def test_the_right_key_gets_in_and_two_keys_are_told_apart(api: Callable[..., Ap
     app = api(**keys.settings())
     job = app.client.post("/v1/jobs", json=TXT, headers=bearer(keys.alice))
     assert job.status_code == 202, job.text
-    assert app.client.get(f"/v1/jobs/{job.json()['id']}", headers=bearer(keys.bob)).status_code == 200
+    assert app.client.get(f"/v1/jobs/{job.json()['id']}", headers=bearer(keys.alice)).status_code == 200
+    assert app.client.get(f"/v1/jobs/{job.json()['id']}", headers=bearer(keys.bob)).status_code == 404  # not bob's
     assert app.client.post("/v1/jobs", json=TXT, headers={"authorization": f"bearer {keys.bob}"}).status_code == 202
     assert queued(app.settings, MODEL) == 2
 

@@ -5,7 +5,7 @@ One module per part, each doing one thing:
 - `servicer.py`: `DiffusionServicer` submits jobs, follows their events, answers with their PNGs; it raises
   exceptions as they come and never picks a status code (its docstring: how calls and jobs share deadlines);
 - `status.py`: `status_of`, the one place exceptions become status codes;
-- `guard.py`: `CallGuard`, the API key and the key's rate, before each call;
+- `guard.py`: `CallGuard`, the API key (from the metadata, before the message is read) and the key's rate;
 - `interceptor.py`: `StatusInterceptor`, which runs the guard and answers every method's exceptions with
   `status_of`, for every method of the service;
 - `server.py`: the server beside the health service and reflection, started and stopped gracefully;

@@ -1,17 +1,18 @@
 """`CallGuard`: what every call of ldm.v1.Diffusion passes before its method runs (`interceptor.py` runs it).
 
 The API key comes as metadata `authorization: Bearer <key>` (UNAUTHENTICATED, or PERMISSION_DENIED for a revoked
-key; service/auth.py); the calls that submit a job also spend the key's rate (RESOURCE_EXHAUSTED +
-`retry-after`; service/quotas.py).
+key; service/auth.py). It is checked from the call's metadata alone, when the server looks up the method
+(`authenticate`), before the request message is received or parsed: an unauthenticated caller cannot make the server
+read, buffer and parse a message of up to `grpc_max_message_bytes`. The calls that submit a job then spend the key's
+rate (`admit`: RESOURCE_EXHAUSTED + `retry-after`; service/quotas.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
+from typing import Any
 
-import grpc
-
-from service.auth import Authenticator, AuthError, current_principal
+from service.auth import Authenticator, AuthError, Principal
 from service.quotas import Quotas
 
 AUTHORIZATION_METADATA = "authorization"  # "Bearer <API key>"
@@ -21,20 +22,20 @@ SUBMITTING_METHODS = frozenset({"Generate", "GenerateStream", "Inpaint", "Img2Im
 
 
 class CallGuard:
-    """What every call of ldm.v1.Diffusion passes first: its API key, and for the calls that submit a job, the
-    key's rate. The caller is left in `current_principal` for the servicer (its jobs-in-flight cap)."""
+    """What every call of ldm.v1.Diffusion passes first: its API key (from the metadata, before the message), and
+    for the calls that submit a job, the key's rate."""
 
     def __init__(self, auth: Authenticator, quotas: Quotas) -> None:
         self.auth, self.quotas = auth, quotas
 
-    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        metadata = [str(v) for k, v in context.invocation_metadata() or () if k.lower() == AUTHORIZATION_METADATA]
-        if len(metadata) > 1:
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
+        """The caller of a call with this invocation metadata. Raises AuthError."""
+        values = [str(v) for k, v in metadata or () if k.lower() == AUTHORIZATION_METADATA]
+        if len(values) > 1:
             raise AuthError("malformed", "malformed authorization: send one authorization metadata entry")
-        principal = self.auth.authenticate(metadata[0] if metadata else None)
-        current_principal.set(principal)
+        return self.auth.authenticate(values[0] if values else None)
+
+    async def admit(self, method: str, principal: Principal) -> None:
+        """Spend one unit of `principal`'s rate when `method` submits a job. Raises QuotaExceeded."""
         if method.rsplit("/", 1)[-1] in SUBMITTING_METHODS:
             await self.quotas.take_token(principal)
-
-
-Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[None]]

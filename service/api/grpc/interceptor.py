@@ -1,7 +1,10 @@
 """`StatusInterceptor`: wraps every method of ldm.v1.Diffusion, so that no method picks a status code.
 
-Before the method: request bytes that do not parse become INVALID_ARGUMENT (instead of grpc's UNKNOWN), and the
-guard (`guard.CallGuard`: API key, rate) runs. After it: its exception becomes its status (`status.status_of`), a
+Before the method: the API key is checked from the call's metadata when the method is looked up, before the request
+message is received (`guard.CallGuard.authenticate`: a refused call is answered by a handler that never reads its
+message, so an unauthenticated caller cannot make the server buffer and parse up to `grpc_max_message_bytes`); then
+request bytes that do not parse become INVALID_ARGUMENT (instead of grpc's UNKNOWN), and the key's rate is spent
+(`CallGuard.admit`). After it: its exception becomes its status (`status.status_of`), a
 client that left counts as CANCELLED, and the call is counted in the metrics. Each method runs in a task of its
 own (`_cancellable`), so a cancellation always reaches it.
 """
@@ -18,10 +21,10 @@ from typing import Any, TypeVar
 import grpc
 
 from service.api.grpc.errors import BadRequest, JobEnded
-from service.api.grpc.guard import Guard
+from service.api.grpc.guard import CallGuard
 from service.api.grpc.status import status_of
 from service.api.grpc.stubs import SERVICE_NAME
-from service.auth import AuthError
+from service.auth import ANONYMOUS, AuthError, Principal, current_principal
 from service.metrics import ApiMetrics
 from service.quotas import QuotaExceeded
 
@@ -95,7 +98,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
     that do not parse become INVALID_ARGUMENT, and every call is counted (`ApiMetrics.observe_grpc`, when
     given). Other services (health, reflection) pass untouched."""
 
-    def __init__(self, metrics: ApiMetrics | None = None, guard: Guard | None = None) -> None:
+    def __init__(self, metrics: ApiMetrics | None = None, guard: CallGuard | None = None) -> None:
         self.metrics, self.guard = metrics, guard
 
     async def intercept_service(
@@ -106,15 +109,39 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         method: str = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
             return handler
+        try:
+            principal = ANONYMOUS if self.guard is None else self.guard.authenticate(
+                handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        except AuthError as exc:
+            return _refusal(exc, method, self.metrics, streaming=handler.unary_stream is not None)
         options = {"request_deserializer": _tolerant(handler.request_deserializer),
                    "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, method, self.metrics, self.guard), **options)
+                _unary(handler.unary_unary, method, self.metrics, self.guard, principal), **options)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, method, self.metrics, self.guard), **options)
+                _streaming(handler.unary_stream, method, self.metrics, self.guard, principal), **options)
         return handler  # no client-streaming methods in this service
+
+
+def _refusal(exc: AuthError, method: str, metrics: ApiMetrics | None, *, streaming: bool) -> grpc.RpcMethodHandler:
+    """A handler answering `exc` (UNAUTHENTICATED / PERMISSION_DENIED) without reading the request: it takes the
+    request as a client stream it never iterates, and has no deserializer, so the message is neither received
+    whole nor parsed (the client's unary call sees only the status)."""
+
+    async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async with _Answer(context, method, metrics):
+            raise exc
+
+    async def refuse_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with _Answer(context, method, metrics):
+            raise exc
+        yield  # an async generator: the method streams its answer
+
+    if streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 async def _cancellable(awaitable: Awaitable[T]) -> T:
@@ -142,23 +169,29 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _unary(behavior: Callable[..., Awaitable[Any]], method: str,
-           metrics: ApiMetrics | None, guard: Guard | None) -> Callable[..., Coroutine[Any, Any, Any]]:
+async def _admit(guard: CallGuard | None, method: str, principal: Principal) -> None:
+    """Leave the caller in `current_principal` for the servicer (ownership, its jobs-in-flight cap), then spend its
+    rate if the method submits a job."""
+    current_principal.set(principal)
+    if guard is not None:
+        await guard.admit(method, principal)
+
+
+def _unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: ApiMetrics | None, guard: CallGuard | None,
+           principal: Principal) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Answer(context, method, metrics):
-            if guard is not None:
-                await guard(method, context)
+            await _admit(guard, method, principal)
             return await _cancellable(behavior(_parsed(request, method), context))
 
     return call
 
 
-def _streaming(behavior: Callable[..., AsyncGenerator[Any, None]], method: str,
-               metrics: ApiMetrics | None, guard: Guard | None) -> Callable[..., AsyncIterator[Any]]:
+def _streaming(behavior: Callable[..., AsyncGenerator[Any, None]], method: str, metrics: ApiMetrics | None,
+               guard: CallGuard | None, principal: Principal) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Answer(context, method, metrics):
-            if guard is not None:
-                await guard(method, context)
+            await _admit(guard, method, principal)
             messages = behavior(_parsed(request, method), context)
             try:
                 while True:

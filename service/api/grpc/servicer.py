@@ -26,6 +26,7 @@ import grpc
 from service.api.grpc.convert import idempotency_key, to_image, to_job, to_parameters, to_progress, to_request
 from service.api.grpc.errors import BadRequest, JobEnded, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb, pb_grpc
+from service.api.ownership import visible_job
 from service.api.submit import check_model
 from service.auth import current_principal
 from service.config import Settings
@@ -112,7 +113,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                                     context)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        job = await self._record(request.job_id)
+        job = await self._visible(request.job_id)
         with_images = request.include_images and job.status == JobStatus.succeeded
         return to_job(job, await self._images(job) if with_images else ())
 
@@ -123,7 +124,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         after = request.after_event_id or "0-0"
         if not EVENT_ID.match(after):
             raise BadRequest("after_event_id", f"not an event id: {request.after_event_id!r}")
-        await self._record(request.job_id)  # NOT_FOUND before the stream starts
+        await self._visible(request.job_id)  # NOT_FOUND (unknown or another key's) before the stream starts
         ended = asyncio.Event()
         context.add_done_callback(lambda _: ended.set())
         async with contextlib.aclosing(self.queue.follow(request.job_id, after, poll_s=POLL_S)) as batches:
@@ -134,8 +135,9 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                     yield to_progress(event)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        await self._visible(request.job_id)  # its owner never changes: checked once, before the cancel
         await self.queue.cancel(request.job_id)
-        return to_job(await self._record(request.job_id))
+        return to_job(await self._visible(request.job_id))
 
     # -- helpers
 
@@ -204,6 +206,11 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         """Let the background cancellations finish (on shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _visible(self, job_id: str) -> Job:
+        """The job if the caller (`current_principal`, set by the interceptor) may see it; JobNotFound, as for an
+        unknown id, when it is another key's (service/api/ownership.py)."""
+        return await visible_job(self.queue, job_id, current_principal.get())
 
     async def _record(self, job_id: str) -> Job:
         job = await self.queue.get(job_id)

@@ -17,13 +17,15 @@ from service.api.deps import (
     AUTH_RESPONSES,
     QUOTA_RESPONSES,
     IdempotencyKey,
+    PrincipalDep,
     QueueDep,
     SettingsDep,
     SubmitterDep,
     get_principal,
 )
 from service.api.errors import ApiError
-from service.queue import EVENT_ID, Job, JobEvent, JobNotFound, JobQueue, JobStatus, QueueUnavailable
+from service.api.ownership import visible_job
+from service.queue import EVENT_ID, JobEvent, JobQueue, JobStatus, QueueUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 JobId = Annotated[str, Path(description="the job id (32 hex digits)")]
@@ -31,13 +33,6 @@ LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_
                                            description="resume after this event id")]
 PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
 SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}, "description": "progress events"}}
-
-
-async def _job(queue: JobQueue, job_id: str) -> Job:
-    job = await queue.get(job_id)
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
 
 
 @router.post("", status_code=202, response_model=JobView, summary="Submit a job", responses=QUOTA_RESPONSES)
@@ -51,15 +46,16 @@ async def create_job(body: JobBody, response: Response, submitter: SubmitterDep,
 
 
 @router.get("/{job_id}", response_model=JobView, summary="A job's status")
-async def get_job(job_id: JobId, queue: QueueDep) -> JobView:
-    return JobView.of(await _job(queue, job_id))
+async def get_job(job_id: JobId, queue: QueueDep, principal: PrincipalDep) -> JobView:
+    """The job, if the caller's key submitted it (or is an admin key); 404, as for an unknown id, otherwise."""
+    return JobView.of(await visible_job(queue, job_id, principal))
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG, summary="A result image")
 async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0)], queue: QueueDep, settings: SettingsDep,
-                    ) -> Response:
+                    principal: PrincipalDep) -> Response:
     """Result `index` (0-based) of a succeeded job, as PNG with the generation parameters in text chunks."""
-    job = await _job(queue, job_id)
+    job = await visible_job(queue, job_id, principal)
     if job.status != JobStatus.succeeded:
         raise ApiError(409, f"job {job_id} is {job.status.value}: images are there once it has succeeded",
                        code="not_ready")
@@ -75,14 +71,15 @@ async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0)], queue: Que
 
 @router.delete("/{job_id}", response_model=JobView, summary="Cancel a job",
                responses={202: {"description": "cancellation asked of the running worker"}})
-async def cancel_job(job_id: JobId, response: Response, queue: QueueDep) -> JobView:
+async def cancel_job(job_id: JobId, response: Response, queue: QueueDep, principal: PrincipalDep) -> JobView:
     """A queued job is cancelled at once (200); a running one stops at its next step (202); a finished one
-    cannot be (409)."""
+    cannot be (409). Another key's job answers 404, as an unknown one."""
+    await visible_job(queue, job_id, principal)  # its owner never changes: checked once, before the cancel
     status = await queue.cancel(job_id)
     if status in (JobStatus.succeeded, JobStatus.failed):
         raise ApiError(409, f"job {job_id} has already {status.value}", code="already_finished")
     response.status_code = 202 if status == JobStatus.running else 200
-    return JobView.of(await _job(queue, job_id))
+    return JobView.of(await visible_job(queue, job_id, principal))
 
 
 def _frame(event: JobEvent) -> str:
@@ -117,13 +114,13 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses=SSE, summary="Progress events (SSE)")
 async def job_events(job_id: JobId, request: Request, queue: QueueDep, settings: SettingsDep,
-                     last_event_id: LastEventId = None,
+                     principal: PrincipalDep, last_event_id: LastEventId = None,
                      after: Annotated[str | None, Query(pattern=EVENT_ID.pattern)] = None) -> StreamingResponse:
     """Server-sent events: `queued`, `started`, `progress` (step/total), ..., then one terminal event
     (`succeeded`, `failed` or `cancelled`), after which the stream ends. Each event's `id:` is its Redis event
     id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it. A stream that ends with
     `shutting_down` instead (the API is stopping) is to be reconnected the same way."""
-    await _job(queue, job_id)
+    await visible_job(queue, job_id, principal)  # 404 (unknown or another key's) before the stream starts
     draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
     stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s, draining)
     return StreamingResponse(stream, media_type="text/event-stream",

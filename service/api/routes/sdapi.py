@@ -261,7 +261,8 @@ class Progress(BaseModel):
 
 async def _current(session: A1111Session, queue: JobQueue) -> Job | None:
     job_id = await session.current()
-    return await queue.get(job_id) if job_id else None
+    job = await queue.get(job_id) if job_id else None
+    return job if job is not None and session.principal.sees(job.owner) else None
 
 
 @router.get("/progress", response_model=Progress, summary="Progress of the caller's current job")
