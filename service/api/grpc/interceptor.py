@@ -111,7 +111,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             return handler
         try:
             principal = ANONYMOUS if self.guard is None else self.guard.authenticate(
-                handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+                handler_call_details.invocation_metadata)
         except AuthError as exc:
             return _refusal(exc, method, self.metrics, streaming=handler.unary_stream is not None)
         options = {"request_deserializer": _tolerant(handler.request_deserializer),
