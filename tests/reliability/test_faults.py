@@ -52,6 +52,7 @@ def batch_under_way(stack: Stack, job_ids: list[str]) -> tuple[str, list[str]] |
     return next(((w, ids) for w, ids in running.items() if len(ids) >= 2), None)
 
 
+@pytest.mark.slow  # a soak: ten kills; one kill mid-batch is tests/integration/test_worker.py (in make test)
 def test_kill_9_of_a_worker_mid_batch_ten_times_loses_no_job_and_answers_none_twice(
         make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
