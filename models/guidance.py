@@ -53,12 +53,30 @@ def guided_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning, uncond: 
     """
     if bool((scales == 1).all()):
         return model_eps(unet, schedule, cond)
+    if _lengths_differ(cond.context, uncond.context):
+        return _separate_guided_eps(model_eps(unet, schedule, cond), model_eps(unet, schedule, uncond), scales)
     both = Conditioning(_stack(uncond.context, cond.context), _stack(uncond.concat, cond.concat),
                         _stack(uncond.class_labels, cond.class_labels))
     eps_both = model_eps(unet, schedule, both)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         e_u, e_c = eps_both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        s = scales.to(e_c.dtype).view(-1, *([1] * (e_c.ndim - 1)))
+        return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
+
+    return eps
+
+
+def _lengths_differ(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.shape[1] != b.shape[1]
+
+
+def _separate_guided_eps(eps_c: EpsFn, eps_u: EpsFn, scales: torch.Tensor) -> EpsFn:
+    """Guidance when the prompt's and the negative prompt's contexts have different lengths (A1111-syntax prompts
+    of different chunk counts): two model calls, unpadded, as AUTOMATIC1111 does by default."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        e_u, e_c = eps_u(x, t), eps_c(x, t)
         s = scales.to(e_c.dtype).view(-1, *([1] * (e_c.ndim - 1)))
         return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 

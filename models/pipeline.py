@@ -41,8 +41,11 @@ from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, adapters_applied
 from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
+from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt
 from models.samplers import SamplingPlan, init_state, sampling_plan
 from models.step_batch import AfterStep, Denoiser, StepBatch, StepSample, guided_denoiser
+from models.text.clip import CLIPTextConditioner
+from models.textual_inversion import EmbeddingDB
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
@@ -98,14 +101,23 @@ class GenerationResult:
 class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
-    def __init__(self, model: LatentDiffusion, *, optimize: bool = True) -> None:
+    def __init__(self, model: LatentDiffusion, *, optimize: bool = True, prompt_syntax: PromptSyntax = "plain",
+                 embeddings: EmbeddingDB | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
-        model is then inference-only: save it before."""
+        model is then inference-only: save it before.
+
+        `prompt_syntax`: how a CLIP text encoder reads prompts (models/prompt_weighting.py): `plain` as
+        diffusers, `a1111` AUTOMATIC1111's emphasis, BREAK and 75-token chunks; other encoders read them as
+        they are. `embeddings`: textual-inversion embeddings prompts may name (models/textual_inversion.py)."""
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {prompt_syntax!r}")
         if optimize and model.device.type == "cpu":
             optimize_for_cpu_inference(model)
         self.model = model
+        self.prompt_syntax = prompt_syntax
+        self.embeddings = embeddings
 
     # ------------------------------------------------------------------ public tasks
 
@@ -150,15 +162,19 @@ class Pipeline:
     def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None) -> torch.Tensor:
         """The final latents [N, C, h, w] of samples that share one plan length, stepped together."""
         final = {s.key: s.latent for s in samples if s.state.done}  # an empty img2img plan: the input
-        batch = StepBatch(self.denoiser, max_items=len(samples), around=self.adapters_for)
+        groups: dict[tuple[object, ...], list[StepSample]] = {}
         for s in samples:
-            if not s.state.done:
+            if not s.state.done:  # samples whose contexts differ in length (A1111 prompt chunks) run apart
+                groups.setdefault(s.signature, []).append(s)
+        for group in groups.values():
+            batch = StepBatch(self.denoiser, max_items=len(group), around=self.adapters_for)
+            for s in group:
                 batch.admit(s)
-        while len(batch):
-            advanced = batch.step()
-            final |= {s.key: s.latent for s in advanced if s.state.done}
-            if advanced and progress is not None:
-                progress(advanced[0].state.i, advanced[0].state.plan.steps)
+            while len(batch):
+                advanced = batch.step()
+                final |= {s.key: s.latent for s in advanced if s.state.done}
+                if advanced and progress is not None:
+                    progress(advanced[0].state.i, advanced[0].state.plan.steps)
         return torch.cat([final[s.key] for s in samples])
 
     def adapters_for(self, samples: Sequence[StepSample]) -> AbstractContextManager[None]:
@@ -393,10 +409,12 @@ class Pipeline:
         if init is not None:
             plan = plan.from_strength(settings.strength)
         if conditions is None:
-            with adapters_applied(self.model, [s.adapters for s in specs]):
-                cond, uncond, warnings = self._conditioning(specs, concat)
+            conds, unconds, warnings = self._conditioning(specs, concat)
         else:
-            (cond, uncond), warnings = conditions, []
+            n = len(specs)
+            conds = [conditions[0].rows(slice(k, k + 1)) for k in range(n)]
+            unconds = [conditions[1].rows(slice(k, k + 1)) for k in range(n)]
+            warnings = []
         # img2img starts from the image noised to the first kept level (diffusers' rule, strength 1.0
         # included; an empty plan returns the image); blended inpainting at strength 1.0 and the concat
         # tasks start from pure noise.
@@ -414,7 +432,7 @@ class Pipeline:
             if blend_mask is not None and init is not None:
                 blend = _blender(plan, init[one], noise[one], blend_mask[one])
             state = init_state(plan, x[one], generators=[generators[k]], eta=settings.eta)
-            samples.append(StepSample(k, state, cond.rows(one), uncond.rows(one),
+            samples.append(StepSample(k, state, conds[k], unconds[k],
                                       spec.guidance_scale if guided else 1.0, blend, spec.adapters))
         return Started(samples, warnings, self._decode)
 
@@ -424,22 +442,47 @@ class Pipeline:
         with torch.inference_mode():
             return to_pil(self.model.decode_latents(latents))[0]
 
-    def _conditioning(self, specs: Sequence[SampleSpec],
-                      concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
-        """Cross-attention context for the prompts and for the negative prompts ("" = unconditional)."""
+    def _conditioning(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None
+                      ) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
+        """Each item's conditioning on its prompt and on its negative prompt ("" = unconditional), its LoRA
+        adapters on its text encoder."""
+        n = len(specs)
+        rows = [slice(k, k + 1) for k in range(n)]
         conditioner = self.model.conditioner
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
-            plain = Conditioning(concat=concat)
+            plain = [Conditioning(concat=None if concat is None else concat[r]) for r in rows]
             return plain, plain, []
         if isinstance(conditioner, LayoutEncoder):
             raise UnsupportedTask(f"model {self.model.config.name!r} is a layout-to-image model: use layout2img")
-        # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
-        positive = conditioner.encode([s.prompt for s in specs])
-        negative = conditioner.encode([s.negative_prompt for s in specs])
-        warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
         device, dtype = self.model.device, self.model.dtype
+        if isinstance(conditioner, CLIPTextConditioner) and (self.prompt_syntax == "a1111" or self.embeddings):
+            return self._encoded_one_by_one(conditioner, specs, concat)
+        with adapters_applied(self.model, [s.adapters for s in specs]):
+            # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
+            positive = conditioner.encode([s.prompt for s in specs])
+            negative = conditioner.encode([s.negative_prompt for s in specs])
+        warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
         cond = Conditioning(context=positive.context.to(device, dtype), concat=concat)
-        return cond, Conditioning(context=negative.context.to(device, dtype), concat=concat), warnings
+        uncond = Conditioning(context=negative.context.to(device, dtype), concat=concat)
+        return [cond.rows(r) for r in rows], [uncond.rows(r) for r in rows], warnings
+
+    def _encoded_one_by_one(self, conditioner: CLIPTextConditioner, specs: Sequence[SampleSpec],
+                            concat: torch.Tensor | None) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
+        """Prompts in A1111's syntax or naming embeddings: each on its own (its context's length is its chunk
+        count's), with its own adapters."""
+        device, dtype = self.model.device, self.model.dtype
+        conds, unconds, warnings = [], [], []
+        for k, spec in enumerate(specs):
+            extra = None if concat is None else concat[k : k + 1]
+            with adapters_applied(self.model, [spec.adapters]):
+                pair = [encode_prompt(conditioner, text, syntax=self.prompt_syntax, embeddings=self.embeddings)
+                        for text in (spec.prompt, spec.negative_prompt)]
+            (cond, cond_warnings), (uncond, uncond_warnings) = pair
+            warnings += [f"prompt {k}: {w}" for w in cond_warnings] + [f"negative prompt {k}: {w}"
+                                                                       for w in uncond_warnings]
+            conds.append(Conditioning(context=cond.to(device, dtype), concat=extra))
+            unconds.append(Conditioning(context=uncond.to(device, dtype), concat=extra))
+        return conds, unconds, warnings
 
     # ------------------------------------------------------------------ helpers
 

@@ -97,6 +97,12 @@ class StepBatch:
     def __iter__(self) -> Iterator[StepSample]:
         return iter(list(self._running.values()))
 
+    def compatible(self, sample: StepSample) -> bool:
+        """Whether `sample` can share a model call with the samples running (any sample can join an empty batch):
+        same latent shape, dtype and device, same conditioning shapes (an A1111 prompt of more chunks cannot)."""
+        first = next(iter(self._running.values()), None)
+        return first is None or first.signature == sample.signature
+
     def refusal(self, sample: StepSample) -> str | None:
         """Why `sample` cannot join now (None: it can)."""
         if sample.key in self._running:

@@ -179,6 +179,25 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=0, ge=0, le=65535,
         description="Port of a worker's /metrics; 0 = a free port (the worker logs its URL).")
+    lora_dir: Path | None = Field(
+        default=None,
+        description="Folder of the LoRA adapters requests may name (`loras: [{\"name\": \"style\", \"weight\": 0.8}]`, "
+        "or `<lora:style:0.8>` in an A1111-syntax prompt): `<name>.safetensors` files, kohya/A1111 or diffusers/PEFT. "
+        "Names only, never paths; unset = requests with loras are refused. Read by the front ends (unknown names: 422) "
+        "and the workers.")
+    lora_cache_mb: float = Field(
+        default=1024, gt=0,
+        description="Most megabytes of LoRA tensors a worker keeps loaded (least recently used evicted first).")
+    max_loras: int = Field(default=8, ge=0, description="Most LoRA adapters one request may ask for.")
+    prompt_syntax: Literal["a1111", "plain"] = Field(
+        default="a1111",
+        description="How CLIP-family text encoders read prompts: a1111 = AUTOMATIC1111's syntax ((word), (word:1.3), "
+        "[word], BREAK, prompts past 75 tokens in chunks, <lora:name:weight> tags); plain = as diffusers (the text as "
+        "is, truncated at 77 tokens). docs/lora-and-prompts.md.")
+    embeddings_dir: Path | None = Field(
+        default=None,
+        description="Folder of textual-inversion embeddings a worker loads at start (A1111 .pt/.safetensors, "
+        "diffusers learned_embeds); a prompt uses one by its file stem (or <stem>, or its token).")
     default_model: str = Field(
         default="tiny-shapes", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
         description="Model used when a request names none.")

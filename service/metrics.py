@@ -114,6 +114,12 @@ WORKER_METRICS: list[MetricSpec] = [
                "Batches split in halves and retried after the accelerator ran out of memory."),
     MetricSpec("ldm_samples_joined_mid_run_total", "counter", ("model",),
                "Samples admitted into a running step batch (continuous batching) beside samples already running."),
+    MetricSpec("ldm_lora_cache_bytes", "gauge", ("model",),
+               "Bytes of LoRA adapter tensors the worker holds loaded (at most LDM_LORA_CACHE_MB)."),
+    MetricSpec("ldm_lora_cache_adapters", "gauge", ("model",),
+               "LoRA adapters the worker holds loaded."),
+    MetricSpec("ldm_lora_loads_total", "counter", ("model",),
+               "LoRA files read by the worker (cache misses: first use, evicted earlier, or changed on disk)."),
     MetricSpec("ldm_preview_seconds", "histogram", ("model",),
                "Time to make one live preview PNG of a job's current x0 estimate."),
     MetricSpec("ldm_worker_busy_seconds_total", "counter", (),
@@ -367,6 +373,9 @@ class WorkerMetrics:
         self.oom_retries = _counter("ldm_oom_retries_total", r)
         self.joined_mid_run = _counter("ldm_samples_joined_mid_run_total", r)
         self.preview_time = _histogram("ldm_preview_seconds", r, _STEP_SECONDS)
+        self.lora_cache_bytes = _gauge("ldm_lora_cache_bytes", r)
+        self.lora_cache_adapters = _gauge("ldm_lora_cache_adapters", r)
+        self.lora_loads = _counter("ldm_lora_loads_total", r)
         self.busy = BusyMeter(_counter("ldm_worker_busy_seconds_total", r), busy_window_s)
         self.busy_ratio = _gauge("ldm_worker_busy_ratio", r)
         self.busy_ratio.set_function(self.busy.ratio)

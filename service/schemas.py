@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.config import Settings
+from service.loras import LORA_NAME_PATTERN, LoraNameError, lora_path, split_lora_tags
 
 Sampler = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]  # a torch-free copy of models.names.SamplerName
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # model names are part of Redis key names
@@ -123,6 +124,16 @@ class LayoutBox(BaseModel):
         return box
 
 
+class LoraRef(BaseModel):
+    """One LoRA adapter a request asks for: a name in the server's LoRA folder (LDM_LORA_DIR; never a path) and its
+    weight (the multiplier of its low-rank term; 1 = as trained, negative weights invert it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="the adapter's file stem in the server's LoRA folder")
+    weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False, description="its multiplier; 1 = as trained")
+
+
 class BatchKey(NamedTuple):
     """Jobs with equal keys can run as one batch: they share everything but prompts, seeds and guidance."""
 
@@ -166,6 +177,10 @@ class GenerationRequest(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
                                    description="img2img/inpaint: how much to change; None = the task's default")
     eta: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM eta (ddim only)")
+    loras: tuple[LoraRef, ...] = Field(
+        default=(), description='LoRA adapters for this job, [{"name": "style", "weight": 0.8}, ...], by name in the '
+        "server's LoRA folder (LDM_LORA_DIR); jobs with different adapters still share batches (applied per sample). "
+        "With the A1111 prompt syntax, <lora:name:weight> tags in the prompt are moved here at admission")
     preview_every: int = Field(
         default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
         "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
@@ -321,12 +336,41 @@ def _invalid(problems: list[tuple[str | tuple[str | int, ...], str, Any]]) -> Va
     return ValidationError.from_exception_data("GenerationRequest", details)
 
 
+def _lora_errors(r: GenerationRequest, s: Settings) -> tuple[GenerationRequest, list[tuple[Any, str, Any]]]:
+    """The request with A1111 `<lora:...>` prompt tags moved into `loras` (A1111 syntax only), and a problem for
+    every adapter name the server's LoRA folder does not hold (service/loras.py)."""
+    problems: list[tuple[Any, str, Any]] = []
+    if s.prompt_syntax == "a1111" and "<" in r.prompt:
+        try:
+            prompt, tags = split_lora_tags(r.prompt)
+        except ValueError as exc:
+            return r, [("prompt", str(exc), r.prompt[:32])]
+        if tags:
+            try:
+                extra = [LoraRef(name=name, weight=weight) for name, weight in tags]
+            except ValidationError as exc:
+                return r, [("prompt", f"prompt tag: {e['msg']}", e.get("input")) for e in exc.errors()]
+            r = r.model_copy(update={"prompt": prompt, "loras": (*r.loras, *extra)})
+    if r.loras and r.task in CONDITION_TASKS:
+        problems.append(("loras", f"task {r.task.value} takes no LoRA adapters", len(r.loras)))
+    if len(r.loras) > s.max_loras:
+        problems.append(("loras", f"at most {s.max_loras} LoRA adapters per request, got {len(r.loras)}",
+                         len(r.loras)))
+    for i, ref in enumerate(r.loras):
+        try:
+            lora_path(s.lora_dir, ref.name)
+        except LoraNameError as exc:
+            problems.append((("loras", i, "name"), str(exc), ref.name))
+    return r, problems
+
+
 def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
-    """Check `request` against the configured limits and the rules between fields; resolve the model
-    (default), the seed (random) and the guidance scale (the task's default). Raises `pydantic.ValidationError`
-    naming every problem."""
+    """Check `request` against the configured limits and the rules between fields; move A1111 `<lora:...>` prompt
+    tags into `loras` and check every adapter name; resolve the model (default), the seed (random) and the guidance
+    scale (the task's default). Raises `pydantic.ValidationError` naming every problem."""
+    request, lora_problems = _lora_errors(request, settings)
     problems: list[tuple[str | tuple[str | int, ...], str, Any]] = [
-        *_limit_errors(request, settings), *_rule_errors(request)]
+        *_limit_errors(request, settings), *_rule_errors(request), *lora_problems]
     if problems:
         raise _invalid(problems)
     update: dict[str, Any] = {}

@@ -113,10 +113,13 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.max_positions, config.hidden_size)
         self.register_load_state_dict_pre_hook(_drop_position_ids)  # type: ignore[no-untyped-call]  # unannotated in torch
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """ids [N, L] -> [N, L, D]; positions are 0..L-1 (no buffer, so nothing to load or rebuild)."""
+    def forward(self, ids: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """ids [N, L] -> [N, L, D]; positions are 0..L-1 (no buffer, so nothing to load or rebuild). `tokens`
+        [N, L, D]: token embeddings to use instead of looking `ids` up (textual inversion puts its vectors there)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        tokens: Tensor = self.token_embedding(ids)
+        if tokens is None:
+            tokens = self.token_embedding(ids)
+        assert tokens is not None
         position: Tensor = self.position_embedding(positions)
         return tokens + position[None]
 
@@ -129,10 +132,10 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.max_positions = config.max_positions
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, tokens: Tensor | None = None) -> Tensor:
         if ids.shape[1] > self.max_positions:
             raise ValueError(f"{ids.shape[1]} tokens do not fit CLIP's {self.max_positions} positions")
-        out: Tensor = self.final_layer_norm(self.encoder(self.embeddings(ids)))
+        out: Tensor = self.final_layer_norm(self.encoder(self.embeddings(ids, tokens)))
         return out
 
 
@@ -144,8 +147,9 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        out: Tensor = self.text_model(ids)
+    def forward(self, ids: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """`tokens`: token embeddings [N, L, D] in place of `ids`' (see CLIPTextEmbeddings)."""
+        out: Tensor = self.text_model(ids, tokens)
         return out
 
 

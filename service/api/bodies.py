@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from service.queue import Job
 from service.queue.records import JobInfo
-from service.schemas import MAX_SEED, GenerationRequest, LabelSet, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, LabelSet, LoraRef, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -218,6 +218,12 @@ class OpenAIGenerationBody(OpenAIImageParams):
         {"prompt": "a red circle on the left", "size": "64x64", "n": 1, "response_format": "b64_json", "seed": 7}]})
 
     style: str | None = Field(default=None, description="accepted and ignored")
+    loras: tuple[LoraRef, ...] = Field(
+        default=(), description='LoRA adapters by name in the LoRA folder: [{"name": "style", "weight": 0.8}]')
+
+    def request(self, task: Task, **fields: Any) -> GenerationRequest:
+        """The GenerationRequest these parameters ask for, with the adapters."""
+        return super().request(task, **{"loras": self.loras, **fields})
 
 
 class OpenAIEditForm(OpenAIImageParams):

@@ -127,7 +127,8 @@ class ContinuousWorker(Worker):
         taken-over job waits to run alone)."""
         for r in list(self.running.values()):
             self._admit_samples(r)
-        while self.waiting and not self.quarantined and self._room() > 0 and self._fits(self.waiting[0]):
+        while (self.waiting and not self.quarantined and self._room() > 0 and self._fits(self.waiting[0])
+               and not any(r.queued for r in self.running.values())):  # waiting samples first (no starving)
             job = self.waiting.pop(0)
             running = self._start_job(job)
             if running is not None:
@@ -138,6 +139,8 @@ class ContinuousWorker(Worker):
     def _admit_samples(self, r: Running) -> None:
         while r.queued and self._room() > 0:
             sample = r.queued[0]
+            if not self.batch.compatible(sample):  # contexts of another length: it joins when the batch drains
+                return
             reason = self.batch.refusal(sample)
             if reason is not None:  # the key check let it through, so this is ours to explain
                 self._drop(r)

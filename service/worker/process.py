@@ -52,7 +52,7 @@ from service.metrics import WorkerMetrics, start_metrics_server
 from service.queue import Claim, QueueError, QueueUnavailable, SyncJobQueue, WorkerInfo
 from service.schemas import BatchKey, GenerationRequest, Task
 from service.worker.batcher import Batch, make_batches
-from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback
+from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback, TextOptions
 
 log = logging.getLogger("service.worker")
 PROCESS_TITLE = "ldm worker"
@@ -488,6 +488,13 @@ class _Signals:
             self.worker.request_stop()
 
 
+def _lora_metrics(metrics: WorkerMetrics, runner: Runner) -> None:
+    """The LoRA cache's gauges (read from the runner at every scrape) and its file-read counter."""
+    metrics.lora_cache_bytes.labels(runner.name).set_function(lambda: runner.lora_stats()[0])
+    metrics.lora_cache_adapters.labels(runner.name).set_function(lambda: runner.lora_stats()[1])
+    runner.on_lora_load = metrics.lora_loads.labels(runner.name).inc
+
+
 def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = None, device: str | None = None,
                model_name: str | None = None) -> int:
     """Run a worker until SIGTERM/SIGINT; the exit code (0 clean, 1 could not start: model or Redis).
@@ -505,11 +512,14 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
     metrics = WorkerMetrics()
     try:
         runner = Runner.load(model_spec, name=model_name, device=device or settings.worker_device,
-                             dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir)
+                             dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir,
+                             text=TextOptions(settings.prompt_syntax, settings.embeddings_dir, settings.lora_dir,
+                                              int(settings.lora_cache_mb * 2**20)))
     except (ValueError, OSError, RuntimeError) as exc:
         log.error(kv("model_load_failed", model=model_spec, error=exc))
         return 1
     runner.on_oom = metrics.oom_retries.labels(runner.name).inc
+    _lora_metrics(metrics, runner)
     metrics.describe_worker(worker_id, runner.name, str(runner.device), str(runner.dtype).removeprefix("torch."))
     queue = SyncJobQueue(settings)
     server = None

@@ -39,11 +39,23 @@ from models.conditioning import Box, ConditionError, label_map_array, layout_to_
 from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
+from models.lora import AdapterSet, LoraCache, LoraError
 from models.names import KIND_DESCRIPTIONS, DTypeName
-from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, Started, UnsupportedTask
+from models.pipeline import (
+    GenerationResult,
+    Pipeline,
+    Progress,
+    RunSettings,
+    SampleSpec,
+    Started,
+    UnsupportedTask,
+)
 from models.preview import Previewer
+from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
+from models.textual_inversion import load_embeddings_dir
 from service.images import ImageError, decode_queued_image, decode_queued_label_map
+from service.loras import LoraNameError, lora_path
 from service.schemas import (
     CONDITION_TASKS,
     DEFAULT_STRENGTH,
@@ -124,19 +136,36 @@ def decode_image(data: bytes, what: Literal["image", "mask"], max_pixels: int) -
         raise JobFailure("invalid_input", exc.message) from exc
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """What the worker's settings say about prompts and adapters (LDM_PROMPT_SYNTAX, LDM_EMBEDDINGS_DIR,
+    LDM_LORA_DIR, LDM_LORA_CACHE_MB)."""
+
+    prompt_syntax: PromptSyntax = "a1111"
+    embeddings_dir: Path | None = None
+    lora_dir: Path | None = None
+    lora_cache_bytes: int = 1024 * 2**20
+
+
 class Runner:
     """A loaded model and its pipeline; `run` makes one batch of images. Not thread-safe: one batch at a time."""
 
-    def __init__(self, model: LatentDiffusion, name: str, *, on_oom: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: LatentDiffusion, name: str, *, on_oom: Callable[[], None] | None = None,
+                 text: TextOptions | None = None) -> None:
         self.model = model
         self.name = name
-        self.pipeline = Pipeline(model)
+        self.text = text or TextOptions()
+        embeddings = (load_embeddings_dir(self.text.embeddings_dir, model)
+                      if self.text.embeddings_dir is not None else None)
+        self.pipeline = Pipeline(model, prompt_syntax=self.text.prompt_syntax, embeddings=embeddings)
         self.previewer = Previewer(model)
         self.on_oom = on_oom
+        self._loras: LoraCache | None = None
+        self.on_lora_load: Callable[[], None] | None = None  # a LoRA file was read (metrics)
 
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
-             tokenizer_dir: Path | None = None) -> Runner:
+             tokenizer_dir: Path | None = None, text: TextOptions | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once.
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
         dev = pick_device(device)
@@ -144,7 +173,34 @@ class Runner:
         model = resolve_model(spec, tokenizer=tokenizer_dir, device=dev, dtype=dt)
         if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
             optimize_for_cpu_inference(model)
-        return cls(model, name or served_name(spec))
+        return cls(model, name or served_name(spec), text=text)
+
+    @property
+    def lora_cache(self) -> LoraCache:
+        """The adapters loaded so far, bounded in bytes (made at the first request with adapters)."""
+        if self._loras is None:
+            self._loras = LoraCache(self.model, self.text.lora_cache_bytes)
+        return self._loras
+
+    def lora_stats(self) -> tuple[int, int]:
+        """(bytes held, adapters held) of the LoRA cache; zeros before the first adapter."""
+        cache = self._loras
+        return (0, 0) if cache is None else (cache.nbytes, len(cache))
+
+    def adapters(self, request: GenerationRequest) -> AdapterSet:
+        """The request's LoRA adapters, loaded (or found in the cache), with their weights. JobFailure
+        invalid_input naming the adapter when its name or file is not usable."""
+        adapters = []
+        for ref in request.loras:
+            misses = self.lora_cache.misses
+            try:
+                adapters.append((self.lora_cache.get(lora_path(self.text.lora_dir, ref.name)), ref.weight))
+            except (LoraNameError, LoraError) as exc:
+                raise JobFailure("invalid_input", str(exc)) from exc
+            finally:
+                if self.lora_cache.misses > misses and self.on_lora_load is not None:
+                    self.on_lora_load()
+        return tuple(adapters)
 
     @property
     def device(self) -> torch.device:
@@ -181,6 +237,7 @@ class Runner:
             self._class_id(request)
         elif request.task == Task.layout:
             self._layout(request)
+        self.adapters(request)  # a LoRA that cannot be applied fails its own job, not its batch
 
     def _class_id(self, request: GenerationRequest) -> int:
         c = self.model.config.conditioner
@@ -295,10 +352,10 @@ class Runner:
             log.warning("%s", warning)
         return [self.png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
 
-    @staticmethod
-    def _specs(key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
-                 for s in samples]
+    def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
+        adapters = {id(s.request): self.adapters(s.request) for s in samples}
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance,
+                            adapters[id(s.request)]) for s in samples]
         settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
                                karras=key.karras, eta=key.eta,
                                strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
@@ -349,6 +406,8 @@ class Runner:
         }
         if key.strength is not None:
             parameters["strength"] = key.strength
+        if r.loras:
+            parameters["loras"] = json.dumps([ref.model_dump() for ref in r.loras])
         return encode_png(image, parameters | self._condition_parameters(key.task, sample))
 
     def _condition_parameters(self, task: Task, sample: SampleInput) -> dict[str, object]:

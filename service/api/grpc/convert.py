@@ -37,6 +37,9 @@ def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | No
         fields["class_label"] = params.class_label
     if params.layout:
         fields["layout"] = [{"label": b.label, "box": [b.x0, b.y0, b.x1, b.y1]} for b in params.layout]
+    if params.loras:
+        fields["loras"] = [{"name": lora.name, "weight": lora.weight if lora.HasField("weight") else 1.0}
+                           for lora in params.loras]
     fields |= {name: getattr(params, name) for name in _OPTIONAL_FIELDS if params.HasField(name)}
     if size is not None:
         what = "label map" if label_map is not None else "image"
@@ -57,7 +60,8 @@ def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
         seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
         guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
         strength=request.effective_strength, eta=request.eta, preview_every=request.preview_every,
-        class_label="" if request.class_label is None else str(request.class_label), layout=layout)
+        class_label="" if request.class_label is None else str(request.class_label), layout=layout,
+        loras=[pb.Lora(name=ref.name, weight=ref.weight) for ref in request.loras])
 
 
 def png_size(png: bytes) -> tuple[int, int]:
