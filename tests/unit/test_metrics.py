@@ -70,6 +70,9 @@ def test_labels_and_types_match_the_table() -> None:
     worker.oom_retries.labels("tiny").inc()
     worker.joined_mid_run.labels("tiny").inc()
     worker.preview_time.labels("tiny").observe(0.01)
+    worker.lora_cache_bytes.labels("tiny").set(1024)
+    worker.lora_cache_adapters.labels("tiny").set(1)
+    worker.lora_loads.labels("tiny").inc()
     worker.describe_worker("w1", "tiny", "cpu", "float32")
     text = exposition(api.registry)[0].decode() + exposition(worker.registry)[0].decode()
     for spec in METRICS:
