@@ -66,6 +66,12 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    "v_prediction)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA file (kohya/A1111 or diffusers) and its weight (default 1); repeatable")
+    p.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                   help="a1111: AUTOMATIC1111's (word:1.3), [word], BREAK and prompts past 75 tokens (default); "
+                   "plain: the text as is, as diffusers (docs/lora-and-prompts.md)")
+    p.add_argument("--embeddings", type=Path, default=None, metavar="DIR",
+                   help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) a prompt "
+                   "names by file stem")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="output PNG (default out.png), or folder with --from-file (default: out/)")
     p.set_defaults(func=run_generate)
@@ -94,7 +100,8 @@ def run_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
-        prediction_type=args.prediction_type, loras=tuple(args.lora),
+        prediction_type=args.prediction_type, loras=tuple(args.lora), prompt_syntax=args.prompt_syntax,
+        embeddings=args.embeddings,
     )
     if task != "txt2img":
         inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout,

@@ -20,8 +20,10 @@ from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
 from models.names import DTypeName, SamplerName, Task
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
+from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
 from models.text.clip import CLIPTextConditioner
+from models.textual_inversion import load_embeddings_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class GenerateOptions:
     prediction_type: PredictionType | None = None
     #: LoRA files as PATH[:WEIGHT] (models/lora.py), applied to every image
     loras: tuple[str, ...] = ()
+    #: how CLIP text encoders read prompts: a1111 (emphasis, BREAK, 75-token chunks) or plain (as diffusers)
+    prompt_syntax: PromptSyntax = "a1111"
+    #: a folder of textual-inversion embeddings prompts may name (models/textual_inversion.py)
+    embeddings: Path | None = None
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -97,7 +103,8 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
                           use_ema=options.use_ema, config=options.config, prediction_type=options.prediction_type)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)
-    return model, Pipeline(model), settings
+    embeddings = load_embeddings_dir(options.embeddings, model) if options.embeddings is not None else None
+    return model, Pipeline(model, prompt_syntax=options.prompt_syntax, embeddings=embeddings), settings
 
 
 @contextmanager
