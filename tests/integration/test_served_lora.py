@@ -179,3 +179,31 @@ def test_the_worker_cache_stays_bounded_cycling_through_20_adapters(stack: Stack
     assert stack.metric("ldm_lora_loads_total") >= 3 * ADAPTERS  # evicted adapters are read again
     # tiny adapters (a few hundred kB each): 20 of them held would add ~adapter_bytes * 20; allow allocator noise
     assert rss[2] - rss[0] < 16 * 2**20, f"worker RSS grew {(rss[2] - rss[0]) / 2**20:.1f} MiB over 40 requests"
+
+
+@pytest.mark.anyio
+async def test_every_front_end_takes_loras_and_gives_the_same_image(stack: Stack) -> None:
+    """One job (l2 at 0.6) through native REST, OpenAI's images API (extra field) and gRPC: the same PNG; an unknown
+    name is INVALID_ARGUMENT over gRPC."""
+    import base64
+
+    import grpc
+
+    from tests.integration.test_served_conditionings import grpc_stub, pb
+
+    stack.ensure_worker()
+    native = stack.png(stack.submit(loras=[{"name": "l2", "weight": 0.6}], prompt="a blue square"))
+    openai = stack.api.client.post("/v1/images/generations", json={
+        "prompt": "a blue square", "size": "64x64", "steps": 2, "sampler": "ddim", "seed": 3, "guidance_scale": 7.5,
+        "loras": [{"name": "l2", "weight": 0.6}]})
+    assert openai.status_code == 200, openai.text
+    assert base64.b64decode(openai.json()["data"][0]["b64_json"]) == native
+    params = {"prompt": "a blue square", "steps": 2, "sampler": "ddim", "seed": 3, "width": 64, "height": 64}
+    async with grpc_stub(stack.settings) as stub:
+        answer = await stub.Generate(pb.GenerateRequest(parameters=pb.GenerationParameters(
+            loras=[pb.Lora(name="l2", weight=0.6)], **params)))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(pb.GenerateRequest(parameters=pb.GenerationParameters(
+                loras=[pb.Lora(name="ghost")], **params)))
+    assert answer.images[0].png == native and [(x.name, x.weight) for x in answer.parameters.loras] == [("l2", 0.6)]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown LoRA 'ghost'" in str(err.value.details())
