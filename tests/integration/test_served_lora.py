@@ -159,6 +159,8 @@ def test_unknown_or_path_names_are_refused_by_name(stack: Stack) -> None:
                           ("l0..x", "is not a name")):
         resp = stack.api.client.post("/v1/jobs", json={**JOB, "loras": [{"name": name}]})
         assert resp.status_code == 422 and message in resp.text, resp.text
+    listed = stack.api.client.get("/sdapi/v1/loras").json()
+    assert sorted(item["name"] for item in listed) == sorted(f"l{i}" for i in range(ADAPTERS))
     tag = stack.api.client.post("/v1/jobs", json={**JOB, "prompt": "x <hypernet:foo:1>"})
     assert tag.status_code == 422 and "only <lora:name:weight>" in tag.text
 
@@ -170,7 +172,7 @@ def test_the_worker_cache_stays_bounded_cycling_through_20_adapters(stack: Stack
     bound = stack.settings.lora_cache_mb * 2**20
     rss = []
     for round_ in range(3):
-        ids = [stack.submit(loras=[{"name": f"l{i}"}], seed=round_) for i in range(ADAPTERS)]
+        ids = [stack.submit(loras=[{"name": f"l{i}"}], seed=round_, steps=1) for i in range(ADAPTERS)]
         for job_id in ids:
             stack.png(job_id)
             assert stack.metric("ldm_lora_cache_bytes") <= bound

@@ -39,6 +39,7 @@ from service.api.errors import ApiError, validation_error
 from service.api.submit import Submitter, result_pngs, served_models, sync_timeout, wait_done
 from service.config import Settings
 from service.images import ImageError, decode_resizable, encoded, png_text
+from service.loras import available_loras
 from service.queue import Job, JobQueue
 from service.schemas import GenerationRequest, Task
 
@@ -369,7 +370,7 @@ async def png_info(body: PngInfoBody, settings: SettingsDep) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ start-up probes
 
-EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
+EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
                "script-info", "extensions", "sd-modules")
 
 
@@ -381,6 +382,12 @@ def _empty_list(path: str) -> None:
 
 for _path in EMPTY_LISTS:
     _empty_list(_path)
+
+
+@router.get("/loras", summary="The LoRA adapters of the server's LDM_LORA_DIR (use as <lora:name:weight>)")
+async def loras(settings: SettingsDep) -> list[dict[str, Any]]:
+    """A1111's shape: name, alias, path (the name: no server paths are shown), metadata."""
+    return [{"name": name, "alias": name, "path": name, "metadata": {}} for name in available_loras(settings.lora_dir)]
 
 
 @router.get("/scripts", summary="Scripts: none")
