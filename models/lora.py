@@ -336,11 +336,13 @@ class LoraCache:
         self.names = target_names(model)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, int, int], LoRA] = OrderedDict()
+        self._nbytes = 0  # kept as a running total, so another thread (a metrics scrape) may read it at any time
         self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(lora.nbytes for lora in self._entries.values())
+        """Bytes of the adapters held."""
+        return self._nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -360,10 +362,11 @@ class LoraCache:
         if lora.nbytes > self.max_bytes:
             raise LoraError(f"{path}: {lora.nbytes} bytes of adapter, over the cache's {self.max_bytes}")
         for stale in [k for k in self._entries if k[0] == key[0]]:  # an older version of the same file
-            del self._entries[stale]
+            self._nbytes -= self._entries.pop(stale).nbytes
         self._entries[key] = lora
-        while self.nbytes > self.max_bytes:
-            self._entries.popitem(last=False)
+        self._nbytes += lora.nbytes
+        while self._nbytes > self.max_bytes:
+            self._nbytes -= self._entries.popitem(last=False)[1].nbytes
         return lora
 
 

@@ -144,6 +144,7 @@ def test_cache_is_bounded_in_bytes(setup: Setup, tmp_path: Path) -> None:
     for i in range(200):
         held = [cache.get(paths[i % 20]), cache.get(paths[0])]  # one adapter in every request, 19 in turn
         assert cache.nbytes <= cache.max_bytes and len(cache) <= 3
+        assert cache.nbytes == sum(lora.nbytes for lora in cache._entries.values())  # the running total
     # paths[0] is read once and always held; each of the 190 other requests reads its file (evicted since)
     assert (cache.misses, cache.hits) == (1 + 190, 400 - 191)
     assert [lora.name for lora in held] == ["l19", "l0"]

@@ -166,8 +166,9 @@ def test_unknown_or_path_names_are_refused_by_name(stack: Stack) -> None:
 
 
 def test_the_worker_cache_stays_bounded_cycling_through_20_adapters(stack: Stack) -> None:
-    """60 jobs, each with one of 20 adapters in turn: the cache holds at most 3.5 adapters' bytes, every job
-    reads its file again (evicted since), and the worker's RSS does not grow with the requests."""
+    """60 jobs, each with one of 20 adapters in turn: the cache holds at most 3.5 of the largest adapter's bytes,
+    every job reads its file again (evicted since: an LRU cycled through more files than it holds always misses),
+    and the worker's RSS does not grow with the requests."""
     stack.ensure_worker()
     bound = stack.settings.lora_cache_mb * 2**20
     rss = []
@@ -176,7 +177,7 @@ def test_the_worker_cache_stays_bounded_cycling_through_20_adapters(stack: Stack
         for job_id in ids:
             stack.png(job_id)
             assert stack.metric("ldm_lora_cache_bytes") <= bound
-        assert stack.metric("ldm_lora_cache_adapters") <= 3
+        assert 1 <= stack.metric("ldm_lora_cache_adapters") < ADAPTERS / 2  # 3.5 of the largest adapter's bytes
         rss.append(stack.rss_bytes())
     assert stack.metric("ldm_lora_loads_total") >= 3 * ADAPTERS  # evicted adapters are read again
     # tiny adapters (a few hundred kB each): 20 of them held would add ~adapter_bytes * 20; allow allocator noise
