@@ -409,7 +409,7 @@ class Pipeline:
         if init is not None:
             plan = plan.from_strength(settings.strength)
         if conditions is None:
-            conds, unconds, warnings = self._conditioning(specs, concat)
+            conds, unconds, warnings = self._item_conditionings(specs, concat)
         else:
             n = len(specs)
             conds = [conditions[0].rows(slice(k, k + 1)) for k in range(n)]
@@ -442,29 +442,36 @@ class Pipeline:
         with torch.inference_mode():
             return to_pil(self.model.decode_latents(latents))[0]
 
-    def _conditioning(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None
-                      ) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
-        """Each item's conditioning on its prompt and on its negative prompt ("" = unconditional), its LoRA
-        adapters on its text encoder."""
-        n = len(specs)
-        rows = [slice(k, k + 1) for k in range(n)]
+    def _item_conditionings(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None
+                            ) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
+        """Each item's conditioning on its prompt and on its negative prompt: CLIP prompts in A1111's syntax or
+        naming embeddings one by one (their lengths are their chunk counts'), others as one batch."""
+        conditioner = self.model.conditioner
+        if (isinstance(conditioner, CLIPTextConditioner) and self.model.config.conditioning in ("crossattn", "hybrid")
+                and (self.prompt_syntax == "a1111" or self.embeddings)):
+            return self._encoded_one_by_one(conditioner, specs, concat)
+        cond, uncond, warnings = self._conditioning(specs, concat)
+        rows = [slice(k, k + 1) for k in range(len(specs))]
+        return [cond.rows(r) for r in rows], [uncond.rows(r) for r in rows], warnings
+
+    def _conditioning(self, specs: Sequence[SampleSpec],
+                      concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
+        """Cross-attention context for the prompts and for the negative prompts ("" = unconditional), as one
+        batch (each item's LoRA adapters on its own text-encoder rows)."""
         conditioner = self.model.conditioner
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
-            plain = [Conditioning(concat=None if concat is None else concat[r]) for r in rows]
+            plain = Conditioning(concat=concat)
             return plain, plain, []
         if isinstance(conditioner, LayoutEncoder):
             raise UnsupportedTask(f"model {self.model.config.name!r} is a layout-to-image model: use layout2img")
-        device, dtype = self.model.device, self.model.dtype
-        if isinstance(conditioner, CLIPTextConditioner) and (self.prompt_syntax == "a1111" or self.embeddings):
-            return self._encoded_one_by_one(conditioner, specs, concat)
         with adapters_applied(self.model, [s.adapters for s in specs]):
             # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
             positive = conditioner.encode([s.prompt for s in specs])
             negative = conditioner.encode([s.negative_prompt for s in specs])
         warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
+        device, dtype = self.model.device, self.model.dtype
         cond = Conditioning(context=positive.context.to(device, dtype), concat=concat)
-        uncond = Conditioning(context=negative.context.to(device, dtype), concat=concat)
-        return [cond.rows(r) for r in rows], [uncond.rows(r) for r in rows], warnings
+        return cond, Conditioning(context=negative.context.to(device, dtype), concat=concat), warnings
 
     def _encoded_one_by_one(self, conditioner: CLIPTextConditioner, specs: Sequence[SampleSpec],
                             concat: torch.Tensor | None) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
