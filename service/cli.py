@@ -118,7 +118,7 @@ def _service_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Start everything on this machine: an embedded Redis (unless LDM_REDIS_URL is set; data under "
         "LDM_DATA_DIR), the REST API (LDM_REST_HOST:LDM_REST_PORT, default 127.0.0.1:8000), the gRPC server "
         "(default 127.0.0.1:50051) and worker processes, restarted if they die. Settings: LDM_* variables or a "
-        "YAML file named by LDM_CONFIG_FILE (see the README).")
+        "YAML file named by LDM_CONFIG_FILE (docs/settings.md).")
     serve.add_argument("--model", default=None, help="model spec the workers load: a shipped name, a checkpoint "
                        "file, a diffusers folder or random:<config> (default: LDM_DEFAULT_MODEL if it is shipped, "
                        "else random:tiny-sd)")
