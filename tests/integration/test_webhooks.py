@@ -178,13 +178,15 @@ async def test_grpc_takes_webhook_url_in_its_parameters(make_settings: Callable[
                         **params, webhook_url="http://elsewhere.example.net/hook")), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "parameters.webhook_url" in (refused.value.details() or "")
-                # no worker: the call's deadline passes, the job is cancelled, its terminal event delivered
+                # no worker: the call's deadline passes; with an idempotency key its job stays queued (no deadline of
+                # its own to race with) until CancelJob ends it, and that terminal event is delivered
                 call = stub.Generate(pb.GenerateRequest(parameters=pb.GenerationParameters(
-                    **params, webhook_url=receiver.url)), timeout=1.0)
+                    **params, webhook_url=receiver.url), idempotency_key="hooked"), timeout=1.0)
                 job_id = dict(await call.initial_metadata())[JOB_ID_METADATA]
                 with pytest.raises(grpc.aio.AioRpcError) as late:
                     await call
                 assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10)
                 deadline = time.monotonic() + 20
                 while metric(app, "delivered") < 1:
                     assert time.monotonic() < deadline, "the webhook was not delivered"
