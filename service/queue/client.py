@@ -243,8 +243,8 @@ class JobQueue:
                 for _, entries in reply or [] for entry, fields in entries]
 
     async def latest_preview(self, job_id: str, within: int) -> str | None:
-        """The base64 PNG of the job's newest preview among its last `within` events (a job with `preview_every`
-        k has one in every k + 1 of them), or None: A1111's `current_image`."""
+        """The base64 PNG of the job's newest preview among its last `within` events, or None: A1111's
+        `current_image`. A job with `preview_every` k has one every k progress events (one event a step)."""
         reply: Any = await self.redis.xrevrange(self.keys.events(job_id), count=max(1, within))
         for _, fields in reply or []:
             preview = json.loads(fields[b"data"]).get("preview")
