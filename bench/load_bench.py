@@ -44,6 +44,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import plot_load  # noqa: E402
 from bench.results_io import publish  # noqa: E402
 from bench.service_stack import api_and_worker  # noqa: E402
 from service.embedded import EmbeddedRedis, free_port  # noqa: E402
@@ -301,12 +302,18 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=d.duration_s, help="overload duration (default 60)")
     parser.add_argument("--worker-threads", type=int, default=d.worker_threads, help="torch threads of the worker")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load_bench.json")
+    parser.add_argument("--plot", action="store_true",
+                        help="only draw the plot (docs/load_bench.png, bench/plots.py) from --out; no run")
     args = parser.parse_args()
+    if args.plot:
+        print(plot_load(args.out))
+        return
     cfg = LoadConfig(model=args.model, size=args.size, steps=args.steps, queue_depth=args.queue_depth,
                      deadline_s=args.deadline_s, capacity_s=args.capacity_s, factor=args.factor,
                      duration_s=args.duration_s, worker_threads=args.worker_threads)
     data = run(cfg)
     publish(data, report(data), args.out)
+    print(plot_load(args.out))
 
 
 if __name__ == "__main__":

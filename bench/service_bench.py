@@ -29,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import plot_service  # noqa: E402
 from bench.results_io import publish  # noqa: E402
 from bench.service_stack import api_and_worker  # noqa: E402
 from service.embedded import EmbeddedRedis, free_port  # noqa: E402
@@ -132,9 +133,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_bench.json")
+    parser.add_argument("--plot", action="store_true",
+                        help="only draw the plot (docs/service_bench*.png, bench/plots.py) from --out; no run")
     args = parser.parse_args()
+    if args.plot:
+        print(plot_service(args.out))
+        return
     data = run(args.model, args.steps, args.requests, args.concurrency)
     publish(data, report(data), args.out)
+    print(plot_service(args.out))
 
 
 if __name__ == "__main__":

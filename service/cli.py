@@ -125,7 +125,7 @@ def _service_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Start everything on this machine: an embedded Redis (unless LDM_REDIS_URL is set; data under "
         "LDM_DATA_DIR), the REST API (LDM_REST_HOST:LDM_REST_PORT, default 127.0.0.1:8000), the gRPC server "
         "(default 127.0.0.1:50051) and worker processes, restarted if they die. Settings: LDM_* variables or a "
-        "YAML file named by LDM_CONFIG_FILE (see the README).")
+        "YAML file named by LDM_CONFIG_FILE (docs/settings.md).")
     serve.add_argument("--model", default=None, help="model spec the workers load: a shipped name, a checkpoint "
                        "file, a diffusers folder or random:<config> (default: LDM_DEFAULT_MODEL if it is shipped, "
                        "else random:tiny-sd)")
@@ -162,6 +162,34 @@ def _keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                               description="Read a key from stdin (not from the command line, which ps and shell "
                               "history show) and print its SHA-256 digest. In a terminal it asks without echo.")
     digest.set_defaults(func=run_keys_hash)
+
+
+def _grid_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "grid", help="a small PNG grid of what a model makes (fixed conditions x fixed seeds)",
+        description="Draw a model's images for a fixed set of conditions (prompts for text models, classes, the "
+        "held-out layouts or label maps, seeds for unconditional models; one column each, captioned) and fixed "
+        "seeds (one row each) into one PNG. The same command makes the same file. `--all DIR` writes "
+        "DIR/grid-<name>.png for every shipped model (the README's and the model cards' pictures: "
+        "`ldm grid --all docs`).")
+    p.add_argument("--model", default="tiny-shapes", help="shipped name, checkpoint file or diffusers folder "
+                   "(default: %(default)s)")
+    p.add_argument("-o", "--out", type=Path, default=None, help="output PNG (default: grid-<model>.png)")
+    p.add_argument("--all", type=Path, default=None, metavar="DIR",
+                   help="write DIR/grid-<name>.png for every shipped model instead")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one row each (default: 0 1)")
+    p.add_argument("--steps", type=int, default=20, help="(default: %(default)s)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt for a text model's column (repeat; default: six shapes-grammar prompts)")
+    p.add_argument("--scale", type=int, default=2, help="enlarge each image this many times (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
+    p.set_defaults(func=run_grid)
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    from service.grid import run_grid as grid
+
+    return grid(args)
 
 
 def run_keys_new(args: argparse.Namespace) -> int:
@@ -220,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     add_zoo_parsers(sub)
+    _grid_parser(sub)
     _service_parsers(sub)
     _keys_parser(sub)
     add_train_parser(sub)

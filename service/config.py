@@ -233,6 +233,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=1.0, gt=0, description="Wait before the first retry of a delivery; "
                                      "doubled at each further one (at most 10 minutes).")
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds one delivery attempt may take.")
+    a1111_preview_every: int = Field(
+        default=0, ge=0, le=1000, description="Live previews of /sdapi/v1 jobs that do not say (their `preview_every` "
+        "extension field): every this many steps, shown by GET /sdapi/v1/progress as `current_image`; 0 = none "
+        "(`current_image` null). Made by continuous-batching workers (LDM_BATCHING=continuous).")
 
     @property
     def heartbeat_ttl_s(self) -> float:

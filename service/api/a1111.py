@@ -91,7 +91,11 @@ FIELDS: dict[str, Rule] = {
                                   "in info.ldm_ignored)", IMG),
     "include_init_images": _supported("true: the init image is appended to `images`", IMG),
     "webhook_url": _supported("ldm-serve's extension: each job's terminal event is also POSTed there, signed "
-                              "(README: webhooks; the host must be in LDM_WEBHOOK_ALLOWED_HOSTS)"),
+                              "(docs/webhooks.md; the host must be in LDM_WEBHOOK_ALLOWED_HOSTS)"),
+    "preview_every": _supported("ldm-serve's extension: a live preview every this many steps (0 to 1000), which GET "
+                                "/sdapi/v1/progress answers as `current_image`; left out = the server's "
+                                "LDM_A1111_PREVIEW_EVERY (default 0: none, `current_image` null). Made by "
+                                "continuous-batching workers"),
     # accepted; a value that asks for something is noted in info.ldm_ignored
     "styles": _refused("prompt styles are not supported: put the style's words in the prompt"),
     "subseed": _ignored("variation seeds are not supported", _default(-1, 0)),
@@ -193,6 +197,8 @@ class A1111Body(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     webhook_url: str | None = Field(default=None, max_length=2048)
+    preview_every: int | None = Field(default=None, ge=0, le=1000, description="live previews (ldm-serve's "
+                                      "extension); None = the server's a1111_preview_every")
 
 
 class Txt2ImgBody(A1111Body):
@@ -274,13 +280,15 @@ def sampler(body: A1111Body) -> tuple[Sampler, bool]:
     return ours[0], ours[1] or scheduler == "karras"
 
 
-def request_fields(body: A1111Body, model: str | None) -> dict[str, Any]:
-    """The GenerationRequest fields every A1111 generation maps to (the image routes add theirs)."""
+def request_fields(body: A1111Body, model: str | None, preview_every: int = 0) -> dict[str, Any]:
+    """The GenerationRequest fields every A1111 generation maps to (the image routes add theirs);
+    `preview_every`: the server's default for a body that does not say (settings.a1111_preview_every)."""
     name, karras = sampler(body)
     return {"model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
             "seed": None if body.seed == -1 else body.seed, "steps": body.steps, "sampler": name, "karras": karras,
             "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
-            "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0}
+            "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
+            "preview_every": preview_every if body.preview_every is None else body.preview_every}
 
 
 HR_UPSCALERS = ("Latent", "Lanczos", "Nearest", "None")

@@ -194,6 +194,9 @@ class OpenAIImageParams(BaseModel):
     sampler: Sampler = "dpmpp_2m"
     negative_prompt: str = ""
     deadline_s: float | None = _deadline_field()
+    webhook_url: str | None = Field(default=None, max_length=2048, description=(
+        "ldm-serve's extension: POST the job's terminal event here, signed (Standard Webhooks), retried until a 2xx; "
+        "the host must be in the server's LDM_WEBHOOK_ALLOWED_HOSTS (docs/webhooks.md)"))
 
     @field_validator("size")
     @classmethod

@@ -242,6 +242,16 @@ class JobQueue:
         return [JobEvent(id=_s(entry), **json.loads(fields[b"data"]))
                 for _, entries in reply or [] for entry, fields in entries]
 
+    async def latest_preview(self, job_id: str, within: int) -> str | None:
+        """The base64 PNG of the job's newest preview among its last `within` events, or None: A1111's
+        `current_image`. A job with `preview_every` k has one every k progress events (one event a step)."""
+        reply: Any = await self.redis.xrevrange(self.keys.events(job_id), count=max(1, within))
+        for _, fields in reply or []:
+            preview = json.loads(fields[b"data"]).get("preview")
+            if preview:
+                return str(preview)
+        return None
+
     async def follow(self, job_id: str, after: str = "0-0", *, poll_s: float = 1.0,
                      until: float | None = None) -> AsyncGenerator[list[JobEvent], None]:
         """The job's events after `after` as they come, in batches, up to and with the terminal one: the one loop

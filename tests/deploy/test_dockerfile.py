@@ -1,5 +1,5 @@
 """The Dockerfile against what the service really is: its commands, its ports and settings (from the
-settings class), its health endpoints, and the install path the README gives."""
+settings class), its health endpoints, and the install path docs/deploy.md gives."""
 
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ def test_torch_pin_matches_the_makefile() -> None:
 def test_install_is_the_readmes_pip_install_of_the_project() -> None:
     runs = [i.args for i in stage("build").all("RUN")]
     assert any(re.match(r"python -m pip install --no-cache-dir \. ", r) for r in runs), runs
-    readme = (ROOT / "README.md").read_text()
-    deploy = readme[readme.index("## Deploy"):]
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
     assert "python -m pip install ." in deploy and "TORCH_SPEC" in deploy
 
 

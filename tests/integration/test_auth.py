@@ -1,6 +1,6 @@
 """API keys over REST and gRPC, against a real uvicorn, a real grpc.aio server and the test Redis.
 
-The contract (README "Operations and security"): 401 / UNAUTHENTICATED for a missing, malformed or unknown key,
+The contract (docs/operations.md): 401 / UNAUTHENTICATED for a missing, malformed or unknown key,
 403 / PERMISSION_DENIED for a revoked one, nothing queued for either; /healthz, /readyz and the docs open;
 /metrics open or behind its own token; keys configured as SHA-256 digests, in settings or a file re-read when it
 changes; off only on loopback or when explicitly disabled.

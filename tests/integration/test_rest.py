@@ -135,12 +135,14 @@ def serving(settings: Settings) -> Iterator[Api]:
 
 
 @contextlib.contextmanager
-def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    """A real worker process (`run_worker`) on `settings`' Redis and key prefix."""
+def worker_process(settings: Settings, **env_settings: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real worker process (`run_worker`) on `settings`' Redis and key prefix; `env_settings` are more LDM_
+    settings for the worker alone (batching="continuous": LDM_BATCHING=continuous)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
     env.update({"LDM_REDIS_URL": str(settings.redis_url), "LDM_KEY_PREFIX": settings.key_prefix,
                 "LDM_DEFAULT_MODEL": MODEL, "LDM_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
                 "LDM_WORKER_TORCH_THREADS": "2"})
+    env.update({f"LDM_{name.upper()}": value for name, value in env_settings.items()})
     code = ("from service.config import load_settings; from service.worker.process import run_worker; "
             f"raise SystemExit(run_worker(load_settings(), {MODEL!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -151,10 +153,11 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextlib.contextmanager
-def ready_stack(settings: Settings) -> Iterator[Api]:
-    """The API and one real worker on `settings`, once /readyz answers 200; the run's Redis keys dropped after."""
+def ready_stack(settings: Settings, **worker_settings: str) -> Iterator[Api]:
+    """The API and one real worker on `settings` (and `worker_settings`, see `worker_process`), once /readyz answers
+    200; the run's Redis keys dropped after."""
     try:
-        with worker_process(settings) as proc, serving(settings) as api:
+        with worker_process(settings, **worker_settings) as proc, serving(settings) as api:
             wait_ready(api.client.get, 40, procs=[proc])
             yield api
     finally:

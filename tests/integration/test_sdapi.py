@@ -174,3 +174,30 @@ def test_a_keyed_server_needs_the_key_on_sdapi(make_settings: Any) -> None:
         client = webuiapi.WebUIApi(baseurl=f"{api.url}/sdapi/v1")
         client.session.headers.update(bearer(keys.alice))
         assert client.get_samplers() and client.get_progress()["progress"] == 0
+
+
+@pytest.mark.timeout(180)  # its own API and continuous-batching worker
+def test_progress_shows_the_live_preview_when_previews_are_on(redis_url: str) -> None:
+    """A continuous-batching worker and LDM_A1111_PREVIEW_EVERY=1: webuiapi's get_progress gets `current_image`, a
+    small PNG of the running job's current estimate (the default stays null: the test above; the `preview_every`
+    field over the setting: tests/unit/test_a1111.py)."""
+    settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=MODEL,
+                        a1111_preview_every=1, **FAST)
+    with ready_stack(settings, batching="continuous") as api:
+        client = webuiapi.WebUIApi(baseurl=f"{api.url}/sdapi/v1", sampler="DPM++ 2M")
+        answer: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: answer.update(r=client.txt2img(prompt="x", seed=1, width=64,
+                                                                                height=64, steps=1000)))
+        worker.start()
+        progress, deadline = client.get_progress(), time.monotonic() + 60
+        while progress["current_image"] is None or progress["state"]["sampling_step"] < 3:
+            assert time.monotonic() < deadline and worker.is_alive(), progress
+            time.sleep(0.05)
+            progress = client.get_progress()
+        with Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))) as preview:
+            assert preview.format == "PNG" and preview.mode == "RGB" and max(preview.size) <= 64
+        skipped = api.client.get("/sdapi/v1/progress", params={"skip_current_image": "true"}).json()
+        assert skipped["state"]["job_count"] == 1 and skipped["current_image"] is None
+        assert client.interrupt() == {}
+        worker.join(30)
+        assert not worker.is_alive() and answer["r"].images == []

@@ -1,7 +1,7 @@
 """Tenancy: a job belongs to the API key that submitted it, over REST and gRPC, against a real uvicorn, a real
 grpc.aio server and the test Redis.
 
-The contract (README "Authentication"): every read, image download, event stream and cancel of another key's job
+The contract (docs/operations.md): every read, image download, event stream and cancel of another key's job
 answers exactly as an unknown id does (same status, same body but for the id the caller sent), so a leaked job id
 neither opens the job nor confirms it exists; a key with `role=admin` in the key file sees and cancels every job;
 idempotency keys are per API key, and a conflict names no job.

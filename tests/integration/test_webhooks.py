@@ -4,6 +4,7 @@ being cancelled while queued, so no worker is needed: a cancelled job's terminal
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -125,3 +126,71 @@ def test_hosts_outside_the_allow_list_are_refused_and_get_nothing(make_settings:
             assert metric(by_name, "refused") == 1 and receiver.calls == []
             credentials = by_name.client.post("/v1/jobs", json={**TXT, "webhook_url": "http://u:p@localhost/x"})
             assert credentials.status_code == 422 and "credentials" in credentials.json()["message"]
+
+
+def assert_one_signed_cancellation(receiver: Receiver, job_id: str) -> None:
+    """Exactly one delivery, signed, of the job's cancellation."""
+    assert len(receiver.calls) == 1
+    headers, body = receiver.calls[0]
+    assert receiver.verified(headers, body) and headers["webhook-id"] == f"{job_id}.cancelled"
+    event = json.loads(body)
+    assert event["type"] == "job.cancelled" and event["data"]["id"] == job_id
+
+
+def test_the_openai_route_takes_webhook_url_as_an_extra_body_field(api: Callable[..., Api]) -> None:
+    with receiving() as receiver:
+        app = api(webhook_allowed_hosts=("127.0.0.1",))
+        refused = app.client.post("/v1/images/generations", json={
+            "prompt": "a red circle", "size": "64x64", "webhook_url": "http://elsewhere.example.net/hook"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"  # OpenAI: 400
+        assert "allow-list" in refused.json()["error"]["message"] and receiver.calls == []
+        # no worker: the wait times out (504 with the job id), the job stays queued until we cancel it
+        waited = app.client.post("/v1/images/generations", params={"timeout": 0.3}, json={
+            "prompt": "a red circle", "size": "64x64", "steps": 2, "webhook_url": receiver.url})
+        assert waited.status_code == 504, waited.text
+        job_id = waited.headers["location"].rsplit("/", 1)[-1]
+        assert app.client.delete(f"/v1/jobs/{job_id}").status_code == 200
+        until(lambda: metric(app, "delivered") == 1)
+        assert_one_signed_cancellation(receiver, job_id)
+
+
+@pytest.mark.anyio
+async def test_grpc_takes_webhook_url_in_its_parameters(make_settings: Callable[..., Settings]) -> None:
+    """The gRPC server queues the registration; the REST process beside it (as `ldm serve` runs them) delivers."""
+    import grpc  # noqa: PLC0415 (the stubs are a build output: imported once they are built)
+
+    from service.api import proto_build  # noqa: PLC0415
+    proto_build.ensure()
+    from service.api.grpc import JOB_ID_METADATA, bound_port, create_grpc_server, stop_grpc  # noqa: PLC0415
+    from service.api.grpc.stubs import pb, pb_grpc  # noqa: PLC0415
+
+    settings = make_settings(**FAST, webhook_secret=SECRET, webhook_backoff_s=0.2, grpc_port=0,
+                             webhook_allowed_hosts=("127.0.0.1",))
+    with receiving() as receiver, serving(settings) as app:
+        server = create_grpc_server(settings)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{bound_port(server)}") as channel:
+                stub = pb_grpc.DiffusionStub(channel)
+                params = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2}
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Generate(pb.GenerateRequest(parameters=pb.GenerationParameters(
+                        **params, webhook_url="http://elsewhere.example.net/hook")), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "parameters.webhook_url" in (refused.value.details() or "")
+                # no worker: the call's deadline passes; with an idempotency key its job stays queued (no deadline of
+                # its own to race with) until CancelJob ends it, and that terminal event is delivered
+                call = stub.Generate(pb.GenerateRequest(parameters=pb.GenerationParameters(
+                    **params, webhook_url=receiver.url), idempotency_key="hooked"), timeout=1.0)
+                job_id = dict(await call.initial_metadata())[JOB_ID_METADATA]
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await call
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10)
+                deadline = time.monotonic() + 20
+                while metric(app, "delivered") < 1:
+                    assert time.monotonic() < deadline, "the webhook was not delivered"
+                    await asyncio.sleep(0.1)
+        finally:
+            await stop_grpc(server, 0)
+        assert_one_signed_cancellation(receiver, job_id)

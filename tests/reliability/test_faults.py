@@ -1,7 +1,7 @@
 """Faults, each with real processes: workers killed mid-batch, Redis killed or paused, the API restarted under a
 streaming client, a job that crashes every worker that runs it.
 
-What the service promises (README, "Fault tolerance and load"), and how each test holds it to that:
+What the service promises (docs/operations.md, "Fault tolerance and load"), and how each test holds it to that:
 - at-least-once execution: a job a worker took is run again by another when its worker dies (kill -9 x10, poison);
 - exactly-once results to the client: a job's results are stored and reported once, however often it ran
   (every job has one terminal event, one `job_succeeded` log line across all workers, its n result keys);

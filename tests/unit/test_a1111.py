@@ -63,6 +63,15 @@ def test_request_fields_multiply_batches_resolve_random_seeds_and_keep_eta_for_d
     assert a1111.request_fields(Txt2ImgBody(eta=0.5, sampler_name="DDIM", seed=3), None)["eta"] == 0.5
 
 
+def test_previews_come_from_the_body_else_the_servers_default() -> None:
+    assert a1111.request_fields(Txt2ImgBody(), None)["preview_every"] == 0
+    assert a1111.request_fields(Txt2ImgBody(), None, preview_every=5)["preview_every"] == 5
+    assert a1111.request_fields(Txt2ImgBody(preview_every=0), None, preview_every=5)["preview_every"] == 0
+    assert a1111.request_fields(Img2ImgBody(preview_every=3), None)["preview_every"] == 3
+    with pytest.raises(ValidationError, match="preview_every"):
+        Txt2ImgBody(preview_every=1001)
+
+
 @pytest.mark.parametrize(("fields", "size"), [
     ({"hr_scale": 2}, (128, 96)), ({"hr_scale": 1.3}, (80, 56)), ({"hr_resize_x": 100}, (96, 72)),
     ({"hr_resize_y": 72}, (96, 72)), ({"hr_resize_x": 40, "hr_resize_y": 200}, (40, 200))])

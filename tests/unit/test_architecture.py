@@ -1,6 +1,6 @@
 """The layering of the project, and the torch-free copies the front ends keep, checked.
 
-Layers (README "Layout"):
+Layers (docs/architecture.md, "Library layout"):
 - `models` (the library) never imports `service`.
 - `service.api` (the REST and gRPC front ends) never imports torch or `models`, directly or through any service
   module it imports, at module level or inside a function: the front ends start fast, hold no model, and scale
@@ -42,6 +42,7 @@ DEVICE_MODULES = {
                                  "(models/step_batch.py) and steps it; the runner starts, decodes and encodes them",
     "service.generate": "`ldm generate`: an offline command that runs the model in its own process",
     "service.zoo_commands": "`ldm reconstruct` / `ldm convert`: offline commands on a first stage or a zoo model",
+    "service.grid": "`ldm grid`: an offline command that draws a model's images into one PNG in its own process",
     "service.cli": "the `ldm` command: registers `ldm train`/`ldm eval` (argparse and models.names only at module "
                    "level) and imports the offline commands' work when they run",
     "service.worker.process": "torch.set_num_threads for the worker process before the runner loads its model",

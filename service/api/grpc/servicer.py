@@ -7,7 +7,10 @@ come and never picks a status code: `interceptor.py` does, for every method (`st
 Deadlines: a waiting call follows its job at most until the client's deadline (a little before it, so the
 client gets our message) and never longer than `job_deadline_s`; then, or when the client cancels the call, the
 job is cancelled, unless the request carried an idempotency key: a retry with that key picks the job up again,
-so it is left to finish. Either way the job id was sent at once as initial metadata `ldm-job-id`. Without an
+so it is left to finish. Either way the job id was sent at once as initial metadata `ldm-job-id`. A job's
+`parameters.webhook_url` is checked against the allow-list before the model (INVALID_ARGUMENT naming it) and
+registered once the job is queued (service/webhooks.py), as REST does: its terminal event reaches the URL even when
+the call ended first. Without an
 idempotency key, the client's deadline is also the job's deadline to start: should the cancellation be lost (the
 API dies first), no worker runs a job whose caller has given up.
 """
@@ -20,9 +23,11 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
+from service import webhooks
 from service.api.grpc.convert import idempotency_key, to_image, to_job, to_parameters, to_progress, to_request
 from service.api.grpc.errors import BadRequest, JobEnded, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb, pb_grpc
@@ -40,6 +45,16 @@ log = logging.getLogger(__name__)
 JOB_ID_METADATA = "ldm-job-id"  # initial metadata of every call that submits a job
 DEADLINE_MARGIN_S = 0.05  # answer this much before the client's deadline, so it gets our status and message
 POLL_S = 1.0  # longest blocking read of a job's events; between reads with no event the job record is checked
+
+
+class _Submission(Protocol):
+    """What every generating request message has: its parameters (with `webhook_url`) and its idempotency key."""
+
+    @property
+    def parameters(self) -> pb.GenerationParameters: ...
+
+    @property
+    def idempotency_key(self) -> str: ...
 
 
 @dataclass
@@ -63,11 +78,11 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return await self._generate(to_request(request.parameters, Task.txt2img), request.idempotency_key, context)
+        return await self._generate(to_request(request.parameters, Task.txt2img), request, context)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        waiting = await self._submit(to_request(request.parameters, Task.txt2img), request.idempotency_key, context)
+        waiting = await self._submit(to_request(request.parameters, Task.txt2img), request, context)
         job_id = waiting.job.id
         async with contextlib.aclosing(self._follow(waiting, context)) as events:
             async for event in events:
@@ -79,7 +94,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         image = await asyncio.to_thread(decode_image, request.image, self.settings)  # CPU work: off the loop
         mask = await asyncio.to_thread(decode_mask, request.mask, image, self.settings)
         generation = to_request(request.parameters, Task.inpaint, image=image.png, mask=mask.png, size=image.size)
-        return await self._generate(generation, request.idempotency_key, context)
+        return await self._generate(generation, request, context)
 
     async def Img2Img(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         return await self._image_task(Task.img2img, request, context)
@@ -91,26 +106,25 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                           context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         image = await asyncio.to_thread(decode_image, request.image, self.settings)  # CPU work: off the loop
         generation = to_request(request.parameters, task, image=image.png, size=image.size)
-        return await self._generate(generation, request.idempotency_key, context)
+        return await self._generate(generation, request, context)
 
     async def ClassToImage(self, request: pb.GenerateRequest,
                            context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return await self._generate(to_request(request.parameters, Task.class_), request.idempotency_key, context)
+        return await self._generate(to_request(request.parameters, Task.class_), request, context)
 
     async def LayoutToImage(self, request: pb.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return await self._generate(to_request(request.parameters, Task.layout), request.idempotency_key, context)
+        return await self._generate(to_request(request.parameters, Task.layout), request, context)
 
     async def SemanticToImage(self, request: pb.SemanticRequest,
                               context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         labels = await asyncio.to_thread(decode_label_map, request.label_map, self.settings)  # CPU work: off the loop
         generation = to_request(request.parameters, Task.semantic, label_map=labels.png, size=labels.size)
-        return await self._generate(generation, request.idempotency_key, context, labels.labels)
+        return await self._generate(generation, request, context, labels.labels)
 
     async def Unconditional(self, request: pb.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return await self._generate(to_request(request.parameters, Task.unconditional), request.idempotency_key,
-                                    context)
+        return await self._generate(to_request(request.parameters, Task.unconditional), request, context)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job = await self._visible(request.job_id)
@@ -141,24 +155,27 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
 
     # -- helpers
 
-    async def _generate(self, request: GenerationRequest, key_field: str, context: grpc.aio.ServicerContext,
+    async def _generate(self, request: GenerationRequest, message: _Submission, context: grpc.aio.ServicerContext,
                         map_labels: Sequence[int] = ()) -> pb.GenerateResponse:
         """Submit the job, wait for its end, answer its images (the unary generating calls)."""
-        waiting = await self._submit(request, key_field, context, map_labels)
+        waiting = await self._submit(request, message, context, map_labels)
         async with contextlib.aclosing(self._follow(waiting, context)) as events:
             async for _ in events:
                 pass
         return await self._answer(waiting.job.id)
 
-    async def _submit(self, request: GenerationRequest, key_field: str, context: grpc.aio.ServicerContext,
+    async def _submit(self, request: GenerationRequest, message: _Submission, context: grpc.aio.ServicerContext,
                       map_labels: Sequence[int] = ()) -> _Waiting:
-        """Check the model (`check_model`: as REST does), queue the job, send its id as initial metadata, and tie
-        the job to the call (see `_Waiting`)."""
-        key = idempotency_key(key_field, context.invocation_metadata())
+        """Check the webhook URL and the model (`check_model`: as REST does), queue the job, register its webhook,
+        send its id as initial metadata, and tie the job to the call (see `_Waiting`)."""
+        key = idempotency_key(message.idempotency_key, context.invocation_metadata())
+        hook = webhooks.checked(message.parameters.webhook_url or None, self.settings)
         await check_model(self.queue, self.settings, request, map_labels)
         remaining = context.time_remaining()
         deadline_s = max(0.001, remaining) if remaining is not None and key is None else None
         job = await self.quotas.submit(current_principal.get(), request, idempotency_key=key, deadline_s=deadline_s)
+        if hook is not None:
+            await webhooks.register(self.queue, job.id, hook)
         waiting = _Waiting(job, keep=key is not None, loop=asyncio.get_running_loop())
         context.add_done_callback(lambda _: self._call_ended(waiting))  # runs however the call ends
         await context.send_initial_metadata(((JOB_ID_METADATA, waiting.job.id),))

@@ -2,8 +2,10 @@
 
 Answers `{created, data: [{b64_json} | {url}]}`; errors `{error: {message, type, param, code}}` (errors.py).
 `response_format: url` links to GET /v1/jobs/{id}/images/{i} on this server (valid for `result_ttl_s`).
-Beyond OpenAI's fields we accept seed, steps, guidance_scale, sampler, negative_prompt (and strength for
-edits); with the openai client, pass them in `extra_body`.
+Beyond OpenAI's fields we accept seed, steps, guidance_scale, sampler, negative_prompt, deadline_s and webhook_url
+(and strength for edits); with the openai client, pass them in `extra_body`. A `webhook_url` is checked against the
+allow-list before anything else is read (422 naming it) and registered once the job is queued (service/webhooks.py):
+the job's terminal event is POSTed there, signed, even when the client stopped waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service import webhooks
 from service.api.bodies import (
     OpenAIEditForm,
     OpenAIGenerationBody,
@@ -46,10 +49,14 @@ def _as_size(errors: list[Any]) -> ApiError:
 
 
 async def _submit(submitter: Submitter, params: OpenAIImageParams, task: Task, **fields: Any) -> Job:
+    """Queue the job (admission's width/height errors named `size`), then register its webhook, if any."""
     try:
-        return await submitter.submit(params.request(task, **fields), deadline_s=params.deadline_s)
+        job = await submitter.submit(params.request(task, **fields), deadline_s=params.deadline_s)
     except ValidationError as exc:
         raise _as_size(exc.errors(include_url=False)) from exc
+    if params.webhook_url is not None:
+        await webhooks.register(submitter.queue, job.id, params.webhook_url)
+    return job
 
 
 async def _answer(job: Job, request: Request, queue: JobQueue, settings: Settings, response_format: str,
@@ -70,6 +77,7 @@ async def _answer(job: Job, request: Request, queue: JobQueue, settings: Setting
 async def generations(body: OpenAIGenerationBody, request: Request, submitter: SubmitterDep,
                       timeout: Timeout = None) -> OpenAIImagesResponse:
     """txt2img for `prompt`; waits for the images (504 with the job id after `timeout`/job_deadline_s)."""
+    webhooks.checked(body.webhook_url, submitter.settings)
     job = await _submit(submitter, body, Task.txt2img)
     return await _answer(job, request, submitter.queue, submitter.settings, body.response_format, timeout)
 
@@ -87,6 +95,7 @@ async def edits(form: EditForm, request: Request, submitter: SubmitterDep,
                 timeout: Timeout = None) -> OpenAIImagesResponse:
     """Inpaint `image` where `mask` is transparent (no mask: where the image itself is transparent)."""
     settings = submitter.settings
+    webhooks.checked(form.webhook_url, settings)
     image_bytes = await _read(form.image, "image", settings)
     mask_bytes = await _read(form.mask, "mask", settings) if form.mask is not None else None
     picture, white = await run_in_threadpool(openai_image_and_mask, image_bytes, mask_bytes, settings)

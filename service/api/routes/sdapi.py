@@ -113,7 +113,7 @@ async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep, 
     """Generate; waits for the images. Interrupted (POST /sdapi/v1/interrupt): `images` empty."""
     notes = a1111.check_fields(body.model_extra or {}, "txt2img")
     try:
-        fields = a1111.request_fields(body, await _model(body, session))
+        fields = a1111.request_fields(body, await _model(body, session), submitter.settings.a1111_preview_every)
     except ValidationError as exc:
         raise _renamed(exc) from exc
     if body.enable_hr:
@@ -226,7 +226,7 @@ async def img2img(body: Img2ImgBody, request: Request, submitter: SubmitterDep, 
     notes = a1111.check_fields(body.model_extra or {}, "img2img")
     _check_target(body, submitter.settings)
     try:
-        fields = a1111.request_fields(body, await _model(body, session))
+        fields = a1111.request_fields(body, await _model(body, session), submitter.settings.a1111_preview_every)
     except ValidationError as exc:
         raise _renamed(exc) from exc
     fields |= await run_in_threadpool(_inputs, body, submitter.settings)
@@ -250,8 +250,9 @@ class ProgressState(BaseModel):
 
 
 class Progress(BaseModel):
-    """GET /sdapi/v1/progress: of the caller's latest /sdapi job. `current_image` stays null: workers publish no
-    previews."""
+    """GET /sdapi/v1/progress: of the caller's latest /sdapi job. `current_image`: the base64 PNG of its newest live
+    preview when the job asked for previews (`preview_every`, or the server's LDM_A1111_PREVIEW_EVERY) and its worker
+    made one (continuous batching); else null."""
 
     progress: float = 0.0
     eta_relative: float = 0.0
@@ -276,8 +277,10 @@ async def progress(session: SessionDep, queue: QueueDep,
     elapsed = (datetime.now(UTC) - job.started_at).total_seconds() if job.started_at else 0.0
     state = ProgressState(interrupted=job.cancel_requested, job=job.id, job_count=1, sampling_step=job.step,
                           sampling_steps=job.total, job_timestamp=job.created_at.strftime("%Y%m%d%H%M%S"))
+    every = job.request.preview_every
+    image = await queue.latest_preview(job.id, every + 2) if every and not skip_current_image else None
     return Progress(progress=done, eta_relative=elapsed / done * (1 - done) if done else 0.0, state=state,
-                    textinfo=f"job {job.id} {job.status.value}")
+                    current_image=image, textinfo=f"job {job.id} {job.status.value}")
 
 
 async def _cancel(session: A1111Session, queue: JobQueue) -> dict[str, Any]:
