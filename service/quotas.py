@@ -32,7 +32,10 @@ from service.schemas import GenerationRequest
 
 T = TypeVar("T")
 
-Quota = Literal["rate", "in_flight"]
+#: rate, in_flight, work, stored_bytes: a key's quotas here; streams, waiting_calls: a key's concurrent calls, and
+#: server_streams, server_waiting_calls: the API process's (service/api/calls.py)
+Quota = Literal["rate", "in_flight", "work", "stored_bytes", "streams", "waiting_calls", "server_streams",
+                "server_waiting_calls"]
 RESERVATION_S = 60  # a reservation not turned into a job within this long (the API died mid-submit) lapses
 _TERMINAL = {s.value.encode() for s in JobStatus if s.terminal}
 
@@ -72,7 +75,8 @@ return 1
 
 
 class QuotaExceeded(QueueError):
-    """A key over one of its quotas (-> 429 / RESOURCE_EXHAUSTED with Retry-After `retry_after_s`)."""
+    """A key over one of its quotas, or a call over a concurrency cap (-> 429 / RESOURCE_EXHAUSTED with Retry-After
+    `retry_after_s`; counted in ldm_quota_rejections_total by `quota`)."""
 
     def __init__(self, quota: Quota, message: str, retry_after_s: int) -> None:
         super().__init__(message)
