@@ -40,5 +40,6 @@ def bounded_pool(url: str, settings: Settings) -> BoundedPool:
     pool: BoundedPool = BoundedPool.from_url(
         url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s,
         socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(NoBackoff(), 0))  # no retries inside redis-py: the queue's own (`retrying`) decide
+        retry=Retry(NoBackoff(), 0),  # no retries inside redis-py: the queue's own (`retrying`) decide
+        client_name=settings.key_prefix)  # CLIENT LIST names the deployment's connections
     return pool

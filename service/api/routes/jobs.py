@@ -143,9 +143,9 @@ async def job_events(job_id: JobId, request: Request, queue: QueueDep, settings:
     id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it. A stream that ends with
     `shutting_down` instead (the API is stopping) is to be reconnected the same way. A key holds at most
     `key_max_event_streams` streams at once (the process, `max_event_streams`): 429 beyond."""
-    await visible_job(queue, job_id, principal)  # 404 (unknown or another key's) before the stream starts
-    limits.acquire("streams", principal)  # 429 beyond the caps; released by HeldStream when the response ends
-    try:
+    limits.acquire("streams", principal)  # 429 beyond the caps, before Redis is asked anything
+    try:  # from here the place is released by HeldStream when the response ends, or below
+        await visible_job(queue, job_id, principal)  # 404 (unknown or another key's) before the stream starts
         draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
         stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s, draining)
         return HeldStream(stream, limits, principal, media_type="text/event-stream",
