@@ -397,11 +397,12 @@ class JobQueue:
 
     async def _settle_claim(self, claim: Claim, status: JobStatus, error: str = "",
                             pngs: Sequence[bytes] = ()) -> bool:
-        job_id = claim.job.id
+        job_id, owner = claim.job.id, claim.job.owner
         keys = [self.keys.stream(claim.job.model), *self.keys.per_job(job_id),
+                self.keys.quota_stored(owner or "-"), self.keys.quota_stored_total(owner or "-"),
                 *(self.keys.result(job_id, i) for i in range(len(pngs)))]
         args: list[ScriptArg] = [claim.consumer, claim.attempt, claim.entry_id, repr(time.time()),
-                                 self._final_ttl_ms, status.value, error, *pngs]
+                                 self._final_ttl_ms, status.value, error, 1 if owner else 0, *pngs]
         return _s(await self._lua["settle"](keys=keys, args=args)) == "ok"
 
     @retrying
