@@ -62,7 +62,8 @@ DESCRIPTION = """Latent Diffusion Model image generation.
   work as they are (send the API key as `Authorization: Bearer`). Every A1111 field: docs/a1111.md.
 * **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs
   (401: no, malformed or unknown key; 403: revoked key), unless the server runs without keys. Per-key quotas
-  (submission rate, jobs in flight) answer 429 with Retry-After.
+  (submission rate, jobs in flight, work, stored result bytes) and caps on open progress streams and waiting
+  synchronous calls answer 429 with Retry-After and a `code` saying which.
 """
 
 
