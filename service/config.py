@@ -17,6 +17,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+#: Redis connections of an API process kept for calls other than streams and waiting calls (submits, reads, quotas)
+CONNECTIONS_SPARE = 8
 
 
 def _digests(value: Any) -> Any:
@@ -77,6 +79,13 @@ class Settings(BaseSettings):
         description="Retries of a Redis operation after a connection error, then 503 / UNAVAILABLE.")
     redis_backoff_s: float = Field(
         default=0.1, gt=0, description="First retry delay; doubles with each retry (capped at 2 s).")
+    redis_max_connections: int = Field(
+        default=128, ge=4,
+        description="Most Redis connections one process opens: one pool, shared by the REST and gRPC front ends of "
+        "an API process (a worker has its own). A call finding them all busy waits for one (redis_pool_timeout_s), "
+        "then answers 503 / UNAVAILABLE; the pool never grows past this.")
+    redis_pool_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest a Redis call waits for a free connection of the pool.")
 
     # --- front ends
     rest_host: str = Field(default="127.0.0.1", description="Address the REST API listens on.")
@@ -87,6 +96,21 @@ class Settings(BaseSettings):
         default=64 * 2**20, ge=4 * 2**20,
         description="Largest gRPC message the server receives or sends (an Inpaint request carries an image and a "
         "mask; a Generate answer carries all n PNGs).")
+    grpc_max_request_bytes: int = Field(
+        default=64 * 2**10, ge=4 * 2**10,
+        description="Largest request message of a gRPC method that carries no image (Generate, GetJob, WatchJob, "
+        "...). The methods with images may carry max_image_bytes more per image: Img2Img, Upscale and "
+        "SemanticToImage one, Inpaint two (image and mask); each method's limit is checked before its message is "
+        "parsed (RESOURCE_EXHAUSTED), and the server receives no message longer than the largest of them (nor "
+        "than grpc_max_message_bytes).")
+    grpc_max_concurrent_rpcs: int = Field(
+        default=512, ge=1,
+        description="Most gRPC calls the server runs at once (streams included); beyond, grpc answers "
+        "RESOURCE_EXHAUSTED at once.")
+    rest_max_concurrency: int = Field(
+        default=1024, ge=1,
+        description="Most connections and requests the REST server (uvicorn limit_concurrency) holds at once; "
+        "beyond, it answers 503 at once.")
     grpc_health_interval_s: float = Field(
         default=2.0, gt=0, description="How often the gRPC health service checks that Redis is reachable.")
     grpc_shutdown_grace_s: float = Field(
@@ -130,6 +154,37 @@ class Settings(BaseSettings):
     key_max_jobs_in_flight: int = Field(
         default=32, ge=0,
         description="Queued plus running jobs one API key may have; 0 = no cap. Beyond: 429 / RESOURCE_EXHAUSTED.")
+
+    key_work_per_s: float = Field(
+        default=20.0, ge=0,
+        description="Work one API key may submit per second, sustained, in work units: images x width x height x "
+        "steps / 1024² (one 1024x1024 image at one step is 1 unit; 8 such images at 50 steps, 400); a token "
+        "bucket in Redis beside the rate limit; 0 = no limit. Beyond: 429 / RESOURCE_EXHAUSTED with Retry-After.")
+    key_work_burst: float = Field(
+        default=800.0, gt=0,
+        description="Work units one API key may submit at once before key_work_per_s applies. A request costing more "
+        "is accepted only from a full bucket, which it leaves in debt.")
+    key_max_stored_bytes: int = Field(
+        default=2**30, ge=0,
+        description="Bytes of result PNGs one API key may have stored (each kept result_ttl_s); 0 = no cap. Over it "
+        "a submission answers 429 / RESOURCE_EXHAUSTED, Retry-After = until enough has expired.")
+    key_max_event_streams: int = Field(
+        default=8, ge=1,
+        description="Progress streams (SSE /v1/jobs/{id}/events, gRPC WatchJob) one API key may hold open at once "
+        "on one API process; beyond: 429 / RESOURCE_EXHAUSTED.")
+    max_event_streams: int = Field(
+        default=64, ge=1,
+        description="Progress streams all callers may hold open at once on one API process; beyond: 429 / "
+        "RESOURCE_EXHAUSTED.")
+    key_max_waiting_calls: int = Field(
+        default=8, ge=1,
+        description="Synchronous calls (REST /v1/txt2img ..., /v1/images/*, /sdapi/v1/*2img; every gRPC call that "
+        "generates) one API key may have waiting for their images at once on one API process; beyond: 429 / "
+        "RESOURCE_EXHAUSTED, before anything is queued.")
+    max_waiting_calls: int = Field(
+        default=48, ge=1,
+        description="Synchronous calls all callers may have waiting at once on one API process; beyond: 429 / "
+        "RESOURCE_EXHAUSTED.")
 
     # --- the queue
     queue_max_depth: int = Field(
@@ -249,6 +304,15 @@ class Settings(BaseSettings):
             raise ValueError("min_width/min_height must not exceed max_width/max_height")
         if self.max_wait_ms / 1000 >= self.redis_timeout_s:
             raise ValueError("max_wait_ms must be shorter than redis_timeout_s (a blocking read would time out)")
+        held = self.max_event_streams + self.max_waiting_calls
+        if held + CONNECTIONS_SPARE > self.redis_max_connections:
+            raise ValueError(f"max_event_streams + max_waiting_calls ({held}) + {CONNECTIONS_SPARE} must not exceed "
+                             f"redis_max_connections ({self.redis_max_connections}): each stream and waiting call "
+                             "holds a Redis connection while it waits for events, and the rest need some")
+        for name in ("rest_max_concurrency", "grpc_max_concurrent_rpcs"):
+            if getattr(self, name) <= held:
+                raise ValueError(f"{name} ({getattr(self, name)}) must exceed max_event_streams + max_waiting_calls "
+                                 f"({held}), or streams would crowd out every other call")
         return self
 
     @classmethod

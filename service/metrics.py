@@ -83,7 +83,12 @@ API_METRICS: list[MetricSpec] = [
                "Calls refused for their credentials, by front end (rest, grpc) and reason (missing, malformed, "
                "unknown, revoked; /metrics without its token counts as rest)."),
     MetricSpec("ldm_quota_rejections_total", "counter", ("front_end", "quota"),
-               "Submissions refused by a per-key quota, by front end (rest, grpc) and quota (rate, in_flight)."),
+               "Calls refused by a quota or a concurrency cap, by front end (rest, grpc) and quota: per key rate, "
+               "in_flight, work, stored_bytes, streams, waiting_calls; per API process server_streams, "
+               "server_waiting_calls."),
+    MetricSpec("ldm_calls_held", "gauge", ("kind",),
+               "Calls holding the API process open now, by kind: streams (SSE, WatchJob), waiting_calls "
+               "(synchronous calls waiting for their images)."),
     MetricSpec("ldm_webhook_deliveries_total", "counter", ("outcome",),
                "Webhook delivery attempts by outcome: delivered (2xx), failed (to be retried), dead (out of attempts "
                "or refused: dead-lettered), refused (the host resolved to a forbidden address)."),
@@ -260,6 +265,7 @@ class ApiMetrics:
         self.grpc_request_duration = _histogram("ldm_grpc_request_duration_seconds", r, _SECONDS)
         self.auth_failures = _counter("ldm_auth_failures_total", r)
         self.quota_rejections = _counter("ldm_quota_rejections_total", r)
+        self.calls_held = _gauge("ldm_calls_held", r)
         self.webhook_deliveries = _counter("ldm_webhook_deliveries_total", r)
         self.queue = register_queue_collector(r)
 
@@ -278,7 +284,7 @@ class ApiMetrics:
         self.auth_failures.labels(front_end, reason).inc()
 
     def count_quota_rejection(self, front_end: Literal["rest", "grpc"], quota: str) -> None:
-        """A submission refused by a per-key quota (rate, in_flight)."""
+        """A call refused by a quota or a concurrency cap (`QuotaExceeded.quota`)."""
         self.quota_rejections.labels(front_end, quota).inc()
 
     async def render(self, queue: JobQueue | None = None) -> tuple[bytes, str]:

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import uvicorn
 
+from service.api.calls import CallLimits
 from service.api.grpc import bound_port, create_grpc_server, stop_grpc
-from service.api.rest import create_app
+from service.api.rest import create_app, uvicorn_config
 from service.auth import check_exposure
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.metrics import ApiMetrics
+from service.queue import JobQueue
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 120.0  # a worker finishes its batch in hand before it exits
@@ -107,17 +109,27 @@ class WorkerSupervisor:
 async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
                          supervisor: WorkerSupervisor | None = None, banner: bool = False) -> None:
     """REST and gRPC on one loop until `stop` is set; polls the supervisor meanwhile. Refuses to start (ValueError)
-    beyond loopback without authentication (service/auth.py `check_exposure`), and says how it authenticates."""
+    beyond loopback without authentication (service/auth.py `check_exposure`), and says how it authenticates.
+    Both front ends share one job queue (one bounded Redis pool: `redis_max_connections` for the process), one set
+    of metrics and one count of streams and waiting calls (service/api/calls.py)."""
     auth = check_exposure(settings)
     log.info("event=front_ends_auth %s", auth)
     metrics = ApiMetrics()
-    app = create_app(settings, metrics=metrics)
+    limits = CallLimits(settings, metrics)
+    async with JobQueue(settings) as queue:
+        await _run_both(settings, queue, metrics, limits, stop=stop, supervisor=supervisor, auth=auth if banner
+                        else None)
+
+
+async def _run_both(settings: Settings, queue: JobQueue, metrics: ApiMetrics, limits: CallLimits, *,
+                    stop: asyncio.Event, supervisor: WorkerSupervisor | None, auth: str | None) -> None:
+    """`run_front_ends` once its shared parts are made; prints the banner when given `auth`."""
+    app = create_app(settings, queue, metrics=metrics, limits=limits)
     # set on stop, before uvicorn's graceful shutdown: a synchronous call still waiting for its job answers 503 at
     # once (the job goes on; service/api/submit.py) instead of being cut off with a 500 when the grace runs out
     draining = app.state.draining = asyncio.Event()
-    rest = _Server(uvicorn.Config(app, host=settings.rest_host, port=settings.rest_port, log_level="warning",
-                                  timeout_graceful_shutdown=5))
-    grpc_server = create_grpc_server(settings, metrics=metrics)
+    rest = _Server(uvicorn_config(app, settings, log_level="warning"))
+    grpc_server = create_grpc_server(settings, queue, metrics=metrics, limits=limits)
     await grpc_server.start()
     rest_task = asyncio.create_task(rest.serve())
     while not rest.started and not rest_task.done():
@@ -126,7 +138,7 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
         await stop_grpc(grpc_server, None)
         rest_task.result()
         raise RuntimeError(f"the REST server could not start on {settings.rest_host}:{settings.rest_port}")
-    if banner:
+    if auth is not None:
         print(_banner(settings, bound_port(grpc_server), auth), flush=True)
     try:
         while not stop.is_set():

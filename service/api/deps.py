@@ -7,11 +7,13 @@ Redis servers in one process.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.calls import CallLimits
 from service.api.middleware import PRINCIPAL
 from service.api.submit import Submitter
 from service.auth import ANONYMOUS, Principal
@@ -29,8 +31,8 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no API key, a malformed one or an unknown one (WWW-Authenticate: Bearer)"},
     403: {"description": "a revoked API key"}}
 QUOTA_RESPONSES: dict[int | str, dict[str, Any]] = {
-    429: {"description": "the queue is full, or the API key is over its rate or its jobs in flight; see "
-                         "Retry-After"}}
+    429: {"description": "the queue is full, or the API key is over a quota (rate, jobs in flight, work, stored "
+                         "bytes) or a cap on concurrent calls; see Retry-After and the error's code"}}
 
 
 def get_settings(request: Request) -> Settings:
@@ -49,6 +51,20 @@ def get_principal(request: Request,
     protected operation of the OpenAPI schema."""
     principal: Principal = request.scope.get(PRINCIPAL, ANONYMOUS)
     return principal
+
+
+def get_limits(request: Request) -> CallLimits:
+    limits: CallLimits = request.app.state.limits
+    return limits
+
+
+async def hold_waiting_call(request: Request, principal: Annotated[Principal, Depends(get_principal)],
+                            ) -> AsyncIterator[None]:
+    """A place among the waiting synchronous calls (service/api/calls.py) for as long as the call runs; 429 when the
+    key or the process is at its cap, before the key's rate is spent or anything is queued. A router dependency of
+    the synchronous routes, so it runs before their other dependencies."""
+    with get_limits(request).hold("waiting_calls", principal):
+        yield
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

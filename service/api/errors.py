@@ -15,7 +15,8 @@ with 400 where we would answer 422 (that is what OpenAI's API and its clients ex
 | JobNotFound                        | 404    |                                         |
 | IdempotencyConflict                | 409    | key reused for a different request      |
 | QueueFull                          | 429    | Retry-After: `queue_retry_after_s`      |
-| QuotaExceeded (per-key rate, jobs in flight) | 429 | Retry-After (service/quotas.py)   |
+| QuotaExceeded: a key's quota     | 429    | Retry-After; rate, in flight, work, stored bytes (quotas.py) |
+| QuotaExceeded: streams, waiting calls | 429 | per key and per process (service/api/calls.py)     |
 | QueueUnavailable (Redis down)      | 503    | Retry-After: 1                          |
 """
 
@@ -40,7 +41,10 @@ OPENAI_PREFIX = "/v1/images/"
 _OPENAI_TYPES = {500: "server_error", 400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
                  429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
-_QUOTA_CODES = {"rate": "rate_limited", "in_flight": "too_many_jobs_in_flight"}
+_QUOTA_CODES = {"rate": "rate_limited", "in_flight": "too_many_jobs_in_flight", "work": "work_budget_exceeded",
+                "stored_bytes": "storage_quota_exceeded", "streams": "too_many_streams",
+                "waiting_calls": "too_many_waiting_calls", "server_streams": "server_busy",
+                "server_waiting_calls": "server_busy"}
 
 
 class ApiError(Exception):

@@ -23,11 +23,13 @@ import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.api import docs, errors, playground
+from service.api.calls import CallLimits
 from service.api.middleware import Authenticate, BodyLimit, HttpMetrics
 from service.api.routes import health, jobs, models, openai, sdapi, sync
 from service.auth import Authenticator, check_exposure
@@ -60,7 +62,8 @@ DESCRIPTION = """Latent Diffusion Model image generation.
   work as they are (send the API key as `Authorization: Bearer`). Every A1111 field: docs/a1111.md.
 * **Authentication**: `Authorization: Bearer <API key>` on every route but `/healthz`, `/readyz` and the docs
   (401: no, malformed or unknown key; 403: revoked key), unless the server runs without keys. Per-key quotas
-  (submission rate, jobs in flight) answer 429 with Retry-After.
+  (submission rate, jobs in flight, work, stored result bytes) and caps on open progress streams and waiting
+  synchronous calls answer 429 with Retry-After and a `code` saying which.
 """
 
 
@@ -80,10 +83,12 @@ async def _webhook_loop(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=app.state.settings.webhook_timeout_s + 5)
 
 
-def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None) -> FastAPI:
+def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
+               limits: CallLimits | None = None) -> FastAPI:
     """The app. `queue`: an open JobQueue to use (tests, or one shared with the gRPC server); by default one is
-    made from `settings.redis_url` when the app starts and closed when it stops. `metrics`: the API process's
-    metrics, shared with the gRPC server when both run in one process; by default the app's own."""
+    made from `settings.redis_url` when the app starts and closed when it stops. `metrics` and `limits` (the caps
+    on streams and waiting calls): the API process's, shared with the gRPC server when both run in one process;
+    by default the app's own."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,6 +105,7 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
                   docs_url=None, redoc_url=None)  # docs.install serves them without CDNs
     app.state.settings = settings
     app.state.metrics = metrics or ApiMetrics()
+    app.state.limits = limits or CallLimits(settings, app.state.metrics)
     errors.install(app)
     for router in (jobs.router, sync.router, openai.router, models.router, health.router, sdapi.router,
                    sdapi.internal):
@@ -112,13 +118,21 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
     return app
 
 
+def uvicorn_config(app: FastAPI, settings: Settings, *, host: str | None = None, port: int | None = None,
+                   log_level: str = "info", **options: Any) -> uvicorn.Config:
+    """uvicorn's config for `app`: at most `rest_max_concurrency` connections and requests at once (503 beyond);
+    `options`: more of uvicorn.Config's."""
+    return uvicorn.Config(app, host=host or settings.rest_host, port=settings.rest_port if port is None else port,
+                          log_level=log_level, timeout_graceful_shutdown=5,
+                          limit_concurrency=settings.rest_max_concurrency, **options)
+
+
 def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
                  host: str | None = None, port: int | None = None, log_level: str = "info") -> uvicorn.Server:
     """A uvicorn server for the app on `rest_host`:`rest_port` (or `host`/`port`); `await server.serve()` or
     `server.run()`; set `server.should_exit = True` to stop it gracefully."""
-    config = uvicorn.Config(create_app(settings, queue, metrics=metrics), host=host or settings.rest_host,
-                            port=settings.rest_port if port is None else port, log_level=log_level,
-                            timeout_graceful_shutdown=5, proxy_headers=False)
+    config = uvicorn_config(create_app(settings, queue, metrics=metrics), settings, host=host, port=port,
+                            log_level=log_level, proxy_headers=False)
     return uvicorn.Server(config)
 
 

@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.config import Settings
 from service.queue.errors import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.queue.keys import EVENT_ID, GROUP, IDEMPOTENCY_KEY, JOB_ID, Keys
+from service.queue.pool import bounded_pool
 from service.queue.records import Claim, Job, JobEvent, JobStatus, QueueStats, WorkerInfo
 from service.queue.scripts import SCRIPTS
 from service.schemas import GenerationRequest, admit
@@ -105,9 +104,8 @@ class JobQueue:
             raise ValueError("no Redis URL: set LDM_REDIS_URL, or start the embedded Redis (service.embedded)")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s,
-            retry=Retry(NoBackoff(), 0), decode_responses=False)
+        # one bounded pool (service/queue/pool.py); the client owns it, so aclose() closes its connections
+        self.redis = aioredis.Redis.from_pool(bounded_pool(url, settings))
         self._groups: set[str] = set()
         self._lua = {name: self.redis.register_script(source) for name, source in SCRIPTS.items()}
 
@@ -409,11 +407,12 @@ class JobQueue:
 
     async def _settle_claim(self, claim: Claim, status: JobStatus, error: str = "",
                             pngs: Sequence[bytes] = ()) -> bool:
-        job_id = claim.job.id
+        job_id, owner = claim.job.id, claim.job.owner
         keys = [self.keys.stream(claim.job.model), *self.keys.per_job(job_id),
+                self.keys.quota_stored(owner or "-"), self.keys.quota_stored_total(owner or "-"),
                 *(self.keys.result(job_id, i) for i in range(len(pngs)))]
         args: list[ScriptArg] = [claim.consumer, claim.attempt, claim.entry_id, repr(time.time()),
-                                 self._final_ttl_ms, status.value, error, *pngs]
+                                 self._final_ttl_ms, status.value, error, 1 if owner else 0, *pngs]
         return _s(await self._lua["settle"](keys=keys, args=args)) == "ok"
 
     @retrying

@@ -68,3 +68,15 @@ class Keys:
     def quota_reservations(self, key_id: str) -> str:
         """API key `key_id`'s slots reserved by submissions under way."""
         return f"{self.prefix}:quota:reserved:{key_id}"
+
+    def quota_work(self, key_id: str) -> str:
+        """The work-units token bucket of API key `key_id`."""
+        return f"{self.prefix}:quota:work:{key_id}"
+
+    def quota_stored(self, key_id: str) -> str:
+        """API key `key_id`'s stored results: a zset of '<entry> <bytes>' scored by their expiry (ms)."""
+        return f"{self.prefix}:quota:stored:{key_id}"
+
+    def quota_stored_total(self, key_id: str) -> str:
+        """The bytes `quota_stored(key_id)` lists, summed."""
+        return f"{self.prefix}:quota:stored-bytes:{key_id}"

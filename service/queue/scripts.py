@@ -171,16 +171,32 @@ end
 return out
 """
 
-# Terminal state by the owning worker: results stored first, XACK last, all in one script.
-# KEYS: stream, 4 per job, result keys...  ARGV: consumer, attempt, entry, now, final ttl, status, error, PNGs...
+# Terminal state by the owning worker: results stored first, XACK last, all in one script. The results' bytes are
+# added to the owner's stored bytes (service/quotas.py), which expire with them: a zset of '<entry id> <bytes>'
+# scored by their expiry (Redis clock, ms) and a running total (a settle retried after a lost reply counts nothing
+# twice).
+# KEYS: stream, 4 per job, owner's stored zset, owner's stored total, result keys...
+# ARGV: consumer, attempt, entry, now, final ttl, status, error, count the bytes (1/0), PNGs...
 _SETTLE = """
 local status = owned(KEYS[2], ARGV[1], ARGV[2])
 if status == ARGV[6] then return 'ok' end
 if status ~= 'queued' and status ~= 'running' then return 'lost' end
 local ttl = tonumber(ARGV[5])
-for i = 6, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ttl) end
+local bytes = 0
+for i = 8, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ttl)
+  bytes = bytes + #ARGV[i + 1]
+end
+if ARGV[8] == '1' and bytes > 0 then
+  local t = redis.call('TIME')
+  local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+  redis.call('ZADD', KEYS[6], expiry, ARGV[3] .. ' ' .. bytes)
+  redis.call('INCRBY', KEYS[7], bytes)
+  redis.call('PEXPIRE', KEYS[6], ttl)
+  redis.call('PEXPIRE', KEYS[7], ttl)
+end
 if ARGV[6] == 'succeeded' then redis.call('HSET', KEYS[2], 'step', redis.call('HGET', KEYS[2], 'total')) end
-settle(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[6], ARGV[7] ~= '' and ARGV[7], ARGV[4], ttl, #KEYS - 5)
+settle(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[6], ARGV[7] ~= '' and ARGV[7], ARGV[4], ttl, #KEYS - 7)
 ack(KEYS[1], ARGV[3])
 return 'ok'
 """

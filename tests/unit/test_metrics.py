@@ -56,6 +56,7 @@ def test_labels_and_types_match_the_table() -> None:
     api.observe_grpc("Generate", "OK", 0.5)
     api.count_auth_failure("rest", "unknown")
     api.count_quota_rejection("grpc", "rate")
+    api.calls_held.labels("streams").set(1)
     api.webhook_deliveries.labels("delivered").inc()
     worker.job_wait.labels("tiny").observe(0.1)
     worker.job_run.labels("tiny", "txt2img").observe(1.0)

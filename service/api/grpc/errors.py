@@ -34,3 +34,12 @@ class JobEnded(Exception):
 
 class ResultsExpired(Exception):
     """The job succeeded but its PNGs are gone (result TTL) (-> NOT_FOUND)."""
+
+
+class MessageTooLarge(Exception):
+    """A request message longer than its method's limit (`guard.request_limit`) (-> RESOURCE_EXHAUSTED, as grpc's
+    own receive limit answers); never parsed."""
+
+    def __init__(self, method: str, size: int, limit: int) -> None:
+        super().__init__(f"the {method} request is {size} bytes, more than the {limit} bytes it may be "
+                         "(grpc_max_request_bytes, plus max_image_bytes per image it carries)")

@@ -3,15 +3,18 @@
 Before the method: the API key is checked from the call's metadata when the method is looked up, before the request
 message is received (`guard.CallGuard.authenticate`: a refused call is answered by a handler that never reads its
 message, so an unauthenticated caller cannot make the server buffer and parse up to `grpc_max_message_bytes`); then
-request bytes that do not parse become INVALID_ARGUMENT (instead of grpc's UNKNOWN), and the key's rate is spent
-(`CallGuard.admit`). After it: its exception becomes its status (`status.status_of`), a
-client that left counts as CANCELLED, and the call is counted in the metrics. Each method runs in a task of its
+a message longer than its method's limit (`guard.request_limit`) is refused unparsed (RESOURCE_EXHAUSTED), request
+bytes that do not parse become INVALID_ARGUMENT (instead of grpc's UNKNOWN), and the call takes its place among the
+process's streams or waiting calls and spends the key's rate (`CallGuard.admit`, held until the call ends). After
+it: its exception becomes its status (`status.status_of`), a client that left counts as CANCELLED, and the call is
+counted in the metrics. Each method runs in a task of its
 own (`_cancellable`), so a cancellation always reaches it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
@@ -20,8 +23,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.api.grpc.errors import BadRequest, JobEnded
-from service.api.grpc.guard import CallGuard
+from service.api.grpc.errors import BadRequest, JobEnded, MessageTooLarge
+from service.api.grpc.guard import CallGuard, short_name
 from service.api.grpc.status import status_of
 from service.api.grpc.stubs import SERVICE_NAME
 from service.auth import ANONYMOUS, AuthError, Principal, current_principal
@@ -39,11 +42,21 @@ class _Undecodable:
     error: str
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class _TooLarge:
+    """A message over its method's limit, handed on unparsed."""
+
+    size: int
+    limit: int
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
 
     def parse(data: bytes) -> Any:
+        if limit is not None and len(data) > limit:
+            return _TooLarge(len(data), limit)
         try:
             return deserialize(data)
         except Exception as exc:  # any parse failure is the client's bytes' fault
@@ -53,6 +66,8 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def _parsed(request: Any, method: str) -> Any:
+    if isinstance(request, _TooLarge):
+        raise MessageTooLarge(short_name(method), request.size, request.limit)
     if isinstance(request, _Undecodable):
         raise BadRequest("request", f"the request bytes are not a valid message for {method} ({request.error})")
     return request
@@ -114,7 +129,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 handler_call_details.invocation_metadata)
         except AuthError as exc:
             return _refusal(exc, method, self.metrics, streaming=handler.unary_stream is not None)
-        options = {"request_deserializer": _tolerant(handler.request_deserializer),
+        limit = None if self.guard is None else self.guard.request_limit(method)
+        options = {"request_deserializer": _tolerant(handler.request_deserializer, limit),
                    "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -169,20 +185,21 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _admit(guard: CallGuard | None, method: str, principal: Principal) -> None:
-    """Leave the caller in `current_principal` for the servicer (ownership, its jobs-in-flight cap), then spend its
-    rate if the method submits a job."""
+def _admitted(guard: CallGuard | None, method: str,
+              principal: Principal) -> contextlib.AbstractAsyncContextManager[None]:
+    """Leave the caller in `current_principal` for the servicer (ownership, its quotas), then hold the call's place
+    and spend its rate (`CallGuard.admit`) while the block runs."""
     current_principal.set(principal)
-    if guard is not None:
-        await guard.admit(method, principal)
+    return contextlib.nullcontext() if guard is None else guard.admit(method, principal)
 
 
 def _unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: ApiMetrics | None, guard: CallGuard | None,
            principal: Principal) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Answer(context, method, metrics):
-            await _admit(guard, method, principal)
-            return await _cancellable(behavior(_parsed(request, method), context))
+            request = _parsed(request, method)
+            async with _admitted(guard, method, principal):
+                return await _cancellable(behavior(request, context))
 
     return call
 
@@ -191,17 +208,18 @@ def _streaming(behavior: Callable[..., AsyncGenerator[Any, None]], method: str, 
                guard: CallGuard | None, principal: Principal) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Answer(context, method, metrics):
-            await _admit(guard, method, principal)
-            messages = behavior(_parsed(request, method), context)
-            try:
-                while True:
-                    try:
-                        message = await _cancellable(anext(messages))
-                    except StopAsyncIteration:
-                        return
-                    yield message
-            finally:  # grpc closed us (the client left) between two messages: close the servicer's generator too
-                if not getattr(messages, "ag_running", False):
-                    await messages.aclose()
+            request = _parsed(request, method)
+            async with _admitted(guard, method, principal):
+                messages = behavior(request, context)
+                try:
+                    while True:
+                        try:
+                            message = await _cancellable(anext(messages))
+                        except StopAsyncIteration:
+                            return
+                        yield message
+                finally:  # grpc closed us (the client left) between two messages: close the servicer's generator too
+                    if not getattr(messages, "ag_running", False):
+                        await messages.aclose()
 
     return call

@@ -18,7 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.grpc.guard import CallGuard
+from service.api.calls import CallLimits
+from service.api.grpc.guard import CallGuard, receive_limit
 from service.api.grpc.interceptor import StatusInterceptor
 from service.api.grpc.servicer import DiffusionServicer
 from service.api.grpc.stubs import SERVICE_NAME, pb_grpc
@@ -86,19 +87,23 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def create_grpc_server(settings: Settings, queue: JobQueue | None = None, *,
-                       metrics: ApiMetrics | None = None) -> grpc.aio.Server:
+def create_grpc_server(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
+                       limits: CallLimits | None = None) -> grpc.aio.Server:
     """A gRPC server bound to `grpc_host:grpc_port` (port 0: any free port, see `bound_port`) with
     ldm.v1.Diffusion, health checking and reflection; not started. Call it inside the event loop that will run
     it. Without `queue` it opens its own on `settings` and closes it when the server stops. With `metrics` (the
-    API process's, shared with the REST app) every call is counted in `ldm_grpc_requests_total` and timed."""
+    API process's, shared with the REST app) every call is counted in `ldm_grpc_requests_total` and timed.
+    `limits`: the process's caps on streams and waiting calls, shared with the REST app; by default its own.
+    At most `grpc_max_concurrent_rpcs` calls run at once, and no request is received longer than the largest
+    method's limit (service/api/grpc/guard.py)."""
     owns_queue = queue is None
     queue = queue if queue is not None else JobQueue(settings)
-    limit = settings.grpc_max_message_bytes
     servicer = DiffusionServicer(queue, settings)
+    guard = CallGuard(Authenticator(settings), servicer.quotas, limits or CallLimits(settings, metrics))
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(metrics, CallGuard(Authenticator(settings), servicer.quotas))],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        interceptors=[StatusInterceptor(metrics, guard)], maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", receive_limit(settings)),
+                 ("grpc.max_send_message_length", settings.grpc_max_message_bytes)])
     pb_grpc.add_DiffusionServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
-from service.api.grpc.errors import BadRequest, JobEnded, ResultsExpired, WaitTimeout
+from service.api.grpc.errors import BadRequest, JobEnded, MessageTooLarge, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb
 from service.auth import AuthError
 from service.images import ImageError
@@ -32,6 +32,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     ResultsExpired: grpc.StatusCode.NOT_FOUND,
     IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
     WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.api.bodies import JobBody, JobView
+from service.api.calls import CallLimits
 from service.api.deps import (
     AUTH_RESPONSES,
     QUOTA_RESPONSES,
@@ -21,10 +22,12 @@ from service.api.deps import (
     QueueDep,
     SettingsDep,
     SubmitterDep,
+    get_limits,
     get_principal,
 )
 from service.api.errors import ApiError
 from service.api.ownership import visible_job
+from service.auth import Principal
 from service.queue import EVENT_ID, JobEvent, JobQueue, JobStatus, QueueUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
@@ -82,6 +85,23 @@ async def cancel_job(job_id: JobId, response: Response, queue: QueueDep, princip
     return JobView.of(await visible_job(queue, job_id, principal))
 
 
+class HeldStream(StreamingResponse):
+    """A progress stream holding its place among the process's streams (service/api/calls.py) from the route that
+    took it until the response ends, however it ends (finished, client gone, server stopping): the place is released
+    in `__call__`, which runs once the route returned it, whether or not the body was ever iterated."""
+
+    def __init__(self, content: AsyncIterator[str], limits: CallLimits, principal: Principal,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._limits, self._principal = limits, principal
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._limits.release("streams", self._principal)
+
+
 def _frame(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
 
@@ -112,16 +132,24 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
         yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse, responses=SSE, summary="Progress events (SSE)")
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={**SSE, **QUOTA_RESPONSES},
+            summary="Progress events (SSE)")
 async def job_events(job_id: JobId, request: Request, queue: QueueDep, settings: SettingsDep,
-                     principal: PrincipalDep, last_event_id: LastEventId = None,
+                     principal: PrincipalDep, limits: Annotated[CallLimits, Depends(get_limits)],
+                     last_event_id: LastEventId = None,
                      after: Annotated[str | None, Query(pattern=EVENT_ID.pattern)] = None) -> StreamingResponse:
     """Server-sent events: `queued`, `started`, `progress` (step/total), ..., then one terminal event
     (`succeeded`, `failed` or `cancelled`), after which the stream ends. Each event's `id:` is its Redis event
     id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it. A stream that ends with
-    `shutting_down` instead (the API is stopping) is to be reconnected the same way."""
-    await visible_job(queue, job_id, principal)  # 404 (unknown or another key's) before the stream starts
-    draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
-    stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s, draining)
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    `shutting_down` instead (the API is stopping) is to be reconnected the same way. A key holds at most
+    `key_max_event_streams` streams at once (the process, `max_event_streams`): 429 beyond."""
+    limits.acquire("streams", principal)  # 429 beyond the caps, before Redis is asked anything
+    try:  # from here the place is released by HeldStream when the response ends, or below
+        await visible_job(queue, job_id, principal)  # 404 (unknown or another key's) before the stream starts
+        draining = getattr(request.app.state, "draining", None)  # set when the API shuts down (service/serve.py)
+        stream = _event_stream(queue, job_id, last_event_id or after or "0-0", settings.sse_keepalive_s, draining)
+        return HeldStream(stream, limits, principal, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except BaseException:
+        limits.release("streams", principal)
+        raise

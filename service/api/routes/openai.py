@@ -26,7 +26,7 @@ from service.api.bodies import (
     OpenAIImagesResponse,
     parse_size,
 )
-from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, SubmitterDep, get_principal
+from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, SubmitterDep, get_principal, hold_waiting_call
 from service.api.errors import ApiError, validation_error
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.config import Settings
@@ -34,7 +34,8 @@ from service.images import ImageError, openai_image_and_mask
 from service.queue import Job, JobQueue
 from service.schemas import GenerationRequest, Task
 
-router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[Depends(get_principal)],
+router = APIRouter(prefix="/v1/images", tags=["openai"],
+                   dependencies=[Depends(get_principal), Depends(hold_waiting_call)],
                    responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait (at most job_deadline_s); 504 after")]
 EditForm = Annotated[OpenAIEditForm, Form(media_type="multipart/form-data")]

@@ -34,6 +34,7 @@ from service.api.deps import (
     SettingsDep,
     SubmitterDep,
     get_principal,
+    hold_waiting_call,
 )
 from service.api.errors import ApiError, validation_error
 from service.api.submit import Submitter, result_pngs, served_models, sync_timeout, wait_done
@@ -108,7 +109,8 @@ async def _answer(done: Job | None, queue: JobQueue, body: A1111Body, notes: dic
     return A1111Image(images=images, parameters=parameters, info=a1111.info(done, notes))
 
 
-@router.post("/txt2img", response_model=A1111Image, summary="txt2img (AUTOMATIC1111)", responses=QUOTA_RESPONSES)
+@router.post("/txt2img", response_model=A1111Image, summary="txt2img (AUTOMATIC1111)", responses=QUOTA_RESPONSES,
+             dependencies=[Depends(hold_waiting_call)])
 async def txt2img(body: Txt2ImgBody, request: Request, submitter: SubmitterDep, session: SessionDep) -> A1111Image:
     """Generate; waits for the images. Interrupted (POST /sdapi/v1/interrupt): `images` empty."""
     notes = a1111.check_fields(body.model_extra or {}, "txt2img")
@@ -220,7 +222,7 @@ def _inputs(body: Img2ImgBody, settings: Settings) -> dict[str, Any]:
 
 
 @router.post("/img2img", response_model=A1111Image, summary="img2img and inpainting (AUTOMATIC1111)",
-             responses=QUOTA_RESPONSES)
+             responses=QUOTA_RESPONSES, dependencies=[Depends(hold_waiting_call)])
 async def img2img(body: Img2ImgBody, request: Request, submitter: SubmitterDep, session: SessionDep) -> A1111Image:
     """img2img; with `mask`, inpainting (pixels outside the mask are kept exactly). Waits for the images."""
     notes = a1111.check_fields(body.model_extra or {}, "img2img")

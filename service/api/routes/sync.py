@@ -15,11 +15,19 @@ from service.api.bodies import (
     Txt2ImgBody,
     UnconditionalBody,
 )
-from service.api.deps import AUTH_RESPONSES, QUOTA_RESPONSES, IdempotencyKey, SubmitterDep, get_principal
+from service.api.deps import (
+    AUTH_RESPONSES,
+    QUOTA_RESPONSES,
+    IdempotencyKey,
+    SubmitterDep,
+    get_principal,
+    hold_waiting_call,
+)
 from service.api.submit import Submitter, result_pngs, sync_timeout, wait_done
 from service.queue import Job
 
-router = APIRouter(prefix="/v1", tags=["synchronous"], dependencies=[Depends(get_principal)],
+router = APIRouter(prefix="/v1", tags=["synchronous"],
+                   dependencies=[Depends(get_principal), Depends(hold_waiting_call)],
                    responses={**AUTH_RESPONSES, **QUOTA_RESPONSES})
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait (at most job_deadline_s); 504 after")]
 RESPONSES: dict[int | str, dict[str, object]] = {
