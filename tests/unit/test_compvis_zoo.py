@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import yaml
 
 from models.checkpoints import CheckpointError, load_model
 from models.compvis.config_yaml import CompVisConfigError, model_config
+from models.conditioning import Box, ConditionError
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from tests.compvis_zoo import (
     CHURCHES_SCALE,
@@ -206,12 +208,72 @@ def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path) -> None:
     assert np.abs(one - many).mean() > 2.0
 
 
-def _ldmbert(sd: dict[str, torch.Tensor], width: int, depth: int) -> object:
+def _all_keys_consumed(model: Any, sd: dict[str, torch.Tensor]) -> None:
+    loaded = model.original_state_dict()
+    weights = {k for k in sd if k.startswith((UNET, FIRST, COND))}
+    assert set(loaded) == weights and all(torch.equal(loaded[k], sd[k]) for k in weights)
+
+
+def test_cin256_samples_unguided_and_refuses_guidance(tmp_path: Path) -> None:
+    """cin256 (LDM-8): ClassEmbedder with its default 1000 rows, no null class. The original samples it
+    class-conditionally only: c = embedding[label][:, None] (ClassEmbedder.forward), e = UNet(x, t, c) (no
+    unconditional pass), DDIM eta 0, z / 1.0, quantise, decode; here with diffusers' UNet2DConditionModel and
+    VQModel (VQ-f8 with its decoder's attention). Guidance != 1 and unconditional sampling are refused."""
+    model, sd = _load(tmp_path, "cin256")
+    _all_keys_consumed(model, sd)
+    config = model.config  # type: ignore[attr-defined]
+    assert sorted(config.tasks) == ["class"] and sd[COND + "embedding.weight"].shape[0] == 1000
+    pipe = Pipeline(model, optimize=False)  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=32, height=32)
+    ours = pipe.class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [207])
+    unet, vq = cond_unet(part(sd, UNET), config.unet), first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    c = sd[COND + "embedding.weight"][[207]][:, None]
+    with torch.no_grad():
+        z = original_ddim(lambda x, t: unet(x, t, encoder_hidden_states=c).sample, _x_T((1, 4, 4, 4)),
+                          original_alphas_cumprod(0.0015, 0.0195), STEPS)
+        theirs = to_uint8(vq.decode(z).sample)
+    assert_close_images(np.asarray(ours.images[0]), theirs)
+    with pytest.raises(ConditionError, match="no null class"):
+        pipe.class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])
+    with pytest.raises(ValueError, match="0..999"):
+        pipe.class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [1000])
+    with pytest.raises(ValueError, match="no null condition"):
+        pipe.unconditional([SampleSpec(seed=SEED)], settings)
+
+
+def test_layout2img_openimages_mirrors_the_original(tmp_path: Path) -> None:
+    """layout2img-openimages256: BERTEmbedder(use_tokenizer=False) reads taming's box tokens as they are. The
+    tokens are written out here by hand (worked out in tests/unit/test_compvis_boxes.py), the encoder is
+    diffusers' LDMBertModel (vocabulary 8192, 92 positions, no attention mask), the UNet diffusers'
+    UNet2DConditionModel (transformer_depth 3, ch/32 heads); no classifier-free guidance (the original samples it
+    conditionally), DDIM eta 0, VQ-f4 decode."""
+    model, sd = _load(tmp_path, "layout2img-openimages256")
+    _all_keys_consumed(model, sd)
+    config = model.config  # type: ignore[attr-defined]
+    assert sorted(config.tasks) == ["layout"]
+    boxes = [Box(5, 0.25, 0.5, 0.75, 1.0), Box(339, 0.1, 0.2, 0.7, 0.9)]
+    tokens = [5, 3982, 8077, 339, 1629, 7262] + [8191] * 84 + [0, 8099]
+    pipe = Pipeline(model, optimize=False)  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=32, height=32)
+    ours = pipe.layout2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [boxes])
+    bert = _ldmbert(sd, 32, 2, vocab=8192, positions=92)
+    unet, vq = cond_unet(part(sd, UNET), config.unet), first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    with torch.no_grad():
+        c = bert(torch.tensor([tokens]))[0]
+        z = original_ddim(lambda x, t: unet(x, t, encoder_hidden_states=c).sample, _x_T((1, 3, 8, 8)),
+                          original_alphas_cumprod(0.0015, 0.0205), STEPS)
+        theirs = to_uint8(vq.decode(z).sample)
+    assert_close_images(np.asarray(ours.images[0]), theirs)
+    with pytest.raises(ConditionError, match="no null layout"):
+        pipe.layout2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [boxes])
+
+
+def _ldmbert(sd: dict[str, torch.Tensor], width: int, depth: int, vocab: int = 30522, positions: int = 77) -> Any:
     """diffusers' LDMBertModel holding the x-transformers encoder's weights (the renaming of diffusers'
     LDM text2img conversion: layers 2i = [norm, attention], 2i+1 = [norm, feed-forward])."""
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-    config = LDMBertConfig(vocab_size=30522, max_position_embeddings=77, encoder_layers=depth,
+    config = LDMBertConfig(vocab_size=vocab, max_position_embeddings=positions, encoder_layers=depth,
                            encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64, d_model=width,
                            dropout=0.0)
     renames = {"0": "self_attn_layer_norm", "1.to_q": "self_attn.q_proj", "1.to_k": "self_attn.k_proj",
