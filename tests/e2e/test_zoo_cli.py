@@ -7,6 +7,7 @@ thread: seven model loads in subprocesses would cost a minute of imports."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from models.checkpoints import load_model
+from models.conditioning import Box
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from service.cli import main
 from tests.compvis_zoo import FIRST_STAGE_KL_F8, assert_close_images, write_checkpoint
@@ -22,12 +24,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SEED = 3
 COMMON = ["--sampler", "ddim", "--eta", "0", "--steps", "10", "--seed", str(SEED)]
 DDIM = RunSettings(sampler="ddim", steps=10, eta=0.0)
+FEW = RunSettings(sampler="ddim", steps=3, eta=0.0)
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "fox"]
 
 
-def _run(tmp_path: Path, *args: str | Path) -> np.ndarray:
+def _run(tmp_path: Path, *args: str | Path, steps: int = 10) -> np.ndarray:
+    """The command with the contract's common flags (`steps` other than 10 only for the cases beyond its seven)."""
     out = tmp_path / "out.png"
-    assert main(["generate", *map(str, args), *COMMON, "-o", str(out)]) == 0
+    common = [*COMMON[:4], "--steps", str(steps), *COMMON[6:]]
+    assert main(["generate", *map(str, args), *common, "-o", str(out)]) == 0
     with Image.open(out) as image:
         return np.asarray(image.convert("RGB"))
 
@@ -44,6 +49,35 @@ def test_cin256_v2(tmp_path: Path) -> None:
     model = load_model(tmp_path / "m" / "model.ckpt")
     want = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], DDIM, [207]).images[0]
     assert_close_images(got, np.asarray(want))
+
+
+def test_cin256_unguided_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cin256 has no null class: without --guidance it samples unguided (scale 1), and --guidance 3 is refused
+    with a message naming the missing null class."""
+    write_checkpoint(tmp_path / "m", "cin256")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--class", "207", steps=3)
+    model = load_model(tmp_path / "m" / "model.ckpt")
+    want = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], FEW, [207]).images[0]
+    assert_close_images(got, np.asarray(want))
+    assert main(["generate", "--model", str(tmp_path / "m" / "model.ckpt"), "--class", "207", "--guidance", "3",
+                 *COMMON, "-o", str(tmp_path / "x.png")]) == 2
+    assert "no null class" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_layout2img_openimages256(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--layout boxes.json` with OpenImages category numbers: taming's box tokens, unguided."""
+    write_checkpoint(tmp_path / "m", "layout2img-openimages256")
+    layout = [{"label": 5, "box": [0.25, 0.5, 0.75, 1.0]}, {"label": 339, "box": [0.1, 0.2, 0.7, 0.9]}]
+    (tmp_path / "boxes.json").write_text(json.dumps(layout), encoding="utf-8")
+    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--layout", tmp_path / "boxes.json", steps=3)
+    model = load_model(tmp_path / "m" / "model.ckpt")
+    boxes = [Box(5, 0.25, 0.5, 0.75, 1.0), Box(339, 0.1, 0.2, 0.7, 0.9)]
+    want = Pipeline(model).layout2img([SampleSpec(seed=SEED, guidance_scale=1.0)], FEW, [boxes]).images[0]
+    assert_close_images(got, np.asarray(want))
+    (tmp_path / "bad.json").write_text(json.dumps([{"label": 340, "box": [0, 0, 1, 1]}]), encoding="utf-8")
+    assert main(["generate", "--model", str(tmp_path / "m" / "model.ckpt"), "--layout", str(tmp_path / "bad.json"),
+                 *COMMON, "-o", str(tmp_path / "x.png")]) == 2
+    assert "340" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["celeba256", "lsun_churches256"])

@@ -510,6 +510,36 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     assert np.array_equal(result[hole == 0], np.asarray(picture)[hole == 0])
 
 
+def test_worker_runner_serves_the_unguided_zoo_models(tmp_path: Path) -> None:
+    """cin256 and layout2img-openimages256 register their one task and labels (1000 classes; 340 categories, at
+    most 30 boxes); a job at guidance 1 runs; one at the task's default guidance (which the front ends fill in)
+    fails as invalid_input, naming the missing unconditional input."""
+    import io
+
+    from PIL import Image
+
+    from service.schemas import GenerationRequest, LayoutBox, Task
+    from service.worker.runner import JobFailure, Runner, SampleInput
+
+    for name in ("cin256", "layout2img-openimages256"):
+        write_checkpoint(tmp_path / name, name)
+    cin, layout = (Runner.load(str(tmp_path / name / "model.ckpt"), device="cpu")
+                   for name in ("cin256", "layout2img-openimages256"))
+    assert [t.value for t in cin.tasks] == ["class"] and [t.value for t in layout.tasks] == ["layout"]
+    assert cin.labels is not None and (cin.labels.n_classes, cin.labels.max_boxes) == (1000, None)
+    assert layout.labels is not None and (layout.labels.n_classes, layout.labels.max_boxes) == (340, 30)
+    boxes = [LayoutBox(label=5, box=(0.25, 0.5, 0.75, 1.0))]
+    job = GenerationRequest(model=layout.name, task=Task.layout, layout=boxes, width=32, height=32, steps=2, seed=1,
+                            guidance_scale=1.0)
+    layout.check(job)
+    out = layout.run(layout.batch_key(job, None), [SampleInput(job, 1, None, None)])[0]
+    assert out is not None and Image.open(io.BytesIO(out)).size == (32, 32)
+    for runner, default in ((layout, job.model_copy(update={"guidance_scale": None})),
+                            (cin, GenerationRequest(model=cin.name, task=Task.class_, class_label=207, steps=2))):
+        with pytest.raises(JobFailure, match="guidance_scale 1"):
+            runner.check(default)
+
+
 @pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256"])
 def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, name: str) -> None:
     """`ldm convert`: save_model writes the original layout with our config in the metadata; it loads back alone."""
