@@ -170,6 +170,54 @@ def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys:
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_eval_scores_a_first_stage_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ldm eval --model kl/model.ckpt --images DIR`: PSNR and SSIM per image and their means (report.json with
+    --out), each equal to the measure of that image's reconstruction; LPIPS only with both local weight files."""
+    import torch
+
+    from models.autoencoder import Autoencoder
+    from models.compvis.first_stage import first_stage_from_yaml, load_first_stage, psnr, reconstruct
+    from models.eval.reconstruction import ssim
+    from models.train.losses import LPIPS
+    from tests.helpers import randomize
+
+    (tmp_path / "kl").mkdir()
+    (tmp_path / "kl" / "config.yaml").write_text(FIRST_STAGE_KL_F8, encoding="utf-8")
+    sd = randomize(Autoencoder(first_stage_from_yaml(tmp_path / "kl" / "config.yaml")), 1).state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "kl" / "model.ckpt")
+    (tmp_path / "images").mkdir()
+    for k in range(2):
+        _rng_image(16, 20 + k).save(tmp_path / "images" / f"{k}.png")
+    ckpt = str(tmp_path / "kl" / "model.ckpt")
+    assert main(["eval", "--model", ckpt, "--images", str(tmp_path / "images"), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    autoencoder = load_first_stage(tmp_path / "kl" / "model.ckpt", tmp_path / "kl" / "config.yaml")
+    originals = [Image.open(tmp_path / "images" / f"{k}.png").convert("RGB") for k in range(2)]
+    want = [v for im in originals for v in (psnr(im, reconstruct(autoencoder, im)), ssim(im, reconstruct(autoencoder, im)))]
+    got = [row[k] for row in report["per_image"] for k in ("psnr", "ssim")]
+    assert got == pytest.approx(want) and report["mean"]["psnr"] == pytest.approx((want[0] + want[2]) / 2)
+    assert report["mean"]["lpips"] is None and "needs --vgg-weights and --lpips-weights" in out
+
+    reference = randomize(LPIPS(), 2)
+    reference.shift, reference.scale = LPIPS().shift, LPIPS().scale  # constants of LPIPS, not weights of the files
+    torch.save({f"features.{k}": v for k, v in reference.features.state_dict().items()}, tmp_path / "vgg.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(reference.lins)}, tmp_path / "lin.pth")
+    assert main(["eval", "--model", ckpt, "--images", str(tmp_path / "images"), "--vgg-weights",
+                 str(tmp_path / "vgg.pth"), "--lpips-weights", str(tmp_path / "lin.pth"), "--out",
+                 str(tmp_path / "r2")]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "r2" / "report.json").read_text())["per_image"]
+    from models.images import to_tensor
+
+    with torch.no_grad():
+        lpips = [float(reference(to_tensor([im]), to_tensor([reconstruct(autoencoder, im)]))[0]) for im in originals]
+    assert [row["lpips"] for row in rows] == pytest.approx(lpips, rel=1e-5) and min(lpips) > 0
+    assert main(["eval", "--model", ckpt, "--images", str(tmp_path / "images"), "--lpips-weights",
+                 str(tmp_path / "lin.pth")]) == 2
+    assert "both --vgg-weights" in capsys.readouterr().err
+
+
 def test_img2img_with_a_prompt(tmp_path: Path) -> None:
     """`--task img2img --image --strength` with a prompt, on the zoo's text model (SDEdit, models/pipeline.py)."""
     tok = tmp_path / "tok"
