@@ -194,7 +194,8 @@ def test_eval_scores_a_first_stage_on_a_folder(tmp_path: Path, capsys: pytest.Ca
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     autoencoder = load_first_stage(tmp_path / "kl" / "model.ckpt", tmp_path / "kl" / "config.yaml")
     originals = [Image.open(tmp_path / "images" / f"{k}.png").convert("RGB") for k in range(2)]
-    want = [v for im in originals for v in (psnr(im, reconstruct(autoencoder, im)), ssim(im, reconstruct(autoencoder, im)))]
+    rebuilt = [reconstruct(autoencoder, im) for im in originals]
+    want = [v for im, re in zip(originals, rebuilt, strict=True) for v in (psnr(im, re), ssim(im, re))]
     got = [row[k] for row in report["per_image"] for k in ("psnr", "ssim")]
     assert got == pytest.approx(want) and report["mean"]["psnr"] == pytest.approx((want[0] + want[2]) / 2)
     assert report["mean"]["lpips"] is None and "needs --vgg-weights and --lpips-weights" in out
