@@ -631,6 +631,27 @@ def write_checkpoint(folder: Path, name: str, *, seed: int = 0, ema: bool = Fals
     return sd
 
 
+class ZooFiles:
+    """Checkpoints written once per test module and shared by the tests that only read them (`write_checkpoint`
+    is deterministic in its arguments, so a shared file is the file each test would write). The state dicts are
+    shared too: a test that changes one writes its own checkpoint instead."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[tuple[str, tuple[tuple[str, bool], ...]], tuple[Path, dict[str, torch.Tensor]]] = {}
+
+    def get(self, name: str, **options: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+        """(folder with model.ckpt and config.yaml, its state dict) for zoo model `name`."""
+        key = (name, tuple(sorted(options.items())))
+        if key not in self.made:
+            folder = self.root / str(len(self.made)) / name  # the folder names the model, as the zoo's do
+            self.made[key] = (folder, write_checkpoint(folder, name, **options))  # type: ignore[arg-type]
+        return self.made[key]
+
+    def ckpt(self, name: str, **options: bool) -> Path:
+        return self.get(name, **options)[0] / "model.ckpt"
+
+
 def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 

@@ -18,7 +18,7 @@ from models.checkpoints import load_model
 from models.conditioning import Box
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from service.cli import main
-from tests.compvis_zoo import FIRST_STAGE_KL_F8, assert_close_images, write_checkpoint
+from tests.compvis_zoo import FIRST_STAGE_KL_F8, ZooFiles, assert_close_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEED = 3
@@ -37,107 +37,114 @@ def _run(tmp_path: Path, *args: str | Path, steps: int = 10) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> ZooFiles:
+    """The module's checkpoints, each written once."""
+    return ZooFiles(tmp_path_factory.mktemp("zoo"))
+
+
 def _rng_image(size: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     blocks = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
     return Image.fromarray(blocks.astype(np.uint8))
 
 
-def test_cin256_v2(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "m", "cin256-v2")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--class", "207", "--guidance", "3.0")
-    model = load_model(tmp_path / "m" / "model.ckpt")
+def test_cin256_v2(tmp_path: Path, zoo: ZooFiles) -> None:
+    ckpt = zoo.ckpt("cin256-v2")
+    got = _run(tmp_path, "--model", ckpt, "--class", "207", "--guidance", "3.0")
+    model = load_model(ckpt)
     want = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], DDIM, [207]).images[0]
     assert_close_images(got, np.asarray(want))
 
 
-def test_cin256_unguided_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cin256_unguided_by_default(tmp_path: Path, zoo: ZooFiles, capsys: pytest.CaptureFixture[str]) -> None:
     """cin256 has no null class: without --guidance it samples unguided (scale 1), and --guidance 3 is refused
     with a message naming the missing null class."""
-    write_checkpoint(tmp_path / "m", "cin256")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--class", "207", steps=3)
-    model = load_model(tmp_path / "m" / "model.ckpt")
+    ckpt = zoo.ckpt("cin256")
+    got = _run(tmp_path, "--model", ckpt, "--class", "207", steps=3)
+    model = load_model(ckpt)
     want = Pipeline(model).class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], FEW, [207]).images[0]
     assert_close_images(got, np.asarray(want))
-    assert main(["generate", "--model", str(tmp_path / "m" / "model.ckpt"), "--class", "207", "--guidance", "3",
+    assert main(["generate", "--model", str(ckpt), "--class", "207", "--guidance", "3",
                  *COMMON, "-o", str(tmp_path / "x.png")]) == 2
     assert "no null class" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
-def test_layout2img_openimages256(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_layout2img_openimages256(tmp_path: Path, zoo: ZooFiles, capsys: pytest.CaptureFixture[str]) -> None:
     """`--layout boxes.json` with OpenImages category numbers: taming's box tokens, unguided."""
-    write_checkpoint(tmp_path / "m", "layout2img-openimages256")
+    ckpt = zoo.ckpt("layout2img-openimages256")
     layout = [{"label": 5, "box": [0.25, 0.5, 0.75, 1.0]}, {"label": 339, "box": [0.1, 0.2, 0.7, 0.9]}]
     (tmp_path / "boxes.json").write_text(json.dumps(layout), encoding="utf-8")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--layout", tmp_path / "boxes.json", steps=3)
-    model = load_model(tmp_path / "m" / "model.ckpt")
+    got = _run(tmp_path, "--model", ckpt, "--layout", tmp_path / "boxes.json", steps=3)
+    model = load_model(ckpt)
     boxes = [Box(5, 0.25, 0.5, 0.75, 1.0), Box(339, 0.1, 0.2, 0.7, 0.9)]
     want = Pipeline(model).layout2img([SampleSpec(seed=SEED, guidance_scale=1.0)], FEW, [boxes]).images[0]
     assert_close_images(got, np.asarray(want))
     (tmp_path / "bad.json").write_text(json.dumps([{"label": 340, "box": [0, 0, 1, 1]}]), encoding="utf-8")
-    assert main(["generate", "--model", str(tmp_path / "m" / "model.ckpt"), "--layout", str(tmp_path / "bad.json"),
+    assert main(["generate", "--model", str(ckpt), "--layout", str(tmp_path / "bad.json"),
                  *COMMON, "-o", str(tmp_path / "x.png")]) == 2
     assert "340" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["celeba256", "lsun_churches256"])
-def test_unconditional(tmp_path: Path, name: str) -> None:
-    write_checkpoint(tmp_path / "m", name)
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "unconditional")
-    want = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).unconditional([SampleSpec(seed=SEED)], DDIM)
+def test_unconditional(tmp_path: Path, zoo: ZooFiles, name: str) -> None:
+    ckpt = zoo.ckpt(name)
+    got = _run(tmp_path, "--model", ckpt, "--task", "unconditional")
+    want = Pipeline(load_model(ckpt)).unconditional([SampleSpec(seed=SEED)], DDIM)
     assert_close_images(got, np.asarray(want.images[0]))
 
 
-def test_text2img256(tmp_path: Path) -> None:
+def test_text2img256(tmp_path: Path, zoo: ZooFiles) -> None:
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    write_checkpoint(tmp_path / "m", "text2img256")
-    got = _run(tmp_path, "a painting of a fox", "--model", tmp_path / "m" / "model.ckpt", "--tokenizer", tok,
+    ckpt = zoo.ckpt("text2img256")
+    got = _run(tmp_path, "a painting of a fox", "--model", ckpt, "--tokenizer", tok,
                "--guidance", "5.0")
-    model = load_model(tmp_path / "m" / "model.ckpt", tokenizer_dir=tok)
+    model = load_model(ckpt, tokenizer_dir=tok)
     spec = SampleSpec(prompt="a painting of a fox", seed=SEED, guidance_scale=5.0)
     assert_close_images(got, np.asarray(Pipeline(model).txt2img([spec], DDIM).images[0]))
 
 
-def test_semantic_synthesis256(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "m", "semantic_synthesis256")
+def test_semantic_synthesis256(tmp_path: Path, zoo: ZooFiles) -> None:
+    ckpt = zoo.ckpt("semantic_synthesis256")
     labels = np.kron(np.random.default_rng(0).integers(0, 182, (4, 4)), np.ones((8, 8))).astype(np.uint8)
     Image.fromarray(labels, mode="L").save(tmp_path / "map.png")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--map", tmp_path / "map.png")
-    model = load_model(tmp_path / "m" / "model.ckpt")
+    got = _run(tmp_path, "--model", ckpt, "--map", tmp_path / "map.png")
+    model = load_model(ckpt)
     want = Pipeline(model).semantic2img([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM,
                                         [Image.fromarray(labels, mode="L")])
     assert_close_images(got, np.asarray(want.images[0]))
 
 
-def test_inpainting_big(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "m", "inpainting_big", ddim_buffers=True, first_stage_copy=True)
+def test_inpainting_big(tmp_path: Path, zoo: ZooFiles) -> None:
+    ckpt = zoo.ckpt("inpainting_big", ddim_buffers=True, first_stage_copy=True)
     image = _rng_image(32, 1)
     hole = np.zeros((32, 32), dtype=np.uint8)
     hole[4:20, 8:28] = 255
     image.save(tmp_path / "image.png")
     Image.fromarray(hole, mode="L").save(tmp_path / "mask.png")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "inpaint", "--image",
+    got = _run(tmp_path, "--model", ckpt, "--task", "inpaint", "--image",
                tmp_path / "image.png", "--mask", tmp_path / "mask.png")
-    model = load_model(tmp_path / "m" / "model.ckpt")
+    model = load_model(ckpt)
     want = Pipeline(model).inpaint([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM, [image],
                                    [Image.fromarray(hole, mode="L")])
     assert np.array_equal(got[hole == 0], np.asarray(image)[hole == 0])
     assert_close_images(got[hole > 0][None], np.asarray(want.images[0])[hole > 0][None])
 
 
-def test_bsr_sr(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "m", "bsr_sr")
+def test_bsr_sr(tmp_path: Path, zoo: ZooFiles) -> None:
+    ckpt = zoo.ckpt("bsr_sr")
     low = _rng_image(8, 2)
     low.save(tmp_path / "lr.png")
-    got = _run(tmp_path, "--model", tmp_path / "m" / "model.ckpt", "--task", "upscale", "--image", tmp_path / "lr.png")
+    got = _run(tmp_path, "--model", ckpt, "--task", "upscale", "--image", tmp_path / "lr.png")
     assert got.shape == (32, 32, 3)
-    want = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).upscale([SampleSpec(seed=SEED)], DDIM, [low])
+    want = Pipeline(load_model(ckpt)).upscale([SampleSpec(seed=SEED)], DDIM, [low])
     assert_close_images(got, np.asarray(want.images[0]))
 
 
-def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, zoo: ZooFiles,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     from models.autoencoder import Autoencoder
@@ -162,10 +169,10 @@ def test_reconstruct_prints_psnr_and_convert_round_trips(tmp_path: Path, capsys:
     with Image.open(tmp_path / "rec.png") as reconstruction:
         assert reconstruction.size == (32, 32)
 
-    write_checkpoint(tmp_path / "m", "celeba256")
-    assert main(["convert", "--model", str(tmp_path / "m" / "model.ckpt"), "-o", str(tmp_path / "c.safetensors")]) == 0
+    ckpt = zoo.ckpt("celeba256")
+    assert main(["convert", "--model", str(ckpt), "-o", str(tmp_path / "c.safetensors")]) == 0
     settings = dataclasses.replace(DDIM, steps=2)
-    a = Pipeline(load_model(tmp_path / "m" / "model.ckpt")).unconditional([SampleSpec(seed=1)], settings).images[0]
+    a = Pipeline(load_model(ckpt)).unconditional([SampleSpec(seed=1)], settings).images[0]
     b = Pipeline(load_model(tmp_path / "c.safetensors")).unconditional([SampleSpec(seed=1)], settings).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -219,19 +226,19 @@ def test_eval_scores_a_first_stage_on_a_folder(tmp_path: Path, capsys: pytest.Ca
     assert "both --vgg-weights" in capsys.readouterr().err
 
 
-def test_img2img_with_a_prompt(tmp_path: Path) -> None:
+def test_img2img_with_a_prompt(tmp_path: Path, zoo: ZooFiles) -> None:
     """`--task img2img --image --strength` with a prompt, on the zoo's text model (SDEdit, models/pipeline.py)."""
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    write_checkpoint(tmp_path / "m", "text2img256")
+    ckpt = zoo.ckpt("text2img256")
     image = _rng_image(32, 5)
     image.save(tmp_path / "in.png")
-    got = _run(tmp_path, "a fox", "--model", tmp_path / "m" / "model.ckpt", "--tokenizer", tok, "--task", "img2img",
+    got = _run(tmp_path, "a fox", "--model", ckpt, "--tokenizer", tok, "--task", "img2img",
                "--image", tmp_path / "in.png", "--strength", "0.5", "--guidance", "2.0")
-    model = load_model(tmp_path / "m" / "model.ckpt", tokenizer_dir=tok)
+    model = load_model(ckpt, tokenizer_dir=tok)
     settings = dataclasses.replace(DDIM, strength=0.5)
     want = Pipeline(model).img2img([SampleSpec(prompt="a fox", seed=SEED, guidance_scale=2.0)], settings, [image])
     assert_close_images(got, np.asarray(want.images[0]))
     with pytest.raises(SystemExit, match="--image and --mask are for --task img2img, inpaint or upscale"):
-        main(["generate", "a fox", "--model", str(tmp_path / "m" / "model.ckpt"), "--image", str(tmp_path / "in.png")])
+        main(["generate", "a fox", "--model", str(ckpt), "--image", str(tmp_path / "in.png")])

@@ -25,6 +25,7 @@ from tests.compvis_zoo import (
     FIRST_STAGE_KL_F16,
     FIRST_STAGE_VQ_F4_NOATTN,
     FIRST_STAGE_VQ_F8,
+    ZooFiles,
     assert_close_images,
     cond_unet,
     ddim_scheduler,
@@ -47,9 +48,15 @@ def _x_T(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))
 
 
-def _load(tmp_path: Path, name: str, **kwargs: object) -> tuple[object, dict[str, torch.Tensor]]:
-    sd = write_checkpoint(tmp_path / name, name, **kwargs)  # type: ignore[arg-type]
-    return load_model(tmp_path / name / "model.ckpt"), sd
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> ZooFiles:
+    """The module's checkpoints, each written once (tests that change a file write their own)."""
+    return ZooFiles(tmp_path_factory.mktemp("zoo"))
+
+
+def _load(zoo: ZooFiles, name: str, **options: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    folder, sd = zoo.get(name, **options)
+    return load_model(folder / "model.ckpt"), sd
 
 
 # ------------------------------------------------------------------------------------------- config reading
@@ -94,23 +101,22 @@ def test_scale_by_std_needs_the_buffer() -> None:
 # ------------------------------------------------------------------------------------------- loading
 
 
-def test_every_key_consumed_and_extras_tolerated(tmp_path: Path) -> None:
-    model, sd = _load(tmp_path, "celeba256", ema=True, ddim_buffers=True)
+def test_every_key_consumed_and_extras_tolerated(zoo: ZooFiles) -> None:
+    model, sd = _load(zoo, "celeba256", ema=True, ddim_buffers=True)
     loaded = model.original_state_dict()  # type: ignore[attr-defined]
     weights = {k for k in sd if k.startswith((UNET, FIRST, COND))}
     assert set(loaded) == weights
     assert all(torch.equal(loaded[k], sd[k]) for k in weights)
 
 
-def test_ema_weights_only_when_asked(tmp_path: Path) -> None:
-    sd = write_checkpoint(tmp_path / "m", "celeba256", ema=True)
-    ema = load_model(tmp_path / "m" / "model.ckpt", use_ema=True).unet.state_dict()
+def test_ema_weights_only_when_asked(zoo: ZooFiles) -> None:
+    folder, sd = zoo.get("celeba256", ema=True)
+    ema = load_model(folder / "model.ckpt", use_ema=True).unet.state_dict()
     key = "input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(ema[key], sd["model_ema.diffusion_model" + key.replace(".", "")])
     assert not torch.equal(ema[key], sd[UNET + key])
-    write_checkpoint(tmp_path / "n", "cin256-v2")
     with pytest.raises(CheckpointError, match="EMA"):
-        load_model(tmp_path / "n" / "model.ckpt", use_ema=True)
+        load_model(zoo.ckpt("cin256-v2"), use_ema=True)
 
 
 def test_unexpected_and_missing_keys_are_named(tmp_path: Path) -> None:
@@ -133,11 +139,11 @@ def test_explicit_config_path(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- images
 
 
-def test_celeba256_matches_ldm_pipeline(tmp_path: Path) -> None:
+def test_celeba256_matches_ldm_pipeline(zoo: ZooFiles) -> None:
     """Unconditional, VQ-f4, legacy attention with ch/32 heads: diffusers' LDMPipeline (UNet2DModel + VQModel)."""
     import diffusers
 
-    model, sd = _load(tmp_path, "celeba256")
+    model, sd = _load(zoo, "celeba256")
     config = model.config  # type: ignore[attr-defined]
     settings = dataclasses.replace(DDIM, width=32, height=32)
     ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
@@ -149,12 +155,12 @@ def test_celeba256_matches_ldm_pipeline(tmp_path: Path) -> None:
     assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
 
 
-def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path) -> None:
+def test_lsun_churches256_matches_ldm_pipeline(zoo: ZooFiles) -> None:
     """Unconditional, KL-f8 with the checkpoint's scale_factor, scale-shift norm, ResBlock resampling, 8 heads
     at every level: LDMPipeline with UNet2DModel + AutoencoderKL."""
     import diffusers
 
-    model, sd = _load(tmp_path, "lsun_churches256")
+    model, sd = _load(zoo, "lsun_churches256")
     config = model.config  # type: ignore[attr-defined]
     assert config.scale_factor == pytest.approx(CHURCHES_SCALE)
     settings = dataclasses.replace(DDIM, width=128, height=128)
@@ -186,17 +192,17 @@ def _cin_reference(sd: dict[str, torch.Tensor], config: object, label: int, scal
         return to_uint8(vq.decode(z / 1.0).sample)
 
 
-def test_cin256_v2_matches_the_original_arithmetic(tmp_path: Path) -> None:
-    model, sd = _load(tmp_path, "cin256-v2")
+def test_cin256_v2_matches_the_original_arithmetic(zoo: ZooFiles) -> None:
+    model, sd = _load(zoo, "cin256-v2")
     config = model.config  # type: ignore[attr-defined]
     settings = dataclasses.replace(DDIM, width=32, height=32)
     ours = Pipeline(model, optimize=False).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])  # type: ignore[arg-type]
     assert_close_images(np.asarray(ours.images[0]), _cin_reference(sd, config, 207, 3.0))
 
 
-def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path) -> None:
+def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path, zoo: ZooFiles) -> None:
     """The same weights with 8 heads (the SD convention a shape-based loader assumes) give another image."""
-    model, _ = _load(tmp_path, "cin256-v2")
+    model, _ = _load(zoo, "cin256-v2")
     text = CONFIGS["cin256-v2"].replace("num_heads: 1", "num_heads: 8")
     write_checkpoint(tmp_path / "eight", "cin256-v2", yaml_text=text)
     eight = load_model(tmp_path / "eight" / "model.ckpt")
@@ -214,12 +220,12 @@ def _all_keys_consumed(model: Any, sd: dict[str, torch.Tensor]) -> None:
     assert set(loaded) == weights and all(torch.equal(loaded[k], sd[k]) for k in weights)
 
 
-def test_cin256_samples_unguided_and_refuses_guidance(tmp_path: Path) -> None:
+def test_cin256_samples_unguided_and_refuses_guidance(zoo: ZooFiles) -> None:
     """cin256 (LDM-8): ClassEmbedder with its default 1000 rows, no null class. The original samples it
     class-conditionally only: c = embedding[label][:, None] (ClassEmbedder.forward), e = UNet(x, t, c) (no
     unconditional pass), DDIM eta 0, z / 1.0, quantise, decode; here with diffusers' UNet2DConditionModel and
     VQModel (VQ-f8 with its decoder's attention). Guidance != 1 and unconditional sampling are refused."""
-    model, sd = _load(tmp_path, "cin256")
+    model, sd = _load(zoo, "cin256")
     _all_keys_consumed(model, sd)
     config = model.config  # type: ignore[attr-defined]
     assert sorted(config.tasks) == ["class"] and sd[COND + "embedding.weight"].shape[0] == 1000
@@ -241,13 +247,13 @@ def test_cin256_samples_unguided_and_refuses_guidance(tmp_path: Path) -> None:
         pipe.unconditional([SampleSpec(seed=SEED)], settings)
 
 
-def test_layout2img_openimages_mirrors_the_original(tmp_path: Path) -> None:
+def test_layout2img_openimages_mirrors_the_original(zoo: ZooFiles) -> None:
     """layout2img-openimages256: BERTEmbedder(use_tokenizer=False) reads taming's box tokens as they are. The
     tokens are written out here by hand (worked out in tests/unit/test_compvis_boxes.py), the encoder is
     diffusers' LDMBertModel (vocabulary 8192, 92 positions, no attention mask), the UNet diffusers'
     UNet2DConditionModel (transformer_depth 3, ch/32 heads); no classifier-free guidance (the original samples it
     conditionally), DDIM eta 0, VQ-f4 decode."""
-    model, sd = _load(tmp_path, "layout2img-openimages256")
+    model, sd = _load(zoo, "layout2img-openimages256")
     _all_keys_consumed(model, sd)
     config = model.config  # type: ignore[attr-defined]
     assert sorted(config.tasks) == ["layout"]
@@ -302,7 +308,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "t
 
 @pytest.mark.parametrize(("name", "size", "schedule"), [("text2img256", 32, (0.0015, 0.0195)),
                                                       ("txt2img-1p4B-eval", 64, (0.00085, 0.012))])
-def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str, size: int,
+def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, zoo: ZooFiles, name: str, size: int,
                                                       schedule: tuple[float, float]) -> None:
     """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32
     heads; text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256
@@ -313,8 +319,8 @@ def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str,
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    sd = write_checkpoint(tmp_path / "t2i", name)
-    model = load_model(tmp_path / "t2i" / "model.ckpt", tokenizer_dir=tok)
+    folder, sd = zoo.get(name)
+    model = load_model(folder / "model.ckpt", tokenizer_dir=tok)
     config = model.config
     prompt = "A painting of a fox"
     ours = Pipeline(model, optimize=False).txt2img([SampleSpec(prompt=prompt, seed=SEED, guidance_scale=5.0)],
@@ -329,13 +335,13 @@ def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str,
     assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
 
 
-def test_bsr_sr_matches_ldm_super_resolution_pipeline(tmp_path: Path) -> None:
+def test_bsr_sr_matches_ldm_super_resolution_pipeline(zoo: ZooFiles) -> None:
     """LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR size), no CFG, one pass: diffusers'
     LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the generator, as the contract)."""
     import diffusers
     from PIL import Image
 
-    model, sd = _load(tmp_path, "bsr_sr")
+    model, sd = _load(zoo, "bsr_sr")
     config = model.config  # type: ignore[attr-defined]
     rng = np.random.default_rng(0)
     low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
@@ -355,7 +361,7 @@ def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
     return np.kron(rng.integers(0, n_labels, (size // 8, size // 8)), np.ones((8, 8), dtype=np.int64))
 
 
-def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
+def test_semantic_synthesis256_mirrors_the_original(zoo: ZooFiles) -> None:
     """No independent pipeline exists. The original's arithmetic, step by step: one-hot {0, 1} over 182 labels
     at the map's size; SpatialRescaler = F.interpolate(bilinear, scale 0.5) twice, then the 1x1 conv without
     bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers UNet2DModel); no CFG; DDIM as ddim.py; decode
@@ -363,7 +369,7 @@ def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    model, sd = _load(tmp_path, "semantic_synthesis256")
+    model, sd = _load(zoo, "semantic_synthesis256")
     config = model.config  # type: ignore[attr-defined]
     labels = _blocky_labels(32, 182, 1)
     ours = Pipeline(model, optimize=False).semantic2img([SampleSpec(seed=SEED)], DDIM,  # type: ignore[arg-type]
@@ -383,7 +389,7 @@ def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
     assert_close_images(np.asarray(ours.images[0]), reference)
 
 
-def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
+def test_inpainting_big_mirrors_scripts_inpaint(zoo: ZooFiles) -> None:
     """No independent pipeline exists; scripts/inpaint.py step by step: image = RGB/255, mask = L/255 binarised
     at 0.5, masked = (1 - mask) image, all three x -> 2x - 1; c = cat([VQ encode(masked) (quant_conv output),
     interpolate(mask, latent size) (nearest)]); UNet input cat([z_t, c]) (3 + 3 + 1, diffusers UNet2DModel with
@@ -392,8 +398,8 @@ def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    sd = write_checkpoint(tmp_path / "inp", "inpainting_big", ddim_buffers=True, first_stage_copy=True)
-    model = load_model(tmp_path / "inp" / "model.ckpt")
+    folder, sd = zoo.get("inpainting_big", ddim_buffers=True, first_stage_copy=True)
+    model = load_model(folder / "model.ckpt")
     config = model.config
     rng = np.random.default_rng(3)
     pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
@@ -470,7 +476,7 @@ def test_first_stage_reconstructs_as_diffusers(tmp_path: Path, name: str) -> Non
 # ------------------------------------------------------------------------------------------- served
 
 
-def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: Path) -> None:
+def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(zoo: ZooFiles) -> None:
     """`ldm worker --model DIR/model.ckpt` (Runner.load): named after its folder, the tasks its conditioning
     allows, the labels front ends check; an inpaint job runs through the zoo's masked-image conditioning."""
     import io
@@ -480,9 +486,8 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     from service.schemas import GenerationRequest, Task
     from service.worker.runner import Runner, SampleInput
 
-    for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr"):
-        write_checkpoint(tmp_path / name, name, first_stage_copy=name == "inpainting_big")
-    runners = {name: Runner.load(str(tmp_path / name / "model.ckpt"), device="cpu")
+    inpaint = {"ddim_buffers": True, "first_stage_copy": True}
+    runners = {name: Runner.load(str(zoo.ckpt(name, **(inpaint if name == "inpainting_big" else {}))), device="cpu")
                for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr")}
     assert {n: r.name for n, r in runners.items()} == {n: n for n in runners}
     assert {n: sorted(t.value for t in r.tasks) for n, r in runners.items()} == {
@@ -510,7 +515,7 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     assert np.array_equal(result[hole == 0], np.asarray(picture)[hole == 0])
 
 
-def test_worker_runner_serves_the_unguided_zoo_models(tmp_path: Path) -> None:
+def test_worker_runner_serves_the_unguided_zoo_models(zoo: ZooFiles) -> None:
     """cin256 and layout2img-openimages256 register their one task and labels (1000 classes; 340 categories, at
     most 30 boxes); a job at guidance 1 runs; one at the task's default guidance (which the front ends fill in)
     fails as invalid_input, naming the missing unconditional input."""
@@ -521,9 +526,7 @@ def test_worker_runner_serves_the_unguided_zoo_models(tmp_path: Path) -> None:
     from service.schemas import GenerationRequest, LayoutBox, Task
     from service.worker.runner import JobFailure, Runner, SampleInput
 
-    for name in ("cin256", "layout2img-openimages256"):
-        write_checkpoint(tmp_path / name, name)
-    cin, layout = (Runner.load(str(tmp_path / name / "model.ckpt"), device="cpu")
+    cin, layout = (Runner.load(str(zoo.ckpt(name)), device="cpu")
                    for name in ("cin256", "layout2img-openimages256"))
     assert [t.value for t in cin.tasks] == ["class"] and [t.value for t in layout.tasks] == ["layout"]
     assert cin.labels is not None and (cin.labels.n_classes, cin.labels.max_boxes) == (1000, None)
@@ -541,12 +544,11 @@ def test_worker_runner_serves_the_unguided_zoo_models(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256"])
-def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, name: str) -> None:
+def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, zoo: ZooFiles, name: str) -> None:
     """`ldm convert`: save_model writes the original layout with our config in the metadata; it loads back alone."""
     from models.checkpoints import save_model
 
-    write_checkpoint(tmp_path / name, name)
-    model = load_model(tmp_path / name / "model.ckpt")
+    model = load_model(zoo.ckpt(name))
     path = save_model(model, tmp_path / f"{name}.safetensors")
     again = load_model(path)
     assert again.config == model.config
