@@ -1,7 +1,9 @@
 """The CompVis latent-diffusion zoo (compvis-zoo-contract.md): random-weight checkpoints built from each zoo
 config's structure (tests/compvis_zoo.py) load with every key consumed, and their DDIM images (10 steps, eta 0,
 x_T from a CPU generator seeded with the seed) match an independent implementation within the contract's
-tolerance (mean |diff| <= 1/255, max <= 24/255)."""
+tolerance (mean |diff| <= 1/255, max <= 24/255). The contract's seven cases make their image with `ldm generate`
+and exactly the contract's flags (`_generate`), so one run checks the command line, the library and the
+arithmetic; the other models go through the library's Pipeline."""
 
 from __future__ import annotations
 
@@ -46,6 +48,25 @@ UNET, FIRST, COND = "model.diffusion_model.", "first_stage_model.", "cond_stage_
 
 def _x_T(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))
+
+
+def _generate(tmp_path: Path, ckpt: Path, *flags: str | Path) -> np.ndarray:
+    """`ldm generate` with the case's flags and the contract's common ones (--sampler ddim --eta 0 --steps 10
+    --seed N): the seven contract cases compare the command's PNG with the independent implementation, so the
+    flags, the library and the arithmetic are checked in one run."""
+    from PIL import Image
+
+    from service.cli import main
+
+    out = tmp_path / "out.png"
+    common = ["--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--seed", str(SEED), "-o", str(out)]
+    assert main(["generate", *map(str, flags), "--model", str(ckpt), *common]) == 0
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _config(name: str) -> Any:
+    return model_config(yaml.safe_load(CONFIGS[name]), name, CHURCHES_SCALE if name == "lsun_churches256" else None)
 
 
 @pytest.fixture(scope="module")
@@ -139,38 +160,38 @@ def test_explicit_config_path(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- images
 
 
-def test_celeba256_matches_ldm_pipeline(zoo: ZooFiles) -> None:
-    """Unconditional, VQ-f4, legacy attention with ch/32 heads: diffusers' LDMPipeline (UNet2DModel + VQModel)."""
+def test_celeba256_matches_ldm_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task unconditional`. Unconditional, VQ-f4, legacy attention with ch/32 heads: diffusers' LDMPipeline
+    (UNet2DModel + VQModel)."""
     import diffusers
 
-    model, sd = _load(zoo, "celeba256")
-    config = model.config  # type: ignore[attr-defined]
-    settings = dataclasses.replace(DDIM, width=32, height=32)
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
+    folder, sd = zoo.get("celeba256")
+    config = _config("celeba256")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "unconditional")  # 32 px: image_size 8 x f4
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
     pipe.unet.config.sample_size = 8
     theirs = pipe(batch_size=1, generator=torch.Generator("cpu").manual_seed(SEED), eta=0.0,
                   num_inference_steps=STEPS, output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def test_lsun_churches256_matches_ldm_pipeline(zoo: ZooFiles) -> None:
-    """Unconditional, KL-f8 with the checkpoint's scale_factor, scale-shift norm, ResBlock resampling, 8 heads
-    at every level: LDMPipeline with UNet2DModel + AutoencoderKL."""
+def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task unconditional`. Unconditional, KL-f8 with the checkpoint's scale_factor, scale-shift norm, ResBlock
+    resampling, 8 heads at every level: LDMPipeline with UNet2DModel + AutoencoderKL."""
     import diffusers
 
-    model, sd = _load(zoo, "lsun_churches256")
-    config = model.config  # type: ignore[attr-defined]
-    assert config.scale_factor == pytest.approx(CHURCHES_SCALE)
-    settings = dataclasses.replace(DDIM, width=128, height=128)
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
+    folder, sd = zoo.get("lsun_churches256")
+    model = load_model(folder / "model.ckpt")
+    config = model.config
+    assert config.scale_factor == pytest.approx(CHURCHES_SCALE)  # read from the checkpoint's buffer
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "unconditional")  # 128 px: image_size 16 x f8
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, CHURCHES_SCALE),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0155))
     pipe.unet.config.sample_size = 16
     theirs = pipe(batch_size=1, generator=torch.Generator("cpu").manual_seed(SEED), eta=0.0,
                   num_inference_steps=STEPS, output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
 def _cin_reference(sd: dict[str, torch.Tensor], config: object, label: int, scale: float) -> np.ndarray:
@@ -192,12 +213,11 @@ def _cin_reference(sd: dict[str, torch.Tensor], config: object, label: int, scal
         return to_uint8(vq.decode(z / 1.0).sample)
 
 
-def test_cin256_v2_matches_the_original_arithmetic(zoo: ZooFiles) -> None:
-    model, sd = _load(zoo, "cin256-v2")
-    config = model.config  # type: ignore[attr-defined]
-    settings = dataclasses.replace(DDIM, width=32, height=32)
-    ours = Pipeline(model, optimize=False).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])  # type: ignore[arg-type]
-    assert_close_images(np.asarray(ours.images[0]), _cin_reference(sd, config, 207, 3.0))
+def test_cin256_v2_matches_the_original_arithmetic(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--class 207 --guidance 3.0` (32 px: image_size 8 x f4)."""
+    folder, sd = zoo.get("cin256-v2")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--class", "207", "--guidance", "3.0")
+    assert_close_images(ours, _cin_reference(sd, _config("cin256-v2"), 207, 3.0))
 
 
 def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path, zoo: ZooFiles) -> None:
@@ -310,9 +330,10 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "t
                                                       ("txt2img-1p4B-eval", 64, (0.00085, 0.012))])
 def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, zoo: ZooFiles, name: str, size: int,
                                                       schedule: tuple[float, float]) -> None:
-    """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32
-    heads; text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256
-    has a VQ-f4 first stage (scale 1), text2img-large (txt2img-1p4B-eval) KL-f8 with scale_factor 0.18215."""
+    """`"a painting of a fox" --tokenizer DIR --guidance 5.0` (at the configs' sizes: image_size x f). BERT
+    x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32 heads;
+    text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256 has a
+    VQ-f4 first stage (scale 1), text2img-large (txt2img-1p4B-eval) KL-f8 with scale_factor 0.18215."""
     import diffusers
     from transformers import BertTokenizerFast
 
@@ -320,11 +341,10 @@ def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, zoo: ZooFi
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     folder, sd = zoo.get(name)
-    model = load_model(folder / "model.ckpt", tokenizer_dir=tok)
-    config = model.config
-    prompt = "A painting of a fox"
-    ours = Pipeline(model, optimize=False).txt2img([SampleSpec(prompt=prompt, seed=SEED, guidance_scale=5.0)],
-                                                   dataclasses.replace(DDIM, width=size, height=size))
+    config = _config(name)
+    assert config.default_size == size
+    prompt = "a painting of a fox"
+    ours = _generate(tmp_path, folder / "model.ckpt", prompt, "--tokenizer", tok, "--guidance", "5.0")
     pipe = diffusers.LDMTextToImagePipeline(
         vqvae=first_stage(part(sd, FIRST), config.autoencoder, config.scale_factor), bert=_ldmbert(sd, 32, 2),
         tokenizer=BertTokenizerFast.from_pretrained(str(tok)),  # the original: from_pretrained(hub name)
@@ -332,28 +352,30 @@ def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, zoo: ZooFi
     # the pipeline sizes latents as height // 8: 64 // 8 = 8 = 32 // 4 (VQ-f4 at 32 px) = 64 // 8 (KL-f8 at 64 px)
     theirs = pipe(prompt, height=64, width=64, guidance_scale=5.0, eta=0.0, num_inference_steps=STEPS,
                   generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def test_bsr_sr_matches_ldm_super_resolution_pipeline(zoo: ZooFiles) -> None:
-    """LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR size), no CFG, one pass: diffusers'
-    LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the generator, as the contract)."""
+def test_bsr_sr_matches_ldm_super_resolution_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task upscale --image lr.png`. LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR
+    size), no CFG, one pass: diffusers' LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the
+    generator, as the contract)."""
     import diffusers
     from PIL import Image
 
-    model, sd = _load(zoo, "bsr_sr")
-    config = model.config  # type: ignore[attr-defined]
+    folder, sd = zoo.get("bsr_sr")
+    config = _config("bsr_sr")
     rng = np.random.default_rng(0)
     low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    ours = Pipeline(model, optimize=False).upscale([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM, [low])  # type: ignore[arg-type]
-    assert ours.images[0].size == (32, 32)
+    low.save(tmp_path / "lr.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "upscale", "--image", tmp_path / "lr.png")
+    assert ours.shape == (32, 32, 3)  # 4 x the input
     pipe = diffusers.LDMSuperResolutionPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                                 unet=unet2d(part(sd, UNET), config.unet),
                                                 scheduler=ddim_scheduler(0.0015, 0.0155))
     lr = torch.from_numpy(np.asarray(low, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
     theirs = pipe(image=lr, num_inference_steps=STEPS, eta=0.0, generator=torch.Generator("cpu").manual_seed(SEED),
                   output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
 def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
@@ -361,19 +383,19 @@ def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
     return np.kron(rng.integers(0, n_labels, (size // 8, size // 8)), np.ones((8, 8), dtype=np.int64))
 
 
-def test_semantic_synthesis256_mirrors_the_original(zoo: ZooFiles) -> None:
-    """No independent pipeline exists. The original's arithmetic, step by step: one-hot {0, 1} over 182 labels
-    at the map's size; SpatialRescaler = F.interpolate(bilinear, scale 0.5) twice, then the 1x1 conv without
-    bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers UNet2DModel); no CFG; DDIM as ddim.py; decode
-    with quantisation (diffusers VQModel)."""
+def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--map map.png` (mode L, pixel = label). No independent pipeline exists. The original's arithmetic, step
+    by step: one-hot {0, 1} over 182 labels at the map's size; SpatialRescaler = F.interpolate(bilinear, scale
+    0.5) twice, then the 1x1 conv without bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers
+    UNet2DModel); no CFG; DDIM as ddim.py; decode with quantisation (diffusers VQModel)."""
     import torch.nn.functional as F
     from PIL import Image
 
-    model, sd = _load(zoo, "semantic_synthesis256")
-    config = model.config  # type: ignore[attr-defined]
+    folder, sd = zoo.get("semantic_synthesis256")
+    config = _config("semantic_synthesis256")
     labels = _blocky_labels(32, 182, 1)
-    ours = Pipeline(model, optimize=False).semantic2img([SampleSpec(seed=SEED)], DDIM,  # type: ignore[arg-type]
-                                                        [Image.fromarray(labels.astype(np.uint8), mode="L")])
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(tmp_path / "map.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--map", tmp_path / "map.png")
     unet = unet2d(part(sd, UNET), config.unet)
     vq = first_stage(part(sd, FIRST), config.autoencoder, 1.0)
     one_hot = F.one_hot(torch.from_numpy(labels), 182).permute(2, 0, 1)[None].float()
@@ -386,29 +408,30 @@ def test_semantic_synthesis256_mirrors_the_original(zoo: ZooFiles) -> None:
     with torch.no_grad():
         z = original_ddim(eps, _x_T((1, 3, 8, 8)), original_alphas_cumprod(0.0015, 0.0205), STEPS)
         reference = to_uint8(vq.decode(z).sample)
-    assert_close_images(np.asarray(ours.images[0]), reference)
+    assert_close_images(ours, reference)
 
 
-def test_inpainting_big_mirrors_scripts_inpaint(zoo: ZooFiles) -> None:
-    """No independent pipeline exists; scripts/inpaint.py step by step: image = RGB/255, mask = L/255 binarised
-    at 0.5, masked = (1 - mask) image, all three x -> 2x - 1; c = cat([VQ encode(masked) (quant_conv output),
-    interpolate(mask, latent size) (nearest)]); UNet input cat([z_t, c]) (3 + 3 + 1, diffusers UNet2DModel with
-    ResBlock resampling); no CFG; DDIM; decode (quantised, diffusers VQModel, no mid attention); output =
-    (1 - m) image + m clamp((x + 1) / 2). The checkpoint carries the ddim_* buffers and the first stage twice."""
+def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task inpaint --image image.png --mask mask.png`. No independent pipeline exists; scripts/inpaint.py
+    step by step: image = RGB/255, mask = L/255 binarised at 0.5, masked = (1 - mask) image, all three x -> 2x - 1;
+    c = cat([VQ encode(masked) (quant_conv output), interpolate(mask, latent size) (nearest)]); UNet input cat([z_t,
+    c]) (3 + 3 + 1, diffusers UNet2DModel with ResBlock resampling); no CFG; DDIM; decode (quantised, diffusers
+    VQModel, no mid attention); output = (1 - m) image + m clamp((x + 1) / 2). The checkpoint carries the ddim_*
+    buffers and the first stage twice."""
     import torch.nn.functional as F
     from PIL import Image
 
     folder, sd = zoo.get("inpainting_big", ddim_buffers=True, first_stage_copy=True)
-    model = load_model(folder / "model.ckpt")
-    config = model.config
+    config = _config("inpainting_big")
     rng = np.random.default_rng(3)
     pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     pixels = np.clip(pixels.astype(np.int64) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
     hole = np.zeros((32, 32), dtype=np.uint8)
     hole[6:22, 10:30] = 255
-    image, mask_image = Image.fromarray(pixels), Image.fromarray(hole, mode="L")
-    result = Pipeline(model, optimize=False).inpaint([SampleSpec(seed=SEED)], DDIM, [image], [mask_image])
-    ours = np.asarray(result.images[0])
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    Image.fromarray(hole, mode="L").save(tmp_path / "mask.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "inpaint", "--image", tmp_path / "image.png",
+                     "--mask", tmp_path / "mask.png")
     assert np.array_equal(ours[hole == 0], pixels[hole == 0])  # unmasked pixels come back exactly
 
     unet = unet2d(part(sd, UNET), config.unet)
