@@ -566,7 +566,7 @@ def test_worker_runner_serves_the_unguided_zoo_models(zoo: ZooFiles) -> None:
             runner.check(default)
 
 
-@pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256"])
+@pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256", "layout2img-openimages256", "cin256"])
 def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, zoo: ZooFiles, name: str) -> None:
     """`ldm convert`: save_model writes the original layout with our config in the metadata; it loads back alone."""
     from models.checkpoints import save_model
