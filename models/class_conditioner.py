@@ -15,9 +15,11 @@ from models.text.base import EncodedPrompts
 
 class ClassConditioner(nn.Module):
     """Class label -> context [N, 1, dim] (LDM's ClassEmbedder); label `n_classes` is the null class.
-    With `class_names`, a prompt may also name its class ("red circle")."""
+    With `class_names`, a prompt may also name its class ("red circle"). With `null=False` (the CompVis zoo's
+    cin256: 1000 rows, all classes) there is no null class: `null_class` is None and the model is sampled
+    without classifier-free guidance."""
 
-    def __init__(self, n_classes: int, dim: int, class_names: Sequence[str] = ()) -> None:
+    def __init__(self, n_classes: int, dim: int, class_names: Sequence[str] = (), *, null: bool = True) -> None:
         super().__init__()
         if n_classes < 1 or dim < 1:
             raise ValueError(f"ClassConditioner needs n_classes >= 1 and dim >= 1, got {n_classes}, {dim}")
@@ -25,8 +27,9 @@ class ClassConditioner(nn.Module):
             raise ValueError(f"ClassConditioner: {len(class_names)} class names for {n_classes} classes")
         self.n_classes = n_classes
         self.class_names = tuple(class_names)
-        self.null_class = n_classes  # the unconditional input for classifier-free guidance
-        self.embedding = nn.Embedding(n_classes + 1, dim)
+        # the unconditional input for classifier-free guidance
+        self.null_class: int | None = n_classes if null else None
+        self.embedding = nn.Embedding(n_classes + (1 if null else 0), dim)
         self.context_dim = dim
 
     def encode(self, prompts: Sequence[str] | Sequence[int] | Tensor) -> EncodedPrompts:
@@ -36,10 +39,11 @@ class ClassConditioner(nn.Module):
             ids = prompts.to(dtype=torch.long).reshape(-1).tolist()
         else:
             ids = [self._label(p) for p in prompts]
-        bad = [i for i in ids if not 0 <= i <= self.n_classes]
+        top = self.n_classes if self.null_class is not None else self.n_classes - 1
+        bad = [i for i in ids if not 0 <= i <= top]
         if bad:
-            n = self.n_classes
-            raise ValueError(f"class ids must be in 0..{n} ({n} = the null class), got {bad}")
+            null = f" ({top} = the null class)" if self.null_class is not None else " (this model has no null class)"
+            raise ValueError(f"class ids must be in 0..{top}{null}, got {bad}")
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.embedding.weight.device)
         return EncodedPrompts(self.embedding(ids_t)[:, None, :], [])
 
@@ -48,6 +52,9 @@ class ClassConditioner(nn.Module):
             return prompt
         text = prompt.strip()
         if not text:
+            if self.null_class is None:
+                raise ValueError("this class-conditional model has no null class: an empty prompt "
+                                 "(unconditional) is not an input it takes")
             return self.null_class
         names = [normalise_name(n) for n in self.class_names]
         if normalise_name(text) in names:

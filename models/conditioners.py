@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from models.class_conditioner import ClassConditioner
 from models.compvis.bert import BERTConditioner, BERTEmbedderConfig
+from models.compvis.boxes import BoxTokenConditioner, BoxTokensConfig
 from models.compvis.rescaler import SpatialRescaler, SpatialRescalerConfig
 from models.conditioning import (
     LayoutEncoder,
@@ -26,9 +27,10 @@ from models.text.minilm import BertConfig, MiniLMConditioner
 from models.text.transformer import TransformerConditioner, TransformerTextConfig
 from models.tokenizers import BertTokenizer, CLIPTokenizer
 
-ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler"]
+ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler",
+                          "box_tokens"]
 AnyConditioner = (CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
-                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler)
+                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler | BoxTokenConditioner)
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,15 @@ class ConditionerConfig:
     class_names: tuple[str, ...] = ()
     layout: LayoutEncoderConfig = field(default_factory=LayoutEncoderConfig)
     semantic: SemanticEncoderConfig = field(default_factory=SemanticEncoderConfig)
-    #: the CompVis zoo's encoders (models/compvis/): text2img's x-transformers BERTEmbedder, and the
-    #: SpatialRescaler of the semantic-map models
+    #: the CompVis zoo's encoders (models/compvis/): text2img's x-transformers BERTEmbedder, the
+    #: SpatialRescaler of the semantic-map models, and layout2img's box tokens (kind box_tokens: `bert` is the
+    #: encoder that reads them, `boxes` the token builder)
     bert: BERTEmbedderConfig = field(default_factory=BERTEmbedderConfig)
     rescaler: SpatialRescalerConfig = field(default_factory=SpatialRescalerConfig)
+    boxes: BoxTokensConfig = field(default_factory=BoxTokensConfig)
+    #: class: whether the embedding has a null class after the classes (row n_classes) for classifier-free
+    #: guidance; the zoo's cin256 (1000 rows, every one a class) has none and is sampled unguided
+    class_null: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConditionerKind):
@@ -76,7 +83,13 @@ class ConditionerConfig:
             "semantic": None,
             "bert": self.bert.width,
             "rescaler": None,
+            "box_tokens": self.bert.width,
         }[self.kind]
+
+    @property
+    def max_boxes(self) -> int | None:
+        """How many boxes a layout may hold (layout and box_tokens), None for the other kinds."""
+        return {"layout": self.layout.max_boxes, "box_tokens": self.boxes.max_objects}.get(self.kind)
 
 
 def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = None) -> AnyConditioner:
@@ -109,4 +122,6 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
         return SemanticEncoder(config.n_classes, config.semantic, config.class_names)
     if config.kind == "rescaler":
         return SpatialRescaler(config.rescaler)
-    return ClassConditioner(config.n_classes, config.class_dim, config.class_names)
+    if config.kind == "box_tokens":
+        return BoxTokenConditioner(config.bert, config.boxes)
+    return ClassConditioner(config.n_classes, config.class_dim, config.class_names, null=config.class_null)

@@ -128,7 +128,7 @@ class ModelConfig:
             if self.conditioner.layout.raster_downsample != self.downsample_factor:
                 raise ValueError(f"{self.name}: conditioner.layout.raster_downsample must equal the first stage's "
                                  f"factor {self.downsample_factor}, got {self.conditioner.layout.raster_downsample}")
-        if kind in ("class", "layout"):
+        if kind in ("class", "layout", "box_tokens"):
             assert self.conditioner is not None
             wiring = "hybrid" if raster else "crossattn"
             if self.conditioning != wiring:

@@ -28,7 +28,7 @@ CONDITION_TASKS: tuple[ConditionTask, ...] = get_args(ConditionTask)
 ConditionKind = Literal["text", "class", "layout", "semantic", "none"]
 #: what a model is conditioned on, which decides its tasks: a condition kind, or an inpainting or low-resolution
 #: concat input (`models.config.ModelConfig.kind`)
-ModelKind = Literal[ConditionKind, "inpaint", "lowres", "semantic_map"]
+ModelKind = Literal[ConditionKind, "inpaint", "lowres", "semantic_map", "box_layout", "class_only"]
 #: the tasks a model can do, by its kind. A text model samples unconditionally through txt2img (an empty prompt at
 #: guidance 1), so it does not also offer `unconditional`.
 TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
@@ -39,19 +39,32 @@ TASKS_BY_KIND: dict[ModelKind, frozenset[Task]] = {
     "layout": frozenset({"layout", "unconditional"}),  # the empty layout
     "semantic": frozenset({"semantic", "unconditional"}),  # the all-unknown map
     "semantic_map": frozenset({"semantic"}),  # the CompVis zoo's SpatialRescaler models: no null map
+    "box_layout": frozenset({"layout"}),  # the CompVis zoo's layout2img box tokens: no null layout
+    "class_only": frozenset({"class"}),  # the CompVis zoo's cin256: no null class
     "none": frozenset({"unconditional"}),
 }
 #: a model of each kind, in words (for messages such as "model 'x' is a layout-to-image model")
 KIND_DESCRIPTIONS: dict[ModelKind, str] = {
     "text": "a text-to-image model", "inpaint": "an inpainting model", "lowres": "a super-resolution model",
     "class": "a class-conditional model", "layout": "a layout-to-image model", "semantic": "a semantic-synthesis model",
-    "semantic_map": "a semantic-synthesis model", "none": "an unconditional model"}
+    "semantic_map": "a semantic-synthesis model", "box_layout": "a layout-to-image model",
+    "class_only": "a class-conditional model", "none": "an unconditional model"}
 
 #: a task's default classifier-free guidance scale (1 = no guidance). Class: the best of 3, 5 and 7.5 measured on
 #: shapes-class; layout: of 2, 3 and 5 on shapes-layout, 3 for its FD at 0.4 points less accuracy than 5; semantic
 #: untuned; SD's 7.5 for the prompted tasks. Unconditional sampling is unguided.
 DEFAULT_GUIDANCE: dict[Task, float] = {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "upscale": 7.5,
                                        "class": 5.0, "layout": 3.0, "semantic": 2.0, "unconditional": 1.0}
+
+#: the kinds that have no unconditional input (the CompVis zoo's semantic maps, box layouts, cin256): sampled
+#: without classifier-free guidance, so their default scale is 1 whatever the task's
+UNGUIDED_KINDS: frozenset[ModelKind] = frozenset({"semantic_map", "box_layout", "class_only"})
+
+
+def default_guidance(task: Task, kind: ModelKind) -> float:
+    """The guidance scale a task gets when none is given, for a model of `kind`."""
+    return 1.0 if kind in UNGUIDED_KINDS else DEFAULT_GUIDANCE[task]
+
 
 #: the samplers of models/samplers.py
 SamplerName = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]
@@ -86,4 +99,8 @@ def model_kind(config: ModelConfig) -> ModelKind:
         return "semantic_map"
     if config.conditioning not in ("crossattn", "hybrid", "concat"):
         return "none"
+    if config.conditioner is not None and config.conditioner.kind == "box_tokens":  # the zoo's layout2img
+        return "box_layout"
+    if config.conditioner is not None and config.conditioner.kind == "class" and not config.conditioner.class_null:
+        return "class_only"  # the zoo's cin256
     return condition_kind(config.conditioner)

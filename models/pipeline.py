@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.class_conditioner import ClassConditioner
+from models.compvis.boxes import BoxTokenConditioner
 from models.compvis.rescaler import SpatialRescaler
 from models.conditioning import (
     Box,
@@ -263,15 +264,22 @@ class Pipeline:
         self._one_each(labels, specs, "class label")
         ids = [resolve_label(label, conditioner.class_names, conditioner.n_classes, f"class label {i}")
                for i, label in enumerate(labels)]
+        if conditioner.null_class is None:
+            _refuse_guidance(specs, f"model {self.model.config.name!r} has no null class (its class embedding has "
+                             f"{conditioner.n_classes} rows, every one a class), which classifier-free guidance "
+                             "needs")
         with torch.inference_mode():
             cond = conditioner.encode(ids).context
-            uncond = conditioner.encode([conditioner.null_class] * len(ids)).context
+            uncond = (cond if conditioner.null_class is None
+                      else conditioner.encode([conditioner.null_class] * len(ids)).context)
         return self._start(specs, settings, self.size(settings),
                            conditions=(self._placed(cond), self._placed(uncond)))
 
     def start_layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
                          layouts: Sequence[Sequence[Box]]) -> Started:
         """Layout-to-image: one list of boxes per item (`models.conditioning.parse_layout` reads JSON)."""
+        if isinstance(self.model.conditioner, BoxTokenConditioner):
+            return self._box_layout2img(specs, settings, layouts, self.model.conditioner)
         encoder = self._conditioner(LayoutEncoder, "layout-to-image", "layout2img")
         self._one_each(layouts, specs, "layout")
         size = self.size(settings)
@@ -279,6 +287,17 @@ class Pipeline:
             cond = encoder.encode_layouts(layouts, size)
             uncond = encoder.encode_layouts([[] for _ in layouts], size)
         return self._start(specs, settings, size, conditions=(self._placed(*cond), self._placed(*uncond)))
+
+    def _box_layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
+                        conditioner: BoxTokenConditioner) -> Started:
+        """The CompVis zoo's layout2img: boxes -> taming's box tokens -> BERTEmbedder context; unguided (the
+        model has no null layout)."""
+        self._one_each(layouts, specs, "layout")
+        _refuse_guidance(specs, f"model {self.model.config.name!r} has no null layout (the original samples it "
+                         "conditionally only), which classifier-free guidance needs")
+        with torch.inference_mode():
+            context = self._placed(conditioner.encode_layouts(layouts))
+        return self._start(specs, settings, self.size(settings), conditions=(context, context))
 
     def start_semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
                            maps: Sequence[LabelMap]) -> Started:
@@ -330,9 +349,14 @@ class Pipeline:
         conditioner, size = self.model.conditioner, self.size(settings)
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid", "concat"):
             return self._start(specs, settings, size)
-        if isinstance(conditioner, ClassConditioner):
+        null_class = conditioner.null_class if isinstance(conditioner, ClassConditioner) else None
+        if isinstance(conditioner, BoxTokenConditioner) or (isinstance(conditioner, ClassConditioner)
+                                                            and null_class is None):
+            raise UnsupportedTask(f"model {self.model.config.name!r} has no null condition (no null class or empty "
+                                  "layout): it cannot sample unconditionally")
+        if isinstance(conditioner, ClassConditioner) and null_class is not None:
             with torch.inference_mode():
-                null = conditioner.encode([conditioner.null_class] * len(specs)).context
+                null = conditioner.encode([null_class] * len(specs)).context
             return self._start(specs, settings, size, conditions=(self._placed(null),) * 2)
         if isinstance(conditioner, LayoutEncoder):
             with torch.inference_mode():
@@ -462,7 +486,7 @@ class Pipeline:
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
             plain = Conditioning(concat=concat)
             return plain, plain, []
-        if isinstance(conditioner, LayoutEncoder):
+        if isinstance(conditioner, LayoutEncoder | BoxTokenConditioner):
             raise UnsupportedTask(f"model {self.model.config.name!r} is a layout-to-image model: use layout2img")
         with adapters_applied(self.model, [s.adapters for s in specs]):
             # two calls, as diffusers encodes them, so that a warning's "prompt i" is item i of its list
@@ -517,6 +541,14 @@ class Pipeline:
         with torch.inference_mode():
             pixels = pixels.to(self.model.device, self.model.dtype)
             return torch.cat([self.model.encode_images(pixels[i : i + 1]) for i in range(len(pixels))])
+
+
+def _refuse_guidance(specs: Sequence[SampleSpec], why: str) -> None:
+    """A model without an unconditional input samples unguided: any scale but 1 is an error naming `why`."""
+    guided = sorted({s.guidance_scale for s in specs if s.guidance_scale != 1.0})
+    if guided:
+        raise ConditionError(f"guidance scale {guided[0]:g} needs an unconditional input, but {why}: sample it with "
+                             "guidance 1 (no classifier-free guidance)")
 
 
 class UnsupportedTask(ValueError):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from models.eval.cli import add_eval_parser
-from models.names import DEFAULT_GUIDANCE, DTYPES, SAMPLERS, TASKS, ConditionTask, Task
+from models.names import DTYPES, SAMPLERS, TASKS, ConditionTask, Task
 from models.train.cli import add_train_parser
 from service.zoo_commands import add_zoo_parsers
 
@@ -49,7 +49,8 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off "
-                   "(default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic)")
+                   "(default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic; 1 for the CompVis zoo models "
+                   "without an unconditional input: cin256, layout2img-openimages256, the semantic-map models)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--width", type=int, help="pixels, a multiple of the model's factor (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")
@@ -96,7 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ldm generate: --task {task} takes no {takes}")
     options = GenerateOptions(
         model=args.model, seed=args.seed, steps=args.steps, sampler=args.sampler, karras=args.karras,
-        eta=args.eta, guidance=DEFAULT_GUIDANCE[task] if args.guidance is None else args.guidance,
+        eta=args.eta, guidance=args.guidance,
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,

@@ -18,7 +18,7 @@ from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
-from models.names import DTypeName, SamplerName, Task
+from models.names import DTypeName, SamplerName, Task, default_guidance
 from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
 from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
@@ -36,7 +36,9 @@ class GenerateOptions:
     sampler: SamplerName = "dpmpp_2m"
     karras: bool = False
     eta: float = 0.0
-    guidance: float = 7.5
+    #: classifier-free guidance scale; None: the task's default for the model (`models.names.default_guidance`:
+    #: 1 for the CompVis zoo models without an unconditional input)
+    guidance: float | None = None
     negative_prompt: str = ""
     width: int | None = None
     height: int | None = None
@@ -78,9 +80,10 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
     adapters = tuple((load_lora(path, model), weight) for path, weight in loras)
     lora_text = {"loras": json.dumps([{"path": p, "weight": w} for p, w in loras])} if loras else {}
     written: list[Path] = []
+    guidance = options.guidance if options.guidance is not None else default_guidance("txt2img", model.config.kind)
     for i, prompt in enumerate(prompts):
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
-        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, options.guidance, adapters)
+        specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, guidance, adapters)
                  for k in range(options.n)]
         with _step_bar(f"prompt {i}", options.steps) as advance:
             result = pipeline.txt2img(specs, settings, progress=advance)
@@ -183,8 +186,9 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
     model, pipeline, settings = _load(options)
     prompted = task in ("img2img", "inpaint")
+    guidance = options.guidance if options.guidance is not None else default_guidance(task, model.config.kind)
     specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
-                        options.guidance) for k in range(options.n)]
+                        guidance) for k in range(options.n)]
     extra: dict[str, object] = {}
     with _step_bar(task, options.steps) as advance:
         if task == "class":
@@ -214,9 +218,9 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
 
 def _layout(model: LatentDiffusion, data: object) -> list[Box]:
     conditioner = model.config.conditioner
-    if conditioner is None or conditioner.kind != "layout":
+    if conditioner is None or conditioner.max_boxes is None:
         raise UnsupportedTask(f"model {model.config.name!r} is not a layout-to-image model")
-    return parse_layout(data, conditioner.class_names, conditioner.n_classes, conditioner.layout.max_boxes)
+    return parse_layout(data, conditioner.class_names, conditioner.n_classes, conditioner.max_boxes)
 
 
 def _read_map(path: Path) -> Image.Image:

@@ -386,6 +386,106 @@ model:
     cond_stage_config:
       target: torch.nn.Identity
 """,
+    # models/ldm/layout2img-openimages256/config.yaml: BERTEmbedder without its tokenizer, fed taming's box
+    # tokens (vocab_size 8192 and max_seq_len 92 kept: they are the token space and 30 objects + the crop)
+    "layout2img-openimages256": """
+model:
+  base_learning_rate: 2.0e-06
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.0015
+    linear_end: 0.0205
+    log_every_t: 100
+    timesteps: 1000
+    loss_type: l1
+    first_stage_key: image
+    cond_stage_key: coordinates_bbox
+    image_size: 8
+    channels: 3
+    conditioning_key: crossattn
+    cond_stage_trainable: true
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 8
+        in_channels: 3
+        out_channels: 3
+        model_channels: 32
+        attention_resolutions: [8, 4, 2]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 3, 4]
+        num_head_channels: 32
+        use_spatial_transformer: true
+        transformer_depth: 3
+        context_dim: 32
+""" + _vq() + """
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.BERTEmbedder
+      params:
+        n_embed: 32
+        n_layer: 2
+        vocab_size: 8192
+        max_seq_len: 92
+        use_tokenizer: false
+    monitor: val/loss_simple_ema
+""",
+    # models/ldm/cin256/config.yaml (= configs/latent-diffusion/cin-ldm-vq-f8.yaml): ClassEmbedder with the default
+    # 1000 rows (no null class), VQ-f8 with decoder attention at the lowest level
+    "cin256": """
+model:
+  base_learning_rate: 1.0e-06
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.0015
+    linear_end: 0.0195
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: image
+    cond_stage_key: class_label
+    image_size: 4
+    channels: 4
+    cond_stage_trainable: true
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 4
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [4, 2, 1]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 4]
+        num_head_channels: 32
+        use_spatial_transformer: true
+        transformer_depth: 1
+        context_dim: 32
+    first_stage_config:
+      target: ldm.models.autoencoder.VQModelInterface
+      params:
+        embed_dim: 4
+        n_embed: 64
+        ddconfig:
+          double_z: false
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [1, 2, 2, 4]
+          num_res_blocks: 2
+          attn_resolutions: [32]
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.ClassEmbedder
+      params:
+        embed_dim: 32
+        key: class_label
+""",
 }
 
 #: models/first_stage_models/{kl-f8, vq-f4-noattn}/config.yaml at reduced width
@@ -529,6 +629,27 @@ def write_checkpoint(folder: Path, name: str, *, seed: int = 0, ema: bool = Fals
     (folder / "config.yaml").write_text(text, encoding="utf-8")
     torch.save({"state_dict": sd, "global_step": 1234}, folder / "model.ckpt")
     return sd
+
+
+class ZooFiles:
+    """Checkpoints written once per test module and shared by the tests that only read them (`write_checkpoint`
+    is deterministic in its arguments, so a shared file is the file each test would write). The state dicts are
+    shared too: a test that changes one writes its own checkpoint instead."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[tuple[str, tuple[tuple[str, bool], ...]], tuple[Path, dict[str, torch.Tensor]]] = {}
+
+    def get(self, name: str, **options: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+        """(folder with model.ckpt and config.yaml, its state dict) for zoo model `name`."""
+        key = (name, tuple(sorted(options.items())))
+        if key not in self.made:
+            folder = self.root / str(len(self.made)) / name  # the folder names the model, as the zoo's do
+            self.made[key] = (folder, write_checkpoint(folder, name, **options))  # type: ignore[arg-type]
+        return self.made[key]
+
+    def ckpt(self, name: str, **options: bool) -> Path:
+        return self.get(name, **options)[0] / "model.ckpt"
 
 
 def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import yaml
 
 from models.autoencoder import AutoencoderConfig
 from models.compvis.bert import BERTEmbedderConfig
+from models.compvis.boxes import BoxTokensConfig
 from models.compvis.rescaler import SpatialRescalerConfig
 from models.conditioners import ConditionerConfig
 from models.config import ConcatInput, Conditioning, Family, ModelConfig
@@ -208,25 +209,29 @@ def _conditioner(node: Any) -> tuple[ConditionerConfig | None, ConcatInput | Non
         p.done()
         return None, "lowres"
     if target == CLASS_TARGET:
-        if "n_classes" not in p.left:  # cin256: 1000 rows, every one a class, guided by a separate classifier
-            raise CompVisConfigError(f"cond_stage_config ({target}): a ClassEmbedder without n_classes has 1000 "
-                                     "rows and no null class (cin256, sampled with classifier guidance), which is "
-                                     "not supported; cin256-v2 (n_classes: 1001, null class 1000) is")
-        rows, dim = int(p.require("n_classes")), int(p.require("embed_dim"))
+        dim = int(p.require("embed_dim"))
+        if "n_classes" not in p.left:  # cin256: the default 1000 rows, every one a class, no null class
+            p.done(frozenset({"key"}))
+            return ConditionerConfig(kind="class", n_classes=1000, class_dim=dim, class_null=False), None
+        rows = int(p.require("n_classes"))
         p.done(frozenset({"key"}))
         if rows < 2:
             raise CompVisConfigError(f"cond_stage_config ({target}): n_classes={rows} leaves no class")
         # the last row is the null class of classifier-free guidance (cin256-v2: 1001 rows, null = 1000)
         return ConditionerConfig(kind="class", n_classes=rows - 1, class_dim=dim), None
     if target == BERT_TARGET:
-        if not p.get("use_tokenizer", True):
-            raise CompVisConfigError(f"cond_stage_config ({target}): use_tokenizer false (the layout2img box "
-                                     "tokens) is not supported yet")
+        use_tokenizer = bool(p.get("use_tokenizer", True))
         bert = BERTEmbedderConfig(width=int(p.require("n_embed")), depth=int(p.require("n_layer")),
                                   vocab_size=int(p.get("vocab_size", 30522)),
                                   max_length=int(p.get("max_seq_len", 77)))
         p.expect("embedding_dropout", 0.0, "dropout is training-only, but a nonzero value is unexpected here")
         p.done(frozenset({"device"}))
+        if not use_tokenizer:  # layout2img-openimages256: taming's box tokens (models/compvis/boxes.py)
+            try:
+                boxes = BoxTokensConfig.for_sequence(bert.max_length, bert.vocab_size)
+            except ValueError as err:
+                raise CompVisConfigError(f"cond_stage_config ({target}, use_tokenizer false): {err}") from None
+            return ConditionerConfig(kind="box_tokens", bert=bert, boxes=boxes, n_classes=boxes.n_classes), None
         return ConditionerConfig(kind="bert", bert=bert), None
     if target == RESCALER_TARGET:
         rescaler = SpatialRescalerConfig(n_stages=int(p.get("n_stages", 1)), method=str(p.get("method", "bilinear")),

@@ -60,6 +60,17 @@ def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="report folder: report.json and grid.png (grid-<sampler>.png per sampler when "
                    "comparing); default: print the table only")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
+    first = p.add_argument_group(
+        "first stage", "with --images, score an autoencoder by reconstruction instead (the paper's Table 8): --model "
+        "is a CompVis zoo first stage (DIR/model.ckpt with its config.yaml) or a zoo LDM, whose first stage is used")
+    first.add_argument("--images", type=Path, default=None,
+                       help="folder of PNG/JPEG images (sides multiples of the model's factor, at least 11 px): "
+                       "report PSNR and SSIM per image and their means, and LPIPS with the two weight files")
+    first.add_argument("--config", type=Path, default=None, help="its config.yaml (default: the one beside --model)")
+    first.add_argument("--vgg-weights", type=Path, default=None,
+                       help="local torchvision VGG16 state dict, for LPIPS (never downloaded)")
+    first.add_argument("--lpips-weights", type=Path, default=None,
+                       help="local LPIPS linear-head weights (the lpips package's vgg.pth), for LPIPS")
     p.set_defaults(func=run_eval)
 
 
@@ -75,6 +86,12 @@ def parse_samplers(text: str) -> list[SamplerName]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        return _run_first_stage_eval(args)
+    given = [flag for flag, value in (("--config", args.config), ("--vgg-weights", args.vgg_weights),
+                                      ("--lpips-weights", args.lpips_weights)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --images (scoring a first stage by reconstruction)")
     samplers = parse_samplers(args.sampler)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -117,4 +134,38 @@ def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[
     if args.out is not None:
         for path in write_report(reports if len(reports) > 1 else reports[0], args.out):
             print(path)
+    return 0
+
+
+def _run_first_stage_eval(args: argparse.Namespace) -> int:
+    """`--images DIR`: a first stage's reconstruction scores (models/eval/reconstruction.py)."""
+    if args.task != "txt2img":
+        raise ValueError(f"--images scores a first stage by reconstruction; it takes no --task ({args.task})")
+    from models.compvis.first_stage import load_first_stage
+    from models.compvis.load import CONFIG_NAME
+    from models.eval.reconstruction import (
+        evaluate_reconstruction,
+        format_reconstruction,
+        image_files,
+        load_lpips,
+        write_reconstruction_report,
+    )
+    from models.resolve import pick_device
+
+    model = Path(args.model)
+    config = args.config or model.parent / CONFIG_NAME
+    if not model.is_file() or not config.is_file():
+        raise ValueError(f"--images needs --model DIR/model.ckpt with its config.yaml beside it (or --config): "
+                         f"{model if not model.is_file() else config} does not exist")
+    files = image_files(args.images)
+    lpips = load_lpips(args.vgg_weights, args.lpips_weights)  # before the model: fail fast on a missing file
+    device = pick_device(args.device)
+    autoencoder = load_first_stage(model, config, device=device)
+    if lpips is not None:
+        lpips = lpips.to(device)
+    report = evaluate_reconstruction(autoencoder, files, str(model), lpips)
+    print(f"model {model}: reconstruction of {len(files)} images from {args.images}")
+    print(format_reconstruction(report))
+    if args.out is not None:
+        print(write_reconstruction_report(report, args.out))
     return 0

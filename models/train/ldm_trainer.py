@@ -485,6 +485,7 @@ class LDMTrainer:
         assert isinstance(conds, Mapping)
         drop = ~keep.to(self.device)
         if isinstance(conditioner, ClassConditioner):
+            assert conditioner.null_class is not None, "training drops to the null class"
             ids = torch.where(drop, conditioner.null_class, conds["labels"].to(self.device))
             return conditioner.encode(ids).context, None
         if isinstance(conditioner, LayoutEncoder):

@@ -219,10 +219,10 @@ class Runner:
     def labels(self) -> LabelSet | None:
         """The labels a class, layout or semantic model takes (registered, so the front ends can check them)."""
         c = self.model.config.conditioner
-        if c is None or self.model.config.kind not in ("class", "layout", "semantic", "semantic_map"):
+        if c is None or self.model.config.kind not in ("class", "layout", "semantic", "semantic_map", "box_layout",
+                                                       "class_only"):
             return None
-        return LabelSet(n_classes=c.n_classes, class_names=c.class_names,
-                        max_boxes=c.layout.max_boxes if c.kind == "layout" else None)
+        return LabelSet(n_classes=c.n_classes, class_names=c.class_names, max_boxes=c.max_boxes)
 
     # ------------------------------------------------------------------------------------- per job, before a batch
 
@@ -233,6 +233,11 @@ class Runner:
             can = ", ".join(sorted(t.value for t in self.tasks))
             raise JobFailure("unsupported", f"model {self.name!r} is {KIND_DESCRIPTIONS[self.model.config.kind]} and "
                              f"cannot do {request.task.value} (it can do: {can})")
+        kind = self.model.config.kind
+        if kind in ("box_layout", "class_only") and request.effective_guidance != 1.0:
+            raise JobFailure("invalid_input", f"model {self.name!r} has no unconditional input (no null class or "
+                             "layout), so it is sampled without classifier-free guidance: give "
+                             f"guidance_scale 1, not {request.effective_guidance:g}")
         if request.task == Task.class_:
             self._class_id(request)
         elif request.task == Task.layout:
@@ -250,11 +255,11 @@ class Runner:
 
     def _layout(self, request: GenerationRequest) -> list[Box]:
         c = self.model.config.conditioner
-        if request.layout is None or c is None:
+        if request.layout is None or c is None or c.max_boxes is None:
             raise JobFailure("invalid_input", "this layout job has no layout")
         data = [{"label": b.label, "box": list(b.box)} for b in request.layout]
         try:
-            return parse_layout(data, c.class_names, c.n_classes, c.layout.max_boxes)
+            return parse_layout(data, c.class_names, c.n_classes, c.max_boxes)
         except ConditionError as exc:
             raise JobFailure("invalid_input", str(exc)) from exc
 

@@ -1,12 +1,15 @@
 """The CompVis latent-diffusion zoo (compvis-zoo-contract.md): random-weight checkpoints built from each zoo
 config's structure (tests/compvis_zoo.py) load with every key consumed, and their DDIM images (10 steps, eta 0,
 x_T from a CPU generator seeded with the seed) match an independent implementation within the contract's
-tolerance (mean |diff| <= 1/255, max <= 24/255)."""
+tolerance (mean |diff| <= 1/255, max <= 24/255). The contract's seven cases make their image with `ldm generate`
+and exactly the contract's flags (`_generate`), so one run checks the command line, the library and the
+arithmetic; the other models go through the library's Pipeline."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ import yaml
 
 from models.checkpoints import CheckpointError, load_model
 from models.compvis.config_yaml import CompVisConfigError, model_config
+from models.conditioning import Box, ConditionError
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from tests.compvis_zoo import (
     CHURCHES_SCALE,
@@ -23,6 +27,7 @@ from tests.compvis_zoo import (
     FIRST_STAGE_KL_F16,
     FIRST_STAGE_VQ_F4_NOATTN,
     FIRST_STAGE_VQ_F8,
+    ZooFiles,
     assert_close_images,
     cond_unet,
     ddim_scheduler,
@@ -45,9 +50,34 @@ def _x_T(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))
 
 
-def _load(tmp_path: Path, name: str, **kwargs: object) -> tuple[object, dict[str, torch.Tensor]]:
-    sd = write_checkpoint(tmp_path / name, name, **kwargs)  # type: ignore[arg-type]
-    return load_model(tmp_path / name / "model.ckpt"), sd
+def _generate(tmp_path: Path, ckpt: Path, *flags: str | Path) -> np.ndarray:
+    """`ldm generate` with the case's flags and the contract's common ones (--sampler ddim --eta 0 --steps 10
+    --seed N): the seven contract cases compare the command's PNG with the independent implementation, so the
+    flags, the library and the arithmetic are checked in one run."""
+    from PIL import Image
+
+    from service.cli import main
+
+    out = tmp_path / "out.png"
+    common = ["--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--seed", str(SEED), "-o", str(out)]
+    assert main(["generate", *map(str, flags), "--model", str(ckpt), *common]) == 0
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _config(name: str) -> Any:
+    return model_config(yaml.safe_load(CONFIGS[name]), name, CHURCHES_SCALE if name == "lsun_churches256" else None)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> ZooFiles:
+    """The module's checkpoints, each written once (tests that change a file write their own)."""
+    return ZooFiles(tmp_path_factory.mktemp("zoo"))
+
+
+def _load(zoo: ZooFiles, name: str, **options: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    folder, sd = zoo.get(name, **options)
+    return load_model(folder / "model.ckpt"), sd
 
 
 # ------------------------------------------------------------------------------------------- config reading
@@ -92,23 +122,22 @@ def test_scale_by_std_needs_the_buffer() -> None:
 # ------------------------------------------------------------------------------------------- loading
 
 
-def test_every_key_consumed_and_extras_tolerated(tmp_path: Path) -> None:
-    model, sd = _load(tmp_path, "celeba256", ema=True, ddim_buffers=True)
+def test_every_key_consumed_and_extras_tolerated(zoo: ZooFiles) -> None:
+    model, sd = _load(zoo, "celeba256", ema=True, ddim_buffers=True)
     loaded = model.original_state_dict()  # type: ignore[attr-defined]
     weights = {k for k in sd if k.startswith((UNET, FIRST, COND))}
     assert set(loaded) == weights
     assert all(torch.equal(loaded[k], sd[k]) for k in weights)
 
 
-def test_ema_weights_only_when_asked(tmp_path: Path) -> None:
-    sd = write_checkpoint(tmp_path / "m", "celeba256", ema=True)
-    ema = load_model(tmp_path / "m" / "model.ckpt", use_ema=True).unet.state_dict()
+def test_ema_weights_only_when_asked(zoo: ZooFiles) -> None:
+    folder, sd = zoo.get("celeba256", ema=True)
+    ema = load_model(folder / "model.ckpt", use_ema=True).unet.state_dict()
     key = "input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(ema[key], sd["model_ema.diffusion_model" + key.replace(".", "")])
     assert not torch.equal(ema[key], sd[UNET + key])
-    write_checkpoint(tmp_path / "n", "cin256-v2")
     with pytest.raises(CheckpointError, match="EMA"):
-        load_model(tmp_path / "n" / "model.ckpt", use_ema=True)
+        load_model(zoo.ckpt("cin256-v2"), use_ema=True)
 
 
 def test_unexpected_and_missing_keys_are_named(tmp_path: Path) -> None:
@@ -131,38 +160,38 @@ def test_explicit_config_path(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- images
 
 
-def test_celeba256_matches_ldm_pipeline(tmp_path: Path) -> None:
-    """Unconditional, VQ-f4, legacy attention with ch/32 heads: diffusers' LDMPipeline (UNet2DModel + VQModel)."""
+def test_celeba256_matches_ldm_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task unconditional`. Unconditional, VQ-f4, legacy attention with ch/32 heads: diffusers' LDMPipeline
+    (UNet2DModel + VQModel)."""
     import diffusers
 
-    model, sd = _load(tmp_path, "celeba256")
-    config = model.config  # type: ignore[attr-defined]
-    settings = dataclasses.replace(DDIM, width=32, height=32)
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
+    folder, sd = zoo.get("celeba256")
+    config = _config("celeba256")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "unconditional")  # 32 px: image_size 8 x f4
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0195))
     pipe.unet.config.sample_size = 8
     theirs = pipe(batch_size=1, generator=torch.Generator("cpu").manual_seed(SEED), eta=0.0,
                   num_inference_steps=STEPS, output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path) -> None:
-    """Unconditional, KL-f8 with the checkpoint's scale_factor, scale-shift norm, ResBlock resampling, 8 heads
-    at every level: LDMPipeline with UNet2DModel + AutoencoderKL."""
+def test_lsun_churches256_matches_ldm_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task unconditional`. Unconditional, KL-f8 with the checkpoint's scale_factor, scale-shift norm, ResBlock
+    resampling, 8 heads at every level: LDMPipeline with UNet2DModel + AutoencoderKL."""
     import diffusers
 
-    model, sd = _load(tmp_path, "lsun_churches256")
-    config = model.config  # type: ignore[attr-defined]
-    assert config.scale_factor == pytest.approx(CHURCHES_SCALE)
-    settings = dataclasses.replace(DDIM, width=128, height=128)
-    ours = Pipeline(model, optimize=False).unconditional([SampleSpec(seed=SEED)], settings)  # type: ignore[arg-type]
+    folder, sd = zoo.get("lsun_churches256")
+    model = load_model(folder / "model.ckpt")
+    config = model.config
+    assert config.scale_factor == pytest.approx(CHURCHES_SCALE)  # read from the checkpoint's buffer
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "unconditional")  # 128 px: image_size 16 x f8
     pipe = diffusers.LDMPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, CHURCHES_SCALE),
                                  unet=unet2d(part(sd, UNET), config.unet), scheduler=ddim_scheduler(0.0015, 0.0155))
     pipe.unet.config.sample_size = 16
     theirs = pipe(batch_size=1, generator=torch.Generator("cpu").manual_seed(SEED), eta=0.0,
                   num_inference_steps=STEPS, output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
 def _cin_reference(sd: dict[str, torch.Tensor], config: object, label: int, scale: float) -> np.ndarray:
@@ -184,17 +213,16 @@ def _cin_reference(sd: dict[str, torch.Tensor], config: object, label: int, scal
         return to_uint8(vq.decode(z / 1.0).sample)
 
 
-def test_cin256_v2_matches_the_original_arithmetic(tmp_path: Path) -> None:
-    model, sd = _load(tmp_path, "cin256-v2")
-    config = model.config  # type: ignore[attr-defined]
-    settings = dataclasses.replace(DDIM, width=32, height=32)
-    ours = Pipeline(model, optimize=False).class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])  # type: ignore[arg-type]
-    assert_close_images(np.asarray(ours.images[0]), _cin_reference(sd, config, 207, 3.0))
+def test_cin256_v2_matches_the_original_arithmetic(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--class 207 --guidance 3.0` (32 px: image_size 8 x f4)."""
+    folder, sd = zoo.get("cin256-v2")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--class", "207", "--guidance", "3.0")
+    assert_close_images(ours, _cin_reference(sd, _config("cin256-v2"), 207, 3.0))
 
 
-def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path) -> None:
+def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path, zoo: ZooFiles) -> None:
     """The same weights with 8 heads (the SD convention a shape-based loader assumes) give another image."""
-    model, _ = _load(tmp_path, "cin256-v2")
+    model, _ = _load(zoo, "cin256-v2")
     text = CONFIGS["cin256-v2"].replace("num_heads: 1", "num_heads: 8")
     write_checkpoint(tmp_path / "eight", "cin256-v2", yaml_text=text)
     eight = load_model(tmp_path / "eight" / "model.ckpt")
@@ -206,12 +234,72 @@ def test_cin256_v2_heads_are_read_not_assumed(tmp_path: Path) -> None:
     assert np.abs(one - many).mean() > 2.0
 
 
-def _ldmbert(sd: dict[str, torch.Tensor], width: int, depth: int) -> object:
+def _all_keys_consumed(model: Any, sd: dict[str, torch.Tensor]) -> None:
+    loaded = model.original_state_dict()
+    weights = {k for k in sd if k.startswith((UNET, FIRST, COND))}
+    assert set(loaded) == weights and all(torch.equal(loaded[k], sd[k]) for k in weights)
+
+
+def test_cin256_samples_unguided_and_refuses_guidance(zoo: ZooFiles) -> None:
+    """cin256 (LDM-8): ClassEmbedder with its default 1000 rows, no null class. The original samples it
+    class-conditionally only: c = embedding[label][:, None] (ClassEmbedder.forward), e = UNet(x, t, c) (no
+    unconditional pass), DDIM eta 0, z / 1.0, quantise, decode; here with diffusers' UNet2DConditionModel and
+    VQModel (VQ-f8 with its decoder's attention). Guidance != 1 and unconditional sampling are refused."""
+    model, sd = _load(zoo, "cin256")
+    _all_keys_consumed(model, sd)
+    config = model.config  # type: ignore[attr-defined]
+    assert sorted(config.tasks) == ["class"] and sd[COND + "embedding.weight"].shape[0] == 1000
+    pipe = Pipeline(model, optimize=False)  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=32, height=32)
+    ours = pipe.class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [207])
+    unet, vq = cond_unet(part(sd, UNET), config.unet), first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    c = sd[COND + "embedding.weight"][[207]][:, None]
+    with torch.no_grad():
+        z = original_ddim(lambda x, t: unet(x, t, encoder_hidden_states=c).sample, _x_T((1, 4, 4, 4)),
+                          original_alphas_cumprod(0.0015, 0.0195), STEPS)
+        theirs = to_uint8(vq.decode(z).sample)
+    assert_close_images(np.asarray(ours.images[0]), theirs)
+    with pytest.raises(ConditionError, match="no null class"):
+        pipe.class2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [207])
+    with pytest.raises(ValueError, match="0..999"):
+        pipe.class2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [1000])
+    with pytest.raises(ValueError, match="no null condition"):
+        pipe.unconditional([SampleSpec(seed=SEED)], settings)
+
+
+def test_layout2img_openimages_mirrors_the_original(zoo: ZooFiles) -> None:
+    """layout2img-openimages256: BERTEmbedder(use_tokenizer=False) reads taming's box tokens as they are. The
+    tokens are written out here by hand (worked out in tests/unit/test_compvis_boxes.py), the encoder is
+    diffusers' LDMBertModel (vocabulary 8192, 92 positions, no attention mask), the UNet diffusers'
+    UNet2DConditionModel (transformer_depth 3, ch/32 heads); no classifier-free guidance (the original samples it
+    conditionally), DDIM eta 0, VQ-f4 decode."""
+    model, sd = _load(zoo, "layout2img-openimages256")
+    _all_keys_consumed(model, sd)
+    config = model.config  # type: ignore[attr-defined]
+    assert sorted(config.tasks) == ["layout"]
+    boxes = [Box(5, 0.25, 0.5, 0.75, 1.0), Box(339, 0.1, 0.2, 0.7, 0.9)]
+    tokens = [5, 3982, 8077, 339, 1629, 7262] + [8191] * 84 + [0, 8099]
+    pipe = Pipeline(model, optimize=False)  # type: ignore[arg-type]
+    settings = dataclasses.replace(DDIM, width=32, height=32)
+    ours = pipe.layout2img([SampleSpec(seed=SEED, guidance_scale=1.0)], settings, [boxes])
+    bert = _ldmbert(sd, 32, 2, vocab=8192, positions=92)
+    unet, vq = cond_unet(part(sd, UNET), config.unet), first_stage(part(sd, FIRST), config.autoencoder, 1.0)
+    with torch.no_grad():
+        c = bert(torch.tensor([tokens]))[0]
+        z = original_ddim(lambda x, t: unet(x, t, encoder_hidden_states=c).sample, _x_T((1, 3, 8, 8)),
+                          original_alphas_cumprod(0.0015, 0.0205), STEPS)
+        theirs = to_uint8(vq.decode(z).sample)
+    assert_close_images(np.asarray(ours.images[0]), theirs)
+    with pytest.raises(ConditionError, match="no null layout"):
+        pipe.layout2img([SampleSpec(seed=SEED, guidance_scale=3.0)], settings, [boxes])
+
+
+def _ldmbert(sd: dict[str, torch.Tensor], width: int, depth: int, vocab: int = 30522, positions: int = 77) -> Any:
     """diffusers' LDMBertModel holding the x-transformers encoder's weights (the renaming of diffusers'
     LDM text2img conversion: layers 2i = [norm, attention], 2i+1 = [norm, feed-forward])."""
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-    config = LDMBertConfig(vocab_size=30522, max_position_embeddings=77, encoder_layers=depth,
+    config = LDMBertConfig(vocab_size=vocab, max_position_embeddings=positions, encoder_layers=depth,
                            encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64, d_model=width,
                            dropout=0.0)
     renames = {"0": "self_attn_layer_norm", "1.to_q": "self_attn.q_proj", "1.to_k": "self_attn.k_proj",
@@ -240,23 +328,23 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "painting", "of", "t
 
 @pytest.mark.parametrize(("name", "size", "schedule"), [("text2img256", 32, (0.0015, 0.0195)),
                                                       ("txt2img-1p4B-eval", 64, (0.00085, 0.012))])
-def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str, size: int,
+def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, zoo: ZooFiles, name: str, size: int,
                                                       schedule: tuple[float, float]) -> None:
-    """BERT x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32
-    heads; text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256
-    has a VQ-f4 first stage (scale 1), text2img-large (txt2img-1p4B-eval) KL-f8 with scale_factor 0.18215."""
+    """`"a painting of a fox" --tokenizer DIR --guidance 5.0` (at the configs' sizes: image_size x f). BERT
+    x-transformers encoder (WordPiece from vocab.txt, 77 tokens, no mask), SpatialTransformer UNet (ch/32 heads;
+    text2img-large: 8), CFG 5 against "": diffusers' LDMTextToImagePipeline with LDMBertModel. text2img256 has a
+    VQ-f4 first stage (scale 1), text2img-large (txt2img-1p4B-eval) KL-f8 with scale_factor 0.18215."""
     import diffusers
     from transformers import BertTokenizerFast
 
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    sd = write_checkpoint(tmp_path / "t2i", name)
-    model = load_model(tmp_path / "t2i" / "model.ckpt", tokenizer_dir=tok)
-    config = model.config
-    prompt = "A painting of a fox"
-    ours = Pipeline(model, optimize=False).txt2img([SampleSpec(prompt=prompt, seed=SEED, guidance_scale=5.0)],
-                                                   dataclasses.replace(DDIM, width=size, height=size))
+    folder, sd = zoo.get(name)
+    config = _config(name)
+    assert config.default_size == size
+    prompt = "a painting of a fox"
+    ours = _generate(tmp_path, folder / "model.ckpt", prompt, "--tokenizer", tok, "--guidance", "5.0")
     pipe = diffusers.LDMTextToImagePipeline(
         vqvae=first_stage(part(sd, FIRST), config.autoencoder, config.scale_factor), bert=_ldmbert(sd, 32, 2),
         tokenizer=BertTokenizerFast.from_pretrained(str(tok)),  # the original: from_pretrained(hub name)
@@ -264,28 +352,30 @@ def test_text_models_match_ldm_text_to_image_pipeline(tmp_path: Path, name: str,
     # the pipeline sizes latents as height // 8: 64 // 8 = 8 = 32 // 4 (VQ-f4 at 32 px) = 64 // 8 (KL-f8 at 64 px)
     theirs = pipe(prompt, height=64, width=64, guidance_scale=5.0, eta=0.0, num_inference_steps=STEPS,
                   generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def test_bsr_sr_matches_ldm_super_resolution_pipeline(tmp_path: Path) -> None:
-    """LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR size), no CFG, one pass: diffusers'
-    LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the generator, as the contract)."""
+def test_bsr_sr_matches_ldm_super_resolution_pipeline(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task upscale --image lr.png`. LR RGB/255 * 2 - 1 concatenated as is (6-channel UNet, latent = LR
+    size), no CFG, one pass: diffusers' LDMSuperResolutionPipeline (it draws x_T [1, 3, h, w] from the
+    generator, as the contract)."""
     import diffusers
     from PIL import Image
 
-    model, sd = _load(tmp_path, "bsr_sr")
-    config = model.config  # type: ignore[attr-defined]
+    folder, sd = zoo.get("bsr_sr")
+    config = _config("bsr_sr")
     rng = np.random.default_rng(0)
     low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    ours = Pipeline(model, optimize=False).upscale([SampleSpec(seed=SEED, guidance_scale=1.0)], DDIM, [low])  # type: ignore[arg-type]
-    assert ours.images[0].size == (32, 32)
+    low.save(tmp_path / "lr.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "upscale", "--image", tmp_path / "lr.png")
+    assert ours.shape == (32, 32, 3)  # 4 x the input
     pipe = diffusers.LDMSuperResolutionPipeline(vqvae=first_stage(part(sd, FIRST), config.autoencoder, 1.0),
                                                 unet=unet2d(part(sd, UNET), config.unet),
                                                 scheduler=ddim_scheduler(0.0015, 0.0155))
     lr = torch.from_numpy(np.asarray(low, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
     theirs = pipe(image=lr, num_inference_steps=STEPS, eta=0.0, generator=torch.Generator("cpu").manual_seed(SEED),
                   output_type="np").images[0]
-    assert_close_images(np.asarray(ours.images[0]), (theirs * 255).round().astype(np.uint8))
+    assert_close_images(ours, (theirs * 255).round().astype(np.uint8))
 
 
 def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
@@ -293,19 +383,19 @@ def _blocky_labels(size: int, n_labels: int, seed: int) -> np.ndarray:
     return np.kron(rng.integers(0, n_labels, (size // 8, size // 8)), np.ones((8, 8), dtype=np.int64))
 
 
-def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
-    """No independent pipeline exists. The original's arithmetic, step by step: one-hot {0, 1} over 182 labels
-    at the map's size; SpatialRescaler = F.interpolate(bilinear, scale 0.5) twice, then the 1x1 conv without
-    bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers UNet2DModel); no CFG; DDIM as ddim.py; decode
-    with quantisation (diffusers VQModel)."""
+def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--map map.png` (mode L, pixel = label). No independent pipeline exists. The original's arithmetic, step
+    by step: one-hot {0, 1} over 182 labels at the map's size; SpatialRescaler = F.interpolate(bilinear, scale
+    0.5) twice, then the 1x1 conv without bias (`channel_mapper`); UNet input cat([z_t, c]) (diffusers
+    UNet2DModel); no CFG; DDIM as ddim.py; decode with quantisation (diffusers VQModel)."""
     import torch.nn.functional as F
     from PIL import Image
 
-    model, sd = _load(tmp_path, "semantic_synthesis256")
-    config = model.config  # type: ignore[attr-defined]
+    folder, sd = zoo.get("semantic_synthesis256")
+    config = _config("semantic_synthesis256")
     labels = _blocky_labels(32, 182, 1)
-    ours = Pipeline(model, optimize=False).semantic2img([SampleSpec(seed=SEED)], DDIM,  # type: ignore[arg-type]
-                                                        [Image.fromarray(labels.astype(np.uint8), mode="L")])
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(tmp_path / "map.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--map", tmp_path / "map.png")
     unet = unet2d(part(sd, UNET), config.unet)
     vq = first_stage(part(sd, FIRST), config.autoencoder, 1.0)
     one_hot = F.one_hot(torch.from_numpy(labels), 182).permute(2, 0, 1)[None].float()
@@ -318,29 +408,30 @@ def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path) -> None:
     with torch.no_grad():
         z = original_ddim(eps, _x_T((1, 3, 8, 8)), original_alphas_cumprod(0.0015, 0.0205), STEPS)
         reference = to_uint8(vq.decode(z).sample)
-    assert_close_images(np.asarray(ours.images[0]), reference)
+    assert_close_images(ours, reference)
 
 
-def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path) -> None:
-    """No independent pipeline exists; scripts/inpaint.py step by step: image = RGB/255, mask = L/255 binarised
-    at 0.5, masked = (1 - mask) image, all three x -> 2x - 1; c = cat([VQ encode(masked) (quant_conv output),
-    interpolate(mask, latent size) (nearest)]); UNet input cat([z_t, c]) (3 + 3 + 1, diffusers UNet2DModel with
-    ResBlock resampling); no CFG; DDIM; decode (quantised, diffusers VQModel, no mid attention); output =
-    (1 - m) image + m clamp((x + 1) / 2). The checkpoint carries the ddim_* buffers and the first stage twice."""
+def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path, zoo: ZooFiles) -> None:
+    """`--task inpaint --image image.png --mask mask.png`. No independent pipeline exists; scripts/inpaint.py
+    step by step: image = RGB/255, mask = L/255 binarised at 0.5, masked = (1 - mask) image, all three x -> 2x - 1;
+    c = cat([VQ encode(masked) (quant_conv output), interpolate(mask, latent size) (nearest)]); UNet input cat([z_t,
+    c]) (3 + 3 + 1, diffusers UNet2DModel with ResBlock resampling); no CFG; DDIM; decode (quantised, diffusers
+    VQModel, no mid attention); output = (1 - m) image + m clamp((x + 1) / 2). The checkpoint carries the ddim_*
+    buffers and the first stage twice."""
     import torch.nn.functional as F
     from PIL import Image
 
-    sd = write_checkpoint(tmp_path / "inp", "inpainting_big", ddim_buffers=True, first_stage_copy=True)
-    model = load_model(tmp_path / "inp" / "model.ckpt")
-    config = model.config
+    folder, sd = zoo.get("inpainting_big", ddim_buffers=True, first_stage_copy=True)
+    config = _config("inpainting_big")
     rng = np.random.default_rng(3)
     pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     pixels = np.clip(pixels.astype(np.int64) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
     hole = np.zeros((32, 32), dtype=np.uint8)
     hole[6:22, 10:30] = 255
-    image, mask_image = Image.fromarray(pixels), Image.fromarray(hole, mode="L")
-    result = Pipeline(model, optimize=False).inpaint([SampleSpec(seed=SEED)], DDIM, [image], [mask_image])
-    ours = np.asarray(result.images[0])
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    Image.fromarray(hole, mode="L").save(tmp_path / "mask.png")
+    ours = _generate(tmp_path, folder / "model.ckpt", "--task", "inpaint", "--image", tmp_path / "image.png",
+                     "--mask", tmp_path / "mask.png")
     assert np.array_equal(ours[hole == 0], pixels[hole == 0])  # unmasked pixels come back exactly
 
     unet = unet2d(part(sd, UNET), config.unet)
@@ -408,7 +499,7 @@ def test_first_stage_reconstructs_as_diffusers(tmp_path: Path, name: str) -> Non
 # ------------------------------------------------------------------------------------------- served
 
 
-def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: Path) -> None:
+def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(zoo: ZooFiles) -> None:
     """`ldm worker --model DIR/model.ckpt` (Runner.load): named after its folder, the tasks its conditioning
     allows, the labels front ends check; an inpaint job runs through the zoo's masked-image conditioning."""
     import io
@@ -418,9 +509,8 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     from service.schemas import GenerationRequest, Task
     from service.worker.runner import Runner, SampleInput
 
-    for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr"):
-        write_checkpoint(tmp_path / name, name, first_stage_copy=name == "inpainting_big")
-    runners = {name: Runner.load(str(tmp_path / name / "model.ckpt"), device="cpu")
+    inpaint = {"ddim_buffers": True, "first_stage_copy": True}
+    runners = {name: Runner.load(str(zoo.ckpt(name, **(inpaint if name == "inpainting_big" else {}))), device="cpu")
                for name in ("cin256-v2", "inpainting_big", "semantic_synthesis256", "celeba256", "bsr_sr")}
     assert {n: r.name for n, r in runners.items()} == {n: n for n in runners}
     assert {n: sorted(t.value for t in r.tasks) for n, r in runners.items()} == {
@@ -448,13 +538,40 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(tmp_path: P
     assert np.array_equal(result[hole == 0], np.asarray(picture)[hole == 0])
 
 
-@pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256"])
-def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, name: str) -> None:
+def test_worker_runner_serves_the_unguided_zoo_models(zoo: ZooFiles) -> None:
+    """cin256 and layout2img-openimages256 register their one task and labels (1000 classes; 340 categories, at
+    most 30 boxes); a job at guidance 1 runs; one at the task's default guidance (which the front ends fill in)
+    fails as invalid_input, naming the missing unconditional input."""
+    import io
+
+    from PIL import Image
+
+    from service.schemas import GenerationRequest, LayoutBox, Task
+    from service.worker.runner import JobFailure, Runner, SampleInput
+
+    cin, layout = (Runner.load(str(zoo.ckpt(name)), device="cpu")
+                   for name in ("cin256", "layout2img-openimages256"))
+    assert [t.value for t in cin.tasks] == ["class"] and [t.value for t in layout.tasks] == ["layout"]
+    assert cin.labels is not None and (cin.labels.n_classes, cin.labels.max_boxes) == (1000, None)
+    assert layout.labels is not None and (layout.labels.n_classes, layout.labels.max_boxes) == (340, 30)
+    boxes = [LayoutBox(label=5, box=(0.25, 0.5, 0.75, 1.0))]
+    job = GenerationRequest(model=layout.name, task=Task.layout, layout=boxes, width=32, height=32, steps=2, seed=1,
+                            guidance_scale=1.0)
+    layout.check(job)
+    out = layout.run(layout.batch_key(job, None), [SampleInput(job, 1, None, None)])[0]
+    assert out is not None and Image.open(io.BytesIO(out)).size == (32, 32)
+    for runner, default in ((layout, job.model_copy(update={"guidance_scale": None})),
+                            (cin, GenerationRequest(model=cin.name, task=Task.class_, class_label=207, steps=2))):
+        with pytest.raises(JobFailure, match="guidance_scale 1"):
+            runner.check(default)
+
+
+@pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256", "layout2img-openimages256", "cin256"])
+def test_converted_to_our_format_loads_without_its_yaml(tmp_path: Path, zoo: ZooFiles, name: str) -> None:
     """`ldm convert`: save_model writes the original layout with our config in the metadata; it loads back alone."""
     from models.checkpoints import save_model
 
-    write_checkpoint(tmp_path / name, name)
-    model = load_model(tmp_path / name / "model.ckpt")
+    model = load_model(zoo.ckpt(name))
     path = save_model(model, tmp_path / f"{name}.safetensors")
     again = load_model(path)
     assert again.config == model.config
