@@ -116,6 +116,11 @@ WORKER_METRICS: list[MetricSpec] = [
                "Samples admitted into a running step batch (continuous batching) beside samples already running."),
     MetricSpec("ldm_preview_seconds", "histogram", ("model",),
                "Time to make one live preview PNG of a job's current x0 estimate."),
+    MetricSpec("ldm_time_to_first_step_seconds", "histogram", ("model",),
+               "Time from a job's submission to its first sampler step done (queue wait, admission, set-up)."),
+    MetricSpec("ldm_queue_position_at_claim", "histogram", ("model",),
+               "Jobs that were ahead of a job in its model's queue (its queue_position) when it was queued, observed "
+               "as a worker claims it: how deep the queue was that claimed jobs waited in."),
     MetricSpec("ldm_worker_busy_seconds_total", "counter", (),
                "Time the worker spent running jobs (rate() of it is the busy ratio)."),
     MetricSpec("ldm_worker_busy_ratio", "gauge", (),
@@ -138,6 +143,7 @@ _SPECS = {spec.name: spec for spec in METRICS}
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+_POSITIONS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def metrics_table_markdown(specs: Sequence[MetricSpec] = METRICS) -> str:
@@ -367,6 +373,8 @@ class WorkerMetrics:
         self.oom_retries = _counter("ldm_oom_retries_total", r)
         self.joined_mid_run = _counter("ldm_samples_joined_mid_run_total", r)
         self.preview_time = _histogram("ldm_preview_seconds", r, _STEP_SECONDS)
+        self.first_step = _histogram("ldm_time_to_first_step_seconds", r, _SECONDS)
+        self.queue_position = _histogram("ldm_queue_position_at_claim", r, _POSITIONS)
         self.busy = BusyMeter(_counter("ldm_worker_busy_seconds_total", r), busy_window_s)
         self.busy_ratio = _gauge("ldm_worker_busy_ratio", r)
         self.busy_ratio.set_function(self.busy.ratio)

@@ -107,7 +107,8 @@ class Quotas:
     async def submit(self, principal: Principal, request: GenerationRequest, *, idempotency_key: str | None = None,
                      deadline_s: float | None = None) -> Job:
         """`JobQueue.submit` for `principal` (the job's owner) within its cap of jobs in flight; raises QuotaExceeded
-        beyond it."""
+        beyond it, and PriorityNotAllowed for a priority above the key's max_priority."""
+        principal.check_priority(request.priority)
         cap = self.settings.key_max_jobs_in_flight
         owner = principal.key_id
         if principal.anonymous or cap <= 0:
