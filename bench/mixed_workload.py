@@ -135,6 +135,7 @@ async def measure(base: str, rate: float, jobs: int, long_steps: int) -> dict[st
 
 
 def run(model: str, rate: float, jobs: int, long_steps: int) -> dict[str, Any]:
+    load = os.getloadavg()[0]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("static", "continuous"):
@@ -143,7 +144,8 @@ def run(model: str, rate: float, jobs: int, long_steps: int) -> dict[str, Any]:
     s, c = results["static"]["mixed"], results["continuous"]["mixed"]
     return {"setup": {"model": model, "rate_jobs_s": rate, "jobs": jobs, "steps": list(STEP_CHOICES),
                       "max_batch": MAX_BATCH, "long_jobs": LONG_JOBS, "long_steps": long_steps,
-                      "cpu_cores": os.cpu_count()},
+                      "cpu_cores": os.cpu_count(), "load_average_at_start": round(load, 1),
+                      "worker_torch_threads": os.environ.get("LDM_WORKER_TORCH_THREADS", "default")},
             "results": results,
             "continuous_vs_static": {"p99_ratio": round(c["p99_s"] / s["p99_s"], 3),
                                      "throughput_ratio": round(c["throughput_jobs_s"] / s["throughput_jobs_s"], 3)}}

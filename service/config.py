@@ -106,9 +106,10 @@ class Settings(BaseSettings):
         "authentication on.")
     api_key_file: Path | None = Field(
         default=None,
-        description="File of API key digests, one a line: `<digest> [label] [role=admin]`, or `revoked <digest> "
-        "[label]`; # comments. A key sees only the jobs it submitted; `role=admin` sees and cancels every key's "
-        "jobs (operators). Re-read when it changes, so keys and roles change without a restart; set, it turns "
+        description="File of API key digests, one a line: `<digest> [label] [role=admin] [max_priority=high|normal|"
+        "low]`, or `revoked <digest> [label]`; # comments. A key sees only the jobs it submitted; `role=admin` sees "
+        "and cancels every key's jobs (operators); `max_priority` is the highest priority its jobs may ask for "
+        "(default normal). Re-read when it changes, so keys and roles change without a restart; set, it turns "
         "authentication on (an empty file lets no one in).")
     revoked_key_hashes: Digests = Field(
         default=(),

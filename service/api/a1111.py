@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.queue import Job
-from service.schemas import MAX_SEED, GenerationRequest, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, Priority, Sampler, Task
 
 Kind = Literal["supported", "ignored", "refused"]
 
@@ -92,6 +92,8 @@ FIELDS: dict[str, Rule] = {
     "include_init_images": _supported("true: the init image is appended to `images`", IMG),
     "webhook_url": _supported("ldm-serve's extension: each job's terminal event is also POSTed there, signed "
                               "(README: webhooks; the host must be in LDM_WEBHOOK_ALLOWED_HOSTS)"),
+    "priority": _supported("ldm-serve's extension: `high`, `normal` (default) or `low` (README: priorities; above the "
+                           "API key's `max_priority`: 403)"),
     # accepted; a value that asks for something is noted in info.ldm_ignored
     "styles": _refused("prompt styles are not supported: put the style's words in the prompt"),
     "subseed": _ignored("variation seeds are not supported", _default(-1, 0)),
@@ -193,6 +195,7 @@ class A1111Body(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     webhook_url: str | None = Field(default=None, max_length=2048)
+    priority: Priority = Field(default="normal", description="ldm-serve's own field (not A1111's): high, normal or low")
 
 
 class Txt2ImgBody(A1111Body):
@@ -280,7 +283,8 @@ def request_fields(body: A1111Body, model: str | None) -> dict[str, Any]:
     return {"model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
             "seed": None if body.seed == -1 else body.seed, "steps": body.steps, "sampler": name, "karras": karras,
             "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
-            "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0}
+            "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
+            "priority": body.priority}
 
 
 HR_UPSCALERS = ("Latent", "Lanczos", "Nearest", "None")

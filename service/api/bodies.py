@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from service.queue import Job
 from service.queue.records import JobInfo
-from service.schemas import MAX_SEED, GenerationRequest, LabelSet, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, LabelSet, Priority, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -194,6 +194,8 @@ class OpenAIImageParams(BaseModel):
     sampler: Sampler = "dpmpp_2m"
     negative_prompt: str = ""
     deadline_s: float | None = _deadline_field()
+    priority: Priority = Field(default="normal", description="high, normal or low (see POST /v1/jobs); above the API "
+                               "key's max_priority: 403")
 
     @field_validator("size")
     @classmethod
@@ -207,7 +209,7 @@ class OpenAIImageParams(BaseModel):
         values: dict[str, Any] = {
             "model": self.model, "task": task, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "seed": self.seed, "steps": self.steps, "sampler": self.sampler, "guidance_scale": self.guidance_scale,
-            "n": self.n, "width": width, "height": height}
+            "n": self.n, "width": width, "height": height, "priority": self.priority}
         return GenerationRequest(**{**values, **fields})
 
 

@@ -70,6 +70,8 @@ def test_labels_and_types_match_the_table() -> None:
     worker.oom_retries.labels("tiny").inc()
     worker.joined_mid_run.labels("tiny").inc()
     worker.preview_time.labels("tiny").observe(0.01)
+    worker.first_step.labels("tiny").observe(0.3)
+    worker.queue_position.labels("tiny").observe(2)
     worker.describe_worker("w1", "tiny", "cpu", "float32")
     text = exposition(api.registry)[0].decode() + exposition(worker.registry)[0].decode()
     for spec in METRICS:
