@@ -240,9 +240,11 @@ class QueueStatsCollector(Collector):
 
 async def _known_models(queue: JobQueue, workers: Sequence[Any]) -> set[str]:
     names = {queue.settings.default_model, *(m for w in workers for m in w.models)}
-    prefix = queue.keys.stream("")
-    async for key in queue.redis.scan_iter(match=queue.keys.stream("*"), count=1000, _type="STREAM"):
-        names.add((key.decode() if isinstance(key, bytes) else str(key))[len(prefix):])
+    pattern = f"{queue.keys.prefix}:jobs*"  # every priority's stream: jobs:<m>, jobs-high:<m>, jobs-low:<m>
+    async for key in queue.redis.scan_iter(match=pattern, count=1000, _type="STREAM"):
+        model = queue.keys.stream_model(key.decode() if isinstance(key, bytes) else str(key))
+        if model:
+            names.add(model)
     return names
 
 

@@ -144,3 +144,19 @@ async def test_position_counts_higher_priorities_and_work_in_hand(queue: JobQueu
     assert await queue.place(running.job) is None  # running: no place
     later = await queue.place(mine)
     assert later is not None and later.queue_position == 0
+
+
+@pytest.mark.anyio
+async def test_queue_metrics_count_every_priority_stream(queue: JobQueue) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.metrics import register_queue_collector
+
+    await queue.submit(req(model="only-high", priority="high"))  # a model whose only stream is its high one
+    await queue.submit(req(priority="low"))
+    await queue.submit(req())
+    registry = CollectorRegistry()
+    collector = register_queue_collector(registry)
+    await collector.refresh(queue)
+    text = generate_latest(registry).decode()
+    assert 'ldm_queue_depth{model="only-high"} 1.0' in text and f'ldm_queue_depth{{model="{MODEL}"}} 2.0' in text
