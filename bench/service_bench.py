@@ -8,6 +8,10 @@ measures it (`ldm_job_run_seconds` from the worker's /metrics). A table goes to 
 bench/results/service_bench.json. Not a test: nothing fails.
 
     python bench/service_bench.py [--model tiny-shapes] [--steps 20] [--requests 48]
+
+`--workload mixed` (bench/mixed_workload.py) compares static and continuous batching (LDM_BATCHING) at one
+offered load instead: Poisson arrivals, steps drawn from {10, 20, 50}, then a 10-step job submitted while a batch
+of 250-step jobs runs; figures to bench/results/service_bench_mixed.json.
 """
 
 from __future__ import annotations
@@ -132,16 +136,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps per request (default 20)")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_bench.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/service_bench.json "
+                        "(closed), bench/results/service_bench_mixed.json (mixed)")
     parser.add_argument("--plot", action="store_true",
                         help="only draw the plot (docs/service_bench*.png, bench/plots.py) from --out; no run")
+    parser.add_argument("--workload", choices=["closed", "mixed"], default="closed",
+                        help="closed: clients at fixed concurrencies, batching on and off (default); mixed: Poisson "
+                        "arrivals of 10/20/50-step jobs, static vs continuous batching")
+    parser.add_argument("--rate", type=float, default=1.0, help="mixed: offered load, jobs per second (default 1)")
+    parser.add_argument("--jobs", type=int, default=60, help="mixed: jobs per mode (default 60)")
+    parser.add_argument("--long-steps", type=int, default=250, help="mixed: steps of the long batch (default 250)")
     args = parser.parse_args()
+    if args.workload == "mixed":
+        from bench.mixed_workload import report as mixed_report
+        from bench.mixed_workload import run as mixed_run
+
+        mixed = mixed_run(args.model, args.rate, args.jobs, args.long_steps)
+        publish(mixed, mixed_report(mixed), args.out or ROOT / "bench" / "results" / "service_bench_mixed.json")
+        return
+    out = args.out or ROOT / "bench" / "results" / "service_bench.json"
     if args.plot:
-        print(plot_service(args.out))
+        print(plot_service(out))
         return
     data = run(args.model, args.steps, args.requests, args.concurrency)
-    publish(data, report(data), args.out)
-    print(plot_service(args.out))
+    publish(data, report(data), out)
+    print(plot_service(out))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ may read or cancel it: its owner, a key with the `admin` role (`<digest> label r
 and everyone when authentication is off. Another key's job answers exactly as an unknown one (404 / NOT_FOUND), so a
 job id that leaks (logs, URLs, tickets) opens nothing and its existence is not confirmed.
 
+Priorities: a key may submit jobs up to its `max_priority` (`<digest> label max_priority=high` in the key file;
+`normal` when not said, so high priority is granted, never assumed); a request above it is refused
+(`PriorityNotAllowed`: 403 / PERMISSION_DENIED, naming the key's limit). Without authentication every priority is
+allowed.
+
 Exposure (`check_exposure`): with no key configured, authentication is off, which is allowed on loopback (the
 one-box `ldm serve`) or where `auth_disabled` says so explicitly; anything else refuses to start.
 """
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.config import SHA256_HEX, Settings
+from service.schemas import PRIORITIES, Priority
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ FILE_CHECK_S = 1.0  # the key file is looked at (stat) at most this often
 REALM = "ldm-serve"
 Reason = Literal["missing", "malformed", "unknown", "revoked"]
 ROLES: frozenset[str] = frozenset({"admin"})  # admin: sees and cancels every key's jobs
+DEFAULT_MAX_PRIORITY: Priority = "normal"  # a key's highest priority unless its key-file line says max_priority=
 
 
 def new_key() -> str:
@@ -65,10 +72,16 @@ class Principal:
     key_id: str
     label: str | None = None
     admin: bool = False
+    max_priority: Priority = "high"  # anonymous (authentication off): every priority
 
     @property
     def anonymous(self) -> bool:
         return not self.key_id
+
+    def check_priority(self, priority: Priority) -> None:
+        """Raises PriorityNotAllowed when `priority` is above this key's `max_priority`."""
+        if PRIORITIES.index(priority) < PRIORITIES.index(self.max_priority):
+            raise PriorityNotAllowed(priority, self.max_priority)
 
     def sees(self, owner: str) -> bool:
         """Whether this caller may read and cancel a job submitted by key `owner` ("" = submitted without
@@ -107,6 +120,15 @@ class AuthError(Exception):
         return f'Bearer realm="{REALM}"' + ("" if self.reason == "missing" else ', error="invalid_token"')
 
 
+class PriorityNotAllowed(Exception):
+    """A submission above its key's `max_priority` (-> 403 / PERMISSION_DENIED)."""
+
+    def __init__(self, asked: Priority, allowed: Priority) -> None:
+        super().__init__(f"priority {asked!r} is above this API key's max_priority {allowed!r}; submit with priority "
+                         f"{allowed!r} or lower, or ask the operator for max_priority={asked} in the key file")
+        self.asked, self.allowed = asked, allowed
+
+
 def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer <token>` value (REST header or gRPC metadata). Raises AuthError."""
     if not authorization or not authorization.strip():
@@ -127,11 +149,13 @@ class KeyRing:
     active: dict[bytes, str | None] = field(default_factory=dict)
     revoked: frozenset[bytes] = frozenset()
     admins: frozenset[bytes] = frozenset()
+    max_priority: dict[bytes, Priority] = field(default_factory=dict)  # keys whose line says max_priority=
 
     def merged(self, other: KeyRing) -> KeyRing:
-        """Both rings; a digest `other` lists again takes its label and role from `other`."""
+        """Both rings; a digest `other` lists again takes its label, role and max_priority from `other`."""
         admins = (self.admins - other.active.keys()) | other.admins
-        return KeyRing({**self.active, **other.active}, self.revoked | other.revoked, admins)
+        limits = {d: p for d, p in self.max_priority.items() if d not in other.active} | other.max_priority
+        return KeyRing({**self.active, **other.active}, self.revoked | other.revoked, admins, limits)
 
     def __len__(self) -> int:
         return len(self.active)
@@ -150,7 +174,8 @@ class KeyRing:
             raise AuthError("revoked")
         if found is None:
             raise AuthError("unknown")
-        return Principal(found.hex()[:KEY_ID_CHARS], self.active[found], found in self.admins)
+        return Principal(found.hex()[:KEY_ID_CHARS], self.active[found], found in self.admins,
+                         self.max_priority.get(found, DEFAULT_MAX_PRIORITY))
 
 
 def ring_of(active: Iterable[str], revoked: Iterable[str] = ()) -> KeyRing:
@@ -159,14 +184,16 @@ def ring_of(active: Iterable[str], revoked: Iterable[str] = ()) -> KeyRing:
 
 
 def parse_key_file(text: str, source: str) -> KeyRing:
-    """Lines `<digest> [label] [role=admin]` or `revoked <digest> [label]`; blank lines and `#` comments are
-    skipped. A `role=` word anywhere after the digest sets the key's role (only `admin` exists: it sees every key's
-    jobs); an unknown role is refused, not ignored, so a typo cannot quietly leave an operator without access or
-    read as something it is not. Raises ValueError naming the line (never echoing it: a pasted plain key must not
-    reach a log)."""
+    """Lines `<digest> [label] [role=admin] [max_priority=high|normal|low]` or `revoked <digest> [label]`; blank
+    lines and `#` comments are skipped. A `role=` word anywhere after the digest sets the key's role (only `admin`
+    exists: it sees every key's jobs), a `max_priority=` word the highest priority its jobs may ask for (default
+    normal); an unknown role or priority is refused, not ignored, so a typo cannot quietly leave an operator without
+    access or read as something it is not. Raises ValueError naming the line (never echoing it: a pasted plain key
+    must not reach a log)."""
     active: dict[bytes, str | None] = {}
     revoked: set[bytes] = set()
     admins: set[bytes] = set()
+    limits: dict[bytes, Priority] = {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
@@ -181,14 +208,20 @@ def parse_key_file(text: str, source: str) -> KeyRing:
         roles = {w.split("=", 1)[1].lower() for w in words[1:] if w.lower().startswith("role=")}
         if roles - ROLES:
             raise ValueError(f"{source}, line {number}: unknown role (known: role={', role='.join(sorted(ROLES))})")
-        label = " ".join(w for w in words[1:] if not w.lower().startswith("role=")) or None
+        asked = [w.split("=", 1)[1].lower() for w in words[1:] if w.lower().startswith("max_priority=")]
+        limit = next((p for p in PRIORITIES if asked and asked[-1] == p), None)
+        if asked and (limit is None or len(set(asked)) > 1):
+            raise ValueError(f"{source}, line {number}: max_priority must be one of {', '.join(PRIORITIES)} (once)")
+        label = " ".join(w for w in words[1:] if not w.lower().startswith(("role=", "max_priority="))) or None
         if is_revoked:
             revoked.add(bytes.fromhex(digest))
         else:
             active[bytes.fromhex(digest)] = label
             if "admin" in roles:
                 admins.add(bytes.fromhex(digest))
-    return KeyRing(active, frozenset(revoked), frozenset(admins))
+            if limit is not None:
+                limits[bytes.fromhex(digest)] = limit
+    return KeyRing(active, frozenset(revoked), frozenset(admins), limits)
 
 
 class Authenticator:

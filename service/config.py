@@ -130,9 +130,10 @@ class Settings(BaseSettings):
         "authentication on.")
     api_key_file: Path | None = Field(
         default=None,
-        description="File of API key digests, one a line: `<digest> [label] [role=admin]`, or `revoked <digest> "
-        "[label]`; # comments. A key sees only the jobs it submitted; `role=admin` sees and cancels every key's "
-        "jobs (operators). Re-read when it changes, so keys and roles change without a restart; set, it turns "
+        description="File of API key digests, one a line: `<digest> [label] [role=admin] [max_priority=high|normal|"
+        "low]`, or `revoked <digest> [label]`; # comments. A key sees only the jobs it submitted; `role=admin` sees "
+        "and cancels every key's jobs (operators); `max_priority` is the highest priority its jobs may ask for "
+        "(default normal). Re-read when it changes, so keys and roles change without a restart; set, it turns "
         "authentication on (an empty file lets no one in).")
     revoked_key_hashes: Digests = Field(
         default=(),
@@ -214,6 +215,10 @@ class Settings(BaseSettings):
     batching: Literal["static", "continuous"] = Field(
         default="static", description="How a worker batches: static = a batch of compatible jobs runs to its end; "
         "continuous = jobs join and leave the running batch at every sampler step (same model, task and size).")
+    priority_aging_s: float = Field(
+        default=30.0, gt=0, description="Priority aging: a queued job's priority rises one level (low -> normal -> "
+        "high) per this many seconds waited, so a low job waits at most about 2x this for its turn behind a steady "
+        "stream of high ones (docs/continuous-batching.md).")
     max_wait_ms: int = Field(
         default=20, ge=1, description="Longest a worker blocks waiting for jobs before looking again (milliseconds).")
     heartbeat_interval_s: float = Field(

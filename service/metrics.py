@@ -10,9 +10,12 @@ the README renders it; the classes below build their metrics from it, so a name 
 
 Processes: the API process (REST and gRPC in one process) and every worker process each hold their own
 `CollectorRegistry` and serve it on their own port: the API on its REST app's `/metrics`, a worker on
-`worker_metrics_port` (`start_metrics_server`). No metric is written by two processes, so prometheus-client's
-multiprocess mode (and its mmap files) is not needed; it would be only if one API served from several forked
-processes (`uvicorn --workers N`), which this project does not do: scale the API out with replicas instead.
+`worker_metrics_port` (`start_metrics_server`). On one box (`ldm serve`) the API's `/metrics` also carries every
+worker it supervises (`SupervisedWorkersCollector`: it reads their /metrics and adds a `worker_index` label), so one
+scrape target sees the whole box; `ldm api` + `ldm worker` deployments keep one target per process. No metric is
+written by two processes, so prometheus-client's multiprocess mode (and its mmap files) is not needed; it would be
+only if one API served from several forked processes (`uvicorn --workers N`), which this project does not do: scale
+the API out with replicas instead.
 Nothing is registered in the global default registry, so tests can build as many apps and workers as they like.
 """
 
@@ -22,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from wsgiref.simple_server import WSGIServer
@@ -127,6 +130,11 @@ WORKER_METRICS: list[MetricSpec] = [
                "LoRA files read by the worker (cache misses: first use, evicted earlier, or changed on disk)."),
     MetricSpec("ldm_preview_seconds", "histogram", ("model",),
                "Time to make one live preview PNG of a job's current x0 estimate."),
+    MetricSpec("ldm_time_to_first_step_seconds", "histogram", ("model",),
+               "Time from a job's submission to its first sampler step done (queue wait, admission, set-up)."),
+    MetricSpec("ldm_queue_position_at_claim", "histogram", ("model",),
+               "Jobs that were ahead of a job in its model's queue (its queue_position) when it was queued, observed "
+               "as a worker claims it: how deep the queue was that claimed jobs waited in."),
     MetricSpec("ldm_worker_busy_seconds_total", "counter", (),
                "Time the worker spent running jobs (rate() of it is the busy ratio)."),
     MetricSpec("ldm_worker_busy_ratio", "gauge", (),
@@ -149,6 +157,7 @@ _SPECS = {spec.name: spec for spec in METRICS}
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+_POSITIONS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def metrics_table_markdown(specs: Sequence[MetricSpec] = METRICS) -> str:
@@ -242,9 +251,11 @@ class QueueStatsCollector(Collector):
 
 async def _known_models(queue: JobQueue, workers: Sequence[Any]) -> set[str]:
     names = {queue.settings.default_model, *(m for w in workers for m in w.models)}
-    prefix = queue.keys.stream("")
-    async for key in queue.redis.scan_iter(match=queue.keys.stream("*"), count=1000, _type="STREAM"):
-        names.add((key.decode() if isinstance(key, bytes) else str(key))[len(prefix):])
+    pattern = f"{queue.keys.prefix}:jobs*"  # every priority's stream: jobs:<m>, jobs-high:<m>, jobs-low:<m>
+    async for key in queue.redis.scan_iter(match=pattern, count=1000, _type="STREAM"):
+        model = queue.keys.stream_model(key.decode() if isinstance(key, bytes) else str(key))
+        if model:
+            names.add(model)
     return names
 
 
@@ -256,9 +267,14 @@ class ApiMetrics:
     metrics.render(queue)` (refreshes the queue gauges, at most once a second, then renders).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 worker_urls: Callable[[], Sequence[str]] | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.workers: SupervisedWorkersCollector | None = None
+        if worker_urls is not None:  # ldm serve: the supervised workers' metrics too
+            self.workers = SupervisedWorkersCollector(worker_urls)
+            r.register(self.workers)
         self.http_requests = _counter("ldm_http_requests_total", r)
         self.http_request_duration = _histogram("ldm_http_request_duration_seconds", r, _SECONDS)
         self.grpc_requests = _counter("ldm_grpc_requests_total", r)
@@ -291,7 +307,44 @@ class ApiMetrics:
         """Refresh the queue statistics (when a queue is given) and render the registry."""
         if queue is not None:
             await self.queue.refresh(queue)
+        if self.workers is not None:
+            await self.workers.refresh()
         return exposition(self.registry)
+
+
+class SupervisedWorkersCollector(Collector):
+    """The metrics of the workers `ldm serve` supervises, re-exposed by the API: each worker's series with a
+    `worker_index` label (its slot, 0 to workers - 1: low cardinality, stable across restarts). Like the queue
+    collector, the /metrics handler awaits `refresh()` (it reads each worker's /metrics over loopback, 2 s timeout; a
+    worker that does not answer, starting or restarting, is left out of that scrape) and `collect` serves the copy."""
+
+    def __init__(self, urls: Callable[[], Sequence[str]]) -> None:
+        self.urls = urls
+        self._families: list[Metric] = []
+        self._lock = threading.Lock()
+
+    async def refresh(self) -> None:
+        import httpx  # late: only the one-box API needs it here
+        from prometheus_client.parser import text_string_to_metric_families
+
+        merged: dict[str, Metric] = {}
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            for index, url in enumerate(self.urls()):
+                try:
+                    text = (await client.get(url)).text
+                except httpx.HTTPError:
+                    continue
+                for family in text_string_to_metric_families(text):
+                    into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                                 family.unit))
+                    into.samples += [s._replace(labels={**s.labels, "worker_index": str(index)})
+                                     for s in family.samples]
+        with self._lock:
+            self._families = list(merged.values())
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            yield from self._families
 
 
 def register_queue_collector(registry: CollectorRegistry, max_age_s: float = 1.0) -> QueueStatsCollector:
@@ -382,6 +435,8 @@ class WorkerMetrics:
         self.lora_cache_bytes = _gauge("ldm_lora_cache_bytes", r)
         self.lora_cache_adapters = _gauge("ldm_lora_cache_adapters", r)
         self.lora_loads = _counter("ldm_lora_loads_total", r)
+        self.first_step = _histogram("ldm_time_to_first_step_seconds", r, _SECONDS)
+        self.queue_position = _histogram("ldm_queue_position_at_claim", r, _POSITIONS)
         self.busy = BusyMeter(_counter("ldm_worker_busy_seconds_total", r), busy_window_s)
         self.busy_ratio = _gauge("ldm_worker_busy_ratio", r)
         self.busy_ratio.set_function(self.busy.ratio)

@@ -174,7 +174,9 @@ class Quotas:
     async def submit(self, principal: Principal, request: GenerationRequest, *, idempotency_key: str | None = None,
                      deadline_s: float | None = None) -> Job:
         """`JobQueue.submit` for `principal` (the job's owner) within its stored bytes, its jobs in flight and its
-        work budget, checked in that order; raises QuotaExceeded beyond one of them."""
+        work budget, checked in that order; raises QuotaExceeded beyond one of them, and PriorityNotAllowed for a
+        priority above the key's max_priority."""
+        principal.check_priority(request.priority)
         owner = principal.key_id
         if principal.anonymous:
             return await self.queue.submit(request, idempotency_key=idempotency_key, deadline_s=deadline_s)

@@ -38,6 +38,8 @@ from service.config import Settings
 from service.loras import LORA_NAME_PATTERN, LoraNameError, lora_path, split_lora_tags
 
 Sampler = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]  # a torch-free copy of models.names.SamplerName
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")  # highest first: the order workers take them in
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # model names are part of Redis key names
 MAX_SEED = 2**63 - 1  # fits protobuf int64
 RANDOM_SEED_BOUND = 2**32  # random seeds are drawn below this, so they are easy to read back and retype
@@ -185,6 +187,10 @@ class GenerationRequest(BaseModel):
         default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
         "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
         "with continuous batching (LDM_BATCHING=continuous); a static worker ignores it")
+    priority: Priority = Field(
+        default="normal", description="high jobs are taken before normal ones, normal before low; a job's effective "
+        "priority rises one level per LDM_PRIORITY_AGING_S waited, so low work cannot starve. An API key may be "
+        "limited (`max_priority=` in the key file): a request above its limit is refused (403)")
     image: bytes | None = Field(default=None, exclude=True, repr=False,
                                 description="encoded input image (image tasks)")
     mask: bytes | None = Field(default=None, exclude=True, repr=False,

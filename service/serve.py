@@ -26,7 +26,7 @@ from service.api.grpc import bound_port, create_grpc_server, stop_grpc
 from service.api.rest import create_app, uvicorn_config
 from service.auth import check_exposure
 from service.config import Settings
-from service.embedded import EmbeddedRedis
+from service.embedded import EmbeddedRedis, free_port
 from service.metrics import ApiMetrics
 from service.queue import JobQueue
 
@@ -56,7 +56,10 @@ class WorkerSupervisor:
     env: dict[str, str]
     count: int = 1
     restarts: int = 0
+    metrics_host: str = "127.0.0.1"
+    first_metrics_port: int = 0  # 0: a free port per slot; else slot i serves on this + i
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # each slot's /metrics port, kept across restarts
     _started: list[float] = field(default_factory=list)  # monotonic start time per slot
     _due: list[float | None] = field(default_factory=list)  # when a dead slot restarts
     _backoff: list[float] = field(default_factory=list)
@@ -64,15 +67,23 @@ class WorkerSupervisor:
     def start(self) -> None:
         self.procs, self._started = [], []
         self._due, self._backoff = [None] * self.count, [1.0] * self.count
+        first = self.first_metrics_port
+        self.ports = [first + i if first else free_port() for i in range(self.count)]
         for i in range(self.count):
             self.procs.append(self._spawn(i))
             self._started.append(time.monotonic())
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
         cmd = [*ldm_command(), "worker", "--model", self.model_spec, "--worker-id", f"serve-{os.getpid()}-{i}"]
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)  # Ctrl-C reaches serve only
+        env = {**self.env, "LDM_WORKER_METRICS_PORT": str(self.ports[i]), "LDM_WORKER_METRICS_HOST": self.metrics_host}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # Ctrl-C reaches serve only
         log.info("event=worker_started index=%d pid=%d", i, proc.pid)
         return proc
+
+    def metrics_urls(self) -> list[str]:
+        """Each slot's worker /metrics, in slot order (the API's /metrics re-exposes them: one target per box)."""
+        host = "127.0.0.1" if self.metrics_host in ("0.0.0.0", "::", "") else self.metrics_host
+        return [f"http://{host}:{port}/metrics" for port in self.ports]
 
     def poll(self) -> None:
         """Restart exited workers after 1, 2, 4 ... 30 s; a worker that lived a minute resets its backoff."""
@@ -114,7 +125,7 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
     of metrics and one count of streams and waiting calls (service/api/calls.py)."""
     auth = check_exposure(settings)
     log.info("event=front_ends_auth %s", auth)
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(worker_urls=supervisor.metrics_urls if supervisor is not None else None)
     limits = CallLimits(settings, metrics)
     async with JobQueue(settings) as queue:
         await _run_both(settings, queue, metrics, limits, stop=stop, supervisor=supervisor, auth=auth if banner
@@ -203,7 +214,8 @@ def run_serve(settings: Settings, model_spec: str, *, workers: int = 1) -> int:
         settings = settings.model_copy(update={"redis_url": url})
     settings = settings.model_copy(update={"default_model": name})
     env = {**os.environ, "LDM_REDIS_URL": str(settings.redis_url), "LDM_DEFAULT_MODEL": name}
-    supervisor = WorkerSupervisor(model_spec, env, count=workers)
+    supervisor = WorkerSupervisor(model_spec, env, count=workers, metrics_host=settings.worker_metrics_host,
+                                  first_metrics_port=settings.worker_metrics_port)
     try:
         supervisor.start()
 

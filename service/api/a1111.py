@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.queue import Job
-from service.schemas import MAX_SEED, GenerationRequest, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, Priority, Sampler, Task
 
 Kind = Literal["supported", "ignored", "refused"]
 
@@ -96,6 +96,8 @@ FIELDS: dict[str, Rule] = {
                                 "/sdapi/v1/progress answers as `current_image`; left out = the server's "
                                 "LDM_A1111_PREVIEW_EVERY (default 0: none, `current_image` null). Made by "
                                 "continuous-batching workers"),
+    "priority": _supported("ldm-serve's extension: `high`, `normal` (default) or `low` (docs/continuous-batching.md; "
+                           "above the API key's `max_priority`: 403)"),
     # accepted; a value that asks for something is noted in info.ldm_ignored
     "styles": _refused("prompt styles are not supported: put the style's words in the prompt"),
     "subseed": _ignored("variation seeds are not supported", _default(-1, 0)),
@@ -199,6 +201,7 @@ class A1111Body(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2048)
     preview_every: int | None = Field(default=None, ge=0, le=1000, description="live previews (ldm-serve's "
                                       "extension); None = the server's a1111_preview_every")
+    priority: Priority = Field(default="normal", description="ldm-serve's own field (not A1111's): high, normal or low")
 
 
 class Txt2ImgBody(A1111Body):
@@ -288,7 +291,8 @@ def request_fields(body: A1111Body, model: str | None, preview_every: int = 0) -
             "seed": None if body.seed == -1 else body.seed, "steps": body.steps, "sampler": name, "karras": karras,
             "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
             "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
-            "preview_every": preview_every if body.preview_every is None else body.preview_every}
+            "preview_every": preview_every if body.preview_every is None else body.preview_every,
+            "priority": body.priority}
 
 
 HR_UPSCALERS = ("Latent", "Lanczos", "Nearest", "None")

@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from service.queue import Job
 from service.queue.records import JobInfo
-from service.schemas import MAX_SEED, GenerationRequest, LabelSet, LoraRef, Sampler, Task
+from service.schemas import MAX_SEED, GenerationRequest, LabelSet, LoraRef, Priority, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -197,6 +197,8 @@ class OpenAIImageParams(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2048, description=(
         "ldm-serve's extension: POST the job's terminal event here, signed (Standard Webhooks), retried until a 2xx; "
         "the host must be in the server's LDM_WEBHOOK_ALLOWED_HOSTS (docs/webhooks.md)"))
+    priority: Priority = Field(default="normal", description="high, normal or low (see POST /v1/jobs); above the API "
+                               "key's max_priority: 403")
 
     @field_validator("size")
     @classmethod
@@ -210,7 +212,7 @@ class OpenAIImageParams(BaseModel):
         values: dict[str, Any] = {
             "model": self.model, "task": task, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "seed": self.seed, "steps": self.steps, "sampler": self.sampler, "guidance_scale": self.guidance_scale,
-            "n": self.n, "width": width, "height": height}
+            "n": self.n, "width": width, "height": height, "priority": self.priority}
         return GenerationRequest(**{**values, **fields})
 
 

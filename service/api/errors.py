@@ -9,6 +9,7 @@ with 400 where we would answer 422 (that is what OpenAI's API and its clients ex
 |------------------------------------|--------|-----------------------------------------|
 | AuthError: no, malformed, unknown key | 401  | WWW-Authenticate: Bearer (service/auth.py) |
 | AuthError: revoked key             | 403    |                                         |
+| PriorityNotAllowed                 | 403    | priority above the key's max_priority   |
 | request or admission validation    | 422    | each problem names its field            |
 | ImageError                         | 413/422| 413: too many bytes or pixels           |
 | body over `max_body_bytes`         | 413    |                                         |
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import AuthError
+from service.auth import AuthError, PriorityNotAllowed
 from service.images import ImageError
 from service.metrics import ApiMetrics
 from service.queue import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
@@ -95,6 +96,8 @@ def _refusal(exc: Exception) -> ApiError | None:
         case AuthError():
             return ApiError(exc.status, str(exc), code="key_revoked" if exc.status == 403 else "invalid_api_key",
                             headers={"WWW-Authenticate": exc.challenge})
+        case PriorityNotAllowed():
+            return ApiError(403, str(exc), param="priority", code="priority_not_allowed")
         case QueueFull() | QuotaExceeded():
             code = "queue_full" if isinstance(exc, QueueFull) else _QUOTA_CODES[exc.quota]
             return ApiError(429, str(exc), code=code, headers={"Retry-After": str(exc.retry_after_s)})
@@ -162,7 +165,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
     for kind in (ApiError, RequestValidationError, ValidationError, ImageError, QueueFull, QueueUnavailable,
-                 JobNotFound, IdempotencyConflict, StarletteHTTPException, AuthError):
+                 JobNotFound, IdempotencyConflict, StarletteHTTPException, AuthError, PriorityNotAllowed):
         app.add_exception_handler(kind, _handle)
     app.add_exception_handler(QuotaExceeded, _quota)
     app.add_exception_handler(Exception, _internal)

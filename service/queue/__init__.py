@@ -27,11 +27,21 @@ from __future__ import annotations
 from service.queue.client import JobQueue, retrying
 from service.queue.errors import IdempotencyConflict, JobNotFound, QueueError, QueueFull, QueueUnavailable
 from service.queue.keys import EVENT_ID, GROUP, IDEMPOTENCY_KEY, JOB_ID, Keys
-from service.queue.records import TERMINAL_EVENTS, Claim, EventType, Job, JobEvent, JobStatus, QueueStats, WorkerInfo
+from service.queue.records import (
+    TERMINAL_EVENTS,
+    Claim,
+    EventType,
+    Job,
+    JobEvent,
+    JobStatus,
+    Place,
+    QueueStats,
+    WorkerInfo,
+)
 from service.queue.sync import SyncJobQueue
 
 __all__ = [
     "EVENT_ID", "GROUP", "IDEMPOTENCY_KEY", "JOB_ID", "TERMINAL_EVENTS", "Claim", "EventType", "IdempotencyConflict",
-    "Job", "JobEvent", "JobNotFound", "JobQueue", "JobStatus", "Keys", "QueueError", "QueueFull", "QueueStats",
+    "Job", "JobEvent", "JobNotFound", "JobQueue", "JobStatus", "Keys", "Place", "QueueError", "QueueFull", "QueueStats",
     "QueueUnavailable", "SyncJobQueue", "WorkerInfo", "retrying",
 ]

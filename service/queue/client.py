@@ -30,9 +30,10 @@ from service.config import Settings
 from service.queue.errors import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.queue.keys import EVENT_ID, GROUP, IDEMPOTENCY_KEY, JOB_ID, Keys
 from service.queue.pool import bounded_pool
-from service.queue.records import Claim, Job, JobEvent, JobStatus, QueueStats, WorkerInfo
+from service.queue.priority import read_order
+from service.queue.records import Claim, Job, JobEvent, JobStatus, Place, QueueStats, WorkerInfo
 from service.queue.scripts import SCRIPTS
-from service.schemas import GenerationRequest, admit
+from service.schemas import PRIORITIES, GenerationRequest, Priority, admit
 
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)  # BusyLoadingError (AOF loading) included
 
@@ -57,8 +58,25 @@ def _job_from_hash(raw: Mapping[Any, Any]) -> Job:
         step=int(f.get("step", 0)), total=int(f.get("total", 0)), attempts=int(f.get("attempts", 0)),
         error=f.get("error") or None, results=int(f.get("results", 0)), cancel_requested=f.get("cancel") == "1",
         worker=f.get("worker") or None, deadline_s=float(f["deadline_s"]) if f.get("deadline_s") else None,
-        owner=f.get("owner", ""),
+        owner=f.get("owner", ""), ahead_at_submit=int(f.get("ahead", 0)),
     )
+
+
+def _priority(value: Any) -> Priority:
+    """A job hash's `priority` field (absent in records written before priorities: normal)."""
+    text = _s(value) if value is not None else "normal"
+    return next((p for p in PRIORITIES if p == text), "normal")
+
+
+def _moved(shown: tuple[int, float | None] | None, place: Place) -> bool:
+    """Whether a watcher should hear of `place`: a new position, or an ETA that came, went or moved by over 10 %
+    (the step rate wobbles: an event a second would be noise)."""
+    if shown is None or shown[0] != place.queue_position:
+        return True
+    old, new = shown[1], place.eta_s
+    if old is None or new is None:
+        return old is not new
+    return abs(new - old) > max(1.0, 0.1 * old)
 
 
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
@@ -166,13 +184,14 @@ class JobQueue:
                            now: float, deadline_s: float, owner: str) -> Job | None:
         assert request.model is not None
         k, s = self.keys, self.settings
-        keys = [k.job(job_id), k.stream(request.model), k.events(job_id), k.input(job_id, "image"),
-                k.input(job_id, "mask"), k.idempotency(owner, idem or "-")]
+        keys = [k.job(job_id), k.stream(request.model, request.priority), k.events(job_id), k.input(job_id, "image"),
+                k.input(job_id, "mask"), k.idempotency(owner, idem or "-"), *k.streams(request.model)]
         args: list[ScriptArg] = [
             job_id, request.model, request.model_dump_json(), fingerprint, repr(now), self._live_ttl_ms,
             s.idempotency_ttl_s * 1000, s.queue_max_depth, 1 if idem else 0, request.stored_image or b"",
             request.mask or b"",
-            repr(float(deadline_s)), owner]
+            repr(float(deadline_s)), owner, request.priority, request.steps * request.n,
+            PRIORITIES.index(request.priority) + 1]
         kind, value = (_s(v) for v in await self._lua["submit"](keys=keys, args=args))
         if kind == "full":
             raise QueueFull(request.model, int(value), s.queue_max_depth, s.queue_retry_after_s)
@@ -203,10 +222,35 @@ class JobQueue:
         deadline = job.deadline_s if job.deadline_s is not None else self.settings.job_deadline_s
         if time.time() - job.created_at.timestamp() <= deadline:
             return job
-        keys = [self.keys.stream(job.model), *self.keys.per_job(job_id)]
+        keys = [self._stream_of(job), *self.keys.per_job(job_id)]
         await self._lua["expire"](keys=keys, args=[repr(time.time()), self._final_ttl_ms,
                                                    repr(self.settings.job_deadline_s)])
         return await self._get(job_id)
+
+    @retrying
+    async def place(self, job: Job) -> Place | None:
+        """Where a queued job stands (None once it is not queued): the jobs workers will take before it, in priority
+        order without aging (aging only moves a job forward), and `eta_s`: the sample-steps of the work ahead, the
+        work the model's workers hold and its own, over their summed recent step rate (None before any worker has
+        measured one)."""
+        found = await self._lua["position"](keys=[self.keys.job(job.id), *self.keys.streams(job.model)])
+        if found is None:
+            return None
+        ahead, work = int(found[0]), int(found[1])
+        workers = await self.workers(job.model)
+        rate = sum(w.step_rate for w in workers)
+        own = 0 if job.attempts else job.request.steps * job.request.n  # a claimed job is in its worker's hand
+        in_hand = sum(w.steps_in_hand for w in workers)
+        return Place(ahead, round((work + in_hand + own) / rate, 1) if rate > 0 else None)
+
+    async def with_place(self, job: Job) -> Job:
+        """`job` with its `queue_position` and `eta_s` filled in while it is queued."""
+        if job.status != JobStatus.queued:
+            return job
+        place = await self.place(job)
+        if place is None:
+            return job
+        return job.model_copy(update={"queue_position": place.queue_position, "eta_s": place.eta_s})
 
     @retrying
     async def result(self, job_id: str, index: int) -> bytes | None:
@@ -220,10 +264,11 @@ class JobQueue:
     async def cancel(self, job_id: str) -> JobStatus:
         """Cancel: a queued job is cancelled at once and never runs; a running job gets a flag its worker reads
         between steps (the status stays running until the worker stops). Raises JobNotFound."""
-        model = await self.redis.hget(self.keys.job(job_id), "model") if JOB_ID.match(job_id) else None
+        model, priority = (await self.redis.hmget(self.keys.job(job_id), ["model", "priority"])
+                           if JOB_ID.match(job_id) else (None, None))
         if model is None:
             raise JobNotFound(job_id)
-        keys = [self.keys.stream(_s(model)), *self.keys.per_job(job_id)]
+        keys = [self.keys.stream(_s(model), _priority(priority)), *self.keys.per_job(job_id)]
         status = await self._lua["cancel"](keys=keys, args=[repr(time.time()), self._final_ttl_ms, self._live_ttl_ms])
         if status is None:
             raise JobNotFound(job_id)
@@ -250,14 +295,17 @@ class JobQueue:
                 return str(preview)
         return None
 
-    async def follow(self, job_id: str, after: str = "0-0", *, poll_s: float = 1.0,
-                     until: float | None = None) -> AsyncGenerator[list[JobEvent], None]:
+    async def follow(self, job_id: str, after: str = "0-0", *, poll_s: float = 1.0, until: float | None = None,
+                     positions: bool = False) -> AsyncGenerator[list[JobEvent], None]:
         """The job's events after `after` as they come, in batches, up to and with the terminal one: the one loop
         behind SSE, the synchronous REST calls, gRPC's waiting calls and `wait`. A poll of `poll_s` with no event
         yields [] (callers keep a stream alive or check their own stop there) once the record says the job still
         runs; a job that ended without an event we saw (or whose record expired) ends the iteration after the
         events written just after our read. `until` (a `time.monotonic()` instant) ends it early, without a
-        terminal event: the caller's timeout."""
+        terminal event: the caller's timeout. With `positions`, a quiet poll of a queued job whose place changed
+        yields a `position` event (not stored; its id is the last stored event's, so resuming from it loses
+        nothing)."""
+        shown: tuple[int, float | None] | None = None
         while True:
             block_s = poll_s if until is None else min(poll_s, until - time.monotonic())
             if block_s <= 0:
@@ -277,6 +325,12 @@ class JobQueue:
                 if late:
                     yield late
                 return
+            place = await self.place(job) if positions and job.status == JobStatus.queued else None
+            if place is not None and _moved(shown, place):
+                shown = (place.queue_position, place.eta_s)
+                yield [JobEvent(id=after, type="position", status=JobStatus.queued, queue_position=place.queue_position,
+                                eta_s=place.eta_s, at=time.time())]
+                continue
             yield []
 
     async def wait(self, job_id: str, *, timeout_s: float) -> Job | None:
@@ -288,24 +342,29 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------ workers
 
+    def _stream_of(self, job: Job) -> str:
+        return self.keys.stream(job.model, job.request.priority)
+
     async def _ensure_group(self, model: str) -> None:
+        """The consumer group on each of `model`'s streams (every priority's)."""
         if model in self._groups:
             return
-        try:
-            await self.redis.xgroup_create(self.keys.stream(model), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.keys.streams(model):
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         self._groups.add(model)
 
-    async def _take_entries(self, model: str, consumer: str, entries: Sequence[tuple[Any, Any]],
+    async def _take_entries(self, stream: str, model: str, consumer: str, entries: Sequence[tuple[Any, Any]],
                             *, reclaim: bool) -> list[Claim]:
-        """Run the take script on delivered entries; the claims that may run."""
+        """Run the take script on entries delivered from `stream`; the claims that may run."""
         entries = [(e, f) for e, f in entries if e is not None and f]  # 6.2 XAUTOCLAIM: deleted entries are nil
         if not entries:
             return []
         s, k = self.settings, self.keys
-        keys = [k.stream(model), k.dead]
+        keys = [stream, k.dead]
         args: list[ScriptArg] = [consumer, repr(time.time()), self._live_ttl_ms, self._final_ttl_ms,
                                  repr(s.job_deadline_s), s.max_attempts, int(reclaim), model]
         for entry, fields in entries:
@@ -315,25 +374,44 @@ class JobQueue:
         taken = await self._lua["take"](keys=keys, args=args)
         return [Claim(_job_from_hash(_pairs(h)), _s(e), consumer) for e, h in taken]
 
+    async def _heads(self, model: str) -> tuple[list[Priority], dict[Any, Any]]:
+        """The priorities of `model` with jobs waiting, in the order to read them (service/queue/priority.py), and
+        each stream's last delivered entry id."""
+        *heads, (seconds, micros) = await self._lua["heads"](keys=self.keys.streams(model))
+        now_ms = int(seconds) * 1000 + int(micros) / 1000
+        waited = [(now_ms - int(_s(first).split("-")[0])) / 1000 if first else None for _, first in heads]
+        delivered: dict[Any, Any] = {s: _s(last) for s, (last, _) in zip(self.keys.streams(model), heads, strict=True)}
+        return read_order(list(zip(PRIORITIES, waited, strict=True)), self.settings.priority_aging_s), delivered
+
     @retrying
     async def claim(self, model: str, consumer: str, *, count: int | None = None,
                     block_ms: int | None = None) -> list[Claim]:
-        """Up to `count` (max_batch) new jobs for `consumer`; waits at most `block_ms` (max_wait_ms) when
-        none is there, and returns at once with what there is otherwise. Cancelled and expired jobs are
-        acknowledged and skipped."""
+        """Up to `count` (max_batch) new jobs for `consumer`, high priority before normal before low with aging
+        (`_heads`); waits at most `block_ms` (max_wait_ms) when none is there, and returns at once with what
+        there is otherwise. Cancelled and expired jobs are acknowledged and skipped."""
         await self._ensure_group(model)
-        stream = self.keys.stream(model)
+        count = count or self.settings.max_batch
         try:
-            reply: Any = await self.redis.xreadgroup(
-                GROUP, consumer, {stream: ">"}, count=count or self.settings.max_batch,
-                block=self._block_ms(block_ms or self.settings.max_wait_ms))
+            order, delivered = await self._heads(model)
+            wait_ms = block_ms or self.settings.max_wait_ms
+            if not order and wait_ms > 1:  # wait for the first entry no worker has been given (XREAD after each
+                # group's last delivered id returns at once if one came since the look), then look again
+                await self.redis.xread(delivered, count=1, block=self._block_ms(wait_ms))
+                order, _ = await self._heads(model)
+            claims: list[Claim] = []
+            for priority in order:
+                if len(claims) >= count:
+                    break
+                stream = self.keys.stream(model, priority)
+                reply: Any = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count - len(claims))
+                entries = [entry for _, batch in reply or [] for entry in batch]
+                claims += await self._take_entries(stream, model, consumer, entries, reclaim=False)
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the stream was deleted under us: recreate on the next call
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):  # a stream deleted under us: recreate next call
                 self._groups.discard(model)
                 return []
             raise
-        entries = [entry for _, batch in reply or [] for entry in batch]
-        return await self._take_entries(model, consumer, entries, reclaim=False)
+        return claims
 
     @retrying
     async def reclaim(self, model: str, consumer: str, *, count: int | None = None,
@@ -342,21 +420,26 @@ class JobQueue:
         Each counts as an attempt; a job out of attempts fails into the dead-letter stream instead."""
         await self._ensure_group(model)
         idle = min_idle_ms if min_idle_ms is not None else int(self.settings.visibility_timeout_s * 1000)
-        try:
-            reply: Any = await self.redis.xautoclaim(self.keys.stream(model), GROUP, consumer, idle, "0-0",
-                                                count=count or self.settings.max_batch)
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                self._groups.discard(model)
-                return []
-            raise
-        return await self._take_entries(model, consumer, reply[1], reclaim=True)
+        count = count or self.settings.max_batch
+        claims: list[Claim] = []
+        for stream in self.keys.streams(model):  # highest priority first
+            if len(claims) >= count:
+                break
+            try:
+                reply: Any = await self.redis.xautoclaim(stream, GROUP, consumer, idle, "0-0",
+                                                         count=count - len(claims))
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._groups.discard(model)
+                    return claims
+                raise
+            claims += await self._take_entries(stream, model, consumer, reply[1], reclaim=True)
+        return claims
 
-    @staticmethod
-    def _group_by_model(claims: Sequence[Claim]) -> dict[str, list[Claim]]:
+    def _group_by_stream(self, claims: Sequence[Claim]) -> dict[str, list[Claim]]:
         groups: dict[str, list[Claim]] = {}
         for c in claims:
-            groups.setdefault(c.job.model, []).append(c)
+            groups.setdefault(self._stream_of(c.job), []).append(c)
         return groups
 
     @retrying
@@ -364,10 +447,10 @@ class JobQueue:
         """Mark claimed jobs running; the ones that may run (cancelled ones are acknowledged and dropped,
         ones another worker took over are dropped)."""
         runnable: list[Claim] = []
-        for model, group in self._group_by_model(claims).items():
+        for stream, group in self._group_by_stream(claims).items():
             for consumer in {c.consumer for c in group}:
                 mine = [c for c in group if c.consumer == consumer]
-                keys = [self.keys.stream(model)]
+                keys = [stream]
                 args: list[ScriptArg] = [consumer, repr(time.time()), self._live_ttl_ms]
                 for c in mine:
                     keys += self.keys.per_job(c.job.id)
@@ -385,10 +468,10 @@ class JobQueue:
         `cancelled`) or "lost" (another worker has it now: drop it silently)."""
         previews = previews or {}
         stop: dict[str, Literal["cancel", "lost"]] = {}
-        for model, group in self._group_by_model(claims).items():
+        for stream, group in self._group_by_stream(claims).items():
             for consumer in {c.consumer for c in group}:
                 mine = [c for c in group if c.consumer == consumer]
-                keys = [self.keys.stream(model)]
+                keys = [stream]
                 args: list[ScriptArg] = [consumer, repr(time.time()), self._live_ttl_ms,
                                    "" if step is None else step, "" if total is None else total]
                 for c in mine:
@@ -408,7 +491,7 @@ class JobQueue:
     async def _settle_claim(self, claim: Claim, status: JobStatus, error: str = "",
                             pngs: Sequence[bytes] = ()) -> bool:
         job_id, owner = claim.job.id, claim.job.owner
-        keys = [self.keys.stream(claim.job.model), *self.keys.per_job(job_id),
+        keys = [self._stream_of(claim.job), *self.keys.per_job(job_id),
                 self.keys.quota_stored(owner or "-"), self.keys.quota_stored_total(owner or "-"),
                 *(self.keys.result(job_id, i) for i in range(len(pngs)))]
         args: list[ScriptArg] = [claim.consumer, claim.attempt, claim.entry_id, repr(time.time()),
@@ -478,8 +561,14 @@ class JobQueue:
 
     @retrying
     async def stats(self, model: str) -> QueueStats:
-        """Depth, claimed and waiting jobs and the oldest waiting job's age (Redis clock) of `model`'s queue."""
-        stream = self.keys.stream(model)
+        """Depth, claimed and waiting jobs and the oldest waiting job's age (Redis clock) of `model`'s queue: its
+        streams of every priority together."""
+        parts = [await self._stream_stats(model, stream) for stream in self.keys.streams(model)]
+        return QueueStats(model=model, depth=sum(p.depth for p in parts), pending=sum(p.pending for p in parts),
+                          waiting=sum(p.waiting for p in parts),
+                          oldest_waiting_age_s=max(p.oldest_waiting_age_s for p in parts))
+
+    async def _stream_stats(self, model: str, stream: str) -> QueueStats:
         depth = await self.redis.xlen(stream)
         if depth == 0:
             return QueueStats(model=model, depth=0, pending=0, waiting=0, oldest_waiting_age_s=0.0)

@@ -1,7 +1,9 @@
 """Every Redis key name of the service, defined once, and the formats of the ids that go into them.
 
 Everything lives under one prefix (`Settings.key_prefix`, default `ldm`), so several deployments can share a
-Redis. The job stream's name (`ldm:jobs:<model>`) is also what KEDA scales the workers on (deploy/k8s).
+Redis. Each model has one job stream per priority: `ldm:jobs:<model>` (normal, the name it had before priorities),
+`ldm:jobs-high:<model>` and `ldm:jobs-low:<model>` (a model name may hold ':', so the priority goes before it); KEDA
+scales the workers on the three together (deploy/k8s).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
+
+from service.schemas import PRIORITIES, Priority
 
 GROUP = "workers"  # the consumer group on every job stream
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -22,8 +26,22 @@ class Keys:
 
     prefix: str = "ldm"
 
-    def stream(self, model: str) -> str:
-        return f"{self.prefix}:jobs:{model}"
+    def stream(self, model: str, priority: Priority = "normal") -> str:
+        """The job stream of `model`'s jobs of `priority`."""
+        kind = "jobs" if priority == "normal" else f"jobs-{priority}"
+        return f"{self.prefix}:{kind}:{model}"
+
+    def streams(self, model: str) -> list[str]:
+        """`model`'s job streams, highest priority first."""
+        return [self.stream(model, p) for p in PRIORITIES]
+
+    def stream_model(self, key: str) -> str | None:
+        """The model whose job stream `key` is (any priority); None for another key."""
+        for p in PRIORITIES:
+            prefix = self.stream("", p)
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return None
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -54,6 +54,10 @@ class JobInfo(BaseModel):
     deadline_s: float | None = Field(
         default=None, description="seconds after submission by which the job must start, else it fails (deadline "
         "exceeded) without running")
+    queue_position: int | None = Field(default=None, description="while queued: the jobs workers will take before "
+                                       "it (0 = next), in priority order")
+    eta_s: float | None = Field(default=None, description="while queued: estimated seconds until it is done, from "
+                                "the workers' recent step rate and the work ahead of it (None = not known yet)")
 
 
 class Job(JobInfo):
@@ -63,10 +67,11 @@ class Job(JobInfo):
                                "never shown to clients)")
     owner: str = Field(default="", description="key id of the API key that submitted it (service/auth.py); \"\" "
                        "when submitted without authentication")
+    ahead_at_submit: int = Field(default=0, description="jobs waiting ahead of it (priority order) when it was queued")
 
 
 EventType = Literal["queued", "started", "progress", "requeued", "cancel_requested", "succeeded", "failed",
-                    "cancelled"]
+                    "cancelled", "position"]
 TERMINAL_EVENTS: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -84,11 +89,23 @@ class JobEvent(BaseModel):
     error: str | None = None
     preview: str | None = Field(default=None, description="progress of a job asking for previews: a small PNG of "
                                 "its current denoised estimate, base64")
+    queue_position: int | None = Field(default=None, description="`position` events (sent to watchers of a queued "
+                                       "job when its place changes; not stored: their id is the last stored "
+                                       "event's): the jobs ahead of it")
+    eta_s: float | None = Field(default=None, description="`position` events: estimated seconds until it is done")
     at: float = Field(description="Unix time of the event")
 
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a queued job stands: jobs ahead of it, and the estimated seconds until it is done (None: unknown)."""
+
+    queue_position: int
+    eta_s: float | None
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,9 @@ class WorkerInfo(BaseModel):
     started_at: float = 0.0
     busy: bool = False
     last_seen: float = 0.0
+    step_rate: float = Field(default=0.0, ge=0, description="sample-steps per second over its recent steps (0 = "
+                             "none measured yet): the queue's ETAs")
+    steps_in_hand: int = Field(default=0, ge=0, description="sample-steps left of the jobs it holds")
 
 
 class QueueStats(BaseModel):

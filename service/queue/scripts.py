@@ -32,6 +32,16 @@ local function owned(job, consumer, attempt)
   if v[1] == consumer and v[2] == attempt then return v[3] end
   return false
 end
+local function delivered(stream)
+  -- the consumer group's last delivered entry id on `stream` ('0-0' when no group yet); the stream must exist
+  local last = '0-0'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = {}
+    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+    if f['name'] == '@GROUP@' then last = f['last-delivered-id'] end
+  end
+  return last
+end
 local function past_deadline(job, now, default_s)
   local v = redis.call('HMGET', job, 'created', 'deadline_s')
   local deadline = v[2] or default_s
@@ -51,24 +61,31 @@ local function settle(job, events, image, mask, status, err, now, ttl, results)
 end
 """
 
-# KEYS: job, stream, events, image, mask, idempotency
+# KEYS: job, stream (the job's priority's), events, image, mask, idempotency, then every stream of the model (its depth)
 # ARGV: id, model, request, fingerprint, now, live ttl ms, idempotency ttl ms, max depth, use idempotency, image, mask,
-#       deadline s (the most seconds it may wait to start), owner (the submitting API key's id; '' without keys)
+#       deadline s (the most seconds it may wait to start), owner (the submitting API key's id; '' without keys),
+#       priority, work (sample-steps: steps x n, for the queue position's ETA), the priority's rank (1 = high)
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
 if ARGV[9] == '1' then
   local prior = redis.call('GET', KEYS[6])
   if prior then return {'duplicate', prior} end
 end
-local depth = redis.call('XLEN', KEYS[2])
+local depth = 0
+for i = 7, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
 if depth >= tonumber(ARGV[8]) then return {'full', tostring(depth)} end
+local ahead = 0  -- waiting (unclaimed) jobs of its priority and above: XLEN minus the group's pending entries
+for i = 7, 6 + tonumber(ARGV[16]) do
+  local n, pending = redis.call('XLEN', KEYS[i]), redis.pcall('XPENDING', KEYS[i], '@GROUP@')
+  ahead = ahead + n - ((type(pending) == 'table' and tonumber(pending[1])) or 0)
+end
 local ttl = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'model', ARGV[2], 'status', 'queued', 'request', ARGV[3], 'fp', ARGV[4],
            'created', ARGV[5], 'step', 0, 'total', 0, 'attempts', 0, 'results', 0, 'cancel', 0)
-redis.call('HSET', KEYS[1], 'deadline_s', ARGV[12], 'owner', ARGV[13])
+redis.call('HSET', KEYS[1], 'deadline_s', ARGV[12], 'owner', ARGV[13], 'priority', ARGV[14], 'ahead', ahead)
 if ARGV[10] ~= '' then redis.call('SET', KEYS[4], ARGV[10], 'PX', ttl) end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'PX', ttl) end
-redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'job', ARGV[1]))
+redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'work', ARGV[15]))
 redis.call('PEXPIRE', KEYS[1], ttl)
 event(KEYS[3], ttl, {type='queued', status='queued', step=0, total=0, results=0, at=tonumber(ARGV[5])})
 if ARGV[9] == '1' then redis.call('SET', KEYS[6], ARGV[1] .. ' ' .. ARGV[4], 'PX', ARGV[7]) end
@@ -234,6 +251,45 @@ end
 return v[1]
 """
 
+# Where each of a model's streams stands, for a claim in priority order with aging. KEYS: the streams.
+# Returns per stream {the group's last delivered id, the oldest entry no worker has been given ('' if none)}, then
+# the server's TIME.
+_HEADS = """
+local out = {}
+for i, stream in ipairs(KEYS) do
+  out[i] = {'0-0', ''}
+  if redis.call('EXISTS', stream) == 1 then
+    local last = delivered(stream)
+    local e = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
+    out[i] = {last, e[1] and e[1][1] or ''}
+  end
+end
+out[#out + 1] = redis.call('TIME')
+return out
+"""
+
+# A queued job's place: the jobs workers will take before it, counted in priority order without aging (aging can
+# only move a job forward once it has waited), and their work. KEYS: job, then the model's streams, highest first.
+# Returns nil (not queued), or {jobs ahead, their sample-steps}; a job claimed and waiting in a worker is next: 0.
+_POSITION = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'priority', 'entry')
+if v[1] ~= 'queued' then return false end
+if tonumber(v[2] or '0') > 0 then return {0, 0} end
+local mine = ({high = 2, normal = 3, low = 4})[v[3] or 'normal'] or 3
+local ahead, work = 0, 0
+for i = 2, mine do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local last = i == mine and ('(' .. v[4]) or '+'
+    for _, e in ipairs(redis.call('XRANGE', KEYS[i], '(' .. delivered(KEYS[i]), last)) do
+      ahead = ahead + 1
+      local f = e[2]
+      for j = 1, #f, 2 do if f[j] == 'work' then work = work + tonumber(f[j + 1]) end end
+    end
+  end
+end
+return {ahead, work}
+"""
+
 # KEYS: idempotency.  ARGV: the value it must still hold.  Drops a key whose job record has expired.
 _FORGET = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -249,4 +305,4 @@ def _lua(body: str) -> str:
 
 SCRIPTS: dict[str, str] = {name: _lua(body) for name, body in {
     "submit": _SUBMIT, "take": _TAKE, "start": _START, "progress": _PROGRESS, "settle": _SETTLE, "cancel": _CANCEL,
-    "expire": _EXPIRE, "forget": _FORGET}.items()}
+    "expire": _EXPIRE, "forget": _FORGET, "heads": _HEADS, "position": _POSITION}.items()}

@@ -200,11 +200,14 @@ class ContinuousWorker(Worker):
                 self._drop(crashed)
                 self._fail(crashed.job, failure)
             return
-        self.metrics.step_time.labels(self.model).observe(time.monotonic() - began)
+        seconds = time.monotonic() - began
+        self.metrics.step_time.labels(self.model).observe(seconds)
         self.metrics.batch_size.labels(self.model, task).observe(size)
         by_job: dict[str, list[StepSample]] = {}
         for s in advanced:
             by_job.setdefault(_job_id(s), []).append(s)
+        self._stepped(size, seconds, [(self.running[j].job.claim, samples[0].state.i) for j, samples in by_job.items()
+                                      if j in self.running])
         self._report(by_job)
         for job_id, samples in by_job.items():
             r = self.running.get(job_id)

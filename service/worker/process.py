@@ -116,6 +116,8 @@ class Worker:
         self._busy = False
         self._started_at = time.time()
         self._next_reclaim = 0.0
+        self._steps_done: dict[str, int] = {}  # job id -> sampler steps it has done here (for steps_in_hand)
+        self._step_rate = 0.0  # sample-steps per second, a moving average over recent steps
         s = settings
         self.beat_interval_s = min(s.heartbeat_interval_s, s.visibility_timeout_s / 3)
         self.reclaim_interval_s = max(0.05, min(s.visibility_timeout_s / 2, 10.0))
@@ -125,7 +127,28 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), labels=self.runner.labels,
                           host=socket.gethostname(), pid=os.getpid(), device=str(self.runner.device),
-                          started_at=self._started_at, busy=self._busy)
+                          started_at=self._started_at, busy=self._busy, step_rate=round(self._step_rate, 3),
+                          steps_in_hand=self._steps_in_hand())
+
+    def _steps_in_hand(self) -> int:
+        """Sample-steps left of the jobs this worker holds (claimed or running): the queue's ETAs."""
+        with self._lock:
+            held = list(self._held.values())
+            done = dict(self._steps_done)
+        return sum(c.job.request.n * max(0, c.job.request.steps - done.get(c.job.id, 0)) for c in held)
+
+    def _stepped(self, samples: int, seconds: float, jobs: Sequence[tuple[Claim, int]]) -> None:
+        """A step of `samples` samples took `seconds`; `jobs`: (claim, the step it reached) of each job in it. Feeds
+        the step rate, steps in hand and time to first step."""
+        if seconds > 0:
+            rate = samples / seconds
+            self._step_rate = rate if self._step_rate == 0 else 0.9 * self._step_rate + 0.1 * rate
+        now = time.time()
+        with self._lock:
+            for claim, step in jobs:
+                if claim.job.id not in self._steps_done:
+                    self.metrics.first_step.labels(self.model).observe(max(0.0, now - claim.job.created_at.timestamp()))
+                self._steps_done[claim.job.id] = step
 
     def request_stop(self) -> None:
         """Claim no more jobs; `run` returns once the jobs in hand are done."""
@@ -231,6 +254,8 @@ class Worker:
         return claims
 
     def _hold(self, claims: Sequence[Claim]) -> None:
+        for c in claims:
+            self.metrics.queue_position.labels(self.model).observe(c.job.ahead_at_submit)
         with self._lock:
             self._held.update((c.job.id, c) for c in claims)
 
@@ -300,11 +325,13 @@ class Worker:
 
         def on_step(step: int, total: int, indices: Sequence[int]) -> None:
             now = time.monotonic()
-            if step > 1:  # the first interval holds the batch's setup (text encoding, image encoding)
-                self.metrics.step_time.labels(self.model).observe(now - last[0])
+            interval = now - last[0] if step > 1 else 0.0  # the first interval holds the batch's set-up (encoding)
+            if interval:
+                self.metrics.step_time.labels(self.model).observe(interval)
             last[0] = now
             running = Batch(live.key, tuple(live.samples[i] for i in indices))
             jobs = [j for j in running.jobs if not j.done]
+            self._stepped(len(indices), interval, [(j.claim, step) for j in jobs])
             stop = self.queue.progress([j.claim for j in jobs], step, total) if jobs else {}
             for j in jobs:
                 if stop.get(j.id) == "cancel":
@@ -385,6 +412,7 @@ class Worker:
         with self._lock:
             for c in claims:
                 self._held.pop(c.job.id, None)
+                self._steps_done.pop(c.job.id, None)
 
     # ------------------------------------------------------------------------------------------- heartbeat
 

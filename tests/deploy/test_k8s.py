@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from service.queue import Keys
+from service.schemas import PRIORITIES
 from service.serve import WORKER_STOP_TIMEOUT_S
 from service.worker.runner import served_name
 from tests.deploy import crd_schemas
@@ -266,17 +267,24 @@ def test_keda_scales_workers_on_their_models_queue(rendered: dict[str, list[Doc]
     assert scaled["minReplicaCount"] >= 1  # /readyz needs a live worker for the default model
     worker = ldm_containers(docs)["worker"][1]
     settings = settings_from(env_of(docs, worker))
-    (trigger,) = scaled["triggers"]
-    meta = trigger["metadata"]
-    assert trigger["type"] == "redis-streams"
-    assert meta["stream"] == Keys(settings.key_prefix).stream(served_name(worker["args"][2]))
-    assert meta["streamLength"] == str(settings.max_batch)  # one full batch per worker
-    host, port = meta["address"].rsplit(":", 1)
-    assert host == f"redis.{NAMESPACE}.svc.cluster.local"
-    assert int(port) in {p["port"] for p in one(docs, "Service", "redis")["spec"]["ports"]}
-    auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]["secretTargetRef"]
-    secret = one(docs, "Secret", auth[0]["name"])
-    assert auth[0]["parameter"] == "password" and auth[0]["key"] in secret["stringData"]
+    triggers = scaled["triggers"]
+    keys = Keys(settings.key_prefix)
+    model = served_name(worker["args"][2])
+    # every priority's stream counts, added up (separate triggers alone would scale on the largest)
+    assert {t["name"]: t["metadata"]["stream"] for t in triggers} == {p: keys.stream(model, p) for p in PRIORITIES}
+    modifiers = scaled["advanced"]["scalingModifiers"]
+    assert sorted(modifiers["formula"].replace(" ", "").split("+")) == sorted(PRIORITIES)
+    assert modifiers["target"] == str(settings.max_batch)  # one full batch per worker
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-streams"
+        assert meta["streamLength"] == str(settings.max_batch)
+        host, port = meta["address"].rsplit(":", 1)
+        assert host == f"redis.{NAMESPACE}.svc.cluster.local"
+        assert int(port) in {p["port"] for p in one(docs, "Service", "redis")["spec"]["ports"]}
+        auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]["secretTargetRef"]
+        secret = one(docs, "Secret", auth[0]["name"])
+        assert auth[0]["parameter"] == "password" and auth[0]["key"] in secret["stringData"]
 
 
 def test_prometheus_rule_is_the_alerts_file(rendered: dict[str, list[Doc]]) -> None:

@@ -81,6 +81,11 @@ def test_one_command_serves_rest_and_grpc_and_restarts_a_dead_worker(
     assert ready["model"] == "random:tiny-sd"
     r = httpx.post(f"{base}/v1/txt2img", json={"prompt": "a red circle", "seed": 3, "steps": 2}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    box = httpx.get(f"{base}/metrics", timeout=10).text  # one scrape target: the API's and its workers' metrics
+    for family in ("ldm_http_requests_total", "ldm_queue_depth", "ldm_batch_size", "ldm_sampler_step_seconds",
+                   "ldm_time_to_first_step_seconds", "ldm_queue_position_at_claim"):
+        assert f"# TYPE {family} " in box, family
+    assert 'ldm_worker_up{worker_index="0"} 1.0' in box
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

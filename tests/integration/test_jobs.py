@@ -65,7 +65,7 @@ async def test_input_images_are_stored_beside_the_job_never_in_stream_or_record(
     assert await queue.inputs(job.id) == (image, mask)
     assert await queue.redis.pttl(queue.keys.input(job.id, "image")) > 0
     [(_, fields)] = await queue.redis.xrange(queue.keys.stream(MODEL))
-    assert fields == {b"job": job.id.encode()}
+    assert fields == {b"job": job.id.encode(), b"work": str(job.request.steps).encode()}  # work: for the ETA
     record = await queue.redis.hget(queue.keys.job(job.id), "request")
     assert b"image" not in record and b"mask" not in record
     [claim] = await queue.claim(MODEL, "w1")

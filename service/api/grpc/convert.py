@@ -33,6 +33,8 @@ def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | No
         fields["model"] = params.model
     if params.sampler:
         fields["sampler"] = params.sampler
+    if params.priority:
+        fields["priority"] = params.priority
     if params.class_label:
         fields["class_label"] = params.class_label
     if params.layout:
@@ -60,6 +62,7 @@ def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
         seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
         guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
         strength=request.effective_strength, eta=request.eta, preview_every=request.preview_every,
+        priority=request.priority,
         class_label="" if request.class_label is None else str(request.class_label), layout=layout,
         loras=[pb.Lora(name=ref.name, weight=ref.weight) for ref in request.loras])
 
@@ -85,7 +88,8 @@ def to_status(status: JobStatus) -> str:
 def to_progress(event: JobEvent) -> pb.Progress:
     return pb.Progress(type=f"EVENT_TYPE_{event.type.upper()}", status=to_status(event.status), step=event.step,
                        total=event.total, error=event.error or "", event_id=event.id,
-                       preview=base64.b64decode(event.preview) if event.preview else b"")
+                       preview=base64.b64decode(event.preview) if event.preview else b"",
+                       queue_position=event.queue_position, eta_s=event.eta_s)
 
 
 def to_task(task: Task) -> str:
@@ -98,7 +102,8 @@ def to_job(job: Job, images: Sequence[pb.Image] = ()) -> pb.Job:
         id=job.id, model=job.model, task=to_task(job.request.task), status=to_status(job.status),
         parameters=to_parameters(job.request), created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, step=job.step, total=job.total, attempts=job.attempts, error=job.error or "",
-        results=job.results, cancel_requested=job.cancel_requested, images=images)
+        results=job.results, cancel_requested=job.cancel_requested, images=images,
+        queue_position=job.queue_position, eta_s=job.eta_s)
 
 
 def idempotency_key(field_value: str, metadata: Sequence[tuple[str, Any]] | None) -> str | None:

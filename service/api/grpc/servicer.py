@@ -84,7 +84,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         waiting = await self._submit(to_request(request.parameters, Task.txt2img), request, context)
         job_id = waiting.job.id
-        async with contextlib.aclosing(self._follow(waiting, context)) as events:
+        async with contextlib.aclosing(self._follow(waiting, context, positions=True)) as events:
             async for event in events:
                 yield pb.GenerateStreamResponse(job_id=job_id, progress=to_progress(event))
         for image in await self._images(await self._succeeded(job_id)):
@@ -127,7 +127,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         return await self._generate(to_request(request.parameters, Task.unconditional), request, context)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        job = await self._visible(request.job_id)
+        job = await self.queue.with_place(await self._visible(request.job_id))
         with_images = request.include_images and job.status == JobStatus.succeeded
         return to_job(job, await self._images(job) if with_images else ())
 
@@ -141,7 +141,8 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         await self._visible(request.job_id)  # NOT_FOUND (unknown or another key's) before the stream starts
         ended = asyncio.Event()
         context.add_done_callback(lambda _: ended.set())
-        async with contextlib.aclosing(self.queue.follow(request.job_id, after, poll_s=POLL_S)) as batches:
+        watched = self.queue.follow(request.job_id, after, poll_s=POLL_S, positions=True)
+        async with contextlib.aclosing(watched) as batches:
             async for events in batches:
                 if ended.is_set():  # the call ended: a cancellation a Redis call swallowed (Python 3.11)
                     return
@@ -181,16 +182,18 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         await context.send_initial_metadata(((JOB_ID_METADATA, waiting.job.id),))
         return waiting
 
-    async def _follow(self, waiting: _Waiting, context: grpc.aio.ServicerContext) -> AsyncGenerator[JobEvent, None]:
-        """The job's events up to a terminal one; WaitTimeout when the call's deadline (or `job_deadline_s`)
-        comes first."""
+    async def _follow(self, waiting: _Waiting, context: grpc.aio.ServicerContext,
+                      positions: bool = False) -> AsyncGenerator[JobEvent, None]:
+        """The job's events up to a terminal one (with `position` events while it is queued, for a streaming call);
+        WaitTimeout when the call's deadline (or `job_deadline_s`) comes first."""
         job_id = waiting.job.id
         remaining = context.time_remaining()
         budget = self.settings.job_deadline_s
         if remaining is not None:
             budget = min(budget, remaining - DEADLINE_MARGIN_S)
         until = time.monotonic() + budget
-        async with contextlib.aclosing(self.queue.follow(job_id, poll_s=POLL_S, until=until)) as batches:
+        followed = self.queue.follow(job_id, poll_s=POLL_S, until=until, positions=positions)
+        async with contextlib.aclosing(followed) as batches:
             async for events in batches:
                 if waiting.call_ended:  # a cancellation of this task that a Redis call swallowed (Python 3.11)
                     raise asyncio.CancelledError

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from service.api.grpc.errors import BadRequest, JobEnded, MessageTooLarge, ResultsExpired, WaitTimeout
 from service.api.grpc.stubs import pb
-from service.auth import AuthError
+from service.auth import AuthError, PriorityNotAllowed
 from service.images import ImageError
 from service.queue import IdempotencyConflict, Job, JobNotFound, JobStatus, QueueFull, QueueUnavailable
 from service.quotas import QuotaExceeded
@@ -71,6 +71,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
     if isinstance(exc, AuthError):
         code = grpc.StatusCode.PERMISSION_DENIED if exc.status == 403 else grpc.StatusCode.UNAUTHENTICATED
         return code, str(exc), ()
+    if isinstance(exc, PriorityNotAllowed):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc), ()
     if isinstance(exc, QueueFull | QuotaExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_METADATA, str(exc.retry_after_s)),)
     if isinstance(exc, QueueUnavailable):

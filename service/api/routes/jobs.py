@@ -50,8 +50,9 @@ async def create_job(body: JobBody, response: Response, submitter: SubmitterDep,
 
 @router.get("/{job_id}", response_model=JobView, summary="A job's status")
 async def get_job(job_id: JobId, queue: QueueDep, principal: PrincipalDep) -> JobView:
-    """The job, if the caller's key submitted it (or is an admin key); 404, as for an unknown id, otherwise."""
-    return JobView.of(await visible_job(queue, job_id, principal))
+    """The job, if the caller's key submitted it (or is an admin key); 404, as for an unknown id, otherwise. While it
+    is queued, `queue_position` (jobs workers take before it) and `eta_s` (estimated seconds until done)."""
+    return JobView.of(await queue.with_place(await visible_job(queue, job_id, principal)))
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG, summary="A result image")
@@ -115,7 +116,8 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
     yield "retry: 1000\n\n"
     quiet_since = time.monotonic()
     try:
-        async with contextlib.aclosing(queue.follow(job_id, after, poll_s=min(keepalive_s, 1.0))) as batches:
+        followed = queue.follow(job_id, after, poll_s=min(keepalive_s, 1.0), positions=True)
+        async with contextlib.aclosing(followed) as batches:
             async for events in batches:
                 for event in events:
                     yield _frame(event)
@@ -138,7 +140,8 @@ async def job_events(job_id: JobId, request: Request, queue: QueueDep, settings:
                      principal: PrincipalDep, limits: Annotated[CallLimits, Depends(get_limits)],
                      last_event_id: LastEventId = None,
                      after: Annotated[str | None, Query(pattern=EVENT_ID.pattern)] = None) -> StreamingResponse:
-    """Server-sent events: `queued`, `started`, `progress` (step/total), ..., then one terminal event
+    """Server-sent events: `queued`, `position` (while queued, when its `queue_position` or `eta_s` changes),
+    `started`, `progress` (step/total), ..., then one terminal event
     (`succeeded`, `failed` or `cancelled`), after which the stream ends. Each event's `id:` is its Redis event
     id: reconnect with `Last-Event-ID` (or `?after=`) to resume after it. A stream that ends with
     `shutting_down` instead (the API is stopping) is to be reconnected the same way. A key holds at most
