@@ -142,7 +142,7 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         if any(k.startswith(f"input_blocks.{first}.1.") for k in sd):
             attention_ds.add(2**level)
     spatial = any(".transformer_blocks." in k for k in sd)
-    context_dim, heads, head_channels, depth, linear = None, 8, -1, 1, False
+    context_dim, heads, head_channels, depth, depths, linear = None, 8, -1, 1, [1], False
     if spatial:
         first_st = next(k for k in sd if ".transformer_blocks." in k).split(".transformer_blocks.")[0]
         to_k = sd[first_st + ".transformer_blocks.0.attn2.to_k.weight"]
@@ -151,8 +151,8 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         context_dim = None if to_k.shape[1] == to_q.shape[1] and to_k.shape[1] != 768 else to_k.shape[1]
         if context_dim == 1024:
             heads, head_channels = -1, 64
-        blocks = first_st + ".transformer_blocks."
-        depth = len({k[len(blocks):].split(".")[0] for k in sd if k.startswith(blocks)})
+        depths = _level_depths(sd, n_levels, per_level)
+        depth = depths[0] if len(set(depths)) == 1 else 1
         linear = sd[first_st + ".proj_in.weight"].ndim == 2
     elif any(k.endswith(".qkv.weight") for k in sd):
         heads, head_channels = -1, 32
@@ -167,13 +167,29 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         num_heads=heads,
         num_head_channels=head_channels,
         transformer_depth=depth,
+        level_depths=tuple(depths) if len(set(depths)) > 1 else (),
         context_dim=context_dim,
         use_spatial_transformer=spatial,
         use_linear_in_transformer=linear,
         num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
         use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first_out,
         resblock_updown=any(f"output_blocks.{i}.{j}.in_layers.0.weight" in sd for i in upsamplers for j in (1, 2)),
     )
+
+
+def _level_depths(sd: StateDict, n_levels: int, per_level: int) -> list[int]:
+    """Transformer blocks per level (1 where a level has no attention, as diffusers' SDXL config writes); the
+    middle block must have the last level's count (the original's default), else the file is refused."""
+    def count(block: str) -> int:
+        return len({k[len(block):].split(".")[0] for k in sd if k.startswith(block)})
+
+    depths = [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") or 1 for level in range(n_levels)]
+    middle = count("middle_block.1.transformer_blocks.")
+    if middle and middle != depths[-1]:
+        raise ValueError(f"the middle block has {middle} transformer blocks, the last level {depths[-1]}: a middle "
+                         "depth of its own is not supported")
+    return depths
 
 
 def infer_autoencoder_config(sd: StateDict) -> AutoencoderConfig:
@@ -474,6 +490,12 @@ def _model_config(path: Path, file: TensorFile, prediction_type: PredictionType 
             raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
         _check_prediction_type(path, config.schedule, prediction_type)
         return config
+    from models.sdxl_layout import is_sdxl_file  # SDXL builds on this module
+
+    if is_sdxl_file(file.meta):
+        from models.sdxl_load import sdxl_file_config
+
+        return sdxl_file_config(path, file, prediction_type)[0]
     shapes = dict(file.meta)  # inference needs shapes only, but for the schedule's values
     if "betas" in shapes:
         shapes["betas"] = file.read("betas")
@@ -499,13 +521,24 @@ def load_single_file(
     path: Path,
     *,
     tokenizer_dir: Path | None = None,
+    tokenizer_2_dir: Path | None = None,
     use_ema: bool = False,
     prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
+    """An original single-file checkpoint, or one saved by `save_model` (config in its metadata). SDXL
+    (`conditioner.embedders.*`) takes two tokenizer folders (models/sdxl_load.py)."""
     file = open_tensor_file(path)
+    from models.sdxl_layout import is_sdxl_file  # SDXL builds on this module
+
+    if CONFIG_METADATA_KEY not in file.metadata and is_sdxl_file(file.meta):
+        from models.sdxl_load import load_sdxl_file
+
+        if use_ema:
+            raise CheckpointError(f"{path}: SDXL files hold one set of UNet weights, no EMA copy")
+        return load_sdxl_file(path, file, tokenizer_dir=tokenizer_dir, tokenizer_2_dir=tokenizer_2_dir,
+                              prediction_type=prediction_type, device=device, dtype=dtype)
     config = _model_config(path, file, prediction_type)
     parts = file_parts(file)
     if use_ema:
@@ -515,6 +548,12 @@ def load_single_file(
             raise CheckpointError(f"{path}: {err}") from None
         parts["unet"] = {k: Stored(file, key, file.meta[key].shape) for k, key in ema.items()}
     model = _build(config, tokenizer_dir)
+    if tokenizer_2_dir is not None:
+        from models.sdxl_load import given_tokenizers, set_tokenizers
+
+        if config.conditioner is None or config.conditioner.kind != "sdxl":
+            raise CheckpointError(f"{path}: a second tokenizer (--tokenizer-2) is for SDXL; this is {config.family}")
+        set_tokenizers(model, given_tokenizers(len(config.conditioner.sdxl.encoders), tokenizer_dir, tokenizer_2_dir))
     load_parts_strict(model, parts, str(path), dtype)
     log.info("loaded %s (family %s) from %s", config.name, config.family, path)
     return _finish(model, device, dtype)
@@ -537,6 +576,7 @@ def load_diffusers_folder(
     folder: Path,
     *,
     tokenizer_dir: Path | None = None,
+    tokenizer_2_dir: Path | None = None,
     prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -548,8 +588,17 @@ def load_diffusers_folder(
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
+    from models.sdxl_layout import SDXL_PIPELINES  # SDXL builds on this module
+    if pipeline in SDXL_PIPELINES:
+        from models.sdxl_load import load_sdxl_folder
+
+        return load_sdxl_folder(folder, index, tokenizer_dir=tokenizer_dir, tokenizer_2_dir=tokenizer_2_dir,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     if pipeline not in SD_PIPELINES:
-        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are {', '.join(SD_PIPELINES)}")
+        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are "
+                              f"{', '.join(SD_PIPELINES + SDXL_PIPELINES)}")
+    if tokenizer_2_dir is not None:
+        raise CheckpointError(f"{folder}: a second tokenizer (--tokenizer-2) is for SDXL; this is a {pipeline}")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     unet_json = read_json(folder / "unet" / "config.json")
     try:
@@ -625,12 +674,14 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: str | Path | None = None,
+    tokenizer_2_dir: str | Path | None = None,
 ) -> LatentDiffusion:
     """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder. A CompVis
     zoo checkpoint (`DIR/model.ckpt` with `DIR/config.yaml`, or any file with `config`) is described by its
     config.yaml (models/compvis/). `prediction_type`: what the UNet predicts, for files that do not say (SD 2);
-    checked against any config."""
+    checked against any config. `tokenizer_2_dir`: SDXL's second tokenizer (bigG's), for single files."""
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    tok2 = Path(tokenizer_2_dir) if tokenizer_2_dir is not None else None
     path = Path(source)
     from models.compvis.load import config_beside, load_zoo_checkpoint  # it builds on this module
 
@@ -643,16 +694,16 @@ def load_model(
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
             if use_ema:
                 raise CheckpointError(f"{path}: a diffusers folder holds one set of UNet weights, no EMA copy")
-            return load_diffusers_folder(path, tokenizer_dir=tok, prediction_type=prediction_type,
-                                         device=device, dtype=dtype)
+            return load_diffusers_folder(path, tokenizer_dir=tok, tokenizer_2_dir=tok2,
+                                         prediction_type=prediction_type, device=device, dtype=dtype)
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) != 1:
             raise CheckpointError(f"{path}: expected one .safetensors file or a diffusers folder, found {len(weights)}")
-        return load_single_file(weights[0], tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
-                                device=device, dtype=dtype)
+        return load_single_file(weights[0], tokenizer_dir=tok, tokenizer_2_dir=tok2, use_ema=use_ema,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     if path.is_file():
-        return load_single_file(path, tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
-                                device=device, dtype=dtype)
+        return load_single_file(path, tokenizer_dir=tok, tokenizer_2_dir=tok2, use_ema=use_ema,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     shipped = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
     raise CheckpointError(f"{source}: no such file or folder, and not a shipped model (shipped: {shipped})")
 

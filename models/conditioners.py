@@ -23,17 +23,18 @@ from models.conditioning import (
 from models.names import normalise_name
 from models.text.clip import CLIPTextConditioner, CLIPTextConfig
 from models.text.minilm import BertConfig, MiniLMConditioner
+from models.text.sdxl import SDXLTextConditioner, SDXLTextConfig
 from models.text.transformer import TransformerConditioner, TransformerTextConfig
 from models.tokenizers import BertTokenizer, CLIPTokenizer
 
-ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler"]
+ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler", "sdxl"]
 AnyConditioner = (CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
-                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler)
+                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler | SDXLTextConditioner)
 
 
 @dataclass(frozen=True)
 class ConditionerConfig:
-    """Which conditioner, and its size. Only the fields of the chosen kind are used: clip -> `clip`;
+    """Which conditioner, and its size. Only the fields of the chosen kind are used: clip -> `clip`; sdxl -> `sdxl`;
     minilm -> `max_length`; transformer -> `transformer`; class -> `n_classes`, `class_dim`; layout ->
     `n_classes`, `layout`; semantic -> `n_classes` (label map values 1..n_classes, 0 = background),
     `semantic`. `class_names` (class, layout, semantic; optional) lets inputs name classes ("red circle")."""
@@ -51,6 +52,8 @@ class ConditionerConfig:
     #: SpatialRescaler of the semantic-map models
     bert: BERTEmbedderConfig = field(default_factory=BERTEmbedderConfig)
     rescaler: SpatialRescalerConfig = field(default_factory=SpatialRescalerConfig)
+    #: SDXL's two text encoders (or the refiner's one) and its added vector (models/text/sdxl.py)
+    sdxl: SDXLTextConfig = field(default_factory=SDXLTextConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConditionerKind):
@@ -76,6 +79,7 @@ class ConditionerConfig:
             "semantic": None,
             "bert": self.bert.width,
             "rescaler": None,
+            "sdxl": self.sdxl.context_dim,
         }[self.kind]
 
 
@@ -97,6 +101,8 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
             path = Path(tokenizer_dir) / "tokenizer.json"
             wordpiece = BertTokenizer(path, max_length=config.transformer.max_length)
         return TransformerConditioner(config.transformer, wordpiece)
+    if config.kind == "sdxl":  # the second tokenizer: `SDXLTextConditioner.set_tokenizers`
+        return SDXLTextConditioner(config.sdxl, [tokenizer_dir] if tokenizer_dir is not None else [])
     if config.kind == "bert":
         return BERTConditioner(config.bert, tokenizer_dir)
     if tokenizer_dir is not None:

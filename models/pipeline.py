@@ -43,6 +43,7 @@ from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
 from models.samplers import SamplingPlan, init_state, sampling_plan
 from models.step_batch import AfterStep, Denoiser, StepBatch, StepSample, guided_denoiser
+from models.text.sdxl import Micro, SDXLTextConditioner, added_vector
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
@@ -62,6 +63,13 @@ class SampleSpec:
     guidance_scale: float = 7.5
     #: LoRA adapters and their weights (models/lora.py), applied to this item only
     adapters: AdapterSet = ()
+    #: SDXL's micro-conditioning (ignored by other families): original and target size (height, width) in
+    #: pixels, None = the image's size; the crop's top-left corner; the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -394,7 +402,7 @@ class Pipeline:
             plan = plan.from_strength(settings.strength)
         if conditions is None:
             with adapters_applied(self.model, [s.adapters for s in specs]):
-                cond, uncond, warnings = self._conditioning(specs, concat)
+                cond, uncond, warnings = self._conditioning(specs, concat, size)
         else:
             (cond, uncond), warnings = conditions, []
         # img2img starts from the image noised to the first kept level (diffusers' rule, strength 1.0
@@ -424,10 +432,12 @@ class Pipeline:
         with torch.inference_mode():
             return to_pil(self.model.decode_latents(latents))[0]
 
-    def _conditioning(self, specs: Sequence[SampleSpec],
-                      concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
+    def _conditioning(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None,
+                      size: Sequence[int]) -> tuple[Conditioning, Conditioning, list[str]]:
         """Cross-attention context for the prompts and for the negative prompts ("" = unconditional)."""
         conditioner = self.model.conditioner
+        if isinstance(conditioner, SDXLTextConditioner):
+            return self._sdxl_conditioning(conditioner, specs, concat, size)
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
             plain = Conditioning(concat=concat)
             return plain, plain, []
@@ -440,6 +450,33 @@ class Pipeline:
         device, dtype = self.model.device, self.model.dtype
         cond = Conditioning(context=positive.context.to(device, dtype), concat=concat)
         return cond, Conditioning(context=negative.context.to(device, dtype), concat=concat), warnings
+
+    def _sdxl_conditioning(self, conditioner: SDXLTextConditioner, specs: Sequence[SampleSpec],
+                           concat: torch.Tensor | None,
+                           size: Sequence[int]) -> tuple[Conditioning, Conditioning, list[str]]:
+        """SDXL: context and added vector (pooled text + micro-conditioning) for prompts and negative prompts.
+        An empty negative prompt is zeros (context and pooled) when the model's config says
+        `force_zeros_for_empty_prompt`, as diffusers does for a missing one; its micro-conditioning is the
+        prompt's, but for the refiner's negative aesthetic score."""
+        text = conditioner.config
+        positive = conditioner.encode([s.prompt for s in specs])
+        negative = conditioner.encode([s.negative_prompt for s in specs])
+        warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
+        assert positive.pooled is not None and negative.pooled is not None
+        neg_context, neg_pooled = negative.context, negative.pooled
+        if text.force_zeros_for_empty_prompt:
+            keep = torch.tensor([s.negative_prompt != "" for s in specs], device=neg_context.device)
+            neg_context = neg_context * keep[:, None, None].to(neg_context.dtype)
+            neg_pooled = neg_pooled * keep[:, None].to(neg_pooled.dtype)
+        micro = [_micro(s, size, text.micro) for s in specs]
+        device, dtype = self.model.device, self.model.dtype
+        pos_micro = torch.tensor([m for m, _ in micro], dtype=torch.float32, device=device)
+        neg_micro = torch.tensor([m for _, m in micro], dtype=torch.float32, device=device)
+        cond = Conditioning(context=positive.context.to(device, dtype), concat=concat,
+                            vector=added_vector(positive.pooled, pos_micro, text.time_embed_dim).to(device, dtype))
+        uncond = Conditioning(context=neg_context.to(device, dtype), concat=concat,
+                              vector=added_vector(neg_pooled, neg_micro, text.time_embed_dim).to(device, dtype))
+        return cond, uncond, warnings
 
     # ------------------------------------------------------------------ helpers
 
@@ -471,6 +508,18 @@ class Pipeline:
 
 class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
+
+
+def _micro(spec: SampleSpec, size: Sequence[int], micro: Micro) -> tuple[list[float], list[float]]:
+    """An SDXL item's micro-conditioning numbers (prompt's, negative prompt's): original size (h, w), crop
+    (top, left), then target size (h, w) for the base or the aesthetic score for the refiner."""
+    image = (int(size[0]), int(size[1]))
+    head = [*(spec.original_size or image), *spec.crops_coords_top_left]
+    if micro == "aesthetic":
+        return [float(v) for v in (*head, spec.aesthetic_score)], [float(v) for v in (*head,
+                                                                                       spec.negative_aesthetic_score)]
+    both = [float(v) for v in (*head, *(spec.target_size or image))]
+    return both, list(both)
 
 
 def _blender(plan: SamplingPlan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> AfterStep:
