@@ -191,7 +191,8 @@ def sdxl_conditioner_to_original(sd: StateDict) -> StateDict:
 
 def infer_sdxl_text(conditioner: StateDict, vector_dim: int) -> SDXLTextConfig:
     """The encoders' sizes from our conditioner keys; the OpenCLIP (pooled) one is bigG-like (gelu, pads "!"), the
-    HF one OpenAI's ViT-L (quick_gelu). Heads: CLIP's 64-channel ones (not stored)."""
+    HF one OpenAI's ViT-L (quick_gelu). Heads: CLIP's 64-channel ones (not stored). An empty negative prompt is
+    zeros for the base (its diffusers folders say force_zeros_for_empty_prompt), encoded "" for the refiner."""
     encoders = []
     n = len({k.split(".")[1] for k in conditioner})
     for i in range(n):
@@ -208,7 +209,9 @@ def infer_sdxl_text(conditioner: StateDict, vector_dim: int) -> SDXLTextConfig:
             hidden_act="gelu" if pooled else "quick_gelu", pad_token=CLIP_BIGG.pad_token if pooled else None))
     projection = conditioner[f"{_OURS}{n - 1}.text_projection.weight"].shape[0]
     micro: Micro = "aesthetic" if n == 1 else "size"
-    text = SDXLTextConfig(encoders=tuple(encoders), projection_dim=projection, micro=micro,
+    # the micro-conditioning's embedding width is in no tensor but follows from the MLP's input (SDXL: 256)
+    time_dim = (vector_dim - projection) // MICRO_COUNT[micro]
+    text = SDXLTextConfig(encoders=tuple(encoders), projection_dim=projection, micro=micro, time_embed_dim=time_dim,
                           force_zeros_for_empty_prompt=micro == "size")
     check_sdxl_text(text, vector_dim)
     return text

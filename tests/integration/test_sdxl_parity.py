@@ -1,0 +1,202 @@
+"""SDXL base loaded by us and run by diffusers' StableDiffusionXLPipeline: a diffusers folder and an original
+single file.
+
+Random weights with SDXL's structure at reduced width, built here with diffusers and transformers: a 3-level UNet
+(no attention at the first level, 1 / 2 / 3 transformer blocks per level and the middle block's 3, 64-channel
+heads, linear projections, the `text_time` added embedding of a pooled text vector and 6 Fourier-embedded
+micro-conditioning numbers), CLIP ViT-L-like (quick_gelu) and bigG-like (gelu, pads with "!", projected pooled
+output) text encoders of 3 blocks each (their penultimate outputs are the context), a KL VAE. diffusers'
+`save_pretrained` writes the folder; the single file is our loaded model written back with the inverse of the
+loader's mapping (`sdxl_conditioner_to_original`). Text encoders (pooled included), UNet and 10-step DDIM and
+DPM-Solver++ generations with classifier-free guidance must agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from models.checkpoints import CheckpointError, load_model, read_model_config
+from models.ldm import PREFIXES, LatentDiffusion
+from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.sdxl_layout import sdxl_conditioner_to_original
+from models.text.clip import MissingTokenizerError
+from models.text.sdxl import SDXLTextConditioner, added_vector
+from models.tokenizers import EOS, CLIPTokenizer
+from tests.helpers import TOL, assert_close_at_unit_scale, randomize, torch_threads, write_clip_tokenizer
+
+TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
+PROJECTION = 64  # bigG's text_projection width (SDXL: 1280)
+
+
+def scheduler_config() -> dict[str, Any]:
+    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
+            "prediction_type": "epsilon"}
+
+
+def text_encoder(vocab: int, eos: int, width: int, act: str, projection: bool) -> Any:
+    config = transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+        num_attention_heads=width // 64, hidden_act=act, max_position_embeddings=77, projection_dim=PROJECTION,
+        eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=0)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return randomize(cls(config), seed=5 if projection else 4)
+
+
+def sdxl_unet(context: int) -> Any:
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 3), cross_attention_dim=context,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM, upcast_attention=False)
+    return randomize(unet, seed=6)
+
+
+def vae() -> Any:
+    model = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, sample_size=1024)
+    return randomize(model, seed=7)
+
+
+class SDXLTwins:
+    """diffusers' SDXL pipeline at reduced width, its folder, and ours from the folder and from a single file."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tokenizer_dir = write_clip_tokenizer(tmp / "vocab")
+        ours_tok = CLIPTokenizer.from_dir(self.tokenizer_dir)
+        vocab, eos = ours_tok.vocab_size, ours_tok.eos_id
+        files = (str(self.tokenizer_dir / "vocab.json"), str(self.tokenizer_dir / "merges.txt"))
+        tokenizer = transformers.CLIPTokenizer(*files, pad_token=EOS, model_max_length=77)
+        tokenizer_2 = transformers.CLIPTokenizer(*files, pad_token="!", model_max_length=77)
+        self.text = text_encoder(vocab, eos, 64, "quick_gelu", projection=False)
+        self.text_2 = text_encoder(vocab, eos, 128, "gelu", projection=True)
+        self.pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae(), text_encoder=self.text, text_encoder_2=self.text_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=sdxl_unet(64 + 128),
+            scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), force_zeros_for_empty_prompt=True)
+        self.folder = tmp / "sdxl-folder"
+        self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
+        self.ours = load_model(self.folder)
+        self.path = tmp / "sdxl.safetensors"
+        write_sdxl_file(self.ours, self.path)
+        self.from_file = load_model(self.path, tokenizer_dir=self.folder / "tokenizer",
+                                    tokenizer_2_dir=self.folder / "tokenizer_2")
+
+    def model(self, source: str) -> LatentDiffusion:
+        return self.ours if source == "folder" else self.from_file
+
+
+def write_sdxl_file(model: LatentDiffusion, path: Path) -> None:
+    """Our model as Stability's sgm saves SDXL: `conditioner.embedders.*` (bigG in OpenCLIP's layout)."""
+    prefix = PREFIXES["conditioner"]
+    state = model.original_state_dict()
+    sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
+    sd |= {k: v.contiguous() for k, v in sdxl_conditioner_to_original(
+        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
+    sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> SDXLTwins:
+    with torch_threads(1):
+        return SDXLTwins(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_config_is_sdxl_base(twins: SDXLTwins, source: str) -> None:
+    config = twins.model(source).config
+    assert (config.family, config.scale_factor, config.schedule.prediction_type) == ("sdxl", 0.13025, "epsilon")
+    assert config.unet.level_depths == (1, 2, 3) and config.unet.depth(2) == 3
+    assert config.unet.adm_in_channels == PROJECTION + 6 * TIME_DIM and config.unet.context_dim == 192
+    assert config.unet.heads(128) == (2, 64) and config.unet.use_linear_in_transformer
+    assert config.conditioner is not None
+    text = config.conditioner.sdxl
+    assert [e.hidden_act for e in text.encoders] == ["quick_gelu", "gelu"]
+    assert (text.projection_dim, text.micro, text.force_zeros_for_empty_prompt) == (PROJECTION, "size", True)
+    assert read_model_config(twins.path) == twins.from_file.config if source == "file" else True
+
+
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_text_encoders_and_unet_match_diffusers(twins: SDXLTwins, source: str) -> None:
+    ours = twins.model(source)
+    prompts = ["a red circle on the left", "a blue square"]
+    with torch_threads(1), torch.inference_mode():
+        ctx, neg, pooled, neg_pooled = twins.pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=True)
+        assert isinstance(ours.conditioner, SDXLTextConditioner)
+        encoded = ours.conditioner.encode(prompts)
+        assert encoded.context.shape == (2, 77, 192) and encoded.pooled is not None
+        assert (encoded.context - ctx).abs().max() < TOL and ctx.abs().max() > 0.1
+        assert (encoded.pooled - pooled).abs().max() < TOL and pooled.abs().max() > 0.1
+        assert neg.abs().max() == 0 and neg_pooled.abs().max() == 0  # force_zeros_for_empty_prompt
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([981.0, 1.0])
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [1024.0, 768.0, 16.0, 32.0, 512.0, 512.0]])
+        theirs = twins.pipe.unet(x, t, encoder_hidden_states=ctx,
+                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        y = added_vector(encoded.pooled, time_ids, TIME_DIM)
+        assert theirs.abs().max() > 0.1
+        assert (ours.unet(x, t, encoded.context, y) - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_ten_step_generation_matches_diffusers(twins: SDXLTwins, source: str, sampler: str) -> None:
+    """With the empty negative prompt as zeros (force_zeros_for_empty_prompt) and the default micro-conditioning
+    (original = target = the image's size, no crop)."""
+    schedulers = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+    twins.pipe.scheduler = schedulers[sampler].from_config(scheduler_config())
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    with torch_threads(1):
+        expected = twins.pipe(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                              generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+        specs = [SampleSpec(p, seed=s, guidance_scale=7.5) for p, s in zip(prompts, seeds, strict=True)]
+        settings = RunSettings(sampler=sampler, steps=10, width=64, height=64)  # type: ignore[arg-type]
+        latents, _ = Pipeline(twins.model(source), optimize=False).sample_latents(specs, settings, (64, 64))
+    assert_close_at_unit_scale(latents, expected)
+
+
+def test_negative_prompt_and_micro_conditioning_match_diffusers(twins: SDXLTwins) -> None:
+    """A written negative prompt (encoded, not zeros) and micro-conditioning other than the defaults."""
+    twins.pipe.scheduler = diffusers.DDIMScheduler.from_config(scheduler_config())
+    micro = {"original_size": (1024, 768), "crops_coords_top_left": (16, 32), "target_size": (512, 512)}
+    with torch_threads(1):
+        expected = twins.pipe("a cat", negative_prompt="a dog", num_inference_steps=4, guidance_scale=5.0,
+                              height=64, width=64, generator=torch.Generator().manual_seed(2), output_type="latent",
+                              **micro).images
+        spec = SampleSpec("a cat", negative_prompt="a dog", seed=2, guidance_scale=5.0, **micro)  # type: ignore[arg-type]
+        settings = RunSettings(sampler="ddim", steps=4, width=64, height=64)
+        latents, _ = Pipeline(twins.ours, optimize=False).sample_latents([spec], settings, (64, 64))
+    assert_close_at_unit_scale(latents, expected)
+
+
+def test_missing_parts_are_named(twins: SDXLTwins, tmp_path: Path) -> None:
+    half = load_model(twins.path, tokenizer_dir=twins.folder / "tokenizer")
+    with pytest.raises(MissingTokenizerError, match=r"encoder\(s\) \[2\] have no tokenizer: give --tokenizer-2 DIR"):
+        assert half.conditioner is not None
+        half.conditioner.encode(["x"])
+    folder = tmp_path / "xl"
+    shutil.copytree(twins.folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "some_new_flag": True}))
+    with pytest.raises(CheckpointError, match=r"model_index.json has fields this loader does not know: \['some_new"):
+        load_model(folder)
+    unet_cfg = json.loads((twins.folder / "unet" / "config.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "addition_time_embed_dim": 16}))
+    with pytest.raises(CheckpointError, match="added vector is 112 wide, but .* make 160"):
+        load_model(folder)
