@@ -583,11 +583,12 @@ def load_diffusers_folder(
 ) -> LatentDiffusion:
     """A diffusers StableDiffusionPipeline folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/. Every
     config field that changes the math is read or refused by name (models/diffusers_layout.py)."""
-    for sub in ("unet", "vae", "text_encoder"):
-        if not (folder / sub / "config.json").is_file():
-            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
+    # the SDXL refiner has text_encoder_2/ alone
+    for sub in ("unet", "vae", "text_encoder_2" if pipeline.startswith("StableDiffusionXL") else "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
     from models.sdxl_layout import SDXL_PIPELINES  # SDXL builds on this module
     if pipeline in SDXL_PIPELINES:
         from models.sdxl_load import load_sdxl_folder

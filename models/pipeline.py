@@ -83,6 +83,9 @@ class RunSettings:
     karras: bool = False
     eta: float = 0.0
     strength: float = 0.75  # img2img (and blended inpainting): 1.0 = start from pure noise
+    #: txt2img with the pipeline's refiner: the fraction of the schedule the base model denoises before the
+    #: refiner takes over (diffusers' denoising_end on the base = denoising_start on the refiner); None = no refiner
+    refiner_switch: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,17 @@ class Started:
     samples: list[StepSample]
     warnings: list[str]
     finish: Callable[[int, torch.Tensor], Image.Image]
+    #: the second model's share of the run (SDXL's refiner): final latents of the first part -> final latents
+    then: Callable[[torch.Tensor, Progress | None], torch.Tensor] | None = None
+    #: the whole run's steps when `then` takes a share of them (progress counts against it)
+    total_steps: int | None = None
+
+    def progress_of_first_part(self, progress: Progress | None) -> Progress | None:
+        """`progress` with the whole run's step count as total, for the first model's share of the steps."""
+        total = self.total_steps
+        if progress is None or total is None:
+            return progress
+        return lambda i, _: progress(i, total)
 
 
 @dataclass
@@ -106,7 +120,8 @@ class GenerationResult:
 class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
-    def __init__(self, model: LatentDiffusion, *, optimize: bool = True) -> None:
+    def __init__(self, model: LatentDiffusion, *, optimize: bool = True,
+                 refiner: LatentDiffusion | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
@@ -114,6 +129,8 @@ class Pipeline:
         if optimize and model.device.type == "cpu":
             optimize_for_cpu_inference(model)
         self.model = model
+        #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
+        self.refiner = Pipeline(refiner, optimize=optimize) if refiner is not None else None
 
     # ------------------------------------------------------------------ public tasks
 
@@ -151,7 +168,9 @@ class Pipeline:
 
     def run(self, started: Started, progress: Progress | None = None) -> GenerationResult:
         """Sample a started batch to its end (one `StepBatch` with no one joining) and make its images."""
-        latents = self.run_samples(started.samples, progress)
+        latents = self.run_samples(started.samples, started.progress_of_first_part(progress))
+        if started.then is not None:
+            latents = started.then(latents, progress)
         return GenerationResult([started.finish(k, latents[k : k + 1]) for k in range(len(latents))],
                                 started.warnings)
 
@@ -365,7 +384,8 @@ class Pipeline:
         """Final latents [N, C, h, w] of a batch and the caller's warnings (arguments as `_start`'s)."""
         started = self._start(specs, settings, size, init=init, concat=concat, blend_mask=blend_mask,
                               conditions=conditions)
-        return self.run_samples(started.samples, progress), started.warnings
+        latents = self.run_samples(started.samples, started.progress_of_first_part(progress))
+        return (latents if started.then is None else started.then(latents, progress)), started.warnings
 
     @torch.inference_mode()
     def _start(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
@@ -400,6 +420,12 @@ class Pipeline:
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:
             plan = plan.from_strength(settings.strength)
+        then: Callable[[torch.Tensor, Progress | None], torch.Tensor] | None = None
+        finish: Callable[[int, torch.Tensor], Image.Image] = self._decode
+        if settings.refiner_switch is not None:
+            if init is not None or concat is not None or conditions is not None:
+                raise UnsupportedTask("a refiner continues txt2img runs only")
+            plan, then, finish = self._refined(specs, settings, size, plan, generators)
         if conditions is None:
             with adapters_applied(self.model, [s.adapters for s in specs]):
                 cond, uncond, warnings = self._conditioning(specs, concat, size)
@@ -424,7 +450,39 @@ class Pipeline:
             state = init_state(plan, x[one], generators=[generators[k]], eta=settings.eta)
             samples.append(StepSample(k, state, cond.rows(one), uncond.rows(one),
                                       spec.guidance_scale if guided else 1.0, blend, spec.adapters))
-        return Started(samples, warnings, self._decode)
+        return Started(samples, warnings, finish, then, None if then is None else settings.steps)
+
+    def _refined(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int],
+                 plan: SamplingPlan, generators: Sequence[torch.Generator],
+                 ) -> tuple[SamplingPlan, Callable[[torch.Tensor, Progress | None], torch.Tensor],
+                            Callable[[int, torch.Tensor], Image.Image]]:
+        """The base's share of `plan`, the refiner's run on the rest, and the refiner's decoder (diffusers'
+        base(denoising_end=f) then refiner(denoising_start=f) on the latents, no noise added). The refiner gets
+        the items' prompts and guidance, its own micro-conditioning (aesthetic scores), no LoRA adapters, and
+        the items' generators where the base left them; its sampler state starts afresh, as diffusers' does."""
+        refiner = self.refiner
+        if refiner is None:
+            raise UnsupportedTask("refiner_switch needs a pipeline with a refiner model")
+        assert settings.refiner_switch is not None
+        switch = plan.switch_index(settings.refiner_switch, self.model.schedule.num_train_timesteps)
+        rest = plan.between(switch, plan.steps)
+        plain = [replace(s, adapters=()) for s in specs]
+
+        def then(latents: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+            x = latents.to(refiner.model.device, refiner.model.dtype)
+            with torch.inference_mode():
+                cond, uncond, _ = refiner._conditioning(plain, None, size)
+                samples = [StepSample(k, init_state(rest, x[k : k + 1], generators=[generators[k]], eta=settings.eta),
+                                      cond.rows(slice(k, k + 1)), uncond.rows(slice(k, k + 1)), s.guidance_scale)
+                           for k, s in enumerate(plain)]
+
+            def shifted(i: int, total: int) -> None:
+                if progress is not None:
+                    progress(switch + i, plan.steps)
+
+            return refiner.run_samples(samples, shifted)
+
+        return plan.between(0, switch), then, refiner._decode
 
     def _decode(self, k: int, latents: torch.Tensor) -> Image.Image:
         """One item's image from its final latent [1, C, h, w] (one at a time: less memory, as diffusers'

@@ -3,6 +3,7 @@ models/sdxl_layout.py), with the same strict, copy-free loading as every other m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,10 +136,15 @@ def sdxl_file_config(path: Path, file: TensorFile, prediction_type: PredictionTy
             raise CheckpointError(f"unexpected keys outside an SDXL file's parts: {sorted(unexpected)[:8]}")
         conditioner = sdxl_conditioner_from_original(raw)
         unet = _inferred("unet", infer_unet_config, {k: file.meta[s.key] for k, s in groups["unet"].items()})
-        if unet.adm_in_channels is None:
+        adm = unet.adm_in_channels
+        if adm is None:
             raise CheckpointError("an SDXL conditioner with a UNet that takes no added vector (no "
                                   "model.diffusion_model.label_emb.0.0.weight)")
-        text = infer_sdxl_text(conditioner, unet.adm_in_channels)
+        # cross-attention's key width is the context's (shape inference cannot tell it from self-attention's
+        # when it equals the channels; an SDXL UNet always has a text context)
+        to_k = next(stored for key, stored in groups["unet"].items() if key.endswith(".attn2.to_k.weight"))
+        unet = dataclasses.replace(unet, context_dim=to_k.shape[1])
+        text = infer_sdxl_text(conditioner, adm)
         autoencoder = _inferred("autoencoder", infer_autoencoder_config,
                                 {k: file.meta[s.key] for k, s in groups["autoencoder"].items()})
         schedule = ScheduleConfig(prediction_type=sdxl_prediction_type(file.meta, prediction_type))

@@ -505,7 +505,8 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
     metrics = WorkerMetrics()
     try:
         runner = Runner.load(model_spec, name=model_name, device=device or settings.worker_device,
-                             dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir)
+                             dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir,
+                             tokenizer_2_dir=settings.worker_tokenizer_2_dir)
     except (ValueError, OSError, RuntimeError) as exc:
         log.error(kv("model_load_failed", model=model_spec, error=exc))
         return 1

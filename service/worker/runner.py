@@ -136,12 +136,12 @@ class Runner:
 
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
-             tokenizer_dir: Path | None = None) -> Runner:
+             tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once.
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
-        model = resolve_model(spec, tokenizer=tokenizer_dir, device=dev, dtype=dt)
+        model = resolve_model(spec, tokenizer=tokenizer_dir, tokenizer_2=tokenizer_2_dir, device=dev, dtype=dt)
         if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
             optimize_for_cpu_inference(model)
         return cls(model, name or served_name(spec))

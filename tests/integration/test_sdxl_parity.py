@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from models.checkpoints import CheckpointError, load_model, read_model_config
 from models.ldm import PREFIXES, LatentDiffusion
-from models.pipeline import Pipeline, RunSettings, SampleSpec
+from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.sdxl_layout import sdxl_conditioner_to_original
 from models.text.clip import MissingTokenizerError
 from models.text.sdxl import SDXLTextConditioner, added_vector
@@ -99,14 +99,14 @@ class SDXLTwins:
         return self.ours if source == "folder" else self.from_file
 
 
-def write_sdxl_file(model: LatentDiffusion, path: Path) -> None:
+def write_sdxl_file(model: LatentDiffusion, path: Path, pooled_embedder: int = 1) -> None:
     """Our model as Stability's sgm saves SDXL: `conditioner.embedders.*` (bigG in OpenCLIP's layout)."""
     prefix = PREFIXES["conditioner"]
     state = model.original_state_dict()
     sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
     sd |= {k: v.contiguous() for k, v in sdxl_conditioner_to_original(
         {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
-    sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    sd[f"conditioner.embedders.{pooled_embedder}.model.logit_scale"] = torch.tensor(4.6052)
     save_file(sd, str(path))
 
 
@@ -200,3 +200,90 @@ def test_missing_parts_are_named(twins: SDXLTwins, tmp_path: Path) -> None:
     (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "addition_time_embed_dim": 16}))
     with pytest.raises(CheckpointError, match="added vector is 112 wide, but .* make 160"):
         load_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------------- refiner
+
+
+class RefinerTwins:
+    """diffusers' SDXL refiner (bigG alone, aesthetic score, 4-deep transformers) and ours from its folder."""
+
+    def __init__(self, base: SDXLTwins, tmp: Path) -> None:
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(1, 2, 2), transformer_layers_per_block=2, cross_attention_dim=128,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+            projection_class_embeddings_input_dim=PROJECTION + 5 * TIME_DIM, upcast_attention=False)
+        self.pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=base.pipe.vae, text_encoder=None, text_encoder_2=base.text_2, tokenizer=None,
+            tokenizer_2=base.pipe.tokenizer_2, unet=randomize(unet, seed=8),
+            scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
+        self.folder = tmp / "refiner-folder"
+        self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
+        self.ours = load_model(self.folder)
+        self.path = tmp / "refiner.safetensors"
+        write_sdxl_file(self.ours, self.path, pooled_embedder=0)
+
+
+@pytest.fixture(scope="module")
+def refiner(twins: SDXLTwins, tmp_path_factory: pytest.TempPathFactory) -> RefinerTwins:
+    with torch_threads(1):
+        return RefinerTwins(twins, tmp_path_factory.mktemp("refiner"))
+
+
+def test_refiner_config_and_components_match_diffusers(refiner: RefinerTwins) -> None:
+    from_file = load_model(refiner.path, tokenizer_2_dir=refiner.folder / "tokenizer_2")
+    for ours in (refiner.ours, from_file):
+        config = ours.config
+        assert config.family == "sdxl_refiner" and config.conditioner is not None
+        assert (config.conditioner.sdxl.micro, config.conditioner.sdxl.force_zeros_for_empty_prompt) == (
+            "aesthetic", False)
+        assert config.unet.adm_in_channels == PROJECTION + 5 * TIME_DIM and config.unet.context_dim == 128
+    prompts = ["a red circle", "a blue square"]
+    with torch_threads(1), torch.inference_mode():
+        ctx, neg, pooled, neg_pooled = refiner.pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                                  do_classifier_free_guidance=True)
+        assert neg.abs().max() > 0.1  # the refiner encodes "" (no force_zeros_for_empty_prompt)
+        for ours in (refiner.ours, from_file):
+            assert isinstance(ours.conditioner, SDXLTextConditioner)
+            encoded, empty = ours.conditioner.encode(prompts), ours.conditioner.encode(["", ""])
+            assert encoded.pooled is not None and empty.pooled is not None
+            assert (encoded.context - ctx).abs().max() < TOL and (encoded.pooled - pooled).abs().max() < TOL
+            assert (empty.context - neg).abs().max() < TOL and (empty.pooled - neg_pooled).abs().max() < TOL
+            g = torch.Generator().manual_seed(0)
+            x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([150.0, 1.0])
+            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0], [1024.0, 768.0, 16.0, 32.0, 2.5]])
+            theirs = refiner.pipe.unet(x, t, encoder_hidden_states=ctx,
+                                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            y = added_vector(encoded.pooled, time_ids, TIME_DIM)
+            assert (ours.unet(x, t, encoded.context, y) - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_base_then_refiner_in_one_run_matches_diffusers(twins: SDXLTwins, refiner: RefinerTwins,
+                                                        sampler: str) -> None:
+    """diffusers' ensemble of expert denoisers: base(denoising_end=0.7) -> latents -> refiner(denoising_start=0.7),
+    against one run of ours with `refiner_switch=0.7` (the base does 7 of the 10 steps, the refiner 3)."""
+    schedulers = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+    twins.pipe.scheduler = schedulers[sampler].from_config(scheduler_config())
+    refiner.pipe.scheduler = schedulers[sampler].from_config(scheduler_config())
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    with torch_threads(1):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        handed = twins.pipe(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                            denoising_end=0.7, generator=generators, output_type="latent").images
+        expected = refiner.pipe(prompts, image=handed, num_inference_steps=10, denoising_start=0.7,
+                                guidance_scale=7.5, generator=generators, output_type="latent").images
+        specs = [SampleSpec(p, seed=s, guidance_scale=7.5) for p, s in zip(prompts, seeds, strict=True)]
+        settings = RunSettings(sampler=sampler, steps=10, width=64, height=64,  # type: ignore[arg-type]
+                               refiner_switch=0.7)
+        pipeline = Pipeline(twins.ours, optimize=False, refiner=refiner.ours)
+        seen: list[tuple[int, int]] = []
+        latents, _ = pipeline.sample_latents(specs, settings, (64, 64), progress=lambda i, n: seen.append((i, n)))
+    assert_close_at_unit_scale(latents, expected)
+    assert seen == [(i, 10) for i in range(1, 11)]
+    with pytest.raises(UnsupportedTask, match="needs a pipeline with a refiner"):
+        Pipeline(twins.ours, optimize=False).start_txt2img(specs, settings)
