@@ -49,7 +49,7 @@ from models.ldm import PREFIXES, LatentDiffusion
 from models.openclip_layout import OPENCLIP_PREFIX, is_openclip, openclip_to_clip
 from models.tensor_files import CheckpointError, InMemoryFile, StateDict, TensorFile, open_tensor_file
 from models.text.clip import CLIPTextConfig
-from models.unet import UNetConfig
+from models.unet import UNetConfig, depths_config
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         if any(k.startswith(f"input_blocks.{first}.1.") for k in sd):
             attention_ds.add(2**level)
     spatial = any(".transformer_blocks." in k for k in sd)
-    context_dim, heads, head_channels, depth, depths, linear = None, 8, -1, 1, [1], False
+    context_dim, heads, head_channels, depth, linear = None, 8, -1, 1, False
+    depths: tuple[int, ...] = ()
     if spatial:
         first_st = next(k for k in sd if ".transformer_blocks." in k).split(".transformer_blocks.")[0]
         to_k = sd[first_st + ".transformer_blocks.0.attn2.to_k.weight"]
@@ -151,13 +152,13 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         context_dim = None if to_k.shape[1] == to_q.shape[1] and to_k.shape[1] != 768 else to_k.shape[1]
         if context_dim == 1024:
             heads, head_channels = -1, 64
-        depths = _level_depths(sd, n_levels, per_level)
-        depth = depths[0] if len(set(depths)) == 1 else 1
+        depth, depths = depths_config(_level_depths(sd, n_levels, per_level),
+                                      [2**level in attention_ds for level in range(n_levels)])
         linear = sd[first_st + ".proj_in.weight"].ndim == 2
     elif any(k.endswith(".qkv.weight") for k in sd):
         heads, head_channels = -1, 32
     first_out = sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
-    return UNetConfig(
+    config = UNetConfig(
         in_channels=sd["input_blocks.0.0.weight"].shape[1],
         out_channels=sd["out.2.weight"].shape[0],
         model_channels=model_channels,
@@ -167,7 +168,7 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         num_heads=heads,
         num_head_channels=head_channels,
         transformer_depth=depth,
-        level_depths=tuple(depths) if len(set(depths)) > 1 else (),
+        level_depths=depths,
         context_dim=context_dim,
         use_spatial_transformer=spatial,
         use_linear_in_transformer=linear,
@@ -176,20 +177,27 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first_out,
         resblock_updown=any(f"output_blocks.{i}.{j}.in_layers.0.weight" in sd for i in upsamplers for j in (1, 2)),
     )
+    _check_middle_depth(sd, config)
+    return config
 
 
 def _level_depths(sd: StateDict, n_levels: int, per_level: int) -> list[int]:
-    """Transformer blocks per level (1 where a level has no attention, as diffusers' SDXL config writes); the
-    middle block must have the last level's count (the original's default), else the file is refused."""
+    """Transformer blocks per level (0 where a level has no attention)."""
     def count(block: str) -> int:
         return len({k[len(block):].split(".")[0] for k in sd if k.startswith(block)})
 
-    depths = [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") or 1 for level in range(n_levels)]
-    middle = count("middle_block.1.transformer_blocks.")
-    if middle and middle != depths[-1]:
-        raise ValueError(f"the middle block has {middle} transformer blocks, the last level {depths[-1]}: a middle "
+    return [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") for level in range(n_levels)]
+
+
+def _check_middle_depth(sd: StateDict, unet: UNetConfig) -> None:
+    """The middle block takes the last level's depth (the original's default); a file whose middle block has
+    another is refused rather than run with the wrong count."""
+    prefix = "middle_block.1.transformer_blocks."
+    middle = len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    last = unet.depth(len(unet.channel_mult) - 1)
+    if middle and middle != last:
+        raise ValueError(f"the middle block has {middle} transformer blocks, the last level {last}: a middle "
                          "depth of its own is not supported")
-    return depths
 
 
 def infer_autoencoder_config(sd: StateDict) -> AutoencoderConfig:

@@ -15,7 +15,7 @@ from typing import Any
 from models.autoencoder import AutoencoderConfig
 from models.diffusion import ScheduleConfig
 from models.text.clip import CLIPTextConfig
-from models.unet import UNetConfig
+from models.unet import UNetConfig, depths_config
 
 _RESNET_RENAMES = (
     ("in_layers.0", "norm1"),
@@ -153,6 +153,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     depths = _per_level("UNet", cfg, field, cfg.get(field, 1), len(channels))
     if any(not isinstance(d, int) for d in depths):
         raise _unsupported("UNet", cfg, field, "one depth per level")  # diffusers' per-block lists
+    depth, level_depths = depths_config([int(d) for d in depths], [d.startswith("CrossAttn") for d in down])
     return UNetConfig(
         in_channels=cfg["in_channels"],
         out_channels=cfg["out_channels"],
@@ -162,8 +163,8 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         attention_resolutions=attention,
         num_heads=heads,
         num_head_channels=head_channels,
-        transformer_depth=depths[0] if len(set(depths)) == 1 else 1,
-        level_depths=() if len(set(depths)) == 1 else tuple(depths),
+        transformer_depth=depth,
+        level_depths=level_depths,
         adm_in_channels=_added_vector(cfg),
         context_dim=cfg.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),

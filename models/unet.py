@@ -76,6 +76,16 @@ class UNetConfig:
         return heads, d_head
 
 
+def depths_config(depths: Sequence[int], attention: Sequence[bool]) -> tuple[int, tuple[int, ...]]:
+    """(transformer_depth, level_depths) of per-level depths, only the levels with attention counting: one depth
+    for all of them is `transformer_depth` alone (SD 1/2, the SDXL refiner's 4); else per level, 1 at the levels
+    without attention (SDXL base: 1, 2, 10, as its diffusers config writes). Folders and files agree this way."""
+    used = {d for d, a in zip(depths, attention, strict=True) if a}
+    if len(used) <= 1:
+        return (used.pop() if used else 1), ()
+    return 1, tuple(d if a else 1 for d, a in zip(depths, attention, strict=True))
+
+
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [N, dim] of timesteps [N]: [cos(t f_i), sin(t f_i)] with
     f_i = max_period^(-i / half), cos first (diffusers: flip_sin_to_cos=True, freq_shift=0)."""
