@@ -298,6 +298,9 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
     parts = split_parts(sd)
     unet = _inferred("unet", infer_unet_config, parts["unet"])
     autoencoder = _inferred("autoencoder", infer_autoencoder_config, parts["autoencoder"])
+    if unet.adm_in_channels is not None:
+        raise CheckpointError("the UNet takes SDXL's added vector (model.diffusion_model.label_emb.0.*), but the file "
+                              "has no SDXL text encoders (conditioner.embedders.*)")
     schedule = infer_schedule(sd)
     clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
     openclip = any(k.startswith(PREFIXES["conditioner"] + OPENCLIP_PREFIX) for k in sd)
@@ -621,6 +624,9 @@ def load_diffusers_folder(
     if schedule is None:
         schedule = ScheduleConfig(prediction_type=prediction_type or "epsilon")
     _check_prediction_type(sched_path, schedule, prediction_type)
+    if unet_config.adm_in_channels is not None:
+        raise CheckpointError(f"{folder}: the UNet has SDXL's added embedding (addition_embed_type 'text_time'), but "
+                              f"the folder is a {pipeline}, not a StableDiffusionXLPipeline")
     latent = ae_config.embed_dim
     inpainting = unet_config.in_channels == 2 * latent + 1
     v2 = clip.hidden_act == "gelu"  # OpenCLIP ViT-H (SD 2) or OpenAI's ViT-L (SD 1)

@@ -22,6 +22,7 @@ import diffusers
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import save_file
 
 from models.checkpoints import CheckpointError, load_model, read_model_config
@@ -200,6 +201,10 @@ def test_missing_parts_are_named(twins: SDXLTwins, tmp_path: Path) -> None:
     (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "addition_time_embed_dim": 16}))
     with pytest.raises(CheckpointError, match="added vector is 112 wide, but .* make 160"):
         load_model(folder)
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_cfg))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(CheckpointError, match="SDXL's added embedding .* but the folder is a StableDiffusionPipeline"):
+        load_model(folder)
 
 
 # ---------------------------------------------------------------------------------------------------- refiner
@@ -287,3 +292,24 @@ def test_base_then_refiner_in_one_run_matches_diffusers(twins: SDXLTwins, refine
     assert seen == [(i, 10) for i in range(1, 11)]
     with pytest.raises(UnsupportedTask, match="needs a pipeline with a refiner"):
         Pipeline(twins.ours, optimize=False).start_txt2img(specs, settings)
+
+
+def test_ldm_generate_takes_both_tokenizers_for_a_single_file(twins: SDXLTwins, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`ldm generate --tokenizer DIR --tokenizer-2 DIR` on an original SDXL file writes the image our pipeline makes;
+    without the second folder it stops before any work, naming the flag."""
+    from service.cli import main
+
+    out = tmp_path / "xl.png"
+    common = ["generate", "a red circle", "--model", str(twins.path), "--tokenizer", str(twins.folder / "tokenizer"),
+              "--steps", "2", "--width", "64", "--height", "64", "--seed", "4", "--sampler", "ddim"]
+    with torch_threads(1):
+        assert main([*common, "--tokenizer-2", str(twins.folder / "tokenizer_2"), "-o", str(out)]) == 0
+        settings = RunSettings(sampler="ddim", steps=2, width=64, height=64)
+        image = Pipeline(twins.from_file, optimize=False).txt2img([SampleSpec("a red circle", seed=4)], settings)
+    written = torch.tensor(list(Image.open(out).convert("RGB").getdata()), dtype=torch.float32)
+    expected = torch.tensor(list(image.images[0].getdata()), dtype=torch.float32)
+    assert (written - expected).abs().max() <= 1  # the CLI optimises for the CPU: rounding may move a level
+    assert main([*common, "-o", str(tmp_path / "no.png")]) == 2
+    assert "SDXL text encoder(s) [2] have no tokenizer: give --tokenizer-2 DIR" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
