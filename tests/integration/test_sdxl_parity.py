@@ -25,7 +25,8 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
-from models.checkpoints import CheckpointError, load_model, read_model_config
+from models.checkpoints import CheckpointError, load_model, read_model_config, save_model
+from models.config import ModelConfig, from_dict, to_dict
 from models.ldm import PREFIXES, LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.sdxl_layout import sdxl_conditioner_to_original
@@ -313,3 +314,18 @@ def test_ldm_generate_takes_both_tokenizers_for_a_single_file(twins: SDXLTwins, 
     assert main([*common, "-o", str(tmp_path / "no.png")]) == 2
     assert "SDXL text encoder(s) [2] have no tokenizer: give --tokenizer-2 DIR" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+
+
+def test_saved_sdxl_model_round_trips(twins: SDXLTwins, tmp_path: Path) -> None:
+    """`save_model` writes our layout with the config (encoders included) in the metadata; it loads back the same,
+    both tokenizers given as for an original file."""
+    path = save_model(twins.ours, tmp_path / "ours.safetensors")
+    back = load_model(path, tokenizer_dir=twins.folder / "tokenizer", tokenizer_2_dir=twins.folder / "tokenizer_2")
+    assert back.config == twins.ours.config
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(back.config)))) == back.config
+    with torch_threads(1), torch.inference_mode():
+        assert isinstance(back.conditioner, SDXLTextConditioner)
+        assert isinstance(twins.ours.conditioner, SDXLTextConditioner)
+        ours, theirs = back.conditioner.encode(["a cat"]), twins.ours.conditioner.encode(["a cat"])
+        assert torch.equal(ours.context, theirs.context) and ours.pooled is not None and theirs.pooled is not None
+        assert torch.equal(ours.pooled, theirs.pooled)
