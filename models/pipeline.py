@@ -404,6 +404,8 @@ class Pipeline:
         if not 1 <= settings.steps <= MAX_STEPS:
             raise ValueError(f"steps must be within 1..{MAX_STEPS}, got {settings.steps}")
         model, config = self.model, self.model.config
+        if not isinstance(model.conditioner, SDXLTextConditioner):
+            _refuse_micro_conditioning(specs, config.name)
         given_concat = concat if conditions is None else conditions[0].concat
         if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
             task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
@@ -517,6 +519,11 @@ class Pipeline:
         `force_zeros_for_empty_prompt`, as diffusers does for a missing one; its micro-conditioning is the
         prompt's, but for the refiner's negative aesthetic score."""
         text = conditioner.config
+        default, model = SampleSpec(), self.model.config.name
+        unused = ("aesthetic_score", "negative_aesthetic_score") if text.micro == "size" else ("target_size",)
+        for name in unused:
+            if any(getattr(s, name) != getattr(default, name) for s in specs):
+                raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
         positive = conditioner.encode([s.prompt for s in specs])
         negative = conditioner.encode([s.negative_prompt for s in specs])
         warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
@@ -566,6 +573,15 @@ class Pipeline:
 
 class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
+
+
+def _refuse_micro_conditioning(specs: Sequence[SampleSpec], model: str) -> None:
+    """SDXL's micro-conditioning asked of a model that has none: refused by name, never ignored."""
+    default = SampleSpec()
+    for name in ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                 "negative_aesthetic_score"):
+        if any(getattr(s, name) != getattr(default, name) for s in specs):
+            raise UnsupportedTask(f"{name} is SDXL micro-conditioning; model {model!r} is not an SDXL model")
 
 
 def _micro(spec: SampleSpec, size: Sequence[int], micro: Micro) -> tuple[list[float], list[float]]:

@@ -297,7 +297,8 @@ class Runner:
 
     @staticmethod
     def _specs(key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance)
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance,
+                            **s.request.micro_conditioning)  # type: ignore[arg-type]  # SDXL's, by name
                  for s in samples]
         settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
                                karras=key.karras, eta=key.eta,

@@ -33,7 +33,15 @@ from models.sdxl_layout import sdxl_conditioner_to_original
 from models.text.clip import MissingTokenizerError
 from models.text.sdxl import SDXLTextConditioner, added_vector
 from models.tokenizers import EOS, CLIPTokenizer
-from tests.helpers import TOL, assert_close_at_unit_scale, randomize, torch_threads, write_clip_tokenizer
+from tests.helpers import (
+    TOL,
+    assert_close_at_unit_scale,
+    random_model,
+    randomize,
+    torch_threads,
+    toy_sd_config,
+    write_clip_tokenizer,
+)
 
 TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
 PROJECTION = 64  # bigG's text_projection width (SDXL: 1280)
@@ -329,3 +337,24 @@ def test_saved_sdxl_model_round_trips(twins: SDXLTwins, tmp_path: Path) -> None:
         ours, theirs = back.conditioner.encode(["a cat"]), twins.ours.conditioner.encode(["a cat"])
         assert torch.equal(ours.context, theirs.context) and ours.pooled is not None and theirs.pooled is not None
         assert torch.equal(ours.pooled, theirs.pooled)
+
+
+def test_micro_conditioning_is_per_sample_in_a_batch(twins: SDXLTwins, tmp_path: Path) -> None:
+    """Two items with different micro-conditioning in one batch each get the latents they get alone; other models
+    refuse the fields by name, and the base refuses the refiner's aesthetic score."""
+    specs = [SampleSpec("a cat", seed=1, original_size=(1024, 1024), crops_coords_top_left=(64, 0)),
+             SampleSpec("a cat", seed=1, target_size=(256, 256))]
+    settings = RunSettings(sampler="ddim", steps=3, width=64, height=64)
+    with torch_threads(1):
+        pipeline = Pipeline(twins.ours, optimize=False)
+        together, _ = pipeline.sample_latents(specs, settings, (64, 64))
+        alone = [pipeline.sample_latents([s], settings, (64, 64))[0] for s in specs]
+    assert (together[0] - together[1]).abs().max() > 1e-3  # the conditioning is used
+    for k in range(2):
+        assert (together[k : k + 1] - alone[k]).abs().max() <= 1e-5 * max(1.0, float(alone[k].abs().max()))
+    with pytest.raises(UnsupportedTask, match="not conditioned on aesthetic_score"):
+        pipeline.start_txt2img([SampleSpec("a cat", aesthetic_score=7.0)], settings)
+    sd = random_model(toy_sd_config(CLIPTokenizer.from_dir(twins.tokenizer_dir).vocab_size),
+                      tokenizer_dir=twins.tokenizer_dir)
+    with pytest.raises(UnsupportedTask, match="original_size is SDXL micro-conditioning; model 'toy-sd' is not"):
+        Pipeline(sd, optimize=False).start_txt2img([specs[0]], settings)
