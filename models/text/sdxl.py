@@ -127,8 +127,9 @@ class SDXLTextConditioner(nn.Module):
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         missing = [i for i, t in enumerate(self.tokenizers) if t is None]
         if missing:
-            flags = " ".join("--tokenizer DIR" if i == 0 and len(self.tokenizers) > 1 else
-                             "--tokenizer-2 DIR" if i == 1 else "--tokenizer DIR" for i in missing)
+            # the base's encoders take --tokenizer and --tokenizer-2; the refiner's one (bigG) --tokenizer-2
+            names = ["--tokenizer DIR", "--tokenizer-2 DIR"][-len(self.tokenizers):]
+            flags = " ".join(names[i] for i in missing)
             raise MissingTokenizerError(
                 f"SDXL text encoder(s) {[i + 1 for i in missing]} have no tokenizer: give {flags} (the "
                 "`tokenizer/` and `tokenizer_2/` folders of a diffusers SDXL repository; the refiner has only the "
