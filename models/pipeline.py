@@ -428,6 +428,9 @@ class Pipeline:
             if init is not None or concat is not None or conditions is not None:
                 raise UnsupportedTask("a refiner continues txt2img runs only")
             plan, then, finish = self._refined(specs, settings, size, plan, generators)
+            default = SampleSpec()  # the aesthetic scores are the refiner's; the base is conditioned on sizes
+            specs = [replace(s, aesthetic_score=default.aesthetic_score,
+                             negative_aesthetic_score=default.negative_aesthetic_score) for s in specs]
         if conditions is None:
             with adapters_applied(self.model, [s.adapters for s in specs]):
                 cond, uncond, warnings = self._conditioning(specs, concat, size)
@@ -466,9 +469,12 @@ class Pipeline:
         if refiner is None:
             raise UnsupportedTask("refiner_switch needs a pipeline with a refiner model")
         assert settings.refiner_switch is not None
+        if refiner.model.config.schedule != self.model.config.schedule:
+            raise UnsupportedTask(f"the refiner's noise schedule {refiner.model.config.schedule} is not the base's "
+                                  f"{self.model.config.schedule}: one run cannot hand over between them")
         switch = plan.switch_index(settings.refiner_switch, self.model.schedule.num_train_timesteps)
         rest = plan.between(switch, plan.steps)
-        plain = [replace(s, adapters=()) for s in specs]
+        plain = [replace(s, adapters=(), target_size=None) for s in specs]  # the refiner has no target size
 
         def then(latents: torch.Tensor, progress: Progress | None) -> torch.Tensor:
             x = latents.to(refiner.model.device, refiner.model.dtype)
