@@ -182,11 +182,15 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
 
 
 def _level_depths(sd: StateDict, n_levels: int, per_level: int) -> list[int]:
-    """Transformer blocks per level (0 where a level has no attention)."""
+    """Transformer blocks per level (0 where a level has no attention); a last level without attention counts
+    the middle block's, which takes the last level's depth."""
     def count(block: str) -> int:
         return len({k[len(block):].split(".")[0] for k in sd if k.startswith(block)})
 
-    return [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") for level in range(n_levels)]
+    depths = [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") for level in range(n_levels)]
+    if not depths[-1]:
+        depths[-1] = count("middle_block.1.transformer_blocks.")
+    return depths
 
 
 def _check_middle_depth(sd: StateDict, unet: UNetConfig) -> None:

@@ -77,13 +77,16 @@ class UNetConfig:
 
 
 def depths_config(depths: Sequence[int], attention: Sequence[bool]) -> tuple[int, tuple[int, ...]]:
-    """(transformer_depth, level_depths) of per-level depths, only the levels with attention counting: one depth
-    for all of them is `transformer_depth` alone (SD 1/2, the SDXL refiner's 4); else per level, 1 at the levels
-    without attention (SDXL base: 1, 2, 10, as its diffusers config writes). Folders and files agree this way."""
-    used = {d for d, a in zip(depths, attention, strict=True) if a}
+    """(transformer_depth, level_depths) of per-level depths, counting the levels with attention and the last one
+    (whose depth the middle block takes, as diffusers' mid block takes the list's last entry): one depth for all of
+    them is `transformer_depth` alone (SD 1/2, the SDXL refiner's 4); else per level, 1 at the levels that do not
+    count (SDXL base: 1, 2, 10, as its diffusers config writes). Folders and files agree this way."""
+    last = len(depths) - 1
+    counted = [a or i == last for i, a in enumerate(attention)]
+    used = {d for d, c in zip(depths, counted, strict=True) if c}
     if len(used) <= 1:
         return (used.pop() if used else 1), ()
-    return 1, tuple(d if a else 1 for d, a in zip(depths, attention, strict=True))
+    return 1, tuple(d if c else 1 for d, c in zip(depths, counted, strict=True))
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
