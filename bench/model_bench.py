@@ -21,6 +21,9 @@ the process's peak RSS), and a whole `ldm generate PROMPT --model FOLDER --steps
 process, peak RSS as the kernel accounts each finished child (wait4's ru_maxrss, what `/usr/bin/time -v`
 shows as "Maximum resident set size").
     python bench/model_bench.py --loading [--reduced] [--weights-dir DIR]
+
+`--family sdxl` measures the SDXL base UNet step instead (bench/sdxl_bench.py; half width unless --full).
+    python bench/model_bench.py --family sdxl [--runs 5] [--full]
 """
 
 from __future__ import annotations
@@ -403,7 +406,20 @@ def main() -> None:
                         help="with --loading: where the random weights are written once (default scratch/, ignored)")
     parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-probe", nargs=2, metavar=("IMPL", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=("sd", "sdxl"), default="sd",
+                        help="sdxl: the SDXL base UNet step at latent 64x64, batch 2 (bench/sdxl_bench.py; figures in "
+                        "bench/results/model_bench_sdxl.json)")
+    parser.add_argument("--full", action="store_true", help="with --family sdxl: the real width (10 GB per copy), "
+                        "not half width")
     args = parser.parse_args()
+    if args.family == "sdxl":
+        from bench.sdxl_bench import report_sdxl, run_sdxl
+
+        data = run_sdxl(args.runs, args.full)
+        default_out = ROOT / "bench" / "results" / "model_bench.json"
+        publish(data, report_sdxl(data), args.out if args.out != default_out else
+                default_out.with_name("model_bench_sdxl.json"))
+        return
     weights = args.weights_dir or ROOT / "scratch" / ("sd15-random-reduced" if args.reduced else "sd15-random")
     if args.memory_probe:
         memory_probe(args.memory_probe, args.steps, args.size)

@@ -36,7 +36,7 @@ def main() -> None:
     model = load_model("tiny-shapes")
     prompts = random_prompts(args.n, 0)
     specs = [SampleSpec(p, "", i, args.guidance) for i, p in enumerate(prompts)]
-    cond, uncond, _ = Pipeline(model)._conditioning(specs, None)
+    cond, uncond, _ = Pipeline(model)._conditioning(specs, None, (64, 64))
     guided = guided_eps(model.unet, model.schedule, cond, uncond, torch.full((len(specs),), args.guidance))
     seeds = [s.seed for s in specs]
     noise = randn_per_item((len(specs), model.config.latent_channels, 16, 16), generators_from_seeds(seeds),

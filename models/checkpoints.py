@@ -49,7 +49,7 @@ from models.ldm import PREFIXES, LatentDiffusion
 from models.openclip_layout import OPENCLIP_PREFIX, is_openclip, openclip_to_clip
 from models.tensor_files import CheckpointError, InMemoryFile, StateDict, TensorFile, open_tensor_file
 from models.text.clip import CLIPTextConfig
-from models.unet import UNetConfig
+from models.unet import UNetConfig, depths_config
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
             attention_ds.add(2**level)
     spatial = any(".transformer_blocks." in k for k in sd)
     context_dim, heads, head_channels, depth, linear = None, 8, -1, 1, False
+    depths: tuple[int, ...] = ()
     if spatial:
         first_st = next(k for k in sd if ".transformer_blocks." in k).split(".transformer_blocks.")[0]
         to_k = sd[first_st + ".transformer_blocks.0.attn2.to_k.weight"]
@@ -151,13 +152,13 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         context_dim = None if to_k.shape[1] == to_q.shape[1] and to_k.shape[1] != 768 else to_k.shape[1]
         if context_dim == 1024:
             heads, head_channels = -1, 64
-        blocks = first_st + ".transformer_blocks."
-        depth = len({k[len(blocks):].split(".")[0] for k in sd if k.startswith(blocks)})
+        depth, depths = depths_config(_level_depths(sd, n_levels, per_level),
+                                      [2**level in attention_ds for level in range(n_levels)])
         linear = sd[first_st + ".proj_in.weight"].ndim == 2
     elif any(k.endswith(".qkv.weight") for k in sd):
         heads, head_channels = -1, 32
     first_out = sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
-    return UNetConfig(
+    config = UNetConfig(
         in_channels=sd["input_blocks.0.0.weight"].shape[1],
         out_channels=sd["out.2.weight"].shape[0],
         model_channels=model_channels,
@@ -167,13 +168,40 @@ def infer_unet_config(sd: StateDict) -> UNetConfig:
         num_heads=heads,
         num_head_channels=head_channels,
         transformer_depth=depth,
+        level_depths=depths,
         context_dim=context_dim,
         use_spatial_transformer=spatial,
         use_linear_in_transformer=linear,
         num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
         use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first_out,
         resblock_updown=any(f"output_blocks.{i}.{j}.in_layers.0.weight" in sd for i in upsamplers for j in (1, 2)),
     )
+    _check_middle_depth(sd, config)
+    return config
+
+
+def _level_depths(sd: StateDict, n_levels: int, per_level: int) -> list[int]:
+    """Transformer blocks per level (0 where a level has no attention); a last level without attention counts
+    the middle block's, which takes the last level's depth."""
+    def count(block: str) -> int:
+        return len({k[len(block):].split(".")[0] for k in sd if k.startswith(block)})
+
+    depths = [count(f"input_blocks.{1 + level * per_level}.1.transformer_blocks.") for level in range(n_levels)]
+    if not depths[-1]:
+        depths[-1] = count("middle_block.1.transformer_blocks.")
+    return depths
+
+
+def _check_middle_depth(sd: StateDict, unet: UNetConfig) -> None:
+    """The middle block takes the last level's depth (the original's default); a file whose middle block has
+    another is refused rather than run with the wrong count."""
+    prefix = "middle_block.1.transformer_blocks."
+    middle = len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    last = unet.depth(len(unet.channel_mult) - 1)
+    if middle and middle != last:
+        raise ValueError(f"the middle block has {middle} transformer blocks, the last level {last}: a middle "
+                         "depth of its own is not supported")
 
 
 def infer_autoencoder_config(sd: StateDict) -> AutoencoderConfig:
@@ -274,6 +302,9 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
     parts = split_parts(sd)
     unet = _inferred("unet", infer_unet_config, parts["unet"])
     autoencoder = _inferred("autoencoder", infer_autoencoder_config, parts["autoencoder"])
+    if unet.adm_in_channels is not None:
+        raise CheckpointError("the UNet takes SDXL's added vector (model.diffusion_model.label_emb.0.*), but the file "
+                              "has no SDXL text encoders (conditioner.embedders.*)")
     schedule = infer_schedule(sd)
     clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
     openclip = any(k.startswith(PREFIXES["conditioner"] + OPENCLIP_PREFIX) for k in sd)
@@ -474,6 +505,12 @@ def _model_config(path: Path, file: TensorFile, prediction_type: PredictionType 
             raise CheckpointError(f"{path}: the model config in its metadata is invalid: {err}") from None
         _check_prediction_type(path, config.schedule, prediction_type)
         return config
+    from models.sdxl_layout import is_sdxl_file  # SDXL builds on this module
+
+    if is_sdxl_file(file.meta):
+        from models.sdxl_load import sdxl_file_config
+
+        return sdxl_file_config(path, file, prediction_type)[0]
     shapes = dict(file.meta)  # inference needs shapes only, but for the schedule's values
     if "betas" in shapes:
         shapes["betas"] = file.read("betas")
@@ -499,13 +536,24 @@ def load_single_file(
     path: Path,
     *,
     tokenizer_dir: Path | None = None,
+    tokenizer_2_dir: Path | None = None,
     use_ema: bool = False,
     prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """An original single-file checkpoint, or one saved by `save_model` (config in its metadata)."""
+    """An original single-file checkpoint, or one saved by `save_model` (config in its metadata). SDXL
+    (`conditioner.embedders.*`) takes two tokenizer folders (models/sdxl_load.py)."""
     file = open_tensor_file(path)
+    from models.sdxl_layout import is_sdxl_file  # SDXL builds on this module
+
+    if CONFIG_METADATA_KEY not in file.metadata and is_sdxl_file(file.meta):
+        from models.sdxl_load import load_sdxl_file
+
+        if use_ema:
+            raise CheckpointError(f"{path}: SDXL files hold one set of UNet weights, no EMA copy")
+        return load_sdxl_file(path, file, tokenizer_dir=tokenizer_dir, tokenizer_2_dir=tokenizer_2_dir,
+                              prediction_type=prediction_type, device=device, dtype=dtype)
     config = _model_config(path, file, prediction_type)
     parts = file_parts(file)
     if use_ema:
@@ -515,6 +563,12 @@ def load_single_file(
             raise CheckpointError(f"{path}: {err}") from None
         parts["unet"] = {k: Stored(file, key, file.meta[key].shape) for k, key in ema.items()}
     model = _build(config, tokenizer_dir)
+    if tokenizer_2_dir is not None:
+        from models.sdxl_load import given_tokenizers, set_tokenizers
+
+        if config.conditioner is None or config.conditioner.kind != "sdxl":
+            raise CheckpointError(f"{path}: a second tokenizer (--tokenizer-2) is for SDXL; this is {config.family}")
+        set_tokenizers(model, given_tokenizers(len(config.conditioner.sdxl.encoders), tokenizer_dir, tokenizer_2_dir))
     load_parts_strict(model, parts, str(path), dtype)
     log.info("loaded %s (family %s) from %s", config.name, config.family, path)
     return _finish(model, device, dtype)
@@ -537,19 +591,30 @@ def load_diffusers_folder(
     folder: Path,
     *,
     tokenizer_dir: Path | None = None,
+    tokenizer_2_dir: Path | None = None,
     prediction_type: PredictionType | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
     """A diffusers StableDiffusionPipeline folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/. Every
     config field that changes the math is read or refused by name (models/diffusers_layout.py)."""
-    for sub in ("unet", "vae", "text_encoder"):
-        if not (folder / sub / "config.json").is_file():
-            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
+    # the SDXL refiner has text_encoder_2/ alone
+    for sub in ("unet", "vae", "text_encoder_2" if pipeline.startswith("StableDiffusionXL") else "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
+    from models.sdxl_layout import SDXL_PIPELINES  # SDXL builds on this module
+    if pipeline in SDXL_PIPELINES:
+        from models.sdxl_load import load_sdxl_folder
+
+        return load_sdxl_folder(folder, index, tokenizer_dir=tokenizer_dir, tokenizer_2_dir=tokenizer_2_dir,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     if pipeline not in SD_PIPELINES:
-        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are {', '.join(SD_PIPELINES)}")
+        raise CheckpointError(f"{folder}: a {pipeline} folder; supported are "
+                              f"{', '.join(SD_PIPELINES + SDXL_PIPELINES)}")
+    if tokenizer_2_dir is not None:
+        raise CheckpointError(f"{folder}: a second tokenizer (--tokenizer-2) is for SDXL; this is a {pipeline}")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     unet_json = read_json(folder / "unet" / "config.json")
     try:
@@ -563,6 +628,9 @@ def load_diffusers_folder(
     if schedule is None:
         schedule = ScheduleConfig(prediction_type=prediction_type or "epsilon")
     _check_prediction_type(sched_path, schedule, prediction_type)
+    if unet_config.adm_in_channels is not None:
+        raise CheckpointError(f"{folder}: the UNet has SDXL's added embedding (addition_embed_type 'text_time'), but "
+                              f"the folder is a {pipeline}, not a StableDiffusionXLPipeline")
     latent = ae_config.embed_dim
     inpainting = unet_config.in_channels == 2 * latent + 1
     v2 = clip.hidden_act == "gelu"  # OpenCLIP ViT-H (SD 2) or OpenAI's ViT-L (SD 1)
@@ -625,12 +693,14 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: str | Path | None = None,
+    tokenizer_2_dir: str | Path | None = None,
 ) -> LatentDiffusion:
     """A shipped model name (models/zoo/<name>/), a single checkpoint file or a diffusers folder. A CompVis
     zoo checkpoint (`DIR/model.ckpt` with `DIR/config.yaml`, or any file with `config`) is described by its
     config.yaml (models/compvis/). `prediction_type`: what the UNet predicts, for files that do not say (SD 2);
-    checked against any config."""
+    checked against any config. `tokenizer_2_dir`: SDXL's second tokenizer (bigG's), for single files."""
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    tok2 = Path(tokenizer_2_dir) if tokenizer_2_dir is not None else None
     path = Path(source)
     from models.compvis.load import config_beside, load_zoo_checkpoint  # it builds on this module
 
@@ -643,16 +713,16 @@ def load_model(
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
             if use_ema:
                 raise CheckpointError(f"{path}: a diffusers folder holds one set of UNet weights, no EMA copy")
-            return load_diffusers_folder(path, tokenizer_dir=tok, prediction_type=prediction_type,
-                                         device=device, dtype=dtype)
+            return load_diffusers_folder(path, tokenizer_dir=tok, tokenizer_2_dir=tok2,
+                                         prediction_type=prediction_type, device=device, dtype=dtype)
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) != 1:
             raise CheckpointError(f"{path}: expected one .safetensors file or a diffusers folder, found {len(weights)}")
-        return load_single_file(weights[0], tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
-                                device=device, dtype=dtype)
+        return load_single_file(weights[0], tokenizer_dir=tok, tokenizer_2_dir=tok2, use_ema=use_ema,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     if path.is_file():
-        return load_single_file(path, tokenizer_dir=tok, use_ema=use_ema, prediction_type=prediction_type,
-                                device=device, dtype=dtype)
+        return load_single_file(path, tokenizer_dir=tok, tokenizer_2_dir=tok2, use_ema=use_ema,
+                                prediction_type=prediction_type, device=device, dtype=dtype)
     shipped = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
     raise CheckpointError(f"{source}: no such file or folder, and not a shipped model (shipped: {shipped})")
 

@@ -24,18 +24,20 @@ from models.conditioning import (
 from models.names import normalise_name
 from models.text.clip import CLIPTextConditioner, CLIPTextConfig
 from models.text.minilm import BertConfig, MiniLMConditioner
+from models.text.sdxl import SDXLTextConditioner, SDXLTextConfig
 from models.text.transformer import TransformerConditioner, TransformerTextConfig
 from models.tokenizers import BertTokenizer, CLIPTokenizer
 
 ConditionerKind = Literal["clip", "minilm", "transformer", "class", "layout", "semantic", "bert", "rescaler",
-                          "box_tokens"]
+                          "box_tokens", "sdxl"]
 AnyConditioner = (CLIPTextConditioner | MiniLMConditioner | TransformerConditioner | ClassConditioner
-                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler | BoxTokenConditioner)
+                  | LayoutEncoder | SemanticEncoder | BERTConditioner | SpatialRescaler | BoxTokenConditioner
+                  | SDXLTextConditioner)
 
 
 @dataclass(frozen=True)
 class ConditionerConfig:
-    """Which conditioner, and its size. Only the fields of the chosen kind are used: clip -> `clip`;
+    """Which conditioner, and its size. Only the fields of the chosen kind are used: clip -> `clip`; sdxl -> `sdxl`;
     minilm -> `max_length`; transformer -> `transformer`; class -> `n_classes`, `class_dim`; layout ->
     `n_classes`, `layout`; semantic -> `n_classes` (label map values 1..n_classes, 0 = background),
     `semantic`. `class_names` (class, layout, semantic; optional) lets inputs name classes ("red circle")."""
@@ -58,6 +60,8 @@ class ConditionerConfig:
     #: class: whether the embedding has a null class after the classes (row n_classes) for classifier-free
     #: guidance; the zoo's cin256 (1000 rows, every one a class) has none and is sampled unguided
     class_null: bool = True
+    #: SDXL's two text encoders (or the refiner's one) and its added vector (models/text/sdxl.py)
+    sdxl: SDXLTextConfig = field(default_factory=SDXLTextConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConditionerKind):
@@ -84,6 +88,7 @@ class ConditionerConfig:
             "bert": self.bert.width,
             "rescaler": None,
             "box_tokens": self.bert.width,
+            "sdxl": self.sdxl.context_dim,
         }[self.kind]
 
     @property
@@ -110,10 +115,17 @@ def build_conditioner(config: ConditionerConfig, tokenizer_dir: Path | None = No
             path = Path(tokenizer_dir) / "tokenizer.json"
             wordpiece = BertTokenizer(path, max_length=config.transformer.max_length)
         return TransformerConditioner(config.transformer, wordpiece)
+    if config.kind == "sdxl":  # the second tokenizer: `SDXLTextConditioner.set_tokenizers`
+        return SDXLTextConditioner(config.sdxl, [tokenizer_dir] if tokenizer_dir is not None else [])
     if config.kind == "bert":
         return BERTConditioner(config.bert, tokenizer_dir)
     if tokenizer_dir is not None:
         raise ValueError(f"a {config.kind!r} conditioner takes no tokenizer folder (got {tokenizer_dir})")
+    return _untokenized(config)
+
+
+def _untokenized(config: ConditionerConfig) -> AnyConditioner:
+    """The conditioners built without a tokenizer folder (MiniLM brings its own; the rest read ids, boxes or maps)."""
     if config.kind == "minilm":
         return MiniLMConditioner(config.max_length)
     if config.kind == "layout":

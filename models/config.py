@@ -22,7 +22,7 @@ from models.diffusion import ScheduleConfig
 from models.names import TASKS_BY_KIND, ModelKind, Task, model_kind
 from models.unet import UNetConfig
 
-Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "ldm_sr", "ldm"]
+Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sdxl", "sdxl_refiner", "ldm_sr", "ldm"]
 #: How conditioning reaches the UNet (the original `conditioning_key`):
 #: crossattn = context tokens; concat = spatial inputs stacked on the latent; hybrid = both;
 #: adm = class vector added to the time embedding; none = unconditional.
@@ -77,6 +77,7 @@ class ModelConfig:
         if self.conditioning in ("concat", "hybrid") and self.concat_input == "none":
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
         self._check_conditioner()
+        self._check_sdxl()
         semantic = self.conditioner.semantic.channels if self.conditioner is not None else 0
         raster = self.conditioner.layout.raster_channels if self.conditioner is not None else 0
         rescaled = self.conditioner.rescaler.channels if self.conditioner is not None else 0
@@ -89,6 +90,19 @@ class ModelConfig:
                 f"{self.name}: UNet has {self.unet.in_channels} input channels, but a "
                 f"{self.latent_channels}-channel latent with concat_input={self.concat_input!r} needs {expected}"
             )
+
+    def _check_sdxl(self) -> None:
+        """SDXL's conditioner and UNet agree on the context width and the added vector's width."""
+        sdxl = self.conditioner is not None and self.conditioner.kind == "sdxl"
+        if sdxl != (self.unet.adm_in_channels is not None):
+            raise ValueError(f"{self.name}: an SDXL conditioner goes with a UNet that takes an added vector "
+                             "(unet.adm_in_channels) and only with it")
+        if self.conditioner is not None and sdxl:
+            text = self.conditioner.sdxl
+            if (self.unet.adm_in_channels, self.unet.context_dim) != (text.vector_dim, text.context_dim):
+                raise ValueError(f"{self.name}: the UNet takes a {self.unet.adm_in_channels}-wide vector and a "
+                                 f"{self.unet.context_dim}-wide context, the SDXL text encoders make "
+                                 f"{text.vector_dim} and {text.context_dim}")
 
     def _check_rescaler(self) -> None:
         """The CompVis zoo's SpatialRescaler: concat conditioning, maps shrunk by the first stage's factor."""
@@ -172,6 +186,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):  # SDXL's encoders
+            return tuple(from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))  # type: ignore[arg-type]
         return tuple(value)
     if origin is Literal:
         if value not in get_args(tp):

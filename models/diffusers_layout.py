@@ -15,7 +15,7 @@ from typing import Any
 from models.autoencoder import AutoencoderConfig
 from models.diffusion import ScheduleConfig
 from models.text.clip import CLIPTextConfig
-from models.unet import UNetConfig
+from models.unet import UNetConfig, depths_config
 
 _RESNET_RENAMES = (
     ("in_layers.0", "norm1"),
@@ -66,12 +66,12 @@ _UNET_REQUIRED: dict[str, tuple[Any, ...]] = {
     "downsample_padding": (1,), "mid_block_scale_factor": (1, 1.0), "act_fn": ("silu",),
     "norm_eps": (1e-5,), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,), "class_embed_type": (None,),
-    "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1, 1.0), "time_embedding_type": ("positional",),
     "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,), "attention_type": ("default",),
+    "attention_type": ("default",),
     "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,), "addition_embed_type_num_heads": (64,),
 }
@@ -82,6 +82,7 @@ _UNET_READ = {
     "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "dropout", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "num_class_embeds", "upcast_attention",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim",
 }
 
 
@@ -113,9 +114,26 @@ def _unet_heads(cfg: dict[str, Any], channels: list[int]) -> tuple[int, int]:
     )
 
 
+def _added_vector(cfg: dict[str, Any]) -> int | None:
+    """SDXL's `addition_embed_type: text_time` (pooled text + Fourier-embedded micro-conditioning through
+    `add_embedding`) -> the vector's width; None without one. Both its widths must be given."""
+    if cfg.get("addition_embed_type") != "text_time":
+        for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if cfg.get(field) is not None:
+                raise _unsupported("UNet", cfg, field, "null without addition_embed_type 'text_time'")
+        return None
+    for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if not isinstance(cfg.get(field), int):
+            raise UnsupportedConfigError(f"UNet config has addition_embed_type 'text_time' but no {field}")
+    if cfg.get("num_class_embeds") is not None:
+        raise _unsupported("UNet", cfg, "num_class_embeds", "null with addition_embed_type 'text_time'")
+    return int(cfg["projection_class_embeddings_input_dim"])
+
+
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
-    """UNet2DConditionModel's config.json -> UNetConfig (SD 1.x and 2.x UNets); any field that would
-    change the math in a way UNetConfig cannot say is refused by name."""
+    """UNet2DConditionModel's config.json -> UNetConfig (SD 1.x, 2.x and SDXL UNets); any field that would
+    change the math in a way UNetConfig cannot say is refused by name. SDXL's `addition_time_embed_dim` (the
+    micro-conditioning's embedding width) is the text encoders' business: `sdxl_layout` reads it."""
     _refuse_unknown("UNet", cfg, set(_UNET_REQUIRED) | _UNET_READ)
     if isinstance(cfg.get("only_cross_attention"), list):  # per level; any True is refused below
         cfg = {**cfg, "only_cross_attention": any(cfg["only_cross_attention"])}
@@ -131,10 +149,11 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     # highest ds first, the order of the original configs ([4, 2, 1]) and of shape inference
     attention = tuple(2**i for i, kind in reversed(list(enumerate(down))) if kind.startswith("CrossAttn"))
     heads, head_channels = _unet_heads(cfg, channels)
-    depths = set(_per_level("UNet", cfg, "transformer_layers_per_block", cfg.get("transformer_layers_per_block", 1),
-                            len(channels)))
-    if len(depths) != 1:
-        raise _unsupported("UNet", cfg, "transformer_layers_per_block", "one depth for every level")
+    field = "transformer_layers_per_block"
+    depths = _per_level("UNet", cfg, field, cfg.get(field, 1), len(channels))
+    if any(not isinstance(d, int) for d in depths):
+        raise _unsupported("UNet", cfg, field, "one depth per level")  # diffusers' per-block lists
+    depth, level_depths = depths_config([int(d) for d in depths], [d.startswith("CrossAttn") for d in down])
     return UNetConfig(
         in_channels=cfg["in_channels"],
         out_channels=cfg["out_channels"],
@@ -144,7 +163,9 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         attention_resolutions=attention,
         num_heads=heads,
         num_head_channels=head_channels,
-        transformer_depth=int(depths.pop()),
+        transformer_depth=depth,
+        level_depths=level_depths,
+        adm_in_channels=_added_vector(cfg),
         context_dim=cfg.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         num_classes=cfg.get("num_class_embeds"),
@@ -234,17 +255,17 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
 _CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-def clip_config_from_transformers(cfg: dict[str, Any]) -> CLIPTextConfig:
+def clip_config_from_transformers(cfg: dict[str, Any], architecture: str = "CLIPTextModel") -> CLIPTextConfig:
     """A text_encoder/config.json (transformers CLIPTextModel) -> CLIPTextConfig.
 
     SD 1 uses OpenAI's CLIP ViT-L (quick_gelu); SD 2 uses OpenCLIP ViT-H (exact gelu), already cut to its
     penultimate layer in diffusers folders (23 of 24 layers, whose last hidden state after the final
     LayerNorm is SD 2's context). A projection model (SDXL's second encoder) is refused by name."""
-    architectures = cfg.get("architectures") or ["CLIPTextModel"]
-    if architectures != ["CLIPTextModel"] or cfg.get("model_type", "clip_text_model") != "clip_text_model":
+    architectures = cfg.get("architectures") or [architecture]
+    if architectures != [architecture] or cfg.get("model_type", "clip_text_model") != "clip_text_model":
         raise UnsupportedConfigError(
             f"text encoder architectures={architectures!r}, model_type={cfg.get('model_type')!r}: only "
-            "CLIPTextModel (clip_text_model) is supported"
+            f"{architecture} (clip_text_model) is supported here"
         )
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in _CLIP_ACTIVATIONS:
@@ -276,6 +297,7 @@ def unet_key_map(keys: list[str], config: UNetConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+             "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",
              "label_emb.": "class_embedding."}
     for key in keys:
         for old, new in fixed.items():

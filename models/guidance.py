@@ -25,10 +25,16 @@ class Conditioning:
     context: torch.Tensor | None = None  # [N, L, D] cross-attention tokens
     concat: torch.Tensor | None = None  # [N, C', h, w] stacked on the latent (mask + masked latent, low-res image)
     class_labels: torch.Tensor | None = None  # [N] long, the "adm" class vector
+    vector: torch.Tensor | None = None  # [N, adm_in_channels] SDXL's pooled text + micro-conditioning embeddings
 
     def rows(self, rows: slice) -> Conditioning:
         """The conditioning of some items (rows of the batch)."""
-        return Conditioning(*(None if v is None else v[rows] for v in (self.context, self.concat, self.class_labels)))
+        return Conditioning(*(None if v is None else v[rows] for v in self.tensors))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Every field, in order (None where absent)."""
+        return self.context, self.concat, self.class_labels, self.vector
 
 
 def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
@@ -36,7 +42,8 @@ def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
-        out: torch.Tensor = unet(x_in, t, context=cond.context, y=cond.class_labels)
+        y = cond.vector if cond.vector is not None else cond.class_labels
+        out: torch.Tensor = unet(x_in, t, context=cond.context, y=y)
         if schedule.prediction_type == "v_prediction":
             out = schedule.eps_from_v(out, x, t)
         return out
@@ -55,8 +62,7 @@ def guided_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning, uncond: 
         return model_eps(unet, schedule, cond)
     if _lengths_differ(cond.context, uncond.context):
         return _separate_guided_eps(model_eps(unet, schedule, cond), model_eps(unet, schedule, uncond), scales)
-    both = Conditioning(_stack(uncond.context, cond.context), _stack(uncond.concat, cond.concat),
-                        _stack(uncond.class_labels, cond.class_labels))
+    both = Conditioning(*(_stack(u, c) for u, c in zip(uncond.tensors, cond.tensors, strict=True)))
     eps_both = model_eps(unet, schedule, both)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,10 @@ def is_openclip(conditioner: StateDict) -> bool:
     return any(k.startswith(OPENCLIP_PREFIX + "transformer.resblocks.") for k in conditioner)
 
 
-def openclip_to_clip(sd: StateDict) -> StateDict:
-    """OpenCLIP text keys (`model.*`) -> our CLIP keys, without the last block (penultimate output).
-    Raises ValueError naming any key that has no place in the layout."""
+def openclip_to_clip(sd: StateDict, *, all_blocks: bool = False) -> StateDict:
+    """OpenCLIP text keys (`model.*`) -> our CLIP keys, without the last block (SD 2: penultimate output) unless
+    `all_blocks` (SDXL's bigG, whose last block makes the pooled output). Raises ValueError naming any key that
+    has no place in the layout."""
     blocks = {int(m[1]) for k in sd if (m := _BLOCK.match(k.removeprefix(OPENCLIP_PREFIX)))}
     if not blocks:
         raise ValueError("no OpenCLIP residual blocks (cond_stage_model.model.transformer.resblocks.*)")
@@ -62,7 +63,7 @@ def openclip_to_clip(sd: StateDict) -> StateDict:
         elif name.startswith("ln_final."):
             out[_CLIP + "final_layer_norm." + name.removeprefix("ln_final.")] = tensor
         elif m := _BLOCK.match(name):
-            if int(m[1]) != last and not _block_key(out, int(m[1]), m[2], tensor):
+            if (all_blocks or int(m[1]) != last) and not _block_key(out, int(m[1]), m[2], tensor):
                 unknown.append(key)
         else:
             unknown.append(key)

@@ -46,6 +46,7 @@ from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt
 from models.samplers import SamplingPlan, init_state, sampling_plan
 from models.step_batch import AfterStep, Denoiser, StepBatch, StepSample, guided_denoiser
 from models.text.clip import CLIPTextConditioner
+from models.text.sdxl import Micro, SDXLTextConditioner, added_vector
 from models.textual_inversion import EmbeddingDB
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
@@ -66,6 +67,13 @@ class SampleSpec:
     guidance_scale: float = 7.5
     #: LoRA adapters and their weights (models/lora.py), applied to this item only
     adapters: AdapterSet = ()
+    #: SDXL's micro-conditioning (ignored by other families): original and target size (height, width) in
+    #: pixels, None = the image's size; the crop's top-left corner; the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class RunSettings:
     karras: bool = False
     eta: float = 0.0
     strength: float = 0.75  # img2img (and blended inpainting): 1.0 = start from pure noise
+    #: txt2img with the pipeline's refiner: the fraction of the schedule the base model denoises before the
+    #: refiner takes over (diffusers' denoising_end on the base = denoising_start on the refiner); None = no refiner
+    refiner_switch: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,17 @@ class Started:
     samples: list[StepSample]
     warnings: list[str]
     finish: Callable[[int, torch.Tensor], Image.Image]
+    #: the second model's share of the run (SDXL's refiner): final latents of the first part -> final latents
+    then: Callable[[torch.Tensor, Progress | None], torch.Tensor] | None = None
+    #: the whole run's steps when `then` takes a share of them (progress counts against it)
+    total_steps: int | None = None
+
+    def progress_of_first_part(self, progress: Progress | None) -> Progress | None:
+        """`progress` with the whole run's step count as total, for the first model's share of the steps."""
+        total = self.total_steps
+        if progress is None or total is None:
+            return progress
+        return lambda i, _: progress(i, total)
 
 
 @dataclass
@@ -103,7 +125,7 @@ class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
     def __init__(self, model: LatentDiffusion, *, optimize: bool = True, prompt_syntax: PromptSyntax = "plain",
-                 embeddings: EmbeddingDB | None = None) -> None:
+                 embeddings: EmbeddingDB | None = None, refiner: LatentDiffusion | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
@@ -119,6 +141,8 @@ class Pipeline:
         self.model = model
         self.prompt_syntax = prompt_syntax
         self.embeddings = embeddings
+        #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
+        self.refiner = Pipeline(refiner, optimize=optimize) if refiner is not None else None
 
     # ------------------------------------------------------------------ public tasks
 
@@ -156,7 +180,9 @@ class Pipeline:
 
     def run(self, started: Started, progress: Progress | None = None) -> GenerationResult:
         """Sample a started batch to its end (one `StepBatch` with no one joining) and make its images."""
-        latents = self.run_samples(started.samples, progress)
+        latents = self.run_samples(started.samples, started.progress_of_first_part(progress))
+        if started.then is not None:
+            latents = started.then(latents, progress)
         return GenerationResult([started.finish(k, latents[k : k + 1]) for k in range(len(latents))],
                                 started.warnings)
 
@@ -397,7 +423,8 @@ class Pipeline:
         """Final latents [N, C, h, w] of a batch and the caller's warnings (arguments as `_start`'s)."""
         started = self._start(specs, settings, size, init=init, concat=concat, blend_mask=blend_mask,
                               conditions=conditions)
-        return self.run_samples(started.samples, progress), started.warnings
+        latents = self.run_samples(started.samples, started.progress_of_first_part(progress))
+        return (latents if started.then is None else started.then(latents, progress)), started.warnings
 
     @torch.inference_mode()
     def _start(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
@@ -416,6 +443,8 @@ class Pipeline:
         if not 1 <= settings.steps <= MAX_STEPS:
             raise ValueError(f"steps must be within 1..{MAX_STEPS}, got {settings.steps}")
         model, config = self.model, self.model.config
+        if not isinstance(model.conditioner, SDXLTextConditioner):
+            _refuse_micro_conditioning(specs, config.name)
         given_concat = concat if conditions is None else conditions[0].concat
         if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
             task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
@@ -432,8 +461,17 @@ class Pipeline:
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:
             plan = plan.from_strength(settings.strength)
+        then: Callable[[torch.Tensor, Progress | None], torch.Tensor] | None = None
+        finish: Callable[[int, torch.Tensor], Image.Image] = self._decode
+        if settings.refiner_switch is not None:
+            if init is not None or concat is not None or conditions is not None:
+                raise UnsupportedTask("a refiner continues txt2img runs only")
+            plan, then, finish = self._refined(specs, settings, size, plan, generators)
+            default = SampleSpec()  # the aesthetic scores are the refiner's; the base is conditioned on sizes
+            specs = [replace(s, aesthetic_score=default.aesthetic_score,
+                             negative_aesthetic_score=default.negative_aesthetic_score) for s in specs]
         if conditions is None:
-            conds, unconds, warnings = self._item_conditionings(specs, concat)
+            conds, unconds, warnings = self._item_conditionings(specs, concat, size)
         else:
             n = len(specs)
             conds = [conditions[0].rows(slice(k, k + 1)) for k in range(n)]
@@ -458,7 +496,42 @@ class Pipeline:
             state = init_state(plan, x[one], generators=[generators[k]], eta=settings.eta)
             samples.append(StepSample(k, state, conds[k], unconds[k],
                                       spec.guidance_scale if guided else 1.0, blend, spec.adapters))
-        return Started(samples, warnings, self._decode)
+        return Started(samples, warnings, finish, then, None if then is None else settings.steps)
+
+    def _refined(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int],
+                 plan: SamplingPlan, generators: Sequence[torch.Generator],
+                 ) -> tuple[SamplingPlan, Callable[[torch.Tensor, Progress | None], torch.Tensor],
+                            Callable[[int, torch.Tensor], Image.Image]]:
+        """The base's share of `plan`, the refiner's run on the rest, and the refiner's decoder (diffusers'
+        base(denoising_end=f) then refiner(denoising_start=f) on the latents, no noise added). The refiner gets
+        the items' prompts and guidance, its own micro-conditioning (aesthetic scores), no LoRA adapters, and
+        the items' generators where the base left them; its sampler state starts afresh, as diffusers' does."""
+        refiner = self.refiner
+        if refiner is None:
+            raise UnsupportedTask("refiner_switch needs a pipeline with a refiner model")
+        assert settings.refiner_switch is not None
+        if refiner.model.config.schedule != self.model.config.schedule:
+            raise UnsupportedTask(f"the refiner's noise schedule {refiner.model.config.schedule} is not the base's "
+                                  f"{self.model.config.schedule}: one run cannot hand over between them")
+        switch = plan.switch_index(settings.refiner_switch, self.model.schedule.num_train_timesteps)
+        rest = plan.between(switch, plan.steps)
+        plain = [replace(s, adapters=(), target_size=None) for s in specs]  # the refiner has no target size
+
+        def then(latents: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+            x = latents.to(refiner.model.device, refiner.model.dtype)
+            with torch.inference_mode():
+                cond, uncond, _ = refiner._conditioning(plain, None, size)
+                samples = [StepSample(k, init_state(rest, x[k : k + 1], generators=[generators[k]], eta=settings.eta),
+                                      cond.rows(slice(k, k + 1)), uncond.rows(slice(k, k + 1)), s.guidance_scale)
+                           for k, s in enumerate(plain)]
+
+            def shifted(i: int, total: int) -> None:
+                if progress is not None:
+                    progress(switch + i, plan.steps)
+
+            return refiner.run_samples(samples, shifted)
+
+        return plan.between(0, switch), then, refiner._decode
 
     def _decode(self, k: int, latents: torch.Tensor) -> Image.Image:
         """One item's image from its final latent [1, C, h, w] (one at a time: less memory, as diffusers'
@@ -466,23 +539,25 @@ class Pipeline:
         with torch.inference_mode():
             return to_pil(self.model.decode_latents(latents))[0]
 
-    def _item_conditionings(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None
-                            ) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
+    def _item_conditionings(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None,
+                            size: Sequence[int]) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
         """Each item's conditioning on its prompt and on its negative prompt: CLIP prompts in A1111's syntax or
         naming embeddings one by one (their lengths are their chunk counts'), others as one batch."""
         conditioner = self.model.conditioner
         if (isinstance(conditioner, CLIPTextConditioner) and self.model.config.conditioning in ("crossattn", "hybrid")
                 and (self.prompt_syntax == "a1111" or self.embeddings)):
             return self._encoded_one_by_one(conditioner, specs, concat)
-        cond, uncond, warnings = self._conditioning(specs, concat)
+        cond, uncond, warnings = self._conditioning(specs, concat, size)
         rows = [slice(k, k + 1) for k in range(len(specs))]
         return [cond.rows(r) for r in rows], [uncond.rows(r) for r in rows], warnings
 
-    def _conditioning(self, specs: Sequence[SampleSpec],
-                      concat: torch.Tensor | None) -> tuple[Conditioning, Conditioning, list[str]]:
+    def _conditioning(self, specs: Sequence[SampleSpec], concat: torch.Tensor | None,
+                      size: Sequence[int]) -> tuple[Conditioning, Conditioning, list[str]]:
         """Cross-attention context for the prompts and for the negative prompts ("" = unconditional), as one
         batch (each item's LoRA adapters on its own text-encoder rows)."""
         conditioner = self.model.conditioner
+        if isinstance(conditioner, SDXLTextConditioner):
+            return self._sdxl_conditioning(conditioner, specs, concat, size)
         if conditioner is None or self.model.config.conditioning not in ("crossattn", "hybrid"):
             plain = Conditioning(concat=concat)
             return plain, plain, []
@@ -514,6 +589,38 @@ class Pipeline:
             conds.append(Conditioning(context=cond.to(device, dtype), concat=extra))
             unconds.append(Conditioning(context=uncond.to(device, dtype), concat=extra))
         return conds, unconds, warnings
+
+    def _sdxl_conditioning(self, conditioner: SDXLTextConditioner, specs: Sequence[SampleSpec],
+                           concat: torch.Tensor | None,
+                           size: Sequence[int]) -> tuple[Conditioning, Conditioning, list[str]]:
+        """SDXL: context and added vector (pooled text + micro-conditioning) for prompts and negative prompts.
+        An empty negative prompt is zeros (context and pooled) when the model's config says
+        `force_zeros_for_empty_prompt`, as diffusers does for a missing one; its micro-conditioning is the
+        prompt's, but for the refiner's negative aesthetic score."""
+        text = conditioner.config
+        default, model = SampleSpec(), self.model.config.name
+        unused = ("aesthetic_score", "negative_aesthetic_score") if text.micro == "size" else ("target_size",)
+        for name in unused:
+            if any(getattr(s, name) != getattr(default, name) for s in specs):
+                raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
+        positive = conditioner.encode([s.prompt for s in specs])
+        negative = conditioner.encode([s.negative_prompt for s in specs])
+        warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
+        assert positive.pooled is not None and negative.pooled is not None
+        neg_context, neg_pooled = negative.context, negative.pooled
+        if text.force_zeros_for_empty_prompt:
+            keep = torch.tensor([s.negative_prompt != "" for s in specs], device=neg_context.device)
+            neg_context = neg_context * keep[:, None, None].to(neg_context.dtype)
+            neg_pooled = neg_pooled * keep[:, None].to(neg_pooled.dtype)
+        micro = [_micro(s, size, text.micro) for s in specs]
+        device, dtype = self.model.device, self.model.dtype
+        pos_micro = torch.tensor([m for m, _ in micro], dtype=torch.float32, device=device)
+        neg_micro = torch.tensor([m for _, m in micro], dtype=torch.float32, device=device)
+        cond = Conditioning(context=positive.context.to(device, dtype), concat=concat,
+                            vector=added_vector(positive.pooled, pos_micro, text.time_embed_dim).to(device, dtype))
+        uncond = Conditioning(context=neg_context.to(device, dtype), concat=concat,
+                              vector=added_vector(neg_pooled, neg_micro, text.time_embed_dim).to(device, dtype))
+        return cond, uncond, warnings
 
     # ------------------------------------------------------------------ helpers
 
@@ -553,6 +660,27 @@ def _refuse_guidance(specs: Sequence[SampleSpec], why: str) -> None:
 
 class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
+
+
+def _refuse_micro_conditioning(specs: Sequence[SampleSpec], model: str) -> None:
+    """SDXL's micro-conditioning asked of a model that has none: refused by name, never ignored."""
+    default = SampleSpec()
+    for name in ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                 "negative_aesthetic_score"):
+        if any(getattr(s, name) != getattr(default, name) for s in specs):
+            raise UnsupportedTask(f"{name} is SDXL micro-conditioning; model {model!r} is not an SDXL model")
+
+
+def _micro(spec: SampleSpec, size: Sequence[int], micro: Micro) -> tuple[list[float], list[float]]:
+    """An SDXL item's micro-conditioning numbers (prompt's, negative prompt's): original size (h, w), crop
+    (top, left), then target size (h, w) for the base or the aesthetic score for the refiner."""
+    image = (int(size[0]), int(size[1]))
+    head = [*(spec.original_size or image), *spec.crops_coords_top_left]
+    if micro == "aesthetic":
+        return [float(v) for v in (*head, spec.aesthetic_score)], [float(v) for v in (*head,
+                                                                                       spec.negative_aesthetic_score)]
+    both = [float(v) for v in (*head, *(spec.target_size or image))]
+    return both, list(both)
 
 
 def _blender(plan: SamplingPlan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> AfterStep:

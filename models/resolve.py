@@ -43,10 +43,12 @@ def pick_dtype(device: torch.device, name: DTypeName | None) -> torch.dtype:
 
 def resolve_model(spec: str, *, tokenizer: Path | None = None, device: torch.device | None = None,
                   dtype: torch.dtype | None = None, use_ema: bool = False,
-                  config: Path | None = None, prediction_type: PredictionType | None = None) -> LatentDiffusion:
+                  config: Path | None = None, prediction_type: PredictionType | None = None,
+                  tokenizer_2: Path | None = None) -> LatentDiffusion:
     """The model of `spec` in eval mode without gradients, on `device` (default `pick_device(None)`) in `dtype`
     (default `pick_dtype(device, None)`). `config`: a CompVis `config.yaml` for a `.ckpt`; `prediction_type`: for
-    files that do not say (SD 2); `random:<config>` builds untrained weights (clearly not a real model)."""
+    files that do not say (SD 2); `tokenizer_2`: SDXL's second tokenizer folder; `random:<config>` builds
+    untrained weights (clearly not a real model)."""
     device = device if device is not None else pick_device(None)
     dtype = dtype if dtype is not None else pick_dtype(device, None)
     if spec.startswith(RANDOM_PREFIX):
@@ -55,4 +57,4 @@ def resolve_model(spec: str, *, tokenizer: Path | None = None, device: torch.dev
         model = LatentDiffusion(builtin_config(spec[len(RANDOM_PREFIX):]), tokenizer_dir=tokenizer)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return load_model(spec, tokenizer_dir=tokenizer, use_ema=use_ema, device=device, dtype=dtype, config=config,
-                      prediction_type=prediction_type)
+                      prediction_type=prediction_type, tokenizer_2_dir=tokenizer_2)

@@ -78,6 +78,23 @@ class SamplingPlan:
             self, timesteps=self.timesteps[start:], abar=self.abar[start:], sigmas=self.sigmas[start:]
         )
 
+    def between(self, start: int, stop: int) -> "SamplingPlan":
+        """Steps start..stop-1 of this plan, its levels start..stop: one model's share of a run that another model
+        continues (SDXL base then refiner, diffusers' denoising_end / denoising_start). A part that ends above
+        the final level keeps its last step's order (dpmpp_2m's first-order final step is for sigma 0 only)."""
+        if not 0 <= start <= stop <= self.steps:
+            raise ValueError(f"steps {start}..{stop} are not within this plan's 0..{self.steps}")
+        return replace(self, timesteps=self.timesteps[start:stop], abar=self.abar[start:stop + 1],
+                       sigmas=self.sigmas[start:stop + 1])
+
+    def switch_index(self, fraction: float, num_train_timesteps: int) -> int:
+        """Steps before a switch at `fraction` of the schedule (diffusers' denoising_end): those whose timestep
+        is at or above round(T - fraction T)."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"a switch point must be within (0, 1), got {fraction}")
+        cutoff = int(round(num_train_timesteps - fraction * num_train_timesteps))
+        return int((self.timesteps >= cutoff).sum())
+
     def noise(self, index: int, x0: Tensor, noise: Tensor) -> Tensor:
         """Sample q(x at level `index` | x0) in VP space: sqrt(abar) x0 + sqrt(1 - abar) noise, rounded as
         the matching diffusers scheduler's `add_noise` rounds it."""
@@ -375,7 +392,7 @@ def _step_dpmpp_2m(state: SamplerState, eps: Tensor) -> SamplerState:
     h = lam[i + 1] - lam[i]
     decay = alpha[i + 1] * (torch.exp(-h) - 1.0)
     x_next = (sigma[i + 1] / sigma[i]) * x.float() - decay * x0
-    if state.x0_prev is not None and i < plan.steps - 1:  # second order: midpoint correction D1
+    if state.x0_prev is not None and float(plan.sigmas[i + 1]) > 0:  # second order but onto sigma 0: midpoint D1
         d1 = (1.0 / ((lam[i] - lam[i - 1]) / h)) * (x0 - state.x0_prev)
         x_next = x_next - 0.5 * decay * d1
     return replace(state, x=x_next.to(eps.dtype), i=i + 1, x0_prev=x0, denoised=x0)

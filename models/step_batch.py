@@ -164,12 +164,12 @@ def _advance(sample: StepSample, eps: Tensor) -> SamplerState:
 
 
 def _shapes(c: Conditioning) -> tuple[tuple[int, ...] | None, ...]:
-    return tuple(None if v is None else tuple(v.shape[1:]) for v in (c.context, c.concat, c.class_labels))
+    return tuple(None if v is None else tuple(v.shape[1:]) for v in c.tensors)
 
 
 def _describe(signature: tuple[object, ...]) -> str:
     shape, dtype, device, cond, _ = signature
-    return f"latent {shape} {dtype} on {device}, conditioning (context, concat, class) {cond}"
+    return f"latent {shape} {dtype} on {device}, conditioning (context, concat, class, vector) {cond}"
 
 
 def _cat(conditionings: Sequence[Conditioning]) -> Conditioning:
@@ -179,5 +179,4 @@ def _cat(conditionings: Sequence[Conditioning]) -> Conditioning:
         tensors = [p for p in parts if p is not None]
         return torch.cat(tensors) if tensors else None
 
-    return Conditioning(cat([c.context for c in conditionings]), cat([c.concat for c in conditionings]),
-                        cat([c.class_labels for c in conditionings]))
+    return Conditioning(*(cat(list(parts)) for parts in zip(*(c.tensors for c in conditionings), strict=True)))

@@ -30,10 +30,18 @@ class UNetConfig:
     num_heads: int = 8
     num_head_channels: int = -1
     transformer_depth: int = 1
+    #: transformer depth per level, deepest last (SDXL: (1, 2, 10), its first level without attention); the
+    #: middle block takes the last level's, as the original's `transformer_depth_middle` default. Empty:
+    #: `transformer_depth` everywhere.
+    level_depths: tuple[int, ...] = ()
     context_dim: int | None = 768  # None: no cross-attention (attn2 becomes self-attention)
     use_spatial_transformer: bool = True  # False: legacy AttentionBlock (LDM-SR, unconditional LDMs)
     use_linear_in_transformer: bool = False
     num_classes: int | None = None  # label_emb: nn.Embedding(num_classes, 4 * model_channels)
+    #: SDXL's added vector y [N, adm_in_channels] (pooled text + micro-conditioning embeddings), added to the
+    #: time embedding through label_emb = MLP(adm_in_channels -> 4 mc -> 4 mc) (the original's `num_classes:
+    #: sequential`; diffusers' `add_embedding`)
+    adm_in_channels: int | None = None
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     dropout: float = 0.0
@@ -46,8 +54,16 @@ class UNetConfig:
             raise ValueError("set num_heads or num_head_channels")
         if self.context_dim is not None and not self.use_spatial_transformer:
             raise ValueError("context_dim needs use_spatial_transformer (cross-attention lives there)")
+        if self.level_depths and len(self.level_depths) != len(self.channel_mult):
+            raise ValueError(f"level_depths {self.level_depths} needs one depth per level ({len(self.channel_mult)})")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("num_classes (class labels) and adm_in_channels (a vector) exclude each other")
         if self.model_channels % self.norm_groups:
             raise ValueError(f"model_channels must be a multiple of {self.norm_groups} (norm_groups)")
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks in each SpatialTransformer of `level` (the middle block: the last level's)."""
+        return self.level_depths[level] if self.level_depths else self.transformer_depth
 
     def heads(self, ch: int) -> tuple[int, int]:
         """(heads, d_head) of an attention at `ch` channels: the original's rule, legacy included."""
@@ -58,6 +74,19 @@ class UNetConfig:
         if self.legacy and self.use_spatial_transformer:
             d_head = ch // heads
         return heads, d_head
+
+
+def depths_config(depths: Sequence[int], attention: Sequence[bool]) -> tuple[int, tuple[int, ...]]:
+    """(transformer_depth, level_depths) of per-level depths, counting the levels with attention and the last one
+    (whose depth the middle block takes, as diffusers' mid block takes the list's last entry): one depth for all of
+    them is `transformer_depth` alone (SD 1/2, the SDXL refiner's 4); else per level, 1 at the levels that do not
+    count (SDXL base: 1, 2, 10, as its diffusers config writes). Folders and files agree this way."""
+    last = len(depths) - 1
+    counted = [a or i == last for i, a in enumerate(attention)]
+    used = {d for d, c in zip(depths, counted, strict=True) if c}
+    if len(used) <= 1:
+        return (used.pop() if used else 1), ()
+    return 1, tuple(d if c else 1 for d, c in zip(depths, counted, strict=True))
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -183,12 +212,16 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             Linear(mc, self.emb_dim), nn.SiLU(), Linear(self.emb_dim, self.emb_dim)
         )
-        self.label_emb = (  # key `label_emb.weight`, as the original's nn.Embedding
-            nn.Embedding(config.num_classes, self.emb_dim) if config.num_classes is not None else None
-        )
+        self.label_emb: nn.Module | None = None
+        if config.num_classes is not None:  # key `label_emb.weight`, as the original's nn.Embedding
+            self.label_emb = nn.Embedding(config.num_classes, self.emb_dim)
+        elif config.adm_in_channels is not None:  # keys `label_emb.0.0.*`, `label_emb.0.2.*`, as the original
+            self.label_emb = nn.Sequential(nn.Sequential(
+                Linear(config.adm_in_channels, self.emb_dim), nn.SiLU(), Linear(self.emb_dim, self.emb_dim)))
         skip_channels = self._build_input_blocks()
         ch = skip_channels[-1]
-        self.middle_block = TimestepEmbedSequential(self._res(ch, ch), self._attention(ch), self._res(ch, ch))
+        last = len(config.channel_mult) - 1
+        self.middle_block = TimestepEmbedSequential(self._res(ch, ch), self._attention(ch, last), self._res(ch, ch))
         self._build_output_blocks(skip_channels)
         self.out = nn.Sequential(
             normalization(mc, groups=config.norm_groups), nn.SiLU(),
@@ -200,11 +233,11 @@ class UNet(nn.Module):
         return ResBlock(ch, self.emb_dim, out, c.dropout, c.use_scale_shift_norm, up=up, down=down,
                         groups=c.norm_groups)
 
-    def _attention(self, ch: int) -> nn.Module:
+    def _attention(self, ch: int, level: int) -> nn.Module:
         c = self.config
         heads, d_head = c.heads(ch)
         if c.use_spatial_transformer:
-            return SpatialTransformer(ch, heads, d_head, c.transformer_depth, c.context_dim,
+            return SpatialTransformer(ch, heads, d_head, c.depth(level), c.context_dim,
                                       c.use_linear_in_transformer, c.dropout, c.norm_groups)
         # the original hands AttentionBlock num_head_channels = d_head (legacy: -1 -> num_heads)
         return AttentionBlock(ch, heads if c.legacy and c.num_head_channels == -1 else ch // d_head, c.norm_groups)
@@ -222,7 +255,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -244,7 +277,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._res(ch + skip_channels.pop(), mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(self._res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
                     ds //= 2
@@ -252,12 +285,14 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None,
                 y: Tensor | None = None) -> Tensor:
+        """y: class labels [N] (num_classes) or the added vector [N, adm_in_channels] (SDXL)."""
         if (y is None) != (self.label_emb is None):
-            raise ValueError("pass class labels y if and only if the model is class-conditional")
+            raise ValueError("pass y (class labels [N], or SDXL's vector [N, adm_in_channels]) if and only if the "
+                             "model takes one")
         timesteps = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if self.label_emb is not None and y is not None:
-            emb = emb + self.label_emb(y).to(emb.dtype)
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y).to(emb.dtype)
         skips = []
         h = x
         for block in self.input_blocks:

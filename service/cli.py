@@ -57,6 +57,9 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--n", type=int, default=1, help="images per prompt, seeds SEED..SEED+n-1 (default: 1)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for a single checkpoint file, which carries "
                    "none: vocab.json + merges.txt (SD v1's CLIP) or vocab.txt (the CompVis text2img model's BERT)")
+    p.add_argument("--tokenizer-2", type=Path, help="SDXL's second tokenizer folder (OpenCLIP bigG's: the "
+                   "`tokenizer_2/` folder of a diffusers SDXL repository) for a single SDXL file; the refiner's "
+                   "one encoder takes this one")
     p.add_argument("--config", type=Path, help="a CompVis zoo config.yaml for --model (default: the config.yaml "
                    "beside a .ckpt, when there is one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
@@ -99,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> int:
         model=args.model, seed=args.seed, steps=args.steps, sampler=args.sampler, karras=args.karras,
         eta=args.eta, guidance=args.guidance,
         negative_prompt=args.negative_prompt, width=args.width,
-        height=args.height, n=args.n, tokenizer=args.tokenizer, device=args.device,
+        height=args.height, n=args.n, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
         prediction_type=args.prediction_type, loras=tuple(args.lora), prompt_syntax=args.prompt_syntax,
         embeddings=args.embeddings,

@@ -233,6 +233,10 @@ class Settings(BaseSettings):
         default=None,
         description="Tokenizer folder (vocab.json + merges.txt) for a worker's single-file SD checkpoint, which "
         "carries none.")
+    worker_tokenizer_2_dir: Path | None = Field(
+        default=None,
+        description="SDXL's second tokenizer folder (OpenCLIP bigG's `tokenizer_2/`) for a worker's single-file SDXL "
+        "checkpoint; the refiner's one encoder takes this one.")
     worker_metrics_host: str = Field(
         default="127.0.0.1", description="Address a worker serves its /metrics on (0.0.0.0 to be scraped from "
         "another host).")

@@ -23,6 +23,7 @@ from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, S
 from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
 from models.text.clip import CLIPTextConditioner
+from models.text.sdxl import SDXLTextConditioner
 from models.textual_inversion import load_embeddings_dir
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class GenerateOptions:
     height: int | None = None
     n: int = 1
     tokenizer: Path | None = None
+    #: SDXL's second tokenizer folder (bigG's), for single files
+    tokenizer_2: Path | None = None
     device: str | None = None
     dtype: DTypeName | None = None
     use_ema: bool = False
@@ -74,6 +77,8 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
             "none): give --tokenizer DIR, a folder with vocab.json and merges.txt such as the `tokenizer/` "
             "folder of a diffusers SD v1 repository"
         )
+    if isinstance(model.conditioner, SDXLTextConditioner) and None in model.conditioner.tokenizers:
+        model.conditioner.encode([""])  # raises the MissingTokenizerError naming --tokenizer / --tokenizer-2
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     loras = [parse_lora_arg(arg) for arg in options.loras]
@@ -95,14 +100,18 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
 
 def _spec_parameters(spec: SampleSpec) -> dict[str, object]:
     """A sample's parameters for its PNG text (the adapters, which hold tensors, are written as `loras`)."""
-    return {k: v for k, v in asdict(replace(spec, adapters=())).items() if k != "adapters"}
+    defaults = asdict(SampleSpec())  # SDXL's micro-conditioning is written only where it is not the default
+    micro = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score")
+    return {k: v for k, v in asdict(replace(spec, adapters=())).items()
+            if k != "adapters" and not (k in micro and v == defaults[k])}
 
 
 def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSettings]:
     """The model on its device, its pipeline, and the run's settings."""
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
-    model = resolve_model(options.model, tokenizer=options.tokenizer, device=device, dtype=dtype,
+    model = resolve_model(options.model, tokenizer=options.tokenizer, tokenizer_2=options.tokenizer_2,
+                          device=device, dtype=dtype,
                           use_ema=options.use_ema, config=options.config, prediction_type=options.prediction_type)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)

@@ -31,7 +31,16 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.config import Settings
@@ -150,6 +159,10 @@ class BatchKey(NamedTuple):
     strength: float | None
 
 
+#: SDXL's per-sample micro-conditioning fields of a request (models.pipeline.SampleSpec has the same names)
+MICRO_FIELDS = ("original_size", "crops_coords_top_left", "target_size")
+
+
 class GenerationRequest(BaseModel):
     """One generation job as submitted. `seed` None = random and `model` None = the default, both resolved
     at admission so the job records what ran. With `n` > 1 image i gets seed `seed + i`.
@@ -205,6 +218,21 @@ class GenerationRequest(BaseModel):
         description="task semantic: a single-channel PNG (mode L or P) whose pixel values are labels (0 = background, "
         "k = class k - 1); its size is the image's")
 
+    original_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None, description="SDXL micro-conditioning: the (height, width) in pixels the image is to look taken "
+        "at; None = the output size. Refused by other models")
+    crops_coords_top_left: tuple[NonNegativeInt, NonNegativeInt] | None = Field(
+        default=None, description="SDXL micro-conditioning: the (top, left) corner of the crop the image is to look "
+        "cut at; None = (0, 0), uncropped. Refused by other models")
+    target_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None, description="SDXL micro-conditioning: the (height, width) the image is to look made for; None = "
+        "the output size. Refused by other models")
+
+    @property
+    def micro_conditioning(self) -> dict[str, tuple[int, int]]:
+        """The SDXL micro-conditioning fields the request sets (per sample: jobs with different ones share a batch)."""
+        return {name: value for name in MICRO_FIELDS if (value := getattr(self, name)) is not None}
+
     @property
     def effective_guidance(self) -> float:
         """The guidance scale the pipeline will use: the request's, or the task's default."""
@@ -234,7 +262,9 @@ class GenerationRequest(BaseModel):
     def fingerprint(self) -> str:
         """A digest of everything the client asked for (images included), to tell a true resubmission
         under an idempotency key from a different request reusing the key."""
-        digest = hashlib.sha256(self.model_dump_json().encode())
+        # unset SDXL fields stay out, so the fingerprints of requests without them stay what they were
+        unset = {name for name in MICRO_FIELDS if getattr(self, name) is None}
+        digest = hashlib.sha256(self.model_dump_json(exclude=unset).encode())
         for blob in (self.image, self.mask):
             digest.update(b"\0" if blob is None else hashlib.sha256(blob).digest())
         if self.label_map is not None:  # only then: the fingerprints of the other tasks stay what they were

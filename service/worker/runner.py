@@ -165,12 +165,13 @@ class Runner:
 
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
-             tokenizer_dir: Path | None = None, text: TextOptions | None = None) -> Runner:
+             tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None,
+             text: TextOptions | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once.
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
-        model = resolve_model(spec, tokenizer=tokenizer_dir, device=dev, dtype=dt)
+        model = resolve_model(spec, tokenizer=tokenizer_dir, tokenizer_2=tokenizer_2_dir, device=dev, dtype=dt)
         if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
             optimize_for_cpu_inference(model)
         return cls(model, name or served_name(spec), text=text)
@@ -360,7 +361,9 @@ class Runner:
     def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
         adapters = {id(s.request): self.adapters(s.request) for s in samples}
         specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance,
-                            adapters[id(s.request)]) for s in samples]
+                            adapters=adapters[id(s.request)],
+                            **s.request.micro_conditioning)  # type: ignore[arg-type]  # SDXL's, by name
+                 for s in samples]
         settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
                                karras=key.karras, eta=key.eta,
                                strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])

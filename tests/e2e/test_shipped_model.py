@@ -48,7 +48,7 @@ def test_plms_on_the_shipped_model_is_diffusers_pndm_bit_for_bit() -> None:
     model = load_model("tiny-shapes")
     specs = [SampleSpec(prompt=p, seed=i, guidance_scale=5.0)
              for i, p in enumerate(["a red circle", "a green triangle and a yellow circle"])]
-    cond, uncond, _ = Pipeline(model)._conditioning(specs, None)
+    cond, uncond, _ = Pipeline(model)._conditioning(specs, None, (64, 64))
     eps = guided_eps(model.unet, model.schedule, cond, uncond, torch.tensor([5.0, 5.0]))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     s = model.config.schedule

@@ -232,8 +232,8 @@ def test_openclip_mapping_round_trips() -> None:
 def test_other_pipelines_are_refused_by_name(twins: SD2Twins, tmp_path: Path) -> None:
     folder = tmp_path / "xl"
     shutil.copytree(twins.folder_path("leading"), folder)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(CheckpointError, match="a StableDiffusionXLPipeline folder; supported are StableDiffusion"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(CheckpointError, match="a KandinskyPipeline folder; supported are StableDiffusion"):
         load_model(folder)
 
 
@@ -258,10 +258,14 @@ def test_diffusers_unet_fields_read_or_refused_by_name() -> None:
     assert (unet.num_heads, unet.num_head_channels) == (-1, 64) and unet.use_linear_in_transformer
     assert [unet.heads(c)[0] for c in (320, 640, 1280)] == [5, 10, 20]
     assert unet_config_from_diffusers({**SD2_UNET, "attention_head_dim": 8}).heads(640) == (8, 80)
+    deeper = unet_config_from_diffusers({**SD2_UNET, "transformer_layers_per_block": [1, 2, 10, 10]})
+    assert deeper.level_depths == (1, 2, 10, 10) and deeper.depth(3) == 10
     refused = [({"attention_head_dim": [5, 10, 10, 20]}, "neither one count for every level nor one head width"),
-               ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time' is not supported"),
+               ({"addition_embed_type": "image"}, "addition_embed_type='image' is not supported"),
+               ({"addition_embed_type": "text_time"}, "'text_time' but no addition_time_embed_dim"),
+               ({"addition_time_embed_dim": 256}, "addition_time_embed_dim=256 is not supported"),
                ({"act_fn": "gelu"}, "act_fn='gelu'"), ({"only_cross_attention": [True] * 4}, "only_cross_attention"),
-               ({"transformer_layers_per_block": [1, 2, 10, 10]}, "transformer_layers_per_block"),
+               ({"transformer_layers_per_block": [[1, 1], 2, 10, 10]}, "transformer_layers_per_block"),
                ({"some_future_field": 3}, r"fields this loader does not know: \['some_future_field'\]")]
     for change, message in refused:
         with pytest.raises(UnsupportedConfigError, match=message):

@@ -232,3 +232,17 @@ def test_known_labels_pass_by_name_id_or_digits_and_map_values_are_checked() -> 
         check_labels(semantic, SHAPES, map_labels=[0, 200, 19])
     assert WorkerInfo.model_validate_json(WorkerInfo(id="w", models=["m"], labels=SHAPES).model_dump_json()).labels \
         == SHAPES
+
+
+def test_sdxl_micro_conditioning_is_per_sample_and_checked() -> None:
+    """original_size, crops_coords_top_left, target_size: optional pairs, kept in the stored request, out of the batch
+    key (they vary per sample), and out of the fingerprint while unset (older requests keep theirs)."""
+    plain, sized = req(prompt="x"), req(prompt="x", original_size=[1024, 768], crops_coords_top_left=[0, 16])
+    assert sized.micro_conditioning == {"original_size": (1024, 768), "crops_coords_top_left": (0, 16)}
+    assert plain.micro_conditioning == {}
+    assert GenerationRequest.model_validate_json(sized.model_dump_json()) == sized
+    assert sized.fingerprint() != plain.fingerprint()
+    assert admit(sized, SETTINGS).batch_key() == admit(plain, SETTINGS).batch_key()
+    for bad in ({"original_size": [0, 512]}, {"crops_coords_top_left": [-1, 0]}, {"target_size": [512]}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            req(**bad)
