@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path("runs/service"), description="Folder of the embedded Redis's data (append-only file) and log.")
     embedded_redis_port: int = Field(
-        default=0, ge=0, le=65535, description="Port of the embedded Redis on 127.0.0.1; 0 = any free port.")
+        default=0, ge=0, le=65535,
+        description="0 = the embedded Redis listens on a unix socket in its 0700 data folder only (no TCP); a port = "
+        "on 127.0.0.1 instead, with a random password made at start (in its 0600 redis.conf).")
     key_prefix: str = Field(
         default="ldm", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key (ldm:jobs:<model>, ...).")
     redis_timeout_s: float = Field(

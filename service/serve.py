@@ -185,9 +185,9 @@ def run_serve(settings: Settings, model_spec: str, *, workers: int = 1) -> int:
     name = served_name(model_spec)
     redis: EmbeddedRedis | None = None
     if settings.redis_url is None:
-        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port)
+        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port or None)
         url = redis.start()
-        log.info("event=embedded_redis url=%s data=%s", url, settings.data_dir / "redis")
+        log.info("event=embedded_redis url=%s data=%s", redis.url_without_password, settings.data_dir / "redis")
         settings = settings.model_copy(update={"redis_url": url})
     settings = settings.model_copy(update={"default_model": name})
     env = {**os.environ, "LDM_REDIS_URL": str(settings.redis_url), "LDM_DEFAULT_MODEL": name}
