@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         default=15.0, gt=0,
         description="A progress event stream (SSE) quiet for this long sends a keep-alive comment.")
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) both front ends serve TLS with (REST becomes https, gRPC a secure "
+        "port); set with tls_key_file. Unset = plain HTTP/gRPC (loopback, or TLS ended by a proxy in front).")
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of tls_cert_file; set both or neither.")
+    grpc_reflection: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="gRPC server reflection (lets grpcurl list the API): auto = on without API keys, off once keys "
+        "are configured (it would describe the API to anyone who reaches the port); on or off = always.")
 
     # --- authentication and quotas (service/auth.py, service/quotas.py; README "Operations and security")
     api_key_hashes: Digests = Field(
@@ -228,6 +238,8 @@ class Settings(BaseSettings):
             raise ValueError("min_width/min_height must not exceed max_width/max_height")
         if self.max_wait_ms / 1000 >= self.redis_timeout_s:
             raise ValueError("max_wait_ms must be shorter than redis_timeout_s (a blocking read would time out)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file (LDM_TLS_CERT_FILE, LDM_TLS_KEY_FILE) or neither")
         return self
 
     @classmethod

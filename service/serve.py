@@ -21,12 +21,13 @@ from pathlib import Path
 
 import uvicorn
 
-from service.api.grpc import bound_port, create_grpc_server, stop_grpc
+from service.api.grpc import bound_port, create_grpc_server, reflection_enabled, stop_grpc
 from service.api.rest import create_app
 from service.auth import check_exposure
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.metrics import ApiMetrics
+from service.tls import rest_scheme, tls_files, uvicorn_tls
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 120.0  # a worker finishes its batch in hand before it exits
@@ -116,7 +117,7 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
     # once (the job goes on; service/api/submit.py) instead of being cut off with a 500 when the grace runs out
     draining = app.state.draining = asyncio.Event()
     rest = _Server(uvicorn.Config(app, host=settings.rest_host, port=settings.rest_port, log_level="warning",
-                                  timeout_graceful_shutdown=5))
+                                  timeout_graceful_shutdown=5, **uvicorn_tls(settings)))
     grpc_server = create_grpc_server(settings, metrics=metrics)
     await grpc_server.start()
     rest_task = asyncio.create_task(rest.serve())
@@ -142,12 +143,14 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
 
 
 def _banner(settings: Settings, grpc_port: int, auth: str) -> str:
-    base = f"http://{settings.rest_host}:{settings.rest_port}"
+    base = f"{rest_scheme(settings)}://{settings.rest_host}:{settings.rest_port}"
+    reflection = ", reflection" if reflection_enabled(settings) else ""
+    tls = " with TLS" if tls_files(settings) else ""
     key = "" if auth.startswith("authentication: OFF") else "-H 'Authorization: Bearer $LDM_API_KEY' "
     return "\n".join([
         f"ldm-serve is up. Model: {settings.default_model}",
         f"  REST  {base}   (docs {base}/docs, metrics {base}/metrics)",
-        f"  gRPC  {settings.grpc_host}:{grpc_port}   (ldm.v1.Diffusion, health, reflection)",
+        f"  gRPC  {settings.grpc_host}:{grpc_port}{tls}   (ldm.v1.Diffusion, health{reflection})",
         f"  {auth}",
         "Try:",
         f"  curl -s -X POST {base}/v1/txt2img -H 'Content-Type: application/json' {key}\\",

@@ -35,6 +35,7 @@ from service.config import Settings
 from service.metrics import ApiMetrics
 from service.queue import JobQueue
 from service.quotas import Quotas
+from service.tls import rest_scheme, uvicorn_tls
 from service.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,12 @@ def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: 
     `server.run()`; set `server.should_exit = True` to stop it gracefully."""
     config = uvicorn.Config(create_app(settings, queue, metrics=metrics), host=host or settings.rest_host,
                             port=settings.rest_port if port is None else port, log_level=log_level,
-                            timeout_graceful_shutdown=5, proxy_headers=False)
+                            timeout_graceful_shutdown=5, proxy_headers=False, **uvicorn_tls(settings))
     return uvicorn.Server(config)
 
 
 def serve(settings: Settings) -> None:
     """Run the REST API alone until interrupted (`ldm api` runs it beside gRPC: service/serve.py)."""
-    log.info("REST API on http://%s:%d (docs at /docs); %s", settings.rest_host, settings.rest_port,
-             check_exposure(settings))
+    log.info("REST API on %s://%s:%d (docs at /docs); %s", rest_scheme(settings), settings.rest_host,
+             settings.rest_port, check_exposure(settings))
     build_server(settings).run()
