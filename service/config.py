@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     # --- Redis
     redis_url: str | None = Field(
         default=None,
-        description="Redis to use, e.g. redis://host:6379/0; unset = start an embedded Redis (one-box mode).")
+        description="Redis to use: redis://[:password@]host:6379/0, rediss://... (TLS; ?ssl_ca_certs=<pem> for a "
+        "private CA) or unix:///path/redis.sock?db=0; unset = start an embedded Redis (one-box mode).")
     data_dir: Path = Field(
         default=Path("runs/service"), description="Folder of the embedded Redis's data (append-only file) and log.")
     embedded_redis_port: int = Field(

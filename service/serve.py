@@ -27,6 +27,7 @@ from service.auth import check_exposure
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.metrics import ApiMetrics
+from service.placeholders import refuse_placeholder_secrets
 from service.tls import rest_scheme, tls_files, uvicorn_tls
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def run_api(settings: Settings) -> int:
     if settings.redis_url is None:
         raise ValueError("ldm api needs a Redis: set LDM_REDIS_URL (or run `ldm serve`, which starts one)")
     check_exposure(settings)  # before anything starts
+    refuse_placeholder_secrets(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -183,6 +185,7 @@ def run_api(settings: Settings) -> int:
 def run_serve(settings: Settings, model_spec: str, *, workers: int = 1) -> int:
     """`ldm serve`: embedded Redis unless LDM_REDIS_URL is set, the front ends, and supervised workers."""
     check_exposure(settings)  # before Redis and the workers start
+    refuse_placeholder_secrets(settings)
     from service.worker.runner import served_name  # here: it imports torch, which `ldm api` never needs
 
     name = served_name(model_spec)
