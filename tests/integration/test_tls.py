@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from tests.integration.secure import TXT, Keys, bearer, grpc_auth, pb, pb_grpc
 from tests.tls import Certificate, self_signed
 
 pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
@@ -83,6 +87,12 @@ def test_rest_and_grpc_round_trip_over_tls_and_refuse_plain_text(
             httpx.get(f"http://127.0.0.1:{rest}/healthz", timeout=2)
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
             httpx.get(f"{base}/healthz", timeout=2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
+        env.update(PYTHONPATH=str(ROOT), LDM_REST_PORT=str(rest), LDM_TLS_CERT_FILE=str(certificate.cert),
+                   LDM_TLS_KEY_FILE=str(certificate.key))
+        probe = subprocess.run([sys.executable, str(ROOT / "deploy/docker/healthcheck.py")], env=env,
+                               capture_output=True, text=True, timeout=30, check=False)
+        assert probe.returncode == 0 and f"healthy: https://127.0.0.1:{rest}/healthz" in probe.stdout, probe.stderr
 
         credentials = grpc.ssl_channel_credentials(root_certificates=certificate.cert.read_bytes())
         with grpc.secure_channel(f"localhost:{grpc_port}", credentials) as channel:
