@@ -130,8 +130,8 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """The URL clients use: `unix://<socket>?db=0`, or `redis://:<password>@127.0.0.1:<port>/0`."""
-        if self.unix_socket is not None:
-            return f"unix://{self.unix_socket}?db=0"
+        if self.unix_socket is not None:  # quoted: a folder may hold a space, `?` or `#` (redis-py unquotes it)
+            return f"unix://{quote(str(self.unix_socket))}?db=0"
         return f"redis://:{quote(self.password or '', safe='')}@{HOST}:{self.port}/0"
 
     @property

@@ -123,8 +123,14 @@ def test_the_queue_works_over_rediss(private: EmbeddedRedis, tmp_path: Path) -> 
 
 
 def test_a_data_path_too_long_for_a_socket_gets_a_private_short_one(tmp_path: Path) -> None:
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep = tmp_path / ("d" * 60) / ("e #?%" * 15)  # too long, and characters a URL must quote
     with EmbeddedRedis(deep) as server:
         assert server.unix_socket is not None and server.unix_socket.parent != deep
         assert mode(server.unix_socket.parent) == 0o700 and mode(deep) == 0o700
+        assert redis.Redis.from_url(server.url).ping()
+
+
+def test_a_folder_name_a_url_must_quote_still_works(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "my data #1?") as server:
+        assert server.unix_socket is not None and server.unix_socket.parent == tmp_path / "my data #1?"
         assert redis.Redis.from_url(server.url).ping()
