@@ -54,10 +54,12 @@ test: stubs lint
 	$(VENV)/bin/pytest -q
 
 # Known vulnerabilities (PyPI's advisory database; needs the package index, nothing else): the installed environment
-# (the project itself, an editable install, is skipped) and the image's requirements.lock.
+# (the project itself, an editable install, is skipped; so is a local torch build such as 2.13.0+cpu, which PyPI
+# does not know: the output says so) and the image's requirements.lock, strictly (a package that could not be
+# checked fails the audit: offline, it fails instead of passing unchecked).
 audit: install
 	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
-	$(VENV)/bin/pip-audit --requirement requirements.lock --no-deps --disable-pip --progress-spinner off
+	$(VENV)/bin/pip-audit --requirement requirements.lock --no-deps --disable-pip --strict --progress-spinner off
 
 # requirements.lock: the image's exact runtime packages, resolved by pip for the image's Python with the torch pin
 # (deploy/lock.py); commit it, then `make audit`.

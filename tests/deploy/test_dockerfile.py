@@ -166,6 +166,7 @@ def test_make_audit_and_make_lock() -> None:
     makefile = (ROOT / "Makefile").read_text()
     audit = makefile[makefile.index("\naudit:"):].split("\n\n")[0]
     assert "pip-audit --skip-editable" in audit and "pip-audit --requirement requirements.lock" in audit
+    assert "--strict" in audit.split("--requirement requirements.lock")[1]  # unchecked is not passed
     test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     assert any(canonicalize_name(Requirement(r).name) == "pip-audit" for r in test_extra)
     target = makefile[makefile.index("\nlock:"):].split("\n\n")[0]
