@@ -23,7 +23,7 @@ import uvicorn
 
 from service.api.grpc import bound_port, create_grpc_server, reflection_enabled, stop_grpc
 from service.api.rest import create_app
-from service.auth import check_exposure
+from service.auth import check_exposure, is_loopback
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 from service.metrics import ApiMetrics
@@ -112,6 +112,10 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
     beyond loopback without authentication (service/auth.py `check_exposure`), and says how it authenticates."""
     auth = check_exposure(settings)
     log.info("event=front_ends_auth %s", auth)
+    exposed = [h for h in {settings.rest_host, settings.grpc_host} if not is_loopback(h)]
+    if exposed and tls_files(settings) is None and not auth.startswith("authentication: OFF"):
+        log.warning("event=plain_text_keys hosts=%s note=API keys cross the network in clear unless a proxy in front "
+                    "ends TLS; set LDM_TLS_CERT_FILE and LDM_TLS_KEY_FILE otherwise", ",".join(sorted(exposed)))
     metrics = ApiMetrics()
     app = create_app(settings, metrics=metrics)
     # set on stop, before uvicorn's graceful shutdown: a synchronous call still waiting for its job answers 503 at

@@ -113,3 +113,20 @@ def test_half_a_tls_configuration_or_a_missing_file_is_refused(tmp_path: Path, c
                        tls_key_file=tmp_path / "nope.pem")
     with pytest.raises(ValueError, match="LDM_TLS_KEY_FILE .*nope.pem: no such file"):
         tls_files(missing)
+
+
+def test_keys_served_beyond_loopback_without_tls_are_warned_about(
+        make_settings: Callable[..., Settings], certificate: Certificate, caplog: pytest.LogCaptureFixture) -> None:
+    keys = Keys.fresh().settings()
+    for tls, warned in (({}, True), ({"tls_cert_file": certificate.cert, "tls_key_file": certificate.key}, False)):
+        caplog.clear()
+        rest = free_port()
+        settings = make_settings(rest_host="0.0.0.0", rest_port=rest, grpc_port=free_port(), **keys, **tls)
+        with caplog.at_level("WARNING", logger="service.serve"), front_ends(settings):
+            scheme = "https" if tls else "http"
+            for _ in range(200):
+                with contextlib.suppress(httpx.TransportError):
+                    httpx.get(f"{scheme}://127.0.0.1:{rest}/healthz", verify=False, timeout=2)
+                    break
+                threading.Event().wait(0.05)
+        assert any("event=plain_text_keys hosts=0.0.0.0" in r.getMessage() for r in caplog.records) == warned
