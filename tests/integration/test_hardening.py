@@ -5,11 +5,13 @@ Kubernetes base's placeholder Redis password."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.grpc import SERVICE_NAME
 from service.config import Settings
+from service.embedded import EmbeddedRedis
 from service.queue import SyncJobQueue
 from tests.integration.secure import TXT, Keys, bearer, grpc_auth, grpc_serving, pb
 from tests.integration.test_rest import serving
@@ -116,3 +119,23 @@ def test_ldm_api_refuses_the_placeholder_redis_password_and_says_how() -> None:
                           timeout=60)
     assert done.returncode != 0
     assert "placeholder Redis password" in done.stderr and "REDIS_PASSWORD" in done.stderr, done.stderr
+
+
+def test_an_event_stream_cut_by_a_redis_outage_says_so_without_its_address(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "redis", port=0) as server:  # TCP: the address the old text showed
+        settings = make_settings(redis_url=server.url, redis_retries=0, redis_connect_timeout_s=0.2)
+        with serving(settings) as app:
+            job_id = app.client.post("/v1/jobs", json=TXT).json()["id"]
+            lines: list[str] = []
+            with app.client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+                assert resp.status_code == 200
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if line.startswith("id:") and server.running:  # the first event came: now Redis goes away
+                        server.stop()
+    text = "\n".join(lines)
+    assert "event: error" in text, text
+    error = json.loads(lines[lines.index("event: error") + 1].removeprefix("data: "))
+    assert error == {"error": "the job queue is unavailable; reconnect with Last-Event-ID", "code": "queue_unavailable"}
+    assert str(server.port) not in text and "127.0.0.1" not in text
