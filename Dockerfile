@@ -4,8 +4,10 @@
 #   docker build --build-arg VARIANT=cpu -t ldm-serve:cpu .       # CPU only, no CUDA base
 #   docker run --gpus all -p 8000:8000 -p 50051:50051 ldm-serve:cuda serve
 #   ... ldm-serve:cuda api    |    ... ldm-serve:cuda worker --model tiny-shapes
-# The install is the README's: PyTorch first (TORCH_SPEC, as the Makefile), then `pip install .` of the
-# project, which builds the wheel with its generated gRPC stubs (setup.py) and the shipped model.
+# The install is the README's: PyTorch first (TORCH_SPEC, as the Makefile), then the exact versions of
+# requirements.lock (`make lock`), then `pip install .` of the project without resolving anything again, which
+# builds the wheel with its generated gRPC stubs (setup.py) and the shipped model; `pip check` fails the build
+# if the lock and the project's requirements (or torch's) disagree.
 
 ARG VARIANT=cuda
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -48,11 +50,14 @@ RUN python3 -m venv /opt/venv \
  && python -m pip install --no-cache-dir "${TORCH_SPEC}" \
       --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${flavour}}"
 WORKDIR /src
+COPY requirements.lock ./
+RUN python -m pip install --no-cache-dir --requirement requirements.lock
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY proto/ proto/
 COPY models/ models/
 COPY service/ service/
-RUN python -m pip install --no-cache-dir . \
+RUN python -m pip install --no-cache-dir --no-deps . \
+ && python -m pip check \
  && ldm --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------- runtime

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install promtool chromium stubs run test test-slow lint bench clean
+.PHONY: install promtool chromium stubs run test test-slow lint audit lock bench clean
 
 install: $(STAMP) promtool chromium
 
@@ -52,6 +52,20 @@ lint: stubs
 
 test: stubs lint
 	$(VENV)/bin/pytest -q
+
+# Known vulnerabilities (PyPI's advisory database; needs the package index, nothing else): the installed environment
+# (the project itself, an editable install, is skipped; so is a local torch build such as 2.13.0+cpu, which PyPI
+# does not know: the output says so) and the image's requirements.lock, strictly (a package that could not be
+# checked fails the audit: offline, it fails instead of passing unchecked).
+audit: install
+	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
+	$(VENV)/bin/pip-audit --requirement requirements.lock --no-deps --disable-pip --strict --progress-spinner off
+
+# requirements.lock: the image's exact runtime packages, resolved by pip for the image's Python with the torch pin
+# (deploy/lock.py); commit it, then `make audit`.
+lock: install
+	$(PY) deploy/lock.py "$(firstword $(TORCH_SPEC))" > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
 
 test-slow: install
 	$(VENV)/bin/pytest -q -m slow

@@ -238,11 +238,13 @@ def run_api(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from service.config import load_settings
+    from service.placeholders import refuse_placeholder_secrets
     from service.worker.process import run_worker as worker
 
     settings = load_settings()
     if settings.redis_url is None:
         raise ValueError("ldm worker needs a Redis: set LDM_REDIS_URL (or run `ldm serve`, which starts one)")
+    refuse_placeholder_secrets(settings)
     return worker(settings, args.model, worker_id=args.worker_id, device=args.device, model_name=args.model_name)
 
 

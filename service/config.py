@@ -63,11 +63,14 @@ class Settings(BaseSettings):
     # --- Redis
     redis_url: str | None = Field(
         default=None,
-        description="Redis to use, e.g. redis://host:6379/0; unset = start an embedded Redis (one-box mode).")
+        description="Redis to use: redis://[:password@]host:6379/0, rediss://... (TLS; ?ssl_ca_certs=<pem> for a "
+        "private CA) or unix:///path/redis.sock?db=0; unset = start an embedded Redis (one-box mode).")
     data_dir: Path = Field(
         default=Path("runs/service"), description="Folder of the embedded Redis's data (append-only file) and log.")
     embedded_redis_port: int = Field(
-        default=0, ge=0, le=65535, description="Port of the embedded Redis on 127.0.0.1; 0 = any free port.")
+        default=0, ge=0, le=65535,
+        description="0 = the embedded Redis listens on a unix socket in its 0700 data folder only (no TCP); a port = "
+        "on 127.0.0.1 instead, with a random password made at start (in its 0600 redis.conf).")
     key_prefix: str = Field(
         default="ldm", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key (ldm:jobs:<model>, ...).")
     redis_timeout_s: float = Field(
@@ -121,6 +124,16 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         default=15.0, gt=0,
         description="A progress event stream (SSE) quiet for this long sends a keep-alive comment.")
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) both front ends serve TLS with (REST becomes https, gRPC a secure "
+        "port); set with tls_key_file. Unset = plain HTTP/gRPC (loopback, or TLS ended by a proxy in front).")
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of tls_cert_file; set both or neither.")
+    grpc_reflection: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="gRPC server reflection (lets grpcurl list the API): auto = on without API keys, off once keys "
+        "are configured (it would describe the API to anyone who reaches the port); on or off = always.")
 
     # --- authentication and quotas (service/auth.py, service/quotas.py; README "Operations and security")
     api_key_hashes: Digests = Field(
@@ -322,6 +335,8 @@ class Settings(BaseSettings):
             if getattr(self, name) <= held:
                 raise ValueError(f"{name} ({getattr(self, name)}) must exceed max_event_streams + max_waiting_calls "
                                  f"({held}), or streams would crowd out every other call")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file (LDM_TLS_CERT_FILE, LDM_TLS_KEY_FILE) or neither")
         return self
 
     @classmethod

@@ -8,8 +8,16 @@ the write up to 2 s) and a machine crash loses up to the last second or two of a
 Measured on this project's development machine: 0.08 ms a write with everysec, 3 ms with always; a submit or
 a sampler step is one write, and under load Redis fsyncs once per event-loop turn for all its clients, so
 the cost is small beside a sampler step (tests/reliability/test_faults.py proves the promise with SIGKILL).
-The server listens on 127.0.0.1 only. A pid file in the folder keeps a second server off the same data (two
-writers would corrupt the AOF).
+A pid file in the folder keeps a second server off the same data (two writers would corrupt the AOF).
+
+The server holds every tenant's prompts and images, so it is private to the user who runs it
+(docs/security.md): by default it listens on a unix socket only (no TCP port at all), inside its data folder,
+which is made 0700, the socket itself 0700, so another local user can neither connect nor read the AOF; the
+one-box's front ends and workers run as that user and all use the socket. Given a port it listens on
+127.0.0.1 instead, with a random password made at start (in the URL, never on a command line: the settings go
+in a 0600 config file, since every local user can read `/proc/<pid>/cmdline`). Either way the commands that
+reconfigure or stop the server from a client (CONFIG, MODULE, DEBUG, SHUTDOWN, REPLICAOF/SLAVEOF) are renamed
+away: a client that gets in cannot load a module, point the data folder elsewhere or enslave the server.
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+from urllib.parse import quote
 
 import redis
 from redis.exceptions import BusyLoadingError
@@ -34,6 +45,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 HOST = "127.0.0.1"
 PID_FILE = "redis.pid"
 LOG_FILE = "redis.log"
+CONF_FILE = "redis.conf"
+SOCKET_FILE = "redis.sock"
+DISABLED_COMMANDS = ("CONFIG", "MODULE", "DEBUG", "SHUTDOWN", "REPLICAOF", "SLAVEOF")
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux (104 on macOS); a longer path goes to a private /tmp folder
 Fsync = Literal["always", "everysec", "no"]
 
 
@@ -68,23 +83,61 @@ def _running_pid(pid_file: Path) -> int | None:
     return pid if b"redis-server" in cmdline else None
 
 
-class EmbeddedRedis:
-    """Start/stop a private redis-server: `with EmbeddedRedis(folder) as r: JobQueue(settings, url=r.url)`."""
+def _quoted(value: str) -> str:
+    """A value for redis.conf: double-quoted with backslash escapes (what Redis's config parser reads back)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    def __init__(self, data_dir: Path | str, port: int = 0, *, executable: Path | None = None,
-                 start_timeout_s: float = 10.0, fsync: Fsync = "always") -> None:
+
+def _private_folder(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700: the one-box's data and socket are its user's alone."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)  # an existing folder made by an earlier version, or under a loose umask
+
+
+class EmbeddedRedis:
+    """Start/stop a private redis-server: `with EmbeddedRedis(folder) as r: JobQueue(settings, url=r.url)`.
+
+    `port` None (the default): a unix socket only. A port (0 = any free one): TCP on 127.0.0.1 with `password`
+    (default: a random one made here, kept across restarts of this object so its URL stays valid).
+    `admin_commands`: keep CONFIG & co. (tests that inspect the running server's configuration only)."""
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, *, executable: Path | None = None,
+                 start_timeout_s: float = 10.0, fsync: Fsync = "always", password: str | None = None,
+                 admin_commands: bool = False) -> None:
         """`fsync`: Redis's appendfsync policy; only "always" makes every acknowledged write durable (see above)."""
         self.data_dir = Path(data_dir).resolve()
         self.fsync = fsync
         self.requested_port = port
-        self.port = port
+        self.port = port or 0
+        self.password = None if port is None else (password or secrets.token_urlsafe(32))
+        self.admin_commands = admin_commands
         self.executable = executable
         self.start_timeout_s = start_timeout_s
+        self._socket: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def unix_socket(self) -> Path | None:
+        """The socket's path in unix-socket mode (in the data folder unless that path is too long for one)."""
+        if self.requested_port is not None:
+            return None
+        if self._socket is None:
+            inside = self.data_dir / SOCKET_FILE
+            short = len(os.fsencode(inside)) <= MAX_SOCKET_PATH
+            self._socket = inside if short else Path(tempfile.mkdtemp(prefix="ldm-redis-")) / SOCKET_FILE  # 0700
+        return self._socket
+
+    @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        """The URL clients use: `unix://<socket>?db=0`, or `redis://:<password>@127.0.0.1:<port>/0`."""
+        if self.unix_socket is not None:  # quoted: a folder may hold a space, `?` or `#` (redis-py unquotes it)
+            return f"unix://{quote(str(self.unix_socket))}?db=0"
+        return f"redis://:{quote(self.password or '', safe='')}@{HOST}:{self.port}/0"
+
+    @property
+    def url_without_password(self) -> str:
+        """The URL for logs and banners: the password, if any, replaced by `***`."""
+        return self.url if self.password is None else self.url.replace(quote(self.password, safe=""), "***")
 
     @property
     def running(self) -> bool:
@@ -95,30 +148,48 @@ class EmbeddedRedis:
         """The server's process id while it runs (for supervisors and fault tests), else None."""
         return self._process.pid if self.running and self._process is not None else None
 
-    def _command(self, binary: Path) -> list[str]:
-        return [
-            str(binary), "--bind", HOST, "--port", str(self.port), "--dir", str(self.data_dir),
-            "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "",
-            "--pidfile", str(self.data_dir / PID_FILE), "--logfile", str(self.data_dir / LOG_FILE),
-            "--daemonize", "no", "--protected-mode", "yes",
-        ]
+    def _config(self) -> str:
+        """redis.conf: written 0600 (it may hold the password), read by the server at start."""
+        lines = [f"dir {_quoted(str(self.data_dir))}", "appendonly yes", f"appendfsync {self.fsync}", 'save ""',
+                 f"pidfile {_quoted(str(self.data_dir / PID_FILE))}",
+                 f"logfile {_quoted(str(self.data_dir / LOG_FILE))}", "daemonize no", "protected-mode yes"]
+        if self.unix_socket is not None:
+            lines += ["port 0", f"unixsocket {_quoted(str(self.unix_socket))}", "unixsocketperm 700"]
+        else:
+            lines += [f"bind {HOST}", f"port {self.port}", f"requirepass {_quoted(self.password or '')}"]
+        if not self.admin_commands:
+            lines += [f'rename-command {name} ""' for name in DISABLED_COMMANDS]
+        return "\n".join(lines) + "\n"
+
+    def _write_config(self) -> Path:
+        path = self.data_dir / CONF_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(self._config())
+        return path
 
     def start(self) -> str:
         """Start the server and wait until it answers PING; its URL. Retries on another free port when an
         automatically chosen one was taken meanwhile."""
         if self.running:
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_folder(self.data_dir)
+        if self.unix_socket is not None and self.unix_socket.parent != self.data_dir:
+            _private_folder(self.unix_socket.parent)
         other = _running_pid(self.data_dir / PID_FILE)
         if other is not None:
             raise RuntimeError(f"a redis-server (pid {other}) already runs on {self.data_dir}; stop it first")
         binary = self.executable or redis_server_binary()
-        tries = 1 if self.requested_port else 3
+        tries = 3 if self.requested_port == 0 else 1
         for attempt in range(tries):
-            self.port = self.requested_port or free_port()
+            if self.requested_port == 0:
+                self.port = free_port()
+            config = self._write_config()
             # own session: Ctrl-C in a terminal reaches our process, which then stops Redis last
-            self._process = subprocess.Popen(self._command(binary), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL, start_new_session=True)
+            self._process = subprocess.Popen([str(binary), str(config)], stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True)
             try:
                 self._wait_ready()
                 return self.url
@@ -130,7 +201,7 @@ class EmbeddedRedis:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1.0, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=0.5)
         try:
             while time.monotonic() < deadline:
                 assert self._process is not None

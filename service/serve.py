@@ -22,13 +22,15 @@ from pathlib import Path
 import uvicorn
 
 from service.api.calls import CallLimits
-from service.api.grpc import bound_port, create_grpc_server, stop_grpc
+from service.api.grpc import bound_port, create_grpc_server, reflection_enabled, stop_grpc
 from service.api.rest import create_app, uvicorn_config
-from service.auth import check_exposure
+from service.auth import check_exposure, is_loopback
 from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
 from service.metrics import ApiMetrics
+from service.placeholders import refuse_placeholder_secrets
 from service.queue import JobQueue
+from service.tls import rest_scheme, tls_files
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 120.0  # a worker finishes its batch in hand before it exits
@@ -125,6 +127,10 @@ async def run_front_ends(settings: Settings, *, stop: asyncio.Event,
     of metrics and one count of streams and waiting calls (service/api/calls.py)."""
     auth = check_exposure(settings)
     log.info("event=front_ends_auth %s", auth)
+    exposed = [h for h in {settings.rest_host, settings.grpc_host} if not is_loopback(h)]
+    if exposed and tls_files(settings) is None and not auth.startswith("authentication: OFF"):
+        log.warning("event=plain_text_keys hosts=%s note=API keys cross the network in clear unless a proxy in front "
+                    "ends TLS; set LDM_TLS_CERT_FILE and LDM_TLS_KEY_FILE otherwise", ",".join(sorted(exposed)))
     metrics = ApiMetrics(worker_urls=supervisor.metrics_urls if supervisor is not None else None)
     limits = CallLimits(settings, metrics)
     async with JobQueue(settings) as queue:
@@ -165,12 +171,14 @@ async def _run_both(settings: Settings, queue: JobQueue, metrics: ApiMetrics, li
 
 
 def _banner(settings: Settings, grpc_port: int, auth: str) -> str:
-    base = f"http://{settings.rest_host}:{settings.rest_port}"
+    base = f"{rest_scheme(settings)}://{settings.rest_host}:{settings.rest_port}"
+    reflection = ", reflection" if reflection_enabled(settings) else ""
+    tls = " with TLS" if tls_files(settings) else ""
     key = "" if auth.startswith("authentication: OFF") else "-H 'Authorization: Bearer $LDM_API_KEY' "
     return "\n".join([
         f"ldm-serve is up. Model: {settings.default_model}",
         f"  REST  {base}   (docs {base}/docs, metrics {base}/metrics)",
-        f"  gRPC  {settings.grpc_host}:{grpc_port}   (ldm.v1.Diffusion, health, reflection)",
+        f"  gRPC  {settings.grpc_host}:{grpc_port}{tls}   (ldm.v1.Diffusion, health{reflection})",
         f"  {auth}",
         "Try:",
         f"  curl -s -X POST {base}/v1/txt2img -H 'Content-Type: application/json' {key}\\",
@@ -190,6 +198,7 @@ def run_api(settings: Settings) -> int:
     if settings.redis_url is None:
         raise ValueError("ldm api needs a Redis: set LDM_REDIS_URL (or run `ldm serve`, which starts one)")
     check_exposure(settings)  # before anything starts
+    refuse_placeholder_secrets(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -203,14 +212,15 @@ def run_api(settings: Settings) -> int:
 def run_serve(settings: Settings, model_spec: str, *, workers: int = 1) -> int:
     """`ldm serve`: embedded Redis unless LDM_REDIS_URL is set, the front ends, and supervised workers."""
     check_exposure(settings)  # before Redis and the workers start
+    refuse_placeholder_secrets(settings)
     from service.worker.runner import served_name  # here: it imports torch, which `ldm api` never needs
 
     name = served_name(model_spec)
     redis: EmbeddedRedis | None = None
     if settings.redis_url is None:
-        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port)
+        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port or None)
         url = redis.start()
-        log.info("event=embedded_redis url=%s data=%s", url, settings.data_dir / "redis")
+        log.info("event=embedded_redis url=%s data=%s", redis.url_without_password, settings.data_dir / "redis")
         settings = settings.model_copy(update={"redis_url": url})
     settings = settings.model_copy(update={"default_model": name})
     env = {**os.environ, "LDM_REDIS_URL": str(settings.redis_url), "LDM_DEFAULT_MODEL": name}

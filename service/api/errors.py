@@ -23,6 +23,7 @@ with 400 where we would answer 422 (that is what OpenAI's API and its clients ex
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from service.metrics import ApiMetrics
 from service.queue import IdempotencyConflict, JobNotFound, QueueFull, QueueUnavailable
 from service.quotas import QuotaExceeded
 
+log = logging.getLogger(__name__)
 OPENAI_PREFIX = "/v1/images/"
 _OPENAI_TYPES = {500: "server_error", 400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -120,8 +122,9 @@ def to_api_error(exc: Exception) -> ApiError:
             return validation_error([{"loc": ("body", exc.field), "msg": exc.message, "type": "invalid_image"}])
         case ImageError():
             return ApiError(exc.status, exc.message, param=exc.field, code="image_too_large")
-        case QueueUnavailable():
-            return ApiError(503, f"the job queue is unavailable: {exc}", code="queue_unavailable",
+        case QueueUnavailable():  # its detail (Redis's address, the driver's text) goes to the log, not to clients
+            log.warning("event=queue_unavailable error=%s", exc)
+            return ApiError(503, "the job queue is unavailable; retry shortly", code="queue_unavailable",
                             headers={"Retry-After": "1"})
         case JobNotFound():
             return ApiError(404, str(exc), code="job_not_found")
@@ -141,6 +144,8 @@ def render(request: Request, error: ApiError) -> JSONResponse:
     else:
         status = error.status
         body = {"detail": error.problems, "message": error.message} if error.problems else {"detail": error.message}
+        if error.code:
+            body["code"] = error.code  # a stable reason code beside the short text
     body.update(error.extra)
     return JSONResponse(body, status_code=status, headers=error.headers)
 

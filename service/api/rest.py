@@ -37,6 +37,7 @@ from service.config import Settings
 from service.metrics import ApiMetrics
 from service.queue import JobQueue
 from service.quotas import Quotas
+from service.tls import rest_scheme, uvicorn_tls
 from service.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,11 @@ def create_app(settings: Settings, queue: JobQueue | None = None, *, metrics: Ap
 
 def uvicorn_config(app: FastAPI, settings: Settings, *, host: str | None = None, port: int | None = None,
                    log_level: str = "info", **options: Any) -> uvicorn.Config:
-    """uvicorn's config for `app`: at most `rest_max_concurrency` connections and requests at once (503 beyond);
-    `options`: more of uvicorn.Config's."""
+    """uvicorn's config for `app`: at most `rest_max_concurrency` connections and requests at once (503 beyond),
+    TLS when configured (service/tls.py); `options`: more of uvicorn.Config's."""
     return uvicorn.Config(app, host=host or settings.rest_host, port=settings.rest_port if port is None else port,
                           log_level=log_level, timeout_graceful_shutdown=5,
-                          limit_concurrency=settings.rest_max_concurrency, **options)
+                          limit_concurrency=settings.rest_max_concurrency, **uvicorn_tls(settings), **options)
 
 
 def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
@@ -138,6 +139,6 @@ def build_server(settings: Settings, queue: JobQueue | None = None, *, metrics: 
 
 def serve(settings: Settings) -> None:
     """Run the REST API alone until interrupted (`ldm api` runs it beside gRPC: service/serve.py)."""
-    log.info("REST API on http://%s:%d (docs at /docs); %s", settings.rest_host, settings.rest_port,
-             check_exposure(settings))
+    log.info("REST API on %s://%s:%d (docs at /docs); %s", rest_scheme(settings), settings.rest_host,
+             settings.rest_port, check_exposure(settings))
     build_server(settings).run()

@@ -171,8 +171,9 @@ class ContinuousWorker(Worker):
         except QueueError:
             raise
         except Exception as exc:  # a fault of ours or of the device: this job fails, the worker lives on
-            log.exception(kv("start_error", model=self.model, job=job.id, error=type(exc).__name__))
-            self._fail(job, JobFailure("internal", f"{type(exc).__name__}: {exc}"))
+            fault, incident = JobFailure.internal()
+            log.exception(kv("start_error", model=self.model, job=job.id, error=type(exc).__name__, incident=incident))
+            self._fail(job, fault)
             return None
         samples = [replace(s, key=(job.id, index)) for index, s in enumerate(started.samples)]
         return Running(job, started, inputs, queued=samples, keys=[s.key for s in samples])
@@ -193,9 +194,9 @@ class ContinuousWorker(Worker):
         try:
             advanced = self.batch.step()
         except Exception as exc:  # a fault of ours or of the device: the running jobs fail, the worker lives on
-            log.exception(kv("step_error", model=self.model, error=type(exc).__name__))
+            failure, incident = JobFailure.internal()
+            log.exception(kv("step_error", model=self.model, error=type(exc).__name__, incident=incident))
             self.runner.free_cached_memory()
-            failure = JobFailure("internal", f"{type(exc).__name__}: {exc}")
             for crashed in list(self.running.values()):
                 self._drop(crashed)
                 self._fail(crashed.job, failure)

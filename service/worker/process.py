@@ -299,8 +299,10 @@ class Worker:
         except QueueError:
             raise
         except Exception as exc:  # a fault of ours or of the device: the batch's jobs fail, the worker lives on
-            log.exception(kv("batch_error", model=self.model, task=live.key.task.value, error=type(exc).__name__))
-            return BatchOutput(live, failure=JobFailure("internal", f"{type(exc).__name__}: {exc}"))
+            fault, incident = JobFailure.internal()
+            log.exception(kv("batch_error", model=self.model, task=live.key.task.value, error=type(exc).__name__,
+                             incident=incident))
+            return BatchOutput(live, failure=fault)
         return BatchOutput(live, tuple(pngs), seconds=time.monotonic() - began)
 
     def _start(self, batch: Batch[JobState]) -> Batch[JobState]:

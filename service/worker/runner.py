@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,14 @@ class JobFailure(Exception):
     def __init__(self, reason: FailureReason, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason, self.message = reason, message
+
+    @classmethod
+    def internal(cls) -> tuple[JobFailure, str]:
+        """A fault of ours or of the device, and its incident id: the client reads a short text with the id, the
+        worker's log line (which carries the exception) the same id; never the exception's text, which may name
+        paths, hosts or another job's data."""
+        incident = secrets.token_hex(4)
+        return cls("internal", f"the worker could not run the job (incident {incident}, in the worker log)"), incident
 
 
 class Cancelled(Exception):

@@ -225,3 +225,37 @@ def k8s_container_env(container: dict[str, Any], config_maps: dict[str, dict[str
         else:
             env[item["name"]] = SECRET
     return env
+
+
+# ------------------------------------------------------------------------------------------------ compose variables
+
+_VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?])([^}]*))?\})")
+
+
+class MissingVariable(ValueError):
+    """A `${NAME:?message}` (or `${NAME?message}`) whose variable is unset: compose stops with the message."""
+
+
+def interpolate(node: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution over a loaded document, as `docker compose config` does it: `${NAME}`,
+    `${NAME:-default}` (unset or empty), `${NAME-default}` (unset), `${NAME:?error}` / `${NAME?error}`, `$$`."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def one(match: re.Match[str]) -> str:
+        dollar, name, operator, argument = match.groups()
+        if dollar:
+            return "$"
+        value = env.get(name)
+        missing = value is None or (operator is not None and operator.startswith(":") and value == "")
+        if operator in (":-", "-") and missing:
+            return str(argument)
+        if operator in (":?", "?") and missing:
+            raise MissingVariable(f"required variable {name} is missing a value: {argument}")
+        return value or ""
+
+    return _VARIABLE.sub(one, node)

@@ -16,7 +16,19 @@ import yaml
 
 from service.serve import WORKER_STOP_TIMEOUT_S
 from tests.deploy.service_truth import ENV_NAMES, parse_ldm, settings_from
-from tests.deploy.sources import COMPOSE, COMPOSE_CPU, GRAFANA, PROMETHEUS, ROOT, load_compose, merge, plain, stage
+from tests.deploy.sources import (
+    COMPOSE,
+    COMPOSE_CPU,
+    GRAFANA,
+    PROMETHEUS,
+    ROOT,
+    MissingVariable,
+    interpolate,
+    load_compose,
+    merge,
+    plain,
+    stage,
+)
 
 LDM_IMAGES = ("ldm-serve:cuda", "ldm-serve:cpu")
 
@@ -136,7 +148,8 @@ def test_grafana_is_provisioned_with_the_prometheus_and_the_dashboard(gpu: dict[
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     datasource = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
     host, port = re.fullmatch(r"http://(\w+):(\d+)", datasource["url"]).groups()  # type: ignore[union-attr]
-    assert host in gpu["services"] and f"{port}:{port}" in gpu["services"][host]["ports"]
+    ports = interpolate(gpu["services"][host]["ports"], {})
+    assert host in gpu["services"] and any(p.endswith(f":{port}:{port}") for p in ports)
     provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/ldm-serve.yml").read_text())["providers"][0]
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -155,3 +168,34 @@ def test_cpu_override_builds_the_cpu_image_and_drops_the_gpu(cpu: dict[str, Any]
     assert settings_from(container_env(worker)).worker_device == "cpu"
     assert worker["environment"]["LDM_REDIS_URL"] == "redis://redis:6379/0"  # the base's variables stay
 
+
+
+# ------------------------------------------------------------------------------------------------ safe defaults
+
+def test_grafana_does_not_start_without_an_admin_password(gpu: dict[str, Any]) -> None:
+    """No admin/admin: without GRAFANA_ADMIN_PASSWORD (unset or empty) compose stops with a message naming it."""
+    for env in ({}, {"GRAFANA_ADMIN_PASSWORD": ""}):
+        with pytest.raises(MissingVariable, match="GRAFANA_ADMIN_PASSWORD"):
+            interpolate(gpu, env)
+    doc = interpolate(gpu, {"GRAFANA_ADMIN_PASSWORD": "s3cret-from-the-operator"})
+    assert doc["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-from-the-operator"
+
+
+def test_prometheus_and_grafana_listen_on_loopback_unless_told(gpu: dict[str, Any]) -> None:
+    env = {"GRAFANA_ADMIN_PASSWORD": "x"}
+    ports = {name: interpolate(gpu, env)["services"][name]["ports"] for name in ("prometheus", "grafana")}
+    assert ports == {"prometheus": ["127.0.0.1:9090:9090"], "grafana": ["127.0.0.1:3000:3000"]}
+    told = interpolate(gpu, {**env, "PROMETHEUS_BIND": "0.0.0.0", "GRAFANA_BIND": "10.0.0.5"})["services"]
+    assert told["prometheus"]["ports"] == ["0.0.0.0:9090:9090"] and told["grafana"]["ports"] == ["10.0.0.5:3000:3000"]
+    redis = interpolate(gpu, env)["services"]["redis"]
+    assert "ports" not in redis  # the queue (prompts, images) is reached on the compose network only
+
+
+def test_interpolation_follows_compose(gpu: dict[str, Any]) -> None:
+    """The stand-in for `docker compose config` substitutes as compose does (its documented forms)."""
+    env = {"SET": "v", "EMPTY": ""}
+    cases = {"${SET}": "v", "${UNSET:-d}": "d", "${EMPTY:-d}": "d", "${EMPTY-d}": "", "${UNSET-d}": "d",
+             "$$HOME": "$HOME", "${SET:?e}": "v", "a${SET}b": "avb"}
+    assert {k: interpolate(k, env) for k in cases} == cases
+    with pytest.raises(MissingVariable, match="NOPE is missing a value: say why"):
+        interpolate("${NOPE?say why}", env)

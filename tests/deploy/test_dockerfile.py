@@ -6,6 +6,10 @@ from __future__ import annotations
 import re
 import tomllib
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
 from tests.deploy.service_truth import ENV_NAMES, parse_ldm, rest_paths, settings_from, subcommands
 from tests.deploy.sources import DOCKERFILE, ROOT, dockerfile_stages, dockerignore_excludes, stage
 
@@ -36,7 +40,7 @@ def test_torch_pin_matches_the_makefile() -> None:
 
 def test_install_is_the_readmes_pip_install_of_the_project() -> None:
     runs = [i.args for i in stage("build").all("RUN")]
-    assert any(re.match(r"python -m pip install --no-cache-dir \. ", r) for r in runs), runs
+    assert any(re.match(r"python -m pip install --no-cache-dir --no-deps \. ", r) for r in runs), runs
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     assert "python -m pip install ." in deploy and "TORCH_SPEC" in deploy
 
@@ -98,3 +102,71 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
                      "ldm_serve.egg-info/PKG-INFO", "bench/results/x.json"):
         assert dockerignore_excludes(left_out), left_out
     assert not dockerignore_excludes("models/zoo/tiny-shapes/model.safetensors")  # the shipped model
+
+
+# ------------------------------------------------------------------------------------------------ dependencies
+
+#: the floor each dependency must keep, and why (docs/security.md "Dependencies")
+CVE_FLOORS = {
+    "torch": ("2.6", "CVE-2025-32434: torch.load(weights_only=True) could run code"),
+    "pillow": ("10.3", "CVE-2023-4863 (bundled libwebp), CVE-2024-28219"),
+    "python-multipart": ("0.0.18", "CVE-2024-24762, CVE-2024-53981"),
+    "starlette": ("0.49.1", "CVE-2024-47874, CVE-2025-54121, CVE-2025-62727"),
+    "fastapi": ("0.115", "CVE-2024-24762 (through python-multipart) and a Starlette past the above"),
+    "h11": ("0.16", "CVE-2025-43859"),
+    "grpcio": ("1.65.4", "CVE-2023-33953, CVE-2024-7246"),
+    "protobuf": ("5.29.5", "CVE-2024-7254, CVE-2025-4565"),
+}
+
+
+def requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+
+
+def lock() -> dict[str, str]:
+    lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines)
+    assert all(canonicalize_name(name) == name for name in pins) and len(pins) == len(lines)
+    return pins
+
+
+def test_floors_are_past_the_known_vulnerabilities() -> None:
+    required = requirements()
+    for name, (floor, why) in CVE_FLOORS.items():
+        assert name in required, name
+        release = Version(floor).release
+        below = ".".join(map(str, (*release[:-1], release[-1] - 1)))  # the release just before the fix
+        assert required[name].specifier.contains(floor), f"{name} refuses its own floor {floor}"
+        assert not required[name].specifier.contains(below), f"{name} still allows {below}: {why}"
+
+
+def test_the_image_installs_the_lock_then_the_project_without_resolving_again() -> None:
+    runs = [i.args for i in stage("build").all("RUN")]
+    install_lock = next(i for i, r in enumerate(runs) if "--requirement requirements.lock" in r)
+    install_project = next(i for i, r in enumerate(runs) if "--no-deps ." in r)
+    torch = next(i for i, r in enumerate(runs) if "${TORCH_SPEC}" in r)
+    assert torch < install_lock < install_project and "pip check" in runs[install_project]
+    assert (["requirements.lock"], "./", False) in stage("build").copies()
+    assert not dockerignore_excludes("requirements.lock")
+
+
+def test_the_lock_pins_every_runtime_dependency_within_its_floor_and_leaves_torch_to_its_build() -> None:
+    pins = lock()
+    assert not [name for name in pins if re.match(r"^(torch|triton|nvidia-.*|cuda-.*)$", name)]
+    for name, requirement in requirements().items():
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(requirement))
+
+
+def test_make_audit_and_make_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    audit = makefile[makefile.index("\naudit:"):].split("\n\n")[0]
+    assert "pip-audit --skip-editable" in audit and "pip-audit --requirement requirements.lock" in audit
+    assert "--strict" in audit.split("--requirement requirements.lock")[1]  # unchecked is not passed
+    test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert any(canonicalize_name(Requirement(r).name) == "pip-audit" for r in test_extra)
+    target = makefile[makefile.index("\nlock:"):].split("\n\n")[0]
+    assert "deploy/lock.py" in target and "> requirements.lock.tmp" in target and "$(firstword $(TORCH_SPEC))" in target

@@ -62,9 +62,10 @@ def build_context(dest: Path) -> None:
 
 
 def dockerfile_install_command() -> list[str]:
-    """The build stage's `python -m pip install ... .`, with the flags that keep it offline here."""
-    run = next(i.args for i in stage("build").all("RUN") if i.args.startswith("python -m pip install"))
-    words = shlex.split(run.split("&&")[0])
+    """The build stage's `python -m pip install ... .` of the project, with the flags that keep it offline here
+    (the step before it, `--requirement requirements.lock`, is what this venv's packages stand in for)."""
+    runs = [shlex.split(i.args.split("&&")[0]) for i in stage("build").all("RUN")]
+    words = next(w for w in runs if w[:4] == ["python", "-m", "pip", "install"] and w[-1] == ".")
     assert words[-1] == ".", words
     return [*words[:4], "--no-index", "--no-build-isolation", *words[4:]]
 

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.placeholders import PLACEHOLDER_PASSWORDS, PlaceholderSecret, refuse_placeholder_secrets
 from service.queue import Keys
 from service.schemas import PRIORITIES
 from service.serve import WORKER_STOP_TIMEOUT_S
@@ -290,3 +291,19 @@ def test_keda_scales_workers_on_their_models_queue(rendered: dict[str, list[Doc]
 def test_prometheus_rule_is_the_alerts_file(rendered: dict[str, list[Doc]]) -> None:
     rule = one(rendered["gpu"], "PrometheusRule", "ldm-serve")
     assert rule["spec"] == yaml.safe_load(Path(PROMETHEUS / "alerts.yml").read_text())
+
+
+def test_the_placeholder_redis_password_stops_the_api_and_says_how_to_set_it(rendered: dict[str, list[Doc]]) -> None:
+    """`kubectl apply -k deploy/k8s/base` as shipped: the API and the workers refuse the Secret's placeholder."""
+    docs = rendered["base"]
+    placeholder = one(docs, "Secret", "ldm-secrets")["stringData"]["REDIS_PASSWORD"]
+    assert placeholder in PLACEHOLDER_PASSWORDS  # the service knows the base's placeholder
+    for workload, (_, container) in ldm_containers(docs).items():
+        env = {**env_of(docs, container), "REDIS_PASSWORD": placeholder}
+        env["LDM_REDIS_URL"] = next(e["value"] for e in container["env"] if e["name"] == "LDM_REDIS_URL").replace(
+            "$(REDIS_PASSWORD)", placeholder)  # what the kubelet splices in
+        with pytest.raises(PlaceholderSecret, match="REDIS_PASSWORD entry of the ldm-secrets Secret") as err:
+            refuse_placeholder_secrets(settings_from(env))
+        assert "secretGenerator" in str(err.value), workload
+        env["LDM_REDIS_URL"] = env["LDM_REDIS_URL"].replace(placeholder, "a8f3c1d2e4b5968778695a4b3c2d1e0f")
+        refuse_placeholder_secrets(settings_from(env))  # a real password passes

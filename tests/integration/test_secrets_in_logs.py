@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-import redis
 
 from service.auth import hash_key
 from service.embedded import EmbeddedRedis, free_port
@@ -58,10 +57,7 @@ def secret() -> Secrets:
 @pytest.fixture(scope="module")
 def locked_redis(tmp_path_factory: pytest.TempPathFactory, secret: Secrets) -> Iterator[str]:
     """A private Redis that wants a password; its URL with the password in it."""
-    with EmbeddedRedis(tmp_path_factory.mktemp("locked-redis")) as server:
-        client = redis.Redis(host="127.0.0.1", port=server.port)
-        client.config_set("requirepass", secret.redis_password)
-        client.close()
+    with EmbeddedRedis(tmp_path_factory.mktemp("locked-redis"), port=0, password=secret.redis_password) as server:
         yield f"redis://:{secret.redis_password}@127.0.0.1:{server.port}/0"
 
 

@@ -393,3 +393,33 @@ def test_size_left_to_the_model_batches_with_the_same_size_spelled_out(runner: R
     jobs = [request(width=None, height=None), request(width=64, height=64)]
     batches = make_batches(jobs, 8, request=lambda r: r, key=lambda r: runner.batch_key(r, None))
     assert len(batches) == 1 and (batches[0].key.width, batches[0].key.height) == (64, 64)
+
+
+def test_an_internal_fault_reaches_the_client_as_an_incident_id_not_its_text(
+        runner: Runner, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The exception's text (paths, hosts, another job's data) stays in the worker's log; the job's error (what
+    GET /v1/jobs and gRPC show) says "internal" and an incident id that finds that log line."""
+    from service.metrics import WorkerMetrics
+    from service.worker.process import Worker
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot read /srv/secret-models/tenant-b.ckpt on gpu-host-7")
+
+    monkeypatch.setattr(runner.pipeline, "txt2img", broken)
+    prefix = f"fault-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, key_prefix=prefix)
+    with SyncJobQueue(settings) as queue:
+        try:
+            job = queue.submit(request())
+            worker = Worker(settings, queue, runner, WorkerMetrics(), "w-fault")
+            with caplog.at_level("ERROR"):
+                assert worker.step() == 1
+            failed = queue.get(job.id)
+        finally:
+            drop_keys(redis_url, prefix)
+    assert failed is not None and failed.status == JobStatus.failed and failed.error
+    assert failed.error.startswith("internal: the worker could not run the job (incident ")
+    assert "secret" not in failed.error and "gpu-host" not in failed.error and "RuntimeError" not in failed.error
+    incident = failed.error.split("incident ")[1][:8]
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "tenant-b.ckpt" in str(logged[0].exc_info[1])

@@ -94,7 +94,8 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.redis = EmbeddedRedis(self.folder / "redis", port=free_port())  # a fixed port: restarts keep the URL
+        # a fixed port: restarts keep the URL; CONFIG kept: test_faults reads the running server's fsync policy
+        self.redis = EmbeddedRedis(self.folder / "redis", port=free_port(), admin_commands=True)
         self.redis.start()
         self.settings = Settings(redis_url=self.redis.url, key_prefix=self.prefix, **{**FAST, **self.overrides})
         self.queue = SyncJobQueue(self.settings)

@@ -14,8 +14,9 @@ One module per part, each doing one thing:
 What the rest of the service uses is exported here.
 """
 
-from service.api.grpc.server import bound_port, create_grpc_server, serve_grpc, stop_grpc
+from service.api.grpc.server import bound_port, create_grpc_server, reflection_enabled, serve_grpc, stop_grpc
 from service.api.grpc.servicer import JOB_ID_METADATA
 from service.api.grpc.stubs import SERVICE_NAME
 
-__all__ = ["JOB_ID_METADATA", "SERVICE_NAME", "bound_port", "create_grpc_server", "serve_grpc", "stop_grpc"]
+__all__ = ["JOB_ID_METADATA", "SERVICE_NAME", "bound_port", "create_grpc_server", "reflection_enabled", "serve_grpc",
+           "stop_grpc"]

@@ -59,8 +59,9 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> 
             return _TooLarge(len(data), limit)
         try:
             return deserialize(data)
-        except Exception as exc:  # any parse failure is the client's bytes' fault
-            return _Undecodable(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # any parse failure is the client's bytes' fault; the parser's text stays here
+            log.debug("event=grpc_undecodable error=%s", exc)
+            return _Undecodable(type(exc).__name__)
 
     return parse
 
@@ -92,6 +93,8 @@ class _Answer:
                 code, message, trailing = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL and not isinstance(exc, JobEnded):
                     log.error("%s failed", self.method, exc_info=exc)
+                elif code == grpc.StatusCode.UNAVAILABLE:  # the client reads a fixed text; the detail is here
+                    log.warning("event=queue_unavailable method=%s error=%s", self.method, exc)
                 await self.context.abort(code, message, trailing_metadata=trailing)
             elif exc is not None:  # the client left, its deadline passed (CancelledError, GeneratorExit), ...
                 code = self.context.code() if isinstance(exc, grpc.aio.AbortError) else grpc.StatusCode.CANCELLED

@@ -1,5 +1,6 @@
 """The gRPC server: ldm.v1.Diffusion (`servicer.py`, behind `interceptor.py`), the standard health service and
-server reflection on one grpc.aio server, and its life: start, watch Redis, stop gracefully.
+server reflection (off by default once API keys are configured: `grpc_reflection`) on one grpc.aio server, on a
+TLS port when `tls_cert_file` is set, and its life: start, watch Redis, stop gracefully.
 
 Health: "" and "ldm.v1.Diffusion" are SERVING while Redis answers a ping, checked every
 `grpc_health_interval_s`.
@@ -27,6 +28,7 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.metrics import ApiMetrics
 from service.queue import JobQueue, QueueUnavailable
+from service.tls import grpc_credentials, tls_files
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,22 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def reflection_enabled(settings: Settings) -> bool:
+    """`grpc_reflection`: auto = only while no API key is configured (it describes the API to any caller)."""
+    if settings.grpc_reflection != "auto":
+        return settings.grpc_reflection == "on"
+    return not Authenticator(settings).enabled
+
+
 def create_grpc_server(settings: Settings, queue: JobQueue | None = None, *, metrics: ApiMetrics | None = None,
                        limits: CallLimits | None = None) -> grpc.aio.Server:
     """A gRPC server bound to `grpc_host:grpc_port` (port 0: any free port, see `bound_port`) with
-    ldm.v1.Diffusion, health checking and reflection; not started. Call it inside the event loop that will run
-    it. Without `queue` it opens its own on `settings` and closes it when the server stops. With `metrics` (the
-    API process's, shared with the REST app) every call is counted in `ldm_grpc_requests_total` and timed.
-    `limits`: the process's caps on streams and waiting calls, shared with the REST app; by default its own.
-    At most `grpc_max_concurrent_rpcs` calls run at once, and no request is received longer than the largest
-    method's limit (service/api/grpc/guard.py)."""
+    ldm.v1.Diffusion, health checking and reflection (`grpc_reflection`), TLS when configured (service/tls.py); not
+    started. Call it inside the event loop that will run it. Without `queue` it opens its own on `settings` and
+    closes it when the server stops. With `metrics` (the API process's, shared with the REST app) every call is
+    counted in `ldm_grpc_requests_total` and timed. `limits`: the process's caps on streams and waiting calls,
+    shared with the REST app; by default its own. At most `grpc_max_concurrent_rpcs` calls run at once, and no
+    request is received longer than the largest method's limit (service/api/grpc/guard.py)."""
     owns_queue = queue is None
     queue = queue if queue is not None else JobQueue(settings)
     servicer = DiffusionServicer(queue, settings)
@@ -107,9 +116,12 @@ def create_grpc_server(settings: Settings, queue: JobQueue | None = None, *, met
     pb_grpc.add_DiffusionServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(_address(settings.grpc_host, settings.grpc_port))
+    if reflection_enabled(settings):
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+    address, credentials = _address(settings.grpc_host, settings.grpc_port), grpc_credentials(settings)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     runtime = _Runtime(port, queue, owns_queue, servicer, health_servicer)
     runtime.task = asyncio.get_running_loop().create_task(
         _run_beside(server, runtime, settings.grpc_health_interval_s))
@@ -139,7 +151,8 @@ async def serve_grpc(settings: Settings, queue: JobQueue | None = None, *, stop:
     (`grpc_shutdown_grace_s`)."""
     server = create_grpc_server(settings, queue, metrics=metrics)
     await server.start()
-    log.info("gRPC (ldm.v1.Diffusion, health, reflection) on %s", _address(settings.grpc_host, bound_port(server)))
+    log.info("gRPC (ldm.v1.Diffusion, health%s) on %s%s", ", reflection" if reflection_enabled(settings) else "",
+             _address(settings.grpc_host, bound_port(server)), " with TLS" if tls_files(settings) else "")
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -76,7 +76,9 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
     if isinstance(exc, QueueFull | QuotaExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_METADATA, str(exc.retry_after_s)),)
     if isinstance(exc, QueueUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable: {exc}", ((RETRY_AFTER_METADATA, "1"),)
+        # its detail (Redis's address, the driver's text) is for the log (the interceptor logs it), not for clients
+        return (grpc.StatusCode.UNAVAILABLE, "the job queue is unavailable; retry shortly",
+                ((RETRY_AFTER_METADATA, "1"),))
     if isinstance(exc, JobEnded):
         return _job_ended_code(exc.job), str(exc), ()
     code = next((c for kind, c in _CODES.items() if isinstance(exc, kind)), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ from service.api.ownership import visible_job
 from service.auth import Principal
 from service.queue import EVENT_ID, JobEvent, JobQueue, JobStatus, QueueUnavailable
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_principal)], responses=AUTH_RESPONSES)
 JobId = Annotated[str, Path(description="the job id (32 hex digits)")]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID.pattern,
@@ -130,8 +132,10 @@ async def _event_stream(queue: JobQueue, job_id: str, after: str, keepalive_s: f
                 elif time.monotonic() - quiet_since >= keepalive_s:
                     yield ": keep-alive\n\n"
                     quiet_since = time.monotonic()
-    except QueueUnavailable as exc:
-        yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
+    except QueueUnavailable as exc:  # a fixed text and a code for the client; Redis's address goes to the log
+        log.warning("event=queue_unavailable route=events error=%s", exc)
+        data = {"error": "the job queue is unavailable; reconnect with Last-Event-ID", "code": "queue_unavailable"}
+        yield f"event: error\ndata: {json.dumps(data)}\n\n"
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={**SSE, **QUOTA_RESPONSES},
