@@ -285,9 +285,11 @@ def imported(tree: ast.AST) -> list[str]:
 
 def test_no_service_module_can_fetch_a_url() -> None:
     """The service imports no HTTP client (the worker's /metrics server and grpc are servers, not clients), but for
-    the webhooks, which only POST to allow-listed hosts (tests/integration/test_webhooks.py) and never fetch."""
+    the webhooks, which only POST to allow-listed hosts (tests/integration/test_webhooks.py) and never fetch, and
+    the one-box /metrics, which reads only the loopback /metrics URLs of the workers `ldm serve` itself started
+    (service/metrics.py `SupervisedWorkersCollector`; no request names a URL)."""
     found = [f"{path.relative_to(ROOT)}: {name}" for path in sorted((ROOT / "service").rglob("*.py"))
              for name in imported(ast.parse(path.read_text()))
              if any(name == c or name.startswith(c + ".") for c in URL_CLIENTS)]
-    assert found == ["service/webhooks.py: httpx"]
+    assert found == ["service/metrics.py: httpx", "service/webhooks.py: httpx"]
     assert "urllib.request" in imported(ast.parse("from urllib import request"))  # the check sees this form

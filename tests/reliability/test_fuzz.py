@@ -310,9 +310,10 @@ def test_malformed_grpc_messages_are_invalid_argument_never_unknown_or_internal(
     with grpc.insecure_channel(f"127.0.0.1:{api.grpc_port}") as channel:
         for method, valid in {**UNARY, **STREAMING}.items():
             fuzz_method(channel, method, valid.SerializeToString(), codes.setdefault(method, Counter()))
-        # huge fields: a prompt far over its limit but inside the message limit; a message over the message limit
+        # huge fields: a prompt far over its limit but inside Generate's message limit (grpc_max_request_bytes); a
+        # message over the method's limit
         generate = channel.unary_unary("/ldm.v1.Diffusion/Generate")
-        huge_prompt = pb.GenerateRequest(parameters=pb.GenerationParameters(prompt="x" * 2**20, steps=2))
+        huge_prompt = pb.GenerateRequest(parameters=pb.GenerationParameters(prompt="x" * 2**15, steps=2))
         with pytest.raises(grpc.RpcError) as err:
             generate(huge_prompt.SerializeToString(), timeout=ANSWER_WITHIN_S)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in (err.value.details() or "")
