@@ -50,6 +50,9 @@ from models.textual_inversion import EmbeddingDB
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
+#: watch(advanced): the samples one step just advanced, before `progress` hears of that step: their states hold
+#: each one's current x0 estimate (`state.denoised`), what a live preview shows
+Watch = Callable[[Sequence[StepSample]], None]
 MAX_STEPS = 1000
 #: one label map per item: a single-channel PIL image (mode L or P) or an integer array [H, W]
 LabelMap = Image.Image | np.ndarray | torch.Tensor
@@ -154,14 +157,17 @@ class Pipeline:
                       progress: Progress | None = None) -> GenerationResult:
         return self.run(self.start_unconditional(specs, settings), progress)
 
-    def run(self, started: Started, progress: Progress | None = None) -> GenerationResult:
+    def run(self, started: Started, progress: Progress | None = None, *,
+            watch: Watch | None = None) -> GenerationResult:
         """Sample a started batch to its end (one `StepBatch` with no one joining) and make its images."""
-        latents = self.run_samples(started.samples, progress)
+        latents = self.run_samples(started.samples, progress, watch=watch)
         return GenerationResult([started.finish(k, latents[k : k + 1]) for k in range(len(latents))],
                                 started.warnings)
 
-    def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None) -> torch.Tensor:
-        """The final latents [N, C, h, w] of samples that share one plan length, stepped together."""
+    def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None, *,
+                    watch: Watch | None = None) -> torch.Tensor:
+        """The final latents [N, C, h, w] of samples that share one plan length, stepped together. `watch` sees
+        each step's advanced samples (it only reads them: the images are the same with or without it)."""
         final = {s.key: s.latent for s in samples if s.state.done}  # an empty img2img plan: the input
         groups: dict[tuple[object, ...], list[StepSample]] = {}
         for s in samples:
@@ -174,6 +180,8 @@ class Pipeline:
             while len(batch):
                 advanced = batch.step()
                 final |= {s.key: s.latent for s in advanced if s.state.done}
+                if advanced and watch is not None:
+                    watch(advanced)
                 if advanced and progress is not None:
                     progress(advanced[0].state.i, advanced[0].state.plan.steps)
         return torch.cat([final[s.key] for s in samples])

@@ -389,6 +389,13 @@ def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     return request.model_copy(update=update) if update else request
 
 
+def unguided_message(model: str, missing: str, scale: float) -> str:
+    """Why a model without a null condition (`missing`: "null class", models.names.MISSING_NULL) refuses a guidance
+    scale other than 1: the API's and the worker's words."""
+    return (f"model {model!r} has no {missing}, which classifier-free guidance needs, so it is sampled unguided: "
+            f"give guidance_scale 1 (or leave it out), not {scale:g}")
+
+
 def normalise_name(name: str) -> str:
     """Class names match whatever their case and spacing ("Red  Circle" is "red circle"): a torch-free copy of
     models.names.normalise_name (a test keeps them equal)."""

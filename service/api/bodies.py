@@ -264,6 +264,10 @@ class ModelCard(BaseModel):
                               "no live worker)")
     labels: LabelSet | None = Field(default=None, description="the class labels it takes (class, layout and semantic "
                                     "models)")
+    default_guidance: dict[Task, float] = Field(default_factory=dict, description="the guidance_scale each task gets "
+                                                "when a request gives none (empty: not said)")
+    missing_null: str | None = Field(default=None, description="the null condition it lacks ('null class'): it "
+                                     "takes guidance_scale 1 only")
 
 
 class ModelList(BaseModel):
