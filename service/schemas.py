@@ -185,8 +185,8 @@ class GenerationRequest(BaseModel):
         "With the A1111 prompt syntax, <lora:name:weight> tags in the prompt are moved here at admission")
     preview_every: int = Field(
         default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
-        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
-        "with continuous batching (LDM_BATCHING=continuous); a static worker ignores it")
+        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by every "
+        "worker, static or continuous batching; the images are the same with or without previews")
     priority: Priority = Field(
         default="normal", description="high jobs are taken before normal ones, normal before low; a job's effective "
         "priority rises one level per LDM_PRIORITY_AGING_S waited, so low work cannot starve. An API key may be "
