@@ -126,36 +126,37 @@ class Pipeline:
     # ------------------------------------------------------------------ public tasks
 
     def txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_txt2img(specs, settings), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_txt2img(specs, settings), progress, watch=watch)
 
     def img2img(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_img2img(specs, settings, images), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_img2img(specs, settings, images), progress, watch=watch)
 
     def inpaint(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                masks: Sequence[Image.Image], progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_inpaint(specs, settings, images, masks), progress)
+                masks: Sequence[Image.Image], progress: Progress | None = None,
+                watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_inpaint(specs, settings, images, masks), progress, watch=watch)
 
     def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_upscale(specs, settings, images), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_upscale(specs, settings, images), progress, watch=watch)
 
     def class2img(self, specs: Sequence[SampleSpec], settings: RunSettings, labels: Sequence[int | str],
-                  progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_class2img(specs, settings, labels), progress)
+                  progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_class2img(specs, settings, labels), progress, watch=watch)
 
     def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
-                   progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_layout2img(specs, settings, layouts), progress)
+                   progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_layout2img(specs, settings, layouts), progress, watch=watch)
 
     def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
-                     progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_semantic2img(specs, settings, maps), progress)
+                     progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_semantic2img(specs, settings, maps), progress, watch=watch)
 
     def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
-                      progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_unconditional(specs, settings), progress)
+                      progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_unconditional(specs, settings), progress, watch=watch)
 
     def run(self, started: Started, progress: Progress | None = None, *,
             watch: Watch | None = None) -> GenerationResult:

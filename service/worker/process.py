@@ -6,7 +6,8 @@ requests come in, the scheduler picks and groups them, the model runs, the outpu
   at most `max_wait_ms`.
 - schedule: check each job against the model, decode its inputs, group the jobs into batches (`make_batches`).
 - execute: start a batch's jobs and run it on the device (`Runner.run`); after every sampler step the jobs'
-  progress goes to the queue, whose answer says which jobs were cancelled (stopped between steps) or taken over
+  progress goes to the queue (with a preview PNG of a job's x0 estimate every `preview_every` steps, as in
+  continuous mode), whose answer says which jobs were cancelled (stopped between steps) or taken over
   by another worker. Its result, a `BatchOutput`, is the images or the batch's failure.
 - update: store each job's PNGs and mark it succeeded (`finish`), or `fail` the batch's jobs; metrics, log.
 

@@ -395,12 +395,13 @@ class Runner:
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
               progress: Progress, watch: Watch | None = None) -> GenerationResult:
-        """The pipeline call of `task` (the one place a test may inject a fault): started, then run to its end
-        (what `Pipeline.<method>` does), so that `watch` sees every step's x0 estimates. Conditions are per
-        sample: one class, layout or label map each (a job's `n` samples share its own)."""
+        """The pipeline call of `task` (the one place a test may inject a fault); `watch` sees every step's x0
+        estimates (live previews). Conditions are per sample: one class, layout or label map each (a job's `n`
+        samples share its own)."""
         method, conditions = self._task_call(task, samples)
-        started: Started = getattr(self.pipeline, f"start_{method}")(specs, settings, *conditions)
-        return self.pipeline.run(started, progress, watch=watch)
+        result: GenerationResult = getattr(self.pipeline, method)(specs, settings, *conditions, progress=progress,
+                                                                  watch=watch)
+        return result
 
     def _task_call(self, task: Task, samples: Sequence[SampleInput]) -> tuple[str, tuple[object, ...]]:
         """The pipeline method of `task` and its per-sample conditions beside specs and settings."""
