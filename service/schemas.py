@@ -171,8 +171,10 @@ class GenerationRequest(BaseModel):
     karras: bool = Field(default=False, description="Karras sigmas (dpmpp_2m only)")
     guidance_scale: float | None = Field(
         default=None, ge=0, allow_inf_nan=False,
-        description="classifier-free guidance; 1 = off; None = the task's default (txt2img, img2img, inpaint 7.5; "
-        "class 5; layout 3; semantic 2; unconditional sampling is unguided: 1), resolved at admission")
+        description="classifier-free guidance; 1 = off; None = the model's default for the task, resolved at "
+        "submission: the task's (txt2img, img2img, inpaint 7.5; class 5; layout 3; semantic 2; unconditional "
+        "sampling is unguided: 1), or 1 for a model without a null condition (the CompVis zoo's cin256, "
+        "layout2img and semantic-map models), which takes no other scale")
     width: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     height: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     n: int = Field(default=1, ge=1, description="images for this prompt")

@@ -11,18 +11,26 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import Settings
-from service.embedded import free_port
-from service.queue import JobStatus, SyncJobQueue
-from service.schemas import GenerationRequest
-from tests.compvis_zoo import write_checkpoint
-from tests.helpers import drop_keys, stop_process, torch_threads
-from tests.integration.test_rest import Api, b64, serving
-from tests.integration.test_served_conditionings import FAST, _spawn
+from service.api import proto_build
+
+proto_build.ensure()  # the stubs are a build output (`make install`); a fresh checkout gets them here
+
+from service.api._proto.ldm.v1 import ldm_pb2 as pb  # noqa: E402
+from service.api._proto.ldm.v1 import ldm_pb2_grpc as pb_grpc  # noqa: E402
+from service.api.grpc import bound_port, create_grpc_server, stop_grpc  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.embedded import free_port  # noqa: E402
+from service.queue import JobQueue, JobStatus, SyncJobQueue  # noqa: E402
+from service.schemas import GenerationRequest  # noqa: E402
+from tests.compvis_zoo import write_checkpoint  # noqa: E402
+from tests.helpers import drop_keys, stop_process, torch_threads  # noqa: E402
+from tests.integration.test_rest import Api, b64, serving  # noqa: E402
+from tests.integration.test_served_conditionings import FAST, _spawn  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 MODELS = ("cin256-v2", "inpainting_big", "cin256")
@@ -163,3 +171,27 @@ def test_guidance_for_a_model_without_a_null_class_is_refused_naming_it(served: 
         time.sleep(0.05)
     assert done.status == JobStatus.failed and done.error is not None
     assert done.error.startswith("invalid_input:") and "no null class" in done.error and "not 5" in done.error
+
+
+@pytest.mark.anyio
+async def test_grpc_applies_the_model_default_and_refuses_guidance_naming_the_null_class(
+        served: tuple[Api, SyncJobQueue]) -> None:
+    """ClassToImage over real gRPC (the same `check_model` as REST): unset guidance runs at cin256's 1 and the
+    response's parameters say so; 5 is INVALID_ARGUMENT naming the missing null class."""
+    api, _ = served
+    async with JobQueue(api.settings) as queue:
+        server = create_grpc_server(api.settings, queue)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{bound_port(server)}") as channel:
+                stub = pb_grpc.DiffusionStub(channel)
+                fields = {"model": "cin256", "class_label": "3", "sampler": "ddim", "steps": 2, "seed": 6}
+                response = await stub.ClassToImage(pb.GenerateRequest(parameters=pb.GenerationParameters(**fields)))
+                assert response.parameters.guidance_scale == 1.0 and len(response.images) == 1
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ClassToImage(pb.GenerateRequest(
+                        parameters=pb.GenerationParameters(**fields, guidance_scale=5.0)))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no null class" in (err.value.details() or "")
+        finally:
+            await stop_grpc(server, 0)
