@@ -359,14 +359,15 @@ class LoraCache:
             return self._entries[key]
         self.misses += 1
         lora = load_lora(resolved, self.model, self.names)
-        if lora.nbytes > self.max_bytes:
-            raise LoraError(f"{path}: {lora.nbytes} bytes of adapter, over the cache's {self.max_bytes}")
+        size = lora.nbytes
+        if size > self.max_bytes:
+            raise LoraError(f"{path}: {size} bytes of adapter, over the cache's {self.max_bytes}")
         for stale in [k for k in self._entries if k[0] == key[0]]:  # an older version of the same file
             self._nbytes -= self._entries.pop(stale).nbytes
+        while self._entries and self._nbytes + size > self.max_bytes:  # room first: the total never exceeds the
+            self._nbytes -= self._entries.popitem(last=False)[1].nbytes  # bound, even read mid-way by a scrape
         self._entries[key] = lora
-        self._nbytes += lora.nbytes
-        while self._nbytes > self.max_bytes:
-            self._nbytes -= self._entries.popitem(last=False)[1].nbytes
+        self._nbytes += size
         return lora
 
 

@@ -56,9 +56,11 @@ KIND_DESCRIPTIONS: dict[ModelKind, str] = {
 DEFAULT_GUIDANCE: dict[Task, float] = {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "upscale": 7.5,
                                        "class": 5.0, "layout": 3.0, "semantic": 2.0, "unconditional": 1.0}
 
-#: the kinds that have no unconditional input (the CompVis zoo's semantic maps, box layouts, cin256): sampled
-#: without classifier-free guidance, so their default scale is 1 whatever the task's
-UNGUIDED_KINDS: frozenset[ModelKind] = frozenset({"semantic_map", "box_layout", "class_only"})
+#: the kinds that have no unconditional input (the CompVis zoo's semantic maps, box layouts, cin256), with the null
+#: condition each lacks (for messages): sampled without classifier-free guidance, so their only scale is 1
+MISSING_NULL: dict[ModelKind, str] = {"semantic_map": "null label map", "box_layout": "null layout",
+                                      "class_only": "null class"}
+UNGUIDED_KINDS: frozenset[ModelKind] = frozenset(MISSING_NULL)
 
 
 def default_guidance(task: Task, kind: ModelKind) -> float:

@@ -51,6 +51,9 @@ from models.textual_inversion import EmbeddingDB
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
+#: watch(advanced): the samples one step just advanced, before `progress` hears of that step: their states hold
+#: each one's current x0 estimate (`state.denoised`), what a live preview shows
+Watch = Callable[[Sequence[StepSample]], None]
 MAX_STEPS = 1000
 #: one label map per item: a single-channel PIL image (mode L or P) or an integer array [H, W]
 LabelMap = Image.Image | np.ndarray | torch.Tensor
@@ -147,47 +150,52 @@ class Pipeline:
     # ------------------------------------------------------------------ public tasks
 
     def txt2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_txt2img(specs, settings), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_txt2img(specs, settings), progress, watch=watch)
 
     def img2img(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_img2img(specs, settings, images), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_img2img(specs, settings, images), progress, watch=watch)
 
     def inpaint(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                masks: Sequence[Image.Image], progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_inpaint(specs, settings, images, masks), progress)
+                masks: Sequence[Image.Image], progress: Progress | None = None,
+                watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_inpaint(specs, settings, images, masks), progress, watch=watch)
 
     def upscale(self, specs: Sequence[SampleSpec], settings: RunSettings, images: Sequence[Image.Image],
-                progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_upscale(specs, settings, images), progress)
+                progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_upscale(specs, settings, images), progress, watch=watch)
 
     def class2img(self, specs: Sequence[SampleSpec], settings: RunSettings, labels: Sequence[int | str],
-                  progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_class2img(specs, settings, labels), progress)
+                  progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_class2img(specs, settings, labels), progress, watch=watch)
 
     def layout2img(self, specs: Sequence[SampleSpec], settings: RunSettings, layouts: Sequence[Sequence[Box]],
-                   progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_layout2img(specs, settings, layouts), progress)
+                   progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_layout2img(specs, settings, layouts), progress, watch=watch)
 
     def semantic2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
-                     progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_semantic2img(specs, settings, maps), progress)
+                     progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_semantic2img(specs, settings, maps), progress, watch=watch)
 
     def unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings,
-                      progress: Progress | None = None) -> GenerationResult:
-        return self.run(self.start_unconditional(specs, settings), progress)
+                      progress: Progress | None = None, watch: Watch | None = None) -> GenerationResult:
+        return self.run(self.start_unconditional(specs, settings), progress, watch=watch)
 
-    def run(self, started: Started, progress: Progress | None = None) -> GenerationResult:
+    def run(self, started: Started, progress: Progress | None = None, *,
+            watch: Watch | None = None) -> GenerationResult:
         """Sample a started batch to its end (one `StepBatch` with no one joining) and make its images."""
-        latents = self.run_samples(started.samples, started.progress_of_first_part(progress))
+        latents = self.run_samples(started.samples, started.progress_of_first_part(progress),
+                                   watch=watch)
         if started.then is not None:
             latents = started.then(latents, progress)
         return GenerationResult([started.finish(k, latents[k : k + 1]) for k in range(len(latents))],
                                 started.warnings)
 
-    def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None) -> torch.Tensor:
-        """The final latents [N, C, h, w] of samples that share one plan length, stepped together."""
+    def run_samples(self, samples: Sequence[StepSample], progress: Progress | None = None, *,
+                    watch: Watch | None = None) -> torch.Tensor:
+        """The final latents [N, C, h, w] of samples that share one plan length, stepped together. `watch` sees
+        each step's advanced samples (it only reads them: the images are the same with or without it)."""
         final = {s.key: s.latent for s in samples if s.state.done}  # an empty img2img plan: the input
         groups: dict[tuple[object, ...], list[StepSample]] = {}
         for s in samples:
@@ -200,6 +208,8 @@ class Pipeline:
             while len(batch):
                 advanced = batch.step()
                 final |= {s.key: s.latent for s in advanced if s.state.done}
+                if advanced and watch is not None:
+                    watch(advanced)
                 if advanced and progress is not None:
                     progress(advanced[0].state.i, advanced[0].state.plan.steps)
         return torch.cat([final[s.key] for s in samples])

@@ -313,7 +313,7 @@ class Settings(BaseSettings):
     a1111_preview_every: int = Field(
         default=0, ge=0, le=1000, description="Live previews of /sdapi/v1 jobs that do not say (their `preview_every` "
         "extension field): every this many steps, shown by GET /sdapi/v1/progress as `current_image`; 0 = none "
-        "(`current_image` null). Made by continuous-batching workers (LDM_BATCHING=continuous).")
+        "(`current_image` null). Made by static and continuous-batching workers alike.")
 
     @property
     def heartbeat_ttl_s(self) -> float:

@@ -184,8 +184,10 @@ class GenerationRequest(BaseModel):
     karras: bool = Field(default=False, description="Karras sigmas (dpmpp_2m only)")
     guidance_scale: float | None = Field(
         default=None, ge=0, allow_inf_nan=False,
-        description="classifier-free guidance; 1 = off; None = the task's default (txt2img, img2img, inpaint 7.5; "
-        "class 5; layout 3; semantic 2; unconditional sampling is unguided: 1), resolved at admission")
+        description="classifier-free guidance; 1 = off; None = the model's default for the task, resolved at "
+        "submission: the task's (txt2img, img2img, inpaint 7.5; class 5; layout 3; semantic 2; unconditional "
+        "sampling is unguided: 1), or 1 for a model without a null condition (the CompVis zoo's cin256, "
+        "layout2img and semantic-map models), which takes no other scale")
     width: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     height: int | None = Field(default=None, ge=1, description="pixels; None = the model's default size")
     n: int = Field(default=1, ge=1, description="images for this prompt")
@@ -198,8 +200,8 @@ class GenerationRequest(BaseModel):
         "With the A1111 prompt syntax, <lora:name:weight> tags in the prompt are moved here at admission")
     preview_every: int = Field(
         default=0, ge=0, le=1000, description="live previews: every this many sampler steps a progress event carries "
-        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by workers "
-        "with continuous batching (LDM_BATCHING=continuous); a static worker ignores it")
+        "`preview`, a small PNG of the current denoised estimate (base64 over SSE); 0 = none. Made by every "
+        "worker, static or continuous batching; the images are the same with or without previews")
     priority: Priority = Field(
         default="normal", description="high jobs are taken before normal ones, normal before low; a job's effective "
         "priority rises one level per LDM_PRIORITY_AGING_S waited, so low work cannot starve. An API key may be "
@@ -417,6 +419,13 @@ def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     if request.guidance_scale is None:
         update["guidance_scale"] = DEFAULT_GUIDANCE[request.task]
     return request.model_copy(update=update) if update else request
+
+
+def unguided_message(model: str, missing: str, scale: float) -> str:
+    """Why a model without a null condition (`missing`: "null class", models.names.MISSING_NULL) refuses a guidance
+    scale other than 1: the API's and the worker's words."""
+    return (f"model {model!r} has no {missing}, which classifier-free guidance needs, so it is sampled unguided: "
+            f"give guidance_scale 1 (or leave it out), not {scale:g}")
 
 
 def normalise_name(name: str) -> str:

@@ -95,7 +95,7 @@ FIELDS: dict[str, Rule] = {
     "preview_every": _supported("ldm-serve's extension: a live preview every this many steps (0 to 1000), which GET "
                                 "/sdapi/v1/progress answers as `current_image`; left out = the server's "
                                 "LDM_A1111_PREVIEW_EVERY (default 0: none, `current_image` null). Made by "
-                                "continuous-batching workers"),
+                                "static and continuous-batching workers alike"),
     "priority": _supported("ldm-serve's extension: `high`, `normal` (default) or `low` (docs/continuous-batching.md; "
                            "above the API key's `max_priority`: 403)"),
     # accepted; a value that asks for something is noted in info.ldm_ignored

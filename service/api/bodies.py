@@ -190,7 +190,8 @@ class OpenAIImageParams(BaseModel):
     quality: str | None = Field(default=None, description="accepted and ignored")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="None = random; image i gets seed + i")
     steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
+    guidance_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                         description="None = the model's default for the task (7.5 for prompts)")
     sampler: Sampler = "dpmpp_2m"
     negative_prompt: str = ""
     deadline_s: float | None = _deadline_field()
@@ -264,6 +265,10 @@ class ModelCard(BaseModel):
                               "no live worker)")
     labels: LabelSet | None = Field(default=None, description="the class labels it takes (class, layout and semantic "
                                     "models)")
+    default_guidance: dict[Task, float] = Field(default_factory=dict, description="the guidance_scale each task gets "
+                                                "when a request gives none (empty: not said)")
+    missing_null: str | None = Field(default=None, description="the null condition it lacks ('null class'): it "
+                                     "takes guidance_scale 1 only")
 
 
 class ModelList(BaseModel):

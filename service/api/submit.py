@@ -3,7 +3,9 @@
 Order of checks: the API key (middleware, 401/403, before the body is read), the key's rate (429, before any image
 is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images and label map
 (`service/images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers
-say what it can do and which labels it takes, the task and the class labels, layout and label map too), the key's jobs
+say what it can do and which labels it takes, the task and the class labels, layout and label map too; an unset
+guidance scale becomes the model's default its workers register, and guidance of a model without a null condition
+is refused), the key's jobs
 in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
 (409). A `webhook_url` is checked against the allow-list before the images are decoded (422) and registered once
 the job is queued (service/webhooks.py). The gRPC front end runs the same `check_model`; its ValidationError
@@ -29,9 +31,9 @@ from service.api.errors import ApiError
 from service.auth import Principal
 from service.config import Settings
 from service.images import decode_image, decode_label_map, decode_mask
-from service.queue import Job, JobNotFound, JobQueue, JobStatus
+from service.queue import Job, JobNotFound, JobQueue, JobStatus, WorkerInfo
 from service.quotas import Quotas
-from service.schemas import IMAGE_TASKS, GenerationRequest, Task, check_labels
+from service.schemas import IMAGE_TASKS, GenerationRequest, Task, check_labels, unguided_message
 
 
 async def served_models(queue: JobQueue, settings: Settings) -> dict[str, int]:
@@ -50,11 +52,14 @@ def _invalid(field: str, kind: str, message: str) -> ValidationError:
 
 
 async def check_model(queue: JobQueue, settings: Settings, request: GenerationRequest,
-                      map_labels: Iterable[int] = ()) -> None:
+                      map_labels: Iterable[int] = ()) -> GenerationRequest:
     """The model must be the default or served by a live worker (a job for a model nobody serves would only wait
     for its deadline); when its live workers say which tasks they can do, one of them must do this task, and when
     they say which labels their model takes, the class label, the layout's labels and box count and the label map's
     values (`map_labels`) must be among them (else the job would only fail as invalid_input in the worker).
+    The request back, with the model's own default guidance scale where it gives none and the workers register one
+    (a model without a null condition, such as the CompVis zoo's cin256, is unguided: 1, not the task's 5), so the
+    job records the scale used; a scale other than 1 for such a model is refused naming the null condition it lacks.
     Raises pydantic.ValidationError."""
     model = request.model or settings.default_model
     serving = [w for w in await queue.workers() if model in w.models]
@@ -68,6 +73,20 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
     labels = next((w.labels for w in serving if w.labels is not None and request.task in w.tasks), None)
     if labels is not None:
         check_labels(request.model_copy(update={"model": model}), labels, map_labels)
+    return _guided(request, model, serving)
+
+
+def _guided(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> GenerationRequest:
+    """`request` with the guidance scale its model's workers register for its task when it gives none; refused
+    (ValidationError) when it asks guidance of a model that has no null condition."""
+    if request.guidance_scale is None:
+        default = next((w.default_guidance[request.task] for w in serving if request.task in w.default_guidance), None)
+        return request if default is None else request.model_copy(update={"guidance_scale": default})
+    missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
+    if missing is not None and request.guidance_scale != 1.0:
+        raise _invalid("guidance_scale", "guidance_unsupported",
+                       unguided_message(model, missing, request.guidance_scale))
+    return request
 
 
 def _check_given_size(body: JobBody, size: tuple[int, int], what: str = "image") -> None:
@@ -117,7 +136,7 @@ class Submitter:
     async def submit(self, request: GenerationRequest, idempotency_key: str | None = None,
                      deadline_s: float | None = None, map_labels: Iterable[int] = ()) -> Job:
         """Check the model, then queue within the caller's cap of jobs in flight."""
-        await check_model(self.queue, self.settings, request, map_labels)
+        request = await check_model(self.queue, self.settings, request, map_labels)
         return await self.quotas.submit(self.principal, request, idempotency_key=idempotency_key,
                                         deadline_s=deadline_s)
 

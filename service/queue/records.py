@@ -132,6 +132,11 @@ class WorkerInfo(BaseModel):
                               description="tasks its model can do (empty = not said: assume any)")
     labels: LabelSet | None = Field(default=None, description="the labels its model takes (class, layout and "
                                     "semantic models; None = not said: the worker checks them)")
+    default_guidance: dict[Task, float] = Field(
+        default_factory=dict, description="the guidance_scale each task of its model gets when a request gives none "
+        "(the front ends fill it in; empty = not said: the task's default)")
+    missing_null: str | None = Field(default=None, description="the null condition its model lacks ('null class'), "
+                                     "which guidance needs: it takes guidance_scale 1 only (None = it has one)")
     host: str = ""
     pid: int = 0
     device: str = ""

@@ -6,7 +6,8 @@ requests come in, the scheduler picks and groups them, the model runs, the outpu
   at most `max_wait_ms`.
 - schedule: check each job against the model, decode its inputs, group the jobs into batches (`make_batches`).
 - execute: start a batch's jobs and run it on the device (`Runner.run`); after every sampler step the jobs'
-  progress goes to the queue, whose answer says which jobs were cancelled (stopped between steps) or taken over
+  progress goes to the queue (with a preview PNG of a job's x0 estimate every `preview_every` steps, as in
+  continuous mode), whose answer says which jobs were cancelled (stopped between steps) or taken over
   by another worker. Its result, a `BatchOutput`, is the images or the batch's failure.
 - update: store each job's PNGs and mark it succeeded (`finish`), or `fail` the batch's jobs; metrics, log.
 
@@ -40,7 +41,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -126,6 +127,7 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), labels=self.runner.labels,
+                          default_guidance=self.runner.default_guidance, missing_null=self.runner.missing_null,
                           host=socket.gethostname(), pid=os.getpid(), device=str(self.runner.device),
                           started_at=self._started_at, busy=self._busy, step_rate=round(self._step_rate, 3),
                           steps_in_hand=self._steps_in_hand())
@@ -325,7 +327,7 @@ class Worker:
         """Progress to the queue after every step; stop cancelled jobs; raise Cancelled when none is left."""
         last = [time.monotonic()]
 
-        def on_step(step: int, total: int, indices: Sequence[int]) -> None:
+        def on_step(step: int, total: int, indices: Sequence[int], x0: Mapping[int, torch.Tensor]) -> None:
             now = time.monotonic()
             interval = now - last[0] if step > 1 else 0.0  # the first interval holds the batch's set-up (encoding)
             if interval:
@@ -334,7 +336,8 @@ class Worker:
             running = Batch(live.key, tuple(live.samples[i] for i in indices))
             jobs = [j for j in running.jobs if not j.done]
             self._stepped(len(indices), interval, [(j.claim, step) for j in jobs])
-            stop = self.queue.progress([j.claim for j in jobs], step, total) if jobs else {}
+            previews = self._previews(live, jobs, step, total, x0)
+            stop = self.queue.progress([j.claim for j in jobs], step, total, previews=previews) if jobs else {}
             for j in jobs:
                 if stop.get(j.id) == "cancel":
                     self._cancelled(j, step, total)
@@ -344,6 +347,22 @@ class Worker:
                 raise Cancelled
 
         return on_step
+
+    def _previews(self, live: Batch[JobState], jobs: Sequence[JobState], step: int, total: int,
+                  x0: Mapping[int, torch.Tensor]) -> dict[str, bytes]:
+        """Job id -> a preview PNG of its first sample's x0 estimate, for each job whose `preview_every` falls on
+        this step (not the last: its image follows), as service/worker/continuous.py makes them."""
+        previews: dict[str, bytes] = {}
+        for j in jobs:
+            every = j.request.preview_every
+            if not every or step % every or step >= total:
+                continue
+            latent = next((x0[i] for i, s in enumerate(live.samples) if s.job is j and i in x0), None)
+            if latent is not None:
+                began = time.monotonic()
+                previews[j.id] = self.runner.preview(latent, live.key)
+                self.metrics.preview_time.labels(self.model).observe(time.monotonic() - began)
+        return previews
 
     # ------------------------------------------------------------------------------------------- update
 

@@ -27,10 +27,10 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, LoraCache, LoraError
-from models.names import KIND_DESCRIPTIONS, DTypeName
+from models.names import KIND_DESCRIPTIONS, MISSING_NULL, DTypeName, default_guidance
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -50,10 +50,12 @@ from models.pipeline import (
     SampleSpec,
     Started,
     UnsupportedTask,
+    Watch,
 )
 from models.preview import Previewer
 from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
+from models.step_batch import StepSample
 from models.textual_inversion import load_embeddings_dir
 from service.images import ImageError, decode_queued_image, decode_queued_label_map
 from service.loras import LoraNameError, lora_path
@@ -66,6 +68,7 @@ from service.schemas import (
     GenerationRequest,
     LabelSet,
     Task,
+    unguided_message,
 )
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,10 @@ FailureReason = Literal["unsupported", "invalid_input", "out_of_memory", "intern
 #: the worker's dtype setting: auto = fp16 on cuda, fp32 elsewhere (`models.resolve.pick_dtype`)
 DType = Literal["auto", DTypeName]
 
-#: step(step, total, samples): after every sampler step of the samples (indices into the batch) now running;
+#: step(step, total, samples, x0): after every sampler step of the samples (indices into the batch) now running, with
+#: the current x0 estimate [1, C, h, w] of each sample that step advanced, by index (what a live preview shows);
 #: raising `Cancelled` from it stops those samples between steps
-StepCallback = Callable[[int, int, Sequence[int]], None]
+StepCallback = Callable[[int, int, Sequence[int], Mapping[int, torch.Tensor]], None]
 
 
 class JobFailure(Exception):
@@ -234,6 +238,26 @@ class Runner:
             return None
         return LabelSet(n_classes=c.n_classes, class_names=c.class_names, max_boxes=c.max_boxes)
 
+    @property
+    def default_guidance(self) -> dict[Task, float]:
+        """The guidance scale each of its tasks gets when a request gives none (registered, so the front ends record
+        the scale actually used): the task's default, or 1 for a model without a null condition."""
+        kind = self.model.config.kind
+        return {Task(task): default_guidance(task, kind) for task in self.model.config.tasks}
+
+    @property
+    def missing_null(self) -> str | None:
+        """The null condition this model lacks ("null class"; registered), which classifier-free guidance needs: it
+        is sampled unguided, guidance_scale 1 only. None: it has one (or needs none)."""
+        return MISSING_NULL.get(self.model.config.kind)
+
+    def guidance(self, request: GenerationRequest) -> float:
+        """The scale a job runs at: its own, or this model's default for its task (the front ends fill it in from
+        the registration; a request queued without one gets the model's, not the task's)."""
+        if request.guidance_scale is not None:
+            return request.guidance_scale
+        return self.default_guidance.get(request.task, request.effective_guidance)
+
     # ------------------------------------------------------------------------------------- per job, before a batch
 
     def check(self, request: GenerationRequest) -> None:
@@ -243,11 +267,9 @@ class Runner:
             can = ", ".join(sorted(t.value for t in self.tasks))
             raise JobFailure("unsupported", f"model {self.name!r} is {KIND_DESCRIPTIONS[self.model.config.kind]} and "
                              f"cannot do {request.task.value} (it can do: {can})")
-        kind = self.model.config.kind
-        if kind in ("box_layout", "class_only") and request.effective_guidance != 1.0:
-            raise JobFailure("invalid_input", f"model {self.name!r} has no unconditional input (no null class or "
-                             "layout), so it is sampled without classifier-free guidance: give "
-                             f"guidance_scale 1, not {request.effective_guidance:g}")
+        missing, scale = self.missing_null, self.guidance(request)
+        if missing is not None and scale != 1.0:
+            raise JobFailure("invalid_input", unguided_message(self.name, missing, scale))
         if request.task == Task.class_:
             self._class_id(request)
         elif request.task == Task.layout:
@@ -356,20 +378,25 @@ class Runner:
                   on_step: StepCallback | None) -> list[bytes | None]:
         chosen = [samples[i] for i in indices]
         specs, settings = self._specs(key, chosen)
+        x0: dict[int, torch.Tensor] = {}  # the last step's x0 estimates, by index into `samples`
+
+        def watch(advanced: Sequence[StepSample]) -> None:
+            x0.clear()
+            x0.update({indices[cast(int, s.key)]: s.state.denoised for s in advanced if s.state.denoised is not None})
 
         def progress(step: int, total: int) -> None:
             if on_step is not None:
-                on_step(step, total, indices)
+                on_step(step, total, indices, x0)
 
         with _as_job_failures():
-            result = self._call(key.task, specs, settings, chosen, progress)
+            result = self._call(key.task, specs, settings, chosen, progress, watch if on_step is not None else None)
         for warning in result.warnings:
             log.warning("%s", warning)
         return [self.png(key, s, image) for s, image in zip(chosen, result.images, strict=True)]
 
     def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
         adapters = {id(s.request): self.adapters(s.request) for s in samples}
-        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, s.request.effective_guidance,
+        specs = [SampleSpec(s.request.prompt, s.request.negative_prompt, s.seed, self.guidance(s.request),
                             adapters=adapters[id(s.request)],
                             **s.request.micro_conditioning)  # type: ignore[arg-type]  # SDXL's, by name
                  for s in samples]
@@ -379,11 +406,13 @@ class Runner:
         return specs, settings
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
-              progress: Progress) -> GenerationResult:
-        """The pipeline call of `task` (the one place a test may inject a fault). Conditions are per sample: one
-        class, layout or label map each (a job's `n` samples share its own)."""
+              progress: Progress, watch: Watch | None = None) -> GenerationResult:
+        """The pipeline call of `task` (the one place a test may inject a fault); `watch` sees every step's x0
+        estimates (live previews). Conditions are per sample: one class, layout or label map each (a job's `n`
+        samples share its own)."""
         method, conditions = self._task_call(task, samples)
-        result: GenerationResult = getattr(self.pipeline, method)(specs, settings, *conditions, progress=progress)
+        result: GenerationResult = getattr(self.pipeline, method)(specs, settings, *conditions, progress=progress,
+                                                                  watch=watch)
         return result
 
     def _task_call(self, task: Task, samples: Sequence[SampleInput]) -> tuple[str, tuple[object, ...]]:
@@ -419,7 +448,7 @@ class Runner:
             parameters |= {"prompt": r.prompt, "negative_prompt": r.negative_prompt}
         parameters |= {
             "seed": sample.seed, "steps": key.steps, "sampler": key.sampler, "karras": key.karras, "eta": key.eta,
-            "guidance_scale": r.effective_guidance, "width": image.width, "height": image.height,
+            "guidance_scale": self.guidance(r), "width": image.width, "height": image.height,
         }
         if key.strength is not None:
             parameters["strength"] = key.strength

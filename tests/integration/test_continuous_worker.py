@@ -95,3 +95,28 @@ def test_previews_every_k_steps_arrive_over_sse_as_pngs(workers: tuple[Cluster, 
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         assert image.format == "PNG" and max(image.size) <= 256
     assert metric(worker.scrape(), f'ldm_preview_seconds_count{{model="{MODEL}"}}') >= 2
+
+
+def test_a_static_worker_sends_previews_too_and_the_same_image(
+        workers: tuple[Cluster, WorkerProcess, Cluster]) -> None:
+    """`LDM_BATCHING=static` honours `preview_every` as continuous mode does (every k steps, none for the final
+    image), and watching the x0 estimates leaves the image byte for byte as it is without previews."""
+    _, _, static = workers
+    job = static.queue.submit(request(steps=6, preview_every=2, seed=5))
+    plain = static.queue.submit(request(steps=6, seed=5))
+    assert static.wait(job.id, timeout_s=120).status == JobStatus.succeeded
+    assert static.wait(plain.id, timeout_s=120).status == JobStatus.succeeded
+    assert static.queue.result(job.id, 0) == static.queue.result(plain.id, 0)
+    with serving(static.settings) as api:
+        frames = sse(api.client, f"/v1/jobs/{job.id}/events")
+        plain_frames = sse(api.client, f"/v1/jobs/{plain.id}/events")
+    progress = [json.loads(f.data) for f in frames if f.event == "progress" and f.data]
+    assert [p["step"] for p in progress] == list(range(1, 7))
+    with_preview = {p["step"]: p["preview"] for p in progress if p.get("preview")}
+    assert sorted(with_preview) == [2, 4]
+    for data in with_preview.values():
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert image.format == "PNG" and max(image.size) <= 256 and image.size[0] == image.size[1]
+    assert not any(json.loads(f.data).get("preview") for f in plain_frames if f.event == "progress" and f.data)
+    scraped = static.workers[0].scrape()
+    assert metric(scraped, f'ldm_preview_seconds_count{{model="{MODEL}"}}') >= 2

@@ -22,15 +22,15 @@ _real_call = runner.Runner._call
 
 
 def _call(self: runner.Runner, task: Any, specs: list[Any], settings: Any, samples: Sequence[Any],
-          progress: Any) -> Any:
+          progress: Any, watch: Any = None) -> Any:
     if not any(POISON in s.prompt for s in specs):
-        return _real_call(self, task, specs, settings, samples, progress)
+        return _real_call(self, task, specs, settings, samples, progress, watch)
 
     def crash_after_first_step(step: int, total: int) -> None:
         progress(step, total)  # the step is recorded first: the batch is really under way
         os.kill(os.getpid(), signal.SIGKILL)
 
-    return _real_call(self, task, specs, settings, samples, crash_after_first_step)
+    return _real_call(self, task, specs, settings, samples, crash_after_first_step, watch)
 
 
 runner.Runner._call = _call  # type: ignore[method-assign]

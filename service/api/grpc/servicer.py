@@ -171,7 +171,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         send its id as initial metadata, and tie the job to the call (see `_Waiting`)."""
         key = idempotency_key(message.idempotency_key, context.invocation_metadata())
         hook = webhooks.checked(message.parameters.webhook_url or None, self.settings)
-        await check_model(self.queue, self.settings, request, map_labels)
+        request = await check_model(self.queue, self.settings, request, map_labels)
         remaining = context.time_remaining()
         deadline_s = max(0.001, remaining) if remaining is not None and key is None else None
         job = await self.quotas.submit(current_principal.get(), request, idempotency_key=key, deadline_s=deadline_s)

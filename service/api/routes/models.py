@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_prin
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
     """Models served by live workers, plus the configured default (listed with `workers: 0` when none serves it),
-    with the tasks their workers can do and the labels they take."""
+    with the tasks their workers can do, the labels they take and the guidance each task gets by default."""
     served = await served_models(queue, settings)
     workers = await queue.workers()
     cards = []
@@ -23,5 +23,8 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
         serving = [w for w in workers if name in w.models]
         tasks = sorted({t for w in serving for t in w.tasks}, key=list(Task).index)
         labels = next((w.labels for w in serving if w.labels is not None), None)
-        cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels))
+        guidance = next((w.default_guidance for w in serving if w.default_guidance), {})
+        missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
+        cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels, default_guidance=guidance,
+                               missing_null=missing))
     return ModelList(data=cards)
