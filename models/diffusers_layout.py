@@ -62,7 +62,7 @@ def _refuse_unknown(what: str, cfg: dict[str, Any], known: set[str]) -> None:
 #: here by name (addition_embed_type 'text_time'), not on 336 unexpected keys.
 _UNET_REQUIRED: dict[str, tuple[Any, ...]] = {
     "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "downsample_padding": (1,), "mid_block_scale_factor": (1, 1.0), "act_fn": ("silu",),
     "norm_eps": (1e-5,), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,), "class_embed_type": (None,),
@@ -82,6 +82,7 @@ _UNET_READ = {
     "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "dropout", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "num_class_embeds", "upcast_attention",
+    "only_cross_attention",
 }
 
 
@@ -117,10 +118,12 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     """UNet2DConditionModel's config.json -> UNetConfig (SD 1.x and 2.x UNets); any field that would
     change the math in a way UNetConfig cannot say is refused by name."""
     _refuse_unknown("UNet", cfg, set(_UNET_REQUIRED) | _UNET_READ)
-    if isinstance(cfg.get("only_cross_attention"), list):  # per level; any True is refused below
-        cfg = {**cfg, "only_cross_attention": any(cfg["only_cross_attention"])}
     _require("UNet", cfg, _UNET_REQUIRED)
     channels = [int(c) for c in cfg["block_out_channels"]]
+    # per level (or one for all): attn1 attends to the context (the x4 upscaler's True, True, True, False); the
+    # UNetMidBlock2DCrossAttn middle block keeps self-attention whatever it says
+    only_cross = [bool(b) for b in _per_level("UNet", cfg, "only_cross_attention",
+                                              cfg.get("only_cross_attention", False), len(channels))]
     base = channels[0]
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     known_down, known_up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -150,6 +153,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         num_classes=cfg.get("num_class_embeds"),
         dropout=float(cfg.get("dropout", 0.0)),
         norm_groups=int(cfg.get("norm_num_groups", 32)),
+        disable_self_attentions=tuple(only_cross) if any(only_cross) else None,
     )
 
 
@@ -228,6 +232,19 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
         steps_offset=int(cfg.get("steps_offset", 0)),
         timestep_spacing=cfg.get("timestep_spacing", "leading"),
     )
+
+
+#: fields of a scheduler that only its sampling reads: a pipeline that only noises an input with it (`add_noise`:
+#: the x4 upscaler's `low_res_scheduler`, a DDPMScheduler with clip_sample true) never uses them
+_SAMPLING_ONLY = {"clip_sample", "clip_sample_range", "variance_type", "prediction_type", "thresholding",
+                  "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "steps_offset"}
+
+
+def noise_schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
+    """A scheduler config used only to noise an input (the x4 upscaler's `low_res_scheduler`): its betas are read
+    (and refused by name as `schedule_config_from_diffusers` refuses them); its sampling settings mean nothing."""
+    return schedule_config_from_diffusers({k: v for k, v in cfg.items()
+                                           if k not in _SAMPLING_ONLY | _SCHEDULER_CHOICES})
 
 
 #: transformers CLIPTextConfig fields that change the text encoder's math (read), and the model types

@@ -40,6 +40,9 @@ class UNetConfig:
     legacy: bool = False
     #: GroupNorm groups (the original: 32); small UNets on flat-coloured data want several channels a group
     norm_groups: int = 32
+    #: per level, whether its transformers' attn1 attends to the context instead of to itself (the SD x4
+    #: upscaler: True, True, True, False); None: self-attention everywhere. The middle block keeps its own.
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -48,6 +51,16 @@ class UNetConfig:
             raise ValueError("context_dim needs use_spatial_transformer (cross-attention lives there)")
         if self.model_channels % self.norm_groups:
             raise ValueError(f"model_channels must be a multiple of {self.norm_groups} (norm_groups)")
+        if self.disable_self_attentions is not None:
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ValueError(f"disable_self_attentions has {len(self.disable_self_attentions)} entries for "
+                                 f"{len(self.channel_mult)} levels")
+            if any(self.disable_self_attentions) and self.context_dim is None:
+                raise ValueError("disable_self_attentions needs a context_dim (attn1 attends to the context)")
+
+    def self_attention_disabled(self, level: int | None) -> bool:
+        """Whether the transformers of `level` (None: the middle block) attend to the context in attn1."""
+        return level is not None and self.disable_self_attentions is not None and self.disable_self_attentions[level]
 
     def heads(self, ch: int) -> tuple[int, int]:
         """(heads, d_head) of an attention at `ch` channels: the original's rule, legacy included."""
@@ -200,12 +213,14 @@ class UNet(nn.Module):
         return ResBlock(ch, self.emb_dim, out, c.dropout, c.use_scale_shift_norm, up=up, down=down,
                         groups=c.norm_groups)
 
-    def _attention(self, ch: int) -> nn.Module:
+    def _attention(self, ch: int, level: int | None = None) -> nn.Module:
+        """The attention of a block at `level` (None: the middle block)."""
         c = self.config
         heads, d_head = c.heads(ch)
         if c.use_spatial_transformer:
             return SpatialTransformer(ch, heads, d_head, c.transformer_depth, c.context_dim,
-                                      c.use_linear_in_transformer, c.dropout, c.norm_groups)
+                                      c.use_linear_in_transformer, c.dropout, c.norm_groups,
+                                      c.self_attention_disabled(level))
         # the original hands AttentionBlock num_head_channels = d_head (legacy: -1 -> num_heads)
         return AttentionBlock(ch, heads if c.legacy and c.num_head_channels == -1 else ch // d_head, c.norm_groups)
 
@@ -222,7 +237,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -244,7 +259,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._res(ch + skip_channels.pop(), mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(self._res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
                     ds //= 2

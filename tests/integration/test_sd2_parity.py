@@ -260,7 +260,8 @@ def test_diffusers_unet_fields_read_or_refused_by_name() -> None:
     assert unet_config_from_diffusers({**SD2_UNET, "attention_head_dim": 8}).heads(640) == (8, 80)
     refused = [({"attention_head_dim": [5, 10, 10, 20]}, "neither one count for every level nor one head width"),
                ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time' is not supported"),
-               ({"act_fn": "gelu"}, "act_fn='gelu'"), ({"only_cross_attention": [True] * 4}, "only_cross_attention"),
+               ({"act_fn": "gelu"}, "act_fn='gelu'"),
+               ({"only_cross_attention": [True] * 3}, "only_cross_attention has 3 entries for 4 levels"),
                ({"transformer_layers_per_block": [1, 2, 10, 10]}, "transformer_layers_per_block"),
                ({"some_future_field": 3}, r"fields this loader does not know: \['some_future_field'\]")]
     for change, message in refused:
