@@ -136,3 +136,26 @@ def test_single_file_upscaler_is_refused_by_name(twins: Twins) -> None:
     sd = load_model(twins.folder).original_state_dict()  # (twins.ours may be prepacked for the CPU by now)
     with pytest.raises(CheckpointError, match="SD x4 upscaler as one original-layout file.*diffusers folder"):
         infer_model_config(sd, "x4", prediction_type="v_prediction")
+
+
+def test_ldm_generate_upscales_with_a_prompt_and_noise_level(twins: Twins, tmp_path: Path) -> None:
+    """`ldm generate --task upscale --image lr.png PROMPT --noise-level 50`: the PNG diffusers decodes (within one
+    level of rounding on a few pixels: the VAE decodes latents of a random UNet, |x| ~ 30)."""
+    from service.cli import main
+
+    image = low_res_images(1)[0]
+    image.save(tmp_path / "lr.png")
+    out = tmp_path / "x4.png"
+    with torch_threads(1):
+        expected = twins.pipe("a red circle", image=image, num_inference_steps=10, guidance_scale=7.5, noise_level=50,
+                              generator=[torch.Generator().manual_seed(3)], output_type="np").images[0]
+        assert main(["generate", "a red circle", "--task", "upscale", "--image", str(tmp_path / "lr.png"),
+                     "--noise-level", "50", "--model", str(twins.folder), "--sampler", "ddim", "--steps", "10",
+                     "--seed", "3", "--prompt-syntax", "plain", "--device", "cpu", "-o", str(out)]) == 0
+    with Image.open(out) as png:
+        ours = np.asarray(png.convert("RGB")).astype(np.int16)
+    theirs = (expected * 255).round().astype(np.int16)
+    assert ours.shape == theirs.shape == (64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01
+    with pytest.raises(SystemExit, match="--noise-level is for --task upscale"):
+        main(["generate", "x", "--noise-level", "5", "--model", str(twins.folder)])
