@@ -191,11 +191,11 @@ def autoencoder_config_from_diffusers(cfg: dict[str, Any]) -> tuple[AutoencoderC
 
 #: scheduler fields that describe the model's training (read) ...
 _SCHEDULE_READ = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
+                  "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"}
 #: ... that would change it in ways we do not implement, or change the folder's default sampler in ways
 #: ours never do (these must keep the value SD's configs have) ...
 _SCHEDULE_REQUIRED: dict[str, tuple[Any, ...]] = {
-    "trained_betas": (None,), "rescale_betas_zero_snr": (False,), "thresholding": (False,),
+    "trained_betas": (None,), "thresholding": (False,),
     "clip_sample": (False,), "set_alpha_to_one": (False,), "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,), "algorithm_type": ("dpmsolver++",),
 }
@@ -212,8 +212,9 @@ _SCHEDULER_CHOICES = {
 def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
     """scheduler_config.json -> ScheduleConfig (the model's own training schedule).
 
-    Zero-terminal-SNR schedules (`rescale_betas_zero_snr`) are refused: at alpha-bar 0 the last level has
-    no signal, and our samplers, which walk epsilon, would divide by sqrt(alpha-bar) = 0 there."""
+    Zero-terminal-SNR schedules (`rescale_betas_zero_snr`) are read; they need v-prediction (refused by name
+    otherwise: at alpha-bar 0 epsilon carries no x0), and only the samplers that step from the model's own x0
+    (ddim, dpmpp_2m) run them (models/samplers.py)."""
     _refuse_unknown("scheduler", cfg, _SCHEDULE_READ | set(_SCHEDULE_REQUIRED) | _SCHEDULER_CHOICES)
     _require("scheduler", cfg, _SCHEDULE_REQUIRED)
     schedules = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -223,6 +224,11 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
         raise _unsupported("scheduler", cfg, "prediction_type", "'epsilon' or 'v_prediction'")
     if cfg.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
         raise _unsupported("scheduler", cfg, "timestep_spacing", "'leading', 'trailing' or 'linspace'")
+    if cfg.get("rescale_betas_zero_snr", False) and cfg.get("prediction_type", "epsilon") != "v_prediction":
+        raise UnsupportedConfigError(
+            f"scheduler config field rescale_betas_zero_snr=True with prediction_type="
+            f"{cfg.get('prediction_type', 'epsilon')!r}: a zero-terminal-SNR schedule needs 'v_prediction' (at "
+            "alpha-bar 0 an epsilon prediction carries no x0)")
     return ScheduleConfig(
         beta_schedule=schedules[cfg["beta_schedule"]],  # type: ignore[arg-type]
         beta_start=float(cfg.get("beta_start", 0.00085)),
@@ -231,6 +237,7 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
         prediction_type=cfg.get("prediction_type", "epsilon"),
         steps_offset=int(cfg.get("steps_offset", 0)),
         timestep_spacing=cfg.get("timestep_spacing", "leading"),
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
     )
 
 
