@@ -20,7 +20,7 @@ import torch
 import transformers
 from PIL import Image
 
-from models.checkpoints import CheckpointError, infer_model_config, load_model
+from models.checkpoints import CheckpointError, infer_model_config, load_model, save_model
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.tokenizers import CLIPTokenizer
@@ -37,24 +37,29 @@ from tests.helpers import (
 SCALE = 0.08333
 
 
-def upscale_pipeline(tmp: Path) -> Any:
-    """diffusers' StableDiffusionUpscalePipeline of random weights with the x4 upscaler's structure."""
+def upscale_pipeline(tmp: Path, *, full: bool = False) -> Any:
+    """diffusers' StableDiffusionUpscalePipeline of random weights with the x4 upscaler's structure (UNet 1/8 width,
+    VAE 1/4, 2 x 64 text; `full`: the real sizes, OpenCLIP ViT-H text cut to 23 blocks as the folder stores it)."""
     tokenizer_dir = write_clip_tokenizer(tmp / "tokenizer")
     vocab = CLIPTokenizer.from_dir(tokenizer_dir).vocab_size
     tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                                            pad_token="!", model_max_length=77)
+    width = 1024 if full else 64
     text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-        hidden_act="gelu", max_position_embeddings=77)), seed=1)
+        vocab_size=vocab, hidden_size=width, intermediate_size=4 * width if full else 128,
+        num_hidden_layers=23 if full else 2, num_attention_heads=16 if full else 1, hidden_act="gelu",
+        max_position_embeddings=77)), seed=1)
     unet = randomize(diffusers.UNet2DConditionModel(
-        sample_size=32, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 128),
+        sample_size=128 if full else 32, in_channels=7, out_channels=4, layers_per_block=2,
+        block_out_channels=(256, 512, 512, 1024) if full else (32, 64, 64, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        only_cross_attention=[True, True, True, False], attention_head_dim=8, cross_attention_dim=64,
+        only_cross_attention=[True, True, True, False], attention_head_dim=8, cross_attention_dim=width,
         use_linear_projection=True, num_class_embeds=1000, upcast_attention=False), seed=2)
     vae = randomize(diffusers.AutoencoderKL(
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, scaling_factor=SCALE), seed=3)
+        block_out_channels=(128, 256, 512) if full else (32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=2 if full else 1,
+        scaling_factor=SCALE), seed=3)
     scheduler = diffusers.DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
                                         prediction_type="v_prediction", steps_offset=1, set_alpha_to_one=False,
                                         clip_sample=False)
@@ -66,8 +71,8 @@ def upscale_pipeline(tmp: Path) -> Any:
 
 
 class Twins:
-    def __init__(self, tmp: Path) -> None:
-        self.pipe = upscale_pipeline(tmp)
+    def __init__(self, tmp: Path, *, full: bool = False) -> None:
+        self.pipe = upscale_pipeline(tmp, full=full)
         self.folder = tmp / "x4-upscaler"
         self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
         self.ours: LatentDiffusion = load_model(self.folder)
@@ -131,6 +136,14 @@ def test_noise_level_is_checked(twins: Twins) -> None:
         ldm_sr.start_upscale([SampleSpec()], RunSettings(steps=2, noise_level=20), low_res_images(1))
 
 
+def test_saved_upscaler_round_trips(twins: Twins, tmp_path: Path) -> None:
+    """`save_model` writes our config (the low-resolution schedule included) beside the weights: the file loads."""
+    model = load_model(twins.folder)
+    back = load_model(save_model(model, tmp_path / "x4.safetensors"))
+    assert back.config == model.config and back.config.lowres_noise is not None
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))
+
+
 def test_single_file_upscaler_is_refused_by_name(twins: Twins) -> None:
     """An original-layout file does not say the low-resolution schedule: refused, naming the folder to use."""
     sd = load_model(twins.folder).original_state_dict()  # (twins.ours may be prepacked for the CPU by now)
@@ -159,3 +172,17 @@ def test_ldm_generate_upscales_with_a_prompt_and_noise_level(twins: Twins, tmp_p
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01
     with pytest.raises(SystemExit, match="--noise-level is for --task upscale"):
         main(["generate", "x", "--noise-level", "5", "--model", str(twins.folder)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_full_size_upscaler_folder_matches_diffusers(tmp_path: Path) -> None:
+    """The real x4 upscaler shapes (UNet 256..1024 channels, OpenCLIP ViT-H text, the 3-level VAE), 16 px in."""
+    twins = Twins(tmp_path, full=True)
+    assert twins.ours.config.unet.disable_self_attentions == (True, True, True, False)
+    image, specs = low_res_images(1), [SampleSpec("a red circle", seed=5, guidance_scale=7.5)]
+    expected = twins.pipe(["a red circle"], image=image, num_inference_steps=10, guidance_scale=7.5,
+                          generator=[torch.Generator().manual_seed(5)], output_type="latent").images
+    pipeline = Pipeline(twins.ours)
+    ours = pipeline.run_samples(pipeline.start_upscale(specs, RunSettings(sampler="ddim", steps=10), image).samples)
+    assert_close_at_unit_scale(ours, expected)
