@@ -5,9 +5,9 @@ diffusers builds the parts with the real structure at reduced width and random w
 too (`only_cross_attention` True, True, True, False: a loader that ignored it fails), the noise level as a
 1000-row class embedding, a 3-level VAE (factor 4, scaling factor 0.08333), an OpenCLIP-style text encoder
 (exact GELU, pads with "!"), a v-prediction DDIM scheduler and a DDPM `low_res_scheduler` that noises the input.
-`StableDiffusionUpscalePipeline.save_pretrained` writes the folder we load. 10-step DDIM generations with
-classifier-free guidance, from the same per-item generators (each draws the input's noise first, then the
-latents), must agree to 1e-4.
+`StableDiffusionUpscalePipeline.save_pretrained` writes the folder we load. 10-step DDIM and DPM-Solver++
+generations with classifier-free guidance, from the same per-item generators (each draws the input's noise first,
+then the latents), must agree to 1e-4.
 """
 
 from pathlib import Path
@@ -62,7 +62,7 @@ def upscale_pipeline(tmp: Path, *, full: bool = False) -> Any:
         scaling_factor=SCALE), seed=3)
     scheduler = diffusers.DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
                                         prediction_type="v_prediction", steps_offset=1, set_alpha_to_one=False,
-                                        clip_sample=False)
+                                        clip_sample=False, timestep_spacing="leading")  # said: from_config keeps it
     low_res = diffusers.DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
                                       clip_sample=True, variance_type="fixed_small")
     return diffusers.StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
@@ -112,14 +112,19 @@ def test_unet_matches_diffusers_with_noise_level_labels(twins: Twins) -> None:
         assert (other - theirs)[0].abs().max() > 1e-3  # the label matters
 
 
-def test_ten_step_upscale_matches_diffusers(twins: Twins) -> None:
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_ten_step_upscale_matches_diffusers(twins: Twins, sampler: str) -> None:
     prompts, seeds, images = ["a red circle", "a blue square"], [3, 11], low_res_images(2)
+    schedulers = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+    pipe = diffusers.StableDiffusionUpscalePipeline(**{
+        **twins.pipe.components, "scheduler": schedulers[sampler].from_config(twins.pipe.scheduler.config)})
     with torch_threads(1):
-        expected = twins.pipe(prompts, image=images, num_inference_steps=10, guidance_scale=7.5, noise_level=50,
-                              generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+        expected = pipe(prompts, image=images, num_inference_steps=10, guidance_scale=7.5, noise_level=50,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
         pipeline = Pipeline(twins.ours)
         specs = [SampleSpec(p, seed=s, guidance_scale=7.5) for p, s in zip(prompts, seeds, strict=True)]
-        started = pipeline.start_upscale(specs, RunSettings(sampler="ddim", steps=10, noise_level=50), images)
+        settings = RunSettings(sampler=sampler, steps=10, noise_level=50)  # type: ignore[arg-type]
+        started = pipeline.start_upscale(specs, settings, images)
         latents = pipeline.run_samples(started.samples)
         assert latents.shape == (2, 4, 16, 16)
         assert_close_at_unit_scale(latents, expected)
