@@ -95,13 +95,18 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     """Pre-LN block: self-attention, cross-attention, GEGLU FF, each residual. Without a
-    `context_dim` (unconditional models) attn2 is a second self-attention and context is ignored."""
+    `context_dim` (unconditional models) attn2 is a second self-attention and context is ignored.
+    `disable_self_attn` (the SD x4 upscaler's first levels; diffusers' `only_cross_attention`): attn1
+    attends to the context too, so the block holds two cross-attentions."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, disable_self_attn: bool = False):
         super().__init__()
+        if disable_self_attn and context_dim is None:
+            raise ValueError("disable_self_attn needs a context_dim (attn1 attends to the context)")
         self.has_cross = context_dim is not None
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -109,7 +114,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
         x = self.attn2(self.norm2(x), context if self.has_cross else None) + x
         ff: Tensor = self.ff(self.norm3(x))
         return ff + x
@@ -122,7 +127,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
                  context_dim: int | None = None, use_linear: bool = False, dropout: float = 0.0,
-                 groups: int = 32):
+                 groups: int = 32, disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.norm = normalization(in_channels, eps=1e-6, groups=groups)
@@ -130,7 +135,8 @@ class SpatialTransformer(nn.Module):
             Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         )
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn)
+             for _ in range(depth)]
         )
         self.proj_out = zero_module(
             Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)

@@ -39,6 +39,7 @@ from models.diffusers_layout import (
     autoencoder_key_map,
     clip_config_from_transformers,
     default_size_from_diffusers,
+    noise_schedule_config_from_diffusers,
     read_json,
     schedule_config_from_diffusers,
     unet_config_from_diffusers,
@@ -284,13 +285,8 @@ def _inferred(part: str, infer: Callable[[StateDict], T], sd: StateDict) -> T:
         ) from None
 
 
-def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionType | None = None,
-                       metadata: Mapping[str, str] | None = None) -> ModelConfig:
-    """Family and architecture of an original single-file checkpoint, from keys and shapes.
-
-    The prediction type is in no tensor: `prediction_type` when given, else the file's ModelSpec metadata
-    (`modelspec.prediction_type`), else epsilon for SD 1 and the LDMs; SD 2 files have both kinds (512-base
-    predicts epsilon, 768-v predicts v), so one without either is refused rather than guessed."""
+def _require_unet(sd: StateDict) -> None:
+    """Refuse a file without the UNet's keys, saying what it looks like instead."""
     unet_prefix = PREFIXES["unet"]
     if not any(k.startswith(unet_prefix) for k in sd):
         hint = ""
@@ -299,6 +295,16 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
         elif any(k.startswith(("encoder.", "decoder.")) for k in sd):
             hint = " (this looks like an autoencoder alone, not a whole latent diffusion model)"
         raise CheckpointError(f"not a latent diffusion checkpoint: no {unet_prefix}* keys{hint}")
+
+
+def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionType | None = None,
+                       metadata: Mapping[str, str] | None = None) -> ModelConfig:
+    """Family and architecture of an original single-file checkpoint, from keys and shapes.
+
+    The prediction type is in no tensor: `prediction_type` when given, else the file's ModelSpec metadata
+    (`modelspec.prediction_type`), else epsilon for SD 1 and the LDMs; SD 2 files have both kinds (512-base
+    predicts epsilon, 768-v predicts v), so one without either is refused rather than guessed."""
+    _require_unet(sd)
     parts = split_parts(sd)
     unet = _inferred("unet", infer_unet_config, parts["unet"])
     autoencoder = _inferred("autoencoder", infer_autoencoder_config, parts["autoencoder"])
@@ -332,6 +338,12 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
             return ModelConfig(name=name, family="sd_v2_inpainting" if openclip else "sd_v1_inpainting", unet=unet,
                                autoencoder=autoencoder, schedule=schedule, conditioner=conditioner,
                                conditioning="hybrid", concat_input="inpaint", default_size=size)
+        if unet.in_channels == latent + 3:
+            raise CheckpointError(
+                "this looks like the SD x4 upscaler as one original-layout file (CLIP text encoder, a UNet input of "
+                "latent + 3 channels): such a file does not say its low-resolution noise schedule or scale factor; "
+                "load the diffusers folder (StableDiffusionUpscalePipeline) instead"
+            )
         raise CheckpointError(
             f"SD v1 text encoder with a {unet.in_channels}-channel UNet input: expected {latent} (txt2img) "
             f"or {2 * latent + 1} (inpainting)"
@@ -574,8 +586,11 @@ def load_single_file(
     return _finish(model, device, dtype)
 
 
-#: diffusers pipelines whose folders hold an SD 1/2 model (txt2img or inpainting: one UNet, VAE, CLIP encoder)
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+#: diffusers pipelines whose folders hold an SD 1/2 model (txt2img, inpainting or the x4 upscaler: one UNet, VAE,
+#: CLIP encoder; the upscaler also a `low_res_scheduler`)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionUpscalePipeline")
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
 
 
 def _weights_in(folder: Path, stems: tuple[str, ...]) -> Path:
@@ -616,12 +631,18 @@ def load_diffusers_folder(
     if tokenizer_2_dir is not None:
         raise CheckpointError(f"{folder}: a second tokenizer (--tokenizer-2) is for SDXL; this is a {pipeline}")
     sched_path = folder / "scheduler" / "scheduler_config.json"
+    low_res_path = folder / "low_res_scheduler" / "scheduler_config.json"
+    if pipeline == UPSCALE_PIPELINE and not low_res_path.is_file():
+        raise CheckpointError(f"{folder}: a {pipeline} folder without low_res_scheduler/scheduler_config.json (the "
+                              "schedule that noises the low-resolution input)")
     unet_json = read_json(folder / "unet" / "config.json")
     try:
         unet_config = unet_config_from_diffusers(unet_json)
         ae_config, scale = autoencoder_config_from_diffusers(read_json(folder / "vae" / "config.json"))
         clip = clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
         schedule = schedule_config_from_diffusers(read_json(sched_path)) if sched_path.is_file() else None
+        lowres_noise = (noise_schedule_config_from_diffusers(read_json(low_res_path))
+                        if pipeline == UPSCALE_PIPELINE else None)
     except (UnsupportedConfigError, KeyError) as err:
         what = f"missing config field {err}" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"{folder}: {what}") from None
@@ -631,18 +652,8 @@ def load_diffusers_folder(
     if unet_config.adm_in_channels is not None:
         raise CheckpointError(f"{folder}: the UNet has SDXL's added embedding (addition_embed_type 'text_time'), but "
                               f"the folder is a {pipeline}, not a StableDiffusionXLPipeline")
-    latent = ae_config.embed_dim
-    inpainting = unet_config.in_channels == 2 * latent + 1
-    v2 = clip.hidden_act == "gelu"  # OpenCLIP ViT-H (SD 2) or OpenAI's ViT-L (SD 1)
-    family: Family = (("sd_v2_inpainting" if inpainting else "sd_v2") if v2
-                      else ("sd_v1_inpainting" if inpainting else "sd_v1"))
-    config = ModelConfig(
-        name=folder.name, family=family,
-        unet=unet_config, autoencoder=ae_config, schedule=schedule,
-        conditioner=ConditionerConfig(kind="clip", clip=clip),
-        conditioning="hybrid" if inpainting else "crossattn", concat_input="inpaint" if inpainting else "none",
-        scale_factor=scale, default_size=default_size_from_diffusers(unet_json, ae_config),
-    )
+    config = _diffusers_model_config(folder, unet_json, unet_config, ae_config, scale, clip, schedule, lowres_noise,
+                                     int(index.get("max_noise_level", 350)))
     tokenizer_dir = tokenizer_dir or (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     model = _build(config, tokenizer_dir)
     parts = {
@@ -656,6 +667,32 @@ def load_diffusers_folder(
     }
     load_parts_strict(model, parts, str(folder), dtype)
     return _finish(model, device, dtype)
+
+
+def _diffusers_model_config(folder: Path, unet_json: dict[str, Any], unet: UNetConfig, ae: AutoencoderConfig,
+                            scale: float, clip: CLIPTextConfig, schedule: ScheduleConfig,
+                            lowres_noise: ScheduleConfig | None, max_noise_level: int) -> ModelConfig:
+    """The model a diffusers folder holds: txt2img, inpainting (a 9-channel UNet) or, with a low-resolution noise
+    schedule, the x4 upscaler (a 7-channel UNet: latent + the noised low-resolution image, the noise level as its
+    class label)."""
+    latent = ae.embed_dim
+    inpainting = unet.in_channels == 2 * latent + 1
+    v2 = clip.hidden_act == "gelu"  # OpenCLIP ViT-H (SD 2) or OpenAI's ViT-L (SD 1)
+    family: Family = (("sd_v2_inpainting" if inpainting else "sd_v2") if v2
+                      else ("sd_v1_inpainting" if inpainting else "sd_v1"))
+    wiring: dict[str, Any] = {"conditioning": "hybrid" if inpainting else "crossattn",
+                              "concat_input": "inpaint" if inpainting else "none"}
+    if lowres_noise is not None:
+        family, wiring = "sd_v2_upscaler", {"conditioning": "hybrid", "concat_input": "lowres",
+                                            "lowres_noise": lowres_noise, "max_noise_level": max_noise_level}
+    try:
+        return ModelConfig(
+            name=folder.name, family=family, unet=unet, autoencoder=ae, schedule=schedule,
+            conditioner=ConditionerConfig(kind="clip", clip=clip), scale_factor=scale,
+            default_size=default_size_from_diffusers(unet_json, ae), **wiring,
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
 
 
 def _text_encoder_keys(file: TensorFile) -> Sources:

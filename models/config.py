@@ -22,7 +22,8 @@ from models.diffusion import ScheduleConfig
 from models.names import TASKS_BY_KIND, ModelKind, Task, model_kind
 from models.unet import UNetConfig
 
-Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sdxl", "sdxl_refiner", "ldm_sr", "ldm"]
+Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sd_v2_upscaler", "sdxl", "sdxl_refiner",
+                 "ldm_sr", "ldm"]
 #: How conditioning reaches the UNet (the original `conditioning_key`):
 #: crossattn = context tokens; concat = spatial inputs stacked on the latent; hybrid = both;
 #: adm = class vector added to the time embedding; none = unconditional.
@@ -52,6 +53,14 @@ class ModelConfig:
     #: default output size in pixels (SD v1: 512)
     default_size: int = 512
     description: str = ""
+    #: noise augmentation of the low-resolution input (the SD x4 upscaler; diffusers' `low_res_scheduler`): the
+    #: image is noised to a noise level by this schedule's forward process, and the level is the UNet's class
+    #: label. None: the input is concatenated as it is (the CompVis LDM-SR models).
+    lowres_noise: ScheduleConfig | None = None
+    #: the highest noise level a request may ask for (the x4 upscaler's pipeline config: 350)
+    max_noise_level: int = 350
+    #: the noise level a request gets when it asks for none (diffusers' default: 20)
+    default_noise_level: int = 20
 
     @property
     def downsample_factor(self) -> int:
@@ -78,6 +87,14 @@ class ModelConfig:
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
         self._check_conditioner()
         self._check_sdxl()
+        if self.lowres_noise is not None:
+            if self.concat_input != "lowres" or self.unet.num_classes is None:
+                raise ValueError(f"{self.name}: lowres_noise needs concat_input 'lowres' and a UNet with num_classes "
+                                 "(the noise level is its class label)")
+            top = min(self.unet.num_classes, self.lowres_noise.num_train_timesteps) - 1
+            if not 0 <= self.default_noise_level <= self.max_noise_level <= top:
+                raise ValueError(f"{self.name}: need 0 <= default_noise_level ({self.default_noise_level}) <= "
+                                 f"max_noise_level ({self.max_noise_level}) <= {top}")
         semantic = self.conditioner.semantic.channels if self.conditioner is not None else 0
         raster = self.conditioner.layout.raster_channels if self.conditioner is not None else 0
         rescaled = self.conditioner.rescaler.channels if self.conditioner is not None else 0

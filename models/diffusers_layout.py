@@ -62,7 +62,7 @@ def _refuse_unknown(what: str, cfg: dict[str, Any], known: set[str]) -> None:
 #: here by name (addition_embed_type 'text_time'), not on 336 unexpected keys.
 _UNET_REQUIRED: dict[str, tuple[Any, ...]] = {
     "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "downsample_padding": (1,), "mid_block_scale_factor": (1, 1.0), "act_fn": ("silu",),
     "norm_eps": (1e-5,), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,), "class_embed_type": (None,),
@@ -83,6 +83,7 @@ _UNET_READ = {
     "layers_per_block", "dropout", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "num_class_embeds", "upcast_attention",
     "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    "only_cross_attention",
 }
 
 
@@ -135,10 +136,12 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     change the math in a way UNetConfig cannot say is refused by name. SDXL's `addition_time_embed_dim` (the
     micro-conditioning's embedding width) is the text encoders' business: `sdxl_layout` reads it."""
     _refuse_unknown("UNet", cfg, set(_UNET_REQUIRED) | _UNET_READ)
-    if isinstance(cfg.get("only_cross_attention"), list):  # per level; any True is refused below
-        cfg = {**cfg, "only_cross_attention": any(cfg["only_cross_attention"])}
     _require("UNet", cfg, _UNET_REQUIRED)
     channels = [int(c) for c in cfg["block_out_channels"]]
+    # per level (or one for all): attn1 attends to the context (the x4 upscaler's True, True, True, False); the
+    # UNetMidBlock2DCrossAttn middle block keeps self-attention whatever it says
+    only_cross = [bool(b) for b in _per_level("UNet", cfg, "only_cross_attention",
+                                              cfg.get("only_cross_attention", False), len(channels))]
     base = channels[0]
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     known_down, known_up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -171,6 +174,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         num_classes=cfg.get("num_class_embeds"),
         dropout=float(cfg.get("dropout", 0.0)),
         norm_groups=int(cfg.get("norm_num_groups", 32)),
+        disable_self_attentions=tuple(only_cross) if any(only_cross) else None,
     )
 
 
@@ -208,11 +212,11 @@ def autoencoder_config_from_diffusers(cfg: dict[str, Any]) -> tuple[AutoencoderC
 
 #: scheduler fields that describe the model's training (read) ...
 _SCHEDULE_READ = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
+                  "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"}
 #: ... that would change it in ways we do not implement, or change the folder's default sampler in ways
 #: ours never do (these must keep the value SD's configs have) ...
 _SCHEDULE_REQUIRED: dict[str, tuple[Any, ...]] = {
-    "trained_betas": (None,), "rescale_betas_zero_snr": (False,), "thresholding": (False,),
+    "trained_betas": (None,), "thresholding": (False,),
     "clip_sample": (False,), "set_alpha_to_one": (False,), "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,), "algorithm_type": ("dpmsolver++",),
 }
@@ -229,8 +233,9 @@ _SCHEDULER_CHOICES = {
 def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
     """scheduler_config.json -> ScheduleConfig (the model's own training schedule).
 
-    Zero-terminal-SNR schedules (`rescale_betas_zero_snr`) are refused: at alpha-bar 0 the last level has
-    no signal, and our samplers, which walk epsilon, would divide by sqrt(alpha-bar) = 0 there."""
+    Zero-terminal-SNR schedules (`rescale_betas_zero_snr`) are read; they need v-prediction (refused by name
+    otherwise: at alpha-bar 0 epsilon carries no x0), and only the samplers that step from the model's own x0
+    (ddim, dpmpp_2m) run them (models/samplers.py)."""
     _refuse_unknown("scheduler", cfg, _SCHEDULE_READ | set(_SCHEDULE_REQUIRED) | _SCHEDULER_CHOICES)
     _require("scheduler", cfg, _SCHEDULE_REQUIRED)
     schedules = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -240,6 +245,11 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
         raise _unsupported("scheduler", cfg, "prediction_type", "'epsilon' or 'v_prediction'")
     if cfg.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
         raise _unsupported("scheduler", cfg, "timestep_spacing", "'leading', 'trailing' or 'linspace'")
+    if cfg.get("rescale_betas_zero_snr", False) and cfg.get("prediction_type", "epsilon") != "v_prediction":
+        raise UnsupportedConfigError(
+            f"scheduler config field rescale_betas_zero_snr=True with prediction_type="
+            f"{cfg.get('prediction_type', 'epsilon')!r}: a zero-terminal-SNR schedule needs 'v_prediction' (at "
+            "alpha-bar 0 an epsilon prediction carries no x0)")
     return ScheduleConfig(
         beta_schedule=schedules[cfg["beta_schedule"]],  # type: ignore[arg-type]
         beta_start=float(cfg.get("beta_start", 0.00085)),
@@ -248,7 +258,21 @@ def schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
         prediction_type=cfg.get("prediction_type", "epsilon"),
         steps_offset=int(cfg.get("steps_offset", 0)),
         timestep_spacing=cfg.get("timestep_spacing", "leading"),
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
     )
+
+
+#: fields of a scheduler that only its sampling reads: a pipeline that only noises an input with it (`add_noise`:
+#: the x4 upscaler's `low_res_scheduler`, a DDPMScheduler with clip_sample true) never uses them
+_SAMPLING_ONLY = {"clip_sample", "clip_sample_range", "variance_type", "prediction_type", "thresholding",
+                  "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "steps_offset"}
+
+
+def noise_schedule_config_from_diffusers(cfg: dict[str, Any]) -> ScheduleConfig:
+    """A scheduler config used only to noise an input (the x4 upscaler's `low_res_scheduler`): its betas are read
+    (and refused by name as `schedule_config_from_diffusers` refuses them); its sampling settings mean nothing."""
+    return schedule_config_from_diffusers({k: v for k, v in cfg.items()
+                                           if k not in _SAMPLING_ONLY | _SCHEDULER_CHOICES})
 
 
 #: transformers CLIPTextConfig fields that change the text encoder's math (read), and the model types

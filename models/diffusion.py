@@ -31,6 +31,12 @@ class ScheduleConfig:
     0.00085 -> 0.012, 1000 steps, epsilon prediction, "leading" spacing with steps_offset 1.
 
     `steps_offset` and `timestep_spacing` only shape the inference timesteps (see `samplers.sampling_plan`).
+
+    `rescale_betas_zero_snr` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Alg. 1; diffusers' `rescale_zero_terminal_snr`): the betas are rescaled so that sqrt(alpha-bar) falls linearly
+    to exactly 0 at the last timestep (zero terminal SNR) and keeps its first value. At alpha-bar 0, x_t is pure
+    noise and epsilon says nothing of x0, so such a model must predict v (x0 = -v there): the samplers then take
+    v itself and convert it per step (`samplers.SamplingPlan.model_output`).
     """
 
     beta_schedule: BetaSchedule = "scaled_linear"
@@ -40,6 +46,7 @@ class ScheduleConfig:
     prediction_type: PredictionType = "epsilon"
     steps_offset: int = 1
     timestep_spacing: TimestepSpacing = "leading"
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         for field, choices in (
@@ -53,6 +60,9 @@ class ScheduleConfig:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("rescale_betas_zero_snr needs prediction_type 'v_prediction': at zero terminal SNR an "
+                             f"epsilon prediction carries no x0, got {self.prediction_type!r}")
 
 
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> Tensor:
@@ -74,10 +84,23 @@ def make_betas(config: ScheduleConfig) -> Tensor:
     differ by about one fp32 ulp, and we follow diffusers because its pipelines are our parity target)."""
     T = config.num_train_timesteps
     if config.beta_schedule == "linear":
-        return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
-    if config.beta_schedule == "scaled_linear":
-        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
-    return cosine_betas(T)
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    else:
+        betas = cosine_betas(T)
+    return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. (2024) Alg. 1, diffusers' arithmetic: shift sqrt(alpha-bar) [T] to end at 0 and scale it to keep
+    its first value, then recover the betas (the last is 1, so alpha-bar's last entry is exactly 0)."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,7 +2,9 @@
 
 The samplers know nothing of prediction types, conditioning or guidance: `model_eps` converts the
 UNet's output to epsilon, and `guided_eps` adds classifier-free guidance by doubling the batch once
-(unconditional first, as the original code and diffusers do).
+(unconditional first, as the original code and diffusers do). One exception: on a zero-terminal-SNR schedule,
+where epsilon carries no x0 at the last level, `model_eps` returns v itself, which guidance mixes as diffusers
+does and the sampler step converts (models/samplers.py `SamplingPlan.model_output`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def model_eps(unet: UNet, schedule: NoiseSchedule, cond: Conditioning) -> EpsFn:
         x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
         y = cond.vector if cond.vector is not None else cond.class_labels
         out: torch.Tensor = unet(x_in, t, context=cond.context, y=y)
-        if schedule.prediction_type == "v_prediction":
-            out = schedule.eps_from_v(out, x, t)
+        if schedule.prediction_type == "v_prediction" and not schedule.config.rescale_betas_zero_snr:
+            out = schedule.eps_from_v(out, x, t)  # zero terminal SNR: v itself (samplers.SamplingPlan.model_output)
         return out
 
     return eps

@@ -36,6 +36,7 @@ from models.conditioning import (
     resolve_label,
 )
 from models.cpu_inference import optimize_for_cpu_inference
+from models.diffusion import NoiseSchedule, q_sample
 from models.guidance import Conditioning
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
@@ -93,6 +94,9 @@ class RunSettings:
     #: txt2img with the pipeline's refiner: the fraction of the schedule the base model denoises before the
     #: refiner takes over (diffusers' denoising_end on the base = denoising_start on the refiner); None = no refiner
     refiner_switch: float | None = None
+    #: upscale with the SD x4 upscaler: how much noise its low-resolution input gets (0..the model's
+    #: max_noise_level; None = its default, 20). More noise: more detail invented, less fidelity to the input.
+    noise_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -284,14 +288,34 @@ class Pipeline:
 
     def start_upscale(self, specs: Sequence[SampleSpec], settings: RunSettings,
                       images: Sequence[Image.Image]) -> Started:
-        """Super-resolution with an LDM-SR style model: the low-res image is a concat input."""
-        if self.model.config.concat_input != "lowres":
-            raise UnsupportedTask(f"model {self.model.config.name!r} is not a super-resolution model")
-        low = self._pixels(images, len(specs))
-        f = self.model.config.downsample_factor
+        """Super-resolution: the low-res image [-1, 1] is a concat input at latent size. LDM-SR (CompVis) takes it as
+        it is; the SD x4 upscaler takes it noised to `settings.noise_level` by its low-resolution schedule, with the
+        level as the UNet's class label (diffusers' StableDiffusionUpscalePipeline: each item's generator draws
+        that noise first, then the initial latents)."""
+        config = self.model.config
+        if config.concat_input != "lowres":
+            raise UnsupportedTask(f"model {config.name!r} is not a super-resolution model")
+        low = self._pixels(images, len(specs)).to(self.model.device, self.model.dtype)
+        f = config.downsample_factor
         size = (low.shape[-2] * f, low.shape[-1] * f)
-        concat = low.to(self.model.device, self.model.dtype)
-        return self._start(specs, settings, size, concat=concat)
+        if config.lowres_noise is None:
+            if settings.noise_level is not None:
+                raise ValueError(f"noise_level applies to the SD x4 upscaler only; model {config.name!r} takes its "
+                                 "low-resolution input without noise")
+            return self._start(specs, settings, size, concat=low)
+        level = config.default_noise_level if settings.noise_level is None else settings.noise_level
+        if not 0 <= level <= config.max_noise_level:
+            raise ValueError(f"noise_level must be within 0..{config.max_noise_level} for model {config.name!r}, "
+                             f"got {level}")
+        generators = generators_from_seeds([s.seed for s in specs])
+        noise = randn_per_item(low.shape, generators, device=low.device, dtype=low.dtype)
+        levels = torch.full((len(specs),), level, dtype=torch.long)
+        concat = q_sample(NoiseSchedule.from_config(config.lowres_noise), low, levels, noise)
+        started = self._start(specs, settings, size, concat=concat, generators=generators)
+        label = levels[:1].to(self.model.device)
+        samples = [replace(s, cond=replace(s.cond, class_labels=label), uncond=replace(s.uncond, class_labels=label))
+                   for s in started.samples]
+        return replace(started, samples=samples)
 
     def start_class2img(self, specs: Sequence[SampleSpec], settings: RunSettings,
                         labels: Sequence[int | str]) -> Started:
@@ -440,13 +464,16 @@ class Pipeline:
     def _start(self, specs: Sequence[SampleSpec], settings: RunSettings, size: Sequence[int], *,
                init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
                blend_mask: torch.Tensor | None = None,
-               conditions: tuple[Conditioning, Conditioning] | None = None) -> Started:
+               conditions: tuple[Conditioning, Conditioning] | None = None,
+               generators: Sequence[torch.Generator] | None = None) -> Started:
         """What every task's sampling starts from: one `StepSample` per item (key = its index).
 
         `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
         `concat` the UNet's extra input channels, `blend_mask` (1 = repaint) the latent-size mask;
         `conditions` (conditional, unconditional) replaces the prompts' encoding (class, layout, semantic).
         Each item's LoRA adapters act on its own text encoding and UNet rows only (`StepSample.adapters`).
+        `generators`: the items' generators when the caller drew from them first (the x4 upscaler's input noise);
+        None: fresh ones seeded with the items' seeds.
         """
         if not specs:
             raise ValueError("a batch needs at least one item")
@@ -466,7 +493,7 @@ class Pipeline:
         device, dtype = model.device, model.dtype
         f = config.downsample_factor
         shape = (len(specs), config.latent_channels, size[0] // f, size[1] // f)
-        generators = generators_from_seeds([s.seed for s in specs])
+        generators = list(generators) if generators is not None else generators_from_seeds([s.seed for s in specs])
         noise = randn_per_item(shape, generators, device=device, dtype=dtype)
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:

@@ -61,6 +61,10 @@ class SamplingPlan:
     timesteps: Tensor
     abar: Tensor
     sigmas: Tensor
+    #: what the model function returns and `step` takes: epsilon (a v-prediction model's v converted by the
+    #: wrapper, models/guidance.py), or, on a zero-terminal-SNR schedule, the guided v itself, converted per step
+    #: at the plan's own level (x0 = sqrt(abar) x - sqrt(1 - abar) v: at abar 0, epsilon = x carries no x0)
+    model_output: Literal["epsilon", "v_prediction"] = "epsilon"
 
     @property
     def steps(self) -> int:
@@ -151,6 +155,8 @@ def _sigma_grid(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps [S], sigmas [S]) of DPMSolverMultistep / EulerAncestral, in float64 numpy."""
     ac = schedule.alphas_cumprod
+    if schedule.config.rescale_betas_zero_snr:  # DPMSolverMultistep's: near 0, so that the first sigma is finite
+        ac = torch.cat([ac[:-1], torch.tensor([2.0**-24])])
     all_sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # [T] fp32, computed in torch as diffusers does
     if karras:
         sigmas = karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), steps)
@@ -176,6 +182,10 @@ def sampling_plan(
         raise ValueError(f"steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
     if karras and name != "dpmpp_2m":
         raise ValueError("karras sigmas are supported by dpmpp_2m only")
+    zero_snr = schedule.config.rescale_betas_zero_snr
+    if zero_snr and name not in _V_STEPS:
+        raise ValueError(f"sampler {name!r} cannot sample a zero-terminal-SNR schedule (rescale_betas_zero_snr): it "
+                         f"steps by epsilon, which at alpha-bar 0 carries no x0; use one of {sorted(_V_STEPS)}")
     ac = schedule.alphas_cumprod
     if name in ("dpmpp_2m", "euler_a"):
         ts, sig = _sigma_grid(schedule, steps, "dpm" if name == "dpmpp_2m" else "euler", karras)
@@ -187,7 +197,8 @@ def sampling_plan(
         abar = torch.cat([ac[torch.from_numpy(ts.astype(np.int64))], final])
         sigmas = ((1 - abar) / abar) ** 0.5
     return SamplingPlan(
-        name=name, timesteps=torch.from_numpy(ts.astype(np.float32)), abar=abar, sigmas=sigmas
+        name=name, timesteps=torch.from_numpy(ts.astype(np.float32)), abar=abar, sigmas=sigmas,
+        model_output="v_prediction" if zero_snr else "epsilon",
     )
 
 
@@ -254,11 +265,27 @@ def model_input(state: SamplerState) -> tuple[Tensor, Tensor]:
 
 
 def step(state: SamplerState, eps: Tensor) -> SamplerState:
-    """Advance by one model call, given eps [N, C, H, W] at `model_input(state)`. Every call completes a
-    sampler step (i + 1) except plms' first call of a run longer than one step."""
+    """Advance by one model call, given eps [N, C, H, W] at `model_input(state)` (v on a zero-terminal-SNR plan:
+    `SamplingPlan.model_output`). Every call completes a sampler step (i + 1) except plms' first call of a run
+    longer than one step."""
     if state.done:
         raise ValueError(f"the run is over: all {state.plan.steps} steps are done")
+    if state.plan.model_output == "v_prediction":
+        return _V_STEPS[state.plan.name](state, *_eps_x0_from_v(state, eps))
     return _STEPS[state.plan.name](state, eps)
+
+
+def _eps_x0_from_v(state: SamplerState, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(eps, x0) of a v prediction at the state's level, as the matching diffusers scheduler converts it: VP
+    alpha-bar for ddim (DDIMScheduler), alpha_t and sigma_t from the plan's sigma for dpmpp_2m
+    (DPMSolverMultistepScheduler). No division: finite at alpha-bar 0."""
+    plan, i, x = state.plan, state.i, state.x
+    if plan.name == "dpmpp_2m":
+        alpha = 1 / (plan.sigmas[i] ** 2 + 1) ** 0.5
+        sigma = plan.sigmas[i] * alpha
+    else:
+        alpha, sigma = plan.abar[i] ** 0.5, (1 - plan.abar[i]) ** 0.5
+    return alpha * v + sigma * x, alpha * x - sigma * v
 
 
 def latent(state: SamplerState) -> Tensor:
@@ -330,12 +357,14 @@ def _step_ddpm(state: SamplerState, eps: Tensor) -> SamplerState:
     return replace(state, x=x_prev, i=i + 1, denoised=x0)
 
 
-def _step_ddim(state: SamplerState, eps: Tensor) -> SamplerState:
-    """DDIM (Song et al. 2021, Eq. 12 with sigma from Eq. 16): deterministic at eta 0, DDPM-like at eta 1."""
+def _step_ddim(state: SamplerState, eps: Tensor, x0: Tensor | None = None) -> SamplerState:
+    """DDIM (Song et al. 2021, Eq. 12 with sigma from Eq. 16): deterministic at eta 0, DDPM-like at eta 1.
+    `x0`: the model's own (from v), else the one eps implies."""
     plan, i, x, eta = state.plan, state.i, state.x, state.eta
     a_t, a_prev = plan.abar[i], plan.abar[i + 1]
     beta_prod_t = 1 - a_t
-    x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
+    if x0 is None:
+        x0 = (x - beta_prod_t**0.5 * eps) / a_t**0.5
     std = eta * (((1 - a_prev) / beta_prod_t) * (1 - a_t / a_prev)) ** 0.5
     x_prev = a_prev**0.5 * x0 + torch.clamp(1 - a_prev - std**2, min=0) ** 0.5 * eps
     if eta > 0:
@@ -379,7 +408,7 @@ def _step_plms(state: SamplerState, eps: Tensor) -> SamplerState:
     return replace(state, x=x_prev, i=i + 1, ets=ets, denoised=x0)
 
 
-def _step_dpmpp_2m(state: SamplerState, eps: Tensor) -> SamplerState:
+def _step_dpmpp_2m(state: SamplerState, eps: Tensor, x0: Tensor | None = None) -> SamplerState:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; diffusers' DPMSolverMultistepScheduler, midpoint form):
     multistep in x0-prediction, first order on the first step and on the last (final sigma 0, so the
     last step returns the x0 prediction: lower_order_final / final_sigmas_type "zero"). The update runs
@@ -388,7 +417,8 @@ def _step_dpmpp_2m(state: SamplerState, eps: Tensor) -> SamplerState:
     alpha = 1 / (plan.sigmas**2 + 1) ** 0.5  # [S + 1] VP alpha_t and sigma_t from the VE sigmas
     sigma = plan.sigmas * alpha
     lam = torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at the final level
-    x0 = (x - sigma[i] * eps) / alpha[i]
+    if x0 is None:  # else the model's own (from v)
+        x0 = (x - sigma[i] * eps) / alpha[i]
     h = lam[i + 1] - lam[i]
     decay = alpha[i + 1] * (torch.exp(-h) - 1.0)
     x_next = (sigma[i + 1] / sigma[i]) * x.float() - decay * x0
@@ -415,6 +445,10 @@ def _step_euler_ancestral(state: SamplerState, eps: Tensor) -> SamplerState:
 _STEPS: dict[SamplerName, Callable[[SamplerState, Tensor], SamplerState]] = {
     "ddpm": _step_ddpm, "ddim": _step_ddim, "plms": _step_plms, "dpmpp_2m": _step_dpmpp_2m,
     "euler_a": _step_euler_ancestral,
+}
+#: the samplers that can step from the model's own x0 (`step` on a plan whose model_output is v)
+_V_STEPS: dict[SamplerName, Callable[[SamplerState, Tensor, Tensor], SamplerState]] = {
+    "ddim": _step_ddim, "dpmpp_2m": _step_dpmpp_2m,
 }
 
 

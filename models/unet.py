@@ -48,6 +48,9 @@ class UNetConfig:
     legacy: bool = False
     #: GroupNorm groups (the original: 32); small UNets on flat-coloured data want several channels a group
     norm_groups: int = 32
+    #: per level, whether its transformers' attn1 attends to the context instead of to itself (the SD x4
+    #: upscaler: True, True, True, False); None: self-attention everywhere. The middle block keeps its own.
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -60,6 +63,16 @@ class UNetConfig:
             raise ValueError("num_classes (class labels) and adm_in_channels (a vector) exclude each other")
         if self.model_channels % self.norm_groups:
             raise ValueError(f"model_channels must be a multiple of {self.norm_groups} (norm_groups)")
+        if self.disable_self_attentions is not None:
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ValueError(f"disable_self_attentions has {len(self.disable_self_attentions)} entries for "
+                                 f"{len(self.channel_mult)} levels")
+            if any(self.disable_self_attentions) and self.context_dim is None:
+                raise ValueError("disable_self_attentions needs a context_dim (attn1 attends to the context)")
+
+    def self_attention_disabled(self, level: int | None) -> bool:
+        """Whether the transformers of `level` (None: the middle block) attend to the context in attn1."""
+        return level is not None and self.disable_self_attentions is not None and self.disable_self_attentions[level]
 
     def depth(self, level: int) -> int:
         """Transformer blocks in each SpatialTransformer of `level` (the middle block: the last level's)."""
@@ -221,7 +234,8 @@ class UNet(nn.Module):
         skip_channels = self._build_input_blocks()
         ch = skip_channels[-1]
         last = len(config.channel_mult) - 1
-        self.middle_block = TimestepEmbedSequential(self._res(ch, ch), self._attention(ch, last), self._res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(self._res(ch, ch), self._attention(ch, last, middle=True),
+                                                    self._res(ch, ch))
         self._build_output_blocks(skip_channels)
         self.out = nn.Sequential(
             normalization(mc, groups=config.norm_groups), nn.SiLU(),
@@ -233,12 +247,14 @@ class UNet(nn.Module):
         return ResBlock(ch, self.emb_dim, out, c.dropout, c.use_scale_shift_norm, up=up, down=down,
                         groups=c.norm_groups)
 
-    def _attention(self, ch: int, level: int) -> nn.Module:
+    def _attention(self, ch: int, level: int, *, middle: bool = False) -> nn.Module:
+        """The attention of a block at `level` (`middle`: the middle block, which takes the last level's depth)."""
         c = self.config
         heads, d_head = c.heads(ch)
         if c.use_spatial_transformer:
             return SpatialTransformer(ch, heads, d_head, c.depth(level), c.context_dim,
-                                      c.use_linear_in_transformer, c.dropout, c.norm_groups)
+                                      c.use_linear_in_transformer, c.dropout, c.norm_groups,
+                                      c.self_attention_disabled(None if middle else level))
         # the original hands AttentionBlock num_head_channels = d_head (legacy: -1 -> num_heads)
         return AttentionBlock(ch, heads if c.legacy and c.num_head_channels == -1 else ch // d_head, c.norm_groups)
 

@@ -27,11 +27,15 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="what to condition on (default: txt2img, or what --class/--map/--layout imply); img2img "
-                   "and inpaint take --image (inpaint also --mask) and an optional prompt, upscale takes --image")
+                   "and inpaint take --image (inpaint also --mask) and an optional prompt, upscale takes --image "
+                   "(and a prompt with the SD x4 upscaler)")
     p.add_argument("--image", type=Path, help="--task img2img/inpaint/upscale: the input image")
     p.add_argument("--mask", type=Path, help="--task inpaint: the mask, white = repaint")
     p.add_argument("--strength", type=float, default=0.75, help="--task img2img: how much to change, 0..1 "
                    "(default: %(default)s)")
+    p.add_argument("--noise-level", type=int, default=None, help="--task upscale with the SD x4 upscaler: the noise "
+                   "added to the low-resolution input, 0..the model's max (350); more invents more detail and keeps "
+                   "less of the input (default: the model's, 20)")
     p.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="--task class: the class, a name such as 'red circle' or an id")
     p.add_argument("--map", type=Path, help="--task semantic: a label map PNG (mode L or P, pixel value = label, "
@@ -94,7 +98,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ldm generate: --class, --map and --layout are for --task {'/'.join(implied)}, not txt2img")
     if task == "txt2img" and (args.prompt is None) == (args.from_file is None):
         raise SystemExit("ldm generate: give either a PROMPT or --from-file FILE")
-    prompted = task in ("img2img", "inpaint")  # a text model needs one; the zoo's inpainting model takes none
+    if args.noise_level is not None and task != "upscale":
+        raise SystemExit("ldm generate: --noise-level is for --task upscale")
+    # a text model needs one; the zoo's inpainting and super-resolution models take none
+    prompted = task in ("img2img", "inpaint", "upscale")
     if task != "txt2img" and (args.from_file is not None or (args.prompt is not None and not prompted)):
         takes = "--from-file" if prompted else "prompt or --from-file"
         raise SystemExit(f"ldm generate: --task {task} takes no {takes}")
@@ -105,7 +112,7 @@ def run_generate(args: argparse.Namespace) -> int:
         height=args.height, n=args.n, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
         prediction_type=args.prediction_type, loras=tuple(args.lora), prompt_syntax=args.prompt_syntax,
-        embeddings=args.embeddings,
+        embeddings=args.embeddings, noise_level=args.noise_level,
     )
     if task != "txt2img":
         inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout,

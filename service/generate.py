@@ -54,6 +54,8 @@ class GenerateOptions:
     config: Path | None = None
     #: img2img: how much of the image to change
     strength: float = 0.75
+    #: upscale with the SD x4 upscaler: the noise level of its low-resolution input (None: the model's default)
+    noise_level: int | None = None
     prediction_type: PredictionType | None = None
     #: LoRA files as PATH[:WEIGHT] (models/lora.py), applied to every image
     loras: tuple[str, ...] = ()
@@ -114,7 +116,8 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
                           device=device, dtype=dtype,
                           use_ema=options.use_ema, config=options.config, prediction_type=options.prediction_type)
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
-                           height=options.height, karras=options.karras, eta=options.eta, strength=options.strength)
+                           height=options.height, karras=options.karras, eta=options.eta, strength=options.strength,
+                           noise_level=options.noise_level)
     embeddings = load_embeddings_dir(options.embeddings, model) if options.embeddings is not None else None
     return model, Pipeline(model, prompt_syntax=options.prompt_syntax, embeddings=embeddings), settings
 
@@ -162,7 +165,7 @@ class TaskInputs:
     layout_path: Path | None = None
     image_path: Path | None = None
     mask_path: Path | None = None
-    #: img2img and inpaint with a text model
+    #: img2img, inpaint and upscale with a text model
     prompt: str = ""
 
 
@@ -194,7 +197,10 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     mask = _read_image(inputs.mask_path, "--mask", "L") if inputs.mask_path is not None else None
     layout_data = _read_json(inputs.layout_path) if inputs.layout_path is not None else None
     model, pipeline, settings = _load(options)
-    prompted = task in ("img2img", "inpaint")
+    prompted = task in ("img2img", "inpaint", "upscale")
+    if prompted and model.conditioner is None and (inputs.prompt or options.negative_prompt):
+        raise UnsupportedTask(f"model {model.config.name!r} takes no prompt (it has no text encoder): --task {task} "
+                              "runs it without one")
     guidance = options.guidance if options.guidance is not None else default_guidance(task, model.config.kind)
     specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
                         guidance) for k in range(options.n)]

@@ -264,7 +264,8 @@ def test_diffusers_unet_fields_read_or_refused_by_name() -> None:
                ({"addition_embed_type": "image"}, "addition_embed_type='image' is not supported"),
                ({"addition_embed_type": "text_time"}, "'text_time' but no addition_time_embed_dim"),
                ({"addition_time_embed_dim": 256}, "addition_time_embed_dim=256 is not supported"),
-               ({"act_fn": "gelu"}, "act_fn='gelu'"), ({"only_cross_attention": [True] * 4}, "only_cross_attention"),
+               ({"act_fn": "gelu"}, "act_fn='gelu'"),
+               ({"only_cross_attention": [True] * 3}, "only_cross_attention has 3 entries for 4 levels"),
                ({"transformer_layers_per_block": [[1, 1], 2, 10, 10]}, "transformer_layers_per_block"),
                ({"some_future_field": 3}, r"fields this loader does not know: \['some_future_field'\]")]
     for change, message in refused:
@@ -311,3 +312,39 @@ def test_sd2_inpainting_file_matches_diffusers(tmp_path: Path) -> None:
         x, t, ctx = torch.randn(1, 9, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 128, generator=g)
         with torch.inference_mode():
             assert (ours.unet(x, t, ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max() < TOL
+
+
+def zero_snr_folder(twins: SD2Twins, tmp_path: Path) -> Path:
+    """The twins' trailing-spacing folder with a zero-terminal-SNR scheduler config."""
+    folder = tmp_path / "zero-snr"
+    shutil.copytree(twins.folder_path("trailing"), folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rescale_betas_zero_snr": True}))
+    return folder
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_zero_terminal_snr_matches_diffusers(twins: SD2Twins, tmp_path: Path, sampler: str) -> None:
+    """`rescale_betas_zero_snr` with "trailing" spacing: the first step is at alpha-bar exactly 0 (DDIM; 2^-24 for
+    DPM-Solver, as diffusers), where x0 = -v and epsilon = x_T; an epsilon model is refused by name."""
+    folder = zero_snr_folder(twins, tmp_path)
+    if twins.prediction == "epsilon":
+        with pytest.raises(CheckpointError, match="rescale_betas_zero_snr=True with prediction_type='epsilon'"):
+            load_model(folder)
+        return
+    ours = load_model(folder)
+    assert ours.config.schedule.rescale_betas_zero_snr and float(ours.schedule.alphas_cumprod[-1]) == 0.0
+    schedulers = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+    pipe = twins.pipeline(schedulers[sampler].from_config(
+        {**sd2_scheduler("v_prediction", "trailing"), "rescale_betas_zero_snr": True}))
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    with torch_threads(1):
+        expected = pipe(prompts, num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+        specs = [SampleSpec(p, seed=s, guidance_scale=7.5) for p, s in zip(prompts, seeds, strict=True)]
+        settings = RunSettings(sampler=sampler, steps=10, width=64, height=64)  # type: ignore[arg-type]
+        latents, _ = Pipeline(ours).sample_latents(specs, settings, (64, 64))
+    assert torch.isfinite(latents).all()
+    assert_close_at_unit_scale(latents, expected)
+    with pytest.raises(ValueError, match="sampler 'plms' cannot sample a zero-terminal-SNR schedule"):
+        Pipeline(ours).sample_latents(specs, RunSettings(sampler="plms", steps=10, width=64, height=64), (64, 64))
