@@ -540,8 +540,8 @@ def test_worker_runner_serves_zoo_models_with_their_tasks_and_labels(zoo: ZooFil
 
 def test_worker_runner_serves_the_unguided_zoo_models(zoo: ZooFiles) -> None:
     """cin256 and layout2img-openimages256 register their one task and labels (1000 classes; 340 categories, at
-    most 30 boxes); a job at guidance 1 runs; one at the task's default guidance (which the front ends fill in)
-    fails as invalid_input, naming the missing unconditional input."""
+    most 30 boxes) and guidance 1 as their default; a job at guidance 1 runs, one without guidance runs at 1, one at
+    the task's usual default (5 for class, 3 for layout) fails as invalid_input, naming the missing null input."""
     import io
 
     from PIL import Image
@@ -560,10 +560,15 @@ def test_worker_runner_serves_the_unguided_zoo_models(zoo: ZooFiles) -> None:
     layout.check(job)
     out = layout.run(layout.batch_key(job, None), [SampleInput(job, 1, None, None)])[0]
     assert out is not None and Image.open(io.BytesIO(out)).size == (32, 32)
-    for runner, default in ((layout, job.model_copy(update={"guidance_scale": None})),
-                            (cin, GenerationRequest(model=cin.name, task=Task.class_, class_label=207, steps=2))):
+    assert layout.default_guidance == {Task.layout: 1.0} and cin.default_guidance == {Task.class_: 1.0}
+    assert (layout.missing_null, cin.missing_null) == ("null layout", "null class")
+    unset = GenerationRequest(model=cin.name, task=Task.class_, class_label=207, steps=2)
+    cin.check(unset)
+    assert unset.guidance_scale is None and cin.guidance(unset) == 1.0
+    for runner, task_default in ((layout, job.model_copy(update={"guidance_scale": 3.0})),
+                                 (cin, unset.model_copy(update={"guidance_scale": 5.0}))):
         with pytest.raises(JobFailure, match="guidance_scale 1"):
-            runner.check(default)
+            runner.check(task_default)
 
 
 @pytest.mark.parametrize("name", ["semantic_synthesis256", "text2img256", "layout2img-openimages256", "cin256"])
