@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -69,16 +69,24 @@ HZ = os.sysconf("SC_CLK_TCK")
 # ----------------------------------------------------------------------------- building the twins
 
 
-def build_ours(tokenizer_dir: Path) -> LatentDiffusion:
-    """SD-1.5 shapes with random weights (normal, std 0.02: realistic magnitudes, fast to draw)."""
-    config = builtin_config("sd-v1")
-    with torch.device("meta"):
-        model = LatentDiffusion(config)
-    model = model.to_empty(device="cpu")
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def random_normal(module: M) -> M:
+    """`module` (built on the meta device) materialised on the CPU with seeded normal weights, std 0.02: realistic
+    magnitudes, much faster to draw than the layers' own initialisation."""
+    module = module.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in module.parameters():
             p.normal_(0.0, 0.02, generator=g)
+    return module
+
+
+def build_ours(tokenizer_dir: Path) -> LatentDiffusion:
+    """SD-1.5 shapes with random weights (normal, std 0.02: realistic magnitudes, fast to draw)."""
+    with torch.device("meta"):
+        model = random_normal(LatentDiffusion(builtin_config("sd-v1")))
     assert isinstance(model.conditioner, CLIPTextConditioner)
     model.conditioner.set_tokenizer(CLIPTokenizer.from_dir(tokenizer_dir))
     return model.eval().requires_grad_(False)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.model_bench import count_gflop, interleaved, matmul_peak_gflops
+from bench.model_bench import count_gflop, interleaved, matmul_peak_gflops, random_normal
 from models.cpu_inference import optimize_for_cpu_inference
 from models.diffusers_layout import unet_key_map
 from models.unet import UNet, UNetConfig
@@ -59,15 +59,11 @@ def diffusers_twin(ours: UNet) -> Any:
 def run_sdxl(runs: int, full: bool) -> dict[str, Any]:
     config = bench_config(full)
     with torch.device("meta"):
-        eager = UNet(config)
-    eager = eager.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in eager.parameters():
-            p.normal_(0.0, 0.02, generator=g)
+        eager = random_normal(UNet(config))
     eager.eval().requires_grad_(False)
     theirs = diffusers_twin(eager)
     fast = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(1)  # the inputs
     optimize_for_cpu_inference(fast)
     x, t = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0])
     ctx, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 1280, generator=g)
