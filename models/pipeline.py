@@ -386,7 +386,8 @@ class Pipeline:
     def _rescaled_map2img(self, specs: Sequence[SampleSpec], settings: RunSettings, maps: Sequence[LabelMap],
                           rescaler: SpatialRescaler) -> Started:
         """The CompVis zoo's semantic synthesis: mode-L maps (pixel = label) -> one-hot -> SpatialRescaler,
-        concatenated to the latent; no guidance (the original has no null map). The map sets the size."""
+        concatenated to the latent; unguided (the original has no null map): a scale but 1 is refused. The map sets
+        the size."""
         self._one_each(maps, specs, "label map")
         one_hot = rescaler.one_hot(maps)  # [N, K, H, W]
         height, width = one_hot.shape[-2:]
@@ -399,7 +400,8 @@ class Pipeline:
         if asked != (height, width):
             raise ConditionError(f"the label map sets the image size {width}x{height}, but {asked[1]}x{asked[0]} "
                                  "was asked for")
-        specs = [replace(s, guidance_scale=1.0) for s in specs]
+        _refuse_guidance(specs, f"model {self.model.config.name!r} has no null label map (the original samples it "
+                                "unguided)")
         return self._start(specs, settings, (height, width), concat=concat)
 
     def start_unconditional(self, specs: Sequence[SampleSpec], settings: RunSettings) -> Started:

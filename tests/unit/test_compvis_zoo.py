@@ -409,6 +409,11 @@ def test_semantic_synthesis256_mirrors_the_original(tmp_path: Path, zoo: ZooFile
         z = original_ddim(eps, _x_T((1, 3, 8, 8)), original_alphas_cumprod(0.0015, 0.0205), STEPS)
         reference = to_uint8(vq.decode(z).sample)
     assert_close_images(ours, reference)
+    model = load_model(folder / "model.ckpt")  # no null map: guidance is refused, not quietly turned off
+    with pytest.raises(ConditionError, match="guidance scale 2 needs an unconditional input, but model .* has no "
+                                             "null label map"):
+        Pipeline(model).semantic2img([SampleSpec(seed=SEED, guidance_scale=2.0)], DDIM,  # type: ignore[arg-type]
+                                     [Image.fromarray(labels.astype(np.uint8), mode="L")])
 
 
 def test_inpainting_big_mirrors_scripts_inpaint(tmp_path: Path, zoo: ZooFiles) -> None:
