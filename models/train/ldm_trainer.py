@@ -131,6 +131,11 @@ class LDMTrainConfig:
     ema_decay: float = 0.999
     #: probability of training a sample on the empty caption (classifier-free guidance)
     cond_drop: float = 0.1
+    #: this fraction of every batch takes its timestep uniformly below `low_noise_max_t` instead of on all T: more
+    #: training on the last noise levels, where a multistep sampler (PLMS) extrapolates the model's epsilon and a
+    #: noisy one there derails it (0 = the paper's uniform timesteps)
+    low_noise_fraction: float = 0.0
+    low_noise_max_t: int = 250
     #: autocast dtype on CUDA ("no" = fp32); ignored on the CPU
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: int = 25
@@ -147,6 +152,13 @@ class LDMTrainConfig:
     save_ema: bool = True
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_noise_fraction <= 1:
+            raise ValueError(f"low_noise_fraction must be in [0, 1], got {self.low_noise_fraction}")
+        if not 1 <= self.low_noise_max_t <= self.schedule.num_train_timesteps:
+            raise ValueError(f"low_noise_max_t must be in 1..{self.schedule.num_train_timesteps} (the schedule's T), "
+                             f"got {self.low_noise_max_t}")
 
     def model_config(self, autoencoder: Any, scale_factor: float) -> ModelConfig:
         kind = condition_kind(self.conditioner)
@@ -461,7 +473,11 @@ class LDMTrainer:
     def loss(self, latents: torch.Tensor, conds: Conds) -> torch.Tensor:
         """Eq. 1 on one batch; dropout of conditions, timesteps and noise come from the global RNG."""
         context, concat = self._conditions(conds, latents)
-        t = self.schedule.sample_timesteps(latents.shape[0]).to(self.device)
+        t = self.schedule.sample_timesteps(latents.shape[0])
+        low = round(latents.shape[0] * self.config.low_noise_fraction)
+        if low:
+            t[:low] = torch.randint(0, self.config.low_noise_max_t, (low,))
+        t = t.to(self.device)
         noise = torch.randn_like(latents)
         noisy = q_sample(self.schedule, latents, t, noise)
         # semantic maps and layout rasters: stacked on the noisy latent, as the original's c_concat

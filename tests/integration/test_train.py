@@ -217,3 +217,21 @@ def test_ldm_init_from_refuses_a_different_unet(tmp_path: Path, trained_autoenco
     with pytest.raises(ValueError, match="UNet config differs"):
         LDMTrainer(ldm_config(trained_autoencoder, unet=wider, init_from=str(tmp_path / "first" / "model.safetensors")),
                    tmp_path / "second")
+
+
+def test_low_noise_fraction_draws_that_part_of_each_batch_from_the_last_noise_levels(
+        tmp_path: Path, trained_autoencoder: Path) -> None:
+    trainer = LDMTrainer(ldm_config(trained_autoencoder, batch_size=8, steps=3, low_noise_fraction=0.5,
+                                    low_noise_max_t=10), tmp_path)
+    seen: list[torch.Tensor] = []
+    trainer.unet.register_forward_pre_hook(lambda _module, args: seen.append(args[1].clone()))
+    trainer.train()
+    steps = [t for t in seen if t.shape == (8,)]  # the rest: the final sample grid's calls (2 prompts, guided)
+    assert len(steps) == 3
+    for t in steps:
+        assert bool((t[:4] < 10).all())
+    assert max(int(t[4:].max()) for t in steps) >= 10  # the rest stays uniform on all 1000 (all 12 below 10: 1e-24)
+    with pytest.raises(ValueError, match="low_noise_fraction must be in"):
+        ldm_config(trained_autoencoder, low_noise_fraction=1.5)
+    with pytest.raises(ValueError, match="low_noise_max_t must be in 1..1000"):
+        ldm_config(trained_autoencoder, low_noise_max_t=0)
