@@ -640,8 +640,9 @@ class Pipeline:
         for name in unused:
             if any(getattr(s, name) != getattr(default, name) for s in specs):
                 raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
-        positive = conditioner.encode([s.prompt for s in specs])
-        negative = conditioner.encode([s.negative_prompt for s in specs])
+        with adapters_applied(self.model, [s.adapters for s in specs]):  # each item's on its own rows, both encoders
+            positive = conditioner.encode([s.prompt for s in specs])
+            negative = conditioner.encode([s.negative_prompt for s in specs])
         warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
         assert positive.pooled is not None and negative.pooled is not None
         neg_context, neg_pooled = negative.context, negative.pooled

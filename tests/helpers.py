@@ -312,16 +312,24 @@ def shared_alpha(name: str) -> bool:
     those of the text encoder with a `text_model.` level transformers 5 dropped, so its alpha_pattern
     matches none of them (PEFT warns). Every other layer (feed-forward, proj_in/out, LoCon convs, time
     embedding) gets an alpha of its own, which diffusers and we both apply."""
-    return name.startswith("lora_te_") or "_attn1_" in name or "_attn2_" in name
+    return name.startswith(("lora_te_", "lora_te1_", "lora_te2_")) or "_attn1_" in name or "_attn2_" in name
+
+
+#: kohya's UNet names for SD 1/2 LoRAs (diffusers' module paths) and for SDXL ones (sgm's: the original layout)
+KOHYA_UNET_DIFFUSERS = ("lora_unet_down_blocks", "lora_unet_mid_block_", "lora_unet_up_blocks")
+KOHYA_UNET_SGM = ("lora_unet_input_blocks", "lora_unet_middle_block_", "lora_unet_output_blocks",
+                  "lora_unet_time_embed_", "lora_unet_label_emb_", "lora_unet_out_")
 
 
 def kohya_lora(model: LatentDiffusion, path: Path, *, seed: int, rank: int = 4, unet: bool = True,
-               text: bool = True, every: int = 1) -> Path:
-    """A random kohya LoRA on every `every`-th layer (diffusers-style UNet names), alpha per module."""
+               text: bool = True, every: int = 1, unet_names: tuple[str, ...] = KOHYA_UNET_DIFFUSERS,
+               text_names: tuple[str, ...] = ("lora_te_",)) -> Path:
+    """A random kohya LoRA on every `every`-th layer whose name starts with one of `unet_names` / `text_names`
+    (SD 1/2: diffusers-style UNet names and `lora_te_`; SDXL: KOHYA_UNET_SGM and `lora_te1_`, `lora_te2_`),
+    alpha per module."""
     g = torch.Generator().manual_seed(seed)
     all_names = target_names(model)
-    unet_names = ("lora_unet_down_blocks", "lora_unet_mid_block_", "lora_unet_up_blocks")
-    names = [n for n in all_names if (unet and n.startswith(unet_names)) or (text and n.startswith("lora_te_"))]
+    names = [n for n in all_names if (unet and n.startswith(unet_names)) or (text and n.startswith(text_names))]
     sd = {}
     for name in sorted(names)[::every]:
         layer = model.get_submodule(all_names[name])
