@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import torch
 import transformers
+from safetensors.torch import save_file
 
+from models.ldm import PREFIXES, LatentDiffusion
+from models.sdxl_layout import sdxl_conditioner_to_original
 from models.tokenizers import EOS, CLIPTokenizer
 from tests.helpers import randomize
 
@@ -75,3 +79,15 @@ def sdxl_pipeline(tokenizer_dir: Path, *, inpainting: bool = False) -> Any:
                text_encoder_2=text_encoder(vocab, eos, 128, "gelu", projection=True), tokenizer=tokenizer,
                tokenizer_2=tokenizer_2, unet=sdxl_unet(64 + 128, 9 if inpainting else 4, seed=9 if inpainting else 6),
                scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), force_zeros_for_empty_prompt=True)
+
+
+def write_sdxl_file(model: LatentDiffusion, path: Path, pooled_embedder: int = 1) -> None:
+    """Our model as Stability's sgm saves SDXL: `conditioner.embedders.*` (bigG in OpenCLIP's layout), made with the
+    inverse of our loader's mapping."""
+    prefix = PREFIXES["conditioner"]
+    state = model.original_state_dict()
+    sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
+    sd |= {k: v.contiguous() for k, v in sdxl_conditioner_to_original(
+        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
+    sd[f"conditioner.embedders.{pooled_embedder}.model.logit_scale"] = torch.tensor(4.6052)
+    save_file(sd, str(path))

@@ -21,13 +21,11 @@ import diffusers
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from models.checkpoints import CheckpointError, load_model, read_model_config, save_model
 from models.config import ModelConfig, from_dict, to_dict
-from models.ldm import PREFIXES, LatentDiffusion
+from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
-from models.sdxl_layout import sdxl_conditioner_to_original
 from models.text.clip import MissingTokenizerError
 from models.text.sdxl import SDXLTextConditioner, added_vector
 from models.tokenizers import CLIPTokenizer
@@ -40,7 +38,7 @@ from tests.helpers import (
     toy_sd_config,
     write_clip_tokenizer,
 )
-from tests.sdxl_twins import PROJECTION, TIME_DIM, scheduler_config, sdxl_pipeline
+from tests.sdxl_twins import PROJECTION, TIME_DIM, scheduler_config, sdxl_pipeline, write_sdxl_file
 
 
 class SDXLTwins:
@@ -60,17 +58,6 @@ class SDXLTwins:
 
     def model(self, source: str) -> LatentDiffusion:
         return self.ours if source == "folder" else self.from_file
-
-
-def write_sdxl_file(model: LatentDiffusion, path: Path, pooled_embedder: int = 1) -> None:
-    """Our model as Stability's sgm saves SDXL: `conditioner.embedders.*` (bigG in OpenCLIP's layout)."""
-    prefix = PREFIXES["conditioner"]
-    state = model.original_state_dict()
-    sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
-    sd |= {k: v.contiguous() for k, v in sdxl_conditioner_to_original(
-        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
-    sd[f"conditioner.embedders.{pooled_embedder}.model.logit_scale"] = torch.tensor(4.6052)
-    save_file(sd, str(path))
 
 
 @pytest.fixture(scope="module")
