@@ -7,6 +7,7 @@ generation with classifier-free guidance, to 1e-4.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,23 @@ def test_ldm_generate_applies_an_sdxl_lora(setup: Setup, tmp_path: Path) -> None
     expected, plain = (torch.tensor(list(im.getdata()), dtype=torch.float32) for im in (with_lora, without))
     assert (written - expected).abs().max() <= 1  # the CLI optimises for the CPU: rounding may move a level
     assert (written - plain).abs().max() > 10
+
+
+def test_refiner_takes_te2_names_only(setup: Setup) -> None:
+    """The refiner's one encoder is bigG: kohya's `lora_te2_*` / diffusers' `text_encoder_2.*` name it (embedder 0),
+    and `lora_te1_*` / `lora_te_*` / `text_encoder.*` name nothing (refused when a file has them)."""
+    base = setup.ours.config
+    assert base.conditioner is not None
+    text = dataclasses.replace(base.conditioner.sdxl, encoders=base.conditioner.sdxl.encoders[1:], micro="aesthetic",
+                               force_zeros_for_empty_prompt=False)
+    config = dataclasses.replace(
+        base, family="sdxl_refiner", conditioner=dataclasses.replace(base.conditioner, sdxl=text),
+        unet=dataclasses.replace(base.unet, context_dim=text.context_dim, adm_in_channels=text.vector_dim))
+    with torch.device("meta"):
+        refiner = LatentDiffusion(config)
+    names = target_names(refiner)
+    bigg = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1"
+    assert names["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == bigg
+    assert names["text_encoder_2.text_model.encoder.layers.0.mlp.fc1"] == bigg
+    assert names["lora_te2_text_projection"] == "conditioner.embedders.0.text_projection"
+    assert not [n for n in names if n.startswith(("lora_te1_", "lora_te_", "text_encoder."))]
