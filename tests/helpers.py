@@ -305,6 +305,27 @@ def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConf
     return folder
 
 
+def openclip_text_keys(text: dict[str, torch.Tensor], clip: CLIPTextConfig, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Our CLIP text encoder's keys (`transformer.text_model.*`, SD 2's penultimate-cut OpenCLIP) as an original SD 2
+    file holds them under `cond_stage_model.`: OpenCLIP's names (fused q/k/v), plus the unused last block, the
+    contrastive head's projection and logit scale (random)."""
+    from models.openclip_layout import clip_to_openclip
+
+    prefix = "cond_stage_model."
+    out = {prefix + k: v.contiguous() for k, v in clip_to_openclip(text).items()}
+    g, width, inner = torch.Generator().manual_seed(seed), clip.hidden_size, clip.intermediate_size
+    last = f"{prefix}model.transformer.resblocks.{clip.num_layers}."
+    for name, shape in (("ln_1.weight", [width]), ("ln_1.bias", [width]), ("attn.in_proj_weight", [3 * width, width]),
+                        ("attn.in_proj_bias", [3 * width]), ("attn.out_proj.weight", [width, width]),
+                        ("attn.out_proj.bias", [width]), ("ln_2.weight", [width]), ("ln_2.bias", [width]),
+                        ("mlp.c_fc.weight", [inner, width]), ("mlp.c_fc.bias", [inner]),
+                        ("mlp.c_proj.weight", [width, inner]), ("mlp.c_proj.bias", [width])):
+        out[last + name] = torch.randn(shape, generator=g)
+    out[prefix + "model.text_projection"] = torch.randn(width, width, generator=g)
+    out[prefix + "model.logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
 def shared_alpha(name: str) -> bool:
     """Layers that get one common alpha in the test files, because diffusers 0.42 (with peft 0.21 and
     transformers 5) applies its most common alpha to them whatever the file says: it names the alphas of
