@@ -85,8 +85,11 @@ def ours(model: LatentDiffusion, lora: LoRA | None) -> tuple[torch.Tensor, torch
 def test_kohya_sdxl_lora_matches_diffusers_load_lora_weights(setup: Setup) -> None:
     lora = load_lora(setup.lora, setup.ours)
     assert {p.split(".")[2] for p in lora.layers if p.startswith("conditioner.")} == {"0", "1"}  # both encoders
-    assert target_names(setup.ours)["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == \
-        "conditioner.embedders.1.transformer.text_model.encoder.layers.0.mlp.fc1"
+    names = target_names(setup.ours)
+    layer = "transformer.text_model.encoder.layers.0.mlp.fc1"
+    assert names["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == f"conditioner.embedders.1.{layer}"
+    # kohya's SD 1 prefix names ViT-L, as diffusers reads it
+    assert names["lora_te_text_model_encoder_layers_0_mlp_fc1"] == f"conditioner.embedders.0.{layer}"
     assert "conditioner.embedders.1.text_projection" in lora.layers  # bigG's pooled projection is adapted too
     assert "unet.input_blocks.0.0" in lora.layers and "unet.label_emb.0.0" in lora.layers  # conv_in, add_embedding
     expected = theirs(setup.pipe)
