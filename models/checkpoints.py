@@ -64,7 +64,11 @@ IGNORED_KEYS = re.compile(
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
     r"|posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2"
     r"|lvlb_weights|logvar|scale_factor|ddim_\w+|model_ema\..*|loss\..*"
-    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$"
+    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids"
+    # the SD x4 upscaler's low-resolution noise schedule: read by its config (models/upscaler_layout.py), refused
+    # in any other family's file
+    r"|low_scale_model\.(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod))$"
 )
 
 
@@ -315,6 +319,12 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
     clip = any(k.startswith("transformer.text_model.") for k in parts["conditioner"])
     openclip = any(k.startswith(PREFIXES["conditioner"] + OPENCLIP_PREFIX) for k in sd)
     latent = autoencoder.embed_dim
+    if clip and openclip and unet.in_channels == latent + 3:
+        return _x4_upscaler(name, sd, parts, unet, autoencoder, schedule, prediction_type, metadata)
+    low_scale = sorted(k for k in sd if k.startswith("low_scale_model."))
+    if low_scale:
+        raise CheckpointError(f"low-resolution noise schedule keys ({_shown(low_scale)}) in a file that is not the "
+                              "SD x4 upscaler (an OpenCLIP text encoder and a latent + 3 channel UNet)")
     schedule = dataclasses.replace(schedule, prediction_type=_prediction_type(prediction_type, metadata, openclip))
     if clip:
         if unet.context_dim == 1024 and not openclip:
@@ -338,12 +348,6 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
             return ModelConfig(name=name, family="sd_v2_inpainting" if openclip else "sd_v1_inpainting", unet=unet,
                                autoencoder=autoencoder, schedule=schedule, conditioner=conditioner,
                                conditioning="hybrid", concat_input="inpaint", default_size=size)
-        if unet.in_channels == latent + 3:
-            raise CheckpointError(
-                "this looks like the SD x4 upscaler as one original-layout file (CLIP text encoder, a UNet input of "
-                "latent + 3 channels): such a file does not say its low-resolution noise schedule or scale factor; "
-                "load the diffusers folder (StableDiffusionUpscalePipeline) instead"
-            )
         raise CheckpointError(
             f"SD v1 text encoder with a {unet.in_channels}-channel UNet input: expected {latent} (txt2img) "
             f"or {2 * latent + 1} (inpainting)"
@@ -367,6 +371,21 @@ def infer_model_config(sd: StateDict, name: str, *, prediction_type: PredictionT
         f"LDM super-resolution (no text encoder, UNet input = latent + 3), or an ldm-serve file with its config; "
         f"found UNet input {unet.in_channels}, latent {latent}, conditioner keys {len(parts['conditioner'])}"
     )
+
+
+def _x4_upscaler(name: str, sd: StateDict, parts: dict[str, StateDict], unet: UNetConfig,
+                 autoencoder: AutoencoderConfig, schedule: ScheduleConfig, given: PredictionType | None,
+                 metadata: Mapping[str, str] | None) -> ModelConfig:
+    """The SD x4 upscaler's original file (models/upscaler_layout.py): OpenCLIP ViT-H as SD 2, v-prediction unless
+    the caller or the file's metadata says otherwise."""
+    from models.upscaler_layout import x4_upscaler_config  # it builds on this module
+
+    clip = _inferred("conditioner", infer_clip_config, parts["conditioner"])
+    clip = dataclasses.replace(clip, hidden_act="gelu", pad_token="!")
+    unet = dataclasses.replace(unet, context_dim=clip.hidden_size)
+    spec = (metadata or {}).get("modelspec.prediction_type")
+    prediction = _prediction_type(given, metadata, openclip=False) if given or spec else None
+    return x4_upscaler_config(name, sd, parts["unet"], unet, autoencoder, clip, schedule, prediction)
 
 
 def _prediction_type(given: PredictionType | None, metadata: Mapping[str, str] | None,
@@ -523,9 +542,10 @@ def _model_config(path: Path, file: TensorFile, prediction_type: PredictionType 
         from models.sdxl_load import sdxl_file_config
 
         return sdxl_file_config(path, file, prediction_type)[0]
-    shapes = dict(file.meta)  # inference needs shapes only, but for the schedule's values
-    if "betas" in shapes:
-        shapes["betas"] = file.read("betas")
+    shapes = dict(file.meta)  # inference needs shapes only, but for the schedules' values
+    for betas in ("betas", "low_scale_model.betas"):
+        if betas in shapes:
+            shapes[betas] = file.read(betas)
     try:
         return infer_model_config(shapes, name=path.stem, prediction_type=prediction_type, metadata=file.metadata)
     except CheckpointError as err:

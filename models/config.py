@@ -23,7 +23,7 @@ from models.names import TASKS_BY_KIND, ModelKind, Task, model_kind
 from models.unet import UNetConfig
 
 Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sd_v2_upscaler", "sdxl", "sdxl_refiner",
-                 "ldm_sr", "ldm"]
+                 "sdxl_inpainting", "ldm_sr", "ldm"]
 #: How conditioning reaches the UNet (the original `conditioning_key`):
 #: crossattn = context tokens; concat = spatial inputs stacked on the latent; hybrid = both;
 #: adm = class vector added to the time embedding; none = unconditional.

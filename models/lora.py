@@ -11,8 +11,10 @@ drift, nothing to undo between requests).
 
 Files: kohya / AUTOMATIC1111 `.safetensors` (`lora_unet_*`, `lora_te_*`, with `.lora_down.weight`,
 `.lora_up.weight` and an optional `.alpha` per module; UNet names in the diffusers or the original
-layout; LoCon conv layers: a kxk `lora_down` conv followed by a 1x1 `lora_up` conv), and diffusers /
-PEFT files (`unet.<module>.lora_A.weight` / `.lora_B.weight`, or `.lora.down` / `.lora.up`, alpha from
+layout, the latter being what kohya's SDXL LoRAs use; SDXL's text encoders as `lora_te1_*` (CLIP ViT-L) and
+`lora_te2_*` (OpenCLIP bigG, its `text_projection` included); LoCon conv layers: a kxk `lora_down` conv
+followed by a 1x1 `lora_up` conv), and diffusers / PEFT files (`unet.<module>.lora_A.weight` /
+`.lora_B.weight`, or `.lora.down` / `.lora.up`, `text_encoder.*` and SDXL's `text_encoder_2.*`; alpha from
 `.alpha` keys or the `lora_adapter_metadata`). Every key must name a layer of the model: a LoRA made for
 another architecture, or of a kind we do not apply (DoRA, LoHa, LoKr, CP-decomposed LoCon), is refused
 by name rather than half-applied.
@@ -38,6 +40,7 @@ from models.cpu_inference import PackedConv2d
 from models.diffusers_layout import unet_key_map
 from models.layers import batch_invariant_linear
 from models.ldm import LatentDiffusion
+from models.text.sdxl import SDXLTextConditioner
 
 
 class LoraError(ValueError):
@@ -70,9 +73,9 @@ class LoRA:
 #: one sample's adapters and their weights
 AdapterSet = tuple[tuple[LoRA, float], ...]
 
-_KOHYA = re.compile(r"(lora_(?:unet|te)_\w+)\.(.+)")
-_PEFT = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight"
-                   r"|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
+_KOHYA = re.compile(r"(lora_(?:unet|te|te1|te2)_\w+)\.(.+)")
+_PEFT = re.compile(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora_A\.weight|lora_B\.weight"
+                   r"|lora\.down\.weight|lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
 _DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
 _UP = ("lora_up.weight", "lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight")
 
@@ -85,8 +88,9 @@ def target_names(model: LatentDiffusion) -> dict[str, str]:
     """Every name a LoRA file may give one of the model's layers -> our module path.
 
     UNet layers: kohya's `lora_unet_` + the diffusers path with `_` for `.` (SD 1/2 LoRAs) or + the
-    original path (SGM-style files), and PEFT's `unet.` + the diffusers path. Text encoder layers (HF CLIP
-    names): `lora_te_` + path with `_`, and `text_encoder.` + path (with or without `text_model.`)."""
+    original path (SGM-style files, kohya's SDXL LoRAs), and PEFT's `unet.` + the diffusers path. Text encoder
+    layers (HF CLIP names): kohya's prefix + path with `_`, and PEFT's prefix + `.` + path (with or without
+    `text_model.`), the prefixes of `_text_encoders`."""
     names: dict[str, str] = {}
     unet_paths = [p for p, m in model.unet.named_modules() if _is_target(m)]
     diffusers = unet_key_map([p + ".weight" for p in unet_paths], model.config.unet)
@@ -96,14 +100,30 @@ def target_names(model: LatentDiffusion) -> dict[str, str]:
         names["lora_unet_" + theirs.replace(".", "_")] = ours
         names["lora_unet_" + path.replace(".", "_")] = ours
         names["unet." + theirs] = ours
-    if model.conditioner is not None and hasattr(model.conditioner, "transformer"):
-        for path, module in model.conditioner.named_modules():
-            if _is_target(module) and path.startswith("transformer.text_model."):
-                hf = path.removeprefix("transformer.")
-                ours = "conditioner." + path
-                names["lora_te_" + hf.replace(".", "_")] = names["text_encoder." + hf] = ours
-                names["text_encoder." + hf.removeprefix("text_model.")] = ours  # as transformers >= 5 names it
+    for root, kohya, peft in _text_encoders(model):
+        for path, module in model.get_submodule(root).named_modules():
+            hf = path.removeprefix("transformer.")  # HF's CLIPTextModel(WithProjection) name
+            if _is_target(module) and (path.startswith("transformer.text_model.") or path == "text_projection"):
+                ours = f"{root}.{path}"
+                for prefix in kohya:
+                    names[prefix + hf.replace(".", "_")] = ours
+                names[f"{peft}.{hf}"] = ours
+                names[f"{peft}.{hf.removeprefix('text_model.')}"] = ours  # as transformers >= 5 names it
     return names
+
+
+def _text_encoders(model: LatentDiffusion) -> list[tuple[str, tuple[str, ...], str]]:
+    """(module path, kohya prefixes, diffusers/PEFT prefix) of each CLIP text encoder of the model. SD 1/2: one,
+    `lora_te_` / `text_encoder`. SDXL: CLIP ViT-L is kohya's `lora_te1_` (and `lora_te_`, which diffusers reads as
+    the first encoder too) / `text_encoder`, bigG `lora_te2_` / `text_encoder_2`; the refiner has bigG alone."""
+    conditioner = model.conditioner
+    if isinstance(conditioner, SDXLTextConditioner):
+        known = [(("lora_te1_", "lora_te_"), "text_encoder"), (("lora_te2_",), "text_encoder_2")]
+        mine = known[-len(conditioner.embedders):]
+        return [(f"conditioner.embedders.{i}", kohya, peft) for i, (kohya, peft) in enumerate(mine)]
+    if conditioner is not None and hasattr(conditioner, "transformer"):
+        return [("conditioner", ("lora_te_",), "text_encoder")]
+    return []
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -112,8 +132,8 @@ def _split_key(key: str) -> tuple[str, str]:
         return f"{m[1]}.{m[2]}", m[3]
     if m := _KOHYA.fullmatch(key):
         return m[1], m[2]
-    raise LoraError(f"key {key!r} is neither kohya's (lora_unet_* / lora_te_*) nor diffusers/PEFT's "
-                    "(unet.* / text_encoder.* with lora_A / lora_B)")
+    raise LoraError(f"key {key!r} is neither kohya's (lora_unet_* / lora_te_* / lora_te1_* / lora_te2_*) nor "
+                    "diffusers/PEFT's (unet.* / text_encoder.* / text_encoder_2.* with lora_A / lora_B)")
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -140,7 +160,7 @@ def _alpha(module: str, tensors: dict[str, Tensor], rank: int, peft: dict[str, d
     if "alpha" in tensors:
         return float(tensors["alpha"])
     prefix, _, name = module.partition(".")
-    config = peft.get(prefix) if module.startswith(("unet.", "text_encoder.")) else None
+    config = peft.get(prefix) if prefix in ("unet", "text_encoder", "text_encoder_2") else None
     if config is None:
         return float(rank)
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():

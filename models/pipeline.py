@@ -35,6 +35,7 @@ from models.conditioning import (
     label_map_tensor,
     resolve_label,
 )
+from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.diffusion import NoiseSchedule, q_sample
 from models.guidance import Conditioning
@@ -242,10 +243,13 @@ class Pipeline:
                       masks: Sequence[Image.Image]) -> Started:
         """Repaint the white part of each mask; pixels outside it are returned exactly.
 
-        Inpainting checkpoints (9-channel UNet) get the mask and the masked image's latent as concat
-        inputs. Any other text-to-image model is used by blending: after every step the known region is
-        replaced by the image's latent noised to the current level; `settings.strength` < 1 starts from
-        the image noised to that strength, 1.0 (diffusers' default for inpainting) from pure noise.
+        Inpainting checkpoints (9-channel UNet: SD 1/2 and SDXL inpainting) get the mask and the masked image's
+        latent as concat inputs and start from pure noise, as diffusers' inpainting pipelines at strength 1: each
+        item's generator draws its initial noise, then its masked image's latent, a sample of the VAE's posterior
+        (diffusers' `prepare_latents`, then `prepare_mask_latents`). Any other text-to-image model is used by
+        blending: after every step the known region is replaced by the image's latent noised to the current
+        level; `settings.strength` < 1 starts from the image noised to that strength, 1.0 (diffusers' default
+        for inpainting) from pure noise.
         """
         pixels = self._pixels(images, len(specs))
         mask = mask_to_tensor(masks)
@@ -258,9 +262,12 @@ class Pipeline:
             concat = self._masked_image_concat(pixels, mask, latent_size)
             started = self._start(specs, settings, pixels.shape[-2:], concat=concat)
         elif self.model.config.concat_input == "inpaint":
-            masked = self._encode(pixels * (mask < 0.5))
+            generators = generators_from_seeds([s.seed for s in specs])
+            noise = self._initial_noise(len(specs), pixels.shape[-2:], generators)
+            masked = self._encode(pixels * (mask < 0.5), generators)
             concat = torch.cat([mask_latent.to(device, dtype), masked], dim=1)
-            started = self._start(specs, settings, pixels.shape[-2:], concat=concat)
+            started = self._start(specs, settings, pixels.shape[-2:], concat=concat, generators=generators,
+                                  noise=noise)
         else:
             started = self._start(specs, settings, pixels.shape[-2:], init=self._encode(pixels),
                                   blend_mask=mask_latent.to(device, dtype))
@@ -467,7 +474,7 @@ class Pipeline:
                init: torch.Tensor | None = None, concat: torch.Tensor | None = None,
                blend_mask: torch.Tensor | None = None,
                conditions: tuple[Conditioning, Conditioning] | None = None,
-               generators: Sequence[torch.Generator] | None = None) -> Started:
+               generators: Sequence[torch.Generator] | None = None, noise: torch.Tensor | None = None) -> Started:
         """What every task's sampling starts from: one `StepSample` per item (key = its index).
 
         `size` is in pixels; `init` holds scaled latents of input images (img2img, blended inpainting),
@@ -475,7 +482,8 @@ class Pipeline:
         `conditions` (conditional, unconditional) replaces the prompts' encoding (class, layout, semantic).
         Each item's LoRA adapters act on its own text encoding and UNet rows only (`StepSample.adapters`).
         `generators`: the items' generators when the caller drew from them first (the x4 upscaler's input noise);
-        None: fresh ones seeded with the items' seeds.
+        None: fresh ones seeded with the items' seeds. `noise`: the initial noise, when the caller drew it from
+        `generators` before drawing something else (`_initial_noise`; inpainting models' posterior samples).
         """
         if not specs:
             raise ValueError("a batch needs at least one item")
@@ -484,19 +492,10 @@ class Pipeline:
         model, config = self.model, self.model.config
         if not isinstance(model.conditioner, SDXLTextConditioner):
             _refuse_micro_conditioning(specs, config.name)
-        given_concat = concat if conditions is None else conditions[0].concat
-        if config.concat_input != "none" and given_concat is None:  # else a cryptic conv channel-count error
-            task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
-                    "semantic": "a semantic-synthesis model: use semantic2img",
-                    "layout": "a layout-to-image model: use layout2img",
-                    "masked_image": "an inpainting model: use inpaint",
-                    "rescaled_map": "a semantic-synthesis model: use semantic2img"}
-            raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
-        device, dtype = model.device, model.dtype
-        f = config.downsample_factor
-        shape = (len(specs), config.latent_channels, size[0] // f, size[1] // f)
+        _require_concat(config, concat if conditions is None else conditions[0].concat)
         generators = list(generators) if generators is not None else generators_from_seeds([s.seed for s in specs])
-        noise = randn_per_item(shape, generators, device=device, dtype=dtype)
+        if noise is None:
+            noise = self._initial_noise(len(specs), size, generators)
         plan = sampling_plan(settings.sampler, model.schedule, settings.steps, karras=settings.karras)
         if init is not None:
             plan = plan.from_strength(settings.strength)
@@ -642,8 +641,9 @@ class Pipeline:
         for name in unused:
             if any(getattr(s, name) != getattr(default, name) for s in specs):
                 raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
-        positive = conditioner.encode([s.prompt for s in specs])
-        negative = conditioner.encode([s.negative_prompt for s in specs])
+        with adapters_applied(self.model, [s.adapters for s in specs]):  # each item's on its own rows, both encoders
+            positive = conditioner.encode([s.prompt for s in specs])
+            negative = conditioner.encode([s.negative_prompt for s in specs])
         warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
         assert positive.pooled is not None and negative.pooled is not None
         neg_context, neg_pooled = negative.context, negative.pooled
@@ -683,10 +683,21 @@ class Pipeline:
             raise ValueError(f"image size {pixels.shape[-1]}x{pixels.shape[-2]} is not a multiple of {f}")
         return pixels
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _initial_noise(self, n: int, size: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """x_T [n, C, h, w] for images of `size` pixels, item i from `generators[i]`."""
+        config = self.model.config
+        f = config.downsample_factor
+        shape = (n, config.latent_channels, size[0] // f, size[1] // f)
+        return randn_per_item(shape, generators, device=self.model.device, dtype=self.model.dtype)
+
+    def _encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1], one at a time: the posterior mean, or with `generators` (one per
+        image) a sample of it, as diffusers' pipelines encode."""
         with torch.inference_mode():
             pixels = pixels.to(self.model.device, self.model.dtype)
-            return torch.cat([self.model.encode_images(pixels[i : i + 1]) for i in range(len(pixels))])
+            return torch.cat([self.model.encode_images(pixels[i : i + 1],
+                                                       None if generators is None else [generators[i]])
+                              for i in range(len(pixels))])
 
 
 def _refuse_guidance(specs: Sequence[SampleSpec], why: str) -> None:
@@ -699,6 +710,18 @@ def _refuse_guidance(specs: Sequence[SampleSpec], why: str) -> None:
 
 class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
+
+
+def _require_concat(config: ModelConfig, concat: torch.Tensor | None) -> None:
+    """A model with extra UNet inputs run without them: the task to use, named (else a cryptic conv channel-count
+    error)."""
+    if config.concat_input != "none" and concat is None:
+        task = {"inpaint": "an inpainting model: use inpaint", "lowres": "a super-resolution model: use upscale",
+                "semantic": "a semantic-synthesis model: use semantic2img",
+                "layout": "a layout-to-image model: use layout2img",
+                "masked_image": "an inpainting model: use inpaint",
+                "rescaled_map": "a semantic-synthesis model: use semantic2img"}
+        raise UnsupportedTask(f"model {config.name!r} is {task[config.concat_input]}")
 
 
 def _refuse_micro_conditioning(specs: Sequence[SampleSpec], model: str) -> None:

@@ -1,9 +1,10 @@
-"""SDXL base and refiner in: diffusers folders and original (Stability `sgm`) single files.
+"""SDXL base, refiner and inpainting in: diffusers folders and original (Stability `sgm`) single files.
 
-A diffusers SDXL folder: `model_index.json` (StableDiffusionXLPipeline or StableDiffusionXLImg2ImgPipeline, with
-`force_zeros_for_empty_prompt` and, for the refiner, `requires_aesthetics_score`), `unet/` (addition_embed_type
-'text_time'), `text_encoder/` (CLIPTextModel, ViT-L; absent in the refiner), `text_encoder_2/`
-(CLIPTextModelWithProjection, bigG), `tokenizer/`, `tokenizer_2/`, `vae/`, `scheduler/`.
+A diffusers SDXL folder: `model_index.json` (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline or
+StableDiffusionXLInpaintPipeline, with `force_zeros_for_empty_prompt` and, for the refiner,
+`requires_aesthetics_score`), `unet/` (addition_embed_type 'text_time'), `text_encoder/` (CLIPTextModel, ViT-L;
+absent in the refiner), `text_encoder_2/` (CLIPTextModelWithProjection, bigG), `tokenizer/`, `tokenizer_2/`,
+`vae/`, `scheduler/`.
 
 An original single file: `model.diffusion_model.*` (the UNet; `label_emb.0.{0,2}` is the added vector's MLP),
 `first_stage_model.*`, and `conditioner.embedders.<i>.*`: the base's embedder 0 is HF's CLIP ViT-L
@@ -13,7 +14,8 @@ An original single file: `model.diffusion_model.*` (the UNet; `label_emb.0.{0,2}
 `sdxl_conditioner_from_original` / `sdxl_conditioner_to_original` convert.
 
 The family is read, never guessed from names: two encoders and a 6-number added vector is the base, bigG alone
-with 5 numbers (an aesthetic score) the refiner; every other combination is refused by name.
+with 5 numbers (an aesthetic score) the refiner; the base's conditioning with a 9-channel UNet (latent, mask,
+masked-image latent) is SDXL inpainting; every other combination is refused by name.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from models.text.clip import CLIPTextConfig
 from models.text.sdxl import CLIP_BIGG, MICRO_COUNT, Micro, SDXLTextConfig
 from models.unet import UNetConfig
 
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 #: SDXL's VAE latent scale (sgm's `scale_factor`, diffusers' vae `scaling_factor`): single files do not store it
 SDXL_SCALE_FACTOR = 0.13025
 ORIGINAL_PREFIX = "conditioner.embedders."
@@ -96,7 +98,20 @@ def check_sdxl_text(text: SDXLTextConfig, vector_dim: int) -> None:
             "(CLIP ViT-L + bigG, sizes) and the refiner (bigG alone, requires_aesthetics_score)")
 
 
-def sdxl_family(text: SDXLTextConfig) -> Family:
+def sdxl_family(text: SDXLTextConfig, unet: UNetConfig, latent_channels: int) -> Family:
+    """Base, refiner or inpainting, from the encoders' make-up and the UNet's input: a base's conditioning with a
+    UNet taking latent + mask + masked-image latent (2 x latent + 1 channels) is SDXL inpainting
+    (`diffusers/stable-diffusion-xl-1.0-inpainting-0.1`); any other input width is refused by name."""
+    inpainting = 2 * latent_channels + 1
+    if unet.in_channels not in (latent_channels, inpainting):
+        raise UnsupportedConfigError(
+            f"an SDXL UNet with {unet.in_channels} input channels: expected {latent_channels} (base, refiner) or "
+            f"{inpainting} (inpainting: latent, mask, masked-image latent)")
+    if unet.in_channels == inpainting:
+        if text.micro != "size":
+            raise UnsupportedConfigError("an SDXL refiner (aesthetic-score conditioning) with an inpainting UNet "
+                                         f"({inpainting} input channels): only the base's inpainting model loads")
+        return "sdxl_inpainting"
     return "sdxl_refiner" if text.micro == "aesthetic" else "sdxl"
 
 
@@ -105,8 +120,12 @@ def sdxl_model_config(name: str, unet: UNetConfig, autoencoder: AutoencoderConfi
     if unet.context_dim != text.context_dim:
         raise UnsupportedConfigError(f"the UNet's cross-attention is {unet.context_dim} wide, the text encoders "
                                      f"make {text.context_dim}")
-    return ModelConfig(name=name, family=sdxl_family(text), unet=unet, autoencoder=autoencoder, schedule=schedule,
-                       conditioner=ConditionerConfig(kind="sdxl", sdxl=text), conditioning="crossattn",
+    family = sdxl_family(text, unet, autoencoder.embed_dim)
+    inpainting = family == "sdxl_inpainting"
+    return ModelConfig(name=name, family=family, unet=unet, autoencoder=autoencoder, schedule=schedule,
+                       conditioner=ConditionerConfig(kind="sdxl", sdxl=text),
+                       conditioning="hybrid" if inpainting else "crossattn",
+                       concat_input="inpaint" if inpainting else "none",
                        scale_factor=scale_factor, default_size=default_size)
 
 

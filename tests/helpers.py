@@ -305,6 +305,27 @@ def save_diffusers_folder(checkpoint: dict[str, torch.Tensor], config: ModelConf
     return folder
 
 
+def openclip_text_keys(text: dict[str, torch.Tensor], clip: CLIPTextConfig, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Our CLIP text encoder's keys (`transformer.text_model.*`, SD 2's penultimate-cut OpenCLIP) as an original SD 2
+    file holds them under `cond_stage_model.`: OpenCLIP's names (fused q/k/v), plus the unused last block, the
+    contrastive head's projection and logit scale (random)."""
+    from models.openclip_layout import clip_to_openclip
+
+    prefix = "cond_stage_model."
+    out = {prefix + k: v.contiguous() for k, v in clip_to_openclip(text).items()}
+    g, width, inner = torch.Generator().manual_seed(seed), clip.hidden_size, clip.intermediate_size
+    last = f"{prefix}model.transformer.resblocks.{clip.num_layers}."
+    for name, shape in (("ln_1.weight", [width]), ("ln_1.bias", [width]), ("attn.in_proj_weight", [3 * width, width]),
+                        ("attn.in_proj_bias", [3 * width]), ("attn.out_proj.weight", [width, width]),
+                        ("attn.out_proj.bias", [width]), ("ln_2.weight", [width]), ("ln_2.bias", [width]),
+                        ("mlp.c_fc.weight", [inner, width]), ("mlp.c_fc.bias", [inner]),
+                        ("mlp.c_proj.weight", [width, inner]), ("mlp.c_proj.bias", [width])):
+        out[last + name] = torch.randn(shape, generator=g)
+    out[prefix + "model.text_projection"] = torch.randn(width, width, generator=g)
+    out[prefix + "model.logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
 def shared_alpha(name: str) -> bool:
     """Layers that get one common alpha in the test files, because diffusers 0.42 (with peft 0.21 and
     transformers 5) applies its most common alpha to them whatever the file says: it names the alphas of
@@ -312,16 +333,24 @@ def shared_alpha(name: str) -> bool:
     those of the text encoder with a `text_model.` level transformers 5 dropped, so its alpha_pattern
     matches none of them (PEFT warns). Every other layer (feed-forward, proj_in/out, LoCon convs, time
     embedding) gets an alpha of its own, which diffusers and we both apply."""
-    return name.startswith("lora_te_") or "_attn1_" in name or "_attn2_" in name
+    return name.startswith(("lora_te_", "lora_te1_", "lora_te2_")) or "_attn1_" in name or "_attn2_" in name
+
+
+#: kohya's UNet names for SD 1/2 LoRAs (diffusers' module paths) and for SDXL ones (sgm's: the original layout)
+KOHYA_UNET_DIFFUSERS = ("lora_unet_down_blocks", "lora_unet_mid_block_", "lora_unet_up_blocks")
+KOHYA_UNET_SGM = ("lora_unet_input_blocks", "lora_unet_middle_block_", "lora_unet_output_blocks",
+                  "lora_unet_time_embed_", "lora_unet_label_emb_", "lora_unet_out_")
 
 
 def kohya_lora(model: LatentDiffusion, path: Path, *, seed: int, rank: int = 4, unet: bool = True,
-               text: bool = True, every: int = 1) -> Path:
-    """A random kohya LoRA on every `every`-th layer (diffusers-style UNet names), alpha per module."""
+               text: bool = True, every: int = 1, unet_names: tuple[str, ...] = KOHYA_UNET_DIFFUSERS,
+               text_names: tuple[str, ...] = ("lora_te_",)) -> Path:
+    """A random kohya LoRA on every `every`-th layer whose name starts with one of `unet_names` / `text_names`
+    (SD 1/2: diffusers-style UNet names and `lora_te_`; SDXL: KOHYA_UNET_SGM and `lora_te1_`, `lora_te2_`),
+    alpha per module."""
     g = torch.Generator().manual_seed(seed)
     all_names = target_names(model)
-    unet_names = ("lora_unet_down_blocks", "lora_unet_mid_block_", "lora_unet_up_blocks")
-    names = [n for n in all_names if (unet and n.startswith(unet_names)) or (text and n.startswith("lora_te_"))]
+    names = [n for n in all_names if (unet and n.startswith(unet_names)) or (text and n.startswith(text_names))]
     sd = {}
     for name in sorted(names)[::every]:
         layer = model.get_submodule(all_names[name])

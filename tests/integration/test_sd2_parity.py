@@ -42,6 +42,7 @@ from tests.helpers import (
     assert_close_at_unit_scale,
     diffusers_unet,
     diffusers_vae,
+    openclip_text_keys,
     randomize,
     torch_threads,
     write_clip_tokenizer,
@@ -82,19 +83,8 @@ def write_sd2_file(config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     prefix = PREFIXES["conditioner"]
     sd = {k: v.contiguous() for k, v in model.original_state_dict().items() if not k.startswith(prefix)}
     text = {k[len(prefix):]: v for k, v in model.original_state_dict().items() if k.startswith(prefix)}
-    sd.update({prefix + k: v.contiguous() for k, v in clip_to_openclip(text).items()})
     assert config.conditioner is not None
-    clip = config.conditioner.clip
-    g, width, inner = torch.Generator().manual_seed(7), clip.hidden_size, clip.intermediate_size
-    last = f"{prefix}model.transformer.resblocks.{clip.num_layers}."
-    for name, shape in (("ln_1.weight", [width]), ("ln_1.bias", [width]), ("attn.in_proj_weight", [3 * width, width]),
-                        ("attn.in_proj_bias", [3 * width]), ("attn.out_proj.weight", [width, width]),
-                        ("attn.out_proj.bias", [width]), ("ln_2.weight", [width]), ("ln_2.bias", [width]),
-                        ("mlp.c_fc.weight", [inner, width]), ("mlp.c_fc.bias", [inner]),
-                        ("mlp.c_proj.weight", [width, inner]), ("mlp.c_proj.bias", [width])):
-        sd[last + name] = torch.randn(shape, generator=g)
-    sd[prefix + "model.text_projection"] = torch.randn(width, width, generator=g)
-    sd[prefix + "model.logit_scale"] = torch.tensor(4.6052)
+    sd.update(openclip_text_keys(text, config.conditioner.clip))
     sd["betas"] = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64).float() ** 2
     save_file(sd, str(path))
     return sd

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import save_file
 
 from models.autoencoder import AutoencoderConfig, DiagonalGaussian
@@ -32,6 +34,7 @@ from tests.helpers import (
     diffusers_unet,
     diffusers_vae,
     randomize,
+    torch_threads,
     write_clip_tokenizer,
 )
 
@@ -160,12 +163,32 @@ def test_ten_step_generation_matches_diffusers(twins: Twins, sampler: str, optim
 
 
 def test_inpainting_unet_matches_diffusers(tmp_path: Path) -> None:
+    """The 9-channel UNet, and a 3-step DDIM inpainting with CFG against StableDiffusionInpaintPipeline (each item's
+    generator draws its noise, then its masked image's latent from the VAE's posterior, as diffusers does)."""
     twins = Twins(tmp_path, in_channels=9)
     assert twins.ours.config.family == "sd_v1_inpainting"
     g = torch.Generator().manual_seed(1)
     x, t, ctx = torch.randn(1, 9, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 128, generator=g)
     with torch.inference_mode():
         assert (twins.ours.unet(x, t, ctx) - twins.unet(x, t, encoder_hidden_states=ctx).sample).abs().max() < TOL
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=twins.vae, text_encoder=twins.text, tokenizer=twins.hf_tokenizer, unet=twins.unet,
+        scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:40, 16:56] = 255
+    prompts, seeds = ["a red circle on the left", "a blue square"], [3, 11]
+    with torch_threads(1), torch.inference_mode():
+        expected = pipe(prompts, image=[image] * 2, mask_image=[Image.fromarray(mask)] * 2, num_inference_steps=3,
+                        guidance_scale=7.5, height=64, width=64, output_type="latent",
+                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        pipeline = Pipeline(twins.ours, optimize=False)
+        specs = [SampleSpec(p, seed=s) for p, s in zip(prompts, seeds, strict=True)]
+        started = pipeline.start_inpaint(specs, RunSettings(sampler="ddim", steps=3), [image] * 2,
+                                         [Image.fromarray(mask)] * 2)
+        latents = pipeline.run_samples(started.samples)
+    assert_close_at_unit_scale(latents, expected)
 
 
 @pytest.mark.slow

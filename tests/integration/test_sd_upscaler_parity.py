@@ -19,14 +19,16 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.torch import save_file
 
 from models.checkpoints import CheckpointError, infer_model_config, load_model, save_model
-from models.ldm import LatentDiffusion
+from models.ldm import PREFIXES, LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.tokenizers import CLIPTokenizer
 from tests.helpers import (
     TOL,
     assert_close_at_unit_scale,
+    openclip_text_keys,
     random_model,
     randomize,
     torch_threads,
@@ -39,12 +41,14 @@ SCALE = 0.08333
 
 def upscale_pipeline(tmp: Path, *, full: bool = False) -> Any:
     """diffusers' StableDiffusionUpscalePipeline of random weights with the x4 upscaler's structure (UNet 1/8 width,
-    VAE 1/4, 2 x 64 text; `full`: the real sizes, OpenCLIP ViT-H text cut to 23 blocks as the folder stores it)."""
+    VAE 1/4, 2 x 96 text, 96 so that attn1's key width tells self-attention (the levels' 64 / 128 channels) from
+    attention to the text at every level with attention; `full`: the real sizes, OpenCLIP ViT-H text cut to 23
+    blocks as the folder stores it)."""
     tokenizer_dir = write_clip_tokenizer(tmp / "tokenizer")
     vocab = CLIPTokenizer.from_dir(tokenizer_dir).vocab_size
     tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                                            pad_token="!", model_max_length=77)
-    width = 1024 if full else 64
+    width = 1024 if full else 96
     text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=4 * width if full else 128,
         num_hidden_layers=23 if full else 2, num_attention_heads=16 if full else 1, hidden_act="gelu",
@@ -102,7 +106,7 @@ def test_folder_config_is_the_x4_upscaler(twins: Twins) -> None:
 
 def test_unet_matches_diffusers_with_noise_level_labels(twins: Twins) -> None:
     g = torch.Generator().manual_seed(0)
-    x, t, ctx = torch.randn(2, 7, 8, 8, generator=g), torch.tensor([981.0, 1.0]), torch.randn(2, 77, 64, generator=g)
+    x, t, ctx = torch.randn(2, 7, 8, 8, generator=g), torch.tensor([981.0, 1.0]), torch.randn(2, 77, 96, generator=g)
     labels = torch.tensor([20, 300])
     with torch_threads(1), torch.inference_mode():
         theirs = twins.pipe.unet(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
@@ -149,10 +153,75 @@ def test_saved_upscaler_round_trips(twins: Twins, tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))
 
 
-def test_single_file_upscaler_is_refused_by_name(twins: Twins) -> None:
-    """An original-layout file does not say the low-resolution schedule: refused, naming the folder to use."""
-    sd = load_model(twins.folder).original_state_dict()  # (twins.ours may be prepacked for the CPU by now)
-    with pytest.raises(CheckpointError, match="SD x4 upscaler as one original-layout file.*diffusers folder"):
+X4_BETAS = torch.linspace(0.0001**0.5, 0.02**0.5, 1000, dtype=torch.float64).float() ** 2  # x4-upscaling.yaml's
+
+
+def write_x4_file(model: LatentDiffusion, path: Path, **changed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our upscaler as Stability's code saves x4-upscaler-ema: the original layout (OpenCLIP text with its unused
+    last block), the schedule's buffers and `low_scale_model.*`'s (the low-resolution noise schedule); no config.
+    `changed`: keys to replace (or, given as empty tensors, to leave out)."""
+    prefix = PREFIXES["conditioner"]
+    state = model.original_state_dict()
+    sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
+    assert model.config.conditioner is not None
+    sd |= openclip_text_keys({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                             model.config.conditioner.clip)
+    alphas_cumprod = torch.cumprod(1 - X4_BETAS, dim=0)
+    for owner in ("", "low_scale_model."):
+        sd[owner + "betas"], sd[owner + "alphas_cumprod"] = X4_BETAS.clone(), alphas_cumprod.clone()
+        sd[owner + "sqrt_one_minus_alphas_cumprod"] = (1 - alphas_cumprod).sqrt()
+    for key, tensor in changed.items():
+        if tensor.numel():
+            sd[key] = tensor
+        else:
+            del sd[key]
+    save_file(sd, str(path))
+    return sd
+
+
+def test_original_single_file_matches_diffusers(twins: Twins, tmp_path: Path) -> None:
+    """x4-upscaler-ema's layout: the family, the low-resolution schedule from `low_scale_model.betas`, the YAML's
+    values (scale 0.08333, v, 8 heads, disable_self_attentions checked by shape) and a 3-step DDIM upscale with CFG
+    as diffusers' (from the folder the file was made of)."""
+    path = tmp_path / "x4-upscaler-ema.safetensors"
+    write_x4_file(load_model(twins.folder), path)
+    ours = load_model(path, tokenizer_dir=twins.folder / "tokenizer")
+    config, folder = ours.config, twins.ours.config
+    assert (config.family, config.concat_input, config.scale_factor, config.max_noise_level) == (
+        "sd_v2_upscaler", "lowres", SCALE, 350)
+    assert config.schedule == folder.schedule and config.lowres_noise is not None and folder.lowres_noise is not None
+    betas = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")  # all that noising reads
+    assert [getattr(config.lowres_noise, f) for f in betas] == [getattr(folder.lowres_noise, f) for f in betas]
+    assert config.unet.disable_self_attentions == (True, True, True, False) and config.unet.heads(64) == (8, 8)
+    assert config.unet == folder.unet
+    prompts, seeds, images = ["a red circle", "a blue square"], [3, 11], low_res_images(2)
+    with torch_threads(1):
+        expected = twins.pipe(prompts, image=images, num_inference_steps=3, guidance_scale=7.5, noise_level=50,
+                                  generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                  output_type="latent").images
+        pipeline = Pipeline(ours, optimize=False)
+        specs = [SampleSpec(p, seed=s, guidance_scale=7.5) for p, s in zip(prompts, seeds, strict=True)]
+        started = pipeline.start_upscale(specs, RunSettings(sampler="ddim", steps=3, noise_level=50), images)
+        assert_close_at_unit_scale(pipeline.run_samples(started.samples), expected)
+
+
+def test_single_file_upscaler_mismatches_are_refused_by_name(twins: Twins, tmp_path: Path) -> None:
+    model = load_model(twins.folder)
+    cases = {
+        "no low-resolution schedule": ({"low_scale_model.betas": torch.empty(0)},
+                                       "without low_scale_model.betas, the schedule that noises"),
+        "self-attention at level 1": (
+            {f"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.{w}.weight": torch.zeros(64, 64)
+             for w in ("to_k", "to_v")}, "level 1's attn1 takes 64-wide keys: self-attention on, where "
+                                         "x4-upscaling.yaml has disable_self_attentions True"),
+    }
+    for changed, message in cases.values():
+        write_x4_file(model, tmp_path / "x4.safetensors", **changed)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "x4.safetensors", tokenizer_dir=twins.folder / "tokenizer")
+    sd = {k: torch.zeros(1) for k in ("low_scale_model.betas",)} | load_model(twins.folder).original_state_dict()
+    with pytest.raises(CheckpointError, match=r"low-resolution noise schedule keys \(low_scale_model.betas\) in a "
+                                              "file that is not the SD x4 upscaler"):
         infer_model_config(sd, "x4", prediction_type="v_prediction")
 
 

@@ -1,14 +1,14 @@
 """SDXL base loaded by us and run by diffusers' StableDiffusionXLPipeline: a diffusers folder and an original
 single file.
 
-Random weights with SDXL's structure at reduced width, built here with diffusers and transformers: a 3-level UNet
-(no attention at the first level, 1 / 2 / 3 transformer blocks per level and the middle block's 3, 64-channel
-heads, linear projections, the `text_time` added embedding of a pooled text vector and 6 Fourier-embedded
-micro-conditioning numbers), CLIP ViT-L-like (quick_gelu) and bigG-like (gelu, pads with "!", projected pooled
-output) text encoders of 3 blocks each (their penultimate outputs are the context), a KL VAE. diffusers'
-`save_pretrained` writes the folder; the single file is our loaded model written back with the inverse of the
-loader's mapping (`sdxl_conditioner_to_original`). Text encoders (pooled included), UNet and 10-step DDIM and
-DPM-Solver++ generations with classifier-free guidance must agree to 1e-4.
+Random weights with SDXL's structure at reduced width, built with diffusers and transformers in
+tests/sdxl_twins.py: a 3-level UNet (no attention at the first level, 1 / 2 / 3 transformer blocks per level and
+the middle block's 3, 64-channel heads, linear projections, the `text_time` added embedding of a pooled text
+vector and 6 Fourier-embedded micro-conditioning numbers), CLIP ViT-L-like (quick_gelu) and bigG-like (gelu, pads
+with "!", projected pooled output) text encoders of 3 blocks each (their penultimate outputs are the context),
+a KL VAE. diffusers' `save_pretrained` writes the folder; the single file is our loaded model written back with
+the inverse of the loader's mapping (`sdxl_conditioner_to_original`). Text encoders (pooled included), UNet and
+10-step DDIM and DPM-Solver++ generations with classifier-free guidance must agree to 1e-4.
 """
 
 from __future__ import annotations
@@ -16,23 +16,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import pytest
 import torch
-import transformers
 from PIL import Image
-from safetensors.torch import save_file
 
 from models.checkpoints import CheckpointError, load_model, read_model_config, save_model
 from models.config import ModelConfig, from_dict, to_dict
-from models.ldm import PREFIXES, LatentDiffusion
+from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
-from models.sdxl_layout import sdxl_conditioner_to_original
 from models.text.clip import MissingTokenizerError
 from models.text.sdxl import SDXLTextConditioner, added_vector
-from models.tokenizers import EOS, CLIPTokenizer
+from models.tokenizers import CLIPTokenizer
 from tests.helpers import (
     TOL,
     assert_close_at_unit_scale,
@@ -42,43 +38,7 @@ from tests.helpers import (
     toy_sd_config,
     write_clip_tokenizer,
 )
-
-TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
-PROJECTION = 64  # bigG's text_projection width (SDXL: 1280)
-
-
-def scheduler_config() -> dict[str, Any]:
-    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-            "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
-            "prediction_type": "epsilon"}
-
-
-def text_encoder(vocab: int, eos: int, width: int, act: str, projection: bool) -> Any:
-    config = transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
-        num_attention_heads=width // 64, hidden_act=act, max_position_embeddings=77, projection_dim=PROJECTION,
-        eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=0)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return randomize(cls(config), seed=5 if projection else 4)
-
-
-def sdxl_unet(context: int) -> Any:
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 3), cross_attention_dim=context,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM, upcast_attention=False)
-    return randomize(unet, seed=6)
-
-
-def vae() -> Any:
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.13025, sample_size=1024)
-    return randomize(model, seed=7)
+from tests.sdxl_twins import PROJECTION, TIME_DIM, scheduler_config, sdxl_pipeline, write_sdxl_file
 
 
 class SDXLTwins:
@@ -86,17 +46,8 @@ class SDXLTwins:
 
     def __init__(self, tmp: Path) -> None:
         self.tokenizer_dir = write_clip_tokenizer(tmp / "vocab")
-        ours_tok = CLIPTokenizer.from_dir(self.tokenizer_dir)
-        vocab, eos = ours_tok.vocab_size, ours_tok.eos_id
-        files = (str(self.tokenizer_dir / "vocab.json"), str(self.tokenizer_dir / "merges.txt"))
-        tokenizer = transformers.CLIPTokenizer(*files, pad_token=EOS, model_max_length=77)
-        tokenizer_2 = transformers.CLIPTokenizer(*files, pad_token="!", model_max_length=77)
-        self.text = text_encoder(vocab, eos, 64, "quick_gelu", projection=False)
-        self.text_2 = text_encoder(vocab, eos, 128, "gelu", projection=True)
-        self.pipe = diffusers.StableDiffusionXLPipeline(
-            vae=vae(), text_encoder=self.text, text_encoder_2=self.text_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=sdxl_unet(64 + 128),
-            scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), force_zeros_for_empty_prompt=True)
+        self.pipe = sdxl_pipeline(self.tokenizer_dir)
+        self.text_2 = self.pipe.text_encoder_2
         self.folder = tmp / "sdxl-folder"
         self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
         self.ours = load_model(self.folder)
@@ -107,17 +58,6 @@ class SDXLTwins:
 
     def model(self, source: str) -> LatentDiffusion:
         return self.ours if source == "folder" else self.from_file
-
-
-def write_sdxl_file(model: LatentDiffusion, path: Path, pooled_embedder: int = 1) -> None:
-    """Our model as Stability's sgm saves SDXL: `conditioner.embedders.*` (bigG in OpenCLIP's layout)."""
-    prefix = PREFIXES["conditioner"]
-    state = model.original_state_dict()
-    sd = {k: v.contiguous() for k, v in state.items() if not k.startswith(prefix)}
-    sd |= {k: v.contiguous() for k, v in sdxl_conditioner_to_original(
-        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
-    sd[f"conditioner.embedders.{pooled_embedder}.model.logit_scale"] = torch.tensor(4.6052)
-    save_file(sd, str(path))
 
 
 @pytest.fixture(scope="module")
