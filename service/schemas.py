@@ -476,6 +476,8 @@ def option_message(name: str, model: str) -> str:
     if name == "noise_level":
         return (f"noise_level applies to the SD x4 upscaler only; model {model!r} takes its low-resolution input "
                 "without noise")
+    if name == "target_size":  # the refiner has none: it takes an aesthetic score instead
+        return f"target_size is SDXL base micro-conditioning; model {model!r} is not an SDXL base model"
     return f"{name} is SDXL micro-conditioning; model {model!r} is not an SDXL model"
 
 
