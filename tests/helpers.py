@@ -222,8 +222,8 @@ def toy_sdxl_config(vocab_size: int, *, refiner: bool = False, name: str = "toy-
     return ModelConfig(
         name=name, family="sdxl_refiner" if refiner else "sdxl",
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                        num_heads=-1, num_head_channels=32, context_dim=text.context_dim, use_linear_in_transformer=True,
-                        adm_in_channels=text.vector_dim, legacy=False),
+                        num_heads=-1, num_head_channels=32, context_dim=text.context_dim,
+                        use_linear_in_transformer=True, adm_in_channels=text.vector_dim, legacy=False),
         autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
         conditioner=ConditionerConfig(kind="sdxl", sdxl=text), scale_factor=0.13025, default_size=64)
 
