@@ -42,6 +42,7 @@ from tests.helpers import (
     torch_threads,
     toy_sd_config,
     toy_sdxl_config,
+    toy_sr_config,
     wait_until,
     write_clip_tokenizer,
 )
@@ -66,7 +67,8 @@ class Stack:
     folder: Path
     workers: list[subprocess.Popen[bytes]]
 
-    def start_worker(self, model: str, **env_settings: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, model: str, name: str | None = None, **env_settings: str) -> subprocess.Popen[bytes]:
+        """A worker process for the file of `model`, serving the queue `name` (default: the file's stem)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
         env.update({f"LDM_{k.upper()}": str(v) for k, v in FAST.items()})
         env.update(LDM_REDIS_URL=str(self.settings.redis_url), LDM_KEY_PREFIX=self.settings.key_prefix,
@@ -75,8 +77,8 @@ class Stack:
         env.update({f"LDM_{k.upper()}": v for k, v in env_settings.items()})
         with (self.folder / f"{model}-{len(self.workers)}.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "service.worker", "--model",
-                                     str(self.folder / f"{model}.safetensors")], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                     str(self.folder / f"{model}.safetensors"), "--model-name", name or model],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(proc)
         return proc
 
@@ -257,3 +259,63 @@ async def test_a_refiner_the_workers_do_not_hold_is_refused_by_name(stack: Stack
                 model=XL, prompt="a red circle", steps=2, refiner="ghost")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameters.refiner: model 'xl' has no refiner 'ghost'" in str(err.value.details())
+
+
+def test_a_continuous_batching_worker_hands_over_to_the_refiner(stack: Stack) -> None:
+    """With LDM_BATCHING=continuous the base's steps run in the step batch beside other jobs, and the refiner finishes
+    a job's images once they all reach the switch: the images of the static worker (the PNGs differ only in the
+    model name they carry)."""
+    name = "xl-continuous"
+    proc = stack.start_worker(XL, name, batching="continuous", worker_tokenizer_2_dir=str(stack.folder / "tokenizer"),
+                              worker_refiner=str(stack.folder / f"{REFINER}.safetensors"))
+    try:
+        stack.wait_registered(name, proc)
+        refined, plain = stack.submit(model=name, refiner=REFINER, refiner_switch=0.5, n=2), stack.submit(model=name)
+        second = stack.png(refined) and stack.queue.result(refined, 1)
+        assert second is not None
+        for png, static in ((stack.png(refined), stack.submit(refiner=REFINER, refiner_switch=0.5)),
+                            (second, stack.submit(refiner=REFINER, refiner_switch=0.5, seed=4)),
+                            (stack.png(plain), stack.submit())):
+            assert np.array_equal(pixels(png), pixels(stack.png(static)))
+    finally:
+        stop_process(proc)
+
+
+def test_the_worker_checks_each_job_itself_and_refuses_a_refiner_that_does_not_fit(stack: Stack) -> None:
+    """A job that got past the front end (no live worker had registered) fails alone, as `unsupported`, naming the
+    field; a worker whose refiner cannot finish its model's runs does not start."""
+    from service.schemas import GenerationRequest
+    from service.worker.runner import JobFailure, Runner
+
+    tokenizer = stack.folder / "tokenizer"
+    with torch_threads(1):
+        sd = Runner.load(str(stack.folder / f"{SD}.safetensors"), tokenizer_dir=tokenizer)
+        for fields, message in (({"target_size": (64, 64)}, "target_size is SDXL base micro-conditioning"),
+                                ({"refiner": REFINER}, "model 'toysd' has no refiner 'xl-refiner'")):
+            with pytest.raises(JobFailure, match=message) as failure:
+                sd.check(GenerationRequest(model=SD, **fields))  # type: ignore[arg-type]
+            assert failure.value.reason == "unsupported"
+        sr = Runner(random_model(toy_sr_config()), "toy-sr")  # LDM-SR: upscales its input without noise
+        with pytest.raises(JobFailure, match="noise_level applies to the SD x4 upscaler only; model 'toy-sr' takes"):
+            sr.check(GenerationRequest(model="toy-sr", task="upscale", noise_level=30, image=b"png"))
+        vocab = CLIPTokenizer.from_dir(tokenizer).vocab_size
+        xl, plain = random_model(toy_sdxl_config(vocab)), random_model(toy_sd_config(vocab))
+        with pytest.raises(ValueError, match="refiner 'toy-sd' is sd_v1, not an SDXL refiner"):
+            Runner(xl, XL, refiner=plain)
+        with pytest.raises(ValueError, match="finishes an SDXL base model's images; model 'toy-sd' is sd_v1"):
+            Runner(plain, SD, refiner=xl)
+
+
+def test_the_new_parameters_round_trip_through_the_proto() -> None:
+    from service.api.grpc.convert import to_parameters, to_request
+    from service.schemas import GenerationRequest, Task
+
+    for fields in ({"original_size": (1024, 768), "crops_coords_top_left": (0, 16), "target_size": (512, 640),
+                    "refiner": "r", "refiner_switch": 0.75}, {"task": Task.upscale, "noise_level": 40, "image": b"x"}):
+        request = GenerationRequest(prompt="p", seed=3, **fields)  # type: ignore[arg-type]
+        task = request.task
+        back = to_request(pb.GenerationParameters.FromString(to_parameters(request).SerializeToString()), task,
+                          image=request.image)
+        assert {k: getattr(back, k) for k in fields} == {k: getattr(request, k) for k in fields}
+    unset = to_request(pb.GenerationParameters(prompt="p"), Task.txt2img)
+    assert (unset.original_size, unset.refiner, unset.refiner_switch, unset.noise_level) == (None, None, None, None)
