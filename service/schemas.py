@@ -474,8 +474,7 @@ def option_message(name: str, model: str) -> str:
     """Why a model refuses a request field only some models take (`MODEL_OPTIONS`): the API's and the worker's
     words, the library's (models/pipeline.py)."""
     if name == "noise_level":
-        return (f"noise_level applies to the SD x4 upscaler only; model {model!r} takes its low-resolution input "
-                "without noise")
+        return f"noise_level applies to the SD x4 upscaler only; model {model!r} is not an SD x4 upscaler"
     if name == "target_size":  # the refiner has none: it takes an aesthetic score instead
         return f"target_size is SDXL base micro-conditioning; model {model!r} is not an SDXL base model"
     return f"{name} is SDXL micro-conditioning; model {model!r} is not an SDXL model"

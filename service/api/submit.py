@@ -93,6 +93,8 @@ def _check_options(request: GenerationRequest, model: str, serving: list[WorkerI
     said = [w for w in serving if w.options is not None]
     if said:
         for name in MODEL_OPTIONS:
+            if name == "noise_level" and request.task != Task.upscale:
+                continue  # admission refuses it for the task, whatever the model
             if getattr(request, name) is not None and not any(name in (w.options or ()) for w in said):
                 raise _invalid(name, "option_unsupported", option_message(name, model))
     if request.refiner is not None and serving and not any(request.refiner in w.refiners for w in serving):

@@ -305,6 +305,10 @@ class Runner:
         for name in MODEL_OPTIONS:
             if getattr(request, name) is not None and name not in self.options:
                 raise JobFailure("unsupported", option_message(name, self.name))
+        top = self.model.config.max_noise_level
+        if request.noise_level is not None and request.noise_level > top:
+            raise JobFailure("invalid_input", f"noise_level must be within 0..{top} for model {self.name!r}, got "
+                             f"{request.noise_level}")
         if request.refiner is not None and request.refiner != self.refiner_name:
             raise JobFailure("unsupported", refiner_message(self.name, request.refiner,
                                                             [self.refiner_name] if self.refiner_name else []))

@@ -34,7 +34,7 @@ from models.checkpoints import load_model, save_model
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.tokenizers import CLIPTokenizer
 from service.config import Settings
-from service.queue import JobStatus, SyncJobQueue
+from service.queue import Job, JobStatus, SyncJobQueue
 from tests.helpers import (
     drop_keys,
     random_model,
@@ -43,6 +43,7 @@ from tests.helpers import (
     toy_sd_config,
     toy_sdxl_config,
     toy_sr_config,
+    toy_x4_upscaler_config,
     wait_until,
     write_clip_tokenizer,
 )
@@ -51,7 +52,7 @@ from tests.integration.test_served_conditionings import grpc_stub, pb
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
-XL, REFINER, SD = "xl", "xl-refiner", "toysd"
+XL, REFINER, SD, X4 = "xl", "xl-refiner", "toysd", "x4"
 FAST: dict[str, Any] = {"redis_timeout_s": 2.0, "redis_connect_timeout_s": 0.5, "redis_retries": 2,
                         "redis_backoff_s": 0.05, "heartbeat_interval_s": 0.5, "max_wait_ms": 20, "max_batch": 8}
 JOB: dict[str, Any] = {"model": XL, "steps": 4, "width": 64, "height": 64, "sampler": "ddim", "prompt": "a red circle",
@@ -92,11 +93,15 @@ class Stack:
         assert resp.status_code == 202, resp.text
         return str(resp.json()["id"])
 
-    def png(self, job_id: str, timeout_s: float = 120) -> bytes:
+    def wait(self, job_id: str, timeout_s: float = 120) -> Job:
         deadline = time.monotonic() + timeout_s
         while (job := self.queue.get(job_id)) is None or not job.status.terminal:
             assert time.monotonic() < deadline, f"job {job_id} did not end"
             time.sleep(0.02)
+        return job
+
+    def png(self, job_id: str, timeout_s: float = 120) -> bytes:
+        job = self.wait(job_id, timeout_s)
         assert job.status == JobStatus.succeeded, job.error
         png = self.queue.result(job_id, 0)
         assert png is not None
@@ -113,6 +118,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         save_model(random_model(toy_sdxl_config(vocab, refiner=True, name=REFINER), seed=2),
                    folder / f"{REFINER}.safetensors")
         save_model(random_model(toy_sd_config(vocab, name=SD), seed=3), folder / f"{SD}.safetensors")
+        save_model(random_model(toy_x4_upscaler_config(vocab, name=X4), seed=4), folder / f"{X4}.safetensors")
     settings = Settings(redis_url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:12]}", default_model=XL,
                         grpc_port=0, **FAST)
     queue = SyncJobQueue(settings)
@@ -296,7 +302,7 @@ def test_the_worker_checks_each_job_itself_and_refuses_a_refiner_that_does_not_f
                 sd.check(GenerationRequest(model=SD, **fields))  # type: ignore[arg-type]
             assert failure.value.reason == "unsupported"
         sr = Runner(random_model(toy_sr_config()), "toy-sr")  # LDM-SR: upscales its input without noise
-        with pytest.raises(JobFailure, match="noise_level applies to the SD x4 upscaler only; model 'toy-sr' takes"):
+        with pytest.raises(JobFailure, match="noise_level applies to the SD x4 upscaler only; model 'toy-sr' is not"):
             sr.check(GenerationRequest(model="toy-sr", task="upscale", noise_level=30, image=b"png"))
         vocab = CLIPTokenizer.from_dir(tokenizer).vocab_size
         xl, plain = random_model(toy_sdxl_config(vocab)), random_model(toy_sd_config(vocab))
@@ -319,3 +325,45 @@ def test_the_new_parameters_round_trip_through_the_proto() -> None:
         assert {k: getattr(back, k) for k in fields} == {k: getattr(request, k) for k in fields}
     unset = to_request(pb.GenerationParameters(prompt="p"), Task.txt2img)
     assert (unset.original_size, unset.refiner, unset.refiner_switch, unset.noise_level) == (None, None, None, None)
+
+
+def low_res_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")  # the smallest size the settings take
+    return buf.getvalue()
+
+
+@pytest.mark.anyio
+async def test_noise_level_reaches_the_x4_upscaler_and_is_refused_elsewhere(stack: Stack) -> None:
+    """A worker serving the SD x4 upscaler (toy) registers `noise_level`: an upscale job with it makes the library's
+    image at that level (other than the default level's), over REST and gRPC (Upscale); above the model's
+    max_noise_level the job fails as invalid_input; any other task refuses the field by name."""
+    proc = stack.start_worker(X4)
+    low = low_res_png()
+    job = {"model": X4, "task": "upscale", "prompt": "a red square", "steps": 3, "sampler": "ddim", "seed": 5,
+           "image": base64.b64encode(low).decode(), "width": None, "height": None, "guidance_scale": None}
+    try:
+        stack.wait_registered(X4, proc)
+        assert {m["id"]: m for m in stack.api.client.get("/v1/models").json()["data"]}[X4]["options"] == ["noise_level"]
+        native = stack.png(stack.submit(**job, noise_level=100))
+        default = stack.png(stack.submit(**job))
+        too_much = stack.submit(**job, noise_level=351)
+        async with grpc_stub(stack.settings) as stub:
+            answer = await stub.Upscale(pb.ImageRequest(image=low, parameters=pb.GenerationParameters(
+                model=X4, prompt="a red square", steps=3, sampler="ddim", seed=5, noise_level=100)))
+    finally:
+        stop_process(proc)
+    with torch_threads(1):
+        model = load_model(stack.folder / f"{X4}.safetensors", tokenizer_dir=stack.folder / "tokenizer")
+        expected = Pipeline(model, prompt_syntax="a1111").upscale(
+            [SampleSpec("a red square", seed=5)], RunSettings(sampler="ddim", steps=3, noise_level=100),
+            [Image.open(io.BytesIO(low)).convert("RGB")]).images[0]
+    assert pixels(native).shape == (128, 128, 3) and text_of(native)["noise_level"] == "100"
+    assert np.abs(pixels(native) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert np.abs(pixels(native) - pixels(default)).max() > 0
+    assert answer.images[0].png == native and answer.parameters.noise_level == 100
+    failed = stack.wait(too_much)
+    assert failed.error == "invalid_input: noise_level must be within 0..350 for model 'x4', " \
+        "got 351"
+    resp = stack.api.client.post("/v1/jobs", json={**JOB, "noise_level": 20})
+    assert resp.status_code == 422 and "noise_level applies to task upscale only" in resp.text
