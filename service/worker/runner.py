@@ -5,7 +5,9 @@ It holds the model and its `Pipeline`, loaded once (CPU: fp32 with prepacked con
 label map), runs one batch of samples for one task and encodes every image as a PNG whose text chunks carry the
 parameters that made it (task, model, seed, steps, sampler, karras, eta, guidance_scale, width, height; prompt and
 negative_prompt for the prompted tasks; strength for img2img and inpaint; `class` and `class_id`, `layout` (JSON)
-or `label_map_sha256` for the other conditionings), so the same parameters give the same bytes.
+or `label_map_sha256` for the other conditionings; SDXL's micro-conditioning, `refiner` and `refiner_switch`, and
+`noise_level` where a job sets them), so the same parameters give the same bytes. An SDXL base's runner may hold a
+refiner beside it (LDM_WORKER_REFINER), which finishes the txt2img jobs that name it.
 
 What a model can do is what its config declares (`ModelConfig.tasks`, from its kind: models/names.py); each task
 reaches the pipeline through its entry of `PIPELINE_CALLS`. A class label, layout or label map the model does not
