@@ -235,13 +235,17 @@ class ContinuousWorker(Worker):
     def _hand_over(self, r: Running, index: int, latent: torch.Tensor) -> None:
         """SDXL's refiner: the base's share ran in the step batch; once all of the job's images have reached the
         switch, the refiner finishes them in one run (the static path's `then`, the same images), between two
-        steps of the batch."""
+        steps of the batch (its steps are reported, not stopped: a cancel takes effect when it is done)."""
         r.handed[index] = latent
         if len(r.handed) < r.job.request.n or r.started.then is None:
             return
         latents = torch.cat([r.handed[k] for k in range(r.job.request.n)])
+
+        def progress(step: int, total: int) -> None:  # the refiner's steps, reported as the static worker does
+            self.queue.progress([r.job.claim], step, total)
+
         with _failing(self, r):
-            refined = r.started.then(latents, None)
+            refined = r.started.then(latents, progress)
             for k in range(r.job.request.n):
                 image = r.started.finish(k, refined[k : k + 1])
                 r.job.pngs[k] = self.runner.png(r.job.key, r.inputs[k], image)
@@ -261,7 +265,7 @@ class ContinuousWorker(Worker):
             if r is None or r.job.done:
                 continue
             state = samples[0].state
-            step, total = state.i, state.plan.steps
+            step, total = state.i, r.started.total_steps or state.plan.steps  # a refiner's steps count too
             groups.setdefault((step, total), []).append(r)
             every = r.job.request.preview_every
             if every and step % every == 0 and step < total and state.denoised is not None:

@@ -283,6 +283,8 @@ def test_a_continuous_batching_worker_hands_over_to_the_refiner(stack: Stack) ->
                             (second, stack.submit(refiner=REFINER, refiner_switch=0.5, seed=4)),
                             (stack.png(plain), stack.submit())):
             assert np.array_equal(pixels(png), pixels(stack.png(static)))
+        done = stack.wait(refined)
+        assert (done.step, done.total) == (4, 4)  # the refiner's steps are reported too
     finally:
         stop_process(proc)
 
