@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -234,6 +235,20 @@ async def test_base_then_refiner_is_one_job_on_every_front_end(stack: Stack) -> 
     assert a1111.status_code == 200, a1111.text
     assert base64.b64decode(a1111.json()["images"][0]) == native
     assert "Refiner: xl-refiner, Refiner switch at: 0.5" in a1111.json()["info"]
+
+
+def test_a1111_hires_fix_refines_its_first_pass_and_says_so(stack: Stack) -> None:
+    """With the hires fix the refiner finishes the first pass (txt2img); the second pass (img2img) runs on the model
+    alone, and `info.ldm_ignored` says so."""
+    resp = stack.api.client.post("/sdapi/v1/txt2img", json={
+        "prompt": JOB["prompt"], "seed": 3, "steps": 2, "sampler_name": "DDIM", "width": 64, "height": 64,
+        "override_settings": {"sd_model_checkpoint": XL}, "refiner_checkpoint": REFINER, "enable_hr": True,
+        "hr_scale": 1.5, "hr_upscaler": "Lanczos"})
+    assert resp.status_code == 200, resp.text
+    info = json.loads(resp.json()["info"])
+    assert "hires pass runs on the model alone" in info["ldm_ignored"]["refiner_checkpoint"]
+    assert "Refiner: xl-refiner, Refiner switch at: 0.8" in info["infotexts"][0]
+    assert pixels(base64.b64decode(resp.json()["images"][0])).shape == (96, 96, 3)
 
 
 def test_refiner_switch_defaults_to_0_8(stack: Stack) -> None:
