@@ -2,11 +2,13 @@
 extra_body) and base + refiner in one job (`refiner`, `refiner_switch`; A1111's refiner_checkpoint and
 refiner_switch_at), with real worker processes.
 
-Two workers: `xl`, a toy SDXL base holding the toy refiner `xl-refiner` beside it (LDM_WORKER_REFINER), and `toysd`,
-a toy SD v1 model (tests/helpers.py `toy_sdxl_config`, `toy_sd_config`: random weights at toy width with the real
-structure, saved as single files with a tokenizer folder beside them). The workers register what their model takes
-(`options`, `refiners`), so a field the model does not take is refused at submission, naming it; the worker checks
-again for jobs that get past. The refined image must be the one the library's base + refiner run makes
+Four workers, started together: `xl`, a toy SDXL base holding the toy refiner `xl-refiner` beside it
+(LDM_WORKER_REFINER); `xl-continuous`, the same with LDM_BATCHING=continuous; `toysd`, a toy SD v1 model; `x4`, a toy
+SD x4 upscaler (tests/helpers.py `toy_sdxl_config`, `toy_sd_config`, `toy_x4_upscaler_config`: random weights at toy
+width with the real structure, saved as single files with a tokenizer folder beside them). The workers register
+what their model takes (`options`, `refiners`), so a field the model does not take is refused at submission, naming
+it; the worker checks again for jobs that get past. The refined image must be the one the library's base + refiner
+run makes
 (tests/integration/test_sdxl_parity.py shows that run matches diffusers).
 """
 
@@ -54,6 +56,7 @@ from tests.integration.test_served_conditionings import grpc_stub, pb
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 XL, REFINER, SD, X4 = "xl", "xl-refiner", "toysd", "x4"
+CONTINUOUS = "xl-continuous"  # the SDXL base and refiner again, served by a continuous-batching worker
 FAST: dict[str, Any] = {"redis_timeout_s": 2.0, "redis_connect_timeout_s": 0.5, "redis_retries": 2,
                         "redis_backoff_s": 0.05, "heartbeat_interval_s": 0.5, "max_wait_ms": 20, "max_batch": 8}
 JOB: dict[str, Any] = {"model": XL, "steps": 4, "width": 64, "height": 64, "sampler": "ddim", "prompt": "a red circle",
@@ -127,14 +130,17 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         with serving(settings) as api:
             s = Stack(settings, api, queue, folder, [])
-            xl = s.start_worker(XL, worker_refiner=str(folder / f"{REFINER}.safetensors"),
-                                worker_tokenizer_2_dir=str(tokenizer))
-            sd = s.start_worker(SD)
-            s.wait_registered(XL, xl)
-            s.wait_registered(SD, sd)
+            sdxl = {"worker_refiner": str(folder / f"{REFINER}.safetensors"), "worker_tokenizer_2_dir": str(tokenizer)}
+            started = {XL: s.start_worker(XL, **sdxl), SD: s.start_worker(SD), X4: s.start_worker(X4),
+                       CONTINUOUS: s.start_worker(XL, CONTINUOUS, batching="continuous", **sdxl)}
+            for name, proc in started.items():  # they start together: their loading overlaps
+                s.wait_registered(name, proc)
             yield s
     finally:
-        for proc in s.workers if s is not None else []:
+        procs = s.workers if s is not None else []
+        for proc in procs:  # all at once: they drain in parallel
+            proc.terminate()
+        for proc in procs:
             stop_process(proc)
         queue.close()
         drop_keys(redis_url, settings.key_prefix)
@@ -286,22 +292,16 @@ def test_a_continuous_batching_worker_hands_over_to_the_refiner(stack: Stack) ->
     """With LDM_BATCHING=continuous the base's steps run in the step batch beside other jobs, and the refiner finishes
     a job's images once they all reach the switch: the images of the static worker (the PNGs differ only in the
     model name they carry)."""
-    name = "xl-continuous"
-    proc = stack.start_worker(XL, name, batching="continuous", worker_tokenizer_2_dir=str(stack.folder / "tokenizer"),
-                              worker_refiner=str(stack.folder / f"{REFINER}.safetensors"))
-    try:
-        stack.wait_registered(name, proc)
-        refined, plain = stack.submit(model=name, refiner=REFINER, refiner_switch=0.5, n=2), stack.submit(model=name)
-        second = stack.png(refined) and stack.queue.result(refined, 1)
-        assert second is not None
-        for png, static in ((stack.png(refined), stack.submit(refiner=REFINER, refiner_switch=0.5)),
-                            (second, stack.submit(refiner=REFINER, refiner_switch=0.5, seed=4)),
-                            (stack.png(plain), stack.submit())):
-            assert np.array_equal(pixels(png), pixels(stack.png(static)))
-        done = stack.wait(refined)
-        assert (done.step, done.total) == (4, 4)  # the refiner's steps are reported too
-    finally:
-        stop_process(proc)
+    refined = stack.submit(model=CONTINUOUS, refiner=REFINER, refiner_switch=0.5, n=2)
+    plain = stack.submit(model=CONTINUOUS)
+    second = stack.png(refined) and stack.queue.result(refined, 1)
+    assert second is not None
+    for png, static in ((stack.png(refined), stack.submit(refiner=REFINER, refiner_switch=0.5)),
+                        (second, stack.submit(refiner=REFINER, refiner_switch=0.5, seed=4)),
+                        (stack.png(plain), stack.submit())):
+        assert np.array_equal(pixels(png), pixels(stack.png(static)))
+    done = stack.wait(refined)
+    assert (done.step, done.total) == (4, 4)  # the refiner's steps are reported too
 
 
 def test_the_worker_checks_each_job_itself_and_refuses_a_refiner_that_does_not_fit(stack: Stack) -> None:
@@ -355,21 +355,16 @@ async def test_noise_level_reaches_the_x4_upscaler_and_is_refused_elsewhere(stac
     """A worker serving the SD x4 upscaler (toy) registers `noise_level`: an upscale job with it makes the library's
     image at that level (other than the default level's), over REST and gRPC (Upscale); above the model's
     max_noise_level the job fails as invalid_input; any other task refuses the field by name."""
-    proc = stack.start_worker(X4)
     low = low_res_png()
     job = {"model": X4, "task": "upscale", "prompt": "a red square", "steps": 3, "sampler": "ddim", "seed": 5,
            "image": base64.b64encode(low).decode(), "width": None, "height": None, "guidance_scale": None}
-    try:
-        stack.wait_registered(X4, proc)
-        assert {m["id"]: m for m in stack.api.client.get("/v1/models").json()["data"]}[X4]["options"] == ["noise_level"]
-        native = stack.png(stack.submit(**job, noise_level=100))
-        default = stack.png(stack.submit(**job))
-        too_much = stack.submit(**job, noise_level=351)
-        async with grpc_stub(stack.settings) as stub:
-            answer = await stub.Upscale(pb.ImageRequest(image=low, parameters=pb.GenerationParameters(
-                model=X4, prompt="a red square", steps=3, sampler="ddim", seed=5, noise_level=100)))
-    finally:
-        stop_process(proc)
+    assert {m["id"]: m for m in stack.api.client.get("/v1/models").json()["data"]}[X4]["options"] == ["noise_level"]
+    native = stack.png(stack.submit(**job, noise_level=100))
+    default = stack.png(stack.submit(**job))
+    too_much = stack.submit(**job, noise_level=351)
+    async with grpc_stub(stack.settings) as stub:
+        answer = await stub.Upscale(pb.ImageRequest(image=low, parameters=pb.GenerationParameters(
+            model=X4, prompt="a red square", steps=3, sampler="ddim", seed=5, noise_level=100)))
     with torch_threads(1):
         model = load_model(stack.folder / f"{X4}.safetensors", tokenizer_dir=stack.folder / "tokenizer")
         expected = Pipeline(model, prompt_syntax="a1111").upscale(
