@@ -8,8 +8,8 @@ SD x4 upscaler (tests/helpers.py `toy_sdxl_config`, `toy_sd_config`, `toy_x4_ups
 width with the real structure, saved as single files with a tokenizer folder beside them). The workers register
 what their model takes (`options`, `refiners`), so a field the model does not take is refused at submission, naming
 it; the worker checks again for jobs that get past. The refined image must be the one the library's base + refiner
-run makes
-(tests/integration/test_sdxl_parity.py shows that run matches diffusers).
+run makes (tests/integration/test_sdxl_parity.py shows that run matches diffusers), and the upscaled one the
+library's upscale at the asked noise_level.
 """
 
 from __future__ import annotations
