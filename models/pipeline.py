@@ -150,7 +150,8 @@ class Pipeline:
         self.prompt_syntax = prompt_syntax
         self.embeddings = embeddings
         #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
-        self.refiner = Pipeline(refiner, optimize=optimize) if refiner is not None else None
+        self.refiner = (Pipeline(refiner, optimize=optimize, prompt_syntax=prompt_syntax) if refiner is not None
+                        else None)
 
     # ------------------------------------------------------------------ public tasks
 

@@ -250,6 +250,12 @@ class Settings(BaseSettings):
         default=None,
         description="SDXL's second tokenizer folder (OpenCLIP bigG's `tokenizer_2/`) for a worker's single-file SDXL "
         "checkpoint; the refiner's one encoder takes this one.")
+    worker_refiner: str | None = Field(
+        default=None,
+        description="SDXL refiner a worker holds beside its SDXL base model (a checkpoint file or diffusers folder, "
+        "loaded once, on the worker's device): requests ask for it with `refiner` (A1111: refiner_checkpoint) by its "
+        "file or folder name without suffix, and it finishes their txt2img images from `refiner_switch` on; unset = "
+        "no refiner. A single file's encoder takes LDM_WORKER_TOKENIZER_2_DIR.")
     worker_metrics_host: str = Field(
         default="127.0.0.1", description="Address a worker serves its /metrics on (0.0.0.0 to be scraped from "
         "another host).")

@@ -157,10 +157,22 @@ class BatchKey(NamedTuple):
     karras: bool
     eta: float
     strength: float | None
+    #: the SDXL refiner that finishes the batch and where it takes over (RunSettings.refiner_switch); None = none
+    refiner: str | None = None
+    refiner_switch: float | None = None
+    #: the SD x4 upscaler's noise level of the low-resolution input (RunSettings.noise_level); None = the model's
+    noise_level: int | None = None
 
 
 #: SDXL's per-sample micro-conditioning fields of a request (models.pipeline.SampleSpec has the same names)
 MICRO_FIELDS = ("original_size", "crops_coords_top_left", "target_size")
+#: request fields only some models take; a worker registers those its model takes (`WorkerInfo.options`)
+MODEL_OPTIONS = (*MICRO_FIELDS, "noise_level")
+#: the fields added after the first release: left out of a request's fingerprint while unset, so the fingerprints
+#: of requests without them stay what they were
+LATER_FIELDS = (*MODEL_OPTIONS, "refiner", "refiner_switch")
+#: where the refiner takes over when a request names one and gives no switch (A1111's and diffusers' examples' 0.8)
+DEFAULT_REFINER_SWITCH = 0.8
 
 
 class GenerationRequest(BaseModel):
@@ -229,6 +241,20 @@ class GenerationRequest(BaseModel):
     target_size: tuple[PositiveInt, PositiveInt] | None = Field(
         default=None, description="SDXL micro-conditioning: the (height, width) the image is to look made for; None = "
         "the output size. Refused by other models")
+    refiner: str | None = Field(
+        default=None, pattern=MODEL_NAME_PATTERN,
+        description="txt2img with an SDXL base model: the refiner that finishes the image, by the name the model's "
+        "workers serve it under (they hold it beside the base: LDM_WORKER_REFINER; GET /v1/models lists it in "
+        "`refiners`); None = the base alone")
+    refiner_switch: float | None = Field(
+        default=None, gt=0, lt=1, allow_inf_nan=False,
+        description="with `refiner`: the fraction of the steps the base does before the refiner takes over "
+        "(diffusers' denoising_end / denoising_start, A1111's refiner_switch_at); None = 0.8")
+    noise_level: int | None = Field(
+        default=None, ge=0,
+        description="task upscale with the SD x4 upscaler: the noise added to the low-resolution input before it "
+        "conditions the UNet (0 to the model's max_noise_level, 350); more invents more detail, follows the input "
+        "less; None = the model's default (20). Refused by other tasks and models")
 
     @property
     def micro_conditioning(self) -> dict[str, tuple[int, int]]:
@@ -255,17 +281,17 @@ class GenerationRequest(BaseModel):
 
     def batch_key(self) -> BatchKey:
         """What must be equal for jobs to share a batch (model, task, size, sampler, steps, karras, eta,
-        strength). Only meaningful after admission, when `model` is resolved."""
+        strength, refiner and its switch, noise level). Only meaningful after admission, when `model` is resolved."""
         if self.model is None:
             raise ValueError("batch_key() needs the model resolved: admit() the request first")
         return BatchKey(self.model, self.task, self.width, self.height, self.sampler, self.steps, self.karras,
-                        self.eta, self.effective_strength)
+                        self.eta, self.effective_strength, self.refiner, self.refiner_switch, self.noise_level)
 
     def fingerprint(self) -> str:
         """A digest of everything the client asked for (images included), to tell a true resubmission
         under an idempotency key from a different request reusing the key."""
-        # unset SDXL fields stay out, so the fingerprints of requests without them stay what they were
-        unset = {name for name in MICRO_FIELDS if getattr(self, name) is None}
+        # unset later fields stay out, so the fingerprints of requests without them stay what they were
+        unset = {name for name in LATER_FIELDS if getattr(self, name) is None}
         digest = hashlib.sha256(self.model_dump_json(exclude=unset).encode())
         for blob in (self.image, self.mask):
             digest.update(b"\0" if blob is None else hashlib.sha256(blob).digest())
@@ -332,7 +358,21 @@ def _rule_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
         errors.append(("karras", f"karras sigmas are supported by dpmpp_2m only, not {r.sampler}", r.karras))
     if r.eta != 0 and r.sampler != "ddim":
         errors.append(("eta", f"eta applies to ddim only, not {r.sampler}", r.eta))
-    return errors + _condition_rule_errors(r)
+    return errors + _model_option_errors(r) + _condition_rule_errors(r)
+
+
+def _model_option_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
+    """The refiner finishes txt2img jobs only and its switch needs it; noise_level is the upscale task's."""
+    errors: list[tuple[str, str, Any]] = []
+    task = r.task.value
+    if r.refiner is not None and r.task != Task.txt2img:
+        errors.append(("refiner", f"a refiner finishes txt2img jobs only, not {task}", r.refiner))
+    if r.refiner_switch is not None and r.refiner is None:
+        errors.append(("refiner_switch", "refiner_switch needs a refiner: name it in `refiner`", r.refiner_switch))
+    if r.noise_level is not None and r.task != Task.upscale:
+        errors.append(("noise_level", f"noise_level applies to task upscale only (the SD x4 upscaler), not {task}",
+                       r.noise_level))
+    return errors
 
 
 def _condition_rule_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
@@ -404,8 +444,8 @@ def _lora_errors(r: GenerationRequest, s: Settings) -> tuple[GenerationRequest, 
 
 def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     """Check `request` against the configured limits and the rules between fields; move A1111 `<lora:...>` prompt
-    tags into `loras` and check every adapter name; resolve the model (default), the seed (random) and the guidance
-    scale (the task's default). Raises `pydantic.ValidationError` naming every problem."""
+    tags into `loras` and check every adapter name; resolve the model (default), the seed (random), the guidance
+    scale (the task's default) and a refiner's switch (0.8). Raises `pydantic.ValidationError` naming every problem."""
     request, lora_problems = _lora_errors(request, settings)
     problems: list[tuple[str | tuple[str | int, ...], str, Any]] = [
         *_limit_errors(request, settings), *_rule_errors(request), *lora_problems]
@@ -418,6 +458,8 @@ def admit(request: GenerationRequest, settings: Settings) -> GenerationRequest:
         update["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
     if request.guidance_scale is None:
         update["guidance_scale"] = DEFAULT_GUIDANCE[request.task]
+    if request.refiner is not None and request.refiner_switch is None:
+        update["refiner_switch"] = DEFAULT_REFINER_SWITCH
     return request.model_copy(update=update) if update else request
 
 
@@ -426,6 +468,24 @@ def unguided_message(model: str, missing: str, scale: float) -> str:
     scale other than 1: the API's and the worker's words."""
     return (f"model {model!r} has no {missing}, which classifier-free guidance needs, so it is sampled unguided: "
             f"give guidance_scale 1 (or leave it out), not {scale:g}")
+
+
+def option_message(name: str, model: str) -> str:
+    """Why a model refuses a request field only some models take (`MODEL_OPTIONS`): the API's and the worker's
+    words, the library's (models/pipeline.py)."""
+    if name == "noise_level":
+        return f"noise_level applies to the SD x4 upscaler only; model {model!r} is not an SD x4 upscaler"
+    if name == "target_size":  # the refiner has none: it takes an aesthetic score instead
+        return f"target_size is SDXL base micro-conditioning; model {model!r} is not an SDXL base model"
+    return f"{name} is SDXL micro-conditioning; model {model!r} is not an SDXL model"
+
+
+def refiner_message(model: str, refiner: str, held: Iterable[str]) -> str:
+    """Why a request's `refiner` cannot be used: the refiners the model's workers hold (LDM_WORKER_REFINER)."""
+    names = sorted(set(held))
+    holds = f"its workers hold {', '.join(repr(n) for n in names)}" if names else \
+        "its workers hold none (a worker holds one with LDM_WORKER_REFINER)"
+    return f"model {model!r} has no refiner {refiner!r}: {holds}"
 
 
 def normalise_name(name: str) -> str:

@@ -205,6 +205,51 @@ def toy_sd_config(vocab_size: int, *, in_channels: int = 4, clip_width: int = 64
     )
 
 
+def toy_sdxl_config(vocab_size: int, *, refiner: bool = False, name: str = "toy-sdxl") -> ModelConfig:
+    """SDXL's structure at toy width: two text encoders (CLIP ViT-L-like, quick_gelu; bigG-like, gelu, its pooled
+    output projected to 32), the added vector of the pooled text and 6 micro-conditioning numbers (8-wide Fourier
+    features), a 2-level UNet (32, 64 channels, no attention at the first level, 32-channel heads, linear
+    projections), a 3-level f=4 KL autoencoder at SDXL's scale 0.13025. `refiner`: the refiner's make-up (the
+    bigG-like encoder alone, aesthetic score in place of the target size: 5 numbers). Saved with `save_model`, a
+    file of it loads back to this very config (given the tokenizer folders)."""
+    from models.text.sdxl import SDXLTextConfig  # noqa: PLC0415 (only the SDXL tests need it)
+
+    clip_l = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1)
+    big_g = dataclasses.replace(clip_l, hidden_act="gelu")
+    text = SDXLTextConfig(encoders=(big_g,) if refiner else (clip_l, big_g), projection_dim=32,
+                          micro="aesthetic" if refiner else "size", time_embed_dim=8,
+                          force_zeros_for_empty_prompt=not refiner)
+    return ModelConfig(
+        name=name, family="sdxl_refiner" if refiner else "sdxl",
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                        num_heads=-1, num_head_channels=32, context_dim=text.context_dim,
+                        use_linear_in_transformer=True, adm_in_channels=text.vector_dim, legacy=False),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        conditioner=ConditionerConfig(kind="sdxl", sdxl=text), scale_factor=0.13025, default_size=64)
+
+
+def toy_x4_upscaler_config(vocab_size: int, *, name: str = "toy-x4") -> ModelConfig:
+    """The SD x4 upscaler's structure at toy width: a 7-channel UNet (latent + the noised low-resolution image) with
+    the noise level as its class label (1000 classes) and text in attn1 at the first level, linear projections,
+    v-prediction; a 3-level f=4 KL autoencoder at scale 0.08333; a one-layer OpenCLIP-like (gelu) text encoder; the
+    low-resolution input's own DDPM schedule. `save_model` writes it (config in the metadata) and it loads back."""
+    from models.diffusion import ScheduleConfig  # noqa: PLC0415 (only the upscaler tests need it)
+
+    clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1,
+                          hidden_act="gelu")
+    return ModelConfig(
+        name=name, family="sd_v2_upscaler",
+        unet=UNetConfig(in_channels=7, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(1, 2), num_heads=-1, num_head_channels=32, context_dim=64,
+                        use_linear_in_transformer=True, num_classes=1000, legacy=False,
+                        disable_self_attentions=(True, False)),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        schedule=ScheduleConfig(beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction"),
+        conditioner=ConditionerConfig(kind="clip", clip=clip), conditioning="hybrid", concat_input="lowres",
+        scale_factor=0.08333, default_size=64,
+        lowres_noise=ScheduleConfig(beta_start=0.0001, beta_end=0.02, steps_offset=0))
+
+
 def toy_sr_config() -> ModelConfig:
     """models/configs/ldm-sr.yaml (VQ f=4 autoencoder, 6-channel UNet with legacy attention, no text) at toy
     width; as toy_sd_config, a config that shape inference recovers exactly."""
@@ -225,8 +270,11 @@ def unit_eps(model: LatentDiffusion) -> LatentDiffusion:
     cfg = model.config.unet
     x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g) if cfg.context_dim else None
+    y = torch.randn(2, cfg.adm_in_channels, generator=g) if cfg.adm_in_channels else None  # SDXL's added vector
+    if cfg.num_classes is not None:  # class labels (the x4 upscaler's noise level)
+        y = torch.tensor([20, 20])
     with torch.no_grad():
-        std = model.unet(x, torch.tensor([500.0, 500.0]), ctx).std()
+        std = model.unet(x, torch.tensor([500.0, 500.0]), ctx, *(() if y is None else (y,))).std()
         last = model.unet.out[2]
         assert isinstance(last, torch.nn.Conv2d)
         last.weight.div_(std)

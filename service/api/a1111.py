@@ -13,6 +13,7 @@ Pure functions of the body and the settings; no Redis and no images decoded here
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -139,8 +140,14 @@ FIELDS: dict[str, Rule] = {
     "tiling": _refused("tileable images are not supported"),
     "script_name": _refused("scripts are not supported"),
     "alwayson_scripts": _refused("extensions (ControlNet, ADetailer, ...) are not supported"),
-    "refiner_checkpoint": _refused("refiner models are not supported", _default("", "None")),
-    "refiner_switch_at": _refused("refiner models are not supported", _default(0)),
+    "refiner_checkpoint": _supported("the SDXL refiner that finishes the images: the one the model's workers hold "
+                                     "(LDM_WORKER_REFINER; its name, title or file name; `refiners` in GET "
+                                     "/v1/models); any other is refused. \"\", \"None\" = none. With the hires fix it "
+                                     "finishes the first pass; img2img: refused (a refiner finishes txt2img "
+                                     "runs)"),
+    "refiner_switch_at": _supported("with refiner_checkpoint: the fraction of the steps before the refiner takes "
+                                    "over, strictly between 0 and 1; left out = 0.8; without a refiner it does "
+                                    "nothing (as in A1111)"),
     "enable_hr": _supported("the hires fix: generate at width x height, upscale the images (on pixels), then "
                             "img2img them at denoising_strength (default 0.7); the limits apply to the final size",
                             TXT),
@@ -174,7 +181,16 @@ SAMPLER_ALIASES: dict[str, tuple[str, ...]] = {
 SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
 #: our request's field -> the A1111 field a client sent it as (for the 422s admission answers)
 A1111_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "karras": "scheduler",
-               "strength": "denoising_strength", "image": "init_images", "model": "sd_model_checkpoint"}
+               "strength": "denoising_strength", "image": "init_images", "model": "sd_model_checkpoint",
+               "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at"}
+HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # "name [hash]", as A1111 titles checkpoints
+NO_REFINER = ("", "None", "none")  # A1111's values of refiner_checkpoint that ask for no refiner
+
+
+def checkpoint_name(title: Any) -> str:
+    """A model name from an A1111 checkpoint title ("name [hash]", "name.safetensors")."""
+    text = HASH_SUFFIX.sub("", str(title)).strip()
+    return re.sub(r"\.(safetensors|ckpt)$", "", text)
 
 
 class A1111Body(BaseModel):
@@ -202,6 +218,10 @@ class A1111Body(BaseModel):
     preview_every: int | None = Field(default=None, ge=0, le=1000, description="live previews (ldm-serve's "
                                       "extension); None = the server's a1111_preview_every")
     priority: Priority = Field(default="normal", description="ldm-serve's own field (not A1111's): high, normal or low")
+    refiner_checkpoint: str | None = Field(default=None, description="the SDXL refiner (the one the model's workers "
+                                           "hold); None, \"\" or \"None\" = none")
+    refiner_switch_at: float | None = Field(default=None, allow_inf_nan=False, description="with refiner_checkpoint: "
+                                            "where the refiner takes over (fraction of the steps); None = 0.8")
 
 
 class Txt2ImgBody(A1111Body):
@@ -292,7 +312,15 @@ def request_fields(body: A1111Body, model: str | None, preview_every: int = 0) -
             "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
             "n": body.batch_size * body.n_iter, "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
             "preview_every": preview_every if body.preview_every is None else body.preview_every,
-            "priority": body.priority}
+            "priority": body.priority, **refiner_fields(body)}
+
+
+def refiner_fields(body: A1111Body) -> dict[str, Any]:
+    """`refiner` and `refiner_switch` from refiner_checkpoint and refiner_switch_at; none without a checkpoint (A1111
+    then ignores the switch too)."""
+    if body.refiner_checkpoint is None or body.refiner_checkpoint in NO_REFINER:
+        return {}
+    return {"refiner": checkpoint_name(body.refiner_checkpoint), "refiner_switch": body.refiner_switch_at}
 
 
 HR_UPSCALERS = ("Latent", "Lanczos", "Nearest", "None")
@@ -335,7 +363,8 @@ def second_pass(body: Txt2ImgBody, fields: Mapping[str, Any]) -> dict[str, Any]:
                                  "sampler_index": None if body.hr_sampler_name else body.sampler_index,
                                  "scheduler": body.hr_scheduler or body.scheduler})
     name, karras = sampler(hr)
-    return {**fields, "task": Task.img2img, "n": 1, "sampler": name, "karras": karras,
+    return {**fields, "task": Task.img2img, "n": 1, "sampler": name, "karras": karras, "refiner": None,
+            "refiner_switch": None,
             "steps": body.hr_second_pass_steps or body.steps, "prompt": body.hr_prompt or body.prompt,
             "negative_prompt": body.hr_negative_prompt or body.negative_prompt,
             "eta": (body.eta or 0.0) if name == "ddim" else 0.0,
@@ -389,7 +418,8 @@ def infotext(r: GenerationRequest | Mapping[str, str]) -> str:
         name = a1111_sampler_name(r)
     pairs = [("Steps", get("steps")), ("Sampler", name), ("CFG scale", get("guidance_scale")), ("Seed", get("seed")),
              ("Size", f"{get('width')}x{get('height')}" if get("width") else None), ("Model", get("model")),
-             ("Denoising strength", get("strength"))]
+             ("Denoising strength", get("strength")), ("Refiner", get("refiner")),
+             ("Refiner switch at", get("refiner_switch"))]
     lines = [str(get("prompt") or "")]
     if get("negative_prompt"):
         lines.append(f"Negative prompt: {get('negative_prompt')}")

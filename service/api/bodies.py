@@ -14,12 +14,21 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from service.queue import Job
 from service.queue.records import JobInfo
-from service.schemas import MAX_SEED, GenerationRequest, LabelSet, LoraRef, Priority, Sampler, Task
+from service.schemas import MAX_SEED, MICRO_FIELDS, GenerationRequest, LabelSet, LoraRef, Priority, Sampler, Task
 
 
 def _from_base64(value: Any) -> Any:
@@ -200,6 +209,13 @@ class OpenAIImageParams(BaseModel):
         "the host must be in the server's LDM_WEBHOOK_ALLOWED_HOSTS (docs/webhooks.md)"))
     priority: Priority = Field(default="normal", description="high, normal or low (see POST /v1/jobs); above the API "
                                "key's max_priority: 403")
+    original_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None, description="ldm-serve's extension, SDXL micro-conditioning: [height, width] the image is to "
+        "look taken at (see POST /v1/jobs); other models: 422 naming it")
+    crops_coords_top_left: tuple[NonNegativeInt, NonNegativeInt] | None = Field(
+        default=None, description="ldm-serve's extension, SDXL micro-conditioning: [top, left] of the crop")
+    target_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None, description="ldm-serve's extension, SDXL micro-conditioning: [height, width] it is made for")
 
     @field_validator("size")
     @classmethod
@@ -213,7 +229,8 @@ class OpenAIImageParams(BaseModel):
         values: dict[str, Any] = {
             "model": self.model, "task": task, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "seed": self.seed, "steps": self.steps, "sampler": self.sampler, "guidance_scale": self.guidance_scale,
-            "n": self.n, "width": width, "height": height, "priority": self.priority}
+            "n": self.n, "width": width, "height": height, "priority": self.priority,
+            **{name: getattr(self, name) for name in MICRO_FIELDS}}
         return GenerationRequest(**{**values, **fields})
 
 
@@ -226,10 +243,16 @@ class OpenAIGenerationBody(OpenAIImageParams):
     style: str | None = Field(default=None, description="accepted and ignored")
     loras: tuple[LoraRef, ...] = Field(
         default=(), description='LoRA adapters by name in the LoRA folder: [{"name": "style", "weight": 0.8}]')
+    refiner: str | None = Field(default=None, description="ldm-serve's extension: the SDXL refiner that finishes "
+                                "the images, by the name the model's workers hold it under (GET /v1/models "
+                                "`refiners`; see POST /v1/jobs)")
+    refiner_switch: float | None = Field(default=None, description="with `refiner`: the fraction of the steps the "
+                                         "base does, strictly between 0 and 1; default 0.8")
 
     def request(self, task: Task, **fields: Any) -> GenerationRequest:
-        """The GenerationRequest these parameters ask for, with the adapters."""
-        return super().request(task, **{"loras": self.loras, **fields})
+        """The GenerationRequest these parameters ask for, with the adapters and the refiner."""
+        return super().request(task, **{"loras": self.loras, "refiner": self.refiner,
+                                        "refiner_switch": self.refiner_switch, **fields})
 
 
 class OpenAIEditForm(OpenAIImageParams):
@@ -269,6 +292,11 @@ class ModelCard(BaseModel):
                                                 "when a request gives none (empty: not said)")
     missing_null: str | None = Field(default=None, description="the null condition it lacks ('null class'): it "
                                      "takes guidance_scale 1 only")
+    options: list[str] | None = Field(default=None, description="the request fields only some models take that it "
+                                      "takes (original_size, crops_coords_top_left, target_size: SDXL; noise_level: "
+                                      "the SD x4 upscaler); null: not said")
+    refiners: list[str] = Field(default_factory=list, description="the SDXL refiners its workers hold, by the name a "
+                                "request's `refiner` gives")
 
 
 class ModelList(BaseModel):

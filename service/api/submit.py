@@ -5,7 +5,8 @@ is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), 
 (`service/images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers
 say what it can do and which labels it takes, the task and the class labels, layout and label map too; an unset
 guidance scale becomes the model's default its workers register, and guidance of a model without a null condition
-is refused), the key's jobs
+is refused; SDXL micro-conditioning, noise_level and a refiner only where the workers say their model takes them),
+the key's jobs
 in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
 (409). A `webhook_url` is checked against the allow-list before the images are decoded (422) and registered once
 the job is queued (service/webhooks.py). The gRPC front end runs the same `check_model`; its ValidationError
@@ -33,7 +34,16 @@ from service.config import Settings
 from service.images import decode_image, decode_label_map, decode_mask
 from service.queue import Job, JobNotFound, JobQueue, JobStatus, WorkerInfo
 from service.quotas import Quotas
-from service.schemas import IMAGE_TASKS, GenerationRequest, Task, check_labels, unguided_message
+from service.schemas import (
+    IMAGE_TASKS,
+    MODEL_OPTIONS,
+    GenerationRequest,
+    Task,
+    check_labels,
+    option_message,
+    refiner_message,
+    unguided_message,
+)
 
 
 async def served_models(queue: JobQueue, settings: Settings) -> dict[str, int]:
@@ -73,7 +83,23 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
     labels = next((w.labels for w in serving if w.labels is not None and request.task in w.tasks), None)
     if labels is not None:
         check_labels(request.model_copy(update={"model": model}), labels, map_labels)
+    _check_options(request, model, serving)
     return _guided(request, model, serving)
+
+
+def _check_options(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> None:
+    """The model-specific fields (SDXL micro-conditioning, noise_level) must be ones the model's workers take, and
+    a `refiner` one they hold; workers that do not say (no live one yet, an older worker) leave it to the worker."""
+    said = [w for w in serving if w.options is not None]
+    if said:
+        for name in MODEL_OPTIONS:
+            if name == "noise_level" and request.task != Task.upscale:
+                continue  # admission refuses it for the task, whatever the model
+            if getattr(request, name) is not None and not any(name in (w.options or ()) for w in said):
+                raise _invalid(name, "option_unsupported", option_message(name, model))
+    if request.refiner is not None and serving and not any(request.refiner in w.refiners for w in serving):
+        raise _invalid("refiner", "refiner_not_found",
+                       refiner_message(model, request.refiner, (r for w in serving for r in w.refiners)))
 
 
 def _guided(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> GenerationRequest:

@@ -137,6 +137,12 @@ class WorkerInfo(BaseModel):
         "(the front ends fill it in; empty = not said: the task's default)")
     missing_null: str | None = Field(default=None, description="the null condition its model lacks ('null class'), "
                                      "which guidance needs: it takes guidance_scale 1 only (None = it has one)")
+    options: list[str] | None = Field(
+        default=None, description="the request fields only some models take that its model takes (original_size, "
+        "crops_coords_top_left, target_size: SDXL; noise_level: the SD x4 upscaler); None = not said: the worker "
+        "checks them")
+    refiners: list[str] = Field(default_factory=list, description="the SDXL refiners it holds beside its model, "
+                                "by the name a request's `refiner` gives (LDM_WORKER_REFINER)")
     host: str = ""
     pid: int = 0
     device: str = ""

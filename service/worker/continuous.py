@@ -27,11 +27,14 @@ ours or of the device, CUDA out of memory included: no split here) fails the job
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
+
+import torch
 
 from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
@@ -51,6 +54,8 @@ class Running:
     inputs: list[SampleInput]
     queued: list[StepSample] = field(default_factory=list)
     keys: list[Hashable] = field(default_factory=list)
+    #: final latents of the first model's share, by image index, while a second model is to finish them (`then`)
+    handed: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ContinuousWorker(Worker):
@@ -221,8 +226,29 @@ class ContinuousWorker(Worker):
 
     def _store(self, r: Running, s: StepSample) -> None:
         index = _index(s)
+        if r.started.then is not None:
+            self._hand_over(r, index, s.latent)
+            return
         image = r.started.finish(index, s.latent)
         r.job.pngs[index] = self.runner.png(r.job.key, r.inputs[index], image)
+
+    def _hand_over(self, r: Running, index: int, latent: torch.Tensor) -> None:
+        """SDXL's refiner: the base's share ran in the step batch; once all of the job's images have reached the
+        switch, the refiner finishes them in one run (the static path's `then`, the same images), between two
+        steps of the batch (its steps are reported, not stopped: a cancel takes effect when it is done)."""
+        r.handed[index] = latent
+        if len(r.handed) < r.job.request.n or r.started.then is None:
+            return
+        latents = torch.cat([r.handed[k] for k in range(r.job.request.n)])
+
+        def progress(step: int, total: int) -> None:  # the refiner's steps, reported as the static worker does
+            self.queue.progress([r.job.claim], step, total)
+
+        with _failing(self, r):
+            refined = r.started.then(latents, progress)
+            for k in range(r.job.request.n):
+                image = r.started.finish(k, refined[k : k + 1])
+                r.job.pngs[k] = self.runner.png(r.job.key, r.inputs[k], image)
 
     def _settle_if_done(self, r: Running) -> None:
         if not r.job.done and len(r.job.pngs) == r.job.request.n:
@@ -239,7 +265,7 @@ class ContinuousWorker(Worker):
             if r is None or r.job.done:
                 continue
             state = samples[0].state
-            step, total = state.i, state.plan.steps
+            step, total = state.i, r.started.total_steps or state.plan.steps  # a refiner's steps count too
             groups.setdefault((step, total), []).append(r)
             every = r.job.request.preview_every
             if every and step % every == 0 and step < total and state.denoised is not None:
@@ -263,6 +289,21 @@ class ContinuousWorker(Worker):
             self.batch.cancel(key)
         r.queued.clear()
         self.running.pop(r.job.id, None)
+
+
+@contextlib.contextmanager
+def _failing(worker: ContinuousWorker, r: Running) -> Iterator[None]:
+    """A fault while a job's images are finished (the refiner's run, decoding) fails that job alone."""
+    try:
+        yield
+    except QueueError:
+        raise
+    except Exception as exc:
+        failure, incident = JobFailure.internal()
+        log.exception(kv("finish_error", model=worker.model, job=r.job.id, error=type(exc).__name__,
+                         incident=incident))
+        worker.running.pop(r.job.id, None)
+        worker._fail(r.job, failure)
 
 
 def _job_id(sample: StepSample) -> str:

@@ -128,6 +128,8 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), labels=self.runner.labels,
                           default_guidance=self.runner.default_guidance, missing_null=self.runner.missing_null,
+                          options=self.runner.options,
+                          refiners=[self.runner.refiner_name] if self.runner.refiner_name else [],
                           host=socket.gethostname(), pid=os.getpid(), device=str(self.runner.device),
                           started_at=self._started_at, busy=self._busy, step_rate=round(self._step_rate, 3),
                           steps_in_hand=self._steps_in_hand())
@@ -564,9 +566,10 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
                              dtype=settings.worker_dtype, tokenizer_dir=settings.worker_tokenizer_dir,
                              tokenizer_2_dir=settings.worker_tokenizer_2_dir,
                              text=TextOptions(settings.prompt_syntax, settings.embeddings_dir, settings.lora_dir,
-                                              int(settings.lora_cache_mb * 2**20)))
+                                              int(settings.lora_cache_mb * 2**20)),
+                             refiner=settings.worker_refiner)
     except (ValueError, OSError, RuntimeError) as exc:
-        log.error(kv("model_load_failed", model=model_spec, error=exc))
+        log.error(kv("model_load_failed", model=model_spec, refiner=settings.worker_refiner or "", error=exc))
         return 1
     runner.on_oom = metrics.oom_retries.labels(runner.name).inc
     _lora_metrics(metrics, runner)
@@ -588,7 +591,8 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
         signals.worker = worker
         if signals.received:  # a signal while the model loaded
             worker.request_stop()
-        log.info(kv("worker_started", worker=worker_id, model=runner.name, spec=model_spec, device=runner.device,
+        log.info(kv("worker_started", worker=worker_id, model=runner.name, spec=model_spec,
+                    refiner=runner.refiner_name or "", device=runner.device,
                     dtype=str(runner.dtype).removeprefix("torch."), tasks=",".join(sorted(runner.tasks)),
                     max_batch=settings.max_batch, batching=settings.batching, metrics=url, pid=os.getpid(), title=how))
         try:

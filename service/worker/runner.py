@@ -5,7 +5,9 @@ It holds the model and its `Pipeline`, loaded once (CPU: fp32 with prepacked con
 label map), runs one batch of samples for one task and encodes every image as a PNG whose text chunks carry the
 parameters that made it (task, model, seed, steps, sampler, karras, eta, guidance_scale, width, height; prompt and
 negative_prompt for the prompted tasks; strength for img2img and inpaint; `class` and `class_id`, `layout` (JSON)
-or `label_map_sha256` for the other conditionings), so the same parameters give the same bytes.
+or `label_map_sha256` for the other conditionings; SDXL's micro-conditioning, `refiner` and `refiner_switch`, and
+`noise_level` where a job sets them), so the same parameters give the same bytes. An SDXL base's runner may hold a
+refiner beside it (LDM_WORKER_REFINER), which finishes the txt2img jobs that name it.
 
 What a model can do is what its config declares (`ModelConfig.tasks`, from its kind: models/names.py); each task
 reaches the pipeline through its entry of `PIPELINE_CALLS`. A class label, layout or label map the model does not
@@ -63,11 +65,15 @@ from service.schemas import (
     CONDITION_TASKS,
     DEFAULT_STRENGTH,
     IMAGE_TASKS,
+    MICRO_FIELDS,
     MODEL_NAME_PATTERN,
+    MODEL_OPTIONS,
     BatchKey,
     GenerationRequest,
     LabelSet,
     Task,
+    option_message,
+    refiner_message,
     unguided_message,
 )
 
@@ -164,13 +170,19 @@ class Runner:
     """A loaded model and its pipeline; `run` makes one batch of images. Not thread-safe: one batch at a time."""
 
     def __init__(self, model: LatentDiffusion, name: str, *, on_oom: Callable[[], None] | None = None,
-                 text: TextOptions | None = None) -> None:
+                 text: TextOptions | None = None, refiner: LatentDiffusion | None = None,
+                 refiner_name: str | None = None) -> None:
         self.model = model
         self.name = name
         self.text = text or TextOptions()
         embeddings = (load_embeddings_dir(self.text.embeddings_dir, model)
                       if self.text.embeddings_dir is not None else None)
-        self.pipeline = Pipeline(model, prompt_syntax=self.text.prompt_syntax, embeddings=embeddings)
+        if refiner is not None:
+            check_refiner(model, refiner)
+        #: the SDXL refiner held beside the model (LDM_WORKER_REFINER) and the name requests give it (`refiner`)
+        self.refiner_name = (refiner_name or refiner.config.name) if refiner is not None else None
+        self.pipeline = Pipeline(model, prompt_syntax=self.text.prompt_syntax, embeddings=embeddings,
+                                 refiner=refiner)
         self.previewer = Previewer(model)
         self.on_oom = on_oom
         self._loras: LoraCache | None = None
@@ -179,15 +191,20 @@ class Runner:
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
              tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None,
-             text: TextOptions | None = None) -> Runner:
-        """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once.
+             text: TextOptions | None = None, refiner: str | None = None) -> Runner:
+        """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once, and
+        the SDXL refiner of the spec `refiner` beside it (requests name it by `served_name(refiner)`).
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
-        model = resolve_model(spec, tokenizer=tokenizer_dir, tokenizer_2=tokenizer_2_dir, device=dev, dtype=dt)
-        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
-            optimize_for_cpu_inference(model)
-        return cls(model, name or served_name(spec), text=text)
+        models = []
+        for one in (spec, refiner) if refiner is not None else (spec,):
+            model = resolve_model(one, tokenizer=tokenizer_dir, tokenizer_2=tokenizer_2_dir, device=dev, dtype=dt)
+            if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
+                optimize_for_cpu_inference(model)
+            models.append(model)
+        return cls(models[0], name or served_name(spec), text=text, refiner=models[1] if refiner else None,
+                   refiner_name=served_name(refiner) if refiner else None)
 
     @property
     def lora_cache(self) -> LoraCache:
@@ -251,6 +268,19 @@ class Runner:
         is sampled unguided, guidance_scale 1 only. None: it has one (or needs none)."""
         return MISSING_NULL.get(self.model.config.kind)
 
+    @property
+    def options(self) -> list[str]:
+        """The request fields only some models take that this one takes (registered, so the front ends refuse the
+        others by name): SDXL's micro-conditioning (the refiner has no target size), the x4 upscaler's noise_level."""
+        config = self.model.config
+        taken: list[str] = []
+        if config.conditioner is not None and config.conditioner.kind == "sdxl":
+            micro = config.conditioner.sdxl.micro
+            taken += [name for name in MICRO_FIELDS if micro == "size" or name != "target_size"]
+        if config.lowres_noise is not None:
+            taken.append("noise_level")
+        return taken
+
     def guidance(self, request: GenerationRequest) -> float:
         """The scale a job runs at: its own, or this model's default for its task (the front ends fill it in from
         the registration; a request queued without one gets the model's, not the task's)."""
@@ -274,6 +304,16 @@ class Runner:
             self._class_id(request)
         elif request.task == Task.layout:
             self._layout(request)
+        for name in MODEL_OPTIONS:
+            if getattr(request, name) is not None and name not in self.options:
+                raise JobFailure("unsupported", option_message(name, self.name))
+        top = self.model.config.max_noise_level
+        if request.noise_level is not None and request.noise_level > top:
+            raise JobFailure("invalid_input", f"noise_level must be within 0..{top} for model {self.name!r}, got "
+                             f"{request.noise_level}")
+        if request.refiner is not None and request.refiner != self.refiner_name:
+            raise JobFailure("unsupported", refiner_message(self.name, request.refiner,
+                                                            [self.refiner_name] if self.refiner_name else []))
         self.adapters(request)  # a LoRA that cannot be applied fails its own job, not its batch
 
     def _class_id(self, request: GenerationRequest) -> int:
@@ -402,7 +442,9 @@ class Runner:
                  for s in samples]
         settings = RunSettings(sampler=key.sampler, steps=key.steps, width=key.width, height=key.height,
                                karras=key.karras, eta=key.eta,
-                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img])
+                               strength=key.strength if key.strength is not None else DEFAULT_STRENGTH[Task.img2img],
+                               refiner_switch=key.refiner_switch if key.refiner is not None else None,
+                               noise_level=key.noise_level)
         return specs, settings
 
     def _call(self, task: Task, specs: list[SampleSpec], settings: RunSettings, samples: Sequence[SampleInput],
@@ -454,6 +496,11 @@ class Runner:
             parameters["strength"] = key.strength
         if r.loras:
             parameters["loras"] = json.dumps([ref.model_dump() for ref in r.loras])
+        parameters |= {name: json.dumps(value) for name, value in r.micro_conditioning.items()}
+        if key.refiner is not None:
+            parameters |= {"refiner": key.refiner, "refiner_switch": key.refiner_switch}
+        if key.noise_level is not None:
+            parameters["noise_level"] = key.noise_level
         return encode_png(image, parameters | self._condition_parameters(key.task, sample))
 
     def _condition_parameters(self, task: Task, sample: SampleInput) -> dict[str, object]:
@@ -473,6 +520,20 @@ class Runner:
     def free_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
+    """A refiner finishes an SDXL base's txt2img runs on its latents: both SDXL (the refiner model, or another
+    base), with the base's noise schedule and latent space. ValueError naming what does not fit."""
+    if model.config.family != "sdxl":
+        raise ValueError(f"a refiner finishes an SDXL base model's images; model {model.config.name!r} is "
+                         f"{model.config.family}")
+    if refiner.config.family not in ("sdxl", "sdxl_refiner"):
+        raise ValueError(f"refiner {refiner.config.name!r} is {refiner.config.family}, not an SDXL refiner (or base)")
+    if (refiner.config.schedule, refiner.config.latent_channels) != (model.config.schedule,
+                                                                     model.config.latent_channels):
+        raise ValueError(f"refiner {refiner.config.name!r} has another noise schedule or latent space than "
+                         f"{model.config.name!r}: one run cannot hand over between them")
 
 
 @contextlib.contextmanager

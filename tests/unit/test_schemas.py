@@ -246,3 +246,25 @@ def test_sdxl_micro_conditioning_is_per_sample_and_checked() -> None:
     for bad in ({"original_size": [0, 512]}, {"crops_coords_top_left": [-1, 0]}, {"target_size": [512]}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             req(**bad)
+
+
+def test_refiner_and_noise_level_rules_defaults_and_batch_key() -> None:
+    """`refiner` finishes txt2img jobs (its switch defaults to 0.8 at admission, strictly inside (0, 1), and needs a
+    refiner); `noise_level` is the upscale task's; both split batches; unset, they leave fingerprints as they were."""
+    refined = admit(req(model="m", refiner="xl-refiner"), SETTINGS)
+    assert refined.refiner_switch == 0.8
+    plain = admit(req(model="m"), SETTINGS)
+    assert refined.batch_key() != plain.batch_key()
+    assert refined.batch_key() != admit(req(model="m", refiner="xl-refiner", refiner_switch=0.7), SETTINGS).batch_key()
+    assert plain.batch_key() == BatchKey("m", Task.txt2img, 64, 64, "dpmpp_2m", 20, False, 0.0, None)
+    assert req(prompt="x", refiner="r").fingerprint() != req(prompt="x").fingerprint()
+    assert errors(req(refiner_switch=0.5)) == {"refiner_switch": "refiner_switch needs a refiner: name it in `refiner`"}
+    assert errors(req(task="img2img", image=b"x", refiner="r")) == {
+        "refiner": "a refiner finishes txt2img jobs only, not img2img"}
+    assert errors(req(noise_level=20)) == {
+        "noise_level": "noise_level applies to task upscale only (the SD x4 upscaler), not txt2img"}
+    upscale = admit(req(model="m", task="upscale", image=b"x", noise_level=20), SETTINGS)
+    assert upscale.batch_key() != admit(req(model="m", task="upscale", image=b"x"), SETTINGS).batch_key()
+    for bad in ({"refiner_switch": 0.0}, {"refiner_switch": 1.0}, {"noise_level": -1}, {"refiner": "../x"}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            req(**bad)

@@ -19,7 +19,10 @@ from service.schemas import GenerationRequest, Task
 
 IDEMPOTENCY_METADATA = "idempotency-key"
 _OPTIONAL_FIELDS = ("seed", "steps", "guidance_scale", "width", "height", "n", "strength", "eta",
-                   "preview_every")
+                   "preview_every", "refiner_switch", "noise_level")
+#: SDXL micro-conditioning: (field, the message's two fields in the schema's order)
+_PAIRS = (("original_size", ("height", "width")), ("crops_coords_top_left", ("top", "left")),
+          ("target_size", ("height", "width")))
 
 
 def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | None = None,
@@ -35,6 +38,9 @@ def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | No
         fields["sampler"] = params.sampler
     if params.priority:
         fields["priority"] = params.priority
+    if params.refiner:
+        fields["refiner"] = params.refiner
+    fields |= _micro_conditioning(params)
     if params.class_label:
         fields["class_label"] = params.class_label
     if params.layout:
@@ -52,6 +58,16 @@ def to_request(params: pb.GenerationParameters, task: Task, *, image: bytes | No
     return GenerationRequest(task=task, image=image, mask=mask, label_map=label_map, **fields)
 
 
+def _micro_conditioning(params: pb.GenerationParameters) -> dict[str, tuple[int, int]]:
+    """The SDXL micro-conditioning pairs the parameters set, in the schema's (height, width) / (top, left) order."""
+    fields = {}
+    for name, (first, second) in _PAIRS:
+        if params.HasField(name):
+            pair = getattr(params, name)
+            fields[name] = (getattr(pair, first), getattr(pair, second))
+    return fields
+
+
 def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
     """The parameters a job ran with (after admission every default is resolved, except a None size: the
     model's default, which the images' own sizes then show)."""
@@ -62,9 +78,17 @@ def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
         seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
         guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
         strength=request.effective_strength, eta=request.eta, preview_every=request.preview_every,
-        priority=request.priority,
+        priority=request.priority, refiner=request.refiner or "", refiner_switch=request.refiner_switch,
+        noise_level=request.noise_level, **_pairs(request),
         class_label="" if request.class_label is None else str(request.class_label), layout=layout,
         loras=[pb.Lora(name=ref.name, weight=ref.weight) for ref in request.loras])
+
+
+def _pairs(request: GenerationRequest) -> dict[str, Any]:
+    """The request's SDXL micro-conditioning as proto messages (unset ones left out)."""
+    kinds = {"original_size": pb.PixelSize, "crops_coords_top_left": pb.CropCorner, "target_size": pb.PixelSize}
+    return {name: kinds[name](**dict(zip(names, value, strict=True)))
+            for name, names in _PAIRS if (value := getattr(request, name)) is not None}
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -15,7 +15,8 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_prin
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
     """Models served by live workers, plus the configured default (listed with `workers: 0` when none serves it),
-    with the tasks their workers can do, the labels they take and the guidance each task gets by default."""
+    with the tasks their workers can do, the labels they take, the guidance each task gets by default, the
+    model-specific fields they take and the refiners they hold."""
     served = await served_models(queue, settings)
     workers = await queue.workers()
     cards = []
@@ -25,6 +26,8 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
         labels = next((w.labels for w in serving if w.labels is not None), None)
         guidance = next((w.default_guidance for w in serving if w.default_guidance), {})
         missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
+        options = next((w.options for w in serving if w.options is not None), None)
+        refiners = sorted({r for w in serving for r in w.refiners})
         cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels, default_guidance=guidance,
-                               missing_null=missing))
+                               missing_null=missing, options=options, refiners=refiners))
     return ModelList(data=cards)

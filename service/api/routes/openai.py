@@ -2,10 +2,12 @@
 
 Answers `{created, data: [{b64_json} | {url}]}`; errors `{error: {message, type, param, code}}` (errors.py).
 `response_format: url` links to GET /v1/jobs/{id}/images/{i} on this server (valid for `result_ttl_s`).
-Beyond OpenAI's fields we accept seed, steps, guidance_scale, sampler, negative_prompt, deadline_s and webhook_url
-(and strength for edits); with the openai client, pass them in `extra_body`. A `webhook_url` is checked against the
-allow-list before anything else is read (422 naming it) and registered once the job is queued (service/webhooks.py):
-the job's terminal event is POSTed there, signed, even when the client stopped waiting.
+Beyond OpenAI's fields we accept seed, steps, guidance_scale, sampler, negative_prompt, deadline_s, webhook_url,
+priority and SDXL's micro-conditioning (original_size, crops_coords_top_left, target_size), plus loras, refiner and
+refiner_switch for generations and strength for edits; with the openai client, pass them in `extra_body`. A
+`webhook_url` is checked against the allow-list before anything else is read (422 naming it) and registered once the
+job is queued (service/webhooks.py): the job's terminal event is POSTed there, signed, even when the client stopped
+waiting.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -48,7 +47,6 @@ router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], dependencies=[Dep
                    responses=AUTH_RESPONSES)
 internal = APIRouter(prefix="/internal", tags=["automatic1111"], dependencies=[Depends(get_principal)],
                      responses=AUTH_RESPONSES)
-HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # "name [hash]", as A1111 titles checkpoints
 
 
 def _session(request: Request, principal: PrincipalDep) -> A1111Session:
@@ -69,8 +67,7 @@ def _renamed(exc: ValidationError) -> ApiError:
 
 def _checkpoint(name: Any) -> str:
     """A model name from an A1111 checkpoint title ("name [hash]", "name.safetensors")."""
-    text = HASH_SUFFIX.sub("", str(name)).strip()
-    return re.sub(r"\.(safetensors|ckpt)$", "", text)
+    return a1111.checkpoint_name(name)
 
 
 async def _model(body: A1111Body, session: A1111Session) -> str | None:
@@ -166,6 +163,9 @@ async def _hires(body: Txt2ImgBody, fields: dict[str, Any], notes: dict[str, str
         second = a1111.second_pass(body, fields)
     except ValidationError as exc:
         raise _renamed(exc) from exc
+    if fields.get("refiner"):
+        notes = notes | {"refiner_checkpoint": "the refiner finishes the first pass; the hires pass runs on the "
+                         "model alone"}
     first = await _run(submitter, session, request, {**fields, "task": Task.txt2img})  # hooks: on the final jobs
     passes = await _second_passes(body, first, second, how, request, submitter, session) if first else None
     if first is None or passes is None:
