@@ -44,12 +44,12 @@ from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, adapters_applied
 from models.names import SamplerName
 from models.noise import generators_from_seeds, randn_per_item
-from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt
+from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt, encode_sdxl_prompt
 from models.samplers import SamplingPlan, init_state, sampling_plan
 from models.step_batch import AfterStep, Denoiser, StepBatch, StepSample, guided_denoiser
 from models.text.clip import CLIPTextConditioner
 from models.text.sdxl import Micro, SDXLTextConditioner, added_vector
-from models.textual_inversion import EmbeddingDB
+from models.textual_inversion import SINGLE, EmbeddingDB
 
 #: progress(step, total) after every sampler step; raising from it aborts the run (cancellation)
 Progress = Callable[[int, int], None]
@@ -133,7 +133,8 @@ class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
     def __init__(self, model: LatentDiffusion, *, optimize: bool = True, prompt_syntax: PromptSyntax = "plain",
-                 embeddings: EmbeddingDB | None = None, refiner: LatentDiffusion | None = None) -> None:
+                 embeddings: EmbeddingDB | Sequence[EmbeddingDB] | None = None,
+                 refiner: LatentDiffusion | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
@@ -141,17 +142,21 @@ class Pipeline:
 
         `prompt_syntax`: how a CLIP text encoder reads prompts (models/prompt_weighting.py): `plain` as
         diffusers, `a1111` AUTOMATIC1111's emphasis, BREAK and 75-token chunks; other encoders read them as
-        they are. `embeddings`: textual-inversion embeddings prompts may name (models/textual_inversion.py)."""
+        they are. `embeddings`: textual-inversion embeddings prompts may name (models/textual_inversion.py), one
+        EmbeddingDB per CLIP text encoder (`load_embeddings_dir`): each encoder takes the one of its key (SINGLE;
+        SDXL's `clip_l` / `clip_g`), so the base's pair serves its refiner too (`clip_g`)."""
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {prompt_syntax!r}")
         if optimize and model.device.type == "cpu":
             optimize_for_cpu_inference(model)
         self.model = model
         self.prompt_syntax = prompt_syntax
-        self.embeddings = embeddings
+        dbs = () if embeddings is None else (embeddings,) if isinstance(embeddings, EmbeddingDB) else tuple(embeddings)
+        self.embeddings: tuple[EmbeddingDB, ...] = dbs
+        self._encoder_embeddings = _embeddings_by_encoder(model, dbs)
         #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
-        self.refiner = (Pipeline(refiner, optimize=optimize, prompt_syntax=prompt_syntax) if refiner is not None
-                        else None)
+        self.refiner = (Pipeline(refiner, optimize=optimize, prompt_syntax=prompt_syntax, embeddings=dbs)
+                        if refiner is not None else None)
 
     # ------------------------------------------------------------------ public tasks
 
@@ -559,9 +564,9 @@ class Pipeline:
         def then(latents: torch.Tensor, progress: Progress | None) -> torch.Tensor:
             x = latents.to(refiner.model.device, refiner.model.dtype)
             with torch.inference_mode():
-                cond, uncond, _ = refiner._conditioning(plain, None, size)
+                conds, unconds, _ = refiner._item_conditionings(plain, None, size)
                 samples = [StepSample(k, init_state(rest, x[k : k + 1], generators=[generators[k]], eta=settings.eta),
-                                      cond.rows(slice(k, k + 1)), uncond.rows(slice(k, k + 1)), s.guidance_scale)
+                                      conds[k], unconds[k], s.guidance_scale)
                            for k, s in enumerate(plain)]
 
             def shifted(i: int, total: int) -> None:
@@ -583,8 +588,11 @@ class Pipeline:
         """Each item's conditioning on its prompt and on its negative prompt: CLIP prompts in A1111's syntax or
         naming embeddings one by one (their lengths are their chunk counts'), others as one batch."""
         conditioner = self.model.conditioner
+        one_by_one = self.prompt_syntax == "a1111" or any(self._encoder_embeddings)
+        if isinstance(conditioner, SDXLTextConditioner) and one_by_one:
+            return self._sdxl_one_by_one(conditioner, specs, concat, size)
         if (isinstance(conditioner, CLIPTextConditioner) and self.model.config.conditioning in ("crossattn", "hybrid")
-                and (self.prompt_syntax == "a1111" or self.embeddings)):
+                and one_by_one):
             return self._encoded_one_by_one(conditioner, specs, concat)
         cond, uncond, warnings = self._conditioning(specs, concat, size)
         rows = [slice(k, k + 1) for k in range(len(specs))]
@@ -620,7 +628,8 @@ class Pipeline:
         for k, spec in enumerate(specs):
             extra = None if concat is None else concat[k : k + 1]
             with adapters_applied(self.model, [spec.adapters]):
-                pair = [encode_prompt(conditioner, text, syntax=self.prompt_syntax, embeddings=self.embeddings)
+                pair = [encode_prompt(conditioner, text, syntax=self.prompt_syntax,
+                                      embeddings=self._encoder_embeddings[0])
                         for text in (spec.prompt, spec.negative_prompt)]
             (cond, cond_warnings), (uncond, uncond_warnings) = pair
             warnings += [f"prompt {k}: {w}" for w in cond_warnings] + [f"negative prompt {k}: {w}"
@@ -636,18 +645,33 @@ class Pipeline:
         An empty negative prompt is zeros (context and pooled) when the model's config says
         `force_zeros_for_empty_prompt`, as diffusers does for a missing one; its micro-conditioning is the
         prompt's, but for the refiner's negative aesthetic score."""
-        text = conditioner.config
-        default, model = SampleSpec(), self.model.config.name
-        unused = ("aesthetic_score", "negative_aesthetic_score") if text.micro == "size" else ("target_size",)
-        for name in unused:
-            if any(getattr(s, name) != getattr(default, name) for s in specs):
-                raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
+        self._check_micro(conditioner, specs)
         with adapters_applied(self.model, [s.adapters for s in specs]):  # each item's on its own rows, both encoders
             positive = conditioner.encode([s.prompt for s in specs])
             negative = conditioner.encode([s.negative_prompt for s in specs])
         warnings = [*positive.warnings, *(f"negative {w}" for w in negative.warnings)]
         assert positive.pooled is not None and negative.pooled is not None
-        neg_context, neg_pooled = negative.context, negative.pooled
+        cond, uncond = self._sdxl_pair(conditioner, specs, concat, size, (positive.context, positive.pooled),
+                                       (negative.context, negative.pooled))
+        return cond, uncond, warnings
+
+    def _check_micro(self, conditioner: SDXLTextConditioner, specs: Sequence[SampleSpec]) -> None:
+        """The micro-conditioning this SDXL model does not take (the base: aesthetic scores; the refiner: target
+        size), refused by name when an item sets it."""
+        default, model = SampleSpec(), self.model.config.name
+        unused = ("aesthetic_score", "negative_aesthetic_score") if conditioner.config.micro == "size" else (
+            "target_size",)
+        for name in unused:
+            if any(getattr(s, name) != getattr(default, name) for s in specs):
+                raise UnsupportedTask(f"model {model!r} ({self.model.config.family}) is not conditioned on {name}")
+
+    def _sdxl_pair(self, conditioner: SDXLTextConditioner, specs: Sequence[SampleSpec], concat: torch.Tensor | None,
+                   size: Sequence[int], positive: tuple[torch.Tensor, torch.Tensor],
+                   negative: tuple[torch.Tensor, torch.Tensor]) -> tuple[Conditioning, Conditioning]:
+        """The items' conditionings from their encoded prompts and negative prompts ((context, pooled) each): the
+        empty negative prompts zeroed under `force_zeros_for_empty_prompt`, the added vectors made."""
+        text = conditioner.config
+        (context, pooled), (neg_context, neg_pooled) = positive, negative
         if text.force_zeros_for_empty_prompt:
             keep = torch.tensor([s.negative_prompt != "" for s in specs], device=neg_context.device)
             neg_context = neg_context * keep[:, None, None].to(neg_context.dtype)
@@ -656,11 +680,31 @@ class Pipeline:
         device, dtype = self.model.device, self.model.dtype
         pos_micro = torch.tensor([m for m, _ in micro], dtype=torch.float32, device=device)
         neg_micro = torch.tensor([m for _, m in micro], dtype=torch.float32, device=device)
-        cond = Conditioning(context=positive.context.to(device, dtype), concat=concat,
-                            vector=added_vector(positive.pooled, pos_micro, text.time_embed_dim).to(device, dtype))
+        cond = Conditioning(context=context.to(device, dtype), concat=concat,
+                            vector=added_vector(pooled, pos_micro, text.time_embed_dim).to(device, dtype))
         uncond = Conditioning(context=neg_context.to(device, dtype), concat=concat,
                               vector=added_vector(neg_pooled, neg_micro, text.time_embed_dim).to(device, dtype))
-        return cond, uncond, warnings
+        return cond, uncond
+
+    def _sdxl_one_by_one(self, conditioner: SDXLTextConditioner, specs: Sequence[SampleSpec],
+                         concat: torch.Tensor | None,
+                         size: Sequence[int]) -> tuple[list[Conditioning], list[Conditioning], list[str]]:
+        """SDXL prompts in A1111's syntax or naming embeddings, each on its own with its own adapters
+        (`encode_sdxl_prompt`: both encoders get the same weighted chunks, the pooled vector is the first
+        chunk's)."""
+        self._check_micro(conditioner, specs)
+        conds, unconds, warnings = [], [], []
+        for k, spec in enumerate(specs):
+            extra = None if concat is None else concat[k : k + 1]
+            with adapters_applied(self.model, [spec.adapters]):
+                positive, negative = [encode_sdxl_prompt(conditioner, text, syntax=self.prompt_syntax,
+                                                         embeddings=self._encoder_embeddings)
+                                      for text in (spec.prompt, spec.negative_prompt)]
+            warnings += [f"prompt {k}: {w}" for w in positive[2]] + [f"negative prompt {k}: {w}" for w in negative[2]]
+            cond, uncond = self._sdxl_pair(conditioner, [spec], extra, size, positive[:2], negative[:2])
+            conds.append(cond)
+            unconds.append(uncond)
+        return conds, unconds, warnings
 
     # ------------------------------------------------------------------ helpers
 
@@ -713,6 +757,20 @@ class UnsupportedTask(ValueError):
     """The model cannot do the task asked (e.g. upscaling with a text-to-image model)."""
 
 
+def check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
+    """A refiner finishes an SDXL base's txt2img runs on its latents: both SDXL (the refiner model, or another
+    base), with the base's noise schedule and latent space. ValueError naming what does not fit."""
+    if model.config.family != "sdxl":
+        raise ValueError(f"a refiner finishes an SDXL base model's images; model {model.config.name!r} is "
+                         f"{model.config.family}")
+    if refiner.config.family not in ("sdxl", "sdxl_refiner"):
+        raise ValueError(f"refiner {refiner.config.name!r} is {refiner.config.family}, not an SDXL refiner (or base)")
+    if (refiner.config.schedule, refiner.config.latent_channels) != (model.config.schedule,
+                                                                     model.config.latent_channels):
+        raise ValueError(f"refiner {refiner.config.name!r} has another noise schedule or latent space than "
+                         f"{model.config.name!r}: one run cannot hand over between them")
+
+
 def _require_concat(config: ModelConfig, concat: torch.Tensor | None) -> None:
     """A model with extra UNet inputs run without them: the task to use, named (else a cryptic conv channel-count
     error)."""
@@ -744,6 +802,24 @@ def _micro(spec: SampleSpec, size: Sequence[int], micro: Micro) -> tuple[list[fl
                                                                                        spec.negative_aesthetic_score)]
     both = [float(v) for v in (*head, *(spec.target_size or image))]
     return both, list(both)
+
+
+def _embeddings_by_encoder(model: LatentDiffusion, dbs: Sequence[EmbeddingDB]) -> list[EmbeddingDB | None]:
+    """The embeddings of each of the model's CLIP text encoders, picked by key (SD 1/2: SINGLE, SDXL: `clip_l` /
+    `clip_g`; None where none was given); ValueError when one is for another width. Empty for other encoders."""
+    conditioner = model.conditioner
+    if isinstance(conditioner, SDXLTextConditioner):
+        keys, widths = conditioner.embedding_keys, [c.hidden_size for c in conditioner.config.encoders]
+    elif isinstance(conditioner, CLIPTextConditioner):
+        keys, widths = (SINGLE,), [conditioner.context_dim]
+    else:
+        return []
+    by_key = {db.key: db for db in dbs}
+    for key, width in zip(keys, widths, strict=True):
+        if key in by_key and by_key[key].width != width:
+            raise ValueError(f"embeddings {key or 'for one text encoder'!r} are {by_key[key].width} wide; model "
+                             f"{model.config.name!r} takes {width}")
+    return [by_key.get(key) for key in keys]
 
 
 def _blender(plan: SamplingPlan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> AfterStep:

@@ -29,13 +29,15 @@ are found in them too.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.text.clip import CLIPTextConditioner, MissingTokenizerError
+from models.text.sdxl import SDXLTextConditioner, SDXLTextEncoder
 from models.textual_inversion import EmbeddingDB
 from models.tokenizers import CLIPTokenizer
 
@@ -195,21 +197,32 @@ def chunk_prompt(prompt: str, tokenizer: CLIPTokenizer, embeddings: EmbeddingDB 
 def encode_chunks(conditioner: CLIPTextConditioner, chunks: list[Chunk]) -> Tensor:
     """Context [1, 77 * chunks, D]: each chunk encoded alone (embedding vectors in place), weighted, rescaled to
     its unweighted mean."""
-    embed = conditioner.transformer.text_model.embeddings.token_embedding
+    text = conditioner.transformer.text_model
+    return _weighted(chunks, text.embeddings.token_embedding, lambda ids, tokens: (text(ids, tokens), None))[0]
+
+
+def _weighted(chunks: list[Chunk], embed: nn.Embedding,
+              run: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """The chunks through one encoder (`run(ids, token embeddings or None)` -> (hidden states, pooled or None)),
+    each weighted and rescaled to its unweighted mean, concatenated: ([1, 77 * chunks, D], the first chunk's
+    pooled output, as A1111's `zs[0].pooled`)."""
     device = embed.weight.device
     contexts = []
-    for chunk in chunks:
+    pooled: Tensor | None = None
+    for i, chunk in enumerate(chunks):
         ids = torch.tensor([chunk.ids], device=device)
         tokens = None
         if chunk.fixes:
             tokens = embed(ids)
             for position, vectors in chunk.fixes:
                 tokens[0, position : position + vectors.shape[0]] = vectors.to(tokens.device, tokens.dtype)
-        z = conditioner.transformer(ids, tokens)  # [1, 77, D]
+        z, pool = run(ids, tokens)  # [1, 77, D], [1, P] or None
+        if i == 0:
+            pooled = pool
         weights = torch.tensor(chunk.weights, device=device, dtype=z.dtype)[None, :, None]
         weighted = z * weights
         contexts.append(weighted * (z.mean() / weighted.mean()))
-    return torch.cat(contexts, dim=1)
+    return torch.cat(contexts, dim=1), pooled
 
 
 def encode_prompt(conditioner: CLIPTextConditioner, prompt: str, *, syntax: PromptSyntax = "a1111",
@@ -221,6 +234,43 @@ def encode_prompt(conditioner: CLIPTextConditioner, prompt: str, *, syntax: Prom
         check_supported(prompt)
     chunks, warnings = chunk_prompt(prompt, conditioner.tokenizer, embeddings, syntax)
     return encode_chunks(conditioner, chunks), warnings
+
+
+def encode_sdxl_prompt(conditioner: SDXLTextConditioner, prompt: str, *, syntax: PromptSyntax = "a1111",
+                       embeddings: Sequence[EmbeddingDB | None] = ()) -> tuple[Tensor, Tensor, list[str]]:
+    """One prompt through SDXL's text encoders, as A1111 (modules/sd_hijack_clip.py on each of sgm's embedders):
+    context [1, 77 * chunks, sum of widths] and pooled [1, P] and warnings. Each encoder chunks the prompt with its
+    own tokenizer (ViT-L pads with the end token, bigG with "!") and its own embeddings (`embeddings`: one
+    EmbeddingDB or None per encoder, `clip_l` / `clip_g` vectors), weights and rescales its hidden states per chunk;
+    the contexts sit side by side; the pooled vector is bigG's for the first chunk, unweighted."""
+    tokenizers = conditioner.require_tokenizers()
+    if syntax == "a1111":
+        check_supported(prompt)
+    dbs = list(embeddings) or [None] * len(tokenizers)
+    if len(dbs) != len(tokenizers):
+        raise ValueError(f"{len(dbs)} embedding sets for {len(tokenizers)} SDXL text encoders")
+    contexts: list[Tensor] = []
+    pooled: Tensor | None = None
+    warnings: list[str] = []
+    counts: list[int] = []
+    for encoder, tokenizer, db in zip(conditioner.embedders, tokenizers, dbs, strict=True):
+        assert isinstance(encoder, SDXLTextEncoder)
+        chunks, chunk_warnings = chunk_prompt(prompt, tokenizer, db, syntax)
+        warnings = warnings or chunk_warnings
+        counts.append(len(chunks))
+        eos = tokenizer.eos_id
+
+        def run(ids: Tensor, tokens: Tensor | None, encoder: SDXLTextEncoder = encoder,
+                eos: int = eos) -> tuple[Tensor, Tensor | None]:
+            return encoder(ids, eos, tokens)  # type: ignore[no-any-return]  # nn.Module.__call__ is untyped
+
+        context, pooled = _weighted(chunks, encoder.transformer.text_model.embeddings.token_embedding, run)
+        contexts.append(context)
+    if len(set(counts)) > 1:
+        raise ValueError(f"the SDXL text encoders' tokenizers cut the prompt into different numbers of chunks "
+                         f"({counts}): they must share one vocabulary")
+    assert pooled is not None  # the last encoder is the pooled one
+    return torch.cat(contexts, dim=-1), pooled, warnings
 
 
 def encode_weighted(conditioner: CLIPTextConditioner, prompt: str) -> Tensor:

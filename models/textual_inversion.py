@@ -156,13 +156,20 @@ def load_embeddings(folder: str | Path, width: int, encode: Any, key: str = SING
     return db
 
 
-def load_embeddings_dir(folder: str | Path, model: Any) -> EmbeddingDB:
-    """`load_embeddings` for the CLIP text encoder of `model` (a LatentDiffusion); EmbeddingError when the model
-    has none (or no tokenizer to find names with)."""
+def load_embeddings_dir(folder: str | Path, model: Any) -> tuple[EmbeddingDB, ...]:
+    """`load_embeddings` for each CLIP text encoder of `model` (a LatentDiffusion), in the encoders' order: one
+    for SD 1/2; for SDXL the `clip_l` and `clip_g` vectors of its files (the refiner: `clip_g`). EmbeddingError
+    when the model has no CLIP text encoder (or no tokenizer to find names with)."""
     from models.text.clip import CLIPTextConditioner
+    from models.text.sdxl import SDXLTextConditioner
 
     conditioner = model.conditioner
+    if isinstance(conditioner, SDXLTextConditioner):  # its tokenizers find the names (missing ones are named)
+        widths = [c.hidden_size for c in conditioner.config.encoders]
+        return tuple(load_embeddings(folder, width, tokenizer.encode, key)
+                     for width, tokenizer, key in zip(widths, conditioner.require_tokenizers(),
+                                                      conditioner.embedding_keys, strict=True))
     if not isinstance(conditioner, CLIPTextConditioner) or conditioner.tokenizer is None:
         raise EmbeddingError(f"{folder}: textual-inversion embeddings need a CLIP text encoder with a tokenizer; "
                              f"model {model.config.name!r} has {type(conditioner).__name__}")
-    return load_embeddings(folder, conditioner.context_dim, conditioner.tokenizer.encode)
+    return (load_embeddings(folder, conditioner.context_dim, conditioner.tokenizer.encode),)

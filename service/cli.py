@@ -80,6 +80,12 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--embeddings", type=Path, default=None, metavar="DIR",
                    help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) a prompt "
                    "names by file stem")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="txt2img with an SDXL base: the refiner (a diffusers folder, a single file, a shipped name) "
+                   "that finishes each image, as diffusers' denoising_end / denoising_start (docs/generate.md)")
+    p.add_argument("--refiner-switch", type=float, default=None, metavar="F",
+                   help="with --refiner: the fraction of the steps' noise range the base denoises before the "
+                   "refiner takes over, in (0, 1) (default: 0.8)")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="output PNG (default out.png), or folder with --from-file (default: out/)")
     p.set_defaults(func=run_generate)
@@ -100,6 +106,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("ldm generate: give either a PROMPT or --from-file FILE")
     if args.noise_level is not None and task != "upscale":
         raise SystemExit("ldm generate: --noise-level is for --task upscale")
+    if args.refiner is not None and task != "txt2img":
+        raise SystemExit(f"ldm generate: --refiner finishes txt2img images, not --task {task}")
+    if args.refiner_switch is not None and args.refiner is None:
+        raise SystemExit("ldm generate: --refiner-switch needs --refiner PATH")
     # a text model needs one; the zoo's inpainting and super-resolution models take none
     prompted = task in ("img2img", "inpaint", "upscale")
     if task != "txt2img" and (args.from_file is not None or (args.prompt is not None and not prompted)):
@@ -112,7 +122,8 @@ def run_generate(args: argparse.Namespace) -> int:
         height=args.height, n=args.n, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, device=args.device,
         dtype=args.dtype, use_ema=args.ema, config=args.config, strength=args.strength,
         prediction_type=args.prediction_type, loras=tuple(args.lora), prompt_syntax=args.prompt_syntax,
-        embeddings=args.embeddings, noise_level=args.noise_level,
+        embeddings=args.embeddings, noise_level=args.noise_level, refiner=args.refiner,
+        refiner_switch=0.8 if args.refiner_switch is None else args.refiner_switch,
     )
     if task != "txt2img":
         inputs = TaskInputs(class_label=args.class_label, map_path=args.map, layout_path=args.layout,

@@ -19,7 +19,15 @@ from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
 from models.names import DTypeName, SamplerName, Task, default_guidance
-from models.pipeline import GenerationResult, Pipeline, Progress, RunSettings, SampleSpec, UnsupportedTask
+from models.pipeline import (
+    GenerationResult,
+    Pipeline,
+    Progress,
+    RunSettings,
+    SampleSpec,
+    UnsupportedTask,
+    check_refiner,
+)
 from models.prompt_weighting import PromptSyntax
 from models.resolve import pick_device, pick_dtype, resolve_model
 from models.text.clip import CLIPTextConditioner
@@ -63,6 +71,10 @@ class GenerateOptions:
     prompt_syntax: PromptSyntax = "a1111"
     #: a folder of textual-inversion embeddings prompts may name (models/textual_inversion.py)
     embeddings: Path | None = None
+    #: txt2img with an SDXL base: the refiner model that finishes each image (a spec as `model`), and the fraction
+    #: of the schedule the base denoises before it takes over (diffusers' denoising_end / denoising_start)
+    refiner: str | None = None
+    refiner_switch: float = 0.8
 
 
 def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path | None = None,
@@ -79,8 +91,9 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
             "none): give --tokenizer DIR, a folder with vocab.json and merges.txt such as the `tokenizer/` "
             "folder of a diffusers SD v1 repository"
         )
-    if isinstance(model.conditioner, SDXLTextConditioner) and None in model.conditioner.tokenizers:
-        model.conditioner.encode([""])  # raises the MissingTokenizerError naming --tokenizer / --tokenizer-2
+    for one in (model, *([pipeline.refiner.model] if pipeline.refiner is not None else [])):
+        if isinstance(one.conditioner, SDXLTextConditioner):
+            one.conditioner.require_tokenizers()  # a MissingTokenizerError naming --tokenizer / --tokenizer-2
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     loras = [parse_lora_arg(arg) for arg in options.loras]
@@ -115,11 +128,20 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
     model = resolve_model(options.model, tokenizer=options.tokenizer, tokenizer_2=options.tokenizer_2,
                           device=device, dtype=dtype,
                           use_ema=options.use_ema, config=options.config, prediction_type=options.prediction_type)
+    refiner = None
+    if options.refiner is not None:  # loaded and checked before any work
+        refiner = resolve_model(options.refiner, tokenizer=options.tokenizer, tokenizer_2=options.tokenizer_2,
+                                device=device, dtype=dtype)
+        check_refiner(model, refiner)
+        if not 0.0 < options.refiner_switch < 1.0:
+            raise ValueError(f"--refiner-switch must be within (0, 1), got {options.refiner_switch}")
     settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta, strength=options.strength,
-                           noise_level=options.noise_level)
+                           noise_level=options.noise_level,
+                           refiner_switch=options.refiner_switch if refiner is not None else None)
     embeddings = load_embeddings_dir(options.embeddings, model) if options.embeddings is not None else None
-    return model, Pipeline(model, prompt_syntax=options.prompt_syntax, embeddings=embeddings), settings
+    return model, Pipeline(model, prompt_syntax=options.prompt_syntax, embeddings=embeddings,
+                           refiner=refiner), settings
 
 
 @contextmanager
@@ -142,6 +164,8 @@ def _save(result: GenerationResult, settings: RunSettings, options: GenerateOpti
         log.warning("%s", warning)
     for image, item, path in zip(result.images, items, paths, strict=True):
         params = {**item, **asdict(settings), "width": image.width, "height": image.height, "model": options.model}
+        if options.refiner is not None:
+            params["refiner"] = options.refiner
         if item.get("task") != "img2img":
             del params["strength"]  # img2img only
         path.write_bytes(encode_png(image, params))

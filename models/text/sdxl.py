@@ -39,6 +39,8 @@ CLIP_BIGG = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_layers=
 #: crop, aesthetic score)
 Micro = Literal["size", "aesthetic"]
 MICRO_COUNT: dict[Micro, int] = {"size": 6, "aesthetic": 5}
+#: the vectors of an SDXL textual-inversion embedding, by encoder (A1111's and diffusers' file keys)
+EMBEDDING_KEYS = ("clip_l", "clip_g")
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,13 @@ class SDXLTextEncoder(nn.Module):
         self.text_projection = (Linear(config.hidden_size, projection_dim, bias=False)
                                 if projection_dim is not None else None)
 
-    def forward(self, ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor | None]:
-        """ids [N, L] -> (penultimate hidden states [N, L, D], projected pooled [N, P] or None)."""
+    def forward(self, ids: Tensor, eos_id: int, tokens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """ids [N, L] -> (penultimate hidden states [N, L, D], projected pooled [N, P] or None). `tokens` [N, L, D]:
+        token embeddings in place of `ids`' (textual inversion puts its vectors there)."""
         text = self.transformer.text_model
         if ids.shape[1] > text.max_positions:
             raise ValueError(f"{ids.shape[1]} tokens do not fit CLIP's {text.max_positions} positions")
-        h = text.embeddings(ids)
+        h = text.embeddings(ids, tokens)
         layers = text.encoder.layers
         for layer in layers[:-1]:
             h = layer(h)
@@ -124,7 +127,8 @@ class SDXLTextConditioner(nn.Module):
                                  f"{i + 1} ({clip.vocab_size} tokens)")
             self.tokenizers[i] = tokenizer
 
-    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+    def require_tokenizers(self) -> list[CLIPTokenizer]:
+        """The encoders' tokenizers, in order; MissingTokenizerError naming the flags of those not given."""
         missing = [i for i, t in enumerate(self.tokenizers) if t is None]
         if missing:
             # the base's encoders take --tokenizer and --tokenizer-2; the refiner's one (bigG) --tokenizer-2
@@ -134,12 +138,21 @@ class SDXLTextConditioner(nn.Module):
                 f"SDXL text encoder(s) {[i + 1 for i in missing]} have no tokenizer: give {flags} (the "
                 "`tokenizer/` and `tokenizer_2/` folders of a diffusers SDXL repository; the refiner has only the "
                 "second)")
+        return [t for t in self.tokenizers if t is not None]
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """The keys of the encoders' vectors in an SDXL textual-inversion file, in order: `clip_l` (ViT-L) and
+        `clip_g` (bigG) for the base, `clip_g` for the refiner (its one encoder is bigG)."""
+        return EMBEDDING_KEYS[-len(self.embedders):]
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        tokenizers = self.require_tokenizers()
         device = device_of(self)
         contexts: list[Tensor] = []
         warnings: list[str] = []
         pooled: Tensor | None = None
-        for encoder, tokenizer in zip(self.embedders, self.tokenizers, strict=True):
-            assert tokenizer is not None
+        for encoder, tokenizer in zip(self.embedders, tokenizers, strict=True):
             tokens = tokenizer.tokenize(prompts)
             if not warnings:
                 warnings = list(tokens.warnings)

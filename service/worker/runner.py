@@ -53,6 +53,7 @@ from models.pipeline import (
     Started,
     UnsupportedTask,
     Watch,
+    check_refiner,
 )
 from models.preview import Previewer
 from models.prompt_weighting import PromptSyntax
@@ -520,20 +521,6 @@ class Runner:
     def free_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
-    """A refiner finishes an SDXL base's txt2img runs on its latents: both SDXL (the refiner model, or another
-    base), with the base's noise schedule and latent space. ValueError naming what does not fit."""
-    if model.config.family != "sdxl":
-        raise ValueError(f"a refiner finishes an SDXL base model's images; model {model.config.name!r} is "
-                         f"{model.config.family}")
-    if refiner.config.family not in ("sdxl", "sdxl_refiner"):
-        raise ValueError(f"refiner {refiner.config.name!r} is {refiner.config.family}, not an SDXL refiner (or base)")
-    if (refiner.config.schedule, refiner.config.latent_channels) != (model.config.schedule,
-                                                                     model.config.latent_channels):
-        raise ValueError(f"refiner {refiner.config.name!r} has another noise schedule or latent space than "
-                         f"{model.config.name!r}: one run cannot hand over between them")
 
 
 @contextlib.contextmanager
