@@ -85,9 +85,11 @@ def a1111_reference(pipe: Any, runs: list[tuple[str, float] | None]) -> tuple[to
             ids = tokenizer(run[0], add_special_tokens=False).input_ids
             chunks[-1][0].extend(ids)
             chunks[-1][1].extend([run[1]] * len(ids))
+        # past 75 tokens a chunk goes on in the next (no comma here to move the cut to)
+        chunks = [(ids[i : i + 75], weights[i : i + 75]) for ids, weights in chunks
+                  for i in range(0, max(len(ids), 1), 75)]
         zs = []
         for i, (ids, weights) in enumerate(chunks):
-            assert len(ids) <= 75
             pad = 75 - len(ids)
             framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * pad]
             out = encoder(torch.tensor([framed]), output_hidden_states=True)
@@ -120,6 +122,13 @@ def test_a1111_syntax_on_both_encoders_as_a1111(twins: Twins) -> None:
     assert (expected - unweighted[0]).abs().max() > 1e-2  # the weights move the numbers
     assert negative.shape == (1, 77, 192) and negative.abs().max() == 0
     assert (plain_ctx - theirs).abs().max() < TOL and (plain_pooled - theirs_pooled).abs().max() < TOL
+    long_runs = [("a ", 1.0), ("red circle", 1.2), (" and" + " blue square" * 10, 1.0)]  # past 75 tokens
+    with torch_threads(1), torch.inference_mode():
+        expected, expected_pooled = a1111_reference(twins.pipe, long_runs)
+        context, pooled, _ = conditioning(twins.base, "a (red circle:1.2) and" + " blue square" * 10,
+                                            prompt_syntax="a1111")
+    assert context.shape == expected.shape == (1, 2 * 77, 192)  # 88 tokens
+    assert (context - expected).abs().max() < TOL and (pooled - expected_pooled).abs().max() < TOL
     with pytest.raises(PromptSyntaxError, match=r"prompt editing and alternation \('\[cat:dog:0.5\]'\)"):
         conditioning(twins.base, "a [cat:dog:0.5]", prompt_syntax="a1111")
 
