@@ -21,8 +21,14 @@ each sample has its own state and generator, and guidance is mixed per row (mode
 
 A job taken over from a silent worker (XAUTOCLAIM) still runs alone, in quarantine: nothing more is admitted until
 the running samples finish, then it runs by the static path. Heartbeats keep every claimed job alive (running or
-waiting); SIGTERM stops claiming, and the loop runs until the jobs in hand are done. A failure of a step (a fault of
-ours or of the device, CUDA out of memory included: no split here) fails the jobs running.
+waiting); SIGTERM stops claiming, and the loop runs until the jobs in hand are done.
+
+CUDA out of memory in a step splits it, as the static worker splits a batch in halves: a step is all or nothing
+(`StepBatch.step`), so no sample loses its state, and the next steps run the same samples in denoiser calls of half
+as many rows (`rows_per_call`), halving again at each new out-of-memory, until the running set drains; then a new
+batch tries one call again. Nothing leaves the batch and the images do not change (the rows of a call do not depend
+on its other rows). When one sample alone does not fit, the running jobs fail with `out_of_memory`. Any other fault
+of a step (ours or the device's) fails the jobs running; the worker lives on.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
+
+import torch
 
 from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
@@ -62,6 +70,7 @@ class ContinuousWorker(Worker):
         self.waiting: list[JobState] = []  # claimed, not started
         self.running: dict[str, Running] = {}  # started, in arrival order
         self.quarantined: list[Claim] = []
+        self.rows_per_call: int | None = None  # samples per denoiser call after an out-of-memory split; None: all
 
     def _new_batch(self) -> StepBatch:
         pipeline = self.runner.pipeline
@@ -74,6 +83,7 @@ class ContinuousWorker(Worker):
         super().reset()
         self.batch = self._new_batch()
         self.waiting, self.running, self.quarantined = [], {}, []
+        self.rows_per_call = None
 
     def step(self) -> int:
         """Take what there is room for, admit what fits, run one step; the number of jobs taken."""
@@ -90,6 +100,8 @@ class ContinuousWorker(Worker):
                 self._admit()
                 if len(self.batch):
                     self._iterate()
+                if not len(self.batch):  # drained: the next batch tries one call again
+                    self.rows_per_call = None
         finally:
             self._busy = self.in_hand()
         return taken
@@ -192,14 +204,17 @@ class ContinuousWorker(Worker):
         size = len(self.batch)
         task = next(iter(self.running.values())).job.key.task.value
         try:
-            advanced = self.batch.step()
+            advanced = self.batch.step(self.rows_per_call)
+        except torch.cuda.OutOfMemoryError:
+            advanced = None  # split below, outside the handler, so the traceback's frames free their tensors first
         except Exception as exc:  # a fault of ours or of the device: the running jobs fail, the worker lives on
             failure, incident = JobFailure.internal()
             log.exception(kv("step_error", model=self.model, error=type(exc).__name__, incident=incident))
             self.runner.free_cached_memory()
-            for crashed in list(self.running.values()):
-                self._drop(crashed)
-                self._fail(crashed.job, failure)
+            self._fail_running(failure)
+            return
+        if advanced is None:
+            self._split(size)
             return
         seconds = time.monotonic() - began
         self.metrics.step_time.labels(self.model).observe(seconds)
@@ -218,6 +233,24 @@ class ContinuousWorker(Worker):
                 if s.state.done:
                     self._store(r, s)
             self._settle_if_done(r)
+
+    def _split(self, size: int) -> None:
+        """A step of `size` samples ran out of device memory (and changed nothing): the next steps make denoiser calls
+        of half as many rows; when one row did not fit, the running jobs fail with `out_of_memory`."""
+        self.runner.free_cached_memory()
+        rows = min(self.rows_per_call or size, size)
+        if rows <= 1:
+            self._fail_running(self.runner.out_of_memory(next(iter(self.running.values())).job.key))
+            return
+        self.rows_per_call = (rows + 1) // 2
+        log.warning(kv("out_of_memory_split", model=self.model, samples=size, rows_per_call=self.rows_per_call))
+        if self.runner.on_oom is not None:
+            self.runner.on_oom()
+
+    def _fail_running(self, failure: JobFailure) -> None:
+        for r in list(self.running.values()):
+            self._drop(r)
+            self._fail(r.job, failure)
 
     def _store(self, r: Running, s: StepSample) -> None:
         index = _index(s)
