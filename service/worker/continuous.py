@@ -9,12 +9,14 @@ and vLLM's iteration-level scheduling), and at each step boundary the worker
 - reports each job's step to the queue, with a preview PNG of its x0 estimate every `preview_every` steps when the
   request asks for one; the queue's answer stops cancelled jobs (their samples leave the batch at once, the slot is
   free for the next step) and drops jobs another worker took over;
-- claims new jobs without blocking (an idle worker blocks up to `max_wait_ms` as the static one does) and admits
-  them in arrival order while they fit: same task and image size as the jobs running (the model is the worker's;
-  `StepBatch.refusal` has the last word), at most `max_batch` samples. Samplers, step counts, guidance scales,
-  strengths and seeds may differ. A job is started (text encoding, noise) when its first sample fits; its other
-  samples join as slots free up, before any later job's. The first job that does not fit waits, and the jobs
-  behind it too, so the batch drains for it: first in, first out, nobody starves.
+- claims new jobs without blocking (an idle worker blocks up to `max_wait_ms` as the static one does), holding at
+  most `max_batch` samples, and admits them while they fit: same task and image size as the jobs running (the model
+  is the worker's; `StepBatch.refusal` has the last word), at most `max_batch` samples, or fewer under a step cost
+  budget (`step_cost_budget`, service/worker/admission.py: the worker measures its step times by batch size).
+  Samplers, step counts, guidance scales, strengths and seeds may differ. Waiting jobs take free slots in the
+  `admission_order` (arrival order, or least work first with aging). A job is started (text encoding, noise) when
+  its first sample fits; its other samples join as slots free up, before any later job's. The first job in that
+  order that does not fit waits, and the jobs behind it too, so the batch drains for it: nobody starves.
 
 An image is bit-identical to the one the static worker makes (and to a solo run) on the CPU, whenever it joined:
 each sample has its own state and generator, and guidance is mixed per row (models/step_batch.py).
@@ -44,6 +46,7 @@ import torch
 from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
 from service.queue import Claim, QueueError
+from service.worker.admission import StepCosts, Waiting, admission_order, step_capacity
 from service.worker.process import JobState, Worker, kv
 from service.worker.runner import JobFailure, SampleInput
 
@@ -71,6 +74,7 @@ class ContinuousWorker(Worker):
         self.running: dict[str, Running] = {}  # started, in arrival order
         self.quarantined: list[Claim] = []
         self.rows_per_call: int | None = None  # samples per denoiser call after an out-of-memory split; None: all
+        self.costs = StepCosts()  # measured step times by batch size (the step cost budget's estimates)
 
     def _new_batch(self) -> StepBatch:
         pipeline = self.runner.pipeline
@@ -126,7 +130,9 @@ class ContinuousWorker(Worker):
         return len(claims)
 
     def _room(self) -> int:
-        return self.settings.max_batch - len(self.batch)
+        """Samples that may join the next step: up to `max_batch`, or the step cost budget's capacity."""
+        capacity = step_capacity(self.costs, self.settings.step_cost_budget, self.settings.max_batch)
+        return capacity - len(self.batch)
 
     def _fits(self, job: JobState) -> bool:
         """Same task and image size as the jobs running (or none running)."""
@@ -139,6 +145,7 @@ class ContinuousWorker(Worker):
         taken-over job waits to run alone)."""
         for r in list(self.running.values()):
             self._admit_samples(r)
+        self._order_waiting()
         while (self.waiting and not self.quarantined and self._room() > 0 and self._fits(self.waiting[0])
                and not any(r.queued for r in self.running.values())):  # waiting samples first (no starving)
             job = self.waiting.pop(0)
@@ -147,6 +154,16 @@ class ContinuousWorker(Worker):
                 self.running[job.id] = running
                 self._retire_unstepped(running)
                 self._admit_samples(running)
+
+    def _order_waiting(self) -> None:
+        """Put the waiting jobs in the order they may take free slots (`admission_order`; stable: fifo keeps them)."""
+        if self.settings.admission_order == "fifo" or len(self.waiting) < 2:
+            return
+        now = time.time()
+        views = [Waiting(work=j.request.n * j.request.steps, waited_s=now - j.claim.job.created_at.timestamp())
+                 for j in self.waiting]
+        order = admission_order(views, self.settings.admission_order, self.settings.priority_aging_s)
+        self.waiting = [self.waiting[i] for i in order]
 
     def _admit_samples(self, r: Running) -> None:
         while r.queued and self._room() > 0:
@@ -217,6 +234,7 @@ class ContinuousWorker(Worker):
             self._split(size)
             return
         seconds = time.monotonic() - began
+        self.costs.observe(size, seconds)
         self.metrics.step_time.labels(self.model).observe(seconds)
         self.metrics.batch_size.labels(self.model, task).observe(size)
         by_job: dict[str, list[StepSample]] = {}

@@ -14,6 +14,7 @@ with `out_of_memory` and the worker goes on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
@@ -143,16 +144,25 @@ def runner() -> Iterator[Runner]:
         yield Runner.load(MODEL, device="cpu")
 
 
-@pytest.fixture
-def in_process(runner: Runner, redis_url: str) -> Iterator[tuple[ContinuousWorker, SyncJobQueue]]:
-    """A continuous worker (at most 4 samples) on its own key prefix of the test Redis, driven by the test."""
-    prefix = f"oom-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, key_prefix=prefix, max_batch=4, max_wait_ms=20, batching="continuous")
-    with SyncJobQueue(settings) as queue:
+@contextlib.contextmanager
+def continuous_worker(runner: Runner, redis_url: str, **settings: Any,
+                      ) -> Iterator[tuple[ContinuousWorker, SyncJobQueue]]:
+    """A continuous worker (at most 4 samples unless `settings` say otherwise) on its own key prefix of the test
+    Redis, driven by the test."""
+    prefix = f"inproc-{uuid.uuid4().hex[:8]}"
+    config = Settings(**{"redis_url": redis_url, "key_prefix": prefix, "max_batch": 4, "max_wait_ms": 20,
+                         "batching": "continuous", **settings})
+    with SyncJobQueue(config) as queue:
         try:
-            yield ContinuousWorker(settings, queue, runner, WorkerMetrics(), "w-oom"), queue
+            yield ContinuousWorker(config, queue, runner, WorkerMetrics(), "w-inproc"), queue
         finally:
             drop_keys(redis_url, prefix)
+
+
+@pytest.fixture
+def in_process(runner: Runner, redis_url: str) -> Iterator[tuple[ContinuousWorker, SyncJobQueue]]:
+    with continuous_worker(runner, redis_url) as found:
+        yield found
 
 
 def memory_for(rows: int, worker: ContinuousWorker, calls: list[int]) -> Callable[..., torch.Tensor]:
@@ -215,3 +225,30 @@ def test_out_of_memory_for_one_sample_fails_the_running_jobs_and_the_worker_goes
     monkeypatch.setattr(worker.batch, "denoise", real)  # memory again
     after = run_until_done(worker, queue, [queue.submit(request(seed=23, steps=2))])
     assert after[0].status == JobStatus.succeeded
+
+
+# ------------------------------------------------------------------------------- admission policy, in process
+
+def test_a_step_cost_budget_caps_the_samples_per_step_and_shortest_work_goes_first(
+        runner: Runner, redis_url: str) -> None:
+    """LDM_STEP_COST_BUDGET=1 (a step may cost one solo step) with LDM_ADMISSION_ORDER=shortest: one sample per step,
+    the waiting jobs taken by least work (the three are claimed together), and the images still the solo runs'."""
+    with continuous_worker(runner, redis_url, step_cost_budget=1.0, admission_order="shortest") as (worker, queue):
+        calls: list[int] = []
+        real = worker.batch.denoise
+
+        def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return real(x, *args)
+
+        worker.batch.denoise = counted  # type: ignore[method-assign]  # the worker's own batch: no patch to undo
+        requests = [request(seed=31, steps=6), request(seed=32, steps=2, sampler="ddim"),
+                    request(seed=33, steps=4, sampler="euler_a")]
+        jobs = [queue.submit(r) for r in requests]
+        finished = run_until_done(worker, queue, jobs)
+        assert [j.status for j in finished] == [JobStatus.succeeded] * 3
+        assert calls == [1] * 12  # one sample per step, 6 + 2 + 4 steps
+        ends = sorted(finished, key=lambda j: j.finished_at or 0)
+        assert [j.request.steps for j in ends] == [2, 4, 6]  # least work first
+        solo = [runner.run(runner.batch_key(r, None), [SampleInput(r, r.seed or 0)])[0] for r in requests]
+        assert [queue.result(j.id, 0) for j in jobs] == solo
