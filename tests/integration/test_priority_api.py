@@ -1,6 +1,7 @@
 """Priorities through the front ends (real uvicorn, real grpc.aio, the test Redis): a key's `max_priority` from the
 key file, 403 / PERMISSION_DENIED above it naming the limit, every priority without authentication; queue position
-and ETA on a queued job's status and its SSE `position` events, falling as the jobs ahead finish."""
+and ETA on a queued job's status and its `position` events (SSE and gRPC WatchJob), falling as the jobs ahead
+finish."""
 
 from __future__ import annotations
 
