@@ -1,7 +1,8 @@
 """The mixed workload of `service_bench.py --workload mixed`: static vs continuous batching at one offered load.
 
-For each mode (LDM_BATCHING=static, then continuous; LDM_MAX_BATCH=8 both) it starts the real stack (embedded
-Redis, `ldm api`, one `ldm worker`), then:
+For each mode (LDM_BATCHING=static, then continuous; LDM_MAX_BATCH=8 both; then, when a policy is given,
+continuous with that LDM_STEP_COST_BUDGET and LDM_ADMISSION_ORDER) it starts the real stack (embedded Redis,
+`ldm api`, one `ldm worker`), then:
 1. solo: a 10-step job alone, three times (the median is the solo latency);
 2. mixed: `jobs` jobs with Poisson arrivals at `rate` jobs/s, steps drawn from {10, 20, 50} (the same seeded
    schedule in both modes), each submitted by POST /v1/jobs and followed over its SSE events: latency (submission to
@@ -36,13 +37,27 @@ MAX_BATCH = 8
 LONG_JOBS = MAX_BATCH // 2  # half a batch: in continuous mode the short job has a free slot to join
 
 
+#: what every continuous mode runs with unless its policy says otherwise (not inherited from the caller's shell)
+NO_POLICY = {"LDM_STEP_COST_BUDGET": "0", "LDM_ADMISSION_ORDER": "fifo"}
+
+
+def modes(budget: float | None, order: str | None) -> dict[str, dict[str, str]]:
+    """Mode label -> the worker's batching settings: static, continuous, and continuous with the policy (if any)."""
+    found = {"static": {"LDM_BATCHING": "static", **NO_POLICY},
+             "continuous": {"LDM_BATCHING": "continuous", **NO_POLICY}}
+    if budget is not None or order is not None:
+        policy = {"LDM_STEP_COST_BUDGET": str(budget or 0), "LDM_ADMISSION_ORDER": order or "fifo"}
+        found[f"continuous, budget {budget or 0:g}, {order or 'fifo'}"] = {"LDM_BATCHING": "continuous", **policy}
+    return found
+
+
 @contextmanager
-def stack(model: str, mode: str, data: Path) -> Iterator[str]:
-    """Redis + API + one worker in batching `mode`; yields the API's base URL."""
-    with EmbeddedRedis(data / f"redis-{mode}") as redis:
+def stack(model: str, settings: dict[str, str], data: Path) -> Iterator[str]:
+    """Redis + API + one worker with the batching `settings`; yields the API's base URL."""
+    with EmbeddedRedis(Path(tempfile.mkdtemp(dir=data))) as redis:
         rest = free_port()
         env = {**os.environ, "LDM_REDIS_URL": redis.url, "LDM_REST_PORT": str(rest), "LDM_GRPC_PORT": "0",
-               "LDM_DEFAULT_MODEL": model, "LDM_MAX_BATCH": str(MAX_BATCH), "LDM_BATCHING": mode,
+               "LDM_DEFAULT_MODEL": model, "LDM_MAX_BATCH": str(MAX_BATCH), **settings,
                "LDM_WORKER_METRICS_PORT": str(free_port()), "LDM_QUEUE_MAX_DEPTH": "1000"}
         with api_and_worker(env, model, f"http://127.0.0.1:{rest}"):
             yield f"http://127.0.0.1:{rest}"
@@ -134,21 +149,28 @@ async def measure(base: str, rate: float, jobs: int, long_steps: int) -> dict[st
     return {"mixed": summary(list(rows)), "short_behind_long": behind}
 
 
-def run(model: str, rate: float, jobs: int, long_steps: int) -> dict[str, Any]:
+def run(model: str, rate: float, jobs: int, long_steps: int, budget: float | None = None,
+        order: str | None = None) -> dict[str, Any]:
     load = os.getloadavg()[0]
     results: dict[str, Any] = {}
+    settings = modes(budget, order)
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("static", "continuous"):
-            with stack(model, mode, Path(tmp)) as base:
+        for mode, batching in settings.items():
+            with stack(model, batching, Path(tmp)) as base:
                 results[mode] = asyncio.run(measure(base, rate, jobs, long_steps))
-    s, c = results["static"]["mixed"], results["continuous"]["mixed"]
+    s = results["static"]["mixed"]
+    ratios = {mode: {"p99_ratio": round(r["mixed"]["p99_s"] / s["p99_s"], 3),
+                     "throughput_ratio": round(r["mixed"]["throughput_jobs_s"] / s["throughput_jobs_s"], 3)}
+              for mode, r in results.items() if mode != "static"}
     return {"setup": {"model": model, "rate_jobs_s": rate, "jobs": jobs, "steps": list(STEP_CHOICES),
                       "max_batch": MAX_BATCH, "long_jobs": LONG_JOBS, "long_steps": long_steps,
                       "cpu_cores": os.cpu_count(), "load_average_at_start": round(load, 1),
-                      "worker_torch_threads": os.environ.get("LDM_WORKER_TORCH_THREADS", "default")},
+                      "load_average_at_end": round(os.getloadavg()[0], 1),
+                      "worker_torch_threads": os.environ.get("LDM_WORKER_TORCH_THREADS", "default"),
+                      "modes": settings},
             "results": results,
-            "continuous_vs_static": {"p99_ratio": round(c["p99_s"] / s["p99_s"], 3),
-                                     "throughput_ratio": round(c["throughput_jobs_s"] / s["throughput_jobs_s"], 3)}}
+            "continuous_vs_static": ratios["continuous"],
+            "vs_static": ratios}
 
 
 def report(data: dict[str, Any]) -> str:
@@ -163,9 +185,16 @@ def report(data: dict[str, Any]) -> str:
         lines.append(f"| {mode} | {m['throughput_jobs_s']:.2f} | {m['p50_s']:.2f} | {m['p95_s']:.2f} | "
                      f"{m['p99_s']:.2f} | {m['first_step_p50_s']:.2f} | {m['first_step_p95_s']:.2f} | "
                      f"{m['first_step_p99_s']:.2f} | {b['short_latency_s']:.2f} | {b['short_x_solo']:.1f} |")
-    v = data["continuous_vs_static"]
-    lines.append(f"\nContinuous vs static: p99 latency x{v['p99_ratio']:.2f}, throughput x{v['throughput_ratio']:.2f}. "
-                 f"The long batch: {su['long_jobs']} jobs of {su['long_steps']} steps; solo 10-step job: "
-                 f"{data['results']['static']['short_behind_long']['short_solo_s']:.2f} s (static stack), "
-                 f"{data['results']['continuous']['short_behind_long']['short_solo_s']:.2f} s (continuous).")
+    lines.append("")
+    for mode, v in data.get("vs_static", {"continuous": data["continuous_vs_static"]}).items():
+        lines.append(f"{mode[0].upper()}{mode[1:]} vs static: p99 latency x{v['p99_ratio']:.2f}, "
+                     f"throughput x{v['throughput_ratio']:.2f}.")
+    solo = ", ".join(f"{r['short_behind_long']['short_solo_s']:.2f} s ({mode})" for mode, r in data["results"].items())
+    lines.append(f"The long batch: {su['long_jobs']} jobs of {su['long_steps']} steps; solo 10-step job: {solo}.")
+    lines += ["", "Median latency by step count (s):", "",
+              "| batching | " + " | ".join(f"{s} steps" for s in su["steps"]) + " |",
+              "|---|" + "---|" * len(su["steps"])]
+    for mode, r in data["results"].items():
+        by = r["mixed"]["median_latency_by_steps_s"]
+        lines.append(f"| {mode} | " + " | ".join(f"{by.get(str(s), float('nan')):.1f}" for s in su["steps"]) + " |")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ bench/results/service_bench.json. Not a test: nothing fails.
 
 `--workload mixed` (bench/mixed_workload.py) compares static and continuous batching (LDM_BATCHING) at one
 offered load instead: Poisson arrivals, steps drawn from {10, 20, 50}, then a 10-step job submitted while a batch
-of 250-step jobs runs; figures to bench/results/service_bench_mixed.json.
+of 250-step jobs runs; figures to bench/results/service_bench_mixed.json. `--step-cost-budget` and
+`--admission-order` add a third mode: continuous batching with that admission policy (docs/continuous-batching.md).
 """
 
 from __future__ import annotations
@@ -146,12 +147,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="mixed: offered load, jobs per second (default 1)")
     parser.add_argument("--jobs", type=int, default=60, help="mixed: jobs per mode (default 60)")
     parser.add_argument("--long-steps", type=int, default=250, help="mixed: steps of the long batch (default 250)")
+    parser.add_argument("--step-cost-budget", type=float, default=None,
+                        help="mixed: also run continuous batching with this LDM_STEP_COST_BUDGET")
+    parser.add_argument("--admission-order", choices=["fifo", "shortest"], default=None,
+                        help="mixed: also run continuous batching with this LDM_ADMISSION_ORDER")
     args = parser.parse_args()
     if args.workload == "mixed":
         from bench.mixed_workload import report as mixed_report
         from bench.mixed_workload import run as mixed_run
 
-        mixed = mixed_run(args.model, args.rate, args.jobs, args.long_steps)
+        mixed = mixed_run(args.model, args.rate, args.jobs, args.long_steps, args.step_cost_budget,
+                          args.admission_order)
         publish(mixed, mixed_report(mixed), args.out or ROOT / "bench" / "results" / "service_bench_mixed.json")
         return
     out = args.out or ROOT / "bench" / "results" / "service_bench.json"

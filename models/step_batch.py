@@ -8,6 +8,10 @@ all of them, whatever their samplers, step counts, timesteps, guidance scales an
 and retires those at the end of their plan; `admit` adds a compatible sample between two steps and `cancel`
 drops one, so a slot frees at the next step.
 
+A step is all or nothing: an exception from any denoiser call or sampler update (CUDA out of memory, say) leaves
+every sample as it was, generators included, so the caller may retry the step with fewer rows per denoiser call
+(`step(max_rows=...)`: the running samples in consecutive chunks, one call each) and lose nothing.
+
 An image does not depend on when it joined or on its neighbours: its noise comes from its own generator, its
 state is its own, guidance is mixed per row, the sampler arithmetic is elementwise, and on the CPU the layers
 are batch-invariant (models/layers.py), so its rows of the model call are the rows it gets alone.
@@ -129,29 +133,42 @@ class StepBatch:
         return self._running.pop(key, None) is not None
 
     @torch.inference_mode()
-    def step(self) -> list[StepSample]:
-        """One denoiser call over every running sample, then one sampler update each. Returns the samples that
-        completed a step (their new state; those with `state.done` have left the batch). plms' warm-up call
-        completes no step, so a sample in it is not returned."""
+    def step(self, max_rows: int | None = None) -> list[StepSample]:
+        """One step of every running sample: denoiser calls over at most `max_rows` samples each (None: all in one
+        call), then one sampler update each. Returns the samples that completed a step (their new state; those
+        with `state.done` have left the batch). plms' warm-up call completes no step, so a sample in it is not
+        returned. All or nothing: when a call or an update raises, the batch is left as it was (see the module
+        docstring)."""
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         samples = list(self._running.values())
         if not samples:
             return []
+        rows = max_rows or len(samples)
+        eps = torch.cat([self._denoise(samples[start:start + rows]) for start in range(0, len(samples), rows)])
+        saved = [[g.get_state() for g in s.state.generators] for s in samples]  # what the updates draw from
+        try:
+            updated = [replace(s, state=_advance(s, row)) for s, row in zip(samples, eps.split(1), strict=True)]
+        except BaseException:
+            for s, states in zip(samples, saved, strict=True):
+                for g, state in zip(s.state.generators, states, strict=True):
+                    g.set_state(state)
+            raise
+        for new in updated:
+            if new.state.done:
+                del self._running[new.key]
+            else:
+                self._running[new.key] = new
+        return [new for old, new in zip(samples, updated, strict=True) if new.state.i > old.state.i]
+
+    def _denoise(self, samples: Sequence[StepSample]) -> Tensor:
+        """The guided eps [N, C, h, w] of `samples`' rows, in one denoiser call."""
         inputs = [model_input(s.state) for s in samples]
         x = torch.cat([x for x, _ in inputs])  # [N, C, h, w]
         t = torch.cat([t for _, t in inputs])  # [N]
         scales = torch.tensor([s.guidance_scale for s in samples], device=x.device)
         with self.around(samples) if self.around is not None else nullcontext():
-            eps = self.denoise(x, t, _cat([s.cond for s in samples]), _cat([s.uncond for s in samples]), scales)
-        advanced = []
-        for sample, row in zip(samples, eps.split(1), strict=True):
-            new = replace(sample, state=_advance(sample, row))
-            if new.state.done:
-                del self._running[sample.key]
-            else:
-                self._running[sample.key] = new
-            if new.state.i > sample.state.i:
-                advanced.append(new)
-        return advanced
+            return self.denoise(x, t, _cat([s.cond for s in samples]), _cat([s.uncond for s in samples]), scales)
 
 
 def _advance(sample: StepSample, eps: Tensor) -> SamplerState:

@@ -228,6 +228,15 @@ class Settings(BaseSettings):
     batching: Literal["static", "continuous"] = Field(
         default="static", description="How a worker batches: static = a batch of compatible jobs runs to its end; "
         "continuous = jobs join and leave the running batch at every sampler step (same model, task and size).")
+    step_cost_budget: float = Field(
+        default=0.0, ge=0, description="Continuous batching: the most a step may cost, in steps of one sample as the "
+        "worker measures them; new samples join only while the step stays within it (0 = no budget: up to "
+        "max_batch). Bounds how much joining slows the samples running where a step of k samples costs more than "
+        "one (a CPU); docs/continuous-batching.md.")
+    admission_order: Literal["fifo", "shortest"] = Field(
+        default="fifo", description="Continuous batching: which waiting job takes a free slot: fifo = arrival "
+        "order; shortest = least work left (images x steps) first, except that a job waiting priority_aging_s or "
+        "more goes first (no starvation).")
     priority_aging_s: float = Field(
         default=30.0, gt=0, description="Priority aging: a queued job's priority rises one level (low -> normal -> "
         "high) per this many seconds waited, so a low job waits at most about 2x this for its turn behind a steady "
@@ -330,6 +339,9 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.min_width > self.max_width or self.min_height > self.max_height:
             raise ValueError("min_width/min_height must not exceed max_width/max_height")
+        if 0 < self.step_cost_budget < 1:
+            raise ValueError(f"step_cost_budget must be 0 (no budget) or at least 1 (a step of one sample), got "
+                             f"{self.step_cost_budget}")
         if self.max_wait_ms / 1000 >= self.redis_timeout_s:
             raise ValueError("max_wait_ms must be shorter than redis_timeout_s (a blocking read would time out)")
         held = self.max_event_streams + self.max_waiting_calls

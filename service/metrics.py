@@ -119,7 +119,8 @@ WORKER_METRICS: list[MetricSpec] = [
     MetricSpec("ldm_jobs_lost_total", "counter", ("model",),
                "Jobs this worker dropped because another worker had taken them over."),
     MetricSpec("ldm_oom_retries_total", "counter", ("model",),
-               "Batches split in halves and retried after the accelerator ran out of memory."),
+               "Batches split in halves and retried after the accelerator ran out of memory (continuous batching: "
+               "steps whose denoiser calls were halved)."),
     MetricSpec("ldm_samples_joined_mid_run_total", "counter", ("model",),
                "Samples admitted into a running step batch (continuous batching) beside samples already running."),
     MetricSpec("ldm_lora_cache_bytes", "gauge", ("model",),

@@ -9,20 +9,28 @@ and vLLM's iteration-level scheduling), and at each step boundary the worker
 - reports each job's step to the queue, with a preview PNG of its x0 estimate every `preview_every` steps when the
   request asks for one; the queue's answer stops cancelled jobs (their samples leave the batch at once, the slot is
   free for the next step) and drops jobs another worker took over;
-- claims new jobs without blocking (an idle worker blocks up to `max_wait_ms` as the static one does) and admits
-  them in arrival order while they fit: same task and image size as the jobs running (the model is the worker's;
-  `StepBatch.refusal` has the last word), at most `max_batch` samples. Samplers, step counts, guidance scales,
-  strengths and seeds may differ. A job is started (text encoding, noise) when its first sample fits; its other
-  samples join as slots free up, before any later job's. The first job that does not fit waits, and the jobs
-  behind it too, so the batch drains for it: first in, first out, nobody starves.
+- claims new jobs without blocking (an idle worker blocks up to `max_wait_ms` as the static one does), holding at
+  most `max_batch` samples, and admits them while they fit: same task and image size as the jobs running (the model
+  is the worker's; `StepBatch.refusal` has the last word), at most `max_batch` samples, or fewer under a step cost
+  budget (`step_cost_budget`, service/worker/admission.py: the worker measures its step times by batch size).
+  Samplers, step counts, guidance scales, strengths and seeds may differ. Waiting jobs take free slots in the
+  `admission_order` (arrival order, or least work first with aging). A job is started (text encoding, noise) when
+  its first sample fits; its other samples join as slots free up, before any later job's. The first job in that
+  order that does not fit waits, and the jobs behind it too, so the batch drains for it: nobody starves.
 
 An image is bit-identical to the one the static worker makes (and to a solo run) on the CPU, whenever it joined:
 each sample has its own state and generator, and guidance is mixed per row (models/step_batch.py).
 
 A job taken over from a silent worker (XAUTOCLAIM) still runs alone, in quarantine: nothing more is admitted until
 the running samples finish, then it runs by the static path. Heartbeats keep every claimed job alive (running or
-waiting); SIGTERM stops claiming, and the loop runs until the jobs in hand are done. A failure of a step (a fault of
-ours or of the device, CUDA out of memory included: no split here) fails the jobs running.
+waiting); SIGTERM stops claiming, and the loop runs until the jobs in hand are done.
+
+CUDA out of memory in a step splits it, as the static worker splits a batch in halves: a step is all or nothing
+(`StepBatch.step`), so no sample loses its state, and the next steps run the same samples in denoiser calls of half
+as many rows (`rows_per_call`), halving again at each new out-of-memory, until the running set drains; then a new
+batch tries one call again. Nothing leaves the batch and the images do not change (the rows of a call do not depend
+on its other rows). When one sample alone does not fit, the running jobs fail with `out_of_memory`. Any other fault
+of a step (ours or the device's) fails the jobs running; the worker lives on.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
 from service.queue import Claim, QueueError
+from service.worker.admission import StepCosts, Waiting, admission_order, step_capacity
 from service.worker.process import JobState, Worker, kv
 from service.worker.runner import JobFailure, SampleInput
 
@@ -67,6 +76,8 @@ class ContinuousWorker(Worker):
         self.waiting: list[JobState] = []  # claimed, not started
         self.running: dict[str, Running] = {}  # started, in arrival order
         self.quarantined: list[Claim] = []
+        self.rows_per_call: int | None = None  # samples per denoiser call after an out-of-memory split; None: all
+        self.costs = StepCosts()  # measured step times by batch size (the step cost budget's estimates)
 
     def _new_batch(self) -> StepBatch:
         pipeline = self.runner.pipeline
@@ -79,6 +90,7 @@ class ContinuousWorker(Worker):
         super().reset()
         self.batch = self._new_batch()
         self.waiting, self.running, self.quarantined = [], {}, []
+        self.rows_per_call = None
 
     def step(self) -> int:
         """Take what there is room for, admit what fits, run one step; the number of jobs taken."""
@@ -95,6 +107,8 @@ class ContinuousWorker(Worker):
                 self._admit()
                 if len(self.batch):
                     self._iterate()
+                if not len(self.batch):  # drained: the next batch tries one call again
+                    self.rows_per_call = None
         finally:
             self._busy = self.in_hand()
         return taken
@@ -119,7 +133,9 @@ class ContinuousWorker(Worker):
         return len(claims)
 
     def _room(self) -> int:
-        return self.settings.max_batch - len(self.batch)
+        """Samples that may join the next step: up to `max_batch`, or the step cost budget's capacity."""
+        capacity = step_capacity(self.costs, self.settings.step_cost_budget, self.settings.max_batch)
+        return capacity - len(self.batch)
 
     def _fits(self, job: JobState) -> bool:
         """Same task and image size as the jobs running (or none running)."""
@@ -132,6 +148,7 @@ class ContinuousWorker(Worker):
         taken-over job waits to run alone)."""
         for r in list(self.running.values()):
             self._admit_samples(r)
+        self._order_waiting()
         while (self.waiting and not self.quarantined and self._room() > 0 and self._fits(self.waiting[0])
                and not any(r.queued for r in self.running.values())):  # waiting samples first (no starving)
             job = self.waiting.pop(0)
@@ -140,6 +157,16 @@ class ContinuousWorker(Worker):
                 self.running[job.id] = running
                 self._retire_unstepped(running)
                 self._admit_samples(running)
+
+    def _order_waiting(self) -> None:
+        """Put the waiting jobs in the order they may take free slots (`admission_order`; stable: fifo keeps them)."""
+        if self.settings.admission_order == "fifo" or len(self.waiting) < 2:
+            return
+        now = time.time()
+        views = [Waiting(work=j.request.n * j.request.steps, waited_s=now - j.claim.job.created_at.timestamp())
+                 for j in self.waiting]
+        order = admission_order(views, self.settings.admission_order, self.settings.priority_aging_s)
+        self.waiting = [self.waiting[i] for i in order]
 
     def _admit_samples(self, r: Running) -> None:
         while r.queued and self._room() > 0:
@@ -197,16 +224,20 @@ class ContinuousWorker(Worker):
         size = len(self.batch)
         task = next(iter(self.running.values())).job.key.task.value
         try:
-            advanced = self.batch.step()
+            advanced = self.batch.step(self.rows_per_call)
+        except torch.cuda.OutOfMemoryError:
+            advanced = None  # split below, outside the handler, so the traceback's frames free their tensors first
         except Exception as exc:  # a fault of ours or of the device: the running jobs fail, the worker lives on
             failure, incident = JobFailure.internal()
             log.exception(kv("step_error", model=self.model, error=type(exc).__name__, incident=incident))
             self.runner.free_cached_memory()
-            for crashed in list(self.running.values()):
-                self._drop(crashed)
-                self._fail(crashed.job, failure)
+            self._fail_running(failure)
+            return
+        if advanced is None:
+            self._split(size)
             return
         seconds = time.monotonic() - began
+        self.costs.observe(size, seconds)
         self.metrics.step_time.labels(self.model).observe(seconds)
         self.metrics.batch_size.labels(self.model, task).observe(size)
         by_job: dict[str, list[StepSample]] = {}
@@ -223,6 +254,24 @@ class ContinuousWorker(Worker):
                 if s.state.done:
                     self._store(r, s)
             self._settle_if_done(r)
+
+    def _split(self, size: int) -> None:
+        """A step of `size` samples ran out of device memory (and changed nothing): the next steps make denoiser calls
+        of half as many rows; when one row did not fit, the running jobs fail with `out_of_memory`."""
+        self.runner.free_cached_memory()
+        rows = min(self.rows_per_call or size, size)
+        if rows <= 1:
+            self._fail_running(self.runner.out_of_memory(next(iter(self.running.values())).job.key))
+            return
+        self.rows_per_call = (rows + 1) // 2
+        log.warning(kv("out_of_memory_split", model=self.model, samples=size, rows_per_call=self.rows_per_call))
+        if self.runner.on_oom is not None:
+            self.runner.on_oom()
+
+    def _fail_running(self, failure: JobFailure) -> None:
+        for r in list(self.running.values()):
+            self._drop(r)
+            self._fail(r.job, failure)
 
     def _store(self, r: Running, s: StepSample) -> None:
         index = _index(s)

@@ -406,8 +406,7 @@ class Runner:
             pass  # retried below, outside the handler, so the traceback's frames free their tensors first
         self.free_cached_memory()
         if len(indices) == 1:
-            raise JobFailure("out_of_memory", f"one {key.width}x{key.height} image does not fit in the memory "
-                             f"of {self.device}")
+            raise self.out_of_memory(key)
         log.warning("out of memory: retrying a batch of %d as two halves", len(indices))
         if self.on_oom is not None:
             self.on_oom()
@@ -517,6 +516,11 @@ class Runner:
         if task == Task.semantic and sample.image is not None:
             return {"label_map_sha256": hashlib.sha256(sample.image.tobytes()).hexdigest()}
         return {}
+
+    def out_of_memory(self, key: BatchKey) -> JobFailure:
+        """The failure of a job whose single image does not fit in the device's memory (no split is left to try)."""
+        return JobFailure("out_of_memory", f"one {key.width}x{key.height} image does not fit in the memory of "
+                          f"{self.device}")
 
     def free_cached_memory(self) -> None:
         if self.device.type == "cuda":

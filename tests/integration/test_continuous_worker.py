@@ -4,21 +4,35 @@ static one on its own key prefix that makes the reference PNGs.
 Jobs with other step counts and samplers, submitted while a long job runs, join its batch at a step boundary and
 leave it when done, and their PNGs (and the long job's) are byte for byte what the static worker makes; a cancelled
 job leaves mid-run while the others go on; `preview_every` puts a PNG preview in the progress events seen over SSE.
+
+In process (a `ContinuousWorker` on the test Redis, driven step by step): CUDA out of memory in a step, faked as
+tests/integration/test_worker.py fakes it for the static worker (there is no GPU to exhaust), splits the running set
+into calls of fewer rows with nothing lost and the images unchanged; one sample that does not fit fails its jobs
+with `out_of_memory` and the worker goes on.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
-from service.queue import JobStatus
+from service.config import Settings
+from service.metrics import WorkerMetrics
+from service.queue import Job, JobStatus, SyncJobQueue
 from service.schemas import GenerationRequest
-from tests.helpers import wait_until
+from service.worker.continuous import ContinuousWorker
+from service.worker.runner import Runner, SampleInput
+from tests.helpers import drop_keys, torch_threads, wait_until
 from tests.integration.test_rest import serving, sse
 from tests.integration.test_worker import MODEL, Cluster, WorkerProcess, cluster, metric, request
 
@@ -120,3 +134,121 @@ def test_a_static_worker_sends_previews_too_and_the_same_image(
     assert not any(json.loads(f.data).get("preview") for f in plain_frames if f.event == "progress" and f.data)
     scraped = static.workers[0].scrape()
     assert metric(scraped, f'ldm_preview_seconds_count{{model="{MODEL}"}}') >= 2
+
+
+# ------------------------------------------------------------------------------- out of memory, in process
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[Runner]:
+    with torch_threads(1):
+        yield Runner.load(MODEL, device="cpu")
+
+
+@contextlib.contextmanager
+def continuous_worker(runner: Runner, redis_url: str, **settings: Any,
+                      ) -> Iterator[tuple[ContinuousWorker, SyncJobQueue]]:
+    """A continuous worker (at most 4 samples unless `settings` say otherwise) on its own key prefix of the test
+    Redis, driven by the test."""
+    prefix = f"inproc-{uuid.uuid4().hex[:8]}"
+    config = Settings(**{"redis_url": redis_url, "key_prefix": prefix, "max_batch": 4, "max_wait_ms": 20,
+                         "batching": "continuous", **settings})
+    with SyncJobQueue(config) as queue:
+        try:
+            yield ContinuousWorker(config, queue, runner, WorkerMetrics(), "w-inproc"), queue
+        finally:
+            drop_keys(redis_url, prefix)
+
+
+@pytest.fixture
+def in_process(runner: Runner, redis_url: str) -> Iterator[tuple[ContinuousWorker, SyncJobQueue]]:
+    with continuous_worker(runner, redis_url) as found:
+        yield found
+
+
+def memory_for(rows: int, worker: ContinuousWorker, calls: list[int]) -> Callable[..., torch.Tensor]:
+    """The batch's denoiser as a device with room for `rows` samples per call: beyond, the fault CUDA raises."""
+    real = worker.batch.denoise
+
+    def denoise(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, *args)
+
+    return denoise
+
+
+def run_until_done(worker: ContinuousWorker, queue: SyncJobQueue, jobs: list[Job]) -> list[Job]:
+    """Step the worker until every job has ended; their records."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = [queue.get(j.id) for j in jobs]
+        ended = [r for r in records if r is not None and r.status.terminal]
+        if len(ended) == len(jobs) and not worker.in_hand():
+            return ended
+        assert time.monotonic() < deadline, "the jobs did not end"
+        worker.step()
+
+
+def test_out_of_memory_in_a_step_splits_the_running_set_and_the_images_do_not_change(
+        runner: Runner, in_process: tuple[ContinuousWorker, SyncJobQueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, queue = in_process
+    requests = [request(prompt="a blue square", seed=11, steps=5, sampler="ddim", n=2),
+                request(prompt="a green cat", seed=12, steps=4, sampler="euler_a", guidance_scale=2.0),
+                request(seed=13, steps=3, sampler="plms")]
+    solo = [runner.run(runner.batch_key(r, None), [SampleInput(r, seed) for seed in r.seeds()]) for r in requests]
+    calls: list[int] = []
+    ooms: list[int] = []
+    monkeypatch.setattr(worker.batch, "denoise", memory_for(2, worker, calls))
+    monkeypatch.setattr(runner, "on_oom", lambda: ooms.append(1))
+    jobs = [queue.submit(r) for r in requests]
+    finished = run_until_done(worker, queue, jobs)
+    assert [j.status for j in finished] == [JobStatus.succeeded] * 3, [j.error for j in finished]
+    assert [[queue.result(j.id, i) for i in range(j.request.n)] for j in jobs] == solo
+    assert calls[:3] == [4, 2, 2] and max(calls[1:]) == 2 and len(ooms) == 1  # split once, the 4 samples kept
+    assert worker.rows_per_call is None  # drained: the next batch tries one call again
+
+
+def test_out_of_memory_for_one_sample_fails_the_running_jobs_and_the_worker_goes_on(
+        runner: Runner, in_process: tuple[ContinuousWorker, SyncJobQueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, queue = in_process
+    calls: list[int] = []
+    ooms: list[int] = []
+    real = worker.batch.denoise
+    monkeypatch.setattr(worker.batch, "denoise", memory_for(0, worker, calls))
+    monkeypatch.setattr(runner, "on_oom", lambda: ooms.append(1))
+    doomed = [queue.submit(request(seed=21, steps=3)), queue.submit(request(seed=22, steps=4, sampler="ddim"))]
+    failed = run_until_done(worker, queue, doomed)
+    assert [j.status for j in failed] == [JobStatus.failed] * 2
+    assert all(j.error == "out_of_memory: one 64x64 image does not fit in the memory of cpu" for j in failed)
+    assert calls == [2, 1] and len(ooms) == 1 and worker.rows_per_call is None
+    monkeypatch.setattr(worker.batch, "denoise", real)  # memory again
+    after = run_until_done(worker, queue, [queue.submit(request(seed=23, steps=2))])
+    assert after[0].status == JobStatus.succeeded
+
+
+# ------------------------------------------------------------------------------- admission policy, in process
+
+def test_a_step_cost_budget_caps_the_samples_per_step_and_shortest_work_goes_first(
+        runner: Runner, redis_url: str) -> None:
+    """LDM_STEP_COST_BUDGET=1 (a step may cost one solo step) with LDM_ADMISSION_ORDER=shortest: one sample per step,
+    the waiting jobs taken by least work (the three are claimed together), and the images still the solo runs'."""
+    with continuous_worker(runner, redis_url, step_cost_budget=1.0, admission_order="shortest") as (worker, queue):
+        calls: list[int] = []
+        real = worker.batch.denoise
+
+        def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return real(x, *args)
+
+        worker.batch.denoise = counted  # type: ignore[method-assign]  # the worker's own batch: no patch to undo
+        requests = [request(seed=31, steps=6), request(seed=32, steps=2, sampler="ddim"),
+                    request(seed=33, steps=4, sampler="euler_a")]
+        jobs = [queue.submit(r) for r in requests]
+        finished = run_until_done(worker, queue, jobs)
+        assert [j.status for j in finished] == [JobStatus.succeeded] * 3
+        assert calls == [1] * 12  # one sample per step, 6 + 2 + 4 steps
+        ends = sorted(finished, key=lambda j: j.finished_at or 0)
+        assert [j.request.steps for j in ends] == [2, 4, 6]  # least work first
+        solo = [runner.run(runner.batch_key(r, None), [SampleInput(r, r.seed or 0)])[0] for r in requests]
+        assert [queue.result(j.id, 0) for j in jobs] == solo

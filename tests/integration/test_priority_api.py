@@ -1,6 +1,7 @@
 """Priorities through the front ends (real uvicorn, real grpc.aio, the test Redis): a key's `max_priority` from the
 key file, 403 / PERMISSION_DENIED above it naming the limit, every priority without authentication; queue position
-and ETA on a queued job's status and its SSE `position` events, falling as the jobs ahead finish."""
+and ETA on a queued job's status and its `position` events (SSE and gRPC WatchJob), falling as the jobs ahead
+finish."""
 
 from __future__ import annotations
 
@@ -133,3 +134,44 @@ async def test_grpc_priority_permission_and_position(make_settings: Callable[...
                         for i in ids]
         assert high.parameters.priority == "high" and high.queue_position == 0
         assert normal.parameters.priority == "normal" and normal.queue_position == 1
+
+
+@pytest.mark.anyio
+async def test_grpc_watch_job_sends_position_events_falling_as_the_jobs_ahead_finish(
+        make_settings: Callable[..., Settings], keys: dict[str, str], tmp_path: Path) -> None:
+    """The SSE test above over real gRPC: WatchJob on a queued job streams EVENT_TYPE_POSITION messages with
+    `queue_position` and `eta_s`, one each time a job ahead finishes, down to 0."""
+    settings = make_settings(api_key_file=tmp_path / "api-keys")
+    auth = grpc_auth(keys["high"])
+    async with grpc_serving(settings) as env:
+        s = env.stub
+        ids = []
+        for i, priority in enumerate(("normal", "normal", "normal", "high")):  # two ahead, mine, one jumping it
+            call = s.GenerateStream(pb.GenerateRequest(parameters=params(steps=4, priority=priority),
+                                                       idempotency_key=f"w-{i}"), metadata=auth, timeout=5)
+            ids.append(dict(await call.initial_metadata())["ldm-job-id"])
+            call.cancel()  # the idempotency key keeps the job queued
+        ahead, mine, jumped = [str(i) for i in ids[:2]], str(ids[2]), str(ids[3])
+        async with JobQueue(settings) as q:  # a worker that measured 8 sample-steps per second
+            await q.heartbeat(WorkerInfo(id="w", models=[MODEL], step_rate=8.0, steps_in_hand=0))
+
+        watch = s.WatchJob(pb.WatchJobRequest(job_id=mine), metadata=auth, timeout=30)
+
+        async def next_position() -> pb.Progress:
+            while True:
+                message = await watch.read()
+                assert message is not grpc.aio.EOF, "the watch ended before a position event"
+                if message.type == pb.EVENT_TYPE_POSITION:
+                    return message
+
+        first = await next_position()
+        assert first.status == pb.JOB_STATUS_QUEUED and first.queue_position == 3
+        assert first.HasField("eta_s") and first.eta_s == (3 * 4 + 4) / 8.0
+        positions = [first.queue_position]
+        for job_id in (jumped, *ahead):  # high first, then the older normal jobs
+            assert await asyncio.to_thread(finish_next, settings) == job_id
+            positions.append((await next_position()).queue_position)
+        watch.cancel()
+        assert positions == [3, 2, 1, 0]
+        job = await s.GetJob(pb.GetJobRequest(job_id=mine), metadata=auth, timeout=5)
+        assert job.status == pb.JOB_STATUS_QUEUED and job.queue_position == 0 and job.eta_s == 4 / 8.0

@@ -177,3 +177,55 @@ def test_step_form_state_history(name: SamplerName) -> None:
 def test_run_steps_is_the_sampler_loop() -> None:
     s = make("x", "dpmpp_2m", 4, 3, scale=1.0)
     assert torch.equal(run_steps(lambda x, t: eps_rows(x, t, s.cond.context), s.state), solo(s))  # type: ignore[arg-type]
+
+
+def test_a_step_in_chunks_of_rows_equals_one_call() -> None:
+    """`step(max_rows=k)`: the running samples in consecutive calls of at most k rows (the worker's out-of-memory
+    split), each sample's final latent as in one call."""
+    samples = [make(f"s{i}", name, 4, 20 + i) for i, name in enumerate(NAMES)]
+    denoise = Denoiser()
+    batch = StepBatch(denoise, max_items=8)
+    for s in samples:
+        batch.admit(s)
+    final: dict[str, Tensor] = {}
+    while len(batch):
+        final |= {str(s.key): s.latent for s in batch.step(max_rows=2) if s.state.done}
+    assert all(torch.equal(final[str(s.key)], solo(s)) for s in samples)
+    assert denoise.rows[:3] == [2, 2, 1] and max(denoise.rows) == 2
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+        batch.step(max_rows=0)
+
+
+def test_a_failed_step_leaves_every_sample_as_it_was() -> None:
+    """A fault in the second chunk's denoiser call, or in a sampler update after an ancestral sample drew its noise,
+    changes nothing: the step is retried and every image is its solo run's (generators rewound included)."""
+    faults = {"call": 1, "update": 1}
+
+    class Flaky(Denoiser):
+        def __call__(self, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning, scales: Tensor) -> Tensor:
+            if len(self.rows) == 1 and faults["call"]:  # the second call of the first step
+                faults["call"] = 0
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return super().__call__(x, t, cond, uncond, scales)
+
+    def fails_once(i: int, x: Tensor) -> None:
+        if i == 1 and faults["update"]:
+            faults["update"] = 0
+            raise RuntimeError("a fault in the update")
+
+    samples = [make("a", "euler_a", 4, 31), make("b", "ddpm", 4, 32)]
+    samples.append(replace(make("c", "dpmpp_2m", 4, 33), after_step=fails_once))  # after a and b drew noise
+    batch = StepBatch(Flaky(), max_items=8)
+    for s in samples:
+        batch.admit(s)
+    final: dict[str, Tensor] = {}
+    failures = 0
+    while len(batch):
+        before = {s.key: (s.state.i, s.state.x.clone()) for s in batch}
+        try:
+            final |= {str(s.key): s.latent for s in batch.step(max_rows=2) if s.state.done}
+        except (torch.cuda.OutOfMemoryError, RuntimeError):
+            failures += 1
+            assert all(s.state.i == before[s.key][0] and torch.equal(s.state.x, before[s.key][1]) for s in batch)
+    assert failures == 2
+    assert all(torch.equal(final[str(s.key)], solo(replace(s, after_step=None))) for s in samples)
