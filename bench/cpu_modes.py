@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from models.cpu_inference import compile_unet_for_cpu, optimize_for_cpu_inferenc
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 
+T = TypeVar("T")
 Mode = Literal["bf16", "compiled"]
 MODES: tuple[Mode, ...] = ("bf16", "compiled")
 QUALITY_PROMPTS = ["a red circle on the left", "a blue square", "a green triangle at the top"]
@@ -41,12 +43,29 @@ def has_bf16_hardware() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def prepared_unet(eager_unet: nn.Module, mode: Mode) -> nn.Module:
-    """A copy of an fp32, not yet optimized UNet, set up for `mode`."""
+def prepared_unet(eager_unet: nn.Module, mode: Mode | None) -> nn.Module:
+    """A copy of an fp32, not yet optimized UNet, set up for `mode` (None: the default fp32 CPU path)."""
     unet = copy.deepcopy(eager_unet)
     if mode == "bf16":
         return optimize_for_cpu_inference(unet.to(torch.bfloat16))
-    return compile_unet_for_cpu(unet)
+    return compile_unet_for_cpu(unet) if mode == "compiled" else optimize_for_cpu_inference(unet)
+
+
+def _status_gib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_cost(prepare: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """`prepare()` and what it cost this process: the resident memory it left held and its peak above the start
+    (the kernel's peak counter is reset first through /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_gib("VmRSS")
+    result = prepare()
+    return result, {"held_gib": round(_status_gib("VmRSS") - before, 2),
+                    "peak_extra_gib": round(_status_gib("VmHWM") - before, 2)}
 
 
 def prepared_model(load: Any, mode: Mode | None) -> LatentDiffusion:
@@ -80,9 +99,9 @@ def quality(load: Any, size: int, modes: tuple[Mode, ...] = MODES) -> dict[str, 
 def quality_models(size_parity: int = 256) -> dict[str, Any]:
     """Quality of every mode on the parity model (at `size_parity` px) and on tiny-shapes (at its 64 px)."""
     from models.checkpoints import load_model
+    from models.tokenizers import CLIPTokenizer
     from tests.helpers import write_clip_tokenizer
     from tests.integration.test_sd_parity import sd_config, write_checkpoint
-    from models.tokenizers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_clip_tokenizer(Path(tmp) / "tokenizer")
@@ -92,4 +111,5 @@ def quality_models(size_parity: int = 256) -> dict[str, Any]:
     shapes = quality(lambda dtype: load_model("tiny-shapes", dtype=dtype).eval(), 64)
     return {"parity_model": {"size_px": size_parity, "modes": parity},
             "tiny_shapes": {"size_px": 64, "modes": shapes},
-            "setup": f"{len(QUALITY_PROMPTS)} prompts, seeds 0-{len(QUALITY_PROMPTS) - 1}, DPM-Solver++ 20 steps, CFG 7.5"}
+            "setup": f"{len(QUALITY_PROMPTS)} prompts, seeds 0-{len(QUALITY_PROMPTS) - 1}, DPM-Solver++ 20 steps, "
+                     "CFG 7.5"}

@@ -51,8 +51,8 @@ def batch_invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None
 
 
 def _folds(x: Tensor, weight: Tensor) -> bool:
-    """Whether to take oneDNN's folded product: fp32 (each item then rounds as it would alone) or bf16 (fast), at
-    least two rows per item (a whole batch of single rows would otherwise switch between GEMV and GEMM by batch size)."""
+    """Whether to take oneDNN's folded product: fp32 (each item then rounds as it would alone) or bf16 (fast),
+    at least two rows per item (a batch of single rows would switch between GEMV and GEMM by batch size)."""
     return (
         x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and x.numel() >= 2 * x.shape[0] * x.shape[-1]
         and torch.backends.mkldnn.is_available()
