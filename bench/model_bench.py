@@ -176,7 +176,14 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def onednn_linear(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:  # models/layers.py's product
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+    mapping = {torch.ops.mkldnn._linear_pointwise: onednn_linear}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
