@@ -10,7 +10,11 @@ are counted with the math attention backend (FlopCounterMode misses the fused CP
 against this machine's measured fp32 matmul peak.
 
 A table goes to stdout; the figures go to bench/results/model_bench.json. Not a test: nothing fails.
-    python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick]
+    python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick] [--opt-ins]
+
+`--opt-ins` adds the UNet step in the CPU opt-in modes of bench/cpu_modes.py (bf16 on CPUs with AVX512-BF16 /
+AMX, and compiled: torch.compile with freezing), the memory each mode's UNet holds and peaks at, and the
+mean / max difference of its images from the fp32 path's, in /255 (on the parity model and on tiny-shapes).
 
 `--loading` measures the way from files instead (bench/results/model_bench_loading.json): random SD-1.5-size
 weights written once, by diffusers, as a diffusers folder and as one original-layout .safetensors file
@@ -172,7 +176,14 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def onednn_linear(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:  # models/layers.py's product
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+    mapping = {torch.ops.mkldnn._linear_pointwise: onednn_linear}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
@@ -326,7 +337,37 @@ def peak_rss_gib() -> float:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run(runs: int, steps: int, size: int, quick: bool) -> dict[str, Any]:
+def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any) -> tuple[dict[str, Callable[[], Any]],
+                                                                              dict[str, Any]]:
+    """UNet-step cases of the opt-in modes (bench/cpu_modes.py) and each mode's memory cost (its UNet copy,
+    prepared and run once: compilation included), beside the default fp32 path's for comparison."""
+    from bench.cpu_modes import MODES, has_bf16_hardware, memory_cost, prepared_unet
+
+    cases: dict[str, Callable[[], Any]] = {}
+    memory: dict[str, Any] = {}
+    for mode in (None, *MODES):
+        if mode == "bf16" and not has_bf16_hardware():
+            memory["bf16"] = "not offered: this CPU reports neither avx512_bf16 nor amx_bf16"
+            continue
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        xm, ctxm = x.to(dtype), ctx.to(dtype)
+
+        def prepare(mode: Any = mode, xm: Any = xm, ctxm: Any = ctxm) -> Any:
+            unet = prepared_unet(eager.unet, mode)
+            start = time.perf_counter()
+            unet(xm, t, ctxm)
+            return unet, time.perf_counter() - start
+
+        (unet, first_s), cost = memory_cost(prepare)
+        memory[mode or "fp32"] = {**cost, "first_call_s": round(first_s, 1)}
+        if mode is None:
+            del unet
+            continue
+        cases[f"ours_{mode}"] = lambda unet=unet, xm=xm, ctxm=ctxm: unet(xm, t, ctxm)
+    return cases, memory
+
+
+def run(runs: int, steps: int, size: int, quick: bool, opt_ins: bool = False) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory()
     tok = write_clip_tokenizer(Path(tmp.name) / "tokenizer")
     eager = build_ours(tok)
@@ -340,11 +381,14 @@ def run(runs: int, steps: int, size: int, quick: bool) -> dict[str, Any]:
     with torch.inference_mode():
         unet_gflop = count_gflop(lambda: eager.unet(x, t, ctx))
         vae_gflop = count_gflop(lambda: eager.autoencoder.decode(z))
+        modes, mode_memory = opt_in_unets(eager, x, t, ctx) if opt_ins else ({}, {})
         results["unet_step"] = interleaved({
             "ours": lambda: fast.unet(x, t, ctx),
             "ours_eager": lambda: eager.unet(x, t, ctx),
             "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=ctx).sample,
+            **modes,
         }, runs)
+        del modes
         results["vae_decode"] = interleaved({
             "ours": lambda: fast.autoencoder.decode(z),
             "diffusers": lambda: pipe.vae.decode(z).sample,
@@ -359,8 +403,16 @@ def run(runs: int, steps: int, size: int, quick: bool) -> dict[str, Any]:
     peak = matmul_peak_gflops()
     memory = {} if quick else {"ours": peak_rss_subprocess("ours", steps, size),
                                "diffusers": peak_rss_subprocess("diffusers", steps, size)}
+    extra: dict[str, Any] = {}
+    if opt_ins:
+        from bench.cpu_modes import quality_models
+
+        extra = {"opt_in_memory_gib": mode_memory, "opt_in_quality": quality_models()}
     return {
+        **extra,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "bf16_hardware": __import__("bench.cpu_modes").cpu_modes.has_bf16_hardware(),
+                    "load_average_at_end": os.getloadavg(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "diffusers": __import__("diffusers").__version__, "matmul_peak_gflops": round(peak, 1)},
         "setup": {"size_px": size, "latent": latent, "steps": steps, "runs": runs, "guidance": 7.5,
@@ -389,6 +441,25 @@ def report(data: dict[str, Any]) -> str:
         eager = res["unet_step"]["ours_eager"]["median_s"]
         lines.append(f"| UNet step, ours without CPU optimisations | {eager:.3f} | | "
                      f"{eager / res['unet_step']['diffusers']['median_s']:.2f} | {gflop['unet_step'] / eager:.0f} | |")
+    unet_res = res.get("unet_step", {})
+    for mode in ("bf16", "compiled"):
+        if f"ours_{mode}" not in unet_res:
+            continue
+        t_mode = unet_res[f"ours_{mode}"]["median_s"]
+        mem = data.get("opt_in_memory_gib", {}).get(mode, {})
+        quality = data.get("opt_in_quality", {})
+        diffs = "; ".join(f"{name.replace('_', ' ')}: mean {q['modes'][mode]['mean_abs_255']}, max "
+                          f"{q['modes'][mode]['max_abs_255']} /255" for name, q in quality.items()
+                          if isinstance(q, dict) and mode in q.get("modes", {}))
+        lines.append(f"| UNet step, opt-in {mode} (vs fp32 images: {diffs or 'not measured'}; UNet memory held "
+                     f"{mem.get('held_gib', '?')} GiB, peak +{mem.get('peak_extra_gib', '?')} GiB, first call "
+                     f"{mem.get('first_call_s', '?')} s) | {t_mode:.3f} | | "
+                     f"{t_mode / unet_res['diffusers']['median_s']:.2f} | {gflop['unet_step'] / t_mode:.0f} | "
+                     f"{100 * gflop['unet_step'] / t_mode / peak:.0f} % |")
+    if "fp32" in data.get("opt_in_memory_gib", {}):
+        m = data["opt_in_memory_gib"]["fp32"]
+        lines.append(f"| (default fp32 UNet, for comparison: memory held {m['held_gib']} GiB, peak "
+                     f"+{m['peak_extra_gib']} GiB, first call {m['first_call_s']} s) | | | | | |")
     if data["peak_rss_gib"]:
         m = data["peak_rss_gib"]
         lines.append(f"| peak RSS, one whole generation (GiB) | {m['ours']:.2f} | {m['diffusers']:.2f} | "
@@ -405,6 +476,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--quick", action="store_true", help="UNet and VAE only, no whole generation or memory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
+    parser.add_argument("--opt-ins", action="store_true",
+                        help="also the UNet step in the CPU opt-in modes (bf16 where the CPU has it, compiled), their "
+                        "memory cost and their images' difference from fp32 (bench/cpu_modes.py)")
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure only the peak memory rows of an existing --out file")
     parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
@@ -455,7 +529,7 @@ def main() -> None:
         steps, size = data["setup"]["steps"], data["setup"]["size_px"]
         data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size), 2) for k in ("ours", "diffusers")}
     else:
-        data = run(args.runs, args.steps, args.size, args.quick)
+        data = run(args.runs, args.steps, args.size, args.quick, args.opt_ins)
     publish(data, report(data), args.out)
 
 

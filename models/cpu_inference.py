@@ -87,3 +87,18 @@ def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
 
 def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedConv2d) for m in model.modules())
+
+
+def compile_unet_for_cpu(model: nn.Module) -> nn.Module:
+    """Opt-in compiled mode: `model.unet` (a LatentDiffusion's, or `model` itself when it has none) runs through
+    `torch.compile` (inductor) with freezing, which folds the weights into the graph as constants, prepacks
+    them for oneDNN/MKL itself and fuses the elementwise work (GroupNorm + SiLU, bias, residual adds) into
+    generated C++ loops. Call it on a model *not* optimized by `optimize_for_cpu_inference`: freezing packs
+    the plain weights; the eager weights stay alive beside the packed constants, which is the mode's memory
+    cost (docs/benchmarks.md). Each new input shape (batch, latent size) compiles again (a minute or more
+    on 2 cores); results are fp32 but not bit-identical to the eager model, nor across batch sizes.
+    Needs `torch.inference_mode()` or `no_grad` when run (freezing applies to inference only)."""
+    unet = getattr(model, "unet", model)
+    unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    unet.compile(options={"freezing": True}, dynamic=False)  # in place: `unet(...)` calls the compiled module
+    return model
