@@ -616,10 +616,11 @@ UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
 def _weights_in(folder: Path, stems: tuple[str, ...]) -> Path:
     for stem in stems:
         for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
-            candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
-    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)} or .bin)")
+            for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix}.index.json"):  # whole, or shards
+                if candidate.is_file():
+                    return candidate
+    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)} or .bin, "
+                          "whole or in shards with an .index.json)")
 
 
 def load_diffusers_folder(

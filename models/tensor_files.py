@@ -189,10 +189,49 @@ class InMemoryFile(TensorFile):
         return converted(self._tensors.pop(key), dtype)
 
 
+class ShardedFile(TensorFile):
+    """A model saved in shards (`diffusion_pytorch_model.safetensors.index.json` beside
+    `diffusion_pytorch_model-00001-of-00003.safetensors`, ...): diffusers and transformers split weights over 10 GB
+    (5 GB for transformers) so, and the index's `weight_map` names each tensor's shard. Read as one file."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            index = json.loads(path.read_text())
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: not a shard index (a JSON object with a weight_map): {err}") from err
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path}: its weight_map is empty or not an object")
+        self._shards: dict[str, TensorFile] = {}
+        for name in sorted(set(weight_map.values())):
+            shard = path.parent / str(name)
+            if Path(str(name)).name != str(name):
+                raise CheckpointError(f"{path}: shard {name!r} is not a file name beside the index")
+            self._shards[name] = open_tensor_file(shard)
+        self._where: dict[str, TensorFile] = {}
+        meta: dict[str, torch.Tensor] = {}
+        for key, name in weight_map.items():
+            shard_file = self._shards[name]
+            if key not in shard_file.meta:
+                raise CheckpointError(f"{path}: tensor {key!r} is mapped to {name}, which does not hold it")
+            self._where[key], meta[key] = shard_file, shard_file.meta[key]
+        metadata = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+        super().__init__(path, meta, metadata)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._where[key].read(key, dtype)
+
+    def map(self, key: str) -> torch.Tensor:
+        return self._where[key].map(key)
+
+
 def open_tensor_file(path: Path) -> TensorFile:
-    """A weights file by its suffix (`.safetensors`, else a torch pickle); a clear error for anything unreadable."""
+    """A weights file by its suffix (`.safetensors`, `.index.json` for shards, else a torch pickle); a clear error
+    for anything unreadable."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.name.lower().endswith(".index.json"):
+        return ShardedFile(path)
     if path.suffix.lower() == ".safetensors":
         if sys.byteorder != "little":
             raise CheckpointError(f"{path}: safetensors data is little-endian and this machine is not")

@@ -394,6 +394,32 @@ def test_diffusers_folder_refuses_ema_and_component_files(sd_folder: Path) -> No
         load_model(sd_folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def test_a_folder_saved_in_shards_equals_the_whole_one(toy: Toy, sd_folder: Path, tmp_path: Path) -> None:
+    """diffusers and transformers split weights over their size limit into shards and an `.index.json`; the
+    shards are read as one file (the real SDXL UNet, 10.3 GB in fp32, is over diffusers' 10 GB)."""
+    import json
+    import shutil
+
+    import diffusers
+    import transformers
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(sd_folder, folder)
+    for sub, cls in (("unet", diffusers.UNet2DConditionModel), ("text_encoder", transformers.CLIPTextModel)):
+        shutil.rmtree(folder / sub)
+        cls.from_pretrained(str(sd_folder / sub)).save_pretrained(str(folder / sub), max_shard_size="200KB")
+        assert len(list((folder / sub).glob("*-of-*.safetensors"))) > 1
+        assert not [f for f in (folder / sub).glob("*.safetensors") if "-of-" not in f.name]  # no whole file left
+    assert_same_weights(load_model(folder), load_model(sd_folder))
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = next(iter(data["weight_map"]))
+    other = next(v for v in data["weight_map"].values() if v != data["weight_map"][key])
+    index.write_text(json.dumps({**data, "weight_map": {**data["weight_map"], key: other}}))
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' is mapped to {other}, which does not hold it"):
+        load_model(folder)
+
+
 def test_diffusers_inpainting_folder_equals_the_single_file(tmp_path: Path, tokenizer_dir: Path,
                                                             vocab_size: int) -> None:
     config = toy_sd_config(vocab_size, in_channels=9)
