@@ -18,10 +18,11 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from models.checkpoints import load_model
 from models.ldm import PREFIXES, LatentDiffusion
 from models.sdxl_layout import sdxl_conditioner_to_original
 from models.tokenizers import EOS, CLIPTokenizer
-from tests.helpers import randomize
+from tests.helpers import randomize, write_clip_tokenizer
 
 TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
 PROJECTION = 64  # bigG's text_projection width (SDXL: 1280)
@@ -50,6 +51,19 @@ def sdxl_unet(context: int, in_channels: int = 4, seed: int = 6) -> Any:
         attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 3), cross_attention_dim=context,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM, upcast_attention=False)
+    return randomize(unet, seed=seed)
+
+
+def refiner_unet(seed: int = 8) -> Any:
+    """The refiner's UNet at reduced width: bigG's context alone, 2-deep transformers, the aesthetic score in the
+    added vector (5 numbers, not 6)."""
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2, 2), transformer_layers_per_block=2, cross_attention_dim=128,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + 5 * TIME_DIM, upcast_attention=False)
     return randomize(unet, seed=seed)
 
 
@@ -91,3 +105,24 @@ def write_sdxl_file(model: LatentDiffusion, path: Path, pooled_embedder: int = 1
         {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).items()}
     sd[f"conditioner.embedders.{pooled_embedder}.model.logit_scale"] = torch.tensor(4.6052)
     save_file(sd, str(path))
+
+
+class SDXLTwins:
+    """diffusers' SDXL pipeline (base, or inpainting: a 9-channel UNet) at reduced width, its folder, and ours from
+    the folder and from a single file."""
+
+    def __init__(self, tmp: Path, *, inpainting: bool = False) -> None:
+        name = "sdxl-inpainting" if inpainting else "sdxl"
+        self.tokenizer_dir = write_clip_tokenizer(tmp / "vocab")
+        self.pipe = sdxl_pipeline(self.tokenizer_dir, inpainting=inpainting)
+        self.text_2 = self.pipe.text_encoder_2
+        self.folder = tmp / f"{name}-folder"
+        self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
+        self.ours = load_model(self.folder)
+        self.path = tmp / f"{name}.safetensors"
+        write_sdxl_file(self.ours, self.path)
+        self.from_file = load_model(self.path, tokenizer_dir=self.folder / "tokenizer",
+                                    tokenizer_2_dir=self.folder / "tokenizer_2")
+
+    def model(self, source: str) -> LatentDiffusion:
+        return self.ours if source == "folder" else self.from_file

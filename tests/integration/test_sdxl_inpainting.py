@@ -17,36 +17,18 @@ import torch
 from PIL import Image
 
 from models.checkpoints import CheckpointError, load_model
-from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.text.sdxl import SDXLTextConditioner, added_vector
-from tests.helpers import TOL, assert_close_at_unit_scale, torch_threads, write_clip_tokenizer
-from tests.sdxl_twins import TIME_DIM, sdxl_pipeline, write_sdxl_file
+from tests.helpers import TOL, assert_close_at_unit_scale, torch_threads
+from tests.sdxl_twins import TIME_DIM, SDXLTwins
 
 PROMPTS, SEEDS = ["a red circle on the left", "a blue square"], [3, 11]
 
 
-class InpaintTwins:
-    """diffusers' SDXL inpainting pipeline, its folder, and ours from the folder and from a single file."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.pipe = sdxl_pipeline(write_clip_tokenizer(tmp / "vocab"), inpainting=True)
-        self.folder = tmp / "sdxl-inpainting"
-        self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
-        self.ours = load_model(self.folder)
-        self.path = tmp / "sdxl-inpainting.safetensors"
-        write_sdxl_file(self.ours, self.path)
-        self.from_file = load_model(self.path, tokenizer_dir=self.folder / "tokenizer",
-                                    tokenizer_2_dir=self.folder / "tokenizer_2")
-
-    def model(self, source: str) -> LatentDiffusion:
-        return self.ours if source == "folder" else self.from_file
-
-
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory: pytest.TempPathFactory) -> InpaintTwins:
+def twins(tmp_path_factory: pytest.TempPathFactory) -> SDXLTwins:
     with torch_threads(1):
-        return InpaintTwins(tmp_path_factory.mktemp("sdxl-inpainting"))
+        return SDXLTwins(tmp_path_factory.mktemp("sdxl-inpainting"), inpainting=True)
 
 
 def images_and_masks() -> tuple[list[Image.Image], list[Image.Image]]:
@@ -61,7 +43,7 @@ def images_and_masks() -> tuple[list[Image.Image], list[Image.Image]]:
 
 
 @pytest.mark.parametrize("source", ["folder", "file"])
-def test_config_and_unet_match_diffusers(twins: InpaintTwins, source: str) -> None:
+def test_config_and_unet_match_diffusers(twins: SDXLTwins, source: str) -> None:
     ours = twins.model(source)
     config = ours.config
     assert (config.family, config.conditioning, config.concat_input) == ("sdxl_inpainting", "hybrid", "inpaint")
@@ -84,7 +66,7 @@ def test_config_and_unet_match_diffusers(twins: InpaintTwins, source: str) -> No
 
 
 @pytest.mark.parametrize("source", ["folder", "file"])
-def test_inpainting_matches_diffusers(twins: InpaintTwins, source: str) -> None:
+def test_inpainting_matches_diffusers(twins: SDXLTwins, source: str) -> None:
     """3-step DDIM with CFG at strength 1 (from pure noise; each item's generator draws its noise, then its masked
     image's latent from the VAE's posterior): the latents, and the repainted pixels of the decoded image."""
     images, masks = images_and_masks()
@@ -110,7 +92,7 @@ def test_inpainting_matches_diffusers(twins: InpaintTwins, source: str) -> None:
         assert np.array_equal(ours_px[~inside], np.asarray(images[k])[~inside])  # the rest: the input, exactly
 
 
-def test_ldm_generate_inpaints_with_an_sdxl_inpainting_folder(twins: InpaintTwins, tmp_path: Path) -> None:
+def test_ldm_generate_inpaints_with_an_sdxl_inpainting_folder(twins: SDXLTwins, tmp_path: Path) -> None:
     """`ldm generate --task inpaint` on the folder writes the image our pipeline makes; txt2img is refused by name."""
     from service.cli import main
 
@@ -131,7 +113,7 @@ def test_ldm_generate_inpaints_with_an_sdxl_inpainting_folder(twins: InpaintTwin
         Pipeline(twins.ours, optimize=False).txt2img([SampleSpec("x")], settings)
 
 
-def test_other_unet_input_widths_are_refused_by_name(twins: InpaintTwins, tmp_path: Path) -> None:
+def test_other_unet_input_widths_are_refused_by_name(twins: SDXLTwins, tmp_path: Path) -> None:
     folder = tmp_path / "xl"
     shutil.copytree(twins.folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())

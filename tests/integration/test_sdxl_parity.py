@@ -24,7 +24,6 @@ from PIL import Image
 
 from models.checkpoints import CheckpointError, load_model, read_model_config, save_model
 from models.config import ModelConfig, from_dict, to_dict
-from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec, UnsupportedTask
 from models.text.clip import MissingTokenizerError
 from models.text.sdxl import SDXLTextConditioner, added_vector
@@ -33,31 +32,10 @@ from tests.helpers import (
     TOL,
     assert_close_at_unit_scale,
     random_model,
-    randomize,
     torch_threads,
     toy_sd_config,
-    write_clip_tokenizer,
 )
-from tests.sdxl_twins import PROJECTION, TIME_DIM, scheduler_config, sdxl_pipeline, write_sdxl_file
-
-
-class SDXLTwins:
-    """diffusers' SDXL pipeline at reduced width, its folder, and ours from the folder and from a single file."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tokenizer_dir = write_clip_tokenizer(tmp / "vocab")
-        self.pipe = sdxl_pipeline(self.tokenizer_dir)
-        self.text_2 = self.pipe.text_encoder_2
-        self.folder = tmp / "sdxl-folder"
-        self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
-        self.ours = load_model(self.folder)
-        self.path = tmp / "sdxl.safetensors"
-        write_sdxl_file(self.ours, self.path)
-        self.from_file = load_model(self.path, tokenizer_dir=self.folder / "tokenizer",
-                                    tokenizer_2_dir=self.folder / "tokenizer_2")
-
-    def model(self, source: str) -> LatentDiffusion:
-        return self.ours if source == "folder" else self.from_file
+from tests.sdxl_twins import PROJECTION, TIME_DIM, SDXLTwins, refiner_unet, scheduler_config, write_sdxl_file
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +141,9 @@ class RefinerTwins:
     """diffusers' SDXL refiner (bigG alone, aesthetic score, 4-deep transformers) and ours from its folder."""
 
     def __init__(self, base: SDXLTwins, tmp: Path) -> None:
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(1, 2, 2), transformer_layers_per_block=2, cross_attention_dim=128,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-            projection_class_embeddings_input_dim=PROJECTION + 5 * TIME_DIM, upcast_attention=False)
         self.pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=base.pipe.vae, text_encoder=None, text_encoder_2=base.text_2, tokenizer=None,
-            tokenizer_2=base.pipe.tokenizer_2, unet=randomize(unet, seed=8),
+            tokenizer_2=base.pipe.tokenizer_2, unet=refiner_unet(),
             scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False)
         self.folder = tmp / "refiner-folder"

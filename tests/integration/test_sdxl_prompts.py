@@ -27,8 +27,8 @@ from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.prompt_weighting import PromptSyntaxError
 from models.textual_inversion import load_embeddings_dir
-from tests.helpers import TOL, randomize, torch_threads, write_clip_tokenizer
-from tests.sdxl_twins import PROJECTION, TIME_DIM, scheduler_config, sdxl_pipeline
+from tests.helpers import TOL, torch_threads, write_clip_tokenizer
+from tests.sdxl_twins import PROJECTION, refiner_unet, scheduler_config, sdxl_pipeline
 
 SETTINGS = RunSettings(sampler="ddim", steps=2, width=64, height=64)
 
@@ -41,16 +41,9 @@ class Twins:
         self.folder = tmp / "base"
         self.pipe.save_pretrained(str(self.folder), safe_serialization=True)
         self.base = load_model(self.folder)
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(1, 2, 2), transformer_layers_per_block=2, cross_attention_dim=128,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-            projection_class_embeddings_input_dim=PROJECTION + 5 * TIME_DIM, upcast_attention=False)
         self.refiner_pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=self.pipe.vae, text_encoder=None, text_encoder_2=copy.deepcopy(self.pipe.text_encoder_2),
-            tokenizer=None, tokenizer_2=self.pipe.tokenizer_2, unet=randomize(unet, seed=8),
+            tokenizer=None, tokenizer_2=self.pipe.tokenizer_2, unet=refiner_unet(),
             scheduler=diffusers.DDIMScheduler.from_config(scheduler_config()), requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False)
         self.refiner_folder = tmp / "refiner"
