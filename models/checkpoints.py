@@ -677,17 +677,24 @@ def load_diffusers_folder(
                                      int(index.get("max_noise_level", 350)))
     tokenizer_dir = tokenizer_dir or (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     model = _build(config, tokenizer_dir)
-    parts = {
-        "unet": _from_diffusers(folder / "unet", ("diffusion_pytorch_model",),
-                                unet_key_map(list(model.unet.state_dict()), unet_config)),
-        "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
-                                       autoencoder_key_map(list(model.autoencoder.state_dict()), ae_config),
-                                       squeeze_attention=True),
-        "conditioner": _text_encoder_keys(open_tensor_file(_weights_in(folder / "text_encoder",
-                                                                       ("model", "pytorch_model")))),
-    }
+    parts = diffusers_unet_and_vae(folder, model, unet_config, ae_config)
+    parts["conditioner"] = _text_encoder_keys(open_tensor_file(_weights_in(folder / "text_encoder",
+                                                                           ("model", "pytorch_model"))))
     load_parts_strict(model, parts, str(folder), dtype)
     return _finish(model, device, dtype)
+
+
+def diffusers_unet_and_vae(folder: Path, model: LatentDiffusion, unet: UNetConfig, ae: AutoencoderConfig
+                           ) -> dict[str, Sources]:
+    """Where a diffusers folder's UNet and VAE tensors are, in our keys: the same for every family (SD 1/2, the
+    x4 upscaler, SDXL); only the text encoders differ."""
+    return {
+        "unet": _from_diffusers(folder / "unet", ("diffusion_pytorch_model",),
+                                unet_key_map(list(model.unet.state_dict()), unet)),
+        "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
+                                       autoencoder_key_map(list(model.autoencoder.state_dict()), ae),
+                                       squeeze_attention=True),
+    }
 
 
 def _diffusers_model_config(folder: Path, unet_json: dict[str, Any], unet: UNetConfig, ae: AutoencoderConfig,

@@ -17,9 +17,9 @@ from models.checkpoints import (
     _build,
     _check_prediction_type,
     _finish,
-    _from_diffusers,
     _inferred,
     _weights_in,
+    diffusers_unet_and_vae,
     in_memory_sources,
     infer_autoencoder_config,
     infer_unet_config,
@@ -29,12 +29,10 @@ from models.config import ModelConfig
 from models.diffusers_layout import (
     UnsupportedConfigError,
     autoencoder_config_from_diffusers,
-    autoencoder_key_map,
     default_size_from_diffusers,
     read_json,
     schedule_config_from_diffusers,
     unet_config_from_diffusers,
-    unet_key_map,
 )
 from models.diffusion import PredictionType, ScheduleConfig
 from models.ldm import PREFIXES, LatentDiffusion
@@ -101,14 +99,8 @@ def load_sdxl_folder(folder: Path, index: Mapping[str, Any], *, tokenizer_dir: P
         file = open_tensor_file(_weights_in(folder / sub, ("model", "pytorch_model")))
         conditioner |= {text_encoder_key(i, k): Stored(file, k, t.shape) for k, t in file.meta.items()
                         if not k.endswith("position_ids")}
-    parts = {
-        "unet": _from_diffusers(folder / "unet", ("diffusion_pytorch_model",),
-                                unet_key_map(list(model.unet.state_dict()), unet)),
-        "autoencoder": _from_diffusers(folder / "vae", ("diffusion_pytorch_model",),
-                                       autoencoder_key_map(list(model.autoencoder.state_dict()), ae_config),
-                                       squeeze_attention=True),
-        "conditioner": conditioner,
-    }
+    parts = diffusers_unet_and_vae(folder, model, unet, ae_config)
+    parts["conditioner"] = conditioner
     load_parts_strict(model, parts, str(folder), dtype)
     log.info("loaded %s (family %s) from %s", config.name, config.family, folder)
     return _finish(model, device, dtype)
