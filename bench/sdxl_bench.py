@@ -62,9 +62,7 @@ def run_sdxl(runs: int, full: bool) -> dict[str, Any]:
         eager = random_normal(UNet(config))
     eager.eval().requires_grad_(False)
     theirs = diffusers_twin(eager)
-    fast = copy.deepcopy(eager)
     g = torch.Generator().manual_seed(1)  # the inputs
-    optimize_for_cpu_inference(fast)
     x, t = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0])
     ctx, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 1280, generator=g)
     time_ids = torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]] * 2)
@@ -73,14 +71,19 @@ def run_sdxl(runs: int, full: bool) -> dict[str, Any]:
     y = added_vector(pooled, time_ids, 256)
     added = {"text_embeds": pooled, "time_ids": time_ids}
     with torch.inference_mode():
+        gflop = count_gflop(lambda: eager(x, t, ctx, y))
+    # at full width a second 10 GB copy does not fit: ours is optimized in place (diffusers keeps the tensors it
+    # was given; the check below proves the two still compute the same function)
+    fast = eager if full else copy.deepcopy(eager)
+    optimize_for_cpu_inference(fast)
+    with torch.inference_mode():
         assert (fast(x, t, ctx, y) - theirs(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
                 ).abs().max() < 1e-3  # the same model, or the timing means nothing
-        gflop = count_gflop(lambda: eager(x, t, ctx, y))
         results = {"unet_step": interleaved({
             "ours": lambda: fast(x, t, ctx, y),
             "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample,
         }, runs)}
-    params = sum(p.numel() for p in eager.parameters())
+    params = sum(p.numel() for p in theirs.parameters())
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,

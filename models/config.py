@@ -61,6 +61,10 @@ class ModelConfig:
     max_noise_level: int = 350
     #: the noise level a request gets when it asks for none (diffusers' default: 20)
     default_noise_level: int = 20
+    #: the classifier-free guidance scale this model's guided tasks get when a request gives none; None: the task's
+    #: default (`models.names.DEFAULT_GUIDANCE`, SD's 7.5 for prompts). A shipped model sets its measured best
+    #: (tiny-shapes: the scale at which every sampler draws its prompts right, models/zoo/tiny-shapes/MODEL_CARD.md)
+    default_guidance: float | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -87,6 +91,9 @@ class ModelConfig:
             raise ValueError(f"{self.name}: conditioning {self.conditioning!r} needs concat_input")
         self._check_conditioner()
         self._check_sdxl()
+        if self.default_guidance is not None and not 1 <= self.default_guidance <= 100:
+            raise ValueError(f"{self.name}: default_guidance must be in [1, 100] (1 = unguided), "
+                             f"got {self.default_guidance}")
         if self.lowres_noise is not None:
             if self.concat_input != "lowres" or self.unet.num_classes is None:
                 raise ValueError(f"{self.name}: lowres_noise needs concat_input 'lowres' and a UNet with num_classes "

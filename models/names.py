@@ -63,9 +63,12 @@ MISSING_NULL: dict[ModelKind, str] = {"semantic_map": "null label map", "box_lay
 UNGUIDED_KINDS: frozenset[ModelKind] = frozenset(MISSING_NULL)
 
 
-def default_guidance(task: Task, kind: ModelKind) -> float:
-    """The guidance scale a task gets when none is given, for a model of `kind`."""
-    return 1.0 if kind in UNGUIDED_KINDS else DEFAULT_GUIDANCE[task]
+def default_guidance(task: Task, kind: ModelKind, own: float | None = None) -> float:
+    """The guidance scale a task gets when none is given, for a model of `kind` whose config's `default_guidance`
+    is `own` (a model's measured best, which replaces the task's default for its guided tasks)."""
+    if kind in UNGUIDED_KINDS or task == "unconditional":
+        return 1.0
+    return DEFAULT_GUIDANCE[task] if own is None else own
 
 
 #: the samplers of models/samplers.py

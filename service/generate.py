@@ -100,7 +100,8 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
     adapters = tuple((load_lora(path, model), weight) for path, weight in loras)
     lora_text = {"loras": json.dumps([{"path": p, "weight": w} for p, w in loras])} if loras else {}
     written: list[Path] = []
-    guidance = options.guidance if options.guidance is not None else default_guidance("txt2img", model.config.kind)
+    guidance = options.guidance if options.guidance is not None else default_guidance("txt2img", model.config.kind,
+                                                                                       model.config.default_guidance)
     for i, prompt in enumerate(prompts):
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
         specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, guidance, adapters)
@@ -225,7 +226,8 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     if prompted and model.conditioner is None and (inputs.prompt or options.negative_prompt):
         raise UnsupportedTask(f"model {model.config.name!r} takes no prompt (it has no text encoder): --task {task} "
                               "runs it without one")
-    guidance = options.guidance if options.guidance is not None else default_guidance(task, model.config.kind)
+    guidance = options.guidance if options.guidance is not None else default_guidance(task, model.config.kind,
+                                                                                     model.config.default_guidance)
     specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
                         guidance) for k in range(options.n)]
     extra: dict[str, object] = {}

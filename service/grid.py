@@ -23,7 +23,7 @@ from models.checkpoints import ZOO_DIR
 from models.conditioning import Box, label_map_image
 from models.eval.conditions import describe, heldout_scenes
 from models.ldm import LatentDiffusion
-from models.names import DEFAULT_GUIDANCE, ModelKind, SamplerName, Task, model_kind
+from models.names import ModelKind, SamplerName, Task, default_guidance, model_kind
 from models.pipeline import GenerationResult, LabelMap, Pipeline, RunSettings, SampleSpec
 from models.resolve import pick_device, resolve_model
 from models.train.data_shapes import LABEL_PALETTE, label_map, scene_layout
@@ -95,7 +95,7 @@ def _sample(pipeline: Pipeline, kind: ModelKind, cols: Sequence[Column], options
     """One image per (seed, column), row by row, in one batch. An unconditional column's condition is its index:
     its image in the row of seed s has seed s * COLUMNS + c."""
     task = TASK_OF_KIND[kind]
-    guidance = 1.0 if task == "unconditional" else DEFAULT_GUIDANCE[task]
+    guidance = default_guidance(task, kind, pipeline.model.config.default_guidance)
     settings = RunSettings(sampler=options.sampler, steps=options.steps)
     prompted = kind == "text"
     specs = [SampleSpec(prompt=c.caption if prompted else "", guidance_scale=guidance,

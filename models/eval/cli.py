@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from models.names import CONDITION_TASKS, DEFAULT_GUIDANCE, SAMPLERS, SamplerName
+from models.names import CONDITION_TASKS, SAMPLERS, SamplerName, default_guidance
 
 if TYPE_CHECKING:
     from models.eval.features import ShapeFeatureNet
@@ -49,8 +49,8 @@ def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"sampler, or a comma-separated list to compare at equal steps; of {', '.join(SAMPLERS)} "
                    "(default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for "
-                   "semantic; unconditional: none)")
+                   help="classifier-free guidance scale (default: the model's own default_guidance where its config "
+                   "has one, else 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic; unconditional: none)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated at once (default: %(default)s)")
     p.add_argument("--recon", type=int, default=64,
                    help="held-out renders for the autoencoder PSNR, 0 to skip; txt2img only (default: %(default)s)")
@@ -105,7 +105,8 @@ def run_eval(args: argparse.Namespace) -> int:
     net = load_feature_net(args.features or DEFAULT_WEIGHTS)  # before the model: fail fast on a missing file
     device = pick_device(args.device)
     model = resolve_model(args.model, device=device, dtype=pick_dtype(device, None))
-    guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
+    own = model.config.default_guidance
+    guidance = default_guidance(args.task, model.config.kind, own) if args.guidance is None else args.guidance
     if args.task != "txt2img":
         return _run_task_eval(args, Pipeline(model), samplers, guidance, net)
     prompts = random_prompts(args.n, args.seed)

@@ -149,6 +149,9 @@ class LDMTrainConfig:
     )
     sample_steps: int = 20
     sample_guidance: float = 5.0
+    #: written into the model's config: the guidance scale its requests get when they give none (None: the task's
+    #: default, `models.names.DEFAULT_GUIDANCE`); set it to the scale the evaluation found best for every sampler
+    default_guidance: float | None = None
     save_ema: bool = True
     seed: int = 0
     device: str | None = None
@@ -170,6 +173,7 @@ class LDMTrainConfig:
             name=self.name, family="ldm", unet=self.unet, autoencoder=autoencoder, schedule=self.schedule,
             conditioner=self.conditioner, conditioning=conditioning, concat_input=concat_input,
             scale_factor=scale_factor, default_size=self.data.size, description=self.description,
+            default_guidance=self.default_guidance,
         )
 
 

@@ -259,9 +259,10 @@ class Runner:
     @property
     def default_guidance(self) -> dict[Task, float]:
         """The guidance scale each of its tasks gets when a request gives none (registered, so the front ends record
-        the scale actually used): the task's default, or 1 for a model without a null condition."""
-        kind = self.model.config.kind
-        return {Task(task): default_guidance(task, kind) for task in self.model.config.tasks}
+        the scale actually used): the model's own (its config's default_guidance), else the task's default, or 1
+        for a model without a null condition."""
+        config = self.model.config
+        return {Task(task): default_guidance(task, config.kind, config.default_guidance) for task in config.tasks}
 
     @property
     def missing_null(self) -> str | None:

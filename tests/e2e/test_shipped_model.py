@@ -24,7 +24,9 @@ PROMPT = "a red circle on a black background"
 def test_default_generate_shows_what_the_prompt_asks(tmp_path: Path) -> None:
     done = run_ldm("generate", PROMPT, "-o", tmp_path / "out.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert png_text(tmp_path / "out.png")["model"] == "tiny-shapes"
+    text = png_text(tmp_path / "out.png")
+    # the model's own default scale (MODEL_CARD.md: every sampler draws right at 2.5; PLMS breaks down at 7.5)
+    assert text["model"] == "tiny-shapes" and text["guidance_scale"] == "2.5"
     with Image.open(tmp_path / "out.png") as image:
         verdict = judge(image.convert("RGB"), parse_prompt(PROMPT))
     assert verdict.correct, verdict.attributes()
@@ -39,6 +41,24 @@ def test_shipped_files() -> None:
     model = load_model("tiny-shapes")
     assert model.config.name == "tiny-shapes" and model.config.default_size == 64
     assert model.config.conditioner is not None and model.config.conditioner.kind == "minilm"
+    assert model.config.default_guidance == 2.5
+
+
+def test_plms_at_the_default_guidance_draws_what_the_prompts_ask() -> None:
+    """The sampler that drew garbage at SD's 7.5 (8 % right, MODEL_CARD.md) at the model's own default: a pair
+    prompt and a single one, judged; at 7.5 the same seeds fail (so the test can tell the two apart)."""
+    from models.pipeline import RunSettings
+
+    model = load_model("tiny-shapes")
+    prompts = ["an orange square and a red circle on a gray background", "a small purple square in the center"]
+    judged = {}
+    for scale in (model.config.default_guidance, 7.5):
+        assert scale is not None
+        specs = [SampleSpec(p, "", seed, scale) for seed, p in ((4, prompts[0]), (1, prompts[1]))]
+        with torch_threads(2):
+            images = Pipeline(model).txt2img(specs, RunSettings(sampler="plms", steps=20)).images
+        judged[scale] = [judge(im, parse_prompt(p)).correct for im, p in zip(images, prompts, strict=True)]
+    assert judged[2.5] == [True, True] and judged[7.5] != [True, True], judged
 
 
 def test_plms_on_the_shipped_model_is_diffusers_pndm_bit_for_bit() -> None:
@@ -63,3 +83,12 @@ def test_plms_on_the_shipped_model_is_diffusers_pndm_bit_for_bit() -> None:
         for t in scheduler.timesteps:
             theirs = scheduler.step(eps(theirs, t.float().expand(2)), t, theirs).prev_sample
     assert torch.equal(ours, theirs)
+
+
+def test_a_worker_serving_it_registers_its_own_default_guidance() -> None:
+    """What the front ends record for a job that gives no guidance_scale (service/api/submit.py)."""
+    from service.schemas import Task
+    from service.worker.runner import Runner
+
+    runner = Runner.load("tiny-shapes", device="cpu")
+    assert runner.default_guidance[Task.txt2img] == runner.default_guidance[Task.img2img] == 2.5
