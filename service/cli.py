@@ -201,6 +201,9 @@ def _grid_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="write DIR/grid-<name>.png for every shipped model instead")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one row each (default: 0 1)")
     p.add_argument("--steps", type=int, default=20, help="(default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="(default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's default for its task)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt for a text model's column (repeat; default: six shapes-grammar prompts)")
     p.add_argument("--scale", type=int, default=2, help="enlarge each image this many times (default: %(default)s)")

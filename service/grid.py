@@ -44,6 +44,8 @@ class GridOptions:
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 20
     sampler: SamplerName = "dpmpp_2m"
+    #: None: the model's default for its task (`models.names.default_guidance`)
+    guidance: float | None = None
     #: each image is enlarged this many times (nearest neighbour: the pixels stay visible)
     scale: int = 2
     device: str | None = "cpu"
@@ -95,7 +97,10 @@ def _sample(pipeline: Pipeline, kind: ModelKind, cols: Sequence[Column], options
     """One image per (seed, column), row by row, in one batch. An unconditional column's condition is its index:
     its image in the row of seed s has seed s * COLUMNS + c."""
     task = TASK_OF_KIND[kind]
-    guidance = default_guidance(task, kind, pipeline.model.config.default_guidance)
+    if task == "unconditional" and options.guidance not in (None, 1.0):
+        raise ValueError(f"an unconditional model is sampled unguided: leave --guidance out, not {options.guidance:g}")
+    own = pipeline.model.config.default_guidance
+    guidance = default_guidance(task, kind, own) if options.guidance is None else options.guidance
     settings = RunSettings(sampler=options.sampler, steps=options.steps)
     prompted = kind == "text"
     specs = [SampleSpec(prompt=c.caption if prompted else "", guidance_scale=guidance,
@@ -166,8 +171,10 @@ def run_grid(args: argparse.Namespace) -> int:
     """`ldm grid` (its parser is in service/cli.py, which must not import torch)."""
     if args.steps < 1 or args.scale < 1:
         raise ValueError("--steps and --scale must be at least 1")
-    options = GridOptions(seeds=tuple(args.seeds), steps=args.steps, scale=args.scale, device=args.device,
-                          prompts=tuple(args.prompt) if args.prompt else PROMPTS)
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"--guidance must be at least 0, got {args.guidance}")
+    options = GridOptions(seeds=tuple(args.seeds), steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                          scale=args.scale, device=args.device, prompts=tuple(args.prompt) if args.prompt else PROMPTS)
     if args.all is not None:
         args.all.mkdir(parents=True, exist_ok=True)
         targets = [(name, args.all / f"grid-{name}.png") for name in shipped_models()]

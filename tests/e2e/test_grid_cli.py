@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.grid import CLASSES, COLUMNS, PROMPTS, columns, shipped_models
+from service.grid import CLASSES, COLUMNS, PROMPTS, GridOptions, columns, make_grid, shipped_models
 from tests.e2e.test_generate_cli import run_ldm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,8 @@ GAP, SCALE = 4, 2
 
 
 def test_the_grid_holds_the_images_ldm_generate_makes(tmp_path: Path) -> None:
-    done = run_ldm("grid", "--model", "tiny-shapes", "--steps", "2", "--seeds", "5", "-o", "g.png", cwd=tmp_path)
+    how = ("--steps", "2", "--sampler", "ddim", "--guidance", "4")
+    done = run_ldm("grid", "--model", "tiny-shapes", *how, "--seeds", "5", "-o", "g.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / "g.png") as opened:
         grid = np.asarray(opened.convert("RGB"))
@@ -28,7 +29,7 @@ def test_the_grid_holds_the_images_ldm_generate_makes(tmp_path: Path) -> None:
     top = grid.shape[0] - GAP - cell  # one row of images, below the captions
     cells = [grid[top:top + cell, GAP + k * (cell + GAP):GAP + k * (cell + GAP) + cell] for k in range(COLUMNS)]
     # the third prompt's image is `ldm generate`'s for that prompt and seed, enlarged (nearest neighbour)
-    made = run_ldm("generate", PROMPTS[2], "--steps", "2", "--seed", "5", "-o", "one.png", cwd=tmp_path)
+    made = run_ldm("generate", PROMPTS[2], *how, "--seed", "5", "-o", "one.png", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     with Image.open(tmp_path / "one.png") as opened:
         alone = np.asarray(opened.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST))
@@ -55,3 +56,8 @@ def test_every_shipped_model_has_its_grid_in_its_card() -> None:
         assert link is not None, name
         picture = (ROOT / "models" / "zoo" / name / link[1]).resolve()
         assert picture == ROOT / "docs" / f"grid-{name}.png" and picture.stat().st_size < 200_000
+
+
+def test_an_unconditional_model_refuses_a_guidance_scale() -> None:
+    with pytest.raises(ValueError, match="unguided"):
+        make_grid("shapes-uncond", GridOptions(steps=1, seeds=(0,), guidance=3.0))
