@@ -202,10 +202,15 @@ class ContinuousWorker(Worker):
             return None
         except QueueError:
             raise
+        except torch.cuda.OutOfMemoryError:
+            started = None  # handled below, outside the handler, so the traceback's frames free their tensors first
         except Exception as exc:  # a fault of ours or of the device: this job fails, the worker lives on
             fault, incident = JobFailure.internal()
             log.exception(kv("start_error", model=self.model, job=job.id, error=type(exc).__name__, incident=incident))
             self._fail(job, fault)
+            return None
+        if started is None:
+            self._fail(job, self._out_of_memory("start", job))
             return None
         samples = [replace(s, key=(job.id, index)) for index, s in enumerate(started.samples)]
         return Running(job, started, inputs, queued=samples, keys=[s.key for s in samples])
@@ -213,6 +218,8 @@ class ContinuousWorker(Worker):
     def _retire_unstepped(self, r: Running) -> None:
         """Samples with no step to run (an img2img plan of strength 0) are done as they start."""
         for s in [s for s in r.queued if s.state.done]:
+            if r.job.id not in self.running:  # failed at an earlier image's decode
+                return
             r.queued.remove(s)
             self._store(r, s)
         self._settle_if_done(r)
@@ -251,7 +258,7 @@ class ContinuousWorker(Worker):
             if r is None or r.job.done:
                 continue
             for s in samples:
-                if s.state.done:
+                if s.state.done and r.job.id in self.running:  # not failed at an earlier image's decode
                     self._store(r, s)
             self._settle_if_done(r)
 
@@ -268,6 +275,16 @@ class ContinuousWorker(Worker):
         if self.runner.on_oom is not None:
             self.runner.on_oom()
 
+    def _out_of_memory(self, stage: str, job: JobState) -> JobFailure:
+        """Starting a job (encoding its inputs, its conditioning) or decoding one of its images ran out of device
+        memory: no smaller unit is left to try there, so that job fails with `out_of_memory`; the memory the fault
+        held is freed, and the worker and the other running jobs go on."""
+        self.runner.free_cached_memory()
+        log.warning(kv("out_of_memory", model=self.model, job=job.id, stage=stage, running=len(self.batch)))
+        if self.runner.on_oom is not None:
+            self.runner.on_oom()
+        return self.runner.out_of_memory(job.key)
+
     def _fail_running(self, failure: JobFailure) -> None:
         for r in list(self.running.values()):
             self._drop(r)
@@ -278,7 +295,15 @@ class ContinuousWorker(Worker):
         if r.started.then is not None:
             self._hand_over(r, index, s.latent)
             return
-        image = r.started.finish(index, s.latent)
+        try:
+            image = r.started.finish(index, s.latent)
+        except torch.cuda.OutOfMemoryError:
+            image = None  # handled below, outside the handler (its frames hold the decoder's tensors)
+        if image is None:
+            failure = self._out_of_memory("decode", r.job)
+            self._drop(r)
+            self._fail(r.job, failure)
+            return
         r.job.pngs[index] = self.runner.png(r.job.key, r.inputs[index], image)
 
     def _hand_over(self, r: Running, index: int, latent: torch.Tensor) -> None:

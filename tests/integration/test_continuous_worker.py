@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -225,6 +226,65 @@ def test_out_of_memory_for_one_sample_fails_the_running_jobs_and_the_worker_goes
     monkeypatch.setattr(worker.batch, "denoise", real)  # memory again
     after = run_until_done(worker, queue, [queue.submit(request(seed=23, steps=2))])
     assert after[0].status == JobStatus.succeeded
+
+
+def test_out_of_memory_at_a_jobs_start_fails_that_job_and_the_running_one_finishes(
+        runner: Runner, in_process: tuple[ContinuousWorker, SyncJobQueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a job (its conditioning, its noise) is its smallest unit: out of memory there fails it alone, with
+    out_of_memory, and frees the memory; the job already running keeps its slots and its image."""
+    worker, queue = in_process
+    ooms: list[int] = []
+    real = runner.start
+
+    def start(key: Any, samples: Any) -> Any:
+        if samples[0].request.seed == 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(key, samples)
+
+    monkeypatch.setattr(runner, "start", start)
+    monkeypatch.setattr(runner, "on_oom", lambda: ooms.append(1))
+    running = request(seed=31, steps=4, sampler="ddim")
+    solo = runner.run(runner.batch_key(running, None), [SampleInput(running, 31)])
+    first = queue.submit(running)
+    worker.step()  # the first job is running when the second comes
+    doomed = queue.submit(request(seed=32, steps=3))
+    ended = {j.id: j for j in run_until_done(worker, queue, [first, doomed])}
+    assert ended[doomed.id].status == JobStatus.failed and len(ooms) == 1
+    assert ended[doomed.id].error == "out_of_memory: one 64x64 image does not fit in the memory of cpu"
+    assert ended[first.id].status == JobStatus.succeeded and [queue.result(first.id, 0)] == solo
+
+
+def test_out_of_memory_at_decode_fails_that_job_alone_and_keeps_none_of_its_images(
+        runner: Runner, in_process: tuple[ContinuousWorker, SyncJobQueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding one image is the smallest unit there: out of memory fails its job (no partial result), once, and
+    the other job in the batch finishes with its own image."""
+    worker, queue = in_process
+    ooms: list[int] = []
+    decodes: list[int] = []
+    real = runner.start
+
+    def start(key: Any, samples: Any) -> Any:
+        started = real(key, samples)
+        if samples[0].request.seed != 42:
+            return started
+
+        def finish(index: int, latent: torch.Tensor) -> Any:
+            decodes.append(index)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return dataclasses.replace(started, finish=finish)
+
+    monkeypatch.setattr(runner, "start", start)
+    monkeypatch.setattr(runner, "on_oom", lambda: ooms.append(1))
+    kept = request(seed=41, steps=3, sampler="ddim")
+    solo = runner.run(runner.batch_key(kept, None), [SampleInput(kept, 41)])
+    jobs = [queue.submit(kept), queue.submit(request(seed=42, steps=3, sampler="ddim", n=2))]
+    ended = run_until_done(worker, queue, jobs)
+    assert [j.status for j in ended] == [JobStatus.succeeded, JobStatus.failed]
+    assert ended[1].error == "out_of_memory: one 64x64 image does not fit in the memory of cpu"
+    assert decodes == [0] and len(ooms) == 1  # the second image was not decoded after the first failed
+    assert [queue.result(jobs[0].id, 0)] == solo and queue.result(jobs[1].id, 1) is None
+    assert not worker.in_hand()
 
 
 # ------------------------------------------------------------------------------- admission policy, in process
