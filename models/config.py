@@ -19,7 +19,7 @@ import yaml
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
 from models.diffusion import ScheduleConfig
-from models.names import TASKS_BY_KIND, ModelKind, Task, model_kind
+from models.names import SAMPLERS, TASKS_BY_KIND, ModelKind, SamplerName, Task, model_kind
 from models.unet import UNetConfig
 
 Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sd_v2_upscaler", "sdxl", "sdxl_refiner",
@@ -65,6 +65,9 @@ class ModelConfig:
     #: default (`models.names.DEFAULT_GUIDANCE`, SD's 7.5 for prompts). A shipped model sets its measured best
     #: (tiny-shapes: the scale at which every sampler draws its prompts right, models/zoo/tiny-shapes/MODEL_CARD.md)
     default_guidance: float | None = None
+    #: the sampler a request gets when it names none; None: `models.names.DEFAULT_SAMPLER` (DPM-Solver++(2M)). A
+    #: shipped model sets the one its evaluation found best (shapes-class: Euler ancestral, its card's sampler table)
+    default_sampler: SamplerName | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -94,6 +97,9 @@ class ModelConfig:
         if self.default_guidance is not None and not 1 <= self.default_guidance <= 100:
             raise ValueError(f"{self.name}: default_guidance must be in [1, 100] (1 = unguided), "
                              f"got {self.default_guidance}")
+        if self.default_sampler is not None and self.default_sampler not in SAMPLERS:
+            raise ValueError(f"{self.name}: default_sampler must be one of {', '.join(SAMPLERS)}, "
+                             f"got {self.default_sampler!r}")
         if self.lowres_noise is not None:
             if self.concat_input != "lowres" or self.unet.num_classes is None:
                 raise ValueError(f"{self.name}: lowres_noise needs concat_input 'lowres' and a UNet with num_classes "

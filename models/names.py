@@ -74,6 +74,17 @@ def default_guidance(task: Task, kind: ModelKind, own: float | None = None) -> f
 #: the samplers of models/samplers.py
 SamplerName = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]
 SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+#: the sampler a request gets when it names none and its model's config sets no `default_sampler`: the fastest to
+#: converge of the five (20 steps; docs/generate.md)
+DEFAULT_SAMPLER: SamplerName = "dpmpp_2m"
+
+
+def default_sampler(own: SamplerName | None = None, *, karras: bool = False) -> SamplerName:
+    """The sampler a request gets when it names none, for a model whose config's `default_sampler` is `own`. Karras
+    sigmas exist for DPM-Solver++(2M) only, so a request for them that names no sampler gets that one."""
+    if karras:
+        return "dpmpp_2m"
+    return DEFAULT_SAMPLER if own is None else own
 
 #: the floating-point formats a model runs in, by their short names (`models.resolve.pick_dtype`)
 DTypeName = Literal["fp32", "fp16", "bf16"]

@@ -49,7 +49,9 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    "random:<config> for untrained random weights from models/configs/ (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps, 1..1000 (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="(default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="(default: the model's own, its config's default_sampler: euler_a for the shapes-class, "
+                   "-layout, -semantic and -uncond models; else dpmpp_2m, as with --karras)")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off "
@@ -201,7 +203,8 @@ def _grid_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="write DIR/grid-<name>.png for every shipped model instead")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one row each (default: 0 1)")
     p.add_argument("--steps", type=int, default=20, help="(default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="(default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="(default: the model's own, its config's default_sampler; else dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's default for its task)")
     p.add_argument("--prompt", action="append", default=None,

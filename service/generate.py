@@ -18,7 +18,7 @@ from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
-from models.names import DTypeName, SamplerName, Task, default_guidance
+from models.names import DTypeName, SamplerName, Task, default_guidance, default_sampler
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -42,7 +42,8 @@ class GenerateOptions:
     model: str = "tiny-shapes"
     seed: int = 0
     steps: int = 20
-    sampler: SamplerName = "dpmpp_2m"
+    #: None: the model's default (its config's `default_sampler`, else DPM-Solver++(2M); `models.names.default_sampler`)
+    sampler: SamplerName | None = None
     karras: bool = False
     eta: float = 0.0
     #: classifier-free guidance scale; None: the task's default for the model (`models.names.default_guidance`:
@@ -136,7 +137,8 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
         check_refiner(model, refiner)
         if not 0.0 < options.refiner_switch < 1.0:
             raise ValueError(f"--refiner-switch must be within (0, 1), got {options.refiner_switch}")
-    settings = RunSettings(sampler=options.sampler, steps=options.steps, width=options.width,
+    sampler = options.sampler or default_sampler(model.config.default_sampler, karras=options.karras)
+    settings = RunSettings(sampler=sampler, steps=options.steps, width=options.width,
                            height=options.height, karras=options.karras, eta=options.eta, strength=options.strength,
                            noise_level=options.noise_level,
                            refiner_switch=options.refiner_switch if refiner is not None else None)

@@ -23,7 +23,7 @@ from models.checkpoints import ZOO_DIR
 from models.conditioning import Box, label_map_image
 from models.eval.conditions import describe, heldout_scenes
 from models.ldm import LatentDiffusion
-from models.names import ModelKind, SamplerName, Task, default_guidance, model_kind
+from models.names import ModelKind, SamplerName, Task, default_guidance, default_sampler, model_kind
 from models.pipeline import GenerationResult, LabelMap, Pipeline, RunSettings, SampleSpec
 from models.resolve import pick_device, resolve_model
 from models.train.data_shapes import LABEL_PALETTE, label_map, scene_layout
@@ -43,7 +43,8 @@ FRAME = (170, 170, 170)  # around each cell: white backgrounds stay visible on t
 class GridOptions:
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 20
-    sampler: SamplerName = "dpmpp_2m"
+    #: None: the model's default (its config's `default_sampler`, else DPM-Solver++(2M))
+    sampler: SamplerName | None = None
     #: None: the model's default for its task (`models.names.default_guidance`)
     guidance: float | None = None
     #: each image is enlarged this many times (nearest neighbour: the pixels stay visible)
@@ -101,7 +102,8 @@ def _sample(pipeline: Pipeline, kind: ModelKind, cols: Sequence[Column], options
         raise ValueError(f"an unconditional model is sampled unguided: leave --guidance out, not {options.guidance:g}")
     own = pipeline.model.config.default_guidance
     guidance = default_guidance(task, kind, own) if options.guidance is None else options.guidance
-    settings = RunSettings(sampler=options.sampler, steps=options.steps)
+    sampler = options.sampler or default_sampler(pipeline.model.config.default_sampler)
+    settings = RunSettings(sampler=sampler, steps=options.steps)
     prompted = kind == "text"
     specs = [SampleSpec(prompt=c.caption if prompted else "", guidance_scale=guidance,
                         seed=seed * COLUMNS + cast(int, c.condition) if kind == "none" else seed)

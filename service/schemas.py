@@ -47,6 +47,9 @@ from service.config import Settings
 from service.loras import LORA_NAME_PATTERN, LoraNameError, lora_path, split_lora_tags
 
 Sampler = Literal["ddpm", "ddim", "plms", "dpmpp_2m", "euler_a"]  # a torch-free copy of models.names.SamplerName
+#: the sampler a job gets when it names none and its model's workers register no default of their own (and when it
+#: asks for Karras sigmas): a copy of models.names.DEFAULT_SAMPLER
+DEFAULT_SAMPLER: Sampler = "dpmpp_2m"
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")  # highest first: the order workers take them in
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # model names are part of Redis key names
@@ -192,7 +195,10 @@ class GenerationRequest(BaseModel):
     negative_prompt: str = ""
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="None = random (recorded in the job)")
     steps: int = Field(default=20, ge=1)
-    sampler: Sampler = "dpmpp_2m"
+    sampler: Sampler | None = Field(
+        default=None, description="None = the model's default, resolved at submission: the one its workers register "
+        "(GET /v1/models: default_sampler; the shapes-class, -layout, -semantic and -uncond models: euler_a), else "
+        "dpmpp_2m; with karras, dpmpp_2m")
     karras: bool = Field(default=False, description="Karras sigmas (dpmpp_2m only)")
     guidance_scale: float | None = Field(
         default=None, ge=0, allow_inf_nan=False,
@@ -267,6 +273,14 @@ class GenerationRequest(BaseModel):
         return self.guidance_scale if self.guidance_scale is not None else DEFAULT_GUIDANCE[self.task]
 
     @property
+    def effective_sampler(self) -> Sampler:
+        """The sampler the job runs with: its own, else the default (a job queued without one, past the front ends
+        that fill in its model's, gets its model's from the worker: `service.worker.runner`)."""
+        if self.sampler is not None:
+            return self.sampler
+        return DEFAULT_SAMPLER
+
+    @property
     def stored_image(self) -> bytes | None:
         """What the queue stores in the job's image key: the input image, or a semantic job's label map (a job has
         at most one of them; admission sees to it)."""
@@ -284,7 +298,7 @@ class GenerationRequest(BaseModel):
         strength, refiner and its switch, noise level). Only meaningful after admission, when `model` is resolved."""
         if self.model is None:
             raise ValueError("batch_key() needs the model resolved: admit() the request first")
-        return BatchKey(self.model, self.task, self.width, self.height, self.sampler, self.steps, self.karras,
+        return BatchKey(self.model, self.task, self.width, self.height, self.effective_sampler, self.steps, self.karras,
                         self.eta, self.effective_strength, self.refiner, self.refiner_switch, self.noise_level)
 
     def fingerprint(self) -> str:
@@ -354,10 +368,11 @@ def _rule_errors(r: GenerationRequest) -> list[tuple[str, str, Any]]:
         errors.append(("mask", f"task {task} takes no mask", "<bytes>"))
     if r.strength is not None and r.task not in DEFAULT_STRENGTH:
         errors.append(("strength", f"strength applies to img2img and inpaint only, not {task}", r.strength))
-    if r.karras and r.sampler != "dpmpp_2m":
+    if r.karras and r.sampler not in (None, "dpmpp_2m"):  # None: karras picks dpmpp_2m
         errors.append(("karras", f"karras sigmas are supported by dpmpp_2m only, not {r.sampler}", r.karras))
     if r.eta != 0 and r.sampler != "ddim":
-        errors.append(("eta", f"eta applies to ddim only, not {r.sampler}", r.eta))
+        named = "no sampler (name ddim)" if r.sampler is None else r.sampler
+        errors.append(("eta", f"eta applies to ddim only, not {named}", r.eta))
     return errors + _model_option_errors(r) + _condition_rule_errors(r)
 
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from models.names import CONDITION_TASKS, SAMPLERS, SamplerName, default_guidance
+from models.names import CONDITION_TASKS, SAMPLERS, SamplerName, default_guidance, default_sampler
 
 if TYPE_CHECKING:
     from models.eval.features import ShapeFeatureNet
@@ -45,9 +45,9 @@ def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--n", type=int, default=200, help="number of prompts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image (default: 0)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps, 1..1000 (default: %(default)s)")
-    p.add_argument("--sampler", default="dpmpp_2m",
+    p.add_argument("--sampler", default=None,
                    help=f"sampler, or a comma-separated list to compare at equal steps; of {', '.join(SAMPLERS)} "
-                   "(default: %(default)s)")
+                   "(default: the model's own default_sampler where its config has one, else dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's own default_guidance where its config "
                    "has one, else 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic; unconditional: none)")
@@ -92,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                       ("--lpips-weights", args.lpips_weights)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --images (scoring a first stage by reconstruction)")
-    samplers = parse_samplers(args.sampler)
+    samplers = parse_samplers(args.sampler) if args.sampler is not None else None  # None: the model's, once loaded
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
 
@@ -107,6 +107,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, device=device, dtype=pick_dtype(device, None))
     own = model.config.default_guidance
     guidance = default_guidance(args.task, model.config.kind, own) if args.guidance is None else args.guidance
+    if samplers is None:
+        samplers = [default_sampler(model.config.default_sampler)]
     if args.task != "txt2img":
         return _run_task_eval(args, Pipeline(model), samplers, guidance, net)
     prompts = random_prompts(args.n, args.seed)

@@ -50,7 +50,7 @@ from models.config import Conditioning as Wiring
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
 from models.images import to_tensor
 from models.ldm import LatentDiffusion
-from models.names import ConditionKind, condition_kind
+from models.names import ConditionKind, SamplerName, condition_kind
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.resolve import pick_device
 from models.train.autoencoder_trainer import load_trained_autoencoder
@@ -152,6 +152,9 @@ class LDMTrainConfig:
     #: written into the model's config: the guidance scale its requests get when they give none (None: the task's
     #: default, `models.names.DEFAULT_GUIDANCE`); set it to the scale the evaluation found best for every sampler
     default_guidance: float | None = None
+    #: written into the model's config: the sampler its requests get when they name none (None: DPM-Solver++(2M),
+    #: `models.names.DEFAULT_SAMPLER`); set it to the sampler the evaluation found best at the default guidance
+    default_sampler: SamplerName | None = None
     save_ema: bool = True
     seed: int = 0
     device: str | None = None
@@ -173,7 +176,7 @@ class LDMTrainConfig:
             name=self.name, family="ldm", unet=self.unet, autoencoder=autoencoder, schedule=self.schedule,
             conditioner=self.conditioner, conditioning=conditioning, concat_input=concat_input,
             scale_factor=scale_factor, default_size=self.data.size, description=self.description,
-            default_guidance=self.default_guidance,
+            default_guidance=self.default_guidance, default_sampler=self.default_sampler,
         )
 
 

@@ -64,7 +64,8 @@ FIELDS: dict[str, Rule] = {
     "negative_prompt": _supported("the negative prompt"),
     "seed": _supported("-1 (or left out) = random; the seed used is in `info.seed`; image i gets seed + i"),
     "sampler_name": _supported("A1111 sampler names (GET /sdapi/v1/samplers) or ours; \"DPM++ 2M Karras\" sets "
-                               "Karras sigmas; left out = DPM++ 2M"),
+                               "Karras sigmas; left out = the model's default (GET /v1/models: default_sampler; "
+                               "else DPM++ 2M)"),
     "sampler_index": _supported("the older name of sampler_name (used when sampler_name is left out)"),
     "scheduler": _supported("\"automatic\" or \"karras\" (Karras sigmas, DPM++ 2M only); any other is refused"),
     "batch_size": _supported("images per request = batch_size x n_iter, all in one job (one batch)"),
@@ -284,10 +285,11 @@ def check_fields(extra: Mapping[str, Any], endpoint: str) -> dict[str, str]:
     return notes
 
 
-def sampler(body: A1111Body) -> tuple[Sampler, bool]:
-    """Our sampler and Karras flag for the A1111 sampler name (or alias, or our own name) and scheduler."""
+def sampler(body: A1111Body) -> tuple[Sampler | None, bool]:
+    """Our sampler and Karras flag for the A1111 sampler name (or alias, or our own name) and scheduler; no name:
+    None, the model's default (its workers register it; with the Karras scheduler, dpmpp_2m)."""
     name = body.sampler_name or body.sampler_index
-    ours: tuple[Sampler, bool] = ("dpmpp_2m", False)
+    ours: tuple[Sampler | None, bool] = (None, False)
     if name:
         found = next((v for k, v in SAMPLERS.items() if name.lower() in (k.lower(), *SAMPLER_ALIASES[k], v[0])), None)
         if found is None:
@@ -385,7 +387,7 @@ def inpaint_strength(body: Img2ImgBody) -> tuple[float, dict[str, str]]:
 
 def a1111_sampler_name(request: GenerationRequest) -> str:
     """The A1111 name of a request's sampler."""
-    return next(k for k, v in SAMPLERS.items() if v == (request.sampler, request.karras))
+    return next(k for k, v in SAMPLERS.items() if v == (request.effective_sampler, request.karras))
 
 
 def info(job: Job, notes: Mapping[str, str], **override: Any) -> str:

@@ -201,7 +201,8 @@ class OpenAIImageParams(BaseModel):
     steps: int = Field(default=20, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False,
                                          description="None = the model's default for the task (7.5 for prompts)")
-    sampler: Sampler = "dpmpp_2m"
+    sampler: Sampler | None = Field(default=None, description="None = the model's default (GET /v1/models: "
+                                    "default_sampler; else dpmpp_2m)")
     negative_prompt: str = ""
     deadline_s: float | None = _deadline_field()
     webhook_url: str | None = Field(default=None, max_length=2048, description=(
@@ -290,6 +291,8 @@ class ModelCard(BaseModel):
                                     "models)")
     default_guidance: dict[Task, float] = Field(default_factory=dict, description="the guidance_scale each task gets "
                                                 "when a request gives none (empty: not said)")
+    default_sampler: Sampler | None = Field(default=None, description="the sampler a request gets when it names "
+                                            "none (null: not said, dpmpp_2m)")
     missing_null: str | None = Field(default=None, description="the null condition it lacks ('null class'): it "
                                      "takes guidance_scale 1 only")
     options: list[str] | None = Field(default=None, description="the request fields only some models take that it "

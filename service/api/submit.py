@@ -4,13 +4,12 @@ Order of checks: the API key (middleware, 401/403, before the body is read), the
 is decoded: `deps.get_submitter`), the body's static validation (FastAPI, 422), the input images and label map
 (`service/images.py`: 413/422), the model (422 unless it is the default or a live worker serves it; when its workers
 say what it can do and which labels it takes, the task and the class labels, layout and label map too; an unset
-guidance scale becomes the model's default its workers register, and guidance of a model without a null condition
-is refused; SDXL micro-conditioning, noise_level and a refiner only where the workers say their model takes them),
-the key's jobs
-in flight (429), then the queue's admission (limits and rules between fields, 422), depth (429) and idempotency
-(409). A `webhook_url` is checked against the allow-list before the images are decoded (422) and registered once
-the job is queued (service/webhooks.py). The gRPC front end runs the same `check_model`; its ValidationError
-answers INVALID_ARGUMENT there.
+guidance scale becomes the model's default its workers register, an unnamed sampler theirs, and guidance of a
+model without a null condition is refused; SDXL micro-conditioning, noise_level and a refiner only where the workers
+say their model takes them), the key's jobs in flight (429), then the queue's admission (limits and rules between
+fields, 422), depth (429) and idempotency (409). A `webhook_url` is checked against the allow-list before the
+images are decoded (422) and registered once the job is queued (service/webhooks.py). The gRPC front end runs the
+same `check_model`; its ValidationError answers INVALID_ARGUMENT there.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from service.images import decode_image, decode_label_map, decode_mask
 from service.queue import Job, JobNotFound, JobQueue, JobStatus, WorkerInfo
 from service.quotas import Quotas
 from service.schemas import (
+    DEFAULT_SAMPLER,
     IMAGE_TASKS,
     MODEL_OPTIONS,
     GenerationRequest,
@@ -70,6 +70,7 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
     The request back, with the model's own default guidance scale where it gives none and the workers register one
     (a model without a null condition, such as the CompVis zoo's cin256, is unguided: 1, not the task's 5), so the
     job records the scale used; a scale other than 1 for such a model is refused naming the null condition it lacks.
+    Its sampler, where it names none, is the one the workers register (else DEFAULT_SAMPLER).
     Raises pydantic.ValidationError."""
     model = request.model or settings.default_model
     serving = [w for w in await queue.workers() if model in w.models]
@@ -84,7 +85,7 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
     if labels is not None:
         check_labels(request.model_copy(update={"model": model}), labels, map_labels)
     _check_options(request, model, serving)
-    return _guided(request, model, serving)
+    return _with_sampler(_guided(request, model, serving), serving)
 
 
 def _check_options(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> None:
@@ -113,6 +114,17 @@ def _guided(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -
         raise _invalid("guidance_scale", "guidance_unsupported",
                        unguided_message(model, missing, request.guidance_scale))
     return request
+
+
+def _with_sampler(request: GenerationRequest, serving: list[WorkerInfo]) -> GenerationRequest:
+    """`request` with the sampler its model's workers register when it names none (DEFAULT_SAMPLER when they
+    register none, or when it asks for Karras sigmas, which only DPM-Solver++(2M) has), so the job records what
+    ran."""
+    if request.sampler is not None:
+        return request
+    own = next((w.default_sampler for w in serving if w.default_sampler is not None), None)
+    sampler = DEFAULT_SAMPLER if own is None or request.karras else own
+    return request.model_copy(update={"sampler": sampler})
 
 
 def _check_given_size(body: JobBody, size: tuple[int, int], what: str = "image") -> None:

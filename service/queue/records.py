@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas import GenerationRequest, LabelSet, Task
+from service.schemas import GenerationRequest, LabelSet, Sampler, Task
 
 
 class JobStatus(StrEnum):
@@ -135,6 +135,9 @@ class WorkerInfo(BaseModel):
     default_guidance: dict[Task, float] = Field(
         default_factory=dict, description="the guidance_scale each task of its model gets when a request gives none "
         "(the front ends fill it in; empty = not said: the task's default)")
+    default_sampler: Sampler | None = Field(
+        default=None, description="the sampler its model's jobs get when a request names none (the front ends fill it "
+        "in; None = not said: dpmpp_2m)")
     missing_null: str | None = Field(default=None, description="the null condition its model lacks ('null class'), "
                                      "which guidance needs: it takes guidance_scale 1 only (None = it has one)")
     options: list[str] | None = Field(

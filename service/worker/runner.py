@@ -43,7 +43,7 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, LoraCache, LoraError
-from models.names import KIND_DESCRIPTIONS, MISSING_NULL, DTypeName, default_guidance
+from models.names import KIND_DESCRIPTIONS, MISSING_NULL, DTypeName, SamplerName, default_guidance, default_sampler
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -265,6 +265,19 @@ class Runner:
         return {Task(task): default_guidance(task, config.kind, config.default_guidance) for task in config.tasks}
 
     @property
+    def default_sampler(self) -> SamplerName:
+        """The sampler a job that names none runs with (registered, so the front ends record the sampler used): the
+        model's own (its config's default_sampler), else DPM-Solver++(2M)."""
+        return default_sampler(self.model.config.default_sampler)
+
+    def sampler(self, request: GenerationRequest) -> SamplerName:
+        """The sampler a job runs with: its own, or this model's default (the front ends fill it in from the
+        registration; a request queued without one gets the model's, or DPM-Solver++(2M) with Karras sigmas)."""
+        if request.sampler is not None:
+            return request.sampler
+        return default_sampler(self.model.config.default_sampler, karras=request.karras)
+
+    @property
     def missing_null(self) -> str | None:
         """The null condition this model lacks ("null class"; registered), which classifier-free guidance needs: it
         is sampled unguided, guidance_scale 1 only. None: it has one (or needs none)."""
@@ -385,7 +398,7 @@ class Runner:
         that jobs which will make images of one size share batches whether or not they spelled the size out."""
         default = self.model.config.default_size
         width, height = image.size if image is not None else (request.width or default, request.height or default)
-        return request.batch_key()._replace(width=width, height=height)
+        return request.batch_key()._replace(width=width, height=height, sampler=self.sampler(request))
 
     # ------------------------------------------------------------------------------------------------ a batch
 

@@ -92,3 +92,4 @@ def test_a_worker_serving_it_registers_its_own_default_guidance() -> None:
 
     runner = Runner.load("tiny-shapes", device="cpu")
     assert runner.default_guidance[Task.txt2img] == runner.default_guidance[Task.img2img] == 2.5
+    assert runner.default_sampler == "dpmpp_2m"  # its config sets none: DPM-Solver++ is its best (MODEL_CARD.md)

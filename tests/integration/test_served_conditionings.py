@@ -85,7 +85,8 @@ def toy_config(kind: str) -> ModelConfig:
     concat = {"layout": "layout", "semantic": "semantic"}.get(kind, "none")
     return ModelConfig(name=f"toy-{kind}", family="ldm", unet=unet, autoencoder=AUTOENCODER, conditioner=conditioner,
                        conditioning=wiring, concat_input=concat,  # type: ignore[arg-type]
-                       default_size=32, scale_factor=1.0)
+                       default_size=32, scale_factor=1.0,
+                       default_sampler="euler_a" if kind == "layout" else None)  # as the shipped shapes-layout's
 
 
 def map_png(labels: np.ndarray, mode: str = "P") -> bytes:
@@ -388,6 +389,31 @@ def test_what_only_the_model_knows_fails_the_job_as_invalid_input_in_the_worker(
                for line in served.scrape("class").splitlines())
 
 
+def test_a_job_that_names_no_sampler_runs_with_the_one_its_models_workers_register(served: Served) -> None:
+    """toy-layout's config says euler_a (as the shipped shapes-* models' do), toy-class's says none (dpmpp_2m): the
+    workers register theirs, GET /v1/models shows them, and a job that names no sampler runs with its model's and
+    records it; one that names a sampler runs with that, one that asks for Karras sigmas with dpmpp_2m (the one
+    sampler that has them). A job queued past the front ends (the queue itself) gets its model's from the worker."""
+    assert (served.queue.workers("toy-layout")[0].default_sampler,
+            served.queue.workers("toy-class")[0].default_sampler) == ("euler_a", "dpmpp_2m")
+    cards = {c["id"]: c for c in served.api.client.get("/v1/models").json()["data"]}
+    assert (cards["toy-layout"]["default_sampler"], cards["toy-class"]["default_sampler"]) == ("euler_a", "dpmpp_2m")
+    body = {"task": "layout", "model": "toy-layout", "layout": [BOX_A]}
+    unnamed, named, other, karras = (submit_rest(served, {**body, **extra}) for extra in (
+        {}, {"sampler": "euler_a"}, {"sampler": "dpmpp_2m"}, {"karras": True}))
+    assert (unnamed.request.sampler, karras.request.sampler) == ("euler_a", "dpmpp_2m")
+    assert text(served.result(unnamed.id))["sampler"] == "euler_a"
+    assert served.result(unnamed.id) == served.result(named.id) != served.result(other.id)
+    assert (text(served.result(karras.id))["sampler"], text(served.result(karras.id))["karras"]) == ("dpmpp_2m", "True")
+    klass = submit_rest(served, {"task": "class", "class_label": "red circle"})
+    assert klass.request.sampler == "dpmpp_2m" and text(served.result(klass.id))["sampler"] == "dpmpp_2m"
+    direct = served.queue.submit(GenerationRequest.model_validate({**COMMON, **body}))
+    assert direct.request.sampler is None  # nobody filled it in
+    assert served.wait(direct.id).status == JobStatus.succeeded
+    assert served.result(direct.id) == served.result(unnamed.id)  # the worker ran the model's euler_a
+    assert text(served.result(direct.id))["sampler"] == "euler_a"
+
+
 # ------------------------------------------------------------------------------------------------ gRPC
 
 @pytest.mark.anyio
@@ -416,6 +442,7 @@ async def test_grpc_class_layout_semantic_and_unconditional_answer_what_rest_doe
     assert (klass.parameters.class_label, klass.parameters.guidance_scale) == ("blue square", 5.0)
     assert (semantic.images[0].width, semantic.parameters.width, semantic.parameters.guidance_scale) == (64, 64, 2.0)
     assert uncond.parameters.guidance_scale == 1.0
+    assert (klass.parameters.sampler, layout.parameters.sampler) == ("dpmpp_2m", "euler_a")  # the models' own
     assert job.task == pb.TASK_LAYOUT and job.status == pb.JOB_STATUS_SUCCEEDED
     assert [(b.label, round(b.x0, 6), round(b.y1, 6)) for b in job.parameters.layout] == [
         ("red circle", 0.1, 0.5), ("blue square", 0.55, 0.9)]

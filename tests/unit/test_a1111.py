@@ -32,8 +32,11 @@ def test_every_typed_body_field_is_in_the_table() -> None:
     ("DPM++ 2M", None, ("dpmpp_2m", False)), ("DPM++ 2M Karras", None, ("dpmpp_2m", True)),
     ("DPM++ 2M", "Karras", ("dpmpp_2m", True)), ("Euler a", "automatic", ("euler_a", False)),
     ("k_euler_ancestral", None, ("euler_a", False)), ("ddim", None, ("ddim", False)), ("PLMS", None, ("plms", False)),
-    ("DDPM", None, ("ddpm", False)), ("dpmpp_2m", None, ("dpmpp_2m", False)), (None, None, ("dpmpp_2m", False))])
-def test_a1111_sampler_names_map_to_ours(name: str | None, scheduler: str | None, ours: tuple[str, bool]) -> None:
+    ("DDPM", None, ("ddpm", False)), ("dpmpp_2m", None, ("dpmpp_2m", False)),
+    (None, None, (None, False)),  # no name: the model's default, filled in at submission from its workers
+    (None, "karras", (None, True))])  # Karras alone: dpmpp_2m at submission, the one sampler that has them
+def test_a1111_sampler_names_map_to_ours(name: str | None, scheduler: str | None,
+                                         ours: tuple[str | None, bool]) -> None:
     assert a1111.sampler(Txt2ImgBody(sampler_name=name, scheduler=scheduler)) == ours
 
 

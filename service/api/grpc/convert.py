@@ -75,7 +75,7 @@ def to_parameters(request: GenerationRequest) -> pb.GenerationParameters:
               for b in request.layout or ()]
     return pb.GenerationParameters(
         prompt=request.prompt, negative_prompt=request.negative_prompt, model=request.model or "",
-        seed=request.seed, steps=request.steps, sampler=request.sampler, karras=request.karras,
+        seed=request.seed, steps=request.steps, sampler=request.effective_sampler, karras=request.karras,
         guidance_scale=request.effective_guidance, width=request.width, height=request.height, n=request.n,
         strength=request.effective_strength, eta=request.eta, preview_every=request.preview_every,
         priority=request.priority, refiner=request.refiner or "", refiner_switch=request.refiner_switch,

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_prin
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
     """Models served by live workers, plus the configured default (listed with `workers: 0` when none serves it),
-    with the tasks their workers can do, the labels they take, the guidance each task gets by default, the
+    with the tasks their workers can do, the labels they take, the guidance each task gets by default, the sampler, the
     model-specific fields they take and the refiners they hold."""
     served = await served_models(queue, settings)
     workers = await queue.workers()
@@ -25,9 +25,10 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
         tasks = sorted({t for w in serving for t in w.tasks}, key=list(Task).index)
         labels = next((w.labels for w in serving if w.labels is not None), None)
         guidance = next((w.default_guidance for w in serving if w.default_guidance), {})
+        sampler = next((w.default_sampler for w in serving if w.default_sampler is not None), None)
         missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
         options = next((w.options for w in serving if w.options is not None), None)
         refiners = sorted({r for w in serving for r in w.refiners})
         cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels, default_guidance=guidance,
-                               missing_null=missing, options=options, refiners=refiners))
+                               default_sampler=sampler, missing_null=missing, options=options, refiners=refiners))
     return ModelList(data=cards)

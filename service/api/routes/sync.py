@@ -38,7 +38,8 @@ RESPONSES: dict[int | str, dict[str, object]] = {
 def _headers(job: Job) -> dict[str, str]:
     r = job.request
     return {"X-Job-Id": job.id, "X-Model": job.model, "X-Seed": str(r.seed), "X-Steps": str(r.steps),
-            "X-Sampler": r.sampler, "X-Guidance-Scale": f"{r.effective_guidance:g}", "X-Images": str(job.results),
+            "X-Sampler": r.effective_sampler, "X-Guidance-Scale": f"{r.effective_guidance:g}",
+            "X-Images": str(job.results),
             "X-Task": r.task.value, "Content-Location": f"/v1/jobs/{job.id}/images/0"}
 
 

@@ -370,8 +370,9 @@ function number(id) {
 
 function buildBody() {
   const t = task();
-  const [sampler, karras] = $("sampler").value.split(" ");
-  const body = { model: $("model").value || undefined, task: t, steps: number("steps"), sampler, n: number("n"),
+  const [sampler, karras] = $("sampler").value.split(" ");  // "": the model's default sampler
+  const body = { model: $("model").value || undefined, task: t, steps: number("steps"),
+    sampler: sampler || undefined, n: number("n"),
     seed: number("seed") };
   if (karras) body.karras = true;
   if (PARTS.prompt.includes(t)) {
