@@ -11,14 +11,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
+from models.checkpoints import CONFIG_METADATA_KEY, read_model_config, read_state_dict, split_parts
 from models.config import to_dict
 from models.resolve import pick_device
 from models.train.common import (
@@ -46,7 +48,8 @@ class AutoencoderTrainConfig:
     autoencoder: AutoencoderConfig = field(default_factory=lambda: AutoencoderConfig(
         ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, embed_dim=3, resolution=64))
     data: DataConfig = field(default_factory=DataConfig)
-    #: start from these weights (an `autoencoder.safetensors` of an earlier run) instead of a random init
+    #: start from these weights (an `autoencoder.safetensors` of an earlier run, or the first stage of a complete
+    #: model file such as a shipped one) instead of a random init
     init_from: str | None = None
     #: False trains the decoder only: the latent space stays exactly as it was, so a diffusion model
     #: trained on it stays valid (how SD's VAE decoder was fine-tuned after the fact)
@@ -62,6 +65,9 @@ class AutoencoderTrainConfig:
     warmup_steps: int = 100
     #: from this step the learning rate falls linearly to a tenth of `lr` at `steps` (None = constant)
     lr_decay_start: int | None = None
+    #: the pixel loss: l1 (the original's) or l2, the squared error that PSNR measures (a decoder-only fine-tune
+    #: after an l1 run: models/train/configs/tiny-shapes-decoder-ft2.yaml)
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
     #: weight of the KL term (KL autoencoders; the paper's kl-f* use 1e-6)
     kl_weight: float = 1e-6
     #: initial bias of the posterior's log-variance (KL): at the default init (0) every latent carries noise of
@@ -100,7 +106,7 @@ class AutoencoderTrainer:
         seed_everything(config.seed)
         self.model = Autoencoder(config.autoencoder).to(self.device)
         if config.init_from is not None:
-            start = load_trained_autoencoder(Path(config.init_from))
+            start = load_first_stage(Path(config.init_from))
             if start.config != config.autoencoder:
                 raise ValueError(f"init_from {config.init_from}: its autoencoder config differs from this run's")
             self.model.load_state_dict(start.state_dict())
@@ -179,7 +185,8 @@ class AutoencoderTrainer:
         if not c.train_encoder:
             self.model.encoder.eval()  # frozen: no dropout either
         out = self.model(images)
-        rec = (images - out.recon).abs()
+        error = images - out.recon
+        rec = error.abs() if c.reconstruction_loss == "l1" else error.square()
         if self.perceptual is not None:
             rec = rec + c.perceptual_weight * self.perceptual(images, out.recon)[:, None, None, None]
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / images.shape[0]
@@ -279,7 +286,6 @@ def load_trained_autoencoder(path: Path) -> Autoencoder:
     """An autoencoder written by `AutoencoderTrainer.export`."""
     import json
 
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from models.config import from_dict
@@ -295,3 +301,15 @@ def load_trained_autoencoder(path: Path) -> Autoencoder:
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
+
+def load_first_stage(path: Path) -> Autoencoder:
+    """An autoencoder written by `ldm train autoencoder`, or the first stage of a complete model file."""
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if CONFIG_METADATA_KEY in meta and "autoencoder_config" not in meta:
+            config = read_model_config(path)
+            autoencoder = Autoencoder(config.autoencoder)
+            autoencoder.load_state_dict(split_parts(read_state_dict(path)[0])["autoencoder"], strict=True)
+            return autoencoder.eval()
+    return load_trained_autoencoder(path)

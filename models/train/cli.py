@@ -1,4 +1,5 @@
-"""`ldm train autoencoder` and `ldm train ldm`: parsers and runners (registered by service/cli.py)."""
+"""`ldm train autoencoder`, `ldm train ldm` and `ldm train swap-decoder`: parsers and runners (registered by
+service/cli.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p = sub.add_parser("train", help="train an autoencoder or a latent diffusion model",
                        description="Train the paper's two stages. Runs resume from RUN_DIR/checkpoints/last.pt "
                        "when it exists; every run writes its resolved config to RUN_DIR/config.yaml.")
-    stages = p.add_subparsers(dest="stage", required=True, metavar="{autoencoder,ldm}")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{autoencoder,ldm,swap-decoder}")
 
     ae = stages.add_parser("autoencoder", help="first stage: KL/VQ autoencoder (L1 + LPIPS + PatchGAN)",
                            description="Train the first-stage autoencoder; writes RUN_DIR/autoencoder.safetensors.")
@@ -29,6 +30,18 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     ldm.add_argument("--autoencoder", type=Path, help="autoencoder.safetensors from `ldm train autoencoder` "
                      "(default: the config's `autoencoder_path`)")
     ldm.set_defaults(func=run_train_ldm)
+
+    swap = stages.add_parser(
+        "swap-decoder", help="put a decoder-only fine-tune of a first stage into finished model files",
+        description="Replace the decoder of model files (the original single-file layout, such as the shipped "
+        "models/zoo/*/model.safetensors) by a decoder-only fine-tune of their own first stage (`ldm train "
+        "autoencoder` with train_encoder: false): their latent space is unchanged, so their diffusion models stay "
+        "valid and decode better. Everything else in the files (UNet, conditioner, dtypes, config) is kept. A "
+        "file whose encoder differs from the fine-tune's is refused.")
+    swap.add_argument("--decoder", type=Path, required=True,
+                      help="autoencoder.safetensors of the decoder-only fine-tune")
+    swap.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="model .safetensors files, in place")
+    swap.set_defaults(func=run_swap_decoder)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +83,17 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     result = AutoencoderTrainer(config, args.out).train()
     print(f"held-out reconstruction: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}")
     print(f"wrote {args.out / 'autoencoder.safetensors'}")
+    return 0
+
+
+def run_swap_decoder(args: argparse.Namespace) -> int:
+    from models.train.autoencoder_trainer import load_trained_autoencoder
+    from models.train.decoder_swap import swap_decoder
+
+    tuned = load_trained_autoencoder(args.decoder)
+    for path in args.models:
+        changed = swap_decoder(path, tuned)
+        print(f"{path}: {changed} decoder tensors replaced")
     return 0
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from models.attention import CrossAttention
 from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.checkpoints import CONFIG_METADATA_KEY, read_model_config, read_state_dict, save_model, split_parts
+from models.checkpoints import read_model_config, read_state_dict, save_model, split_parts
 from models.class_conditioner import ClassConditioner
 from models.conditioners import ConditionerConfig
 from models.conditioning import UNKNOWN_LABEL, LayoutEncoder, SemanticEncoder
@@ -53,7 +53,7 @@ from models.ldm import LatentDiffusion
 from models.names import ConditionKind, SamplerName, condition_kind
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.resolve import pick_device
-from models.train.autoencoder_trainer import load_trained_autoencoder
+from models.train.autoencoder_trainer import load_first_stage
 from models.train.common import (
     EMA,
     LossLog,
@@ -68,6 +68,7 @@ from models.train.common import (
 )
 from models.train.data import ConditionedSource, DataConfig, ImageSource, condition_tensors, make_sources
 from models.train.data_shapes import CLASS_NAMES, PAIR_PROBABILITY
+from models.train.decoder_swap import same_encoder
 from models.train.grid import save_grid
 from models.unet import UNetConfig
 
@@ -194,21 +195,6 @@ def with_class_names(config: LDMTrainConfig) -> LDMTrainConfig:
     if config.data.pair_probability > 0 and cond.kind == "class":
         raise ValueError("class-conditional training takes single-object scenes: set data.pair_probability: 0")
     return dataclasses.replace(config, conditioner=dataclasses.replace(cond, class_names=CLASS_NAMES))
-
-
-def load_first_stage(path: Path) -> Autoencoder:
-    """An autoencoder written by `ldm train autoencoder`, or the first stage of a complete model file."""
-    from safetensors import safe_open
-
-    if path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-        if CONFIG_METADATA_KEY in meta and "autoencoder_config" not in meta:
-            config = read_model_config(path)
-            autoencoder = Autoencoder(config.autoencoder)
-            autoencoder.load_state_dict(split_parts(read_state_dict(path)[0])["autoencoder"], strict=True)
-            return autoencoder.eval()
-    return load_trained_autoencoder(path)
 
 
 class LatentPool:
@@ -577,10 +563,7 @@ class LDMTrainer:
     def _swap_decoder(self, path: Path) -> None:
         tuned = load_first_stage(path).to(self.device)
         ours = self.model.autoencoder
-        same = tuned.config == ours.config and all(
-            torch.equal(a, b) for a, b in zip(tuned.encoder.state_dict().values(), ours.encoder.state_dict().values(),
-                                              strict=True))
-        if not same or not torch.equal(tuned.quant_conv.weight, ours.quant_conv.weight):
+        if not same_encoder(tuned, ours):
             raise ValueError(f"{path}: its encoder differs from the one the diffusion model was trained on; "
                              "only a decoder-only fine-tune (train_encoder: false) can replace it")
         ours.load_state_dict(tuned.state_dict())

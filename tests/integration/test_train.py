@@ -189,6 +189,68 @@ def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, trained_autoen
         LDMTrainer(stranger, tmp_path / "ldm2").train()
 
 
+def test_swap_decoder_puts_a_decoder_fine_tune_into_finished_files_and_keeps_the_rest(
+        tmp_path: Path, trained_autoencoder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ldm train swap-decoder`: the shipped files were made before their decoder was fine-tuned. Only the decoder
+    changes; the UNet's fp16 storage, the conditioner and the config metadata stay as they were; a file of another
+    first stage is refused by name, and left as it was."""
+    import safetensors
+    from safetensors.torch import load_file, save_file
+
+    from service.cli import main
+
+    LDMTrainer(ldm_config(trained_autoencoder), tmp_path / "ldm").train()
+    path = tmp_path / "ldm" / "model.safetensors"
+    stored = load_file(str(path))
+    stored = {k: v.half() if k.startswith("model.diffusion_model.") else v for k, v in stored.items()}
+    metadata = safetensors.safe_open(str(path), "pt").metadata()
+    save_file(stored, str(path), metadata=metadata)  # as the shipped files: UNet in fp16
+    # the fine-tune may start from the model file itself (its first stage), as the shipped decoder's did
+    AutoencoderTrainer(ae_config(init_from=str(path), train_encoder=False, steps=1,
+                                 disc_start=10**6, reconstruction_loss="l2"), tmp_path / "ft").train()
+    decoder = tmp_path / "ft" / "autoencoder.safetensors"
+    assert main(["train", "swap-decoder", "--decoder", str(decoder), str(path)]) == 0
+
+    after = load_file(str(path))
+    tuned = load_trained_autoencoder(decoder).state_dict()
+    assert set(after) == set(stored) and safetensors.safe_open(str(path), "pt").metadata() == metadata
+    for key, value in after.items():
+        name = key.removeprefix("first_stage_model.")
+        if key.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")):  # latents -> pixels
+            assert torch.equal(value, tuned[name]), key
+        else:
+            assert value.dtype == stored[key].dtype and torch.equal(value, stored[key]), key
+    assert not torch.equal(after["first_stage_model.decoder.conv_out.weight"],
+                           stored["first_stage_model.decoder.conv_out.weight"])
+    assert load_model(path).config == load_model(tmp_path / "ldm" / "model.safetensors").config
+
+    other = tmp_path / "other"
+    AutoencoderTrainer(ae_config(steps=1, seed=5), other).train()
+    before = path.read_bytes()
+    assert main(["train", "swap-decoder", "--decoder", str(other / "autoencoder.safetensors"), str(path)]) == 2
+    assert "its encoder differs from the fine-tune's" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_an_l2_reconstruction_loss_lowers_the_squared_error(tmp_path: Path) -> None:
+    """`reconstruction_loss: l2` optimises what PSNR measures (the shipped decoder's fine-tune)."""
+    trainer = AutoencoderTrainer(ae_config(disc_start=10**6, lr=2e-4, reconstruction_loss="l2"), tmp_path)
+    images, _ = trainer.train_data.batch(0, 4)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return (trainer.model(images, sample_posterior=False).recon - images).square().mean().item()
+
+    first = mse()
+    for _ in range(3):
+        trainer.train_step(images)
+    assert mse() < first
+    with pytest.raises((ValueError, TypeError), match="reconstruction_loss"):
+        from models.config import from_dict
+
+        from_dict(AutoencoderTrainConfig, {"autoencoder": {"kind": "kl"}, "reconstruction_loss": "l3"})
+
+
 def test_pixel_space_diffusion_trains_without_a_first_stage(tmp_path: Path) -> None:
     unet = UNetConfig(**{**TINY_UNET.__dict__, "attention_resolutions": (4,)})
     trainer = LDMTrainer(ldm_config(Path("pixel"), unet=unet), tmp_path)
