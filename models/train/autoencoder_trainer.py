@@ -7,6 +7,7 @@ taming-transformers recipe, used by LDM). The discriminator has its own optimise
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class AutoencoderTrainConfig:
     #: the pixel loss: l1 (the original's) or l2, the squared error that PSNR measures (a decoder-only fine-tune
     #: after an l1 run: models/train/configs/tiny-shapes-decoder-ft2.yaml)
     reconstruction_loss: Literal["l1", "l2"] = "l1"
+    #: KL only: each image's latent gets Gaussian noise of a std drawn uniformly from [0, latent_noise] before it is
+    #: decoded (the target stays the clean image), so the decoder learns to draw clean images from the slightly
+    #: off latents a diffusion model ends on, instead of drawing their error as speckles; 0 = off
+    latent_noise: float = 0.0
     #: weight of the KL term (KL autoencoders; the paper's kl-f* use 1e-6)
     kl_weight: float = 1e-6
     #: initial bias of the posterior's log-variance (KL): at the default init (0) every latent carries noise of
@@ -185,6 +190,12 @@ class AutoencoderTrainer:
         if not c.train_encoder:
             self.model.encoder.eval()  # frozen: no dropout either
         out = self.model(images)
+        if c.latent_noise > 0:
+            if out.posterior is None:
+                raise ValueError("latent_noise needs a KL autoencoder")
+            z = out.posterior.sample()
+            sigma = c.latent_noise * torch.rand(z.shape[0], 1, 1, 1, device=z.device)
+            out = dataclasses.replace(out, recon=self.model.decode(z + sigma * torch.randn_like(z)))
         error = images - out.recon
         rec = error.abs() if c.reconstruction_loss == "l1" else error.square()
         if self.perceptual is not None:

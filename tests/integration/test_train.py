@@ -251,6 +251,30 @@ def test_an_l2_reconstruction_loss_lowers_the_squared_error(tmp_path: Path) -> N
         from_dict(AutoencoderTrainConfig, {"autoencoder": {"kind": "kl"}, "reconstruction_loss": "l3"})
 
 
+def test_latent_noise_trains_the_decoder_on_noised_latents_toward_the_clean_image(tmp_path: Path) -> None:
+    """`latent_noise`: the decoder sees latents with noise added and is pulled toward the clean image, which lowers
+    its error on noised latents (a diffusion model's final latents are such); a VQ autoencoder refuses it."""
+    trainer = AutoencoderTrainer(ae_config(disc_start=10**6, lr=2e-4, train_encoder=False, latent_noise=0.5,
+                                           reconstruction_loss="l2"), tmp_path)
+    images, _ = trainer.train_data.batch(0, 4)
+    noise = torch.Generator().manual_seed(0)
+
+    def noised_error() -> float:
+        with torch.no_grad():
+            z = trainer.model.encode(images).mode()  # type: ignore[union-attr]
+            z = z + 0.25 * torch.randn(z.shape, generator=noise.manual_seed(0))
+            return (trainer.model.decode(z) - images).square().mean().item()
+
+    first = noised_error()
+    for _ in range(3):
+        trainer.train_step(images)
+    assert noised_error() < first
+    vq = AutoencoderConfig(**{**TINY_AE.__dict__, "kind": "vq", "n_embed": 64})
+    with pytest.raises(ValueError, match="latent_noise needs a KL autoencoder"):
+        AutoencoderTrainer(ae_config(autoencoder=vq, disc_start=10**6, latent_noise=0.5), tmp_path / "vq").train_step(
+            images)
+
+
 def test_pixel_space_diffusion_trains_without_a_first_stage(tmp_path: Path) -> None:
     unet = UNetConfig(**{**TINY_UNET.__dict__, "attention_resolutions": (4,)})
     trainer = LDMTrainer(ldm_config(Path("pixel"), unet=unet), tmp_path)
