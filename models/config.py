@@ -19,7 +19,7 @@ import yaml
 from models.autoencoder import AutoencoderConfig
 from models.conditioners import ConditionerConfig
 from models.diffusion import ScheduleConfig
-from models.names import SAMPLERS, TASKS_BY_KIND, ModelKind, SamplerName, Task, model_kind
+from models.names import SAMPLERS, TASKS_BY_KIND, ModelKind, SamplerName, Task, default_guidance, model_kind
 from models.unet import UNetConfig
 
 Family = Literal["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_inpainting", "sd_v2_upscaler", "sdxl", "sdxl_refiner",
@@ -34,6 +34,14 @@ Conditioning = Literal["crossattn", "concat", "hybrid", "adm", "none"]
 #: inpainting, the first stage's encoding of the masked image then the mask in {-1, 1}; rescaled_map: the zoo's
 #: semantic synthesis, a one-hot label map through the SpatialRescaler, `conditioner.rescaler.channels` of them).
 ConcatInput = Literal["none", "inpaint", "lowres", "semantic", "layout", "masked_image", "rescaled_map"]
+
+
+@dataclass(frozen=True)
+class SamplerGuidance:
+    """A model's own default guidance scale with one sampler (`ModelConfig.sampler_guidance`)."""
+
+    sampler: SamplerName
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ class ModelConfig:
     #: the sampler a request gets when it names none; None: `models.names.DEFAULT_SAMPLER` (DPM-Solver++(2M)). A
     #: shipped model sets the one its evaluation found best (shapes-class: Euler ancestral, its card's sampler table)
     default_sampler: SamplerName | None = None
+    #: a sampler's own default guidance scale, which replaces `default_guidance` for requests with that sampler
+    #: (shapes-class and -layout: PLMS at 2, where it holds; at their scale for the other samplers it breaks down)
+    sampler_guidance: tuple[SamplerGuidance, ...] = ()
 
     @property
     def downsample_factor(self) -> int:
@@ -81,6 +92,12 @@ class ModelConfig:
     def kind(self) -> ModelKind:
         """What the model is conditioned on (`models.names.model_kind`), which decides its tasks."""
         return model_kind(self)
+
+    def guidance_for(self, task: Task, sampler: SamplerName) -> float:
+        """The guidance scale a request for `task` with `sampler` gets when it gives none
+        (`models.names.default_guidance`)."""
+        own = next((g.scale for g in self.sampler_guidance if g.sampler == sampler), None)
+        return default_guidance(task, self.kind, self.default_guidance, own)
 
     @property
     def tasks(self) -> frozenset[Task]:
@@ -97,6 +114,11 @@ class ModelConfig:
         if self.default_guidance is not None and not 1 <= self.default_guidance <= 100:
             raise ValueError(f"{self.name}: default_guidance must be in [1, 100] (1 = unguided), "
                              f"got {self.default_guidance}")
+        named = [g.sampler for g in self.sampler_guidance]
+        for g in self.sampler_guidance:
+            if g.sampler not in SAMPLERS or not 1 <= g.scale <= 100 or named.count(g.sampler) > 1:
+                raise ValueError(f"{self.name}: sampler_guidance: each entry needs one of {', '.join(SAMPLERS)}, "
+                                 f"named once, and a scale in [1, 100]; got {g.sampler!r} at {g.scale}")
         if self.default_sampler is not None and self.default_sampler not in SAMPLERS:
             raise ValueError(f"{self.name}: default_sampler must be one of {', '.join(SAMPLERS)}, "
                              f"got {self.default_sampler!r}")

@@ -63,11 +63,15 @@ MISSING_NULL: dict[ModelKind, str] = {"semantic_map": "null label map", "box_lay
 UNGUIDED_KINDS: frozenset[ModelKind] = frozenset(MISSING_NULL)
 
 
-def default_guidance(task: Task, kind: ModelKind, own: float | None = None) -> float:
+def default_guidance(task: Task, kind: ModelKind, own: float | None = None, sampler_own: float | None = None) -> float:
     """The guidance scale a task gets when none is given, for a model of `kind` whose config's `default_guidance`
-    is `own` (a model's measured best, which replaces the task's default for its guided tasks)."""
+    is `own` (a model's measured best, which replaces the task's default for its guided tasks) and whose config sets
+    `sampler_own` for the request's sampler (`sampler_guidance`: PLMS needs a lower scale on some models), which
+    replaces both."""
     if kind in UNGUIDED_KINDS or task == "unconditional":
         return 1.0
+    if sampler_own is not None:
+        return sampler_own
     return DEFAULT_GUIDANCE[task] if own is None else own
 
 

@@ -18,7 +18,7 @@ from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
-from models.names import DTypeName, SamplerName, Task, default_guidance, default_sampler
+from models.names import DTypeName, SamplerName, Task, default_sampler
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -101,8 +101,8 @@ def generate(prompts: Sequence[str], options: GenerateOptions, *, out_file: Path
     adapters = tuple((load_lora(path, model), weight) for path, weight in loras)
     lora_text = {"loras": json.dumps([{"path": p, "weight": w} for p, w in loras])} if loras else {}
     written: list[Path] = []
-    guidance = options.guidance if options.guidance is not None else default_guidance("txt2img", model.config.kind,
-                                                                                       model.config.default_guidance)
+    guidance = options.guidance if options.guidance is not None else model.config.guidance_for("txt2img",
+                                                                                                settings.sampler)
     for i, prompt in enumerate(prompts):
         first_seed = options.seed + i * options.n if out_dir is not None else options.seed  # no overlaps
         specs = [SampleSpec(prompt, options.negative_prompt, first_seed + k, guidance, adapters)
@@ -228,8 +228,7 @@ def generate_task(task: Task, inputs: TaskInputs, options: GenerateOptions, *, o
     if prompted and model.conditioner is None and (inputs.prompt or options.negative_prompt):
         raise UnsupportedTask(f"model {model.config.name!r} takes no prompt (it has no text encoder): --task {task} "
                               "runs it without one")
-    guidance = options.guidance if options.guidance is not None else default_guidance(task, model.config.kind,
-                                                                                     model.config.default_guidance)
+    guidance = options.guidance if options.guidance is not None else model.config.guidance_for(task, settings.sampler)
     specs = [SampleSpec(inputs.prompt, options.negative_prompt if prompted else "", options.seed + k,
                         guidance) for k in range(options.n)]
     extra: dict[str, object] = {}

@@ -23,7 +23,7 @@ from models.checkpoints import ZOO_DIR
 from models.conditioning import Box, label_map_image
 from models.eval.conditions import describe, heldout_scenes
 from models.ldm import LatentDiffusion
-from models.names import ModelKind, SamplerName, Task, default_guidance, default_sampler, model_kind
+from models.names import ModelKind, SamplerName, Task, default_sampler, model_kind
 from models.pipeline import GenerationResult, LabelMap, Pipeline, RunSettings, SampleSpec
 from models.resolve import pick_device, resolve_model
 from models.train.data_shapes import LABEL_PALETTE, label_map, scene_layout
@@ -100,9 +100,8 @@ def _sample(pipeline: Pipeline, kind: ModelKind, cols: Sequence[Column], options
     task = TASK_OF_KIND[kind]
     if task == "unconditional" and options.guidance not in (None, 1.0):
         raise ValueError(f"an unconditional model is sampled unguided: leave --guidance out, not {options.guidance:g}")
-    own = pipeline.model.config.default_guidance
-    guidance = default_guidance(task, kind, own) if options.guidance is None else options.guidance
     sampler = options.sampler or default_sampler(pipeline.model.config.default_sampler)
+    guidance = pipeline.model.config.guidance_for(task, sampler) if options.guidance is None else options.guidance
     settings = RunSettings(sampler=sampler, steps=options.steps)
     prompted = kind == "text"
     specs = [SampleSpec(prompt=c.caption if prompted else "", guidance_scale=guidance,

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from models.names import CONDITION_TASKS, SAMPLERS, SamplerName, default_guidance, default_sampler
+from models.names import CONDITION_TASKS, SAMPLERS, SamplerName, default_sampler
 
 if TYPE_CHECKING:
     from models.eval.features import ShapeFeatureNet
@@ -49,7 +49,8 @@ def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"sampler, or a comma-separated list to compare at equal steps; of {', '.join(SAMPLERS)} "
                    "(default: the model's own default_sampler where its config has one, else dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's own default_guidance where its config "
+                   help="classifier-free guidance scale (default: the model's own for each sampler, sampler_guidance "
+                   "or default_guidance where its config "
                    "has one, else 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic; unconditional: none)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated at once (default: %(default)s)")
     p.add_argument("--recon", type=int, default=64,
@@ -105,17 +106,22 @@ def run_eval(args: argparse.Namespace) -> int:
     net = load_feature_net(args.features or DEFAULT_WEIGHTS)  # before the model: fail fast on a missing file
     device = pick_device(args.device)
     model = resolve_model(args.model, device=device, dtype=pick_dtype(device, None))
-    own = model.config.default_guidance
-    guidance = default_guidance(args.task, model.config.kind, own) if args.guidance is None else args.guidance
     if samplers is None:
         samplers = [default_sampler(model.config.default_sampler)]
+    # each sampler at the model's default for it (a sampler may have its own: sampler_guidance), or --guidance
+    guidance = {name: model.config.guidance_for(args.task, name) if args.guidance is None else args.guidance
+                for name in samplers}
     if args.task != "txt2img":
         return _run_task_eval(args, Pipeline(model), samplers, guidance, net)
     prompts = random_prompts(args.n, args.seed)
-    reports = compare_samplers(Pipeline(model), prompts, samplers, steps=args.steps, feature_net=net,
-                               recon_images=args.recon, guidance=guidance, seed=args.seed,
-                               batch_size=args.batch_size)
-    print(f"model {args.model}: {args.n} prompts, {args.steps} steps, guidance {guidance}; accuracies in %")
+    reports = []
+    for scale in dict.fromkeys(guidance.values()):  # one comparison per scale, samplers in the order given
+        reports += compare_samplers(Pipeline(model), prompts, [s for s in samplers if guidance[s] == scale],
+                                    steps=args.steps, feature_net=net, recon_images=args.recon, guidance=scale,
+                                    seed=args.seed, batch_size=args.batch_size)
+    order: list[str] = list(samplers)
+    reports.sort(key=lambda r: order.index(r.sampler))
+    print(f"model {args.model}: {args.n} prompts, {args.steps} steps, guidance {_scales(guidance)}; accuracies in %")
     print(format_table(reports))
     if args.out is not None:
         for path in write_report(reports if len(reports) > 1 else reports[0], args.out):
@@ -123,16 +129,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[SamplerName], guidance: float,
-                   net: ShapeFeatureNet) -> int:
+def _scales(guidance: dict[SamplerName, float]) -> str:
+    """'2.5', or 'plms 2, euler_a 5' where the samplers' scales differ."""
+    if len(set(guidance.values())) == 1:
+        return f"{next(iter(guidance.values())):g}"
+    return ", ".join(f"{name} {scale:g}" for name, scale in guidance.items())
+
+
+def _run_task_eval(args: argparse.Namespace, pipeline: Pipeline, samplers: list[SamplerName],
+                   guidance: dict[SamplerName, float], net: ShapeFeatureNet) -> int:
     from models.eval.conditions import evaluate_task, format_task_table
     from models.eval.evaluate import write_report
 
-    reports = [evaluate_task(pipeline, args.task, args.n, sampler=name, steps=args.steps, guidance=guidance,
+    reports = [evaluate_task(pipeline, args.task, args.n, sampler=name, steps=args.steps, guidance=guidance[name],
                              seed=args.seed, batch_size=args.batch_size, feature_net=net)
                for name in samplers]
     print(f"model {args.model}, task {args.task}: {args.n} held-out conditions, {args.steps} steps, guidance "
-          f"{guidance}; accuracies in %")
+          f"{_scales(guidance)}; accuracies in %")
     print(format_task_table(reports))
     if args.out is not None:
         for path in write_report(reports if len(reports) > 1 else reports[0], args.out):

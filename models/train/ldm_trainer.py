@@ -45,7 +45,7 @@ from models.checkpoints import read_model_config, read_state_dict, save_model, s
 from models.class_conditioner import ClassConditioner
 from models.conditioners import ConditionerConfig
 from models.conditioning import UNKNOWN_LABEL, LayoutEncoder, SemanticEncoder
-from models.config import ConcatInput, ModelConfig, to_dict
+from models.config import ConcatInput, ModelConfig, SamplerGuidance, to_dict
 from models.config import Conditioning as Wiring
 from models.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, q_sample
 from models.images import to_tensor
@@ -156,6 +156,9 @@ class LDMTrainConfig:
     #: written into the model's config: the sampler its requests get when they name none (None: DPM-Solver++(2M),
     #: `models.names.DEFAULT_SAMPLER`); set it to the sampler the evaluation found best at the default guidance
     default_sampler: SamplerName | None = None
+    #: written into the model's config: a sampler's own default scale where the evaluation found the model's
+    #: default_guidance wrong for it (PLMS breaks down at the class and layout tasks' scales)
+    sampler_guidance: tuple[SamplerGuidance, ...] = ()
     save_ema: bool = True
     seed: int = 0
     device: str | None = None
@@ -178,6 +181,7 @@ class LDMTrainConfig:
             conditioner=self.conditioner, conditioning=conditioning, concat_input=concat_input,
             scale_factor=scale_factor, default_size=self.data.size, description=self.description,
             default_guidance=self.default_guidance, default_sampler=self.default_sampler,
+            sampler_guidance=self.sampler_guidance,
         )
 
 

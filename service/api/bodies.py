@@ -293,6 +293,9 @@ class ModelCard(BaseModel):
                                                 "when a request gives none (empty: not said)")
     default_sampler: Sampler | None = Field(default=None, description="the sampler a request gets when it names "
                                             "none (null: not said, dpmpp_2m)")
+    sampler_guidance: dict[Sampler, dict[Task, float]] = Field(
+        default_factory=dict, description="a sampler's own default guidance_scale per task, where it differs "
+        "(shapes-class: PLMS at 2); replaces default_guidance for requests with that sampler")
     missing_null: str | None = Field(default=None, description="the null condition it lacks ('null class'): it "
                                      "takes guidance_scale 1 only")
     options: list[str] | None = Field(default=None, description="the request fields only some models take that it "

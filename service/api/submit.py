@@ -85,7 +85,7 @@ async def check_model(queue: JobQueue, settings: Settings, request: GenerationRe
     if labels is not None:
         check_labels(request.model_copy(update={"model": model}), labels, map_labels)
     _check_options(request, model, serving)
-    return _with_sampler(_guided(request, model, serving), serving)
+    return _guided(_with_sampler(request, serving), model, serving)
 
 
 def _check_options(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> None:
@@ -104,10 +104,12 @@ def _check_options(request: GenerationRequest, model: str, serving: list[WorkerI
 
 
 def _guided(request: GenerationRequest, model: str, serving: list[WorkerInfo]) -> GenerationRequest:
-    """`request` with the guidance scale its model's workers register for its task when it gives none; refused
+    """`request` with the guidance scale its model's workers register for its task (with its sampler, where they
+    register one for that sampler) when it gives none; refused
     (ValidationError) when it asks guidance of a model that has no null condition."""
     if request.guidance_scale is None:
-        default = next((w.default_guidance[request.task] for w in serving if request.task in w.default_guidance), None)
+        tables = [w.sampler_guidance.get(request.effective_sampler, w.default_guidance) for w in serving]
+        default = next((table[request.task] for table in tables if request.task in table), None)
         return request if default is None else request.model_copy(update={"guidance_scale": default})
     missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
     if missing is not None and request.guidance_scale != 1.0:

@@ -138,6 +138,10 @@ class WorkerInfo(BaseModel):
     default_sampler: Sampler | None = Field(
         default=None, description="the sampler its model's jobs get when a request names none (the front ends fill it "
         "in; None = not said: dpmpp_2m)")
+    sampler_guidance: dict[Sampler, dict[Task, float]] = Field(
+        default_factory=dict, description="for a sampler with a default scale of its own on this model (PLMS on "
+        "shapes-class), the guidance_scale each task gets with it when a request gives none; replaces "
+        "default_guidance for that sampler")
     missing_null: str | None = Field(default=None, description="the null condition its model lacks ('null class'), "
                                      "which guidance needs: it takes guidance_scale 1 only (None = it has one)")
     options: list[str] | None = Field(

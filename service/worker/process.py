@@ -128,7 +128,8 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(id=self.id, models=[self.model], tasks=sorted(self.runner.tasks), labels=self.runner.labels,
                           default_guidance=self.runner.default_guidance,
-                          default_sampler=self.runner.default_sampler, missing_null=self.runner.missing_null,
+                          default_sampler=self.runner.default_sampler,
+                          sampler_guidance=self.runner.sampler_guidance, missing_null=self.runner.missing_null,
                           options=self.runner.options,
                           refiners=[self.runner.refiner_name] if self.runner.refiner_name else [],
                           host=socket.gethostname(), pid=os.getpid(), device=str(self.runner.device),

@@ -265,6 +265,14 @@ class Runner:
         return {Task(task): default_guidance(task, config.kind, config.default_guidance) for task in config.tasks}
 
     @property
+    def sampler_guidance(self) -> dict[SamplerName, dict[Task, float]]:
+        """For each sampler with a scale of its own (its config's sampler_guidance), the guidance scale each task
+        gets with it when a request gives none (registered beside default_guidance)."""
+        config = self.model.config
+        return {g.sampler: {Task(task): config.guidance_for(task, g.sampler) for task in config.tasks}
+                for g in config.sampler_guidance}
+
+    @property
     def default_sampler(self) -> SamplerName:
         """The sampler a job that names none runs with (registered, so the front ends record the sampler used): the
         model's own (its config's default_sampler), else DPM-Solver++(2M)."""
@@ -301,7 +309,9 @@ class Runner:
         the registration; a request queued without one gets the model's, not the task's)."""
         if request.guidance_scale is not None:
             return request.guidance_scale
-        return self.default_guidance.get(request.task, request.effective_guidance)
+        if request.task not in self.tasks:
+            return request.effective_guidance
+        return self.model.config.guidance_for(request.task.value, self.sampler(request))
 
     # ------------------------------------------------------------------------------------- per job, before a batch
 

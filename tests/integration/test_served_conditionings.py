@@ -36,7 +36,7 @@ from models.autoencoder import AutoencoderConfig
 from models.checkpoints import save_model
 from models.conditioners import ConditionerConfig
 from models.conditioning import LayoutEncoderConfig, SemanticEncoderConfig, label_map_image
-from models.config import ModelConfig
+from models.config import ModelConfig, SamplerGuidance
 from models.images import png_parameters
 from models.train.data_shapes import CLASS_NAMES, label_map, scene_at
 from models.unet import UNetConfig
@@ -86,7 +86,9 @@ def toy_config(kind: str) -> ModelConfig:
     return ModelConfig(name=f"toy-{kind}", family="ldm", unet=unet, autoencoder=AUTOENCODER, conditioner=conditioner,
                        conditioning=wiring, concat_input=concat,  # type: ignore[arg-type]
                        default_size=32, scale_factor=1.0,
-                       default_sampler="euler_a" if kind == "layout" else None)  # as the shipped shapes-layout's
+                       # as the shipped shapes-layout's: Euler ancestral by default, PLMS at its own scale 2
+                       default_sampler="euler_a" if kind == "layout" else None,
+                       sampler_guidance=(SamplerGuidance("plms", 2.0),) if kind == "layout" else ())
 
 
 def map_png(labels: np.ndarray, mode: str = "P") -> bytes:
@@ -412,6 +414,24 @@ def test_a_job_that_names_no_sampler_runs_with_the_one_its_models_workers_regist
     assert served.wait(direct.id).status == JobStatus.succeeded
     assert served.result(direct.id) == served.result(unnamed.id)  # the worker ran the model's euler_a
     assert text(served.result(direct.id))["sampler"] == "euler_a"
+
+
+def test_a_sampler_with_its_own_default_scale_gets_it_when_a_job_gives_none(served: Served) -> None:
+    """toy-layout's config gives PLMS its own scale, 2 (the layout task's is 3): its worker registers it, GET
+    /v1/models shows it, a PLMS job without guidance_scale runs at 2 and records it, other samplers at 3, a given
+    scale wins, unconditional stays unguided."""
+    registered = served.queue.workers("toy-layout")[0].sampler_guidance
+    assert registered == {"plms": {Task.layout: 2.0, Task.unconditional: 1.0}}
+    cards = {c["id"]: c for c in served.api.client.get("/v1/models").json()["data"]}
+    assert cards["toy-layout"]["sampler_guidance"] == {"plms": {"layout": 2.0, "unconditional": 1.0}}
+    assert cards["toy-class"]["sampler_guidance"] == {}
+    body = {"task": "layout", "model": "toy-layout", "layout": [BOX_A]}
+    plms, ddim, given = (submit_rest(served, {**body, **extra}) for extra in (
+        {"sampler": "plms"}, {"sampler": "ddim"}, {"sampler": "plms", "guidance_scale": 4.0}))
+    assert (plms.request.guidance_scale, ddim.request.guidance_scale, given.request.guidance_scale) == (2.0, 3.0, 4.0)
+    assert text(served.result(plms.id))["guidance_scale"] == "2.0"
+    uncond = submit_rest(served, {"task": "unconditional", "model": "toy-layout", "sampler": "plms"})
+    assert uncond.request.guidance_scale == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ gRPC

@@ -65,3 +65,25 @@ def test_the_commands_sampler_flag_defaults_to_the_models(argv: list[str]) -> No
 
     assert build_parser().parse_args(argv).sampler is None
     assert build_parser().parse_args([*argv, "--sampler", "plms"]).sampler == "plms"
+
+
+def test_a_samplers_own_scale_replaces_the_models_for_that_sampler_only() -> None:
+    """sampler_guidance: PLMS at 2 on a model whose default is 5 (shapes-class); the other samplers keep 5, and
+    unguided tasks stay at 1 whatever the sampler."""
+    from models.config import SamplerGuidance
+
+    config = dataclasses.replace(builtin_config("sd-v1"), default_guidance=5.0,
+                                 sampler_guidance=(SamplerGuidance("plms", 2.0),))
+    assert config.guidance_for("txt2img", "plms") == 2.0
+    assert config.guidance_for("txt2img", "euler_a") == config.guidance_for("img2img", "ddim") == 5.0
+    assert dataclasses.replace(config, default_guidance=None).guidance_for("txt2img", "dpmpp_2m") == 7.5
+    assert from_dict(ModelConfig, to_dict(config)).sampler_guidance == (SamplerGuidance("plms", 2.0),)
+
+
+@pytest.mark.parametrize("entries", [(("plms", 0.5),), (("plms", 2.0), ("plms", 3.0)), (("heun", 2.0),)])
+def test_a_bad_sampler_guidance_is_refused_by_name(entries: tuple[tuple[str, float], ...]) -> None:
+    from models.config import SamplerGuidance
+
+    with pytest.raises(ValueError, match="sampler_guidance"):
+        dataclasses.replace(builtin_config("sd-v1"),
+                            sampler_guidance=tuple(SamplerGuidance(s, g) for s, g in entries))  # type: ignore[arg-type]

@@ -26,9 +26,11 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
         labels = next((w.labels for w in serving if w.labels is not None), None)
         guidance = next((w.default_guidance for w in serving if w.default_guidance), {})
         sampler = next((w.default_sampler for w in serving if w.default_sampler is not None), None)
+        by_sampler = next((w.sampler_guidance for w in serving if w.sampler_guidance), {})
         missing = next((w.missing_null for w in serving if w.missing_null is not None), None)
         options = next((w.options for w in serving if w.options is not None), None)
         refiners = sorted({r for w in serving for r in w.refiners})
         cards.append(ModelCard(id=name, workers=count, tasks=tasks, labels=labels, default_guidance=guidance,
-                               default_sampler=sampler, missing_null=missing, options=options, refiners=refiners))
+                               default_sampler=sampler, sampler_guidance=by_sampler, missing_null=missing,
+                               options=options, refiners=refiners))
     return ModelList(data=cards)
