@@ -55,8 +55,10 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off "
-                   "(default: 7.5 for txt2img, 5 for class, 3 for layout, 2 for semantic; 1 for the CompVis zoo models "
-                   "without an unconditional input: cin256, layout2img-openimages256, the semantic-map models)")
+                   "(default: the model's own where its config sets one, for the sampler (sampler_guidance: PLMS 2 "
+                   "on shapes-class and -layout) or for all (default_guidance: tiny-shapes 2.5); else 7.5 for "
+                   "txt2img, 5 for class, 3 for layout, 2 for semantic; 1 for the CompVis zoo models without an "
+                   "unconditional input: cin256, layout2img-openimages256, the semantic-map models)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--width", type=int, help="pixels, a multiple of the model's factor (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")
@@ -206,7 +208,7 @@ def _grid_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="(default: the model's own, its config's default_sampler; else dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's default for its task)")
+                   help="classifier-free guidance scale (default: the model's default for its task and sampler)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt for a text model's column (repeat; default: six shapes-grammar prompts)")
     p.add_argument("--scale", type=int, default=2, help="enlarge each image this many times (default: %(default)s)")
