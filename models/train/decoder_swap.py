@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from models.autoencoder import Autoencoder
 from models.ldm import PREFIXES
+from models.train.autoencoder_trainer import load_first_stage
 
 #: the autoencoder's tensors that map pixels to latents; the rest (decoder, post_quant_conv) may change
 ENCODER_PARTS = ("encoder.", "quant_conv.")
@@ -42,12 +43,7 @@ def swap_decoder(model_path: Path, tuned: Autoencoder) -> int:
     tensors = load_file(str(model_path))
     stored = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     new = tuned.state_dict()
-    if set(stored) != set(new):
-        raise ValueError(f"{model_path}: its first stage has other tensors than the fine-tune's "
-                         f"({len(stored)} against {len(new)})")
-    encoder_keys = [k for k in new if k.startswith(ENCODER_PARTS)]
-    if any(stored[k].shape != new[k].shape or not torch.equal(stored[k].float(), new[k].float().cpu())
-           for k in encoder_keys):
+    if not same_encoder(load_first_stage(model_path), tuned):  # both on the CPU, in fp32
         raise ValueError(f"{model_path}: its encoder differs from the fine-tune's; only a decoder-only fine-tune "
                          "(train_encoder: false) of this file's own first stage can replace its decoder")
     changed = 0
