@@ -1,14 +1,24 @@
-"""The paper's core claim at small scale: diffusion in pixel space (f=1) against LDMs with f = 2, 4, 8 on
-the captioned-shapes data, each trained with the same compute (the same wall-clock budget on the same
-core), then compared on training throughput (samples/s), sampling throughput (images/s) and quality
-(Fréchet distance in our shape-feature space, prompt accuracy).
+"""The paper's central claim at small scale (its Fig. 6-7): class-conditional diffusion in pixel space (f=1)
+against LDMs in the latent spaces of f = 2, 4, 8, 16, 32 autoencoders of the shapes data, each given the same
+training compute, compared on Fréchet distance, the judge's class accuracy, training samples/s and sampling
+images/s. One line per factor in the plot: quality against compute, like the paper's Fig. 6.
 
-Every model uses the same UNet (the shipped tiny-shapes architecture, only its input/output channels follow
-the latent). The f=2, 4, 8 autoencoders are trained here first with one recipe (their time is reported,
-not charged to the diffusion budget, as in the paper, where first stages are trained once and reused).
-Writes bench/results/latent_factor.json, a table on stdout, and bench/results/latent_factor.svg.
+Equal compute, resumable: every factor's training rate (samples/s of one forward + backward + AdamW step of
+its UNet at the study's batch) is measured once at the start, on a quiet machine, and stored. A compute
+milestone of S seconds then gives factor f `round(S * rate_f / batch)` steps: equal seconds of this machine,
+fixed as step counts in the state file, so a study that is cut (a session's end, a busy machine) and run
+again continues from its checkpoints and trains exactly what an uninterrupted one would. Milestones run
+round-robin (every factor to the first, evaluated; then every factor to the second...), so a cut study
+still holds complete rows at each compute level it finished. Raising the last milestone later extends it.
 
-    python bench/latent_factor_bench.py --minutes 10 --prompts 100
+Every model uses one UNet design (the tiny-shapes UNet at `--width` channels, 1.7M parameters at the default
+32, so a 2-core CPU runs the study; input/output channels follow the latent) and one recipe. The f >= 2
+autoencoders are trained here first with one recipe (the shipped tiny-shapes first stage's, no GAN); their
+time is reported and not charged to the diffusion budget, as in the paper, where first stages are trained
+once and reused. Writes bench/results/latent_factor.json (table and rows) and docs/latent_factor.png.
+
+    python bench/latent_factor_bench.py                                   # milestones 150,300,600 s
+    python bench/latent_factor_bench.py --milestones 150,300,600,1200     # later: extends the same study
 """
 
 from __future__ import annotations
@@ -16,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,154 +38,264 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_io import publish  # noqa: E402
-from models.autoencoder import AutoencoderConfig  # noqa: E402
 from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer  # noqa: E402
 from models.train.common import load_train_config  # noqa: E402
 from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-#: first stages: f -> autoencoder config (the shipped f=4 recipe; latent channels grow with f, as in the
-#: paper's kl-f* models). All are trained here with the same short recipe, so no factor gets a better one.
-FIRST_STAGES = {
-    f: AutoencoderConfig(ch=32, ch_mult=mult, num_res_blocks=1, z_channels=c, embed_dim=c, resolution=64,
-                         mid_attention=False, norm_groups=4)
-    for f, mult, c in ((2, (1, 2), 3), (4, (1, 2, 2), 3), (8, (1, 2, 2, 4), 4))
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+#: f -> (encoder/decoder channel multipliers, latent channels): the shipped f=4 first stage's design, one
+#: level per factor of 2; latent channels grow with f as in the paper's kl-f* models (f32: 64 numbers/image)
+FIRST_STAGES: dict[int, tuple[tuple[int, ...], int]] = {
+    2: ((1, 2), 3), 4: ((1, 2, 2), 3), 8: ((1, 2, 2, 4), 4), 16: ((1, 2, 2, 4, 4), 8), 32: ((1, 2, 2, 4, 4, 4), 16),
 }
-LDM_CONFIG = Path(__file__).parents[1] / "models" / "train" / "configs" / "tiny-shapes-ldm.yaml"
+LDM_CONFIG = ROOT / "models" / "train" / "configs" / "shapes-class.yaml"
+AE_CONFIG = ROOT / "models" / "train" / "configs" / "tiny-shapes-autoencoder.yaml"
+SAMPLER = "euler_a"  # shapes-class's default sampler (its model card)
 
 
-def first_stage(f: int, args: argparse.Namespace, work: Path) -> tuple[str, dict[str, float]]:
-    """(autoencoder_path for the LDM trainer, what training it cost and gave)."""
-    if f == 1:
-        return "pixel", {"psnr": float("inf"), "train_s": 0.0}
-    run = work / f"ae-f{f}"
-    config = AutoencoderTrainConfig(autoencoder=FIRST_STAGES[f], steps=args.ae_steps, batch_size=12,
-                                    lr=5e-4, betas=(0.9, 0.999), disc_start=10**9, eval_every=args.ae_steps,
-                                    checkpoint_every=100, sample_every=args.ae_steps, eval_images=64)
-    done = run / "train.json"
-    if done.is_file():  # trained by an earlier invocation
-        return str(run / "autoencoder.safetensors"), json.loads(done.read_text())
-    started = time.monotonic()
-    metrics = AutoencoderTrainer(config, run).train() | {"train_s": time.monotonic() - started}
-    done.write_text(json.dumps(metrics))
-    return str(run / "autoencoder.safetensors"), metrics
+def latent_channels(f: int) -> int:
+    return 3 if f == 1 else FIRST_STAGES[f][1]
 
 
-def train_ldm(f: int, autoencoder: str, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float]]:
+def latent_shape(f: int) -> str:
+    return f"{64 // f}x{64 // f}x{latent_channels(f)}"
+
+
+def ldm_config(f: int, autoencoder: str, args: argparse.Namespace) -> LDMTrainConfig:
+    """The study's recipe for factor f; its steps are set per milestone."""
     base = load_train_config(LDMTrainConfig, LDM_CONFIG)
-    channels = 3 if f in (1, 2, 4) else 4
-    config = replace(
-        base, name=f"bench-f{f}", autoencoder_path=autoencoder, export_autoencoder_path=None,
-        unet=replace(base.unet, in_channels=channels, out_channels=channels),
-        steps=10**9, time_budget_s=args.minutes * 60, batch_size=args.batch_size, latent_pool=args.pool,
-        scale_images=512, checkpoint_every=100, sample_every=10**9, seed=0,
+    c = latent_channels(f)
+    return replace(
+        base, name=f"latent-factor-f{f}", description=f"latent factor study: f={f}", autoencoder_path=autoencoder,
+        export_autoencoder_path=None, unet=replace(base.unet, in_channels=c, out_channels=c, model_channels=args.width),
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=100, latent_pool=args.pool, scale_images=512,
+        checkpoint_every=100, sample_every=10**9, log_every=25, seed=0,
     )
-    run = work / f"ldm-f{f}"
-    done = run / "train.json"
-    if done.is_file():  # trained by an earlier invocation: reuse it (training more would break equal compute)
-        return run / "model.safetensors", json.loads(done.read_text())
-    checkpoint = run / "checkpoints" / "last.pt"
-    if checkpoint.is_file():  # cut after its budget, before export: export only, at its step
-        step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"])
-        LDMTrainer(replace(config, steps=step), run).train()
-        result = {"step": float(step), "samples_per_s": step * config.batch_size / (args.minutes * 60)}
-    else:
-        result = LDMTrainer(config, run).train()
-    done.write_text(json.dumps(result))
-    return run / "model.safetensors", result
+
+
+def setup_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two invocations the same study (a resumed one must match the stored setup)."""
+    return {"factors": args.factors, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
+            "pool": args.pool, "ae_steps": args.ae_steps, "task": "class", "n_eval": args.n,
+            "sampler": SAMPLER, "sample_steps": args.steps, "threads": torch.get_num_threads()}
+
+
+def first_stage(f: int, args: argparse.Namespace, state: dict[str, Any]) -> str:
+    """autoencoder_path for factor f's LDM trainer (trained here once; resumed from its checkpoint)."""
+    if f == 1:
+        return "pixel"
+    run = args.work / f"ae-f{f}"
+    path = run / "autoencoder.safetensors"
+    if str(f) in state["first_stages"]:
+        return str(path)
+    base = load_train_config(AutoencoderTrainConfig, AE_CONFIG)
+    mult, channels = FIRST_STAGES[f]
+    config = replace(base, autoencoder=replace(base.autoencoder, ch_mult=mult, z_channels=channels,
+                                               embed_dim=channels),
+                     steps=args.ae_steps, disc_start=10**9, eval_every=args.ae_steps, sample_every=args.ae_steps,
+                     eval_images=64)
+    started = time.monotonic()
+    metrics = AutoencoderTrainer(config, run).train()
+    state["first_stages"][str(f)] = {"psnr": metrics.get("psnr"), "train_s": time.monotonic() - started,
+                                     "latent": latent_shape(f)}
+    return str(path)
+
+
+def measure_rate(f: int, args: argparse.Namespace) -> dict[str, float]:
+    """Training samples/s of factor f's UNet (forward, backward, AdamW; medians of timed steps after a warm-up)
+    and its training GFLOP per sample (forward + backward, torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.unet import UNet
+
+    config = ldm_config(f, "pixel", args)
+    torch.manual_seed(0)
+    net = UNet(config.unet)
+    size, c, b = 64 // f, latent_channels(f), args.batch_size
+    x, t = torch.randn(b, c, size, size), torch.randint(0, 1000, (b,))
+    context = torch.randn(b, 1, config.unet.context_dim or 1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step() -> None:
+        net(x, t, context=context).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        net(x, t, context=context).square().mean().backward()
+    opt.zero_grad(set_to_none=True)
+    step()
+    times = []
+    while len(times) < 3 or (sum(times) < 8 and len(times) < 30):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    seconds = sorted(times)[len(times) // 2]
+    return {"samples_per_s": b / seconds, "gflop_per_sample": counter.get_total_flops() / b / 1e9,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+
+
+def train_to(f: int, steps: int, autoencoder: str, args: argparse.Namespace) -> Path:
+    """Factor f's model trained to `steps` (resumed from its checkpoint) and exported with its EMA weights."""
+    run = args.work / f"ldm-f{f}"
+    done = run / f"model-{steps}.safetensors"
+    if not done.is_file():
+        LDMTrainer(replace(ldm_config(f, autoencoder, args), steps=steps), run).train()
+        os.replace(run / "model.safetensors", done)
+    return done
+
+
+def evaluate_model(path: Path, args: argparse.Namespace, *, throughput: bool) -> dict[str, float | None]:
+    """The judge's class accuracy and Fréchet distance on held-out classes (`ldm eval --task class`'s), and,
+    once per factor, sampling images/s (a batch of 8 after a warm-up batch)."""
+    from models.checkpoints import load_model
+    from models.eval.conditions import evaluate_task
+    from models.pipeline import Pipeline, RunSettings, SampleSpec
+
+    pipeline = Pipeline(load_model(path))
+    out: dict[str, float | None] = {}
+    if throughput:
+        settings = RunSettings(sampler=SAMPLER, steps=args.steps)
+        specs = [SampleSpec("", "", i, 5.0) for i in range(8)]
+        pipeline.class2img(specs[:2], settings, [0, 1])
+        started = time.perf_counter()
+        pipeline.class2img(specs, settings, list(range(8)))
+        out["sample_images_per_s"] = len(specs) / (time.perf_counter() - started)
+    report = evaluate_task(pipeline, "class", args.n, sampler=SAMPLER, steps=args.steps, progress=False)
+    return out | {"accuracy": report.accuracy, "fd": report.fd, "fd_reference": report.fd_reference}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0, help="diffusion training budget per model")
-    parser.add_argument("--factors", default="1,2,4,8", help="downsampling factors to compare")
-    parser.add_argument("--ae-steps", type=int, default=1000, help="training steps of each autoencoder")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--milestones", default="150,300,600",
+                        help="training compute per factor at which every model is evaluated (seconds of this machine)")
+    parser.add_argument("--factors", default="1,2,4,8,16,32", help="downsampling factors to compare")
+    parser.add_argument("--width", type=int, default=32, help="UNet model_channels (the same for every factor)")
+    parser.add_argument("--ae-steps", type=int, default=400, help="training steps of each autoencoder")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--pool", type=int, default=8000, help="training images encoded once per model")
-    parser.add_argument("--prompts", type=int, default=100, help="grammar prompts for accuracy and Fréchet distance")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (dpmpp_2m)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--work", type=Path, default=Path("runs/latent-factor-bench"),
-                        help="scratch folder (git-ignored)")
+    parser.add_argument("--n", type=int, default=72, help="held-out classes drawn per evaluation")
+    parser.add_argument("--steps", type=int, default=20, help=f"sampler steps ({SAMPLER})")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "latent-factor",
+                        help="checkpoints and state (git-ignored)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latent_factor.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "latent_factor.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows: list[dict[str, Any]] = []
-    for f in (int(x) for x in args.factors.split(",")):
-        autoencoder, ae_metrics = first_stage(f, args, args.work)
-        model_path, train = train_ldm(f, autoencoder, args, args.work)
-        quality = evaluate_model(model_path, args)
-        rows.append({"f": f, "latent": latent_shape(f), "ae_psnr": ae_metrics.get("psnr"),
-                     "ae_train_s": ae_metrics.get("train_s"), "train_steps": train["step"],
-                     "train_samples_per_s": train["samples_per_s"], **quality})
-        print(json.dumps(rows[-1]), flush=True)
-    table = markdown_table(rows, args)
-    publish({"rows": rows, "minutes_per_model": args.minutes, "prompts": args.prompts,
-             "threads": torch.get_num_threads()}, table, args.out)
-    write_svg(rows, args.out.with_suffix(".svg"))
+    factors = [int(x) for x in args.factors.split(",")]
+    unknown = sorted(set(factors) - {1, *FIRST_STAGES})
+    if unknown:
+        choices = ", ".join(map(str, FIRST_STAGES))
+        parser.error(f"factors {unknown} have no first-stage design; choose from 1, {choices}")
+    milestones = sorted(float(x) for x in args.milestones.split(","))
+    state = load_state(args)
+    for f in factors:
+        if str(f) not in state["rates"]:
+            state["rates"][str(f)] = measure_rate(f, args)
+            save_state(args, state)
+        logging.info("f=%d: %s", f, state["rates"][str(f)])
+    autoencoders = {}
+    for f in factors:
+        autoencoders[f] = first_stage(f, args, state)
+        save_state(args, state)
+    for seconds in milestones:
+        for f in factors:
+            key = f"{f}@{seconds:g}"
+            if key in state["evals"]:
+                continue
+            rate = state["rates"][str(f)]["samples_per_s"]
+            steps = max(1, round(seconds * rate / args.batch_size))
+            path = train_to(f, steps, autoencoders[f], args)
+            first = not any(e["f"] == f for e in state["evals"].values())
+            state["evals"][key] = {"f": f, "compute_s": seconds, "steps": steps, "samples": steps * args.batch_size,
+                                   "tflop": steps * args.batch_size * state["rates"][str(f)]["gflop_per_sample"] / 1e3,
+                                   **evaluate_model(path, args, throughput=first)}
+            save_state(args, state)
+            logging.info("%s: %s", key, state["evals"][key])
+        report(state, args)
     return 0
 
 
-def latent_shape(f: int) -> str:
-    return f"{64 // f}x{64 // f}x{3 if f in (1, 2, 4) else 4}"
+def load_state(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.work / "state.json"
+    setup = setup_of(args)
+    if not path.is_file():
+        return {"setup": setup, "rates": {}, "first_stages": {}, "evals": {}}
+    state: dict[str, Any] = json.loads(path.read_text())
+    if state["setup"] != setup:
+        changed = sorted(k for k in setup if state["setup"].get(k) != setup[k])
+        raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): continue it with the same "
+                         f"settings or give another --work")
+    return state
 
 
-def evaluate_model(model_path: Path, args: argparse.Namespace) -> dict[str, float | None]:
-    """Sampling throughput (a batch of 8, after a warm-up batch) and the `ldm eval` figures."""
-    from models.checkpoints import load_model
-    from models.eval.evaluate import evaluate
-    from models.eval.prompts import random_prompts
-    from models.pipeline import Pipeline, RunSettings, SampleSpec
-
-    pipeline = Pipeline(load_model(model_path))
-    prompts = random_prompts(args.prompts, seed=1)
-    specs = [SampleSpec(p, "", i, args.guidance) for i, p in enumerate(prompts[:8])]
-    settings = RunSettings(steps=args.steps)
-    pipeline.txt2img(specs[:2], settings)
-    started = time.perf_counter()
-    pipeline.txt2img(specs, settings)
-    images_per_s = len(specs) / (time.perf_counter() - started)
-    report = evaluate(pipeline, prompts, steps=args.steps, guidance=args.guidance, recon_images=64)
-    return {"sample_images_per_s": images_per_s, "fd": report.fd, "fd_reference": report.fd_reference,
-            "acc_single": report.single_accuracy, "acc_pair": report.pair_accuracy, "recon_psnr": report.recon_psnr}
+def save_state(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    path = args.work / "state.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
 
 
-def markdown_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = ("| f | latent | training samples/s | steps in budget | sampling images/s | Fréchet distance | "
-            "prompt accuracy (1 object) | prompt accuracy (2 objects) |\n|---|---|---|---|---|---|---|---|")
-    lines = [head]
+def report(state: dict[str, Any], args: argparse.Namespace) -> None:
+    """Table, JSON and plot of every finished (factor, milestone)."""
+    rows = sorted(state["evals"].values(), key=lambda r: (r["compute_s"], r["f"]))
+    throughput = {r["f"]: r["sample_images_per_s"] for r in rows if "sample_images_per_s" in r}
     for r in rows:
-        lines.append(f"| {r['f']} | {r['latent']} | {r['train_samples_per_s']:.1f} | {int(r['train_steps'])} | "
-                     f"{r['sample_images_per_s']:.2f} | {r['fd']:.1f} | {100 * r['acc_single']:.0f} % | "
-                     f"{100 * r['acc_pair']:.0f} % |")
-    return "\n".join(lines) + f"\n\n{args.minutes:g} min of diffusion training per model on one CPU thread."
+        r["sample_images_per_s"] = throughput.get(r["f"])
+    publish({"setup": state["setup"], "rates": state["rates"], "first_stages": state["first_stages"],
+             "rows": rows, "ldm_config": asdict(ldm_config(1, "pixel", args))["unet"]},
+            markdown_table(rows, state), args.out)
+    plot(rows, state, args.plot)
 
 
-def write_svg(rows: list[dict[str, Any]], path: Path) -> None:
-    """Three small bar charts side by side (no plotting library needed): training throughput, sampling
-    throughput, Fréchet distance, one bar per f."""
-    panels = [("training samples/s", "train_samples_per_s"), ("sampling images/s", "sample_images_per_s"),
-              ("Fréchet distance (lower is better)", "fd"), ("prompt accuracy, 1 object", "acc_single")]
-    width, height, pad = 220, 180, 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height + 40}" '
-             'font-family="sans-serif" font-size="11">']
-    for p, (title, key) in enumerate(panels):
-        x0 = p * width
-        values = [float(r[key]) for r in rows]
-        top = max(values) or 1.0
-        parts.append(f'<text x="{x0 + width / 2}" y="14" text-anchor="middle">{title}</text>')
-        bar_w = (width - 2 * pad) / max(len(rows), 1)
-        for i, (r, v) in enumerate(zip(rows, values, strict=True)):
-            h = (height - 40) * v / top
-            x = x0 + pad + i * bar_w
-            parts.append(f'<rect x="{x + 4:.1f}" y="{height - h:.1f}" width="{bar_w - 8:.1f}" height="{h:.1f}" '
-                         f'fill="#4a7fb5"/>')
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height - h - 3:.1f}" text-anchor="middle">'
-                         f'{v:.3g}</text>')
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height + 14}" text-anchor="middle">f={r["f"]}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+def markdown_table(rows: list[dict[str, Any]], state: dict[str, Any]) -> str:
+    lines = ["| f | latent | first stage PSNR | training samples/s | GFLOP/sample | compute (s) | steps | "
+             "sampling images/s | Fréchet distance | class accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["f"]
+        psnr = state["first_stages"].get(str(f), {}).get("psnr")
+        images, rate = r.get("sample_images_per_s"), state["rates"][str(f)]
+        lines.append(f"| {f} | {latent_shape(f)} | {'pixels' if psnr is None else f'{psnr:.1f} dB'} | "
+                     f"{rate['samples_per_s']:.1f} | {rate['gflop_per_sample']:.3f} | "
+                     f"{r['compute_s']:g} | {r['steps']} | {'' if images is None else f'{images:.2f}'} | "
+                     f"{r['fd']:.0f} | {100 * r['accuracy']:.0f} % |")
+    reference = next((r["fd_reference"] for r in rows if r.get("fd_reference") is not None), None)
+    floor = "" if reference is None else f" Real-vs-real Fréchet distance at this N: {reference:.0f}."
+    return "\n".join(lines) + f"\n\n{state['setup']['n_eval']} held-out classes per evaluation.{floor}"
+
+
+def plot(rows: list[dict[str, Any]], state: dict[str, Any], path: Path) -> None:
+    """Fréchet distance and class accuracy against training compute, one line per factor (the paper's Fig. 6),
+    and sampling throughput per factor (Fig. 7's other axis)."""
+    from bench.plots import COLOURS, Panel, Series, _figure
+
+    computes = sorted({r["compute_s"] for r in rows})
+    factors = sorted({r["f"] for r in rows})
+    by = {(r["f"], r["compute_s"]): r for r in rows}
+    palette = [*COLOURS, (140, 86, 75)]
+    lines_fd, lines_acc = [], []
+    for i, f in enumerate(factors):
+        done = [c for c in computes if (f, c) in by]
+        if len(done) != len(computes):
+            continue  # a factor cut mid-milestone joins the plot once it has every level
+        lines_fd.append(Series(f"f={f}", [by[f, c]["fd"] for c in computes], palette[i % len(palette)]))
+        lines_acc.append(Series(f"f={f}", [100 * by[f, c]["accuracy"] for c in computes], palette[i % len(palette)]))
+    image, origins = _figure(3, "Latent factor study: class-conditional shapes, equal training compute per factor "
+                                f"({state['setup']['threads']} CPU threads)")
+    cats = [f"{c:g}" for c in computes]
+    top = max((v for s in lines_fd for v in s.values), default=1.0)
+    Panel(image, origins[0], "Frechet distance", "lower is better", cats, "training compute (s)", top).lines(lines_fd)
+    Panel(image, origins[1], "class accuracy", "%", cats, "training compute (s)", 100.0).lines(lines_acc)
+    rates = [next((r["sample_images_per_s"] for r in rows if r["f"] == f and r.get("sample_images_per_s")), 0.0)
+             for f in factors]
+    Panel(image, origins[2], "sampling", "images/s", [f"f={f}" for f in factors], f"{SAMPLER}, 20 steps",
+          max(rates) or 1.0).bars([Series("images/s", rates, COLOURS[0])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from bench.mixed_workload import MAX_BATCH, schedule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.mixed_workload import MAX_BATCH, schedule  # noqa: E402
 
 Cost = Callable[[int], float]
 

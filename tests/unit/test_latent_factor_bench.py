@@ -1,0 +1,69 @@
+"""The latent factor study (bench/latent_factor_bench.py): each first stage downsamples by its factor, a study
+continues only with the settings it was started with, and its figures come out as a table and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bench import latent_factor_bench as study
+from models.autoencoder import Autoencoder, DiagonalGaussian
+from models.train.autoencoder_trainer import AutoencoderTrainConfig
+from models.train.common import load_train_config
+from models.unet import UNet
+
+
+def args_for(tmp_path: Path, **changes: object) -> argparse.Namespace:
+    values = {"factors": "1,4,32", "width": 16, "batch_size": 4, "lr": 5e-4, "pool": 64, "ae_steps": 2, "n": 4,
+              "steps": 2, "work": tmp_path} | changes
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize("f", sorted(study.FIRST_STAGES))
+def test_each_first_stage_downsamples_by_its_factor_and_its_unet_takes_the_latent(f: int) -> None:
+    base = load_train_config(AutoencoderTrainConfig, study.AE_CONFIG)
+    mult, channels = study.FIRST_STAGES[f]
+    ae = Autoencoder(replace(base.autoencoder, ch=8, ch_mult=mult, z_channels=channels, embed_dim=channels))
+    with torch.no_grad():
+        posterior = ae.encode(torch.zeros(1, 3, 64, 64))
+        assert isinstance(posterior, DiagonalGaussian)
+        latent = posterior.mode()
+        assert latent.shape == (1, channels, 64 // f, 64 // f)
+        assert study.latent_shape(f) == f"{64 // f}x{64 // f}x{channels}"
+        unet = UNet(study.ldm_config(f, "pixel", args_for(Path("."))).unet)
+        out = unet(latent, torch.tensor([500]), context=torch.zeros(1, 1, unet.config.context_dim or 1))
+    assert out.shape == latent.shape  # even a 2x2 latent goes down and up the UNet's levels
+
+
+def test_a_study_continues_only_with_its_own_settings(tmp_path: Path) -> None:
+    args = args_for(tmp_path)
+    state = study.load_state(args)
+    state["rates"]["4"] = {"samples_per_s": 100.0, "gflop_per_sample": 0.5, "params_m": 1.0}
+    study.save_state(args, state)
+    assert study.load_state(args)["rates"]["4"]["samples_per_s"] == 100.0
+    with pytest.raises(SystemExit, match="width"):
+        study.load_state(args_for(tmp_path, width=24))
+
+
+def test_the_report_has_a_row_per_factor_and_compute_and_a_plot(tmp_path: Path) -> None:
+    args = argparse.Namespace(**(vars(args_for(tmp_path)) | {"out": tmp_path / "lf.json", "plot": tmp_path / "lf.png"}))
+    state = study.load_state(args)
+    for f, rate in ((1, 5.0), (4, 120.0)):
+        state["rates"][str(f)] = {"samples_per_s": rate, "gflop_per_sample": 8.0 / f**2, "params_m": 1.7}
+        for seconds, fd in ((100.0, 9000.0 / f), (200.0, 5000.0 / f)):
+            state["evals"][f"{f}@{seconds:g}"] = {"f": f, "compute_s": seconds, "steps": int(seconds * rate / 64),
+                                                  "accuracy": 0.1 * f, "fd": fd, "fd_reference": 900.0,
+                                                  **({"sample_images_per_s": 0.5 * f} if seconds == 100 else {})}
+    state["first_stages"]["4"] = {"psnr": 27.5, "train_s": 60.0, "latent": "16x16x3"}
+    study.report(state, args)
+    table = json.loads((tmp_path / "lf.json").read_text())["table_markdown"]
+    assert "| 4 | 16x16x3 | 27.5 dB | 120.0 |" in table and "| 1 | 64x64x3 | pixels |" in table
+    assert "Real-vs-real Fréchet distance at this N: 900" in table
+    with Image.open(tmp_path / "lf.png") as image:
+        assert image.width == 3 * 360 and image.format == "PNG"
