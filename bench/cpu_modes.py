@@ -96,8 +96,8 @@ def quality(load: Any, size: int, modes: tuple[Mode, ...] = MODES) -> dict[str, 
     return out
 
 
-def quality_models(size_parity: int = 256) -> dict[str, Any]:
-    """Quality of every mode on the parity model (at `size_parity` px) and on tiny-shapes (at its 64 px)."""
+def quality_models(size_parity: int = 256, modes: tuple[Mode, ...] = MODES) -> dict[str, Any]:
+    """Quality of `modes` on the parity model (at `size_parity` px) and on tiny-shapes (at its 64 px)."""
     from models.checkpoints import load_model
     from models.tokenizers import CLIPTokenizer
     from tests.helpers import write_clip_tokenizer
@@ -107,8 +107,8 @@ def quality_models(size_parity: int = 256) -> dict[str, Any]:
         tok = write_clip_tokenizer(Path(tmp) / "tokenizer")
         path = Path(tmp) / "parity.safetensors"
         write_checkpoint(sd_config(CLIPTokenizer.from_dir(tok).vocab_size), path)
-        parity = quality(lambda dtype: load_model(path, tokenizer_dir=tok, dtype=dtype).eval(), size_parity)
-    shapes = quality(lambda dtype: load_model("tiny-shapes", dtype=dtype).eval(), 64)
+        parity = quality(lambda dtype: load_model(path, tokenizer_dir=tok, dtype=dtype).eval(), size_parity, modes)
+    shapes = quality(lambda dtype: load_model("tiny-shapes", dtype=dtype).eval(), 64, modes)
     return {"parity_model": {"size_px": size_parity, "modes": parity},
             "tiny_shapes": {"size_px": 64, "modes": shapes},
             "setup": f"{len(QUALITY_PROMPTS)} prompts, seeds 0-{len(QUALITY_PROMPTS) - 1}, DPM-Solver++ 20 steps, "

@@ -11,7 +11,7 @@ against this machine's measured fp32 matmul peak: the faster of MKL (`torch.mm`)
 4096^2, measured before and after the runs (MKL is the slower one on AMD CPUs).
 
 A table goes to stdout; the figures go to bench/results/model_bench.json. Not a test: nothing fails.
-    python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick] [--opt-ins]
+    python bench/model_bench.py [--runs 5] [--steps 20] [--size 256] [--quick] [--opt-ins [MODE ...]]
 
 `--opt-ins` adds the UNet step in the CPU opt-in modes of bench/cpu_modes.py (bf16 on CPUs with AVX512-BF16 /
 AMX, and compiled: torch.compile with freezing), the memory each mode's UNet holds and peaks at, and the
@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu_modes import MODES, Mode  # noqa: E402
 from bench.results_io import publish  # noqa: E402
 from models.config import builtin_config  # noqa: E402
 from models.cpu_inference import optimize_for_cpu_inference  # noqa: E402
@@ -366,15 +367,15 @@ def peak_rss_gib() -> float:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any) -> tuple[dict[str, Callable[[], Any]],
-                                                                              dict[str, Any]]:
-    """UNet-step cases of the opt-in modes (bench/cpu_modes.py) and each mode's memory cost (its UNet copy,
+def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any, modes: tuple[Mode, ...]
+                 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """UNet-step cases of the opt-in `modes` (bench/cpu_modes.py) and each mode's memory cost (its UNet copy,
     prepared and run once: compilation included), beside the default fp32 path's for comparison."""
-    from bench.cpu_modes import MODES, has_bf16_hardware, memory_cost, prepared_unet
+    from bench.cpu_modes import has_bf16_hardware, memory_cost, prepared_unet
 
     cases: dict[str, Callable[[], Any]] = {}
     memory: dict[str, Any] = {}
-    for mode in (None, *MODES):
+    for mode in (None, *modes):
         if mode == "bf16" and not has_bf16_hardware():
             memory["bf16"] = "not offered: this CPU reports neither avx512_bf16 nor amx_bf16"
             continue
@@ -396,7 +397,7 @@ def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any) -> tuple[dict
     return cases, memory
 
 
-def run(runs: int, steps: int, size: int, quick: bool, opt_ins: bool = False) -> dict[str, Any]:
+def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...] = ()) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory()
     tok = write_clip_tokenizer(Path(tmp.name) / "tokenizer")
     eager = build_ours(tok)
@@ -411,7 +412,7 @@ def run(runs: int, steps: int, size: int, quick: bool, opt_ins: bool = False) ->
     with torch.inference_mode():
         unet_gflop = count_gflop(lambda: eager.unet(x, t, ctx))
         vae_gflop = count_gflop(lambda: eager.autoencoder.decode(z))
-        modes, mode_memory = opt_in_unets(eager, x, t, ctx) if opt_ins else ({}, {})
+        modes, mode_memory = opt_in_unets(eager, x, t, ctx, opt_ins) if opt_ins else ({}, {})
         results["unet_step"] = interleaved({
             "ours": lambda: fast.unet(x, t, ctx),
             "ours_eager": lambda: eager.unet(x, t, ctx),
@@ -438,7 +439,7 @@ def run(runs: int, steps: int, size: int, quick: bool, opt_ins: bool = False) ->
     if opt_ins:
         from bench.cpu_modes import quality_models
 
-        extra = {"opt_in_memory_gib": mode_memory, "opt_in_quality": quality_models()}
+        extra = {"opt_in_memory_gib": mode_memory, "opt_in_quality": quality_models(modes=opt_ins)}
     return {
         **extra,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
@@ -518,9 +519,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--quick", action="store_true", help="UNet and VAE only, no whole generation or memory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
-    parser.add_argument("--opt-ins", action="store_true",
-                        help="also the UNet step in the CPU opt-in modes (bf16 where the CPU has it, compiled), their "
-                        "memory cost and their images' difference from fp32 (bench/cpu_modes.py)")
+    parser.add_argument("--opt-ins", nargs="*", choices=("bf16", "compiled"), default=None, metavar="MODE",
+                        help="also the UNet step in the CPU opt-in modes (bf16 where the CPU has it, compiled; all "
+                        "when none is named), their memory cost and their images' difference from fp32 "
+                        "(bench/cpu_modes.py)")
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure only the peak memory rows of an existing --out file")
     parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
@@ -571,7 +573,8 @@ def main() -> None:
         steps, size = data["setup"]["steps"], data["setup"]["size_px"]
         data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size), 2) for k in ("ours", "diffusers")}
     else:
-        data = run(args.runs, args.steps, args.size, args.quick, args.opt_ins)
+        opt_ins: tuple[Mode, ...] = () if args.opt_ins is None else tuple(args.opt_ins) or MODES
+        data = run(args.runs, args.steps, args.size, args.quick, opt_ins)
     publish(data, report(data), args.out)
 
 
