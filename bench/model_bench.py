@@ -177,7 +177,7 @@ def cpu_model() -> str:
 def matmul_peaks(n: int = 4096, runs: int = 5) -> dict[str, float]:
     """fp32 GFLOP/s of an n x n x n product through each GEMM library torch has here: MKL (`torch.mm`) and oneDNN
     (`mkldnn._linear_pointwise`, which our token linears use). On AMD CPUs MKL takes a slower code path (seen here:
-    135-162 against oneDNN's 187-206 on a Zen 4), so `torch.mm` alone understates what the machine can do."""
+    131-173 against oneDNN's 187-210 on a Zen 4), so `torch.mm` alone understates what the machine can do."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     products: dict[str, Callable[[], Any]] = {
         "torch_mm": lambda: torch.mm(a, b),

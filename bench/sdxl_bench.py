@@ -14,12 +14,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import platform
 from typing import Any
 
 import torch
 
-from bench.model_bench import count_gflop, interleaved, matmul_peak_gflops, random_normal
+from bench.model_bench import count_gflop, cpu_model, interleaved, matmul_peak_gflops, random_normal
 from models.cpu_inference import optimize_for_cpu_inference
 from models.diffusers_layout import unet_key_map
 from models.unet import UNet, UNetConfig
@@ -85,7 +84,7 @@ def run_sdxl(runs: int, full: bool) -> dict[str, Any]:
         }, runs)}
     params = sum(p.numel() for p in theirs.parameters())
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "diffusers": __import__("diffusers").__version__,
                     "matmul_peak_gflops": round(matmul_peak_gflops(), 1)},
