@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cpu_inference import compile_unet_for_cpu, optimize_for_cpu_inference
+from models.cpu_inference import compile_unet_for_cpu, cpu_has_bf16, optimize_for_cpu_inference
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 
@@ -35,12 +35,9 @@ QUALITY_PROMPTS = ["a red circle on the left", "a blue square", "a green triangl
 
 
 def has_bf16_hardware() -> bool:
-    """Whether this CPU reports AVX512-BF16 or AMX-BF16 (without them bf16 is emulated, and slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether this CPU reports bf16 instructions (models.cpu_inference.cpu_has_bf16); without them bf16 is
+    emulated, and slower than fp32."""
+    return bool(cpu_has_bf16())
 
 
 def prepared_unet(eager_unet: nn.Module, mode: Mode | None) -> nn.Module:

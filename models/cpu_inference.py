@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +84,29 @@ def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
     prepack_convolutions(model)
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512, AMX) and Arm's /proc/cpuinfo names
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether the CPU computes in bf16 natively (any of BF16_CPU_FLAGS among the flags of `cpuinfo`); None when
+    it cannot be told (no such file). Without them oneDNN emulates bf16, which is slower than fp32; with them bf16
+    measured 1.7x (AVX512-BF16) to 2.3x (AMX) the fp32 UNet step (docs/benchmarks.md)."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return None
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def emulated_bf16_warning(device: torch.device, dtype: torch.dtype,
+                          cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """What to tell someone who chose bf16 on a CPU that would only emulate it (None when nothing is wrong)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_bf16(cpuinfo) is not False:
+        return None
+    return (f"bf16 asked for on a CPU without bf16 instructions ({cpuinfo} lists none of {', '.join(BF16_CPU_FLAGS)}): "
+            "oneDNN emulates it, which is slower than fp32; choose fp32 here")
 
 
 def is_packed(model: nn.Module) -> bool:
