@@ -100,13 +100,20 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
-def emulated_bf16_warning(device: torch.device, dtype: torch.dtype,
-                          cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """What to tell someone who chose bf16 on a CPU that would only emulate it (None when nothing is wrong)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_bf16(cpuinfo) is not False:
+def cpu_dtype_warning(device: torch.device, dtype: torch.dtype,
+                      cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """What to tell someone whose dtype choice makes a CPU run slower than fp32 (None when nothing is wrong): fp16,
+    which the CPU path leaves unoptimised (no prepacked convolutions or oneDNN linears), and bf16 on a CPU that
+    would only emulate it."""
+    if device.type != "cpu":
         return None
-    return (f"bf16 asked for on a CPU without bf16 instructions ({cpuinfo} lists none of {', '.join(BF16_CPU_FLAGS)}): "
-            "oneDNN emulates it, which is slower than fp32; choose fp32 here")
+    if dtype == torch.float16:
+        return ("fp16 asked for on the CPU: it runs without the CPU optimisations (prepacked convolutions, oneDNN "
+                "linears) and is slower than fp32; choose fp32, or bf16 where the CPU has bf16 instructions")
+    if dtype == torch.bfloat16 and cpu_has_bf16(cpuinfo) is False:
+        return (f"bf16 asked for on a CPU without bf16 instructions ({cpuinfo} lists none of "
+                f"{', '.join(BF16_CPU_FLAGS)}): oneDNN emulates it, which is slower than fp32; choose fp32 here")
+    return None
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from models.checkpoints import load_model
 from models.config import builtin_config
-from models.cpu_inference import emulated_bf16_warning
+from models.cpu_inference import cpu_dtype_warning
 from models.diffusion import PredictionType
 from models.ldm import LatentDiffusion
 from models.names import DTypeName
@@ -52,7 +52,7 @@ def resolve_model(spec: str, *, tokenizer: Path | None = None, device: torch.dev
     untrained weights (clearly not a real model)."""
     device = device if device is not None else pick_device(None)
     dtype = dtype if dtype is not None else pick_dtype(device, None)
-    if (warning := emulated_bf16_warning(device, dtype)) is not None:
+    if (warning := cpu_dtype_warning(device, dtype)) is not None:
         log.warning(warning)
     if spec.startswith(RANDOM_PREFIX):
         log.warning("model %s has RANDOM, untrained weights: images will be noise", spec)
