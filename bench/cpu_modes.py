@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cpu_inference import compile_unet_for_cpu, cpu_has_bf16, optimize_for_cpu_inference
+from models.cpu_inference import compile_unet_for_cpu, optimize_for_cpu_inference
 from models.ldm import LatentDiffusion
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 
@@ -32,12 +32,6 @@ T = TypeVar("T")
 Mode = Literal["bf16", "compiled"]
 MODES: tuple[Mode, ...] = ("bf16", "compiled")
 QUALITY_PROMPTS = ["a red circle on the left", "a blue square", "a green triangle at the top"]
-
-
-def has_bf16_hardware() -> bool:
-    """Whether this CPU reports bf16 instructions (models.cpu_inference.cpu_has_bf16); without them bf16 is
-    emulated, and slower than fp32."""
-    return bool(cpu_has_bf16())
 
 
 def prepared_unet(eager_unet: nn.Module, mode: Mode | None) -> nn.Module:

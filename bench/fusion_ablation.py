@@ -5,7 +5,8 @@ Issue 19 proposed fusions for the CPU path (oneDNN post-ops). The default path (
 SD-1.5 UNet at 256 px the GEMMs, convolutions and attention take ~95 % of a step. This bench applies each candidate
 to the same prepared SD-1.5 UNet (random weights, fp32, latent 32x32, batch 2), times the step interleaved with the
 default (medians over the clean runs, as bench/model_bench.py does), and reports each one's time relative to the
-default and its largest difference from the default's output:
+default and its largest difference from the default's output, and where the default step's time goes (shares of
+torch.profiler's self CPU time by kind of op):
 
 - `geglu`: the feed-forward's GEGLU as two oneDNN products with post-ops (the gate's GELU (erf) in the first, the
   multiply by the gate in the second) instead of one product, a chunk, GELU and a multiply.
@@ -106,6 +107,24 @@ class Switch:
                 block.forward = types.MethodType(residual_in_conv, block)  # type: ignore[method-assign]
 
 
+#: torch.profiler op names by kind, for the default step's time shares (the rest counts as elementwise and other)
+OP_KINDS = {"convolutions": ("mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"),
+            "token linears": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm"),
+            "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
+
+
+def time_shares(fn: Callable[[], Any]) -> dict[str, float]:
+    """Each kind of op's share of one call's self CPU time (torch.profiler, which inflates the small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    by_op = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(by_op.values())
+    shares = {kind: sum(by_op.get(op, 0.0) for op in ops) / total for kind, ops in OP_KINDS.items()}
+    return {**shares, "elementwise and other": 1.0 - sum(shares.values())}
+
+
 def run(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_ours(write_clip_tokenizer(Path(tmp) / "tokenizer"))
@@ -127,6 +146,7 @@ def run(runs: int) -> dict[str, Any]:
     with torch.inference_mode():
         reference = step(())()
         differences = {name: float((step(parts)() - reference).abs().max()) for name, parts in VARIANTS.items()}
+        shares = time_shares(step(()))
         results = interleaved({name: step(parts) for name, parts in VARIANTS.items()}, runs)
     return {
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
@@ -134,6 +154,7 @@ def run(runs: int) -> dict[str, Any]:
         "setup": {"model": "SD-1.5 UNet, random weights", "latent": 32, "unet_batch": 2, "dtype": "fp32",
                   "runs": runs, "unet_step_gflop": round(gflop, 1)},
         "max_abs_difference": differences,
+        "default_time_shares": {kind: round(share, 3) for kind, share in shares.items()},
         "results": results,
     }
 
@@ -149,6 +170,8 @@ def report(data: dict[str, Any]) -> str:
                      f"{len(r['runs_s'])} | {data['max_abs_difference'][name]:.1e} |")
     lines.append(f"\nSD-1.5 UNet step, latent 32x32, batch 2, fp32, {data['setup']['unet_step_gflop']} GFLOP; "
                  f"fp32 matmul peak {data['machine']['matmul_peak_gflops']:.0f} GFLOP/s.")
+    lines.append("Default step's time (torch.profiler, self CPU time): " + ", ".join(
+        f"{kind} {100 * share:.0f} %" for kind, share in data["default_time_shares"].items()) + ".")
     return "\n".join(lines)
 
 

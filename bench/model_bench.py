@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu_modes import MODES, Mode  # noqa: E402
 from bench.results_io import publish  # noqa: E402
 from models.config import builtin_config  # noqa: E402
-from models.cpu_inference import optimize_for_cpu_inference  # noqa: E402
+from models.cpu_inference import cpu_has_bf16, optimize_for_cpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.text.clip import CLIPTextConditioner  # noqa: E402
@@ -371,12 +371,12 @@ def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any, modes: tuple[
                  ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """UNet-step cases of the opt-in `modes` (bench/cpu_modes.py) and each mode's memory cost (its UNet copy,
     prepared and run once: compilation included), beside the default fp32 path's for comparison."""
-    from bench.cpu_modes import has_bf16_hardware, memory_cost, prepared_unet
+    from bench.cpu_modes import memory_cost, prepared_unet
 
     cases: dict[str, Callable[[], Any]] = {}
     memory: dict[str, Any] = {}
     for mode in (None, *modes):
-        if mode == "bf16" and not has_bf16_hardware():
+        if mode == "bf16" and not cpu_has_bf16():
             memory["bf16"] = "not offered: this CPU reports neither avx512_bf16 nor amx_bf16"
             continue
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
@@ -443,7 +443,7 @@ def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...]
     return {
         **extra,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                    "bf16_hardware": __import__("bench.cpu_modes").cpu_modes.has_bf16_hardware(),
+                    "bf16_hardware": bool(cpu_has_bf16()),
                     "load_average_at_end": os.getloadavg(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "diffusers": __import__("diffusers").__version__, "matmul_peak_gflops": round(peak, 1),

@@ -37,7 +37,20 @@ def test_report_has_a_row_per_variant() -> None:
     results = {name: {"median_s": 1.0 + i / 10, "runs_s": [1.0] * 3, "clean_runs": 3}
                for i, name in enumerate(ablation.VARIANTS)}
     data = {"results": results, "max_abs_difference": dict.fromkeys(ablation.VARIANTS, 0.0),
-            "setup": {"unet_step_gflop": 360.2}, "machine": {"matmul_peak_gflops": 190.0}}
+            "setup": {"unet_step_gflop": 360.2}, "machine": {"matmul_peak_gflops": 190.0},
+            "default_time_shares": {"convolutions": 0.5, "elementwise and other": 0.05}}
     table = ablation.report(data)
     for i, name in enumerate(ablation.VARIANTS):
         assert f"| {name} | {1.0 + i / 10:.3f} | {1.0 + i / 10:.3f} |" in table
+    assert "convolutions 50 %, elementwise and other 5 %" in table
+
+
+def test_time_shares_add_up_and_find_the_products() -> None:
+    unet = randomize(UNet(UNetConfig(model_channels=32, context_dim=32)))
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32, generator=g)
+    with torch.inference_mode():
+        shares = ablation.time_shares(lambda: unet(x, t, ctx))
+    assert set(shares) == {*ablation.OP_KINDS, "elementwise and other"}
+    assert abs(sum(shares.values()) - 1.0) < 1e-9
+    assert shares["convolutions"] > 0 and shares["attention (SDPA)"] > 0
