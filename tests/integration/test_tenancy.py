@@ -9,7 +9,6 @@ idempotency keys are per API key, and a conflict names no job.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
 from collections.abc import Callable, Iterator
@@ -155,13 +154,15 @@ def test_idempotency_keys_do_not_cross_api_keys_and_a_conflict_names_no_job(app:
 # ------------------------------------------------------------------------------------------------ gRPC
 
 async def grpc_submit(stub: Any, key: str, idempotency_key: str, **fields: object) -> str:
-    """Submit over gRPC with an idempotency key (kept when the call's deadline passes: no worker here); its id."""
-    call = stub.Generate(pb.GenerateRequest(parameters=params(**fields), idempotency_key=idempotency_key),
-                         metadata=grpc_auth(key), timeout=1)
-    metadata = dict(await call.initial_metadata())
-    with contextlib.suppress(grpc.aio.AioRpcError):
-        await call
-    return str(metadata["ldm-job-id"])
+    """Submit over gRPC with an idempotency key and leave once the job id arrives; its id. The job stays queued (a
+    call with an idempotency key leaves its job when the client goes; no worker here). GenerateStream, whose
+    initial metadata reaches the client at once: grpc.aio's unary client receives it only with the call's end, so a
+    short deadline could pass before the server had sent it on two busy cores (seen in CI)."""
+    call = stub.GenerateStream(pb.GenerateRequest(parameters=params(**fields), idempotency_key=idempotency_key),
+                               metadata=grpc_auth(key), timeout=30)
+    job_id = str(dict(await call.initial_metadata())["ldm-job-id"])
+    call.cancel()
+    return job_id
 
 
 async def grpc_error(call: Any, stream: bool = False) -> grpc.aio.AioRpcError:
