@@ -8,8 +8,9 @@
 Protocol (see the README's architecture section):
 - `submit` writes the job hash, its input images and one entry on the model's stream, atomically, unless the
   idempotency key already names a job or the stream holds `queue_max_depth` unfinished jobs (`QueueFull`).
-- A worker `claim`s entries with XREADGROUP (consumer group `workers`) and `reclaim`s, with XAUTOCLAIM, entries
-  whose worker went silent for the visibility timeout; every delivery counts in `attempts`, and a job out of
+- A worker `claim`s entries with XREADGROUP (consumer group `workers`; read and taken in one script, which a
+  retry after a lost reply can answer again) and `reclaim`s, with XAUTOCLAIM, entries whose worker went silent
+  for the visibility timeout; every delivery counts in `attempts`, and a job out of
   attempts fails into the dead-letter stream. `start` marks it running, `progress` records steps (and keeps the
   entry's idle time at zero), `finish` stores the PNGs, marks it succeeded and only then XACKs, in one script.
 - Every state change is one Lua script, fenced by (worker, attempts): a worker that lost its job to another

@@ -3,8 +3,9 @@
 Redis connection errors are retried with exponential backoff `redis_retries` times, then raised as
 `QueueUnavailable` (503 / UNAVAILABLE); every socket has a timeout, so no call hangs. Every script is safe to
 repeat, so a retry after a lost reply does no harm (a submit retried keeps its job id; a settle already applied
-answers ok). The one exception is a claim whose reply is lost: its entries stay pending for this consumer and
-are reclaimed after the visibility timeout, so the job is late, not lost. Payloads are JSON, never pickle.
+answers ok; a claim retried answers the jobs its lost try took, which the claim script remembers under the
+call's token: they would otherwise sit pending for this consumer until the visibility timeout). Payloads are JSON,
+never pickle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
@@ -32,7 +34,7 @@ from service.queue.keys import EVENT_ID, GROUP, IDEMPOTENCY_KEY, JOB_ID, Keys
 from service.queue.pool import bounded_pool
 from service.queue.priority import read_order
 from service.queue.records import Claim, Job, JobEvent, JobStatus, Place, QueueStats, WorkerInfo
-from service.queue.scripts import SCRIPTS
+from service.queue.scripts import JOB_SLOT, SCRIPTS
 from service.schemas import PRIORITIES, GenerationRequest, Priority, admit
 
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)  # BusyLoadingError (AOF loading) included
@@ -86,6 +88,15 @@ def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
 # ----------------------------------------------------------------------------------------------- retries
 
 ScriptArg = bytes | str | int | float
+
+
+@dataclass
+class _ClaimTry:
+    """One `claim` call across its retries: its token (the claim script's record of what it took) and the streams
+    a try has read from (a retry asks those first for what the lost try took)."""
+
+    token: str
+    read: set[Priority] = field(default_factory=set)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -357,16 +368,16 @@ class JobQueue:
                     raise
         self._groups.add(model)
 
-    async def _take_entries(self, stream: str, model: str, consumer: str, entries: Sequence[tuple[Any, Any]],
-                            *, reclaim: bool) -> list[Claim]:
-        """Run the take script on entries delivered from `stream`; the claims that may run."""
+    async def _take_entries(self, stream: str, model: str, consumer: str,
+                            entries: Sequence[tuple[Any, Any]]) -> list[Claim]:
+        """Run the take script on entries taken over from `stream` (reclaim); the claims that may run."""
         entries = [(e, f) for e, f in entries if e is not None and f]  # 6.2 XAUTOCLAIM: deleted entries are nil
         if not entries:
             return []
         s, k = self.settings, self.keys
         keys = [stream, k.dead]
         args: list[ScriptArg] = [consumer, repr(time.time()), self._live_ttl_ms, self._final_ttl_ms,
-                                 repr(s.job_deadline_s), s.max_attempts, int(reclaim), model]
+                                 repr(s.job_deadline_s), s.max_attempts, 1, model]
         for entry, fields in entries:
             job_id = _s(fields[b"job"])
             keys += k.per_job(job_id)
@@ -383,35 +394,55 @@ class JobQueue:
         delivered: dict[Any, Any] = {s: _s(last) for s, (last, _) in zip(self.keys.streams(model), heads, strict=True)}
         return read_order(list(zip(PRIORITIES, waited, strict=True)), self.settings.priority_aging_s), delivered
 
-    @retrying
     async def claim(self, model: str, consumer: str, *, count: int | None = None,
                     block_ms: int | None = None) -> list[Claim]:
         """Up to `count` (max_batch) new jobs for `consumer`, high priority before normal before low with aging
         (`_heads`); waits at most `block_ms` (max_wait_ms) when none is there, and returns at once with what
-        there is otherwise. Cancelled and expired jobs are acknowledged and skipped."""
+        there is otherwise. Cancelled and expired jobs are acknowledged and skipped. Safe to retry: should a
+        reply be lost, the retry answers the jobs the lost try took (the claim script remembers them under this
+        call's token), which would otherwise wait for the visibility timeout."""
+        return await self._claim(model, consumer, _ClaimTry(uuid.uuid4().hex), count, block_ms)
+
+    @retrying
+    async def _claim(self, model: str, consumer: str, attempt: _ClaimTry, count: int | None,
+                     block_ms: int | None) -> list[Claim]:
         await self._ensure_group(model)
         count = count or self.settings.max_batch
+        claims: list[Claim] = []
         try:
+            for priority in [p for p in PRIORITIES if p in attempt.read]:  # a retry: what the lost tries took
+                if len(claims) < count:
+                    claims += await self._claim_from(model, priority, consumer, attempt.token, count - len(claims))
+            if claims:
+                return claims
             order, delivered = await self._heads(model)
             wait_ms = block_ms or self.settings.max_wait_ms
             if not order and wait_ms > 1:  # wait for the first entry no worker has been given (XREAD after each
                 # group's last delivered id returns at once if one came since the look), then look again
                 await self.redis.xread(delivered, count=1, block=self._block_ms(wait_ms))
                 order, _ = await self._heads(model)
-            claims: list[Claim] = []
             for priority in order:
                 if len(claims) >= count:
                     break
-                stream = self.keys.stream(model, priority)
-                reply: Any = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count - len(claims))
-                entries = [entry for _, batch in reply or [] for entry in batch]
-                claims += await self._take_entries(stream, model, consumer, entries, reclaim=False)
+                attempt.read.add(priority)
+                claims += await self._claim_from(model, priority, consumer, attempt.token, count - len(claims))
         except ResponseError as exc:
             if "NOGROUP" in str(exc) or "no such key" in str(exc):  # a stream deleted under us: recreate next call
                 self._groups.discard(model)
                 return []
             raise
         return claims
+
+    async def _claim_from(self, model: str, priority: Priority, consumer: str, token: str, count: int) -> list[Claim]:
+        """The claim script on one stream: up to `count` new entries read and taken (or, on a retry of the same
+        `token`, the jobs an earlier try took)."""
+        s, k = self.settings, self.keys
+        keys = [k.stream(model, priority), k.dead, k.claimed(token, priority)]
+        args: list[ScriptArg] = [consumer, repr(time.time()), self._live_ttl_ms, self._final_ttl_ms,
+                                 repr(s.job_deadline_s), s.max_attempts, 0, model, count,
+                                 int(s.visibility_timeout_s * 1000), *k.per_job(JOB_SLOT)]
+        taken = await self._lua["claim"](keys=keys, args=args)
+        return [Claim(_job_from_hash(_pairs(h)), _s(e), consumer) for e, h in taken]
 
     @retrying
     async def reclaim(self, model: str, consumer: str, *, count: int | None = None,
@@ -433,7 +464,7 @@ class JobQueue:
                     self._groups.discard(model)
                     return claims
                 raise
-            claims += await self._take_entries(stream, model, consumer, reply[1], reclaim=True)
+            claims += await self._take_entries(stream, model, consumer, reply[1])
         return claims
 
     def _group_by_stream(self, claims: Sequence[Claim]) -> dict[str, list[Claim]]:

@@ -31,6 +31,10 @@ class Keys:
         kind = "jobs" if priority == "normal" else f"jobs-{priority}"
         return f"{self.prefix}:{kind}:{model}"
 
+    def claimed(self, token: str, priority: Priority) -> str:
+        """What one claim call took from a stream of `priority` (entry and job ids), kept briefly for its retry."""
+        return f"{self.prefix}:claimed:{token}:{priority}"
+
     def streams(self, model: str) -> list[str]:
         """`model`'s job streams, highest priority first."""
         return [self.stream(model, p) for p in PRIORITIES]

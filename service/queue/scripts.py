@@ -12,6 +12,7 @@ from service.queue.keys import GROUP
 
 EVENTS_MAXLEN = 256  # events kept per job (approximately): progress of a long job needs no more for SSE resume
 DEAD_MAXLEN = 10_000  # dead letters kept (approximately)
+JOB_SLOT = "@JOB@"  # where a job id goes in the per-job key names `claim` receives
 
 # Per-job keys come in groups of four (Keys.per_job): hash, events, image, mask.
 
@@ -59,6 +60,39 @@ local function settle(job, events, image, mask, status, err, now, ttl, results)
   redis.call('PEXPIRE', job, ttl)
   redis.call('DEL', image, mask)
 end
+local function take(stream, dead, argv, entry, id, job, events, image, mask)
+  -- count a delivery of `entry` (job `id`) to argv[1], or settle a job that must not run (see _TAKE's ARGV);
+  -- {entry, HGETALL} when it may run
+  local consumer, now, live_ttl, final_ttl, max_attempts = argv[1], argv[2], tonumber(argv[3]), tonumber(argv[4]),
+                                                            tonumber(argv[6])
+  local status = redis.call('HGET', job, 'status')
+  local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')
+  if (not status) or status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+    ack(stream, entry)
+  elseif redis.call('HGET', job, 'cancel') == '1' then
+    settle(job, events, image, mask, 'cancelled', false, now, final_ttl, 0)
+    ack(stream, entry)
+  elseif argv[7] == '1' and attempts >= max_attempts then
+    local err = 'gave up after ' .. attempts .. ' attempts: the workers running it stopped responding'
+    settle(job, events, image, mask, 'failed', err, now, final_ttl, 0)
+    redis.call('XADD', dead, 'MAXLEN', '~', '@DEAD_MAXLEN@', '*', 'job', id, 'model', argv[8],
+               'attempts', attempts, 'error', err, 'at', now)
+    ack(stream, entry)
+  elseif status == 'queued' and past_deadline(job, now, argv[5]) then
+    settle(job, events, image, mask, 'failed', past_deadline(job, now, argv[5]), now, final_ttl, 0)
+    ack(stream, entry)
+  else
+    redis.call('HINCRBY', job, 'attempts', 1)
+    redis.call('HSET', job, 'status', 'queued', 'worker', consumer, 'step', 0)
+    if status == 'running' then
+      redis.call('HSET', job, 'total', 0)
+      event(events, live_ttl, {type='requeued', status='queued', step=0, total=0, results=0, at=tonumber(now)})
+    end
+    live(live_ttl, job, events, image, mask)
+    return {entry, redis.call('HGETALL', job)}
+  end
+  return false
+end
 """
 
 # KEYS: job, stream (the job's priority's), events, image, mask, idempotency, then every stream of the model (its depth)
@@ -92,43 +126,61 @@ if ARGV[9] == '1' then redis.call('SET', KEYS[6], ARGV[1] .. ' ' .. ARGV[4], 'PX
 return {'new', ARGV[1]}
 """
 
-# After XREADGROUP (claim) or XAUTOCLAIM (reclaim): count the delivery, or settle jobs that must not run.
+# After XAUTOCLAIM (reclaim): count the delivery, or settle jobs that must not run.
 # KEYS: stream, dead, then 4 per entry.  ARGV: consumer, now, live ttl, final ttl, deadline s, max attempts,
 # reclaim (0/1), model, then per entry: entry id, job id.  Returns {entry, HGETALL} per job to run.
 _TAKE = """
-local stream, dead, consumer, now = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local live_ttl, final_ttl, max_attempts = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
 local out = {}
 for i = 1, (#ARGV - 8) / 2 do
-  local entry, id, b = ARGV[7 + 2 * i], ARGV[8 + 2 * i], 4 * i - 1
-  local job, events, image, mask = KEYS[b], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3]
-  local status = redis.call('HGET', job, 'status')
-  local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')
-  if (not status) or status == 'succeeded' or status == 'failed' or status == 'cancelled' then
-    ack(stream, entry)
-  elseif redis.call('HGET', job, 'cancel') == '1' then
-    settle(job, events, image, mask, 'cancelled', false, now, final_ttl, 0)
-    ack(stream, entry)
-  elseif ARGV[7] == '1' and attempts >= max_attempts then
-    local err = 'gave up after ' .. attempts .. ' attempts: the workers running it stopped responding'
-    settle(job, events, image, mask, 'failed', err, now, final_ttl, 0)
-    redis.call('XADD', dead, 'MAXLEN', '~', '@DEAD_MAXLEN@', '*', 'job', id, 'model', ARGV[8],
-               'attempts', attempts, 'error', err, 'at', now)
-    ack(stream, entry)
-  elseif status == 'queued' and past_deadline(job, now, ARGV[5]) then
-    settle(job, events, image, mask, 'failed', past_deadline(job, now, ARGV[5]), now, final_ttl, 0)
-    ack(stream, entry)
-  else
-    redis.call('HINCRBY', job, 'attempts', 1)
-    redis.call('HSET', job, 'status', 'queued', 'worker', consumer, 'step', 0)
-    if status == 'running' then
-      redis.call('HSET', job, 'total', 0)
-      event(events, live_ttl, {type='requeued', status='queued', step=0, total=0, results=0, at=tonumber(now)})
+  local b = 4 * i - 1
+  local taken = take(KEYS[1], KEYS[2], ARGV, ARGV[7 + 2 * i], ARGV[8 + 2 * i], KEYS[b], KEYS[b + 1], KEYS[b + 2],
+                     KEYS[b + 3])
+  if taken then out[#out + 1] = taken end
+end
+return out
+"""
+
+# New entries for a consumer (claim): XREADGROUP and `take` in one step, remembered under the claim's token, so that a
+# retry after a lost reply (the same token) answers the jobs the first try took instead of leaving them pending until
+# the visibility timeout. KEYS: stream, dead, the token's record.  ARGV: as `take` (reclaim 0), then count, the
+# record's ttl ms, and the four per-job key names of the job id JOB_SLOT (Keys.per_job), whose names are made here
+# from each entry's job id (the entries are read here; standalone Redis).  Returns {entry, HGETALL} per job to run.
+_CLAIM = """
+local stream, dead, record, consumer = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local function job_keys(id)
+  local out = {}
+  for k = 11, 14 do
+    local a, b = string.find(ARGV[k], '@JOB@', 1, true)
+    out[#out + 1] = string.sub(ARGV[k], 1, a - 1) .. id .. string.sub(ARGV[k], b + 1)
+  end
+  return out
+end
+local out = {}
+local prior = redis.call('LRANGE', record, 0, -1)
+if #prior > 0 then  -- a retry: the jobs the first try took, still waiting for this consumer
+  for i = 1, #prior, 2 do
+    local job = job_keys(prior[i + 1])[1]
+    local v = redis.call('HMGET', job, 'status', 'worker')
+    if v[1] == 'queued' and v[2] == consumer then out[#out + 1] = {prior[i], redis.call('HGETALL', job)} end
+  end
+  return out
+end
+local reply = redis.call('XREADGROUP', 'GROUP', '@GROUP@', consumer, 'COUNT', ARGV[9], 'STREAMS', stream, '>')
+for _, entry in ipairs((reply and reply[1] and reply[1][2]) or {}) do
+  local fields, id = entry[2], nil
+  for j = 1, #fields, 2 do if fields[j] == 'job' then id = fields[j + 1] end end
+  if id then
+    local k = job_keys(id)
+    local taken = take(stream, dead, ARGV, entry[1], id, k[1], k[2], k[3], k[4])
+    if taken then
+      out[#out + 1] = taken
+      redis.call('RPUSH', record, entry[1], id)
     end
-    live(live_ttl, job, events, image, mask)
-    out[#out + 1] = {entry, redis.call('HGETALL', job)}
+  else
+    ack(stream, entry[1])
   end
 end
+if #out > 0 then redis.call('PEXPIRE', record, ARGV[10]) end
 return out
 """
 
@@ -304,5 +356,5 @@ def _lua(body: str) -> str:
 
 
 SCRIPTS: dict[str, str] = {name: _lua(body) for name, body in {
-    "submit": _SUBMIT, "take": _TAKE, "start": _START, "progress": _PROGRESS, "settle": _SETTLE, "cancel": _CANCEL,
-    "expire": _EXPIRE, "forget": _FORGET, "heads": _HEADS, "position": _POSITION}.items()}
+    "submit": _SUBMIT, "take": _TAKE, "claim": _CLAIM, "start": _START, "progress": _PROGRESS, "settle": _SETTLE,
+    "cancel": _CANCEL, "expire": _EXPIRE, "forget": _FORGET, "heads": _HEADS, "position": _POSITION}.items()}

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
@@ -135,6 +136,32 @@ async def test_claim_takes_up_to_max_batch_and_waits_at_most_max_wait(
         late = await q.submit(req())
         assert [c.job.id for c in await waiting] == [late.id]
         assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.anyio
+async def test_a_claim_whose_reply_is_lost_gets_its_jobs_on_the_retry(
+        make_settings: Callable[..., Settings]) -> None:
+    """Redis ran the claim script but its reply never came (a timeout on a busy machine): the retry answers the jobs
+    that try took, once, instead of leaving them pending until the visibility timeout."""
+    async with JobQueue(make_settings(redis_backoff_s=0.01)) as q:
+        ids = [(await q.submit(req(seed=i))).id for i in range(3)]
+        script, calls = q._lua["claim"], 0
+
+        async def reply_lost_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            reply = await script(*args, **kwargs)
+            if calls == 1:
+                raise RedisTimeoutError("Timeout reading from socket")
+            return reply
+
+        q._lua["claim"] = reply_lost_once  # a fake for a fault a test cannot time: the reply lost after the work
+        claims = await q.claim(MODEL, "w1", count=2, block_ms=100)
+        assert calls == 2 and [c.job.id for c in claims] == ids[:2]
+        assert all(c.attempt == 1 and c.consumer == "w1" for c in claims)  # taken once, not counted twice
+        assert [c.job.id for c in await q.start(claims)] == ids[:2]
+        assert [c.job.id for c in await q.claim(MODEL, "w1", block_ms=100)] == ids[2:]  # a new call: new jobs only
+        assert await pending_count(q) == 3
 
 
 @pytest.mark.anyio
