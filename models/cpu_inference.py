@@ -3,8 +3,10 @@
 PyTorch's eager `mkldnn_convolution` reorders the weight into oneDNN's blocked layout on every call:
 for the 1280-channel 3x3 convs of the SD UNet that is a 59 MB copy per call, ~40 % of the conv's time.
 `prepack_convolutions` does the reorder once (the weight is then held only in the blocked layout, so
-memory does not grow) and calls the same oneDNN kernel, so outputs are bit-identical. A packed model
-is for inference only: it cannot be trained or saved (save before packing).
+memory does not grow) and calls the same oneDNN kernel, so outputs are bit-identical. The UNet's 3x3 convolutions
+of 256 to 640 channels go by Winograd's F(2x2, 3x3) instead (models/winograd.py): 2.25x fewer multiplications, the
+same result to float rounding (~2e-6 relative), still batch-invariant, for filters 16/9 the size. A packed model is
+for inference only: it cannot be trained or saved (save before packing).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from models.unet import UNet
+from models.winograd import WinogradConv2d, winograd_applies
 
 
 class PackedConv2d(nn.Module):
@@ -52,17 +57,35 @@ def _packable(module: nn.Module) -> bool:
     )
 
 
+#: the UNet convolutions computed by Winograd's F(2x2, 3x3) (models/winograd.py): 3x3, stride 1, fp32, with at least
+#: this many input and output channels (below, its transforms cost more than the products save) ...
+WINOGRAD_MIN_CHANNELS = 256
+#: ... and at most this many (SD's 320- and 640-channel levels; the 1280-channel filters, two thirds of the UNet's
+#: weights, would take 16/9 the memory, and at their latent sizes (8x8 and 4x4 at 256 px) Winograd gains little or
+#: loses)
+WINOGRAD_MAX_CHANNELS = 640
+
+
+def _winograd_wins(conv: nn.Conv2d) -> bool:
+    low, high = sorted((conv.in_channels, conv.out_channels))
+    return winograd_applies(conv) and low >= WINOGRAD_MIN_CHANNELS and high <= WINOGRAD_MAX_CHANNELS
+
+
 def prepack_convolutions(model: nn.Module) -> int:
-    """Replace every packable Conv2d in `model` by a PackedConv2d, in place; returns how many."""
+    """Replace every packable Conv2d in `model` by a PackedConv2d, in place, or, within a UNet and where it wins
+    (`_winograd_wins`), by a WinogradConv2d; returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    in_unets = {id(m) for unet in model.modules() if isinstance(unet, UNet) for m in unet.modules()}
     # (parent, name) pairs only: holding the old conv modules would keep every unpacked weight alive until
     # the end, doubling the conv weights' memory at the peak; this way each is freed as it is replaced
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if _packable(child)]
     trim = _heap_trimmer()
     for parent, name in targets:
-        setattr(parent, name, PackedConv2d(getattr(parent, name)))
+        conv = getattr(parent, name)
+        winograd = id(conv) in in_unets and _winograd_wins(conv)
+        setattr(parent, name, WinogradConv2d(conv) if winograd else PackedConv2d(conv))
         trim()
     return len(targets)
 
@@ -117,7 +140,7 @@ def cpu_dtype_warning(device: torch.device, dtype: torch.dtype,
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedConv2d) for m in model.modules())
+    return any(isinstance(m, PackedConv2d | WinogradConv2d) for m in model.modules())
 
 
 def compile_unet_for_cpu(model: nn.Module) -> nn.Module:

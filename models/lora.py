@@ -41,6 +41,7 @@ from models.diffusers_layout import unet_key_map
 from models.layers import batch_invariant_linear
 from models.ldm import LatentDiffusion
 from models.text.sdxl import SDXLTextConditioner
+from models.winograd import WinogradConv2d
 
 
 class LoraError(ValueError):
@@ -81,7 +82,7 @@ _UP = ("lora_up.weight", "lora_B.weight", "lora.up.weight", "lora_linear_layer.u
 
 
 def _is_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Conv2d | PackedConv2d)
+    return isinstance(module, nn.Linear | nn.Conv2d | PackedConv2d | WinogradConv2d)
 
 
 def target_names(model: LatentDiffusion) -> dict[str, str]:
@@ -217,7 +218,7 @@ def _shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
         return module.out_features, module.in_features, ()
     if isinstance(module, nn.Conv2d):
         return module.out_channels, module.in_channels, tuple(module.kernel_size)
-    assert isinstance(module, PackedConv2d)
+    assert isinstance(module, PackedConv2d | WinogradConv2d)
     return module.out_channels, module.in_channels, module.kernel_size
 
 

@@ -1,0 +1,82 @@
+"""models/winograd.py: F(2x2, 3x3) convolutions equal the direct convolution to float rounding, round an item the
+same alone or in any batch, and replace exactly the UNet convolutions `optimize_for_cpu_inference` says they do."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cpu_inference import WINOGRAD_MAX_CHANNELS, WINOGRAD_MIN_CHANNELS, PackedConv2d, prepack_convolutions
+from models.unet import UNet, UNetConfig
+from models.winograd import WinogradConv2d, winograd_applies
+
+# (in, out, height, width): SD's level widths at small latents, odd and tiny sizes (a 1x1 map is one tile per item)
+SHAPES = [(320, 320, 16, 16), (640, 320, 8, 8), (256, 640, 4, 4), (7, 5, 9, 7), (16, 8, 1, 1), (4, 6, 2, 3)]
+
+
+def conv(c_in: int, c_out: int, seed: int) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    return nn.Conv2d(c_in, c_out, 3, padding=1).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_equals_the_direct_convolution_to_rounding(shape: tuple[int, int, int, int]) -> None:
+    c_in, c_out, h, w = shape
+    layer = conv(c_in, c_out, sum(shape))
+    x = torch.randn(3, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+        ours, direct = WinogradConv2d(layer)(x), layer(x)
+    scale = float(expected.abs().max())
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    # as close to the exact result as oneDNN's direct kernel is, within a small factor
+    assert float((ours.double() - expected).abs().max()) <= max(4 * float((direct.double() - expected).abs().max()),
+                                                                1e-7 * scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_an_item_rounds_the_same_in_any_batch(shape: tuple[int, int, int, int], threads: int) -> None:
+    c_in, c_out, h, w = shape
+    layer = WinogradConv2d(conv(c_in, c_out, 1))
+    x = torch.randn(5, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            batches = [layer(x[:n].contiguous(memory_format=torch.channels_last)) for n in (1, 2, 5)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(b[0], batches[0][0]) for b in batches)
+    assert torch.equal(batches[1][1], batches[2][1])
+
+
+def test_refuses_a_convolution_it_does_not_compute() -> None:
+    for odd in (nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.Conv2d(8, 8, 3, padding=0), nn.Conv2d(8, 8, 1),
+                nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)):
+        assert not winograd_applies(odd)
+        with pytest.raises(ValueError, match="not a 3x3, stride 1"):
+            WinogradConv2d(odd)
+
+
+def test_optimizing_takes_winograd_for_the_unets_mid_width_convolutions_only() -> None:
+    config = UNetConfig(in_channels=4, out_channels=4, model_channels=WINOGRAD_MIN_CHANNELS // 2,
+                        channel_mult=(1, 2, 4, 6), num_res_blocks=1, attention_resolutions=(), context_dim=None)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"unet": UNet(config).eval().requires_grad_(False),
+                           "other": nn.Conv2d(256, 256, 3, padding=1)})  # not in a UNet: stays direct
+    before = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 500.0])
+    with torch.inference_mode():
+        reference = model["unet"](x, t)
+        prepack_convolutions(model)
+        optimized = model["unet"](x.contiguous(memory_format=torch.channels_last), t)
+    after = dict(model.named_modules())
+    for name, old in before.items():
+        low, high = sorted((old.in_channels, old.out_channels))
+        wins = (name.startswith("unet.") and winograd_applies(old)
+                and low >= WINOGRAD_MIN_CHANNELS and high <= WINOGRAD_MAX_CHANNELS)
+        assert isinstance(after[name], WinogradConv2d if wins else PackedConv2d | nn.Conv2d), name
+    assert any(isinstance(m, WinogradConv2d) for m in after.values())
+    assert torch.allclose(optimized, reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
