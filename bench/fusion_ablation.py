@@ -11,10 +11,15 @@ torch.profiler's self CPU time by kind of op):
 - `geglu`: the feed-forward's GEGLU as two oneDNN products with post-ops (the gate's GELU (erf) in the first, the
   multiply by the gate in the second) instead of one product, a chunk, GELU and a multiply.
 - `pack1x1`: the ResBlocks' 1x1 skip convolutions prepacked like the 3x3 ones.
-- `resadd`: with `pack1x1`, the ResBlock's residual sum as a binary-add post-op of its last convolution.
+- `resadd`: with `pack1x1`, the ResBlock's residual sum as a binary-add post-op of its last convolution (where
+  that convolution is direct: in the 1280-channel blocks unless `direct` is on too).
 - `skiplinear`: the 1x1 skip convolutions as token linears (the channels_last map viewed as [N, HW, C] through
   models/layers.py's folded oneDNN product, as SpatialTransformer's proj_in does).
 - `geglu+skiplinear`: the two that do not lose.
+- `direct`: the 320- and 640-channel 3x3 convolutions, which the default computes by Winograd's F(2x2, 3x3)
+  (models/winograd.py), by oneDNN's direct kernel, prepacked (the default before Winograd).
+- `winograd1280`: the 1280-channel 3x3 convolutions by Winograd too (their filters take 16/9 the memory: about
+  +1 GB at SD-1.5's size, which is why the default leaves them direct).
 
 GroupNorm + SiLU has no eager oneDNN op; the compiled opt-in mode (inductor) fuses it with the rest, and is
 measured in `python bench/model_bench.py --opt-ins`. A candidate is worth adopting only if it wins beyond the
@@ -42,13 +47,15 @@ sys.path.insert(0, str(ROOT))
 from bench.model_bench import build_ours, count_gflop, cpu_model, interleaved, matmul_peak_gflops  # noqa: E402
 from bench.results_io import publish  # noqa: E402
 from models.attention import GEGLU  # noqa: E402
-from models.cpu_inference import PackedConv2d, optimize_for_cpu_inference  # noqa: E402
+from models.cpu_inference import PackedConv2d, optimize_for_cpu_inference, winograd_wins  # noqa: E402
 from models.layers import batch_invariant_linear  # noqa: E402
 from models.unet import ResBlock  # noqa: E402
+from models.winograd import WinogradConv2d, winograd_applies  # noqa: E402
 from tests.helpers import write_clip_tokenizer  # noqa: E402
 
 VARIANTS = {"default": (), "geglu": ("geglu",), "pack1x1": ("pack1x1",), "resadd": ("pack1x1", "resadd"),
-            "skiplinear": ("skiplinear",), "geglu+skiplinear": ("geglu", "skiplinear")}
+            "skiplinear": ("skiplinear",), "geglu+skiplinear": ("geglu", "skiplinear"), "direct": ("direct",),
+            "winograd1280": ("winograd1280",)}
 
 
 def fused_geglu(self: GEGLU, x: Tensor) -> Tensor:
@@ -84,10 +91,25 @@ class SkipAsLinear(nn.Module):
         return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+def conv_alternatives(unet: nn.Module) -> dict[tuple[nn.Module, str], tuple[str, nn.Module]]:
+    """Before the UNet is prepared: for each 3x3 convolution of >= 256 channels, the variant that changes how it is
+    computed and its module for that variant (direct for the default's Winograd ones, Winograd for the others)."""
+    alternatives: dict[tuple[nn.Module, str], tuple[str, nn.Module]] = {}
+    for parent in unet.modules():
+        for name, conv in parent.named_children():
+            if isinstance(conv, nn.Conv2d) and winograd_applies(conv) and min(conv.in_channels,
+                                                                              conv.out_channels) >= 256:
+                alternatives[parent, name] = (("direct", PackedConv2d(conv)) if winograd_wins(conv)
+                                              else ("winograd1280", WinogradConv2d(conv)))
+    return alternatives
+
+
 class Switch:
     """Applies a variant to one prepared UNet by swapping instance attributes (nothing is rebuilt per run)."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, alternatives: dict[tuple[nn.Module, str], tuple[str, nn.Module]]) -> None:
+        self.convs = {(parent, name): (getattr(parent, name), part, module)
+                      for (parent, name), (part, module) in alternatives.items()}
         self.geglus = [m for m in unet.modules() if isinstance(m, GEGLU)]
         self.blocks = [m for m in unet.modules() if isinstance(m, ResBlock)]
         self.plain = [b for b in self.blocks if b.resample is None and not b.use_scale_shift_norm]
@@ -95,6 +117,8 @@ class Switch:
                       for b in self.blocks if isinstance(b.skip_connection, nn.Conv2d)}
 
     def apply(self, parts: Sequence[str]) -> None:
+        for (parent, name), (default, part, module) in self.convs.items():
+            setattr(parent, name, module if part in parts else default)
         for m in self.geglus:
             vars(m).pop("forward", None)
             if "geglu" in parts:
@@ -103,7 +127,7 @@ class Switch:
             block.skip_connection = packed if "pack1x1" in parts else linear if "skiplinear" in parts else conv
         for block in self.plain:
             vars(block).pop("forward", None)
-            if "resadd" in parts:
+            if "resadd" in parts and isinstance(block.out_layers[3], PackedConv2d):
                 block.forward = types.MethodType(residual_in_conv, block)  # type: ignore[method-assign]
 
 
@@ -113,16 +137,36 @@ OP_KINDS = {"convolutions": ("mkldnn::_convolution_pointwise", "aten::mkldnn_con
             "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
 
 
-def time_shares(fn: Callable[[], Any]) -> dict[str, float]:
-    """Each kind of op's share of one call's self CPU time (torch.profiler, which inflates the small ops)."""
-    from torch.profiler import ProfilerActivity, profile
+WINOGRAD_RANGE = "winograd convolution"
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    by_op = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    total = sum(by_op.values())
-    shares = {kind: sum(by_op.get(op, 0.0) for op in ops) / total for kind, ops in OP_KINDS.items()}
-    return {**shares, "elementwise and other": 1.0 - sum(shares.values())}
+
+def time_shares(fn: Callable[[], Any], unet: nn.Module) -> dict[str, float]:
+    """Each kind of op's share of one call's self CPU time (torch.profiler, which inflates the small ops); the
+    Winograd convolutions (their products are oneDNN linears too) count as one kind, everything under them."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    winograds = [m for m in unet.modules() if isinstance(m, WinogradConv2d)]
+    for m in winograds:
+        def traced(x: Tensor, m: WinogradConv2d = m) -> Tensor:
+            with record_function(WINOGRAD_RANGE):
+                return WinogradConv2d.forward(m, x)
+        m.forward = traced  # type: ignore[method-assign]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        for m in winograds:
+            vars(m).pop("forward", None)
+    times = dict.fromkeys(["Winograd convolutions", *OP_KINDS, "elementwise and other"], 0.0)
+    for event in prof.events():
+        parent, kind = event, None
+        while parent is not None and kind is None:
+            kind = "Winograd convolutions" if parent.name == WINOGRAD_RANGE else None
+            parent = parent.cpu_parent
+        kind = kind or next((k for k, ops in OP_KINDS.items() if event.name in ops), "elementwise and other")
+        times[kind] += event.self_cpu_time_total
+    total = sum(times.values())
+    return {kind: t / total for kind, t in times.items()}
 
 
 def run(runs: int) -> dict[str, Any]:
@@ -132,9 +176,10 @@ def run(runs: int) -> dict[str, Any]:
     x, t, ctx = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
     with torch.inference_mode():
         gflop = count_gflop(lambda: model.unet(x, t, ctx))  # before packing: FlopCounterMode misses packed convs
+    alternatives = conv_alternatives(model.unet)
     optimize_for_cpu_inference(model)  # in place
     unet = model.unet
-    switch = Switch(unet)
+    switch = Switch(unet, alternatives)
 
     def step(parts: Sequence[str]) -> Callable[[], Tensor]:
         def call() -> Tensor:
@@ -146,7 +191,7 @@ def run(runs: int) -> dict[str, Any]:
     with torch.inference_mode():
         reference = step(())()
         differences = {name: float((step(parts)() - reference).abs().max()) for name, parts in VARIANTS.items()}
-        shares = time_shares(step(()))
+        shares = time_shares(step(()), unet)
         results = interleaved({name: step(parts) for name, parts in VARIANTS.items()}, runs)
     return {
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),

@@ -5,8 +5,9 @@ for the 1280-channel 3x3 convs of the SD UNet that is a 59 MB copy per call, ~40
 `prepack_convolutions` does the reorder once (the weight is then held only in the blocked layout, so
 memory does not grow) and calls the same oneDNN kernel, so outputs are bit-identical. The UNet's 3x3 convolutions
 of 256 to 640 channels go by Winograd's F(2x2, 3x3) instead (models/winograd.py): 2.25x fewer multiplications, the
-same result to float rounding (~2e-6 relative), still batch-invariant, for filters 16/9 the size. A packed model is
-for inference only: it cannot be trained or saved (save before packing).
+same result to float rounding (~2e-6 relative), still batch-invariant, for filters 16/9 the size (the `winograd`
+policy: `all` takes the 1280-channel ones too, `off` none, for bit-identity with the eager convolution). A packed
+model is for inference only: it cannot be trained or saved (save before packing).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from models.names import WINOGRAD_POLICIES, WinogradPolicy
 from models.unet import UNet
 from models.winograd import WinogradConv2d, winograd_applies
 
@@ -60,20 +62,25 @@ def _packable(module: nn.Module) -> bool:
 #: the UNet convolutions computed by Winograd's F(2x2, 3x3) (models/winograd.py): 3x3, stride 1, fp32, with at least
 #: this many input and output channels (below, its transforms cost more than the products save) ...
 WINOGRAD_MIN_CHANNELS = 256
-#: ... and at most this many (SD's 320- and 640-channel levels; the 1280-channel filters, two thirds of the UNet's
-#: weights, would take 16/9 the memory, and at their latent sizes (8x8 and 4x4 at 256 px) Winograd gains little or
-#: loses)
+#: ... and, by the `balanced` policy, at most this many (SD's 320- and 640-channel levels; the 1280-channel filters,
+#: two thirds of the UNet's weights, would take 16/9 the memory, +1.4 GB for SD-1.5, for a step 7 % faster at 256 px:
+#: at 4x4 Winograd loses, at 8x8 it gains little; the `all` policy takes them too)
 WINOGRAD_MAX_CHANNELS = 640
 
 
-def _winograd_wins(conv: nn.Conv2d) -> bool:
+def winograd_wins(conv: nn.Conv2d, policy: WinogradPolicy = "balanced") -> bool:
+    """Whether a UNet convolution goes by Winograd under `policy` (WINOGRAD_POLICIES; bench/fusion_ablation.py
+    measures each)."""
+    if policy not in WINOGRAD_POLICIES:
+        raise ValueError(f"winograd policy must be one of {WINOGRAD_POLICIES}, got {policy!r}")
     low, high = sorted((conv.in_channels, conv.out_channels))
-    return winograd_applies(conv) and low >= WINOGRAD_MIN_CHANNELS and high <= WINOGRAD_MAX_CHANNELS
+    return (policy != "off" and winograd_applies(conv) and low >= WINOGRAD_MIN_CHANNELS
+            and (policy == "all" or high <= WINOGRAD_MAX_CHANNELS))
 
 
-def prepack_convolutions(model: nn.Module) -> int:
-    """Replace every packable Conv2d in `model` by a PackedConv2d, in place, or, within a UNet and where it wins
-    (`_winograd_wins`), by a WinogradConv2d; returns how many."""
+def prepack_convolutions(model: nn.Module, winograd: WinogradPolicy = "balanced") -> int:
+    """Replace every packable Conv2d in `model` by a PackedConv2d, in place, or, within a UNet and where the policy
+    `winograd` says (`winograd_wins`), by a WinogradConv2d; returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
     in_unets = {id(m) for unet in model.modules() if isinstance(unet, UNet) for m in unet.modules()}
@@ -84,8 +91,8 @@ def prepack_convolutions(model: nn.Module) -> int:
     trim = _heap_trimmer()
     for parent, name in targets:
         conv = getattr(parent, name)
-        winograd = id(conv) in in_unets and _winograd_wins(conv)
-        setattr(parent, name, WinogradConv2d(conv) if winograd else PackedConv2d(conv))
+        by_winograd = id(conv) in in_unets and winograd_wins(conv, winograd)
+        setattr(parent, name, WinogradConv2d(conv) if by_winograd else PackedConv2d(conv))
         trim()
     return len(targets)
 
@@ -98,13 +105,14 @@ def _heap_trimmer() -> Callable[[], object]:
     return (lambda: trim(0)) if trim is not None else (lambda: None)
 
 
-def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """channels_last activations and prepacked conv weights, in place (see the module docstring).
+def optimize_for_cpu_inference(model: nn.Module, winograd: WinogradPolicy = "balanced") -> nn.Module:
+    """channels_last activations and prepacked conv weights, in place (see the module docstring); `winograd`: which
+    UNet convolutions go by Winograd instead (WINOGRAD_POLICIES).
 
     Packing comes first: the blocked layout is the same whatever the source layout, so packing from the
     loaded weight skips a channels_last copy of every packed conv (one weight's worth of transient memory
     each, which the allocator does not always give back); then the rest (1x1 convs) go channels_last."""
-    prepack_convolutions(model)
+    prepack_convolutions(model, winograd)
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 

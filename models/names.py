@@ -94,6 +94,12 @@ def default_sampler(own: SamplerName | None = None, *, karras: bool = False) -> 
 DTypeName = Literal["fp32", "fp16", "bf16"]
 DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
 
+#: which of the UNet's 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3) (models/cpu_inference.py):
+#: those of 256 to 640 channels (`balanced`, the default), every one of at least 256 (`all`: faster, filters 16/9 the
+#: size: +1.4 GB for SD-1.5), or none (`off`: oneDNN's direct kernel only, bit-identical to PyTorch's eager one)
+WinogradPolicy = Literal["balanced", "all", "off"]
+WINOGRAD_POLICIES: tuple[WinogradPolicy, ...] = get_args(WinogradPolicy)
+
 
 def normalise_name(name: str) -> str:
     """Class names match whatever their case and spacing ("Red  Circle" is "red circle")."""

@@ -42,7 +42,7 @@ from models.guidance import Conditioning
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, adapters_applied
-from models.names import SamplerName
+from models.names import SamplerName, WinogradPolicy
 from models.noise import generators_from_seeds, randn_per_item
 from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt, encode_sdxl_prompt
 from models.samplers import SamplingPlan, init_state, sampling_plan
@@ -132,13 +132,15 @@ class GenerationResult:
 class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
-    def __init__(self, model: LatentDiffusion, *, optimize: bool = True, prompt_syntax: PromptSyntax = "plain",
+    def __init__(self, model: LatentDiffusion, *, optimize: bool = True, winograd: WinogradPolicy = "balanced",
+                 prompt_syntax: PromptSyntax = "plain",
                  embeddings: EmbeddingDB | Sequence[EmbeddingDB] | None = None,
                  refiner: LatentDiffusion | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
-        model is then inference-only: save it before.
+        model is then inference-only: save it before. `winograd`: which UNet convolutions the CPU path computes by
+        Winograd's F(2x2, 3x3) (models.names.WINOGRAD_POLICIES; docs/benchmarks.md has each one's speed and memory).
 
         `prompt_syntax`: how a CLIP text encoder reads prompts (models/prompt_weighting.py): `plain` as
         diffusers, `a1111` AUTOMATIC1111's emphasis, BREAK and 75-token chunks; other encoders read them as
@@ -148,15 +150,15 @@ class Pipeline:
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {prompt_syntax!r}")
         if optimize and model.device.type == "cpu":
-            optimize_for_cpu_inference(model)
+            optimize_for_cpu_inference(model, winograd)
         self.model = model
         self.prompt_syntax = prompt_syntax
         dbs = () if embeddings is None else (embeddings,) if isinstance(embeddings, EmbeddingDB) else tuple(embeddings)
         self.embeddings: tuple[EmbeddingDB, ...] = dbs
         self._encoder_embeddings = _embeddings_by_encoder(model, dbs)
         #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
-        self.refiner = (Pipeline(refiner, optimize=optimize, prompt_syntax=prompt_syntax, embeddings=dbs)
-                        if refiner is not None else None)
+        self.refiner = (Pipeline(refiner, optimize=optimize, winograd=winograd, prompt_syntax=prompt_syntax,
+                                 embeddings=dbs) if refiner is not None else None)
 
     # ------------------------------------------------------------------ public tasks
 

@@ -43,7 +43,15 @@ from models.cpu_inference import optimize_for_cpu_inference
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, LoraCache, LoraError
-from models.names import KIND_DESCRIPTIONS, MISSING_NULL, DTypeName, SamplerName, default_guidance, default_sampler
+from models.names import (
+    KIND_DESCRIPTIONS,
+    MISSING_NULL,
+    DTypeName,
+    SamplerName,
+    WinogradPolicy,
+    default_guidance,
+    default_sampler,
+)
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -191,18 +199,20 @@ class Runner:
 
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
+             winograd: WinogradPolicy = "balanced",
              tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None,
              text: TextOptions | None = None, refiner: str | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once, and
         the SDXL refiner of the spec `refiner` beside it (requests name it by `served_name(refiner)`).
-        device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu."""
+        device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu; `winograd`: which UNet
+        convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES)."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
         models = []
         for one in (spec, refiner) if refiner is not None else (spec,):
             model = resolve_model(one, tokenizer=tokenizer_dir, tokenizer_2=tokenizer_2_dir, device=dev, dtype=dt)
             if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
-                optimize_for_cpu_inference(model)
+                optimize_for_cpu_inference(model, winograd)
             models.append(model)
         return cls(models[0], name or served_name(spec), text=text, refiner=models[1] if refiner else None,
                    refiner_name=served_name(refiner) if refiner else None)

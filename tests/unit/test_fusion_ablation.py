@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def test_variants_compute_the_same_unet_and_switch_back() -> None:
     # SD v1 structure at 1/10 width: GEGLU feed-forwards, 1x1 skip convs (320 -> 640 -> 1280 in SD), plain blocks
     unet = optimize_for_cpu_inference(randomize(UNet(UNetConfig(model_channels=32, context_dim=32))))
-    switch = ablation.Switch(unet)
+    switch = ablation.Switch(unet, {})
     assert switch.geglus and switch.skips and switch.plain
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32, generator=g)
@@ -50,7 +50,32 @@ def test_time_shares_add_up_and_find_the_products() -> None:
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32, generator=g)
     with torch.inference_mode():
-        shares = ablation.time_shares(lambda: unet(x, t, ctx))
-    assert set(shares) == {*ablation.OP_KINDS, "elementwise and other"}
+        shares = ablation.time_shares(lambda: unet(x, t, ctx), unet)
+    assert set(shares) == {"Winograd convolutions", *ablation.OP_KINDS, "elementwise and other"}
     assert abs(sum(shares.values()) - 1.0) < 1e-9
     assert shares["convolutions"] > 0 and shares["attention (SDPA)"] > 0
+
+
+def test_the_convolution_variants_swap_winograd_and_direct_and_switch_back() -> None:
+    # 256- and 768-channel levels: the first goes by Winograd by default, the second (above 640) stays direct
+    config = UNetConfig(model_channels=256, channel_mult=(1, 3), num_res_blocks=1, attention_resolutions=(2,),
+                        context_dim=32)
+    unet = randomize(UNet(config))
+    alternatives = ablation.conv_alternatives(unet)
+    assert {part for part, _ in alternatives.values()} == {"direct", "winograd1280"}
+    optimize_for_cpu_inference(unet)
+    switch = ablation.Switch(unet, alternatives)
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32, generator=g)
+    with torch.inference_mode():
+        reference = unet(x, t, ctx)
+        for name in ("direct", "winograd1280"):
+            switch.apply(ablation.VARIANTS[name])
+            out = unet(x, t, ctx)
+            assert (out - reference).abs().max() <= 1e-4 * reference.abs().max(), name
+            assert not torch.equal(out, reference), name  # the other algorithm, not the default by mistake
+        switch.apply(())
+        assert torch.equal(unet(x, t, ctx), reference)
+        shares = ablation.time_shares(lambda: unet(x, t, ctx), unet)
+    assert shares["Winograd convolutions"] > 0 and shares["convolutions"] > 0
+    assert abs(sum(shares.values()) - 1.0) < 1e-9

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cpu_inference import WINOGRAD_MAX_CHANNELS, WINOGRAD_MIN_CHANNELS, PackedConv2d, prepack_convolutions
+from models.names import WINOGRAD_POLICIES, WinogradPolicy
 from models.unet import UNet, UNetConfig
 from models.winograd import WinogradConv2d, winograd_applies
 
@@ -60,7 +61,8 @@ def test_refuses_a_convolution_it_does_not_compute() -> None:
             WinogradConv2d(odd)
 
 
-def test_optimizing_takes_winograd_for_the_unets_mid_width_convolutions_only() -> None:
+@pytest.mark.parametrize("policy", WINOGRAD_POLICIES)
+def test_optimizing_takes_winograd_for_the_unet_convolutions_its_policy_names(policy: WinogradPolicy) -> None:
     config = UNetConfig(in_channels=4, out_channels=4, model_channels=WINOGRAD_MIN_CHANNELS // 2,
                         channel_mult=(1, 2, 4, 6), num_res_blocks=1, attention_resolutions=(), context_dim=None)
     torch.manual_seed(0)
@@ -70,13 +72,25 @@ def test_optimizing_takes_winograd_for_the_unets_mid_width_convolutions_only() -
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 500.0])
     with torch.inference_mode():
         reference = model["unet"](x, t)
-        prepack_convolutions(model)
+        prepack_convolutions(model, policy)
         optimized = model["unet"](x.contiguous(memory_format=torch.channels_last), t)
     after = dict(model.named_modules())
+    kinds = set()
     for name, old in before.items():
         low, high = sorted((old.in_channels, old.out_channels))
-        wins = (name.startswith("unet.") and winograd_applies(old)
-                and low >= WINOGRAD_MIN_CHANNELS and high <= WINOGRAD_MAX_CHANNELS)
+        wins = (name.startswith("unet.") and winograd_applies(old) and policy != "off"
+                and low >= WINOGRAD_MIN_CHANNELS and (policy == "all" or high <= WINOGRAD_MAX_CHANNELS))
         assert isinstance(after[name], WinogradConv2d if wins else PackedConv2d | nn.Conv2d), name
-    assert any(isinstance(m, WinogradConv2d) for m in after.values())
+        kinds.add((wins, high > WINOGRAD_MAX_CHANNELS))
+    # balanced: mid-width ones by Winograd, wide ones direct; all: the wide ones by Winograd; off: none
+    expected = {"balanced": (True, False), "all": (True, True), "off": (False, False)}[policy]
+    assert expected in kinds
     assert torch.allclose(optimized, reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
+    if policy == "off":  # oneDNN's direct kernel throughout, as PyTorch's eager convolution: bit-identical
+        assert torch.equal(optimized, reference)
+
+
+def test_an_unknown_policy_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'fast'"):
+        prepack_convolutions(nn.ModuleDict({"unet": UNet(UNetConfig(model_channels=32, context_dim=None))}),
+                             "fast")  # type: ignore[arg-type]
