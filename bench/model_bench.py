@@ -62,6 +62,7 @@ from bench.results_io import publish  # noqa: E402
 from models.config import builtin_config  # noqa: E402
 from models.cpu_inference import cpu_has_bf16, optimize_for_cpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
+from models.names import WINOGRAD_POLICIES, WinogradPolicy  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.text.clip import CLIPTextConditioner  # noqa: E402
 from models.tokenizers import CLIPTokenizer  # noqa: E402
@@ -220,20 +221,20 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def peak_rss_subprocess(which: str, steps: int, size: int) -> float:
+def peak_rss_subprocess(which: str, steps: int, size: int, winograd: WinogradPolicy = "balanced") -> float:
     """Peak RSS (GiB) of a fresh process that builds one implementation and runs one generation."""
     out = subprocess.run([sys.executable, __file__, "--memory-probe", which, "--steps", str(steps),
-                          "--size", str(size)], capture_output=True, text=True, check=True)
+                          "--size", str(size), "--winograd", winograd], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_probe(which: str, steps: int, size: int) -> None:
+def memory_probe(which: str, steps: int, size: int, winograd: WinogradPolicy) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_clip_tokenizer(Path(tmp) / "tokenizer")
         ours = build_ours(tok)
         with torch.inference_mode():
             if which == "ours":
-                optimize_for_cpu_inference(ours)
+                optimize_for_cpu_inference(ours, winograd)
                 Pipeline(ours).txt2img([SampleSpec(PROMPT, seed=0)], RunSettings("dpmpp_2m", steps, size, size))
             else:
                 pipe = build_diffusers(ours, tok)
@@ -399,12 +400,13 @@ def opt_in_unets(eager: LatentDiffusion, x: Any, t: Any, ctx: Any, modes: tuple[
     return cases, memory
 
 
-def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...] = ()) -> dict[str, Any]:
+def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...] = (),
+        winograd: WinogradPolicy = "balanced") -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory()
     tok = write_clip_tokenizer(Path(tmp.name) / "tokenizer")
     eager = build_ours(tok)
     pipe = build_diffusers(eager, tok)
-    fast = optimize_for_cpu_inference(copy.deepcopy(eager))
+    fast = optimize_for_cpu_inference(copy.deepcopy(eager), winograd)
     latent = size // 8
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 4, latent, latent, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
@@ -435,7 +437,7 @@ def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...]
             }, runs)
     peaks = [peaks_before, matmul_peaks()]
     peak = matmul_peak_gflops(*peaks)
-    memory = {} if quick else {"ours": peak_rss_subprocess("ours", steps, size),
+    memory = {} if quick else {"ours": peak_rss_subprocess("ours", steps, size, winograd),
                                "diffusers": peak_rss_subprocess("diffusers", steps, size)}
     extra: dict[str, Any] = {}
     if opt_ins:
@@ -451,7 +453,7 @@ def run(runs: int, steps: int, size: int, quick: bool, opt_ins: tuple[Mode, ...]
                     "diffusers": __import__("diffusers").__version__, "matmul_peak_gflops": round(peak, 1),
                     "matmul_gflops_measured": peaks},
         "setup": {"size_px": size, "latent": latent, "steps": steps, "runs": runs, "guidance": 7.5,
-                  "unet_batch": 2, "dtype": "fp32", "weights": "random, SD-1.5 shapes"},
+                  "winograd": winograd, "unet_batch": 2, "dtype": "fp32", "weights": "random, SD-1.5 shapes"},
         "flops": {"unet_step_gflop": round(unet_gflop, 1), "vae_decode_gflop": round(vae_gflop, 1)},
         "results": results,
         "peak_rss_gib": {k: round(v, 2) for k, v in memory.items()},
@@ -476,6 +478,9 @@ def report(data: dict[str, Any]) -> str:
     names = {"unet_step": f"UNet step, {size // 8}x{size // 8} latent, batch 2 (CFG)",
              "vae_decode": f"VAE decode to {size} px",
              "txt2img": f"txt2img {size}x{size}, DPM-Solver++ {data['setup']['steps']} steps, CFG 7.5"}
+    policy = data["setup"].get("winograd", "balanced")
+    if policy != "balanced":
+        names["unet_step"] += f" (Winograd policy: {policy})"
     gflop = {"unet_step": flops["unet_step_gflop"], "vae_decode": flops["vae_decode_gflop"]}
     for key, r in res.items():
         ours, theirs = r["ours"]["median_s"], r["diffusers"]["median_s"]
@@ -530,6 +535,9 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure only the peak memory rows of an existing --out file")
     parser.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--winograd", choices=WINOGRAD_POLICIES, default="balanced",
+                        help="which of our UNet convolutions go by Winograd (models/cpu_inference.py; default "
+                        "balanced, as a worker's)")
     parser.add_argument("--loading", action="store_true", help="loading from files and whole processes (see above)")
     parser.add_argument("--reduced", action="store_true", help="with --loading: a ~1.3 GB model, not SD-1.5's 4.3 GB")
     parser.add_argument("--weights-dir", type=Path, default=None,
@@ -552,7 +560,7 @@ def main() -> None:
         return
     weights = args.weights_dir or ROOT / "scratch" / ("sd15-random-reduced" if args.reduced else "sd15-random")
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.steps, args.size)
+        memory_probe(args.memory_probe, args.steps, args.size, args.winograd)
         return
     if args.load_probe:
         load_probe(args.load_probe[0], args.load_probe[1], weights)
@@ -575,10 +583,11 @@ def main() -> None:
     if args.memory_only:
         data = json.loads(args.out.read_text())
         steps, size = data["setup"]["steps"], data["setup"]["size_px"]
-        data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size), 2) for k in ("ours", "diffusers")}
+        data["peak_rss_gib"] = {k: round(peak_rss_subprocess(k, steps, size, args.winograd), 2)
+                                for k in ("ours", "diffusers")}
     else:
         opt_ins: tuple[Mode, ...] = () if args.opt_ins is None else tuple(args.opt_ins) or MODES
-        data = run(args.runs, args.steps, args.size, args.quick, opt_ins)
+        data = run(args.runs, args.steps, args.size, args.quick, opt_ins, args.winograd)
     publish(data, report(data), args.out)
 
 

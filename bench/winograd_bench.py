@@ -1,0 +1,76 @@
+"""Winograd's F(2x2, 3x3) against oneDNN's direct kernel, one 3x3 convolution at a time, at the SD-1.5 UNet's shapes.
+
+Where does Winograd pay on this CPU? The policy in models/cpu_inference.py (`balanced`: 256 to 640 channels;
+`all`: every UNet 3x3 convolution of at least 256) rests on these figures. For each SD-1.5 convolution shape (channels
+and the map side at 256 and 512 px, batch 2 as with classifier-free guidance) and a few small ones: the direct
+convolution prepacked (models/cpu_inference.PackedConv2d, the non-Winograd default) and WinogradConv2d, timed
+interleaved (bench/model_bench.py's method: medians over runs not disturbed by other processes), the time ratio,
+the extra filter memory and the largest difference from a float64 reference, relative to its largest value.
+
+A table goes to stdout; the figures to bench/results/winograd_bench.json. Not a test: nothing fails.
+    python bench/winograd_bench.py [--runs 15] [--out bench/results/winograd_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.model_bench import cpu_model, interleaved  # noqa: E402
+from bench.results_io import publish  # noqa: E402
+from models.cpu_inference import PackedConv2d  # noqa: E402
+from models.winograd import WinogradConv2d  # noqa: E402
+
+#: (input channels, output channels, map side): SD-1.5's 3x3 stride-1 convolutions at 256 px (latent 32: levels at
+#: 32, 16, 8, 4) and at 512 px (latent 64), the widest input of each kind (the up path's concatenations), and small ones
+SHAPES = [(320, 320, 32), (640, 640, 16), (1280, 1280, 8), (1280, 1280, 4), (960, 640, 16), (2560, 1280, 8),
+          (320, 320, 64), (640, 640, 32), (1280, 1280, 16), (64, 64, 32), (128, 128, 32)]
+
+
+def measure(c_in: int, c_out: int, side: int, runs: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1).eval().requires_grad_(False)
+    x = torch.randn(2, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        reference = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        direct, winograd = PackedConv2d(conv), WinogradConv2d(conv)
+        error = float((winograd(x).double() - reference).abs().max() / reference.abs().max())
+        times = interleaved({"direct": lambda: direct(x), "winograd": lambda: winograd(x)}, runs)
+    return {"in": c_in, "out": c_out, "side": side, "times": times, "max_rel_error": error,
+            "ratio": times["winograd"]["median_s"] / times["direct"]["median_s"],
+            "extra_filter_mb": round(c_in * c_out * 7 * 4 / 2**20, 1)}
+
+
+def report(data: dict[str, Any]) -> str:
+    lines = ["| channels in -> out | map (batch 2) | direct (ms) | Winograd (ms) | Winograd / direct | "
+             "extra filter memory (MB) | max relative error |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        t = r["times"]
+        lines.append(f"| {r['in']} -> {r['out']} | {r['side']}x{r['side']} | {1e3 * t['direct']['median_s']:.2f} | "
+                     f"{1e3 * t['winograd']['median_s']:.2f} | **{r['ratio']:.2f}** | {r['extra_filter_mb']} | "
+                     f"{r['max_rel_error']:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per case after the warm-up (default 15)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "winograd_bench.json")
+    args = parser.parse_args()
+    rows = [measure(c_in, c_out, side, args.runs) for c_in, c_out, side in SHAPES]
+    data = {"machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "setup": {"runs": args.runs, "batch": 2, "dtype": "fp32"}, "rows": rows}
+    publish(data, report(data), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""bench/winograd_bench.py: a measured row holds both timings, an error at float rounding, and its table line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import winograd_bench
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="both kernels are oneDNN's")
+
+
+def test_a_row_times_both_kernels_and_reports_the_error() -> None:
+    row = winograd_bench.measure(16, 8, 6, runs=3)
+    assert row["times"]["direct"]["median_s"] > 0 and row["times"]["winograd"]["median_s"] > 0
+    assert row["ratio"] == row["times"]["winograd"]["median_s"] / row["times"]["direct"]["median_s"]
+    assert 0 < row["max_rel_error"] < 1e-5
+    table = winograd_bench.report({"rows": [row]})
+    assert "| 16 -> 8 | 6x6 | " in table and f"**{row['ratio']:.2f}**" in table
