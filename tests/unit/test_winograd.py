@@ -94,3 +94,14 @@ def test_an_unknown_policy_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="'fast'"):
         prepack_convolutions(nn.ModuleDict({"unet": UNet(UNetConfig(model_channels=32, context_dim=None))}),
                              "fast")  # type: ignore[arg-type]
+
+
+def test_ldm_generate_takes_a_policy_and_refuses_an_unknown_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "x"]).winograd == "balanced"
+    assert parser.parse_args(["generate", "x", "--winograd", "all"]).winograd == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "x", "--winograd", "fast"])
+    assert "'fast'" in capsys.readouterr().err
