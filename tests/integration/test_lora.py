@@ -16,10 +16,12 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from models import cpu_inference
 from models.checkpoints import load_model
 from models.lora import LoRA, LoraCache, LoraError, adapters_applied, load_lora, parse_lora_arg
 from models.pipeline import Pipeline, RunSettings, SampleSpec
 from models.tokenizers import CLIPTokenizer
+from models.winograd import WinogradConv2d
 from tests.helpers import (
     TOL,
     assert_close_at_unit_scale,
@@ -132,6 +134,24 @@ def test_mixed_batch_gives_every_sample_its_solo_image(setup: Setup) -> None:
         assert torch.equal(batch[i : i + 1], solo), f"item {i} differs from its solo run"
     assert (solos[0] - solos[2]).abs().max() > 0.01 and (solos[1] - solos[2]).abs().max() > 0.01
     assert not any(m._forward_hooks for m in setup.fast.model.modules())  # nothing outlives the batch
+
+
+def test_adapters_on_winograd_convolutions_give_the_direct_convolutions_result(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The toy's convolutions are narrower than Winograd's floor: lowered, every 3x3 UNet conv goes by Winograd,
+    LoCon adapters included, and the adapted output equals the unpacked model's to rounding."""
+    monkeypatch.setattr(cpu_inference, "WINOGRAD_MIN_CHANNELS", 1)
+    model = Pipeline(load_model(setup.folder)).model
+    assert sum(isinstance(m, WinogradConv2d) for m in model.unet.modules()) > 4
+    lora = load_lora(setup.a, model)
+    assert any(isinstance(model.get_submodule(path), WinogradConv2d) for path in lora.layers)
+    prompts = ["a red circle on the left", "a blue square"]
+    ours = outputs(model, prompts, lora)
+    direct = outputs(setup.model, prompts, load_lora(setup.a, setup.model))
+    for a, b in zip(ours, direct, strict=True):
+        assert (a - b).abs().max() < TOL
+    with torch_threads(1), torch.inference_mode():
+        assert (ours[1] - model.unet(X, T, ours[0])).abs().max() > 100 * TOL  # the adapters act
 
 
 def test_cache_is_bounded_in_bytes(setup: Setup, tmp_path: Path) -> None:
