@@ -7,17 +7,25 @@ convolution prepacked (models/cpu_inference.PackedConv2d, the non-Winograd defau
 interleaved (bench/model_bench.py's method: medians over runs not disturbed by other processes), the time ratio,
 the extra filter memory and the largest difference from a float64 reference, relative to its largest value.
 
+`--images` adds what each policy does to whole generations: the SD-1.5-size model (random weights, as in
+bench/model_bench.py; the parity models of the tests are narrower than Winograd's 256-channel floor, so they never
+take it) generates the same prompts (DPM-Solver++ 20 steps, CFG 7.5, 256 px) under each policy, and the images are
+compared with those of `off` (no Winograd) pixel by pixel, mean and max |difference| in /255.
+
 A table goes to stdout; the figures to bench/results/winograd_bench.json. Not a test: nothing fails.
-    python bench/winograd_bench.py [--runs 15] [--out bench/results/winograd_bench.json]
+    python bench/winograd_bench.py [--runs 15] [--images] [--out bench/results/winograd_bench.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,10 +33,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_bench import cpu_model, interleaved  # noqa: E402
+from bench.cpu_modes import QUALITY_PROMPTS  # noqa: E402
+from bench.model_bench import build_ours, cpu_model, interleaved  # noqa: E402
 from bench.results_io import publish  # noqa: E402
-from models.cpu_inference import PackedConv2d  # noqa: E402
+from models.cpu_inference import PackedConv2d, optimize_for_cpu_inference  # noqa: E402
+from models.names import WINOGRAD_POLICIES  # noqa: E402
+from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.winograd import WinogradConv2d  # noqa: E402
+from tests.helpers import write_clip_tokenizer  # noqa: E402
 
 #: (input channels, output channels, map side): SD-1.5's 3x3 stride-1 convolutions at 256 px (latent 32: levels at
 #: 32, 16, 8, 4) and at 512 px (latent 64), the widest input of each kind (the up path's concatenations), and small ones
@@ -50,6 +62,23 @@ def measure(c_in: int, c_out: int, side: int, runs: int) -> dict[str, Any]:
             "extra_filter_mb": round(c_in * c_out * 7 * 4 / 2**20, 1)}
 
 
+def image_differences(size: int = 256) -> dict[str, dict[str, float]]:
+    """{policy: mean and max |difference| in /255 from `off`'s images} over whole SD-1.5-size generations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        eager = build_ours(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+    specs = [SampleSpec(p, seed=i, guidance_scale=7.5) for i, p in enumerate(QUALITY_PROMPTS)]
+    images = {}
+    for policy in ("off", *(p for p in WINOGRAD_POLICIES if p != "off")):
+        model = optimize_for_cpu_inference(copy.deepcopy(eager), policy)
+        with torch.inference_mode():
+            out = Pipeline(model, optimize=False).txt2img(specs, RunSettings("dpmpp_2m", 20, size, size)).images
+        images[policy] = np.stack([np.asarray(im).astype(np.int16) for im in out])
+        del model
+    return {policy: {"mean_abs_255": round(float(np.abs(im - images["off"]).mean()), 4),
+                     "max_abs_255": int(np.abs(im - images["off"]).max())}
+            for policy, im in images.items() if policy != "off"}
+
+
 def report(data: dict[str, Any]) -> str:
     lines = ["| channels in -> out | map (batch 2) | direct (ms) | Winograd (ms) | Winograd / direct | "
              "extra filter memory (MB) | max relative error |", "|---|---|---|---|---|---|---|"]
@@ -58,17 +87,28 @@ def report(data: dict[str, Any]) -> str:
         lines.append(f"| {r['in']} -> {r['out']} | {r['side']}x{r['side']} | {1e3 * t['direct']['median_s']:.2f} | "
                      f"{1e3 * t['winograd']['median_s']:.2f} | **{r['ratio']:.2f}** | {r['extra_filter_mb']} | "
                      f"{r['max_rel_error']:.1e} |")
+    if "image_differences" in data:
+        lines += ["", "| policy | mean difference from `off` (/255) | max difference (/255) |", "|---|---|---|"]
+        lines += [f"| {policy} | {d['mean_abs_255']} | {d['max_abs_255']} |"
+                  for policy, d in data["image_differences"].items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15, help="timed runs per case after the warm-up (default 15)")
+    parser.add_argument("--images", action="store_true",
+                        help="also each policy's whole-generation images against `off`'s (SD-1.5 size, 256 px)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "winograd_bench.json")
     args = parser.parse_args()
     rows = [measure(c_in, c_out, side, args.runs) for c_in, c_out, side in SHAPES]
-    data = {"machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-            "setup": {"runs": args.runs, "batch": 2, "dtype": "fp32"}, "rows": rows}
+    data: dict[str, Any] = {
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "setup": {"runs": args.runs, "batch": 2, "dtype": "fp32"}, "rows": rows}
+    if args.images:
+        data["image_differences"] = image_differences()
+        data["setup"]["images"] = (f"SD-1.5 size, random weights, {len(QUALITY_PROMPTS)} prompts, seeds 0-"
+                                   f"{len(QUALITY_PROMPTS) - 1}, DPM-Solver++ 20 steps, CFG 7.5, 256 px")
     publish(data, report(data), args.out)
 
 

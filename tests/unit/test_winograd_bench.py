@@ -17,3 +17,10 @@ def test_a_row_times_both_kernels_and_reports_the_error() -> None:
     assert 0 < row["max_rel_error"] < 1e-5
     table = winograd_bench.report({"rows": [row]})
     assert "| 16 -> 8 | 6x6 | " in table and f"**{row['ratio']:.2f}**" in table
+
+
+def test_the_report_has_a_row_per_policy_of_the_image_differences() -> None:
+    data = {"rows": [], "image_differences": {"balanced": {"mean_abs_255": 0.0012, "max_abs_255": 1},
+                                              "all": {"mean_abs_255": 0.0031, "max_abs_255": 2}}}
+    table = winograd_bench.report(data)
+    assert "| balanced | 0.0012 | 1 |" in table and "| all | 0.0031 | 2 |" in table
