@@ -102,7 +102,7 @@ def report_sdxl(data: dict[str, Any]) -> str:
     gflop, peak = data["flops"]["unet_step_gflop"], data["machine"]["matmul_peak_gflops"]
     width = "full width" if setup["model_channels"] == 320 else f"{setup['model_channels']} channels (half width)"
     return "\n".join([
-        "| what | ours (s) | diffusers (s) | ours / diffusers | ours GFLOP/s | % of matmul peak |",
+        "| what | ours (s) | diffusers (s) | ours / diffusers | ours effective GFLOP/s | % of matmul peak |",
         "|---|---|---|---|---|---|",
         f"| SDXL UNet step, 64x64 latent, batch 2 (CFG), {width} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | "
         f"{gflop / ours:.0f} | {100 * gflop / ours / peak:.0f} % |",
