@@ -96,7 +96,8 @@ DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
 
 #: which of the UNet's 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3) (models/cpu_inference.py):
 #: those of 256 to 640 channels (`balanced`, the default), every one of at least 256 (`all`: faster, filters 16/9 the
-#: size: +1.4 GB for SD-1.5), or none (`off`: oneDNN's direct kernel only, bit-identical to PyTorch's eager one)
+#: size: +1.4 GB of filters for SD-1.5, +1.5 GB at the peak), or none (`off`: oneDNN's direct kernel only,
+#: bit-identical to PyTorch's eager one)
 WinogradPolicy = Literal["balanced", "all", "off"]
 WINOGRAD_POLICIES: tuple[WinogradPolicy, ...] = get_args(WinogradPolicy)
 

@@ -75,7 +75,7 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--winograd", choices=WINOGRAD_POLICIES, default="balanced",
                    help="which UNet 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3), the same images "
                    "to float rounding: balanced (default) those of 256-640 channels; all the 1280-channel ones too "
-                   "(SD-1.5's step 7 %% faster at 256 px, +1.4 GB of memory); off none (docs/benchmarks.md)")
+                   "(SD-1.5's step 7 %% faster at 256 px, +1.5 GB of peak memory); off none (docs/benchmarks.md)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="what the UNet predicts, for files that do not say (SD 2: 512-base epsilon, 768-v "

@@ -252,7 +252,7 @@ class Settings(BaseSettings):
     worker_winograd: Literal["balanced", "all", "off"] = Field(
         default="balanced", description="Which UNet 3x3 convolutions a CPU worker computes by Winograd's F(2x2, 3x3) "
         "(fp32 on the CPU; the same images to float rounding): balanced = those of 256-640 channels; all = "
-        "the 1280-channel ones too (the SD-1.5 step 7 % faster at 256 px for +1.4 GB of memory); off = none "
+        "the 1280-channel ones too (the SD-1.5 step 7 % faster at 256 px for +1.5 GB of peak memory); off = none "
         "(bit-identical to PyTorch's eager convolution). docs/benchmarks.md has the figures.")
     worker_torch_threads: int = Field(
         default=0, ge=0, description="CPU threads of a worker's torch ops; 0 = PyTorch's default (one per core).")
