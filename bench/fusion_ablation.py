@@ -50,7 +50,7 @@ from models.attention import GEGLU  # noqa: E402
 from models.cpu_inference import PackedConv2d, optimize_for_cpu_inference, winograd_wins  # noqa: E402
 from models.layers import batch_invariant_linear  # noqa: E402
 from models.unet import ResBlock  # noqa: E402
-from models.winograd import WinogradConv2d, winograd_applies  # noqa: E402
+from models.winograd import WinogradConv2d  # noqa: E402
 from tests.helpers import write_clip_tokenizer  # noqa: E402
 
 VARIANTS = {"default": (), "geglu": ("geglu",), "pack1x1": ("pack1x1",), "resadd": ("pack1x1", "resadd"),
@@ -92,16 +92,13 @@ class SkipAsLinear(nn.Module):
 
 
 def conv_alternatives(unet: nn.Module) -> dict[tuple[nn.Module, str], tuple[str, nn.Module]]:
-    """Before the UNet is prepared: for each 3x3 convolution of >= 256 channels, the variant that changes how it is
-    computed and its module for that variant (direct for the default's Winograd ones, Winograd for the others)."""
-    alternatives: dict[tuple[nn.Module, str], tuple[str, nn.Module]] = {}
-    for parent in unet.modules():
-        for name, conv in parent.named_children():
-            if isinstance(conv, nn.Conv2d) and winograd_applies(conv) and min(conv.in_channels,
-                                                                              conv.out_channels) >= 256:
-                alternatives[parent, name] = (("direct", PackedConv2d(conv)) if winograd_wins(conv)
-                                              else ("winograd1280", WinogradConv2d(conv)))
-    return alternatives
+    """Before the UNet is prepared: for each convolution the `all` policy computes by Winograd, the variant that
+    changes how it is computed and its module for that variant (direct for the default's Winograd ones, Winograd for
+    the others)."""
+    return {(parent, name): ("direct", PackedConv2d(conv)) if winograd_wins(conv)
+            else ("winograd1280", WinogradConv2d(conv))
+            for parent in unet.modules() for name, conv in parent.named_children()
+            if isinstance(conv, nn.Conv2d) and winograd_wins(conv, "all")}
 
 
 class Switch:

@@ -234,8 +234,8 @@ def memory_probe(which: str, steps: int, size: int, winograd: WinogradPolicy) ->
         ours = build_ours(tok)
         with torch.inference_mode():
             if which == "ours":
-                optimize_for_cpu_inference(ours, winograd)
-                Pipeline(ours).txt2img([SampleSpec(PROMPT, seed=0)], RunSettings("dpmpp_2m", steps, size, size))
+                Pipeline(ours, winograd=winograd).txt2img([SampleSpec(PROMPT, seed=0)],
+                                                          RunSettings("dpmpp_2m", steps, size, size))
             else:
                 pipe = build_diffusers(ours, tok)
                 del ours

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu_modes import QUALITY_PROMPTS  # noqa: E402
 from bench.model_bench import build_ours, cpu_model, interleaved  # noqa: E402
 from bench.results_io import publish  # noqa: E402
-from models.cpu_inference import PackedConv2d, optimize_for_cpu_inference  # noqa: E402
+from models.cpu_inference import PackedConv2d  # noqa: E402
 from models.names import WINOGRAD_POLICIES  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.winograd import WinogradConv2d  # noqa: E402
@@ -69,11 +69,11 @@ def image_differences(size: int = 256) -> dict[str, dict[str, float]]:
     specs = [SampleSpec(p, seed=i, guidance_scale=7.5) for i, p in enumerate(QUALITY_PROMPTS)]
     images = {}
     for policy in ("off", *(p for p in WINOGRAD_POLICIES if p != "off")):
-        model = optimize_for_cpu_inference(copy.deepcopy(eager), policy)
+        pipeline = Pipeline(copy.deepcopy(eager), winograd=policy)
         with torch.inference_mode():
-            out = Pipeline(model, optimize=False).txt2img(specs, RunSettings("dpmpp_2m", 20, size, size)).images
+            out = pipeline.txt2img(specs, RunSettings("dpmpp_2m", 20, size, size)).images
         images[policy] = np.stack([np.asarray(im).astype(np.int16) for im in out])
-        del model
+        del pipeline
     return {policy: {"mean_abs_255": round(float(np.abs(im - images["off"]).mean()), 4),
                      "max_abs_255": int(np.abs(im - images["off"]).max())}
             for policy, im in images.items() if policy != "off"}

@@ -71,8 +71,6 @@ WINOGRAD_MAX_CHANNELS = 640
 def winograd_wins(conv: nn.Conv2d, policy: WinogradPolicy = "balanced") -> bool:
     """Whether a UNet convolution goes by Winograd under `policy` (WINOGRAD_POLICIES; bench/fusion_ablation.py
     measures each)."""
-    if policy not in WINOGRAD_POLICIES:
-        raise ValueError(f"winograd policy must be one of {WINOGRAD_POLICIES}, got {policy!r}")
     low, high = sorted((conv.in_channels, conv.out_channels))
     return (policy != "off" and winograd_applies(conv) and low >= WINOGRAD_MIN_CHANNELS
             and (policy == "all" or high <= WINOGRAD_MAX_CHANNELS))
@@ -81,6 +79,8 @@ def winograd_wins(conv: nn.Conv2d, policy: WinogradPolicy = "balanced") -> bool:
 def prepack_convolutions(model: nn.Module, winograd: WinogradPolicy = "balanced") -> int:
     """Replace every packable Conv2d in `model` by a PackedConv2d, in place, or, within a UNet and where the policy
     `winograd` says (`winograd_wins`), by a WinogradConv2d; returns how many."""
+    if winograd not in WINOGRAD_POLICIES:
+        raise ValueError(f"winograd policy must be one of {WINOGRAD_POLICIES}, got {winograd!r}")
     if not torch.backends.mkldnn.is_available():
         return 0
     in_unets = {id(m) for unet in model.modules() if isinstance(unet, UNet) for m in unet.modules()}

@@ -5,9 +5,10 @@ domain" (`B^T d B`, `G g G^T`), where the convolution is an elementwise product 
 16 independent [tiles, C_in] @ [C_in, C_out] products, and the result comes back with `A^T m A`. That takes 16
 multiplications per 4 outputs and input channel where the direct convolution takes 36: 2.25x fewer FLOPs, for a
 few elementwise transforms and a filter 16/9 the size. On the 2-core CPU the SD UNet's 320- and 640-channel
-convolutions ran in 0.56-0.78x the time of oneDNN's direct (prepacked) kernel, at 32x32 and 64x64 as at 16x16
-(bench/fusion_ablation.py says what the whole step gains); the 1280-channel ones are left direct, since their
-filters (two thirds of the UNet's weights) would grow by 16/9 in memory for a smaller gain.
+convolutions run in 0.59-0.71x the time of oneDNN's direct (prepacked) kernel from 16x16 to 64x64 maps, and lose
+below 256 channels (bench/winograd_bench.py; bench/fusion_ablation.py says what the whole step gains). Which
+convolutions take it is models/cpu_inference.py's policy: by default not the 1280-channel ones, whose filters (two
+thirds of the UNet's weights) would grow by 16/9 in memory.
 
 Exactness: the transforms' coefficients are 0, +-1 and +-1/2 (the filter's are applied once, at preparation), so the
 result differs from the direct convolution by float rounding only (~2e-6 relative). Batch invariance holds as it does
@@ -32,8 +33,8 @@ def _filter_rows(g0: Tensor, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor, Te
 
 def transform_filter(weight: Tensor) -> Tensor:
     """[C_out, C_in, 3, 3] -> U [16, C_out, C_in] (`G g G^T` per filter). As explicit sums in the weight's dtype,
-    written plane by plane: 3x faster than an einsum in float64 (SD-1.5's 1280-channel filters, all of them, in ~3 s
-    instead of ~11 s at a worker's start), within a few ulps of it, far below the algorithm's own rounding."""
+    written plane by plane: ~3x faster than an einsum in float64 (0.10 s against 0.35 s for a 1280x1280 filter here),
+    within a few ulps of it, far below the algorithm's own rounding."""
     w = weight.detach()
     u = torch.empty(4, 4, weight.shape[0], weight.shape[1], dtype=weight.dtype)
     for a, row in enumerate(_filter_rows(w[:, :, 0, :], w[:, :, 1, :], w[:, :, 2, :])):
