@@ -101,6 +101,13 @@ DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
 WinogradPolicy = Literal["balanced", "all", "off"]
 WINOGRAD_POLICIES: tuple[WinogradPolicy, ...] = get_args(WinogradPolicy)
 
+#: how a model on a GPU runs its UNet (models/gpu_inference.py): `graphs` (the default) replays one CUDA graph per
+#: (batch, latent size, conditioning shape) bucket, so a step costs one launch instead of ~1,000; `compile` goes
+#: through `torch.compile` (Inductor's fused kernels; each new bucket compiles once, cached on disk across restarts
+#: in TORCHINDUCTOR_CACHE_DIR); `eager` runs the modules as they are
+GpuMode = Literal["graphs", "compile", "eager"]
+GPU_MODES: tuple[GpuMode, ...] = get_args(GpuMode)
+
 
 def normalise_name(name: str) -> str:
     """Class names match whatever their case and spacing ("Red  Circle" is "red circle")."""

@@ -38,11 +38,12 @@ from models.conditioning import (
 from models.config import ModelConfig
 from models.cpu_inference import optimize_for_cpu_inference
 from models.diffusion import NoiseSchedule, q_sample
+from models.gpu_inference import optimize_for_gpu_inference
 from models.guidance import Conditioning
 from models.images import mask_to_tensor, to_pil, to_tensor
 from models.ldm import LatentDiffusion
 from models.lora import AdapterSet, adapters_applied
-from models.names import SamplerName, WinogradPolicy
+from models.names import GpuMode, SamplerName, WinogradPolicy
 from models.noise import generators_from_seeds, randn_per_item
 from models.prompt_weighting import PROMPT_SYNTAXES, PromptSyntax, encode_prompt, encode_sdxl_prompt
 from models.samplers import SamplingPlan, init_state, sampling_plan
@@ -133,7 +134,7 @@ class Pipeline:
     """Runs a loaded model; holds no per-request state, so one instance serves every request."""
 
     def __init__(self, model: LatentDiffusion, *, optimize: bool = True, winograd: WinogradPolicy = "balanced",
-                 prompt_syntax: PromptSyntax = "plain",
+                 gpu: GpuMode = "graphs", prompt_syntax: PromptSyntax = "plain",
                  embeddings: EmbeddingDB | Sequence[EmbeddingDB] | None = None,
                  refiner: LatentDiffusion | None = None) -> None:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
@@ -141,6 +142,8 @@ class Pipeline:
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
         model is then inference-only: save it before. `winograd`: which UNet convolutions the CPU path computes by
         Winograd's F(2x2, 3x3) (models.names.WINOGRAD_POLICIES; docs/benchmarks.md has each one's speed and memory).
+        On a GPU, `optimize` runs channels_last and the UNet by `gpu` (models.names.GPU_MODES: CUDA graphs per
+        input bucket by default, models/gpu_inference.py).
 
         `prompt_syntax`: how a CLIP text encoder reads prompts (models/prompt_weighting.py): `plain` as
         diffusers, `a1111` AUTOMATIC1111's emphasis, BREAK and 75-token chunks; other encoders read them as
@@ -151,14 +154,16 @@ class Pipeline:
             raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {prompt_syntax!r}")
         if optimize and model.device.type == "cpu":
             optimize_for_cpu_inference(model, winograd)
+        elif optimize and model.device.type == "cuda":
+            optimize_for_gpu_inference(model, gpu)
         self.model = model
         self.prompt_syntax = prompt_syntax
         dbs = () if embeddings is None else (embeddings,) if isinstance(embeddings, EmbeddingDB) else tuple(embeddings)
         self.embeddings: tuple[EmbeddingDB, ...] = dbs
         self._encoder_embeddings = _embeddings_by_encoder(model, dbs)
         #: SDXL's refiner, which finishes txt2img runs whose settings give a `refiner_switch`
-        self.refiner = (Pipeline(refiner, optimize=optimize, winograd=winograd, prompt_syntax=prompt_syntax,
-                                 embeddings=dbs) if refiner is not None else None)
+        self.refiner = (Pipeline(refiner, optimize=optimize, winograd=winograd, gpu=gpu,
+                                 prompt_syntax=prompt_syntax, embeddings=dbs) if refiner is not None else None)
 
     # ------------------------------------------------------------------ public tasks
 

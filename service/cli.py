@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from models.eval.cli import add_eval_parser
-from models.names import DTYPES, SAMPLERS, TASKS, WINOGRAD_POLICIES, ConditionTask, Task
+from models.names import DTYPES, GPU_MODES, SAMPLERS, TASKS, WINOGRAD_POLICIES, ConditionTask, Task
 from models.train.cli import add_train_parser
 from service.zoo_commands import add_zoo_parsers
 
@@ -76,6 +76,9 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="which UNet 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3), the same images "
                    "to float rounding: balanced (default) those of 256-640 channels; all the 1280-channel ones too "
                    "(SD-1.5's step 7 %% faster at 256 px, +1.5 GB of peak memory); off none (docs/benchmarks.md)")
+    p.add_argument("--gpu-mode", choices=GPU_MODES, default="graphs",
+                   help="how a model on a GPU runs its UNet: graphs (default) replays a CUDA graph per batch and "
+                   "size, eager runs the modules, compile goes through torch.compile (docs/benchmarks.md)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="what the UNet predicts, for files that do not say (SD 2: 512-base epsilon, 768-v "
@@ -128,7 +131,8 @@ def run_generate(args: argparse.Namespace) -> int:
         eta=args.eta, guidance=args.guidance,
         negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, n=args.n, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, device=args.device,
-        dtype=args.dtype, winograd=args.winograd, use_ema=args.ema, config=args.config, strength=args.strength,
+        dtype=args.dtype, winograd=args.winograd, gpu_mode=args.gpu_mode, use_ema=args.ema, config=args.config,
+        strength=args.strength,
         prediction_type=args.prediction_type, loras=tuple(args.lora), prompt_syntax=args.prompt_syntax,
         embeddings=args.embeddings, noise_level=args.noise_level, refiner=args.refiner,
         refiner_switch=0.8 if args.refiner_switch is None else args.refiner_switch,

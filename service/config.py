@@ -254,6 +254,11 @@ class Settings(BaseSettings):
         "(fp32 on the CPU; the same images to float rounding): balanced = those of 256-640 channels; all = "
         "the 1280-channel ones too (the SD-1.5 step 7 % faster at 256 px for +1.5 GB of peak memory); off = none "
         "(bit-identical to PyTorch's eager convolution). docs/benchmarks.md has the figures.")
+    worker_gpu_mode: Literal["graphs", "compile", "eager"] = Field(
+        default="graphs", description="How a GPU worker runs its UNet: graphs = one CUDA graph per (batch, latent "
+        "size) bucket, replayed (the same images as eager; steps with LoRA adapters run eagerly); compile = "
+        "torch.compile (each bucket compiles once; keep TORCHINDUCTOR_CACHE_DIR on a volume to keep that across "
+        "restarts); eager = the modules as they are. docs/benchmarks.md has the figures.")
     worker_torch_threads: int = Field(
         default=0, ge=0, description="CPU threads of a worker's torch ops; 0 = PyTorch's default (one per core).")
     worker_tokenizer_dir: Path | None = Field(

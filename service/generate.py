@@ -18,7 +18,7 @@ from models.diffusion import PredictionType
 from models.images import encode_png
 from models.ldm import LatentDiffusion
 from models.lora import load_lora, parse_lora_arg
-from models.names import DTypeName, SamplerName, Task, WinogradPolicy, default_sampler
+from models.names import DTypeName, GpuMode, SamplerName, Task, WinogradPolicy, default_sampler
 from models.pipeline import (
     GenerationResult,
     Pipeline,
@@ -60,6 +60,8 @@ class GenerateOptions:
     dtype: DTypeName | None = None
     #: which UNet convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES)
     winograd: WinogradPolicy = "balanced"
+    #: how a model on a GPU runs its UNet (models.names.GPU_MODES)
+    gpu_mode: GpuMode = "graphs"
     use_ema: bool = False
     #: a CompVis zoo config.yaml for `model` (default: the one beside a .ckpt)
     config: Path | None = None
@@ -145,8 +147,8 @@ def _load(options: GenerateOptions) -> tuple[LatentDiffusion, Pipeline, RunSetti
                            noise_level=options.noise_level,
                            refiner_switch=options.refiner_switch if refiner is not None else None)
     embeddings = load_embeddings_dir(options.embeddings, model) if options.embeddings is not None else None
-    return model, Pipeline(model, winograd=options.winograd, prompt_syntax=options.prompt_syntax, embeddings=embeddings,
-                           refiner=refiner), settings
+    return model, Pipeline(model, winograd=options.winograd, gpu=options.gpu_mode, prompt_syntax=options.prompt_syntax,
+                           embeddings=embeddings, refiner=refiner), settings
 
 
 @contextmanager

@@ -566,6 +566,7 @@ def run_worker(settings: Settings, model_spec: str, *, worker_id: str | None = N
     try:
         runner = Runner.load(model_spec, name=model_name, device=device or settings.worker_device,
                              dtype=settings.worker_dtype, winograd=settings.worker_winograd,
+                             gpu=settings.worker_gpu_mode,
                              tokenizer_dir=settings.worker_tokenizer_dir,
                              tokenizer_2_dir=settings.worker_tokenizer_2_dir,
                              text=TextOptions(settings.prompt_syntax, settings.embeddings_dir, settings.lora_dir,

@@ -47,6 +47,7 @@ from models.names import (
     KIND_DESCRIPTIONS,
     MISSING_NULL,
     DTypeName,
+    GpuMode,
     SamplerName,
     WinogradPolicy,
     default_guidance,
@@ -180,7 +181,8 @@ class Runner:
 
     def __init__(self, model: LatentDiffusion, name: str, *, on_oom: Callable[[], None] | None = None,
                  text: TextOptions | None = None, refiner: LatentDiffusion | None = None,
-                 refiner_name: str | None = None) -> None:
+                 refiner_name: str | None = None, gpu: GpuMode = "graphs") -> None:
+        """`gpu`: how a model on a GPU runs its UNet (models.names.GPU_MODES)."""
         self.model = model
         self.name = name
         self.text = text or TextOptions()
@@ -190,7 +192,7 @@ class Runner:
             check_refiner(model, refiner)
         #: the SDXL refiner held beside the model (LDM_WORKER_REFINER) and the name requests give it (`refiner`)
         self.refiner_name = (refiner_name or refiner.config.name) if refiner is not None else None
-        self.pipeline = Pipeline(model, prompt_syntax=self.text.prompt_syntax, embeddings=embeddings,
+        self.pipeline = Pipeline(model, gpu=gpu, prompt_syntax=self.text.prompt_syntax, embeddings=embeddings,
                                  refiner=refiner)
         self.previewer = Previewer(model)
         self.on_oom = on_oom
@@ -199,13 +201,14 @@ class Runner:
 
     @classmethod
     def load(cls, spec: str, *, name: str | None = None, device: str | None = None, dtype: DType = "auto",
-             winograd: WinogradPolicy = "balanced",
+             winograd: WinogradPolicy = "balanced", gpu: GpuMode = "graphs",
              tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None,
              text: TextOptions | None = None, refiner: str | None = None) -> Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once, and
         the SDXL refiner of the spec `refiner` beside it (requests name it by `served_name(refiner)`).
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu; `winograd`: which UNet
-        convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES)."""
+        convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES); `gpu`: how a model on a
+        GPU runs its UNet (models.names.GPU_MODES)."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
         models = []
@@ -215,7 +218,7 @@ class Runner:
                 optimize_for_cpu_inference(model, winograd)
             models.append(model)
         return cls(models[0], name or served_name(spec), text=text, refiner=models[1] if refiner else None,
-                   refiner_name=served_name(refiner) if refiner else None)
+                   refiner_name=served_name(refiner) if refiner else None, gpu=gpu)
 
     @property
     def lora_cache(self) -> LoraCache:

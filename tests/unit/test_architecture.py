@@ -180,6 +180,11 @@ def test_winograd_policy_names_are_the_model_librarys() -> None:
     assert get_args(setting) == names.WINOGRAD_POLICIES
 
 
+def test_gpu_mode_names_are_the_model_librarys() -> None:
+    setting = service_config.Settings.model_fields["worker_gpu_mode"].annotation
+    assert get_args(setting) == names.GPU_MODES
+
+
 @given(st.text(alphabet=st.sampled_from("aB \t\nÉß1-"), max_size=12))
 def test_class_names_match_as_in_the_model_library(name: str) -> None:
     assert schemas.normalise_name(name) == names.normalise_name(name)
