@@ -125,13 +125,14 @@ class CudaGraphForward:
 
 
 def optimize_for_gpu_inference(model: nn.Module, mode: GpuMode = "graphs") -> nn.Module:
-    """channels_last activations and, by `mode` (GPU_MODES), the UNets' forward replayed from CUDA graphs
-    (`graphs`), compiled (`compile`) or left as it is (`eager`), in place. Only a model on a CUDA device is changed.
+    """By `mode` (GPU_MODES), in place: the UNets' forward replayed from CUDA graphs (`graphs`) or compiled
+    (`compile`), both with channels_last activations, or the model left as it is (`eager`: NCHW, which is faster
+    than channels_last without Inductor on an H200, docs/benchmarks.md). Only a model on a CUDA device is changed.
     """
     if mode not in GPU_MODES:
         raise ValueError(f"gpu mode must be one of {GPU_MODES}, got {mode!r}")
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cuda":
+    if mode == "eager" or first is None or first.device.type != "cuda":
         return model
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for unet in (m for m in model.modules() if isinstance(m, UNet)):
