@@ -39,10 +39,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Hashable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
+from PIL import Image
 
 from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
@@ -221,8 +223,12 @@ class ContinuousWorker(Worker):
             if r.job.id not in self.running:  # failed at an earlier image's decode
                 return
             r.queued.remove(s)
-            self._store(r, s)
-        self._settle_if_done(r)
+            image = self._decoded(r, s)
+            if image is not None:
+                with _failing(self, r):
+                    r.job.pngs[_index(s)] = self.runner.png(r.job.key, r.inputs[_index(s)], image)
+        if r.job.id in self.running:
+            self._settle_if_done(r)
 
     # ------------------------------------------------------------------------------------------- one step
 
@@ -253,14 +259,29 @@ class ContinuousWorker(Worker):
         self._stepped(size, seconds, [(self.running[j].job.claim, samples[0].state.i) for j, samples in by_job.items()
                                       if j in self.running])
         self._report(by_job)
+        self._retire(by_job)
+
+    def _retire(self, by_job: dict[str, list[StepSample]]) -> None:
+        """Decode the samples whose plan ended at this step, encode all of their PNGs at once (the runner's PNG
+        threads), and finish the jobs that have all of their images; a fault fails its job alone."""
+        encoding: list[tuple[Running, int, Future[bytes]]] = []
         for job_id, samples in by_job.items():
             r = self.running.get(job_id)
             if r is None or r.job.done:
                 continue
             for s in samples:
                 if s.state.done and r.job.id in self.running:  # not failed at an earlier image's decode
-                    self._store(r, s)
-            self._settle_if_done(r)
+                    image = self._decoded(r, s)
+                    if image is not None:
+                        encoding.append((r, _index(s), self.runner.submit_png(r.job.key, r.inputs[_index(s)], image)))
+        for r, index, png in encoding:
+            if r.job.id in self.running:  # not failed at an earlier image's PNG
+                with _failing(self, r):
+                    r.job.pngs[index] = png.result()
+        for job_id in by_job:
+            r = self.running.get(job_id)
+            if r is not None and not r.job.done:
+                self._settle_if_done(r)
 
     def _split(self, size: int) -> None:
         """A step of `size` samples ran out of device memory (and changed nothing): the next steps make denoiser calls
@@ -290,11 +311,12 @@ class ContinuousWorker(Worker):
             self._drop(r)
             self._fail(r.job, failure)
 
-    def _store(self, r: Running, s: StepSample) -> None:
+    def _decoded(self, r: Running, s: StepSample) -> Image.Image | None:
+        """A finished sample's image (its PNG is the caller's), or None: handed to the refiner, or the job failed."""
         index = _index(s)
         if r.started.then is not None:
             self._hand_over(r, index, s.latent)
-            return
+            return None
         try:
             image = r.started.finish(index, s.latent)
         except torch.cuda.OutOfMemoryError:
@@ -303,8 +325,8 @@ class ContinuousWorker(Worker):
             failure = self._out_of_memory("decode", r.job)
             self._drop(r)
             self._fail(r.job, failure)
-            return
-        r.job.pngs[index] = self.runner.png(r.job.key, r.inputs[index], image)
+            return None
+        return image
 
     def _hand_over(self, r: Running, index: int, latent: torch.Tensor) -> None:
         """SDXL's refiner: the base's share ran in the step batch; once all of the job's images have reached the
@@ -320,9 +342,8 @@ class ContinuousWorker(Worker):
 
         with _failing(self, r):
             refined = r.started.then(latents, progress)
-            for k in range(r.job.request.n):
-                image = r.started.finish(k, refined[k : k + 1])
-                r.job.pngs[k] = self.runner.png(r.job.key, r.inputs[k], image)
+            images = [r.started.finish(k, refined[k : k + 1]) for k in range(r.job.request.n)]
+            r.job.pngs.update(enumerate(self.runner.pngs(r.job.key, r.inputs, images)))
 
     def _settle_if_done(self, r: Running) -> None:
         if not r.job.done and len(r.job.pngs) == r.job.request.n:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -285,6 +286,41 @@ def test_out_of_memory_at_decode_fails_that_job_alone_and_keeps_none_of_its_imag
     assert decodes == [0] and len(ooms) == 1  # the second image was not decoded after the first failed
     assert [queue.result(jobs[0].id, 0)] == solo and queue.result(jobs[1].id, 1) is None
     assert not worker.in_hand()
+
+
+def test_the_images_of_a_step_encode_on_the_png_threads_and_a_png_fault_fails_its_job_alone(
+        runner: Runner, in_process: tuple[ContinuousWorker, SyncJobQueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every image finished at a step is encoded at once on the runner's PNG threads (the same bytes as one by one);
+    an encoding fault (a fault we cannot cause otherwise) fails that job alone, and the other job's image is kept."""
+    worker, queue = in_process
+    threads: list[str] = []
+    real = runner.png
+
+    def png(key: Any, sample: SampleInput, image: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        if sample.seed == 42:
+            raise ValueError("the encoder broke")
+        return real(key, sample, image)
+
+    kept = request(seed=41, steps=3, sampler="ddim")
+    solo = runner.run(runner.batch_key(kept, None), [SampleInput(kept, 41)])
+    monkeypatch.setattr(runner, "png", png)
+    jobs = [queue.submit(kept), queue.submit(request(seed=42, steps=3, sampler="ddim"))]
+    ended = run_until_done(worker, queue, jobs)
+    assert [j.status for j in ended] == [JobStatus.succeeded, JobStatus.failed]
+    assert ended[1].error is not None and ended[1].error.startswith("internal")
+    assert [queue.result(jobs[0].id, 0)] == solo and queue.result(jobs[1].id, 0) is None
+    assert len(threads) == 2 and all(name.startswith("png") for name in threads)
+    assert not worker.in_hand()
+
+
+def test_a_batchs_pngs_are_the_one_by_one_pngs(runner: Runner) -> None:
+    r = request(seed=7, steps=2, sampler="ddim", n=3)
+    key = runner.batch_key(r, None)
+    samples = [SampleInput(r, 7 + i) for i in range(3)]
+    pngs = runner.run(key, samples)
+    images = [Image.open(io.BytesIO(png)).copy() for png in pngs if png is not None]
+    assert runner.pngs(key, samples, images) == [runner.png(key, s, im) for s, im in zip(samples, images, strict=True)]
 
 
 # ------------------------------------------------------------------------------- admission policy, in process
