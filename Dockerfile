@@ -83,7 +83,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     LDM_GRPC_HOST=0.0.0.0 \
     LDM_WORKER_METRICS_HOST=0.0.0.0 \
     LDM_WORKER_METRICS_PORT=8001 \
-    LDM_DATA_DIR=/var/lib/ldm/data
+    LDM_DATA_DIR=/var/lib/ldm/data \
+    TORCHINDUCTOR_CACHE_DIR=/var/lib/ldm/inductor-cache
+# (TORCHINDUCTOR_CACHE_DIR: LDM_WORKER_GPU_MODE=compile's compiled kernels, kept in the volume across restarts)
 # /models: your checkpoints (`ldm worker --model /models/sd15.safetensors`); the shipped tiny-shapes model is
 # inside the installed package. /var/lib/ldm: the embedded Redis of `ldm serve` (append-only file).
 VOLUME ["/models", "/var/lib/ldm"]

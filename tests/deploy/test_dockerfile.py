@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -15,7 +16,8 @@ from tests.deploy.sources import DOCKERFILE, ROOT, dockerfile_stages, dockerigno
 
 #: variables of the image that are not service settings, each with its reason
 OTHER_ENV = {"PATH": "the venv first", "PYTHONUNBUFFERED": "logs reach `docker logs` at once",
-             "HOME": "a writable home for the non-root user", "PIP_DISABLE_PIP_VERSION_CHECK": "build stage only"}
+             "HOME": "a writable home for the non-root user", "PIP_DISABLE_PIP_VERSION_CHECK": "build stage only",
+             "TORCHINDUCTOR_CACHE_DIR": "LDM_WORKER_GPU_MODE=compile's kernels, in the /var/lib/ldm volume"}
 
 
 def test_multi_stage_cuda_by_default_cpu_by_build_arg() -> None:
@@ -90,6 +92,8 @@ def test_labels_volumes_and_version() -> None:
     volumes = " ".join(i.args for i in runtime.all("VOLUME"))
     assert '"/models"' in volumes and '"/var/lib/ldm"' in volumes
     assert settings_from(runtime.env()).data_dir.is_relative_to("/var/lib/ldm")  # embedded Redis on the volume
+    # compiled kernels (LDM_WORKER_GPU_MODE=compile) outlive a restart: on the volume, writable by the ldm user
+    assert Path(runtime.env()["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to("/var/lib/ldm")
 
 
 def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
