@@ -140,7 +140,7 @@ def optimize_for_gpu_inference(model: nn.Module, mode: GpuMode = "graphs") -> nn
             continue
         if mode == "graphs":
             unet.forward = CudaGraphForward(unet)  # type: ignore[method-assign]
-        elif mode == "compile":
+        elif mode == "compile" and getattr(unet, "_compiled_call_impl", None) is None:  # not compiled twice
             unet.compile()
     return model
 
