@@ -8,8 +8,8 @@ NCHW), `eager_cl` (channels_last), `graphs` (channels_last + one CUDA graph per 
 and `--runs` timed runs, median reported; at batch 8 each mode's images are compared with eager's (max and mean
 |difference| in /255) and `graphs` with `eager_cl`'s, which it must equal.
 
-Runs on the device machine with diffusers carried as a wheel (bench/device/README in the module text of
-check_cuda.py says how): `python3 bench/device/gpu_bench.py --out $OUT/gpu_bench.json`; a time budget skips what
+Runs on the device machine with diffusers carried as a wheel (bench/device/README.md says how):
+`python3 bench/device/gpu_bench.py --out $OUT/gpu_bench.json`; a time budget skips what
 would not fit and every finished row is written at once. `--tiny` runs the same code on a toy model (a CPU check).
 Results of the run on an NVIDIA H200: bench/results/gpu_bench_h200.json.
 """
