@@ -113,7 +113,9 @@ class CudaGraphForward:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 output = step()
-        except RuntimeError as exc:  # an op that cannot be captured, or out of memory: this bucket runs eagerly
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller's to handle (the worker splits the batch); the bucket may fit later
+        except RuntimeError as exc:  # an op that cannot be captured: this bucket runs eagerly from now on
             log.warning("CUDA graph capture failed for a UNet input bucket; it runs eagerly: %s", exc)
             self.failed.add(key)
             return None
