@@ -397,7 +397,7 @@ def _failing(worker: ContinuousWorker, r: Running) -> Iterator[None]:
         failure, incident = JobFailure.internal()
         log.exception(kv("finish_error", model=worker.model, job=r.job.id, error=type(exc).__name__,
                          incident=incident))
-        worker.running.pop(r.job.id, None)
+        worker._drop(r)  # its samples still running (if any) leave the batch too
         worker._fail(r.job, failure)
 
 
