@@ -59,14 +59,20 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cpu_modes import MODES, Mode  # noqa: E402
 from bench.results_io import publish  # noqa: E402
-from models.config import builtin_config  # noqa: E402
+from models.config import ModelConfig, builtin_config  # noqa: E402
 from models.cpu_inference import cpu_has_bf16, optimize_for_cpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
 from models.names import WINOGRAD_POLICIES, WinogradPolicy  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
 from models.text.clip import CLIPTextConditioner  # noqa: E402
 from models.tokenizers import CLIPTokenizer  # noqa: E402
-from tests.helpers import diffusers_unet, diffusers_vae, save_diffusers_folder, write_clip_tokenizer  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    diffusers_unet,
+    diffusers_vae,
+    hf_clip_text_model,
+    save_diffusers_folder,
+    write_clip_tokenizer,
+)
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -92,30 +98,29 @@ def random_normal(module: M) -> M:
     return module
 
 
-def build_ours(tokenizer_dir: Path) -> LatentDiffusion:
-    """SD-1.5 shapes with random weights (normal, std 0.02: realistic magnitudes, fast to draw)."""
+def build_ours(tokenizer_dir: Path, config: ModelConfig | None = None) -> LatentDiffusion:
+    """SD-1.5 shapes (or `config`'s) with random weights (normal, std 0.02: realistic magnitudes, fast to draw)."""
     with torch.device("meta"):
-        model = random_normal(LatentDiffusion(builtin_config("sd-v1")))
+        model = random_normal(LatentDiffusion(config or builtin_config("sd-v1")))
     assert isinstance(model.conditioner, CLIPTextConditioner)
     model.conditioner.set_tokenizer(CLIPTokenizer.from_dir(tokenizer_dir))
     return model.eval().requires_grad_(False)
 
 
 def build_diffusers(ours: LatentDiffusion, tokenizer_dir: Path) -> Any:
+    """diffusers' StableDiffusionPipeline holding `ours`'s weights (shared storage), through diffusers' own
+    single-file converters, with the DPM-Solver++ scheduler of SD_SCHEDULER."""
     import diffusers
     import transformers
 
     sd = ours.original_state_dict()  # shares storage with `ours`: no second copy of the weights
     unet = diffusers_unet({k: v for k, v in sd.items() if k.startswith("model.")}, ours.config.unet)
     vae = diffusers_vae({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, ours.config.autoencoder)
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
-    strip = "cond_stage_model.transformer." + ("" if "text_model.final_layer_norm.weight"
-                                               in clip.state_dict() else "text_model.")
-    clip.load_state_dict({k[len(strip):]: v for k, v in sd.items() if k.startswith(strip)}, strict=True)
+    assert ours.config.conditioner is not None
+    clip_config = ours.config.conditioner.clip
+    clip = hf_clip_text_model(sd, clip_config)
     tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                                           model_max_length=77)
+                                           model_max_length=clip_config.max_positions)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,

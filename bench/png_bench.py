@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_io import publish  # noqa: E402
 from models.images import encode_png  # noqa: E402
-from service.worker.runner import PNG_THREADS  # noqa: E402
+from service.worker.runner import png_threads  # noqa: E402
 
 PARAMETERS = {"task": "txt2img", "model": "sd-v1", "prompt": "a photograph of an astronaut riding a horse",
               "seed": 0, "steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 7.5, "width": 512, "height": 512}
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "png_bench.json")
     args = parser.parse_args()
     batch = images(args.images)
-    threads = min(PNG_THREADS, os.cpu_count() or 1)
+    threads = png_threads()
     pool = ThreadPoolExecutor(threads)
     ways = {"one by one": lambda: [encode_png(im, PARAMETERS) for im in batch],
             f"PNG threads ({threads})": lambda: list(pool.map(lambda im: encode_png(im, PARAMETERS), batch))}

@@ -51,9 +51,9 @@ def _key(inputs: dict[str, Tensor | None]) -> Hashable:
               for name, t in inputs.items()))
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether any submodule has a forward (pre-)hook, which a graph would not run."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether any of the modules has a forward (pre-)hook, which a graph would not run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class CudaGraphForward:
@@ -61,7 +61,8 @@ class CudaGraphForward:
     UNet's `forward` by `optimize_for_gpu_inference`; `eager` is the method it stands for."""
 
     def __init__(self, unet: UNet, max_graphs: int = MAX_GRAPHS) -> None:
-        self.unet = unet
+        #: the UNet's modules, listed once: every call checks them for hooks (LoRA's come and go per batch)
+        self.modules = list(unet.modules())
         self.eager: UNetForward = unet.forward
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
@@ -76,7 +77,7 @@ class CudaGraphForward:
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None,
                  y: Tensor | None = None) -> Tensor:
         inputs = {"x": x, "timesteps": timesteps, "context": context, "y": y}
-        if torch.is_grad_enabled() or not x.is_cuda or _hooked(self.unet):
+        if torch.is_grad_enabled() or not x.is_cuda or _hooked(self.modules):
             return self.eager(x, timesteps, context, y)
         key = _key(inputs)
         if key in self.failed:

@@ -31,20 +31,12 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.model_bench import SD_SCHEDULER, random_normal  # noqa: E402
+from bench.model_bench import build_diffusers, build_ours  # noqa: E402
 from models.config import ModelConfig, builtin_config  # noqa: E402
 from models.gpu_inference import graphs_of, optimize_for_gpu_inference  # noqa: E402
 from models.ldm import LatentDiffusion  # noqa: E402
 from models.pipeline import Pipeline, RunSettings, SampleSpec  # noqa: E402
-from models.text.clip import CLIPTextConditioner  # noqa: E402
-from models.tokenizers import CLIPTokenizer  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    diffusers_unet,
-    diffusers_vae,
-    hf_clip_text_model,
-    toy_sd_config,
-    write_clip_tokenizer,
-)
+from tests.helpers import toy_sd_config, write_clip_tokenizer  # noqa: E402
 
 PROMPTS = ["a photograph of an astronaut riding a horse on the moon", "a red circle on a black background",
            "an oil painting of a lighthouse in a storm", "a bowl of fruit on a wooden table"]
@@ -57,26 +49,8 @@ MODES = ("eager", "eager_cl", "graphs", *COMPILED)
 def build(config: ModelConfig, tok: Path, device: str, dtype: torch.dtype) -> tuple[LatentDiffusion, Any]:
     """Ours (on the CPU: it moves to the GPU once diffusers is done, so that neither's memory counts the other's
     weights) and diffusers' StableDiffusionPipeline (on `device` in `dtype`) with the same random weights."""
-    import diffusers
-    import transformers
-
-    with torch.device("meta"):
-        ours = random_normal(LatentDiffusion(config))
-    assert isinstance(ours.conditioner, CLIPTextConditioner)
-    ours.conditioner.set_tokenizer(CLIPTokenizer.from_dir(tok))
-    ours = ours.eval().requires_grad_(False)
-    sd = ours.original_state_dict()
-    unet = diffusers_unet({k: v for k, v in sd.items() if k.startswith("model.")}, config.unet)
-    vae = diffusers_vae({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, config.autoencoder)
-    assert config.conditioner is not None
-    clip = hf_clip_text_model(sd, config.conditioner.clip)
-    tokenizer = transformers.CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"), model_max_length=77)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet,
-        scheduler=diffusers.DPMSolverMultistepScheduler.from_config(SD_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return ours, pipe.to(device, dtype)  # copies: the two stop sharing storage
+    ours = build_ours(tok, config)
+    return ours, build_diffusers(ours, tok).to(device, dtype)  # copies: the two stop sharing storage
 
 
 def sync(device: str) -> None:

@@ -182,6 +182,11 @@ class TextOptions:
 PNG_THREADS = 8
 
 
+def png_threads() -> int:
+    """How many PNG threads a runner uses on this machine."""
+    return min(PNG_THREADS, os.cpu_count() or 1)
+
+
 class Runner:
     """A loaded model and its pipeline; `run` makes one batch of images. Not thread-safe: one batch at a time."""
 
@@ -476,7 +481,7 @@ class Runner:
             result = self._call(key.task, specs, settings, chosen, progress, watch if on_step is not None else None)
         for warning in result.warnings:
             log.warning("%s", warning)
-        return list(self.pngs(key, chosen, result.images))
+        return list[bytes | None](self.pngs(key, chosen, result.images))
 
     def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
         adapters = {id(s.request): self.adapters(s.request) for s in samples}
@@ -536,7 +541,7 @@ class Runner:
         at PIL's level 6 a 512x512 image takes ~0.1 s of one core, and a batch of 32 one by one would take about
         as long as its whole generation on an H200 (docs/benchmarks.md)."""
         if self._png_pool is None:
-            self._png_pool = ThreadPoolExecutor(min(PNG_THREADS, os.cpu_count() or 1), thread_name_prefix="png")
+            self._png_pool = ThreadPoolExecutor(png_threads(), thread_name_prefix="png")
         return self._png_pool.submit(self.png, key, sample, image)
 
     def png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> bytes:
