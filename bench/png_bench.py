@@ -1,5 +1,5 @@
 """PNG encoding of a batch of 512x512 images: one by one against the worker's PNG threads (service/worker/runner.py
-`Runner.pngs`).
+`Runner.submit_png`).
 
 A worker encodes every image it makes (PIL's level 6, with the generation parameters as text chunks). At 512 px that
 is ~0.1 s of one core per image, so a batch of 32 one by one takes about as long as its whole generation on an H200

@@ -259,6 +259,10 @@ class Settings(BaseSettings):
         "size) bucket, replayed (the same images as eager; steps with LoRA adapters run eagerly); compile = "
         "torch.compile (each bucket compiles once; keep TORCHINDUCTOR_CACHE_DIR on a volume to keep that across "
         "restarts); eager = the modules as they are. docs/benchmarks.md has the figures.")
+    worker_finish_overlap: bool = Field(
+        default=True, description="A worker encodes a finished job's PNGs and stores it in Redis while it runs its "
+        "next step or batch (service/worker/finisher.py); false = each job is stored before the next step starts "
+        "(the same images either way).")
     worker_torch_threads: int = Field(
         default=0, ge=0, description="CPU threads of a worker's torch ops; 0 = PyTorch's default (one per core).")
     worker_tokenizer_dir: Path | None = Field(

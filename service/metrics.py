@@ -105,7 +105,8 @@ WORKER_METRICS: list[MetricSpec] = [
     MetricSpec("ldm_batch_size", "histogram", ("model", "task"),
                "Images (samples) in one sampler run of a worker."),
     MetricSpec("ldm_batch_duration_seconds", "histogram", ("model", "task"),
-               "Time of one batch on the device: text encoding, sampling, decoding and PNG encoding."),
+               "Time of one batch on the device: text encoding, sampling and decoding (its PNGs encode and its jobs "
+               "are stored while the next batch runs: ldm_finish_seconds)."),
     MetricSpec("ldm_sampler_step_seconds", "histogram", ("model",),
                "Time of one sampler step of a batch (between consecutive step callbacks)."),
     MetricSpec("ldm_images_generated_total", "counter", ("model", "task"),
@@ -131,6 +132,12 @@ WORKER_METRICS: list[MetricSpec] = [
                "LoRA files read by the worker (cache misses: first use, evicted earlier, or changed on disk)."),
     MetricSpec("ldm_preview_seconds", "histogram", ("model",),
                "Time to make one live preview PNG of a job's current x0 estimate."),
+    MetricSpec("ldm_finish_seconds", "histogram", ("model",),
+               "Time from a job's last image decoded to its results stored: its PNGs encoding on the PNG threads, "
+               "then the Redis write, while the worker runs its next step or batch."),
+    MetricSpec("ldm_finish_blocked_seconds_total", "counter", ("model",),
+               "Time the worker's loop waited for jobs being finished instead of running the next step: more than "
+               "2 x LDM_MAX_BATCH images in hand, LDM_WORKER_FINISH_OVERLAP=false, or a stop."),
     MetricSpec("ldm_time_to_first_step_seconds", "histogram", ("model",),
                "Time from a job's submission to its first sampler step done (queue wait, admission, set-up)."),
     MetricSpec("ldm_queue_position_at_claim", "histogram", ("model",),
@@ -436,6 +443,8 @@ class WorkerMetrics:
         self.lora_cache_bytes = _gauge("ldm_lora_cache_bytes", r)
         self.lora_cache_adapters = _gauge("ldm_lora_cache_adapters", r)
         self.lora_loads = _counter("ldm_lora_loads_total", r)
+        self.finish_time = _histogram("ldm_finish_seconds", r, _STEP_SECONDS)
+        self.finish_blocked = _counter("ldm_finish_blocked_seconds_total", r)
         self.first_step = _histogram("ldm_time_to_first_step_seconds", r, _SECONDS)
         self.queue_position = _histogram("ldm_queue_position_at_claim", r, _POSITIONS)
         self.busy = BusyMeter(_counter("ldm_worker_busy_seconds_total", r), busy_window_s)

@@ -5,7 +5,8 @@ shapes, untrained weights, fp16) makes batches of `--max-batch` images by its pi
 its PNGs (`runner`, what a worker does per batch). Then the real stack (embedded Redis, `ldm api`, one `ldm worker`
 with LDM_MAX_BATCH = `--max-batch`, as bench/service_bench.py starts it) takes `POST /v1/txt2img` from that many
 concurrent clients; the table gives each level's images/s against the raw pipeline's (the issue's target: within
-10 % at concurrency 64), and p50 latency.
+10 % at concurrency 64), and p50 latency. The levels of `--in-between` (default: the highest) run again on a worker
+with LDM_WORKER_FINISH_OVERLAP=false (each job's PNGs and Redis write between two batches, not beside the next).
 
 On the device machine, with the service's packages carried as wheels (bench/device/README.md):
 
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--in-between", type=int, nargs="*", default=None,
+                        help="concurrency levels to run again with LDM_WORKER_FINISH_OVERLAP=false (default: the "
+                        "highest of --concurrency; none: no flag values)")
     parser.add_argument("--runs", type=int, default=2, help="timed raw batches")
     parser.add_argument("--out", type=Path, default=Path("bench/results/service_gpu.json"))
     args = parser.parse_args()
@@ -107,23 +111,35 @@ def main() -> None:
         os.environ |= {"LDM_WORKER_DEVICE": args.device, "LDM_WORKER_GPU_MODE": args.gpu_mode,
                        "LDM_JOB_DEADLINE_S": "3600"} | ({} if tokenizer is None else
                                                         {"LDM_WORKER_TOKENIZER_DIR": str(tokenizer)})
-        levels: dict[str, Any] = {}
-        with stack(args.model, args.max_batch, Path(tmp)) as (base, _metrics):
-            asyncio.run(load(base, 1, 2, args.steps))  # warm-up: the batch-1 graph
-            for c in args.concurrency:
-                levels[str(c)] = row = asyncio.run(load(base, c, max(4, 2 * c), args.steps))
-                print(json.dumps({str(c): row}), flush=True)
+        in_between = [max(args.concurrency)] if args.in_between is None else args.in_between
+        levels = service_levels(args, args.concurrency, Path(tmp) / "overlap", overlap=True)
+        serial = service_levels(args, in_between, Path(tmp) / "in-between", overlap=False) if in_between else {}
     pipeline = raw["pipeline"]["images_per_s"]
     lines = [f"| path | images/s | vs the raw pipeline at batch {args.max_batch} | p50 (s) | errors |",
              "|---|---|---|---|---|",
              f"| pipeline alone, batch {args.max_batch} | {pipeline:.2f} | 1.00x | | |",
              f"| Runner (pipeline + PNGs), batch {args.max_batch} | {raw['runner']['images_per_s']:.2f} | "
              f"{raw['runner']['images_per_s'] / pipeline:.2f}x | | |"]
-    lines += [f"| service, concurrency {c} | {r['throughput_rps']:.2f} | {r['throughput_rps'] / pipeline:.2f}x | "
-              f"{r['p50_s']:.2f} | {r['errors']} |" for c, r in levels.items()]
+    lines += [f"| service, concurrency {c}{how} | {r['throughput_rps']:.2f} | {r['throughput_rps'] / pipeline:.2f}x | "
+              f"{r['p50_s']:.2f} | {r['errors']} |"
+              for how, rows in (("", levels), (", finishing in between", serial)) for c, r in rows.items()]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     publish({"device": device, "torch": torch.__version__, "setup": vars(args) | {"out": str(args.out)},
-             "raw": raw, "service": levels}, "\n".join(lines), args.out)
+             "raw": raw, "service": levels, "service_finishing_in_between": serial}, "\n".join(lines), args.out)
+
+
+def service_levels(args: argparse.Namespace, concurrency: list[int], folder: Path, *, overlap: bool,
+                   ) -> dict[str, Any]:
+    """The real stack with LDM_WORKER_FINISH_OVERLAP=`overlap`: one row per concurrency level."""
+    os.environ["LDM_WORKER_FINISH_OVERLAP"] = str(overlap).lower()
+    levels: dict[str, Any] = {}
+    folder.mkdir(parents=True)
+    with stack(args.model, args.max_batch, folder) as (base, _metrics):
+        asyncio.run(load(base, 1, 2, args.steps))  # warm-up: the batch-1 graph
+        for c in concurrency:
+            levels[str(c)] = row = asyncio.run(load(base, c, max(4, 2 * c), args.steps))
+            print(json.dumps({str(c): row, "overlap": overlap}), flush=True)
+    return levels
 
 
 if __name__ == "__main__":

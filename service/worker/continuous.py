@@ -4,8 +4,9 @@ The static worker claims a batch and samples it to its end, so a job that arrive
 whole batch. Here every loop iteration is one denoiser call over the samples running (models/step_batch.py; Orca's
 and vLLM's iteration-level scheduling), and at each step boundary the worker
 
-- retires the samples whose plan ended: decode (`Started.finish`), PNG (`Runner.png`), and the job is stored and
-  acknowledged (`finish`) once all of its images are made;
+- retires the samples whose plan ended: decode (`Started.finish`), PNG (on the runner's PNG threads), and once all
+  of a job's images are decoded the job goes to the finisher (service/worker/finisher.py), whose thread waits for
+  its PNGs, stores it and acknowledges it (`finish`) while the next steps run;
 - reports each job's step to the queue, with a preview PNG of its x0 estimate every `preview_every` steps when the
   request asks for one; the queue's answer stops cancelled jobs (their samples leave the batch at once, the slot is
   free for the next step) and drops jobs another worker took over;
@@ -39,7 +40,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Hashable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -85,7 +85,7 @@ class ContinuousWorker(Worker):
         pipeline = self.runner.pipeline
         return StepBatch(pipeline.denoiser, max_items=self.settings.max_batch, around=pipeline.adapters_for)
 
-    def in_hand(self) -> bool:
+    def holding(self) -> bool:
         return bool(self.running or self.waiting or self.quarantined)
 
     def reset(self) -> None:
@@ -96,6 +96,7 @@ class ContinuousWorker(Worker):
 
     def step(self) -> int:
         """Take what there is room for, admit what fits, run one step; the number of jobs taken."""
+        self.finisher.collect()
         taken = self._take()
         if self.quarantined and not self.running:  # drained: the taken-over job runs alone
             claims, self.quarantined = self.quarantined, []
@@ -112,7 +113,7 @@ class ContinuousWorker(Worker):
                 if not len(self.batch):  # drained: the next batch tries one call again
                     self.rows_per_call = None
         finally:
-            self._busy = self.in_hand()
+            self._busy = self.holding()
         return taken
 
     # ------------------------------------------------------------------------------------------- take and admit
@@ -225,8 +226,7 @@ class ContinuousWorker(Worker):
             r.queued.remove(s)
             image = self._decoded(r, s)
             if image is not None:
-                with _failing(self, r):
-                    r.job.pngs[_index(s)] = self.runner.png(r.job.key, r.inputs[_index(s)], image)
+                r.job.encoding[_index(s)] = self.runner.submit_png(r.job.key, r.inputs[_index(s)], image)
         if r.job.id in self.running:
             self._settle_if_done(r)
 
@@ -262,9 +262,8 @@ class ContinuousWorker(Worker):
         self._retire(by_job)
 
     def _retire(self, by_job: dict[str, list[StepSample]]) -> None:
-        """Decode the samples whose plan ended at this step, encode all of their PNGs at once (the runner's PNG
-        threads), and finish the jobs that have all of their images; a fault fails its job alone."""
-        encoding: list[tuple[Running, int, Future[bytes]]] = []
+        """Decode the samples whose plan ended at this step, their PNGs to the runner's PNG threads, and hand the
+        jobs that have all of their images to the finisher; a fault fails its job alone."""
         for job_id, samples in by_job.items():
             r = self.running.get(job_id)
             if r is None or r.job.done:
@@ -273,11 +272,7 @@ class ContinuousWorker(Worker):
                 if s.state.done and r.job.id in self.running:  # not failed at an earlier image's decode
                     image = self._decoded(r, s)
                     if image is not None:
-                        encoding.append((r, _index(s), self.runner.submit_png(r.job.key, r.inputs[_index(s)], image)))
-        for r, index, png in encoding:
-            if r.job.id in self.running:  # not failed at an earlier image's PNG
-                with _failing(self, r):
-                    r.job.pngs[index] = png.result()
+                        r.job.encoding[_index(s)] = self.runner.submit_png(r.job.key, r.inputs[_index(s)], image)
         for job_id in by_job:
             r = self.running.get(job_id)
             if r is not None and not r.job.done:
@@ -342,13 +337,15 @@ class ContinuousWorker(Worker):
 
         with _failing(self, r):
             refined = r.started.then(latents, progress)
-            images = [r.started.finish(k, refined[k : k + 1]) for k in range(r.job.request.n)]
-            r.job.pngs.update(enumerate(self.runner.pngs(r.job.key, r.inputs, images)))
+            for k in range(r.job.request.n):
+                image = r.started.finish(k, refined[k : k + 1])
+                r.job.encoding[k] = self.runner.submit_png(r.job.key, r.inputs[k], image)
 
     def _settle_if_done(self, r: Running) -> None:
-        if not r.job.done and len(r.job.pngs) == r.job.request.n:
+        """A job with all of its images decoded leaves the running set for the finisher."""
+        if not r.job.done and len(r.job.encoding) == r.job.request.n:
             self.running.pop(r.job.id, None)
-            self._finish(r.job)
+            self.hand(r.job)
 
     def _report(self, by_job: dict[str, list[StepSample]]) -> None:
         """Each advanced job's step (and preview) to the queue, one call per (step, total); stop the jobs it says
@@ -388,7 +385,8 @@ class ContinuousWorker(Worker):
 
 @contextlib.contextmanager
 def _failing(worker: ContinuousWorker, r: Running) -> Iterator[None]:
-    """A fault while a job's images are finished (the refiner's run, decoding) fails that job alone."""
+    """A fault while a job's images are finished (the refiner's run, decoding) fails that job alone (its PNGs'
+    faults fail it in the finisher)."""
     try:
         yield
     except QueueError:

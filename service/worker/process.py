@@ -9,7 +9,9 @@ requests come in, the scheduler picks and groups them, the model runs, the outpu
   progress goes to the queue (with a preview PNG of a job's x0 estimate every `preview_every` steps, as in
   continuous mode), whose answer says which jobs were cancelled (stopped between steps) or taken over
   by another worker. Its result, a `BatchOutput`, is the images or the batch's failure.
-- update: store each job's PNGs and mark it succeeded (`finish`), or `fail` the batch's jobs; metrics, log.
+- update: hand each job whose images are all decoded to the finisher (service/worker/finisher.py), whose thread
+  waits for its PNGs, stores them and marks it succeeded (`finish`) while the next batch runs; or `fail` the
+  batch's jobs; metrics, log.
 
 A heartbeat thread registers the worker (`WorkerInfo`, with the tasks its model can do) every
 `min(heartbeat_interval_s, visibility_timeout_s / 3)` and keeps every claimed job alive, including those waiting
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -42,6 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -53,6 +57,7 @@ from service.metrics import WorkerMetrics, start_metrics_server
 from service.queue import Claim, QueueError, QueueUnavailable, SyncJobQueue, WorkerInfo
 from service.schemas import BatchKey, GenerationRequest, Task
 from service.worker.batcher import Batch, make_batches
+from service.worker.finisher import Finisher
 from service.worker.runner import Cancelled, JobFailure, Runner, SampleInput, StepCallback, TextOptions
 
 log = logging.getLogger("service.worker")
@@ -77,9 +82,11 @@ class JobState:
     key: BatchKey
     image: Image.Image | None = None
     mask: Image.Image | None = None
-    pngs: dict[int, bytes] = field(default_factory=dict)
+    pngs: dict[int, bytes] = field(default_factory=dict)  # filled by the finisher's thread
+    encoding: dict[int, Future[bytes]] = field(default_factory=dict)  # image index -> its PNG, on the PNG threads
     started: float | None = None  # monotonic time it started running here
     done: bool = False  # settled, or taken over by another worker
+    handed: bool = False  # to the finisher: from then on the finisher's thread alone reads and writes it
 
     @property
     def id(self) -> str:
@@ -92,11 +99,11 @@ class JobState:
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """What `execute` made of a batch, for `update`: `ran`, the samples that ran, with a PNG each (None: its job
-    stopped mid-batch), or the `failure` of the whole batch; `seconds` it took."""
+    """What `execute` made of a batch, for `update`: `ran`, the samples that ran, with a PNG each (encoding; None:
+    its job stopped mid-batch), or the `failure` of the whole batch; `seconds` it took."""
 
     ran: Batch[JobState]
-    pngs: tuple[bytes | None, ...] = ()
+    pngs: tuple[Future[bytes] | None, ...] = ()
     failure: JobFailure | None = None
     seconds: float = 0.0
 
@@ -122,6 +129,8 @@ class Worker:
         s = settings
         self.beat_interval_s = min(s.heartbeat_interval_s, s.visibility_timeout_s / 3)
         self.reclaim_interval_s = max(0.05, min(s.visibility_timeout_s / 2, 10.0))
+        self.finisher = Finisher(2 * s.max_batch, overlap=s.worker_finish_overlap,
+                                 on_blocked=metrics.finish_blocked.labels(self.model).inc)
 
     # ------------------------------------------------------------------------------------------- life cycle
 
@@ -172,7 +181,10 @@ class Worker:
         try:
             while not self.stopping or self.in_hand():
                 try:
-                    self.step()
+                    if self.stopping and not self.holding():
+                        self.finisher.drain()  # only jobs being finished are left
+                    else:
+                        self.step()
                     failures = 0
                 except QueueUnavailable as exc:
                     failures += 1
@@ -186,17 +198,23 @@ class Worker:
         return 0
 
     def in_hand(self) -> bool:
+        """Whether jobs claimed by an earlier `step` are still to be run or finished."""
+        return self.holding() or len(self.finisher) > 0
+
+    def holding(self) -> bool:
         """Whether jobs claimed by an earlier `step` are still to be run (the static worker never keeps any)."""
         return False
 
     def reset(self) -> None:
         """After losing Redis: forget the jobs in hand (their entries stay pending: reclaimed after the
         visibility timeout)."""
+        self.finisher.discard()
         with self._lock:
             self._held.clear()
 
     def close(self) -> None:
         """Leave the registry (best effort: the entry expires anyway)."""
+        self.finisher.close()
         try:
             self.queue.deregister(self.id)
         except QueueError as exc:
@@ -206,24 +224,29 @@ class Worker:
 
     def step(self) -> int:
         """claim -> schedule -> (execute -> update) for each batch; the number of jobs taken."""
+        self.finisher.collect()
         claims = self.claim()
         if claims:
             self.run_claims(claims)
         return len(claims)
 
     def run_claims(self, claims: Sequence[Claim]) -> None:
-        """schedule -> (execute -> update) for each batch of `claims`, then release them all."""
+        """schedule -> (execute -> update) for each batch of `claims`, then release them all (those handed to the
+        finisher as it settles them)."""
         self._busy = True
+        handed: set[str] = set()
         try:
             with self.metrics.busy.busy():
                 batches = self.schedule(claims)
                 for batch in batches:
                     self.update(self.execute(batch))
-                for j in (j for b in batches for j in b.jobs if not j.done):  # never leave a claimed job behind
-                    self._fail(j, JobFailure("internal", f"made {len(j.pngs)} of {j.request.n} images"))  # (a net)
+                jobs = {j.id: j for b in batches for j in b.jobs}.values()
+                handed = {j.id for j in jobs if j.handed}
+                for j in (j for j in jobs if not j.handed and not j.done):  # never leave a claimed job behind
+                    self._fail(j, JobFailure("internal", f"made {len(j.encoding)} of {j.request.n} images"))  # (net)
         finally:
             self._busy = False
-            self._release(claims)
+            self._release([c for c in claims if c.job.id not in handed])
 
     def claim(self) -> list[Claim]:
         """One job of a silent worker (looked for every `reclaim_interval_s`), alone; else up to `max_batch` new
@@ -299,7 +322,7 @@ class Worker:
         inputs = [SampleInput(s.job.request, s.seed, s.job.image, s.job.mask) for s in live.samples]
         began = time.monotonic()
         try:
-            pngs = self.runner.run(live.key, inputs, on_step=self._on_step(live))
+            pngs = self.runner.submit(live.key, inputs, on_step=self._on_step(live))
         except JobFailure as failure:
             return BatchOutput(live, failure=failure)
         except QueueError:
@@ -371,8 +394,9 @@ class Worker:
     # ------------------------------------------------------------------------------------------- update
 
     def update(self, output: BatchOutput) -> None:
-        """Settle what a batch made: its jobs fail with the batch's failure; else each sample's PNG is kept and every
-        job with all its images is finished (stored, marked succeeded, acknowledged). Metrics and the log line."""
+        """Settle what a batch made: its jobs fail with the batch's failure; else each sample's PNG (encoding) is
+        kept and every job with all its images goes to the finisher (stored, marked succeeded, acknowledged there).
+        Metrics and the log line."""
         ran = output.ran
         if output.failure is not None:
             for j in ran.jobs:
@@ -389,10 +413,33 @@ class Worker:
                     steps=key.steps, jobs=len(jobs), samples=len(ran), seconds=output.seconds))
         for sample, png in zip(ran.samples, output.pngs, strict=True):
             if png is not None and not sample.job.done:
-                sample.job.pngs[sample.index] = png
+                sample.job.encoding[sample.index] = png
         for j in jobs:
-            if not j.done and len(j.pngs) == j.request.n:
-                self._finish(j)
+            if not j.done and len(j.encoding) == j.request.n:
+                self.hand(j)
+
+    def hand(self, job: JobState) -> None:
+        """Give a job whose images are all decoded (their PNGs encoding) to the finisher; the loop goes on."""
+        job.handed = True
+        self.finisher.hand(functools.partial(self._settle, job, time.monotonic()), len(job.encoding))
+
+    def _settle(self, job: JobState, handed_at: float) -> None:
+        """On the finisher's thread: wait for the job's PNGs and store it; a PNG that failed fails it alone. Queue
+        errors propagate (the loop takes them at its next `collect`)."""
+        try:
+            try:
+                for index, png in sorted(job.encoding.items()):
+                    job.pngs[index] = png.result()
+            except Exception as exc:  # a fault of the encoder: this job fails, the others are stored
+                failure, incident = JobFailure.internal()
+                log.error(kv("png_error", model=self.model, job=job.id, error=type(exc).__name__, incident=incident),
+                          exc_info=exc)
+                self._fail(job, failure)
+                return
+            self._finish(job)
+            self.metrics.finish_time.labels(self.model).observe(time.monotonic() - handed_at)
+        finally:
+            self._release([job.claim])
 
     def _finish(self, job: JobState) -> None:
         pngs = [job.pngs[i] for i in range(job.request.n)]

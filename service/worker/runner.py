@@ -441,12 +441,18 @@ class Runner:
             on_step: StepCallback | None = None) -> list[bytes | None]:
         """Make the images of one batch (every sample shares `key`): a PNG per sample, None for samples stopped
         by `Cancelled` from `on_step`. Raises JobFailure for a failure of the whole batch."""
+        return [png.result() if png is not None else None for png in self.submit(key, samples, on_step)]
+
+    def submit(self, key: BatchKey, samples: Sequence[SampleInput],
+               on_step: StepCallback | None = None) -> list[Future[bytes] | None]:
+        """`run`, returning once the batch is sampled and decoded: its PNGs are still encoding on the PNG threads
+        (the worker's finisher waits for them while the next batch runs)."""
         if not samples:
             return []
         return self._run(key, samples, list(range(len(samples))), on_step)
 
     def _run(self, key: BatchKey, samples: Sequence[SampleInput], indices: list[int],
-             on_step: StepCallback | None) -> list[bytes | None]:
+             on_step: StepCallback | None) -> list[Future[bytes] | None]:
         try:
             return self._run_once(key, samples, indices, on_step)
         except Cancelled:
@@ -464,7 +470,7 @@ class Runner:
                 + self._run(key, samples, indices[half:], on_step))
 
     def _run_once(self, key: BatchKey, samples: Sequence[SampleInput], indices: list[int],
-                  on_step: StepCallback | None) -> list[bytes | None]:
+                  on_step: StepCallback | None) -> list[Future[bytes] | None]:
         chosen = [samples[i] for i in indices]
         specs, settings = self._specs(key, chosen)
         x0: dict[int, torch.Tensor] = {}  # the last step's x0 estimates, by index into `samples`
@@ -481,7 +487,8 @@ class Runner:
             result = self._call(key.task, specs, settings, chosen, progress, watch if on_step is not None else None)
         for warning in result.warnings:
             log.warning("%s", warning)
-        return list[bytes | None](self.pngs(key, chosen, result.images))
+        return list[Future[bytes] | None](
+            [self.submit_png(key, s, image) for s, image in zip(chosen, result.images, strict=True)])
 
     def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
         adapters = {id(s.request): self.adapters(s.request) for s in samples}
@@ -530,11 +537,6 @@ class Runner:
         """A small PNG of an x0 estimate [1, C, h, w] of an image of `key`'s size (models/preview.py; the map is
         fitted on the first preview)."""
         return self.previewer.png(latent, key.height or 0, key.width or 0)
-
-    def pngs(self, key: BatchKey, samples: Sequence[SampleInput], images: Sequence[Image.Image]) -> list[bytes]:
-        """The PNGs of a batch's images (`png`), encoded at once on the PNG threads."""
-        return [future.result() for future in [self.submit_png(key, s, image)
-                                               for s, image in zip(samples, images, strict=True)]]
 
     def submit_png(self, key: BatchKey, sample: SampleInput, image: Image.Image) -> Future[bytes]:
         """`png` on one of the runner's PNG threads. zlib releases the GIL, so a batch's images encode in parallel:

@@ -75,6 +75,8 @@ def test_labels_and_types_match_the_table() -> None:
     worker.lora_cache_adapters.labels("tiny").set(1)
     worker.lora_loads.labels("tiny").inc()
     worker.first_step.labels("tiny").observe(0.3)
+    worker.finish_time.labels("tiny").observe(0.07)
+    worker.finish_blocked.labels("tiny").inc(0.01)
     worker.queue_position.labels("tiny").observe(2)
     worker.describe_worker("w1", "tiny", "cpu", "float32")
     text = exposition(api.registry)[0].decode() + exposition(worker.registry)[0].decode()
