@@ -260,6 +260,7 @@ class ContinuousWorker(Worker):
                                       if j in self.running])
         self._report(by_job)
         self._retire(by_job)
+        self._png_faults()
 
     def _retire(self, by_job: dict[str, list[StepSample]]) -> None:
         """Decode the samples whose plan ended at this step, their PNGs to the runner's PNG threads, and hand the
@@ -277,6 +278,19 @@ class ContinuousWorker(Worker):
             r = self.running.get(job_id)
             if r is not None and not r.job.done:
                 self._settle_if_done(r)
+
+    def _png_faults(self) -> None:
+        """A running job one of whose PNGs already failed fails now, and its samples leave the batch: the images it
+        has left to make would be thrown away (the finisher fails a job whose PNG fails after its last image)."""
+        for r in list(self.running.values()):
+            fault = next((e for e in (f.exception() for f in r.job.encoding.values() if f.done()) if e is not None),
+                         None)
+            if fault is not None:
+                failure, incident = JobFailure.internal()
+                log.error(kv("png_error", model=self.model, job=r.job.id, error=type(fault).__name__,
+                             incident=incident), exc_info=fault)
+                self._drop(r)
+                self._fail(r.job, failure)
 
     def _split(self, size: int) -> None:
         """A step of `size` samples ran out of device memory (and changed nothing): the next steps make denoiser calls

@@ -197,3 +197,28 @@ def test_without_overlap_the_job_is_stored_before_the_step_returns(runner: Runne
         assert queue.result(job.id, 0) == solo(runner, seed=81, steps=2)
         blocked = worker.metrics.registry.get_sample_value("ldm_finish_blocked_seconds_total", {"model": MODEL})
         assert blocked is not None and blocked > 0
+
+
+def test_a_continuous_job_whose_png_failed_leaves_the_batch_before_its_next_image(
+        runner: Runner, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one slot a job's two images run one after the other: the first image's PNG fails while the second is
+    sampled, and the job fails at the next step boundary instead of making an image that would be thrown away."""
+    real = runner.png
+    encoded: list[int] = []
+
+    def png(key: Any, sample: SampleInput, image: Any) -> bytes:
+        encoded.append(sample.seed)
+        if sample.seed == 90:
+            raise ValueError("the encoder broke")
+        return real(key, sample, image)
+
+    monkeypatch.setattr(runner, "png", png)
+    with worker_on(runner, redis_url, "continuous", max_batch=1) as (worker, queue):
+        job = queue.submit(request(seed=90, n=2, steps=6, sampler="ddim"))
+        wait_until(lambda: (worker.step() or True) and status(queue, job).terminal and not worker.in_hand(), 60,
+                   "the job to end")
+        failed = queue.get(job.id)
+        assert failed is not None and failed.status == JobStatus.failed and failed.error
+        assert failed.error.startswith("internal")
+        assert encoded == [90]  # the second image was never finished
+        assert len(worker.batch) == 0 and not worker.running
