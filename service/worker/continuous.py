@@ -50,7 +50,7 @@ from models.pipeline import Started
 from models.step_batch import StepBatch, StepSample
 from service.queue import Claim, QueueError
 from service.worker.admission import StepCosts, Waiting, admission_order, step_capacity
-from service.worker.process import JobState, Worker, kv
+from service.worker.process import JobState, Worker, kv, png_fault
 from service.worker.runner import JobFailure, SampleInput
 
 log = logging.getLogger("service.worker")
@@ -283,14 +283,10 @@ class ContinuousWorker(Worker):
         """A running job one of whose PNGs already failed fails now, and its samples leave the batch: the images it
         has left to make would be thrown away (the finisher fails a job whose PNG fails after its last image)."""
         for r in list(self.running.values()):
-            fault = next((e for e in (f.exception() for f in r.job.encoding.values() if f.done()) if e is not None),
-                         None)
+            fault = png_fault(r.job)
             if fault is not None:
-                failure, incident = JobFailure.internal()
-                log.error(kv("png_error", model=self.model, job=r.job.id, error=type(fault).__name__,
-                             incident=incident), exc_info=fault)
                 self._drop(r)
-                self._fail(r.job, failure)
+                self._png_failed(r.job, fault)
 
     def _split(self, size: int) -> None:
         """A step of `size` samples ran out of device memory (and changed nothing): the next steps make denoiser calls

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -95,6 +95,11 @@ class JobState:
     @property
     def request(self) -> GenerationRequest:
         return self.claim.job.request
+
+
+def png_fault(job: JobState) -> BaseException | None:
+    """What the first of a job's finished PNGs to fail raised (None: none failed, or none has finished)."""
+    return next((e for e in (f.exception() for f in job.encoding.values() if f.done()) if e is not None), None)
 
 
 @dataclass(frozen=True)
@@ -427,19 +432,23 @@ class Worker:
         """On the finisher's thread: wait for the job's PNGs and store it; a PNG that failed fails it alone. Queue
         errors propagate (the loop takes them at its next `collect`)."""
         try:
-            try:
-                for index, png in sorted(job.encoding.items()):
-                    job.pngs[index] = png.result()
-            except Exception as exc:  # a fault of the encoder: this job fails, the others are stored
-                failure, incident = JobFailure.internal()
-                log.error(kv("png_error", model=self.model, job=job.id, error=type(exc).__name__, incident=incident),
-                          exc_info=exc)
-                self._fail(job, failure)
+            wait(job.encoding.values())
+            fault = png_fault(job)
+            if fault is not None:
+                self._png_failed(job, fault)
                 return
+            job.pngs.update((index, png.result()) for index, png in job.encoding.items())
             self._finish(job)
             self.metrics.finish_time.labels(self.model).observe(time.monotonic() - handed_at)
         finally:
             self._release([job.claim])
+
+    def _png_failed(self, job: JobState, fault: BaseException) -> None:
+        """A fault of the PNG encoder fails its job alone, with an incident id that finds this log line."""
+        failure, incident = JobFailure.internal()
+        log.error(kv("png_error", model=self.model, job=job.id, error=type(fault).__name__, incident=incident),
+                  exc_info=fault)
+        self._fail(job, failure)
 
     def _finish(self, job: JobState) -> None:
         pngs = [job.pngs[i] for i in range(job.request.n)]

@@ -487,8 +487,9 @@ class Runner:
             result = self._call(key.task, specs, settings, chosen, progress, watch if on_step is not None else None)
         for warning in result.warnings:
             log.warning("%s", warning)
-        return list[Future[bytes] | None](
-            [self.submit_png(key, s, image) for s, image in zip(chosen, result.images, strict=True)])
+        pngs: list[Future[bytes] | None] = [self.submit_png(key, s, image)
+                                            for s, image in zip(chosen, result.images, strict=True)]
+        return pngs
 
     def _specs(self, key: BatchKey, samples: Sequence[SampleInput]) -> tuple[list[SampleSpec], RunSettings]:
         adapters = {id(s.request): self.adapters(s.request) for s in samples}
