@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_io import publish  # noqa: E402
-from models.train.autoencoder_trainer import AutoencoderTrainConfig, AutoencoderTrainer  # noqa: E402
+from models.autoencoder import Autoencoder, DiagonalGaussian  # noqa: E402
+from models.train.autoencoder_trainer import (  # noqa: E402
+    AutoencoderTrainConfig,
+    AutoencoderTrainer,
+    load_first_stage,
+)
 from models.train.common import load_train_config  # noqa: E402
 from models.train.ldm_trainer import LDMTrainConfig, LDMTrainer  # noqa: E402
 
@@ -70,15 +76,18 @@ def ldm_config(f: int, autoencoder: str, args: argparse.Namespace) -> LDMTrainCo
         base, name=f"latent-factor-f{f}", description=f"latent factor study: f={f}", autoencoder_path=autoencoder,
         export_autoencoder_path=None, unet=replace(base.unet, in_channels=c, out_channels=c, model_channels=args.width),
         batch_size=args.batch_size, lr=args.lr, warmup_steps=100, latent_pool=args.pool, scale_images=512,
-        checkpoint_every=100, sample_every=10**9, log_every=25, seed=0,
+        checkpoint_every=100, sample_every=10**9, log_every=25, seed=0, device=args.device,
     )
 
 
 def setup_of(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two invocations the same study (a resumed one must match the stored setup)."""
-    return {"factors": args.factors, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
-            "pool": args.pool, "ae_steps": args.ae_steps, "task": "class", "n_eval": args.n,
-            "sampler": SAMPLER, "sample_steps": args.steps, "threads": torch.get_num_threads()}
+    setup = {"factors": args.factors, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
+             "pool": args.pool, "ae_steps": args.ae_steps, "task": "class", "n_eval": args.n,
+             "sampler": SAMPLER, "sample_steps": args.steps, "threads": torch.get_num_threads()}
+    if args.device != "cpu":  # CPU studies carry no device key (the committed one predates it)
+        setup["device"] = torch.cuda.get_device_name(args.device)
+    return setup
 
 
 def first_stage(f: int, args: argparse.Namespace, state: dict[str, Any]) -> str:
@@ -94,7 +103,7 @@ def first_stage(f: int, args: argparse.Namespace, state: dict[str, Any]) -> str:
     config = replace(base, autoencoder=replace(base.autoencoder, ch_mult=mult, z_channels=channels,
                                                embed_dim=channels),
                      steps=args.ae_steps, disc_start=10**9, eval_every=args.ae_steps, sample_every=args.ae_steps,
-                     eval_images=64)
+                     eval_images=64, device=args.device)
     started = time.monotonic()
     metrics = AutoencoderTrainer(config, run).train()
     state["first_stages"][str(f)] = {"psnr": metrics.get("psnr"), "train_s": time.monotonic() - started,
@@ -102,25 +111,53 @@ def first_stage(f: int, args: argparse.Namespace, state: dict[str, Any]) -> str:
     return str(path)
 
 
+def first_stage_ceiling(autoencoder: Autoencoder, args: argparse.Namespace) -> dict[str, float | None]:
+    """The judge's class accuracy and Fréchet distance on the first stage's reconstructions of the evaluation's
+    held-out scenes: what a perfect diffusion model in this latent space would score, so a factor's accuracy is
+    read against what its first stage lets through (pixels: the real renders, 100 %)."""
+    from PIL import Image
+
+    from models.eval.conditions import evaluate_task
+    from models.images import to_pil, to_tensor
+    from models.train.data_shapes import Scene, render
+
+    autoencoder = autoencoder.to(args.device).eval()
+
+    def reconstruct(scenes: Sequence[Scene], specs: object, settings: object) -> list[Image.Image]:
+        with torch.no_grad():
+            latents = autoencoder.encode(to_tensor([Image.fromarray(render(s)) for s in scenes]).to(args.device))
+            return to_pil(autoencoder.decode(latents.mode() if isinstance(latents, DiagonalGaussian) else latents))
+
+    report = evaluate_task(reconstruct, "class", args.n, progress=False)
+    return {"ceiling_accuracy": report.accuracy, "ceiling_fd": report.fd}
+
+
 def measure_rate(f: int, args: argparse.Namespace) -> dict[str, float]:
     """Training samples/s of factor f's UNet (forward, backward, AdamW; medians of timed steps after a warm-up)
-    and its training GFLOP per sample (forward + backward, torch's FLOP counter)."""
+    and its training GFLOP per sample (forward + backward, torch's FLOP counter). On CUDA under the trainer's bf16
+    autocast, timed between synchronisations."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.unet import UNet
 
     config = ldm_config(f, "pixel", args)
     torch.manual_seed(0)
-    net = UNet(config.unet)
+    device = torch.device(args.device)
+    net = UNet(config.unet).to(device)
     size, c, b = 64 // f, latent_channels(f), args.batch_size
-    x, t = torch.randn(b, c, size, size), torch.randint(0, 1000, (b,))
-    context = torch.randn(b, 1, config.unet.context_dim or 1)
+    x, t = torch.randn(b, c, size, size, device=device), torch.randint(0, 1000, (b,), device=device)
+    context = torch.randn(b, 1, config.unet.context_dim or 1, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    cuda = device.type == "cuda"
 
     def step() -> None:
-        net(x, t, context=context).square().mean().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = net(x, t, context=context).float().square().mean()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
 
     with FlopCounterMode(display=False) as counter:
         net(x, t, context=context).square().mean().backward()
@@ -153,7 +190,7 @@ def evaluate_model(path: Path, args: argparse.Namespace, *, throughput: bool) ->
     from models.eval.conditions import evaluate_task
     from models.pipeline import Pipeline, RunSettings, SampleSpec
 
-    pipeline = Pipeline(load_model(path))
+    pipeline = Pipeline(load_model(path, device=args.device))
     out: dict[str, float | None] = {}
     if throughput:
         settings = RunSettings(sampler=SAMPLER, steps=args.steps)
@@ -179,6 +216,9 @@ def main() -> int:
     parser.add_argument("--pool", type=int, default=8000, help="training images encoded once per model")
     parser.add_argument("--n", type=int, default=72, help="held-out classes drawn per evaluation")
     parser.add_argument("--steps", type=int, default=20, help=f"sampler steps ({SAMPLER})")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda[:N]: where every model trains and samples (a CUDA study is another study: "
+                             "its rates, hence its step counts, are the card's)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "latent-factor",
                         help="checkpoints and state (git-ignored)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latent_factor.json")
@@ -200,6 +240,10 @@ def main() -> int:
     autoencoders = {}
     for f in factors:
         autoencoders[f] = first_stage(f, args, state)
+        stage = state["first_stages"].get(str(f))
+        if stage is not None and "ceiling_accuracy" not in stage:
+            stage |= first_stage_ceiling(load_first_stage(Path(autoencoders[f])), args)
+            logging.info("f=%d first stage: %s", f, stage)
         save_state(args, state)
     for seconds in milestones:
         for f in factors:
@@ -253,13 +297,19 @@ def report(state: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]], state: dict[str, Any]) -> str:
-    lines = ["| f | latent | first stage PSNR | training samples/s | GFLOP/sample | compute (s) | steps | "
-             "sampling images/s | Fréchet distance | class accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["f", "latent", "first stage PSNR", "reconstructions: accuracy, FD", "training samples/s",
+              "GFLOP/sample", "compute (s)", "steps", "sampling images/s", "Fréchet distance", "class accuracy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         f = r["f"]
-        psnr = state["first_stages"].get(str(f), {}).get("psnr")
+        stage = state["first_stages"].get(str(f), {})
+        psnr, ceiling = stage.get("psnr"), stage.get("ceiling_accuracy")
+        recon = "" if ceiling is None else f"{100 * ceiling:.0f} %, {stage['ceiling_fd']:.0f}"
+        if f == 1:
+            recon = "100 %, 0 (the renders)"
         images, rate = r.get("sample_images_per_s"), state["rates"][str(f)]
         lines.append(f"| {f} | {latent_shape(f)} | {'pixels' if psnr is None else f'{psnr:.1f} dB'} | "
+                     f"{recon} | "
                      f"{rate['samples_per_s']:.1f} | {rate['gflop_per_sample']:.3f} | "
                      f"{r['compute_s']:g} | {r['steps']} | {'' if images is None else f'{images:.2f}'} | "
                      f"{r['fd']:.0f} | {100 * r['accuracy']:.0f} % |")
@@ -284,8 +334,9 @@ def plot(rows: list[dict[str, Any]], state: dict[str, Any], path: Path) -> None:
             continue  # a factor cut mid-milestone joins the plot once it has every level
         lines_fd.append(Series(f"f={f}", [by[f, c]["fd"] for c in computes], palette[i % len(palette)]))
         lines_acc.append(Series(f"f={f}", [100 * by[f, c]["accuracy"] for c in computes], palette[i % len(palette)]))
+    machine = state["setup"].get("device") or f"{state['setup']['threads']} CPU threads"
     image, origins = _figure(3, "Latent factor study: class-conditional shapes, equal training compute per factor "
-                                f"({state['setup']['threads']} CPU threads)")
+                                f"({machine})")
     cats = [f"{c:g}" for c in computes]
     top = max((v for s in lines_fd for v in s.values), default=1.0)
     Panel(image, origins[0], "Frechet distance", "lower is better", cats, "training compute (s)", top).lines(lines_fd)

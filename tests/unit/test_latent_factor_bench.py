@@ -21,7 +21,7 @@ from models.unet import UNet
 
 def args_for(tmp_path: Path, **changes: object) -> argparse.Namespace:
     values = {"factors": "1,4,32", "width": 16, "batch_size": 4, "lr": 5e-4, "pool": 64, "ae_steps": 2, "n": 4,
-              "steps": 2, "work": tmp_path} | changes
+              "steps": 2, "work": tmp_path, "device": "cpu"} | changes
     return argparse.Namespace(**values)
 
 
@@ -60,10 +60,26 @@ def test_the_report_has_a_row_per_factor_and_compute_and_a_plot(tmp_path: Path) 
             state["evals"][f"{f}@{seconds:g}"] = {"f": f, "compute_s": seconds, "steps": int(seconds * rate / 64),
                                                   "accuracy": 0.1 * f, "fd": fd, "fd_reference": 900.0,
                                                   **({"sample_images_per_s": 0.5 * f} if seconds == 100 else {})}
-    state["first_stages"]["4"] = {"psnr": 27.5, "train_s": 60.0, "latent": "16x16x3"}
+    state["first_stages"]["4"] = {"psnr": 27.5, "train_s": 60.0, "latent": "16x16x3", "ceiling_accuracy": 0.32,
+                                  "ceiling_fd": 2212.0}
     study.report(state, args)
     table = json.loads((tmp_path / "lf.json").read_text())["table_markdown"]
-    assert "| 4 | 16x16x3 | 27.5 dB | 120.0 |" in table and "| 1 | 64x64x3 | pixels |" in table
+    assert "| 4 | 16x16x3 | 27.5 dB | 32 %, 2212 | 120.0 |" in table
+    assert "| 1 | 64x64x3 | pixels | 100 %, 0 (the renders) | 5.0 |" in table
     assert "Real-vs-real Fréchet distance at this N: 900" in table
     with Image.open(tmp_path / "lf.png") as image:
         assert image.width == 3 * 360 and image.format == "PNG"
+
+
+def test_the_first_stage_ceiling_is_the_judge_on_its_reconstructions(tmp_path: Path) -> None:
+    """Pixels pass through untouched and score as the real renders do; an untrained autoencoder's grey blur
+    draws no class right."""
+    base = load_train_config(AutoencoderTrainConfig, study.AE_CONFIG)
+    args = args_for(tmp_path, n=6)
+    perfect = study.first_stage_ceiling(Autoencoder(replace(base.autoencoder, kind="identity", ch_mult=(1,))), args)
+    assert perfect["ceiling_accuracy"] == 1.0
+    assert perfect["ceiling_fd"] is not None and abs(perfect["ceiling_fd"]) < 1e-3
+    torch.manual_seed(0)
+    untrained = Autoencoder(replace(base.autoencoder, ch=8, ch_mult=(1, 2, 2)))
+    blurred = study.first_stage_ceiling(untrained, args)
+    assert blurred["ceiling_accuracy"] == 0.0 and (blurred["ceiling_fd"] or 0.0) > 100.0
