@@ -83,7 +83,8 @@ def ldm_config(f: int, autoencoder: str, args: argparse.Namespace) -> LDMTrainCo
 def setup_of(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two invocations the same study (a resumed one must match the stored setup)."""
     setup = {"factors": args.factors, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
-             "pool": args.pool, "ae_steps": args.ae_steps, "task": "class", "n_eval": args.n,
+             "pool": args.pool, "ae_steps": args.ae_steps,
+             "ae_lr_decay_start": args.ae_decay_from, "task": "class", "n_eval": args.n,
              "sampler": SAMPLER, "sample_steps": args.steps, "threads": torch.get_num_threads()}
     if args.device != "cpu":  # CPU studies carry no device key (the committed one predates it)
         setup["device"] = torch.cuda.get_device_name(args.device)
@@ -103,7 +104,7 @@ def first_stage(f: int, args: argparse.Namespace, state: dict[str, Any]) -> str:
     config = replace(base, autoencoder=replace(base.autoencoder, ch_mult=mult, z_channels=channels,
                                                embed_dim=channels),
                      steps=args.ae_steps, disc_start=10**9, eval_every=args.ae_steps, sample_every=args.ae_steps,
-                     eval_images=64, device=args.device)
+                     eval_images=64, lr_decay_start=args.ae_decay_from, device=args.device)
     started = time.monotonic()
     metrics = AutoencoderTrainer(config, run).train()
     state["first_stages"][str(f)] = {"psnr": metrics.get("psnr"), "train_s": time.monotonic() - started,
@@ -211,6 +212,9 @@ def main() -> int:
     parser.add_argument("--factors", default="1,2,4,8,16,32", help="downsampling factors to compare")
     parser.add_argument("--width", type=int, default=32, help="UNet model_channels (the same for every factor)")
     parser.add_argument("--ae-steps", type=int, default=400, help="training steps of each autoencoder")
+    parser.add_argument("--ae-decay-from", type=int, default=None,
+                        help="autoencoder step from which its learning rate falls linearly to a tenth at --ae-steps "
+                             "(default: constant)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--pool", type=int, default=8000, help="training images encoded once per model")

@@ -20,8 +20,8 @@ from models.unet import UNet
 
 
 def args_for(tmp_path: Path, **changes: object) -> argparse.Namespace:
-    values = {"factors": "1,4,32", "width": 16, "batch_size": 4, "lr": 5e-4, "pool": 64, "ae_steps": 2, "n": 4,
-              "steps": 2, "work": tmp_path, "device": "cpu"} | changes
+    values = {"factors": "1,4,32", "width": 16, "batch_size": 4, "lr": 5e-4, "pool": 64, "ae_steps": 2,
+              "ae_decay_from": None, "n": 4, "steps": 2, "work": tmp_path, "device": "cpu"} | changes
     return argparse.Namespace(**values)
 
 
