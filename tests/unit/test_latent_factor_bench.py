@@ -83,3 +83,12 @@ def test_the_first_stage_ceiling_is_the_judge_on_its_reconstructions(tmp_path: P
     untrained = Autoencoder(replace(base.autoencoder, ch=8, ch_mult=(1, 2, 2)))
     blurred = study.first_stage_ceiling(untrained, args)
     assert blurred["ceiling_accuracy"] == 0.0 and (blurred["ceiling_fd"] or 0.0) > 100.0
+
+
+def test_the_training_rate_counts_a_factors_flops_and_samples(tmp_path: Path) -> None:
+    """Deeper compression, fewer FLOPs per sample (the UNet is the same; its input shrinks with f)."""
+    args = args_for(tmp_path)
+    f4, f32 = study.measure_rate(4, args), study.measure_rate(32, args)
+    assert f4["samples_per_s"] > 0 and f32["samples_per_s"] > 0
+    assert f4["gflop_per_sample"] > 10 * f32["gflop_per_sample"] > 0
+    assert f4["params_m"] == pytest.approx(f32["params_m"], rel=0.01)
