@@ -15,10 +15,16 @@ Every model uses one UNet design (the tiny-shapes UNet at `--width` channels, 1.
 32, so a 2-core CPU runs the study; input/output channels follow the latent) and one recipe. The f >= 2
 autoencoders are trained here first with one recipe (the shipped tiny-shapes first stage's, no GAN); their
 time is reported and not charged to the diffusion budget, as in the paper, where first stages are trained
-once and reused. Writes bench/results/latent_factor.json (table and rows) and docs/latent_factor.png.
+once and reused. Each first stage's reconstructions of the held-out scenes are judged too (the table's
+"reconstructions" column): near what a perfect diffusion model in its latent space would score. The default 400-step
+first stages cap f >= 4 there; `--ae-steps 1600 --ae-decay-from 800` lets every class through at f=2 and f=4
+(docs/training.md). Writes bench/results/latent_factor.json (table and rows) and docs/latent_factor.png.
 
     python bench/latent_factor_bench.py                                   # milestones 150,300,600 s
     python bench/latent_factor_bench.py --milestones 150,300,600,1200     # later: extends the same study
+    python bench/latent_factor_bench.py --ae-steps 1600 --ae-decay-from 800 --work runs/lf-strong \\
+        --out bench/results/latent_factor_strong.json --plot docs/latent_factor_strong.png
+    python3 bench/latent_factor_bench.py --device cuda --batch-size 256 ...  # on a GPU: bench/device/README.md
 """
 
 from __future__ import annotations
