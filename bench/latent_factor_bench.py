@@ -340,10 +340,10 @@ def plot(rows: list[dict[str, Any]], state: dict[str, Any], path: Path) -> None:
     lines_fd, lines_acc = [], []
     for i, f in enumerate(factors):
         done = [c for c in computes if (f, c) in by]
-        if len(done) != len(computes):
-            continue  # a factor cut mid-milestone joins the plot once it has every level
-        lines_fd.append(Series(f"f={f}", [by[f, c]["fd"] for c in computes], palette[i % len(palette)]))
-        lines_acc.append(Series(f"f={f}", [100 * by[f, c]["accuracy"] for c in computes], palette[i % len(palette)]))
+        if not done or done != computes[: len(done)]:
+            continue  # a line runs from the first level on: a factor added later shows up to where it got
+        lines_fd.append(Series(f"f={f}", [by[f, c]["fd"] for c in done], palette[i % len(palette)]))
+        lines_acc.append(Series(f"f={f}", [100 * by[f, c]["accuracy"] for c in done], palette[i % len(palette)]))
     machine = state["setup"].get("device") or f"{state['setup']['threads']} CPU threads"
     image, origins = _figure(3, "Latent factor study: class-conditional shapes, equal training compute per factor "
                                 f"({machine})")
