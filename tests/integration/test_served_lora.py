@@ -166,22 +166,25 @@ def test_unknown_or_path_names_are_refused_by_name(stack: Stack) -> None:
 
 
 def test_the_worker_cache_stays_bounded_cycling_through_20_adapters(stack: Stack) -> None:
-    """60 jobs, each with one of 20 adapters in turn: the cache holds at most 3.5 of the largest adapter's bytes,
+    """80 jobs, each with one of 20 adapters in turn: the cache holds at most 3.5 of the largest adapter's bytes,
     every job reads its file again (evicted since: an LRU cycled through more files than it holds always misses),
-    and the worker's RSS does not grow with the requests."""
+    and the worker's RSS does not grow with the requests once warm."""
     stack.ensure_worker()
     bound = stack.settings.lora_cache_mb * 2**20
     rss = []
-    for round_ in range(3):
+    for round_ in range(4):
         ids = [stack.submit(loras=[{"name": f"l{i}"}], seed=round_, steps=1) for i in range(ADAPTERS)]
         for job_id in ids:
             stack.png(job_id)
             assert stack.metric("ldm_lora_cache_bytes") <= bound
         assert 1 <= stack.metric("ldm_lora_cache_adapters") < ADAPTERS / 2  # 3.5 of the largest adapter's bytes
         rss.append(stack.rss_bytes())
-    assert stack.metric("ldm_lora_loads_total") >= 3 * ADAPTERS  # evicted adapters are read again
-    # tiny adapters (a few hundred kB each): 20 of them held would add ~adapter_bytes * 20; allow allocator noise
-    assert rss[2] - rss[0] < 16 * 2**20, f"worker RSS grew {(rss[2] - rss[0]) / 2**20:.1f} MiB over 40 requests"
+    assert stack.metric("ldm_lora_loads_total") >= 4 * ADAPTERS  # evicted adapters are read again
+    # measured from the second round on: the first two warm the allocator (on a busy machine the jobs batch
+    # differently from round to round, and the finisher's and PNG threads' arenas reach their high-water mark then);
+    # a leak grows with every round, so 40 requests after warm-up must not add more than allocator noise
+    grown = rss[3] - rss[1]
+    assert grown < 16 * 2**20, f"worker RSS grew {grown / 2**20:.1f} MiB over 40 requests after warm-up: {rss}"
 
 
 @pytest.mark.anyio
