@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_io import publish  # noqa: E402
-from models.autoencoder import Autoencoder, DiagonalGaussian  # noqa: E402
+from models.autoencoder import Autoencoder  # noqa: E402
 from models.train.autoencoder_trainer import (  # noqa: E402
     AutoencoderTrainConfig,
     AutoencoderTrainer,
@@ -132,8 +132,8 @@ def first_stage_ceiling(autoencoder: Autoencoder, args: argparse.Namespace) -> d
 
     def reconstruct(scenes: Sequence[Scene], specs: object, settings: object) -> list[Image.Image]:
         with torch.no_grad():
-            latents = autoencoder.encode(to_tensor([Image.fromarray(render(s)) for s in scenes]).to(args.device))
-            return to_pil(autoencoder.decode(latents.mode() if isinstance(latents, DiagonalGaussian) else latents))
+            images = to_tensor([Image.fromarray(render(s)) for s in scenes]).to(args.device)
+            return to_pil(autoencoder(images, sample_posterior=False).recon)
 
     report = evaluate_task(reconstruct, "class", args.n, progress=False)
     return {"ceiling_accuracy": report.accuracy, "ceiling_fd": report.fd}
