@@ -9,7 +9,8 @@ milestone of S seconds then gives factor f `round(S * rate_f / batch)` steps: eq
 fixed as step counts in the state file, so a study that is cut (a session's end, a busy machine) and run
 again continues from its checkpoints and trains exactly what an uninterrupted one would. Milestones run
 round-robin (every factor to the first, evaluated; then every factor to the second...), so a cut study
-still holds complete rows at each compute level it finished. Raising the last milestone later extends it.
+still holds complete rows at each compute level it finished. Raising the last milestone later extends it, and a
+factor named later in `--factors` joins it (its rate measured then; the table and plot hold every factor run).
 
 Every model uses one UNet design (the tiny-shapes UNet at `--width` channels, 1.7M parameters at the default
 32, so a 2-core CPU runs the study; input/output channels follow the latent) and one recipe. The f >= 2
@@ -87,8 +88,9 @@ def ldm_config(f: int, autoencoder: str, args: argparse.Namespace) -> LDMTrainCo
 
 
 def setup_of(args: argparse.Namespace) -> dict[str, Any]:
-    """What makes two invocations the same study (a resumed one must match the stored setup)."""
-    setup = {"factors": args.factors, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
+    """What makes two invocations the same study (a resumed one must match the stored setup). The factors are
+    not part of it: each factor's runs stand alone, so a factor can join a study later (`load_state`)."""
+    setup = {"width": args.width, "batch_size": args.batch_size, "lr": args.lr,
              "pool": args.pool, "ae_steps": args.ae_steps,
              "ae_lr_decay_start": args.ae_decay_from, "task": "class", "n_eval": args.n,
              "sampler": SAMPLER, "sample_steps": args.steps, "threads": torch.get_num_threads()}
@@ -242,6 +244,7 @@ def main() -> int:
         parser.error(f"factors {unknown} have no first-stage design; choose from 1, {choices}")
     milestones = sorted(float(x) for x in args.milestones.split(","))
     state = load_state(args)
+    join_factors(state, factors)
     for f in factors:
         if str(f) not in state["rates"]:
             state["rates"][str(f)] = measure_rate(f, args)
@@ -279,11 +282,18 @@ def load_state(args: argparse.Namespace) -> dict[str, Any]:
     if not path.is_file():
         return {"setup": setup, "rates": {}, "first_stages": {}, "evals": {}}
     state: dict[str, Any] = json.loads(path.read_text())
-    if state["setup"] != setup:
-        changed = sorted(k for k in setup if state["setup"].get(k) != setup[k])
+    stored = {k: v for k, v in state["setup"].items() if k != "factors"}
+    if stored != setup:
+        changed = sorted(k for k in setup.keys() | stored.keys() if stored.get(k) != setup.get(k))
         raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): continue it with the same "
                          f"settings or give another --work")
     return state
+
+
+def join_factors(state: dict[str, Any], factors: Sequence[int]) -> None:
+    """Record in the setup every factor the study has run (its JSON says which); `--factors` may add to them."""
+    known = {int(f) for f in str(state["setup"].get("factors", "")).split(",") if f}
+    state["setup"]["factors"] = ",".join(str(f) for f in sorted(known | set(factors)))
 
 
 def save_state(args: argparse.Namespace, state: dict[str, Any]) -> None:

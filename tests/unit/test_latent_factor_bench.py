@@ -1,5 +1,6 @@
 """The latent factor study (bench/latent_factor_bench.py): each first stage downsamples by its factor, a study
-continues only with the settings it was started with, and its figures come out as a table and a plot."""
+continues only with the settings it was started with (factors may join it), and its figures come out as a table
+and a plot."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ def test_a_study_continues_only_with_its_own_settings(tmp_path: Path) -> None:
     assert study.load_state(args)["rates"]["4"]["samples_per_s"] == 100.0
     with pytest.raises(SystemExit, match="width"):
         study.load_state(args_for(tmp_path, width=24))
+
+
+def test_a_factor_joins_a_study_later_and_the_setup_records_every_factor(tmp_path: Path) -> None:
+    args = args_for(tmp_path, factors="4")
+    state = study.load_state(args)
+    study.join_factors(state, [4])
+    study.save_state(args, state)
+    later = study.load_state(args_for(tmp_path, factors="8,2"))  # other factors, the same study
+    study.join_factors(later, [8, 2])
+    assert later["setup"]["factors"] == "2,4,8"
+    study.save_state(args, later)
+    with pytest.raises(SystemExit, match="ae_steps"):
+        study.load_state(args_for(tmp_path, factors="16", ae_steps=3))
 
 
 def test_the_report_has_a_row_per_factor_and_compute_and_a_plot(tmp_path: Path) -> None:
