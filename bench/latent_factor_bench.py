@@ -244,7 +244,6 @@ def main() -> int:
         parser.error(f"factors {unknown} have no first-stage design; choose from 1, {choices}")
     milestones = sorted(float(x) for x in args.milestones.split(","))
     state = load_state(args)
-    join_factors(state, factors)
     for f in factors:
         if str(f) not in state["rates"]:
             state["rates"][str(f)] = measure_rate(f, args)
@@ -282,18 +281,12 @@ def load_state(args: argparse.Namespace) -> dict[str, Any]:
     if not path.is_file():
         return {"setup": setup, "rates": {}, "first_stages": {}, "evals": {}}
     state: dict[str, Any] = json.loads(path.read_text())
-    stored = {k: v for k, v in state["setup"].items() if k != "factors"}
+    stored = {k: v for k, v in state["setup"].items() if k != "factors"}  # studies begun before factors could join
     if stored != setup:
         changed = sorted(k for k in setup.keys() | stored.keys() if stored.get(k) != setup.get(k))
         raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): continue it with the same "
                          f"settings or give another --work")
     return state
-
-
-def join_factors(state: dict[str, Any], factors: Sequence[int]) -> None:
-    """Record in the setup every factor the study has run (its JSON says which); `--factors` may add to them."""
-    known = {int(f) for f in str(state["setup"].get("factors", "")).split(",") if f}
-    state["setup"]["factors"] = ",".join(str(f) for f in sorted(known | set(factors)))
 
 
 def save_state(args: argparse.Namespace, state: dict[str, Any]) -> None:
@@ -310,8 +303,10 @@ def report(state: dict[str, Any], args: argparse.Namespace) -> None:
     # sampling throughput is measured at a factor's first evaluation; every row of the factor carries it
     throughput = {r["f"]: r["sample_images_per_s"] for r in evals if "sample_images_per_s" in r}
     rows = [r | {"sample_images_per_s": throughput.get(r["f"])} for r in evals]
-    publish({"setup": state["setup"], "rates": state["rates"], "first_stages": state["first_stages"],
-             "rows": rows, "ldm_config": asdict(ldm_config(1, "pixel", args))["unet"]},
+    factors = ",".join(str(f) for f in sorted(int(k) for k in state["rates"]))  # every factor the study has run
+    publish({"setup": state["setup"] | {"factors": factors}, "rates": state["rates"],
+             "first_stages": state["first_stages"], "rows": rows,
+             "ldm_config": asdict(ldm_config(1, "pixel", args))["unet"]},
             markdown_table(rows, state), args.out)
     plot(rows, state, args.plot)
 

@@ -52,15 +52,11 @@ def test_a_study_continues_only_with_its_own_settings(tmp_path: Path) -> None:
         study.load_state(args_for(tmp_path, width=24))
 
 
-def test_a_factor_joins_a_study_later_and_the_setup_records_every_factor(tmp_path: Path) -> None:
+def test_a_factor_joins_a_study_later(tmp_path: Path) -> None:
     args = args_for(tmp_path, factors="4")
-    state = study.load_state(args)
-    study.join_factors(state, [4])
-    study.save_state(args, state)
+    study.save_state(args, study.load_state(args))
     later = study.load_state(args_for(tmp_path, factors="8,2"))  # other factors, the same study
-    study.join_factors(later, [8, 2])
-    assert later["setup"]["factors"] == "2,4,8"
-    study.save_state(args, later)
+    assert later["setup"] == study.setup_of(args)
     with pytest.raises(SystemExit, match="ae_steps"):
         study.load_state(args_for(tmp_path, factors="16", ae_steps=3))
 
@@ -77,7 +73,9 @@ def test_the_report_has_a_row_per_factor_and_compute_and_a_plot(tmp_path: Path) 
     state["first_stages"]["4"] = {"psnr": 27.5, "train_s": 60.0, "latent": "16x16x3", "ceiling_accuracy": 0.32,
                                   "ceiling_fd": 2212.0}
     study.report(state, args)
-    table = json.loads((tmp_path / "lf.json").read_text())["table_markdown"]
+    published = json.loads((tmp_path / "lf.json").read_text())
+    assert published["setup"]["factors"] == "1,4"  # the setup records every factor the study has run
+    table = published["table_markdown"]
     assert "| 4 | 16x16x3 | 27.5 dB | 32 %, 2212 | 120.0 |" in table
     assert "| 1 | 64x64x3 | pixels | 100 %, 0 (the renders) | 5.0 |" in table
     assert "Real-vs-real Fréchet distance at this N: 900" in table
