@@ -94,10 +94,11 @@ def default_sampler(own: SamplerName | None = None, *, karras: bool = False) -> 
 DTypeName = Literal["fp32", "fp16", "bf16"]
 DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
 
-#: which of the UNet's 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3) (models/cpu_inference.py):
-#: those of 256 to 640 channels (`balanced`, the default), every one of at least 256 (`all`: faster, filters 16/9 the
-#: size: +1.4 GB of filters for SD-1.5, +1.5 GB at the peak), or none (`off`: oneDNN's direct kernel only,
-#: bit-identical to PyTorch's eager one)
+#: which 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3) (models/cpu_inference.py): the UNet's of
+#: 256 to 640 channels and the autoencoder's of at least 256 (`balanced`, the default; the autoencoder's make their
+#: filters on each call, at no memory cost), every UNet one of at least 256 too (`all`: faster, filters 16/9 the size:
+#: +1.4 GB of filters for SD-1.5, +1.5 GB at the peak), or none (`off`: oneDNN's direct kernel only, bit-identical
+#: to PyTorch's eager one)
 WinogradPolicy = Literal["balanced", "all", "off"]
 WINOGRAD_POLICIES: tuple[WinogradPolicy, ...] = get_args(WinogradPolicy)
 

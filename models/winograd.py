@@ -8,12 +8,15 @@ few elementwise transforms and a filter 16/9 the size. On the 2-core CPU the SD 
 convolutions run in 0.59-0.71x the time of oneDNN's direct (prepacked) kernel from 16x16 to 64x64 maps, and lose
 below 256 channels (bench/winograd_bench.py; bench/fusion_ablation.py says what the whole step gains). Which
 convolutions take it is models/cpu_inference.py's policy: by default not the 1280-channel ones, whose filters (two
-thirds of the UNet's weights) would grow by 16/9 in memory.
+thirds of the UNet's weights) would grow by 16/9 in memory. The autoencoder's convolutions transform their filters on
+each call instead (at no memory cost): its maps are large enough to pay for it, and large maps go in bands of tile
+rows that stay in the cache (BAND_BYTES).
 
-Exactness: the transforms' coefficients are 0, +-1 and +-1/2 (the filter's are applied once, at preparation), so the
-result differs from the direct convolution by float rounding only (~2e-6 relative). Batch invariance holds as it does
-for the token linears: the transforms are elementwise, and the 16 products go through oneDNN's folded matmul, whose
-rows round the same whatever the number of rows (models/layers.py; tests/unit/test_winograd.py checks it).
+Exactness: the transforms' coefficients are 0, +-1/4, +-1/2 and +-1 (the filter's are applied at preparation, or on
+each call), so the result differs from the direct convolution by float rounding only (~2e-6 relative). Batch
+invariance holds as it does for the token linears: the transforms are elementwise, and the 16 products go through
+oneDNN's folded matmul, whose rows round the same whatever the number of rows (models/layers.py;
+tests/unit/test_winograd.py checks it).
 """
 
 from __future__ import annotations
@@ -26,33 +29,60 @@ from torch import Tensor, nn
 BIAS_PRODUCT = 5
 
 
-def _filter_rows(g0: Tensor, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """G applied along one axis of the 3x3 filters, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
-    return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+#: Winograd's G for F(2x2, 3x3); kron(G, G) takes a filter's 9 taps to its 16 values in the Winograd domain
+FILTER_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
 def transform_filter(weight: Tensor) -> Tensor:
-    """[C_out, C_in, 3, 3] -> U [16, C_out, C_in] (`G g G^T` per filter). As explicit sums in the weight's dtype,
-    written plane by plane: ~3x faster than an einsum in float64 (0.10 s against 0.35 s for a 1280x1280 filter here),
-    within a few ulps of it, far below the algorithm's own rounding."""
-    w = weight.detach()
-    u = torch.empty(4, 4, weight.shape[0], weight.shape[1], dtype=weight.dtype)
-    for a, row in enumerate(_filter_rows(w[:, :, 0, :], w[:, :, 1, :], w[:, :, 2, :])):
-        for b, plane in enumerate(_filter_rows(row[..., 0], row[..., 1], row[..., 2])):
-            u[a, b].copy_(plane)
-    return u.reshape(16, weight.shape[0], weight.shape[1])
+    """[C_out, C_in, 3, 3] -> U [16, C_out, C_in] (`G g G^T` per filter), as one [16, 9] @ [9, C_out C_in] product
+    in the weight's dtype: its coefficients (0, +-1/4, +-1/2, 1) are exact, so U is within a few ulps of a float64
+    transform, far below the algorithm's own rounding; 1.6 ms for a 512x512 filter here, cheap enough to repeat on
+    every call of a convolution that keeps only its weight (WinogradConv2d's `per_call`)."""
+    g = torch.tensor(FILTER_TRANSFORM, dtype=weight.dtype)
+    c_out, c_in = weight.shape[:2]
+    u: Tensor = torch.kron(g, g) @ weight.detach().reshape(c_out * c_in, 9).T
+    return u.view(16, c_out, c_in)
 
 
-def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
+#: the working set of one band of tile rows (`winograd_conv3x3`): its tiles in the Winograd domain, 16 per 2x2 block of
+#: outputs and channel. Large maps go band by band so that the tiles, the 16 products and their sums stay in the
+#: cache instead of round trips through memory four times the input's size: at the SD VAE's 256 channels on a
+#: 256x256 map the whole map at once took 1.11-1.34x the direct convolution's time, bands of 24 MiB 0.73-0.79x
+#: (512 channels at 128x128: 0.76-0.89x against 0.60-0.61x); at the UNet's maps (one band or a few) it is the same.
+#: Bands also bound the transient memory (the whole map's tiles at 512 px would be 0.5 GB per VAE convolution).
+BAND_BYTES = 24 << 20
+
+
+def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Tensor | None, band_bytes: int = BAND_BYTES) -> Tensor:
     """conv2d(x, w, bias, padding=1) for x [N, C_in, H, W] and `filters` = transform_filter(w), any H and W (odd
-    sizes get a zero row or column more, cropped after). The result is channels_last, as the oneDNN convolutions'."""
+    sizes get a zero row or column more, cropped after). The result is channels_last, as the oneDNN convolutions'.
+    The map goes in bands of tile rows of at most `band_bytes` of tiles (BAND_BYTES; at least one row), chosen per
+    item so that an item's bands are the same in any batch; each output is computed the same way in any band."""
     n, c, h, w = x.shape
     c_out = filters.shape[1]
     th, tw = (h + 1) // 2, (w + 1) // 2  # tiles per column and row
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + 2 * th - h, 1, 1 + 2 * tw - w))  # NHWC, zero-padded
+    nhwc = x.permute(0, 2, 3, 1)  # a view for channels_last x
+    out = x.new_empty(n, 2 * th, 2 * tw, c_out)
+    band = max(1, band_bytes // (16 * tw * max(c, c_out) * x.element_size()))  # tile rows per band
+    for r0 in range(0, th, band):
+        r1 = min(th, r0 + band)
+        # the band's input rows 2 r0 - 1 .. 2 r1, zero-padded where they leave the map (a band-sized copy)
+        top, bottom = 2 * r0 - 1, 2 * r1 + 1
+        rows = nhwc[:, max(top, 0) : min(bottom, h)]
+        pad_top = max(-top, 0)
+        xp = F.pad(rows, (0, 0, 1, 1 + 2 * tw - w, pad_top, bottom - top - pad_top - rows.shape[1]))
+        _band(xp, filters, bias, out[:, 2 * r0 : 2 * r1])
+    return out[:, :h, :w].permute(0, 3, 1, 2)
+
+
+def _band(xp: Tensor, filters: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """One band: `xp` [N, 2 * rows + 2, 2 * tw + 2, C_in] (padded NHWC input rows) -> `out` [N, 2 * rows, 2 * tw,
+    C_out], in place."""
+    n, th, tw, c = xp.shape[0], out.shape[1] // 2, out.shape[2] // 2, xp.shape[3]
+    c_out = out.shape[3]
     rows = [xp[:, k : k + 2 * th : 2] for k in range(4)]  # [N, th, W + 2, C]: row k of every tile
     cols = (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3])  # B^T d
-    tiles = x.new_empty(16, n, th, tw, c)
+    tiles = xp.new_empty(16, n, th, tw, c)
     for a, t in enumerate(cols):  # (B^T d) B
         v = [t[:, :, k : k + 2 * tw : 2] for k in range(4)]
         torch.sub(v[0], v[2], out=tiles[4 * a])
@@ -64,11 +94,9 @@ def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
          for i in range(16)]
     left = [m[4 * a] + m[4 * a + 1] + m[4 * a + 2] for a in range(4)]  # (A^T m) A, column 0 of each pair
     right = [m[4 * a + 1] - m[4 * a + 2] - m[4 * a + 3] for a in range(4)]  # column 1
-    out = x.new_empty(n, 2 * th, 2 * tw, c_out)
     for j, s in enumerate((left, right)):
         torch.add(s[0] + s[1], s[2], out=out[:, 0::2, j::2])
         torch.sub(s[1] - s[2], s[3], out=out[:, 1::2, j::2])
-    return out[:, :h, :w].permute(0, 3, 1, 2)
 
 
 def _product(rows: Tensor, weight: Tensor, bias: Tensor | None, per_item: int) -> Tensor:
@@ -81,21 +109,26 @@ def _product(rows: Tensor, weight: Tensor, bias: Tensor | None, per_item: int) -
 
 
 class WinogradConv2d(nn.Module):
-    """An `nn.Conv2d` (3x3, stride 1, padding 1, zeros) computed by `winograd_conv3x3`; for inference only: it holds
-    the transformed filters (16/9 the weight's size) instead of the weight, so it cannot be trained or saved."""
+    """An `nn.Conv2d` (3x3, stride 1, padding 1, zeros) computed by `winograd_conv3x3`; for inference only (it
+    cannot be trained or saved). It holds the transformed filters (16/9 the weight's size), or, with `per_call`,
+    the weight alone, transformed on each call: no memory beyond the weight's, for a transform that costs a few
+    per cent of a large map's convolution (the autoencoder's: its maps are 8x the latent's side; a UNet's step
+    would pay it 20 times over, on maps too small to hide it)."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, *, per_call: bool = False) -> None:
         super().__init__()
         if not winograd_applies(conv):
             raise ValueError(f"not a 3x3, stride 1, padding 1, ungrouped convolution: {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         # the geometry, as nn.Conv2d names it (a LoRA adapter's own convolution reads it: models/lora.py)
         self.kernel_size, self.stride, self.padding, self.dilation = (3, 3), (1, 1), (1, 1), (1, 1)
-        self.filters = nn.Parameter(transform_filter(conv.weight), requires_grad=False)
+        self.per_call = per_call
+        kept = conv.weight.detach().contiguous() if per_call else transform_filter(conv.weight)
+        self.filters = nn.Parameter(kept, requires_grad=False)  # the weight itself with `per_call`
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return winograd_conv3x3(x, self.filters, self.bias)
+        return winograd_conv3x3(x, transform_filter(self.filters) if self.per_call else self.filters, self.bias)
 
 
 def winograd_applies(conv: nn.Conv2d) -> bool:

@@ -73,8 +73,9 @@ def _generate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--winograd", choices=WINOGRAD_POLICIES, default="balanced",
-                   help="which UNet 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3), the same images "
-                   "to float rounding: balanced (default) those of 256-640 channels; all the 1280-channel ones too "
+                   help="which 3x3 convolutions the CPU path computes by Winograd's F(2x2, 3x3), the same images to "
+                   "float rounding: balanced (default) the UNet's of 256-640 channels and the VAE's of at least 256; "
+                   "all the UNet's 1280-channel ones too "
                    "(SD-1.5's step 7 %% faster at 256 px, +1.5 GB of peak memory); off none (docs/benchmarks.md)")
     p.add_argument("--gpu-mode", choices=GPU_MODES, default="graphs",
                    help="how a model on a GPU runs its UNet: graphs (default) replays a CUDA graph per batch and "

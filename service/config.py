@@ -250,8 +250,9 @@ class Settings(BaseSettings):
     worker_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="Weights and activations of a worker: auto = fp16 on cuda, fp32 on cpu.")
     worker_winograd: Literal["balanced", "all", "off"] = Field(
-        default="balanced", description="Which UNet 3x3 convolutions a CPU worker computes by Winograd's F(2x2, 3x3) "
-        "(fp32 on the CPU; the same images to float rounding): balanced = those of 256-640 channels; all = "
+        default="balanced", description="Which 3x3 convolutions a CPU worker computes by Winograd's F(2x2, 3x3) "
+        "(fp32 on the CPU; the same images to float rounding): balanced = the UNet's of 256-640 channels and the "
+        "VAE's of at least 256 (filters made on each call: no memory cost); all = the UNet's "
         "the 1280-channel ones too (the SD-1.5 step 7 % faster at 256 px for +1.5 GB of peak memory); off = none "
         "(bit-identical to PyTorch's eager convolution). docs/benchmarks.md has the figures.")
     worker_gpu_mode: Literal["graphs", "compile", "eager"] = Field(

@@ -16,7 +16,14 @@ def test_a_row_times_both_kernels_and_reports_the_error() -> None:
     assert row["ratio"] == row["times"]["winograd"]["median_s"] / row["times"]["direct"]["median_s"]
     assert 0 < row["max_rel_error"] < 1e-5
     table = winograd_bench.report({"rows": [row]})
-    assert "| 16 -> 8 | 6x6 | " in table and f"**{row['ratio']:.2f}**" in table
+    assert "| 16 -> 8 | 6x6, 2 | kept | " in table and f"**{row['ratio']:.2f}**" in table
+
+
+def test_an_autoencoder_row_transforms_its_filters_per_call_at_no_extra_memory() -> None:
+    row = winograd_bench.measure(8, 8, 9, runs=3, batch=1, per_call=True)
+    assert row["batch"] == 1 and row["per_call"] and row["extra_filter_mb"] == 0.0
+    assert 0 < row["max_rel_error"] < 1e-5
+    assert "| 8 -> 8 | 9x9, 1 | per call | " in winograd_bench.report({"rows": [row]})
 
 
 def test_the_report_has_a_row_per_policy_of_the_image_differences() -> None:
