@@ -38,10 +38,15 @@ def transform_filter(weight: Tensor) -> Tensor:
     in the weight's dtype: its coefficients (0, +-1/4, +-1/2, 1) are exact, so U is within a few ulps of a float64
     transform, far below the algorithm's own rounding; 1.6 ms for a 512x512 filter here, cheap enough to repeat on
     every call of a convolution that keeps only its weight (WinogradConv2d's `per_call`)."""
-    g = torch.tensor(FILTER_TRANSFORM, dtype=weight.dtype)
     c_out, c_in = weight.shape[:2]
-    u: Tensor = torch.kron(g, g) @ weight.detach().reshape(c_out * c_in, 9).T
-    return u.view(16, c_out, c_in)
+    return transform_taps(weight.detach().reshape(c_out * c_in, 9), c_out)
+
+
+def transform_taps(taps: Tensor, c_out: int) -> Tensor:
+    """`transform_filter` of a weight held as its taps, [C_out C_in, 9]."""
+    g = torch.tensor(FILTER_TRANSFORM, dtype=taps.dtype)
+    u: Tensor = torch.kron(g, g) @ taps.T
+    return u.view(16, c_out, -1)
 
 
 #: the working set of one band of tile rows (`winograd_conv3x3`): its tiles in the Winograd domain, 16 per 2x2 block of
@@ -123,12 +128,20 @@ class WinogradConv2d(nn.Module):
         # the geometry, as nn.Conv2d names it (a LoRA adapter's own convolution reads it: models/lora.py)
         self.kernel_size, self.stride, self.padding, self.dilation = (3, 3), (1, 1), (1, 1), (1, 1)
         self.per_call = per_call
-        kept = conv.weight.detach().contiguous() if per_call else transform_filter(conv.weight)
-        self.filters = nn.Parameter(kept, requires_grad=False)  # the weight itself with `per_call`
+        # one of the two: the filters kept transformed, or (per_call) the weight's taps [C_out C_in, 9], transformed
+        # on each call (2-D, so that `model.to(memory_format=torch.channels_last)` leaves their order as it is)
+        self.filters = self.taps = None
+        if per_call:
+            taps = conv.weight.detach().reshape(self.out_channels * self.in_channels, 9).contiguous()
+            self.taps = nn.Parameter(taps, requires_grad=False)
+        else:
+            self.filters = nn.Parameter(transform_filter(conv.weight), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return winograd_conv3x3(x, transform_filter(self.filters) if self.per_call else self.filters, self.bias)
+        filters = transform_taps(self.taps, self.out_channels) if self.taps is not None else self.filters
+        assert filters is not None
+        return winograd_conv3x3(x, filters, self.bias)
 
 
 def winograd_applies(conv: nn.Conv2d) -> bool:
