@@ -6,7 +6,8 @@ for the 1280-channel 3x3 convs of the SD UNet that is a 59 MB copy per call, ~40
 memory does not grow) and calls the same oneDNN kernel, so outputs are bit-identical. The UNet's 3x3 convolutions
 of 256 to 640 channels go by Winograd's F(2x2, 3x3) instead (models/winograd.py): 2.25x fewer multiplications, the
 same result to float rounding (~2e-6 relative), still batch-invariant, for filters 16/9 the size (the `winograd`
-policy: `all` takes the 1280-channel ones too, `off` none, for bit-identity with the eager convolution). A packed
+policy: `all` takes the 1280-channel ones too, `off` none, for bit-identity with the eager convolution), and so do the
+autoencoder's of at least 256 channels, with their filters made on each call (no memory beyond the weights). A packed
 model is for inference only: it cannot be trained or saved (save before packing).
 """
 
@@ -124,7 +125,7 @@ def _heap_trimmer() -> Callable[[], object]:
 
 def optimize_for_cpu_inference(model: nn.Module, winograd: WinogradPolicy = "balanced") -> nn.Module:
     """channels_last activations and prepacked conv weights, in place (see the module docstring); `winograd`: which
-    UNet convolutions go by Winograd instead (WINOGRAD_POLICIES).
+    UNet and autoencoder convolutions go by Winograd instead (WINOGRAD_POLICIES).
 
     Packing comes first: the blocked layout is the same whatever the source layout, so packing from the
     loaded weight skips a channels_last copy of every packed conv (one weight's worth of transient memory

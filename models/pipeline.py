@@ -140,8 +140,9 @@ class Pipeline:
         """`optimize` (on the CPU): prepack conv weights and use channels_last, in place (see
         models/cpu_inference.py). It is faster, and its convolutions round the same for every batch
         size, which with models/layers.py makes an image bit-identical alone or in any batch. The
-        model is then inference-only: save it before. `winograd`: which UNet convolutions the CPU path computes by
-        Winograd's F(2x2, 3x3) (models.names.WINOGRAD_POLICIES; docs/benchmarks.md has each one's speed and memory).
+        model is then inference-only: save it before. `winograd`: which UNet and VAE convolutions the CPU path
+        computes by Winograd's F(2x2, 3x3) (models.names.WINOGRAD_POLICIES; docs/benchmarks.md has each one's speed
+        and memory).
         On a GPU, `optimize` runs channels_last and the UNet by `gpu` (models.names.GPU_MODES: CUDA graphs per
         input bucket by default, models/gpu_inference.py).
 

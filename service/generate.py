@@ -58,7 +58,7 @@ class GenerateOptions:
     tokenizer_2: Path | None = None
     device: str | None = None
     dtype: DTypeName | None = None
-    #: which UNet convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES)
+    #: which UNet and VAE convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES)
     winograd: WinogradPolicy = "balanced"
     #: how a model on a GPU runs its UNet (models.names.GPU_MODES)
     gpu_mode: GpuMode = "graphs"

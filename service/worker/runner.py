@@ -219,7 +219,7 @@ class Runner:
         """Load the model of `spec` (shipped name, checkpoint path, diffusers folder, `random:<config>`) once, and
         the SDXL refiner of the spec `refiner` beside it (requests name it by `served_name(refiner)`).
         device None = cuda when present, else cpu; dtype auto = fp16 on cuda, fp32 on cpu; `winograd`: which UNet
-        convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES); `gpu`: how a model on a
+        and VAE convolutions the CPU path computes by Winograd (models.names.WINOGRAD_POLICIES); `gpu`: how a model on a
         GPU runs its UNet (models.names.GPU_MODES)."""
         dev = pick_device(device)
         dt = pick_dtype(dev, None if dtype == "auto" else dtype)
