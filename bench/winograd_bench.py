@@ -90,8 +90,8 @@ def report(data: dict[str, Any]) -> str:
              "extra filter memory (MB) | max relative error |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         t = r["times"]
-        lines.append(f"| {r['in']} -> {r['out']} | {r['side']}x{r['side']}, {r.get('batch', 2)} | "
-                     f"{'per call' if r.get('per_call') else 'kept'} | {1e3 * t['direct']['median_s']:.2f} | "
+        lines.append(f"| {r['in']} -> {r['out']} | {r['side']}x{r['side']}, {r['batch']} | "
+                     f"{'per call' if r['per_call'] else 'kept'} | {1e3 * t['direct']['median_s']:.2f} | "
                      f"{1e3 * t['winograd']['median_s']:.2f} | **{r['ratio']:.2f}** | {r['extra_filter_mb']} | "
                      f"{r['max_rel_error']:.1e} |")
     if "image_differences" in data:

@@ -501,7 +501,8 @@ def load_parts_strict(model: LatentDiffusion, parts: dict[str, Sources], source:
 
 
 #: threads reading a model's tensors at once. A read copies from the page cache into fresh memory, and the page
-#: faults of that memory are most of its time: one thread read a 3.97 GiB file in 3.0 s here (2 cores), two in 1.2 s
+#: faults of that memory are most of its time: on 2 cores two threads load SD-1.5's 3.97 GiB in 1.7-1.8 s where one
+#: took 2.5 s and more (`python bench/model_bench.py --loading`; docs/benchmarks.md, "Loading from files")
 READ_THREADS = min(4, os.cpu_count() or 1)
 
 

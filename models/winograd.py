@@ -127,7 +127,6 @@ class WinogradConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         # the geometry, as nn.Conv2d names it (a LoRA adapter's own convolution reads it: models/lora.py)
         self.kernel_size, self.stride, self.padding, self.dilation = (3, 3), (1, 1), (1, 1), (1, 1)
-        self.per_call = per_call
         # one of the two: the filters kept transformed, or (per_call) the weight's taps [C_out C_in, 9], transformed
         # on each call (2-D, so that `model.to(memory_format=torch.channels_last)` leaves their order as it is)
         self.filters = self.taps = None
@@ -137,6 +136,10 @@ class WinogradConv2d(nn.Module):
         else:
             self.filters = nn.Parameter(transform_filter(conv.weight), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    @property
+    def per_call(self) -> bool:
+        return self.taps is not None
 
     def forward(self, x: Tensor) -> Tensor:
         filters = transform_taps(self.taps, self.out_channels) if self.taps is not None else self.filters
