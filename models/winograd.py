@@ -53,7 +53,8 @@ def transform_taps(taps: Tensor, c_out: int) -> Tensor:
 #: outputs and channel. Large maps go band by band so that the tiles, the 16 products and their sums stay in the
 #: cache instead of round trips through memory four times the input's size: at the SD VAE's 256 channels on a
 #: 256x256 map the whole map at once took 1.11-1.34x the direct convolution's time, bands of 24 MiB 0.73-0.79x
-#: (512 channels at 128x128: 0.76-0.89x against 0.60-0.61x); at the UNet's maps (one band or a few) it is the same.
+#: (512 channels at 128x128: 0.76-0.89x against 0.60-0.61x; timed while choosing the size, 2026-12-05;
+#: bench/winograd_bench.py measures the size chosen); at the UNet's maps (one band or a few) it is the same.
 #: Bands also bound the transient memory (the whole map's tiles at 512 px would be 0.5 GB per VAE convolution).
 BAND_BYTES = 24 << 20
 
